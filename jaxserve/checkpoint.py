@@ -1,0 +1,262 @@
+"""Checkpoints: import from HF safetensors, our orbax format, and restore straight into shardings.
+
+Our format (`checkpoints/README.md`): `DIR/config.json` (a `ModelConfig`), `DIR/tokenizer.model`
+(sentencepiece, when the model has one) and `DIR/params/` (an orbax checkpoint of the parameter
+tree, keyed by the model's own parameter names, e.g. `layers/3/attn/q_proj`).
+
+Restoring never builds the whole model on one device: the model's structure is traced abstractly,
+each parameter's logical axes give its `NamedSharding`, and orbax reads every array directly into
+that sharding. Any mismatch between what the model expects and what the files hold (missing,
+unexpected or mis-shaped tensors) is reported in one error that lists all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.config import ModelConfig, from_hf_config
+from jaxserve.models import abstract_model
+from jaxserve.sharding import Layout
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+PARAMS_DIR = "params"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+    """Checkpoint files that do not match the model they claim to hold."""
+
+
+def parse_dtype(name: str | None, default: str = "float32"):
+    name = default if name in (None, "auto") else name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+# ---- parameter trees: nested dicts keyed by str, flat dicts keyed by "a/b/c" ----
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def expected_params(config: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, nnx.State,
+                                                                      dict[str, Any]]:
+    """The model's structure: graphdef, abstract state, and flat {name: (shape, logical axes)}."""
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    specs = _flatten(_str_keys(nnx.to_pure_dict(nnx.get_partition_spec(state))))
+    shapes = _flatten(_str_keys(nnx.to_pure_dict(state)))
+    return graphdef, state, {n: (tuple(shapes[n].shape), tuple(specs[n])) for n in shapes}
+
+
+def flat_params(state: nnx.State) -> dict[str, Any]:
+    """{"layers/0/attn/q_proj": array, ...}: the names checkpoints and error messages use."""
+    return _flatten(_str_keys(nnx.to_pure_dict(state)))
+
+
+def _str_keys(tree):
+    return {str(k): _str_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: str,
+                   allowed_extra: Callable[[str], bool] = lambda name: False) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(n for n in set(found) - set(expected) if not allowed_extra(n))
+    misshaped = sorted(f"{n}: expected {expected[n]}, found {found[n]}"
+                       for n in set(expected) & set(found) if tuple(expected[n]) != tuple(found[n]))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped tensors ({len(misshaped)}): {'; '.join(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the model:\n  " + "\n  ".join(problems))
+
+
+# ---- HF import ----
+
+def _hf_layout(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
+    """Our parameter name -> (HF tensor name, HF shape, HF array -> our array).
+
+    HF stores Linear weights as [out, in]; ours are [in, out] with heads as their own axis.
+    """
+    e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    same = lambda w: w  # noqa: E731
+    transpose = lambda w: w.T  # noqa: E731
+
+    def heads_in(n):  # [n*d, e] -> [e, n, d]
+        return lambda w: w.reshape(n, d, e).transpose(2, 0, 1)
+
+    out = {"embed/embedding": ("model.embed_tokens.weight", (v, e), same),
+           "final_norm/scale": ("model.norm.weight", (e,), same)}
+    if not config.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", (v, e), transpose)
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layers/{i}/"
+        out.update({
+            ours + "attn_norm/scale": (hf + "input_layernorm.weight", (e,), same),
+            ours + "mlp_norm/scale": (hf + "post_attention_layernorm.weight", (e,), same),
+            ours + "attn/q_proj": (hf + "self_attn.q_proj.weight", (h * d, e), heads_in(h)),
+            ours + "attn/k_proj": (hf + "self_attn.k_proj.weight", (kv * d, e), heads_in(kv)),
+            ours + "attn/v_proj": (hf + "self_attn.v_proj.weight", (kv * d, e), heads_in(kv)),
+            ours + "attn/o_proj": (hf + "self_attn.o_proj.weight", (e, h * d),
+                                   lambda w: w.reshape(e, h, d).transpose(1, 2, 0)),
+            ours + "mlp/gate_proj": (hf + "mlp.gate_proj.weight", (m, e), transpose),
+            ours + "mlp/up_proj": (hf + "mlp.up_proj.weight", (m, e), transpose),
+            ours + "mlp/down_proj": (hf + "mlp.down_proj.weight", (e, m), transpose),
+        })
+        if config.qk_norm:
+            out[ours + "attn/q_norm/scale"] = (hf + "self_attn.q_norm.weight", (d,), same)
+            out[ours + "attn/k_norm/scale"] = (hf + "self_attn.k_norm.weight", (d,), same)
+    return out
+
+
+def _safetensors_files(hf_dir: Path) -> list[Path]:
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({hf_dir / f for f in weight_map.values()})
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{index} names shard files that do not exist: {absent}")
+        return files
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_hf_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    tensors: dict[str, np.ndarray] = {}
+    for path in _safetensors_files(hf_dir):
+        # "flax" returns jax arrays, which (unlike "numpy") covers bfloat16.
+        with safe_open(str(path), framework="flax") as f:
+            for name in f.keys():
+                tensors[name] = np.asarray(f.get_tensor(name))
+    return tensors
+
+
+def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> ModelConfig:
+    """Import an HF checkpoint (config.json + safetensors [+ tokenizer.model]) into our format."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{hf_dir}: no config.json")
+    config = from_hf_config(json.loads(config_path.read_text()), where=str(config_path))
+    target = parse_dtype(dtype, default=config.dtype if config.dtype in DTYPES else "float32")
+    config = dataclasses.replace(config, dtype=jnp.dtype(target).name)
+
+    layout = _hf_layout(config)
+    tensors = read_hf_tensors(hf_dir)
+    # Report in HF's names: that is what the user's files hold.
+    expected_hf = {hf: shape for hf, shape, _ in layout.values()}
+    found_hf = {name: t.shape for name, t in tensors.items()}
+
+    def allowed_extra(name: str) -> bool:  # buffers and duplicates HF may store
+        return name.endswith("rotary_emb.inv_freq") or (
+            config.tie_word_embeddings and name == "lm_head.weight")
+
+    _check_tensors(expected_hf, found_hf, f"HF checkpoint {hf_dir}", allowed_extra)
+    params = {ours: np.asarray(fn(tensors[hf])).astype(target)
+              for ours, (hf, _, fn) in layout.items()}
+    _, _, expected = expected_params(config, target)
+    _check_tensors({n: s for n, (s, _) in expected.items()},
+                   {n: a.shape for n, a in params.items()}, "converted parameters")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save(out_dir / CONFIG_FILE)
+    if (hf_dir / TOKENIZER_FILE).is_file():
+        shutil.copyfile(hf_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    save_params(out_dir / PARAMS_DIR, params)
+    return config
+
+
+# ---- our format ----
+
+def save_params(params_dir: str | Path, params: dict[str, Any] | nnx.State) -> None:
+    """Save a parameter tree (an nnx State, or a flat {name: array} dict) as orbax."""
+    import orbax.checkpoint as ocp
+
+    if isinstance(params, nnx.State):
+        params = flat_params(params)
+    params_dir = Path(params_dir).absolute()
+    if params_dir.exists():
+        shutil.rmtree(params_dir)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, _unflatten(params))
+    checkpointer.wait_until_finished()
+
+
+def save_model(out_dir: str | Path, config: ModelConfig, params: nnx.State,
+               tokenizer_model: str | Path | None = None) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save(out_dir / CONFIG_FILE)
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, out_dir / TOKENIZER_FILE)
+    save_params(out_dir / PARAMS_DIR, params)
+
+
+def param_specs(config: ModelConfig, dtype=jnp.float32) -> dict[str, tuple]:
+    """Flat {name: (shape, logical axes)} of the model's parameters."""
+    return expected_params(config, dtype)[2]
+
+
+def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None
+                  ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """Read config + params, each array placed directly in its target sharding."""
+    import orbax.checkpoint as ocp
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    config = ModelConfig.load(model_dir / CONFIG_FILE)
+    target_dtype = parse_dtype(dtype, default=config.dtype)
+    params_dir = (model_dir / PARAMS_DIR).absolute()
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ directory")
+
+    graphdef, state, expected = expected_params(config, target_dtype)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = _flatten(checkpointer.metadata(params_dir).item_metadata.tree)
+    _check_tensors({n: s for n, (s, _) in expected.items()},
+                   {n: tuple(m.shape) for n, m in stored.items()}, f"checkpoint {params_dir}")
+    targets = {n: jax.ShapeDtypeStruct(shape, target_dtype,
+                                       sharding=layout.sharding(axes, shape, f"parameter {n!r}"))
+               for n, (shape, axes) in expected.items()}
+    restored = checkpointer.restore(params_dir, _unflatten(targets))
+    nnx.replace_by_pure_dict(state, restored)
+    return config, graphdef, state

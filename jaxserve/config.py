@@ -1,0 +1,245 @@
+"""Model configuration: what a checkpoint's architecture is, read from HF or our own config.json.
+
+`ModelConfig` is the one description of an architecture every layer uses. It is built from an HF
+`config.json` by `from_hf_config`, which accepts only what the models implement: a field whose value
+would change the computation in a way we do not implement is rejected by name, never ignored.
+This module must never import jax: it is read by tools that do not touch devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "qwen3")
+# HF model_type -> our family. Mistral without a binding sliding window is a Llama.
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3"}
+ROPE_TYPES = ("default", "llama3")
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An HF or jaxserve config asks for something jaxserve does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency-dependent RoPE scaling (rope_type "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"  # dtype the weights were stored in
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of "
+                              f"num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        e, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * e * i + 2 * e + (2 * self.head_dim if self.qk_norm else 0)
+        head = 0 if self.tie_word_embeddings else e * v
+        return v * e + self.num_layers * per_layer + e + head
+
+    # ---- our own config.json ----
+    def to_json_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return {"format_version": FORMAT_VERSION, **d}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        d = dict(d)
+        version = d.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"{source}: format_version must be {FORMAT_VERSION}, got {version!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {unknown}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field is missing
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config not found: {path}")
+        return cls.from_json_dict(json.loads(path.read_text()), source=str(path))
+
+
+# ---- HF config.json ----
+
+# Fields that never change what the forward pass computes at inference.
+_HF_INERT_FIELDS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id",
+    "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "id2label",
+    "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class",
+    "pretraining_tp",  # only slices the matmuls, same result
+    "max_window_layers",  # only read when use_sliding_window is true, which we reject
+    "layer_types",  # checked below: every layer must be full attention
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+    "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+}
+
+
+def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
+    """Both dialects: transformers 5 `rope_parameters`, older top-level rope_theta + rope_scaling."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        params = {**scaling, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported "
+                          f"(supported: {', '.join(ROPE_TYPES)})")
+    if rope_type == "default":
+        extra = set(params) - {"rope_theta", "rope_type", "type", "partial_rotary_factor"}
+        if extra:
+            raise ConfigError(f"{where}: rope fields {sorted(extra)} are not supported with "
+                              f"rope_type 'default'")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(f"{where}: partial_rotary_factor "
+                              f"{params['partial_rotary_factor']!r} is not supported")
+        return float(theta), None
+    try:
+        scaling_cfg = RopeScaling(
+            factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise ConfigError(f"{where}: llama3 rope scaling needs field {e.args[0]!r}") from None
+    return float(theta), scaling_cfg
+
+
+def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(HF_MODEL_TYPES)})")
+    unknown = sorted(set(hf) - _HF_INERT_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unsupported field(s) {unknown} for model_type {model_type!r}")
+
+    def reject(field: str, value: Any, why: str) -> None:
+        raise ConfigError(f"{where}: {field}={value!r} is not supported: {why}")
+
+    if hf.get("hidden_act", "silu") != "silu":
+        reject("hidden_act", hf["hidden_act"], "only 'silu' is implemented")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field, False):
+            reject(field, hf[field], "projections with bias are not implemented")
+    if hf.get("use_sliding_window", False):
+        reject("use_sliding_window", hf["use_sliding_window"],
+               "sliding-window attention is not implemented")
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    # A window at least as long as the longest sequence never masks anything: same computation.
+    if window is not None and model_type != "qwen3" and int(window) < max_pos:
+        reject("sliding_window", window, "sliding-window attention is not implemented; a window "
+               f"shorter than max_position_embeddings ({max_pos}) would change the result")
+    layer_types = hf.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        reject("layer_types", sorted(set(layer_types)), "only 'full_attention' is implemented")
+
+    theta, scaling = _rope_from_hf(hf, where)
+    num_heads = int(hf["num_attention_heads"])
+    hidden = int(hf["hidden_size"])
+    head_dim = hf.get("head_dim") or hidden // num_heads
+    eos = hf.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    try:
+        return ModelConfig(
+            family=HF_MODEL_TYPES[model_type],
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            dtype=str(dtype),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{where}: required field {e.args[0]!r} is missing") from None
+
+
+def rope_inv_freq(config: ModelConfig) -> list[float]:
+    """Inverse frequencies of the rotary embedding, with Llama-3 scaling when configured."""
+    d = config.head_dim
+    inv = [1.0 / (config.rope_theta ** (2 * i / d)) for i in range(d // 2)]
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    out = []
+    for f in inv:
+        wavelen = 2 * math.pi / f
+        if wavelen > low_wavelen:
+            out.append(f / s.factor)
+        elif wavelen < high_wavelen:
+            out.append(f)
+        else:
+            smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                      / (s.high_freq_factor - s.low_freq_factor))
+            out.append((1 - smooth) * f / s.factor + smooth * f)
+    return out

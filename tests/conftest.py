@@ -1,0 +1,37 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and tiny HF reference models.
+
+Every fixture model is a random HF transformers model saved with `save_pretrained` and converted
+with our converter, so each test compares jaxserve against the reference implementation.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from tests.hf_models import HF_CONFIGS, make_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """family name -> (HF directory, converted jaxserve directory), built once per session."""
+    from jaxserve.checkpoint import convert_hf
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            hf_dir = make_hf_model(name, root / "hf")
+            convert_hf(hf_dir, root / "jaxserve", dtype="float32")
+            cache[name] = (hf_dir, root / "jaxserve")
+        return cache[name]
+
+    return get
+
+
+def pytest_collection_modifyitems(config, items):
+    assert set(HF_CONFIGS)  # the fixture models exist

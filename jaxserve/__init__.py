@@ -1,5 +1,7 @@
 """jaxserve: a JAX/XLA SPMD inference engine for large language models."""
 
 from jaxserve.api import LLM
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
 
-__all__ = ["LLM"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]

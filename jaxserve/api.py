@@ -1,7 +1,8 @@
 """The public Python surface: `LLM` (vLLM-like). Validates what users give, hands it to the engine.
 
-    from jaxserve import LLM
+    from jaxserve import LLM, SamplingParams
     llm = LLM("checkpoints/tiny", mesh="tp=2", rules="tp", dtype="float32")
+    llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=32))
     llm.logits([[1, 2, 3]])  # -> [np.ndarray of shape [3, vocab]]
 """
 
@@ -9,13 +10,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+import itertools
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import TOKENIZER_FILE, restore_model
+from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.kv_cache import NULL_BLOCK, KVCache
 from jaxserve.runtime.runner import ModelRunner, bucket
 from jaxserve.sharding import Layout
@@ -24,13 +29,18 @@ from jaxserve.sharding import Layout
 class LLM:
     def __init__(self, model_dir: str | Path, mesh: str | None = None, rules: str = "tp",
                  dtype: str | None = None, *, block_size: int = 16, kv_blocks: int | None = None,
-                 max_model_len: int | None = None):
+                 kv_memory_fraction: float | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 max_prefill_chunk: int = 256, max_prefill_rows: int = 8,
+                 max_steps_in_flight: int = 2):
         """Load a jaxserve checkpoint onto a mesh.
 
         mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
-        a YAML path. dtype: parameter/compute dtype (default: the checkpoint's). kv_blocks: size of
-        the paged KV pool in blocks of `block_size` tokens (default: room for 8 full-length
-        sequences). max_model_len: longest sequence served (default: the model's limit).
+        a YAML path. dtype: parameter/compute dtype (default: the checkpoint's).
+        KV pool: `kv_blocks` blocks of `block_size` tokens, or `kv_memory_fraction` of each
+        device's free memory (default: room for max_num_seqs full-length sequences).
+        max_model_len: longest sequence served (default: the model's limit). The max_* settings
+        bound a step (see EngineConfig); max_steps_in_flight bounds asynchronous dispatch.
         """
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -43,10 +53,15 @@ class LLM:
             raise ValueError(f"max_model_len must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
-        if kv_blocks is None:
-            kv_blocks = 1 + 8 * math.ceil(self.max_model_len / block_size)
-        kv = KVCache.create(self.config, kv_blocks, block_size, jax.tree.leaves(params)[0].dtype,
-                            self.layout)
+        engine_config = EngineConfig(max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=max_num_batched_tokens,
+                                     max_prefill_chunk=max_prefill_chunk,
+                                     max_prefill_rows=max_prefill_rows,
+                                     max_steps_in_flight=max_steps_in_flight)
+        kv_dtype = jax.tree.leaves(params)[0].dtype
+        kv_blocks = self._kv_pool_blocks(kv_blocks, kv_memory_fraction, block_size, kv_dtype,
+                                         max_num_seqs)
+        kv = KVCache.create(self.config, kv_blocks, block_size, kv_dtype, self.layout)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv)
         self.tokenizer = None
         if (self.model_dir / TOKENIZER_FILE).is_file():
@@ -54,6 +69,33 @@ class LLM:
             self.tokenizer = Tokenizer(self.model_dir / TOKENIZER_FILE,
                                        bos_token_id=self.config.bos_token_id,
                                        eos_token_ids=self.config.eos_token_ids or None)
+        self.engine = Engine(self.runner, self.config, self.max_model_len, engine_config,
+                             self.tokenizer)
+        self._request_ids = itertools.count()
+
+    def _kv_pool_blocks(self, kv_blocks, fraction, block_size, dtype, max_num_seqs) -> int:
+        per_seq = math.ceil(self.max_model_len / block_size)
+        if kv_blocks is not None and fraction is not None:
+            raise ValueError("give kv_blocks or kv_memory_fraction, not both")
+        if kv_blocks is not None:
+            if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 2:
+                raise ValueError(f"kv_blocks must be an integer >= 2, got {kv_blocks!r}")
+            return kv_blocks
+        if fraction is None:
+            return 1 + max_num_seqs * per_seq
+        if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1), got {fraction!r}")
+        device = self.layout.mesh.devices.flat[0]
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            raise ValueError(f"kv_memory_fraction needs a device that reports its memory; "
+                             f"{device.platform} does not: give kv_blocks instead")
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        kv_split = self.layout.axis_size(self.layout.rules.mapping.get("kv_heads", ())) \
+            if self.config.num_kv_heads % max(1, self.layout.axis_size(
+                self.layout.rules.mapping.get("kv_heads", ()))) == 0 else 1
+        per_block = KVCache.bytes_per_block(self.config, block_size, dtype) / kv_split
+        return max(2, int(free * fraction / per_block))
 
     def validate_token_ids(self, token_ids: Sequence[int], what: str = "prompt") -> list[int]:
         """The one check every token-id input passes before it can reach a device."""
@@ -70,11 +112,91 @@ class LLM:
                 raise ValueError(f"{what}: token id {t!r} at index {i} is not in [0, {vocab})")
         return [int(t) for t in token_ids]
 
+    # ---- generation ----
+    def _prepare(self, prompts, sampling_params) -> list[tuple[list[int], str | None,
+                                                                  SamplingParams]]:
+        """Validate every prompt and its params before any request is queued."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} "
+                             "prompts")
+        prepared = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be SamplingParams, got "
+                                f"{type(params).__name__}")
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError(f"prompt {i} is empty")
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text but the model has no tokenizer.model; "
+                                     "give token ids")
+                ids, text = self.tokenizer.encode(prompt), prompt
+            else:
+                ids, text = prompt, None
+            ids = self.validate_token_ids(ids, f"prompt {i}")
+            params.validate_for_model(self.config.vocab_size, self.max_model_len)
+            prepared.append((ids, text, params))
+        return prepared
+
+    def generate_stream(self, prompts, sampling_params=None, use_tqdm: bool = False
+                        ) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (input index, output) as each request finishes."""
+        prepared = self._prepare(prompts, sampling_params)
+        ids = {}
+        try:
+            for i, (token_ids, text, params) in enumerate(prepared):
+                request_id = f"gen-{next(self._request_ids)}"
+                self.engine.add_request(request_id, token_ids, params, text)
+                ids[request_id] = i
+            progress = _progress(len(prepared)) if use_tqdm else None
+            done = 0
+            while done < len(prepared):
+                for request in self.engine.step():
+                    if request.request_id in ids:
+                        done += 1
+                        if progress is not None:
+                            progress.update(1)
+                            progress.set_postfix(self._throughput(progress), refresh=False)
+                        yield ids.pop(request.request_id), request.output()
+            if progress is not None:
+                progress.close()
+        finally:  # interrupted or failed: release everything this call queued
+            for request_id in ids:
+                self.engine.abort(request_id)
+
+    def _throughput(self, progress) -> dict[str, str]:
+        elapsed = max(progress.format_dict["elapsed"], 1e-9)
+        return {"tok/s": f"{self.engine.counters['generated_tokens'] / elapsed:.1f}"}
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in input order."""
+        results: dict[int, RequestOutput] = dict(self.generate_stream(prompts, sampling_params,
+                                                                      use_tqdm))
+        return [results[i] for i in range(len(results))]
+
+    def warmup(self) -> int:
+        """Compile every step shape up front; returns the number of programs compiled."""
+        return self.engine.warmup()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
     def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Full-sequence logits of one prefill pass: one float32 [len, vocab] array per input."""
         seqs = [self.validate_token_ids(ids, f"input {i}") for i, ids in enumerate(token_id_lists)]
         if not seqs:
             raise ValueError("token_id_lists is empty")
+        if self.engine.has_unfinished():
+            raise RuntimeError("logits() needs the KV pool to itself: requests are running")
         bs, pool = self.runner.block_size, self.runner.kv.num_blocks - 1
         out: list[np.ndarray] = []
         group: list[list[int]] = []
@@ -104,3 +226,8 @@ class LLM:
             next_block += n
         logits = np.asarray(self.runner.forward(tokens, positions, block_tables, all_logits=True))
         return [logits[row, :len(seq)] for row, seq in enumerate(seqs)]
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="generate", unit="req")

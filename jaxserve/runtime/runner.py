@@ -9,6 +9,8 @@ block allocator). It never sees a request object.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -19,6 +21,8 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import KVCache
+from jaxserve.runtime import sampling
+from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout
 
 
@@ -91,3 +95,126 @@ class ModelRunner:
         logits, self.kv = self._run(("forward", all_logits), self._forward_program(all_logits),
                                     *args)
         return logits
+
+    def init_slots(self, num_slots: int) -> None:
+        self.slot_state = SlotState.create(num_slots, self.config.vocab_size, self.layout)
+
+    def _step_program(self, decode: bool, inputs: StepInputs):
+        key = ("step", decode)
+        if key not in self._programs:
+            shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+            input_shardings = jax.tree.map(lambda a: self.input_sharding(np.ndim(a)), inputs)
+            self._programs[key] = jax.jit(
+                functools.partial(_step, self.graphdef, self.layout, decode),
+                donate_argnums=(1, 2),
+                in_shardings=(shardings(self.params), shardings(self.kv),
+                              shardings(self.slot_state), input_shardings),
+                out_shardings=(self.layout.replicated(), shardings(self.kv),
+                               shardings(self.slot_state)))
+        return self._programs[key]
+
+    def step(self, inputs: StepInputs, decode: bool) -> StepOutputs:
+        """Dispatch one prefill (decode=False) or decode step; returns without waiting."""
+        program = self._step_program(decode, inputs)
+        shapes = (("step", decode),) + tuple(np.shape(a) for a in jax.tree.leaves(inputs))
+        if shapes not in self._compiled_shapes:
+            self._compiled_shapes.add(shapes)
+            self.compilations += 1
+        outputs, self.kv, self.slot_state = program(self.params, self.kv, self.slot_state, inputs)
+        return outputs
+
+
+# ---- the serving step: prefill chunks or decodes, sampling on device ----
+
+MAX_LOGPROBS = 20  # top-N computed on device when any row asks; rows slice what they asked for
+MAX_SUPPRESSED = 16  # stop tokens masked per row while min_tokens is not reached
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """Per-sequence state that lives on the device between steps, indexed by slot.
+
+    Keeping the last sampled token here lets step n+1 be dispatched before step n's tokens are read
+    back. Row `num_slots` is a trash row that padding rows write to.
+    """
+
+    last_token: jax.Array  # i32[slots + 1]
+    output_counts: jax.Array  # i32[slots + 1, vocab]: how often each token was generated
+    prompt_mask: jax.Array  # bool[slots + 1, vocab]: tokens in the prompt
+
+    @classmethod
+    def create(cls, num_slots: int, vocab: int, layout: Layout) -> SlotState:
+        make = jax.jit(lambda: cls(jnp.zeros((num_slots + 1,), jnp.int32),
+                                   jnp.zeros((num_slots + 1, vocab), jnp.int32),
+                                   jnp.zeros((num_slots + 1, vocab), jnp.bool_)),
+                       out_shardings=layout.replicated())
+        return make()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """What the host sends for one step; every field has leading dim batch (rows)."""
+
+    tokens: jax.Array  # i32[batch, seq] (decode: ignored, the slot's last token is used)
+    positions: jax.Array  # i32[batch, seq], -1 = padding
+    is_output: jax.Array  # bool[batch, seq]: token was generated (a recompute after preemption)
+    block_tables: jax.Array  # i32[batch, max_blocks]
+    slot_ids: jax.Array  # i32[batch]; padding rows use the trash slot
+    first_chunk: jax.Array  # bool[batch]: reset the slot's prompt mask and output counts
+    sample: jax.Array  # bool[batch]: this row's last token yields a new output token
+    want_logprobs: jax.Array  # bool[batch]
+    suppressed: jax.Array  # i32[batch, MAX_SUPPRESSED]; vocab = no token
+    sampling: SamplingInputs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepOutputs:
+    tokens: jax.Array  # i32[batch]
+    logprob: jax.Array  # f32[batch]: of the chosen token
+    top_ids: jax.Array  # i32[batch, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
+
+
+def _step(graphdef, layout, decode: bool, params, kv, state: SlotState, inputs: StepInputs):
+    b = inputs.slot_ids.shape[0]
+    with layout.activate():
+        model = nnx.merge(graphdef, params)
+        tokens = state.last_token[inputs.slot_ids][:, None] if decode else inputs.tokens
+        hidden, kv = model(tokens, inputs.positions, kv, inputs.block_tables)
+        last = jnp.maximum((inputs.positions >= 0).sum(axis=1) - 1, 0)
+        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        logits = model.logits(hidden)  # [batch, vocab]
+
+    prompt_mask, counts = state.prompt_mask, state.output_counts
+    if not decode:  # record the chunk's prompt tokens (and recomputed outputs) per slot
+        keep = ~inputs.first_chunk[:, None]
+        prompt_mask = prompt_mask.at[inputs.slot_ids].set(prompt_mask[inputs.slot_ids] & keep)
+        counts = counts.at[inputs.slot_ids].set(counts[inputs.slot_ids] * keep)
+        valid = inputs.positions >= 0
+        rows = jnp.broadcast_to(inputs.slot_ids[:, None], tokens.shape)
+        prompt_mask = prompt_mask.at[rows, tokens].max(valid & ~inputs.is_output)
+        counts = counts.at[rows, tokens].add((valid & inputs.is_output).astype(jnp.int32))
+
+    processed = sampling.apply_penalties(logits, prompt_mask[inputs.slot_ids],
+                                         counts[inputs.slot_ids], inputs.sampling)
+    processed = processed.at[jnp.arange(b)[:, None], inputs.suppressed].set(-jnp.inf, mode="drop")
+    next_tokens = sampling.sample(processed, inputs.sampling)
+
+    def with_logprobs():
+        return sampling.logprobs(logits, next_tokens, MAX_LOGPROBS)
+
+    def without_logprobs():
+        return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((b, MAX_LOGPROBS), jnp.float32))
+
+    chosen, top_ids, top_lps = jax.lax.cond(inputs.want_logprobs.any(), with_logprobs,
+                                            without_logprobs)
+    trash = state.last_token.shape[0] - 1
+    target = jnp.where(inputs.sample, inputs.slot_ids, trash)
+    state = SlotState(last_token=state.last_token.at[target].set(next_tokens),
+                      output_counts=counts.at[target, next_tokens].add(1),
+                      prompt_mask=prompt_mask)
+    return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state

@@ -1,0 +1,376 @@
+"""The host loop: schedule, dispatch compiled steps, read results back one step late.
+
+One engine step is: ask the scheduler for a plan, build the step inputs (numpy), dispatch the
+prefill and decode programs (they return at once: JAX dispatch is asynchronous), and then read
+back the *oldest* step in flight, so the device computes step n+1 while the host turns step n's
+tokens into text, checks stop conditions and frees finished sequences. The sampled token of
+each sequence stays on the device (`SlotState.last_token`), so dispatching n+1 never waits for
+n's readback. A sequence that stops at step n has been given one extra token in n+1; that token
+is dropped on readback (vLLM's async scheduling makes the same trade).
+
+`max_steps_in_flight` bounds the steps dispatched and not yet read back. On simulated CPU
+devices many collective-bearing programs in flight can starve XLA's rendezvous threads (see
+../shared/PLATFORM.md), so the bound is a setting; 2 keeps one step of overlap.
+
+Everything the host does is timed per phase (`stats()`): that is the non-scalable work that
+Amdahl's law charges tensor parallelism for.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.engine.block_allocator import BlockAllocator, IdPool
+from jaxserve.engine.scheduler import Scheduler, StepPlan
+from jaxserve.engine.sequence import Request, Sequence, Status
+from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepInputs, StepOutputs, bucket
+from jaxserve.runtime.sampling import SamplingInputs
+from jaxserve.sampling_params import SamplingParams
+
+MIN_PREFILL_TOKENS = 16  # smallest prefill chunk bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 32  # sequences decoding at once (device slots)
+    max_num_batched_tokens: int = 512  # tokens per step, prefill chunks plus decodes
+    max_prefill_chunk: int = 256  # longest prefill chunk of one sequence in one step
+    max_prefill_rows: int = 8  # sequences prefilled in one step
+    max_steps_in_flight: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass
+class _InFlight:
+    plan: StepPlan
+    prefill: StepOutputs | None
+    decode: StepOutputs | None
+    wants_logprobs: bool
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, config: ModelConfig, max_model_len: int,
+                 engine_config: EngineConfig, tokenizer=None):
+        self.runner = runner
+        self.model_config = config
+        self.max_model_len = max_model_len
+        self.config = engine_config
+        self.tokenizer = tokenizer
+        self.eos_ids = tuple(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
+        runner.init_slots(engine_config.max_num_seqs)
+        self.blocks = BlockAllocator(runner.kv.num_blocks, runner.block_size)
+        self.scheduler = Scheduler(self.blocks, IdPool(range(engine_config.max_num_seqs)),
+                                   engine_config.max_num_batched_tokens,
+                                   engine_config.max_prefill_chunk,
+                                   engine_config.max_prefill_rows)
+        self.trash_slot = engine_config.max_num_seqs
+        self.max_blocks_per_seq = math.ceil(max_model_len / runner.block_size)
+        self.requests: dict[str, Request] = {}
+        self.inflight: collections.deque[_InFlight] = collections.deque()
+        self._seed_rng = np.random.default_rng()
+        self.counters = collections.Counter()
+        self.timers = collections.Counter()
+
+    # ---- requests ----
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> Request:
+        """Queue a request. prompt_ids must already be validated (see LLM.validate_token_ids)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params.validate_for_model(self.model_config.vocab_size, self.max_model_len)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has no tokenizer.model")
+        if len(params.stop_token_ids) + len(self.eos_ids) > MAX_SUPPRESSED and params.min_tokens:
+            raise ValueError(f"stop_token_ids: at most {MAX_SUPPRESSED - len(self.eos_ids)} with "
+                             f"min_tokens, got {len(params.stop_token_ids)}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else \
+            self.max_model_len - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) is "
+                             f"more than max_model_len ({self.max_model_len})")
+        if max_tokens < 1:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) leaves no room to generate "
+                             f"within max_model_len ({self.max_model_len})")
+        need = self.blocks.blocks_for(len(prompt_ids) + max_tokens)
+        if need > self.blocks.capacity:
+            raise ValueError(f"request needs {need} KV blocks but the pool has "
+                             f"{self.blocks.capacity}: raise kv_blocks or lower max_tokens")
+        seeds = [params.seed_for(i, int(self._seed_rng.integers(0, 2**63)))
+                 for i in range(params.n)]
+        request = Request(request_id, list(prompt_ids), params, seeds, self.max_model_len, prompt)
+        for seq in request.sequences:
+            if self.tokenizer is not None:
+                seq.detokenizer = self.tokenizer.incremental(
+                    prompt_ids, skip_special_tokens=params.skip_special_tokens)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> Request | None:
+        """Stop a request now; its blocks and slot are free before the next step is planned."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.sequences:
+            if seq.status is not Status.FINISHED:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        request.metrics.finished_time = time.perf_counter()
+        return request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop ----
+    def step(self) -> list[Request]:
+        """One iteration: plan + dispatch a step, read back the oldest. Returns finished requests."""
+        finished: list[Request] = []
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule(can_preempt=not self.inflight)
+        if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
+                                     and not self.inflight):
+            while self.inflight:  # preemption rewrites state that steps in flight refer to
+                finished += self._read_back(self.inflight.popleft())
+            plan = self.scheduler.schedule(can_preempt=True)
+            if plan.empty and self.scheduler.has_work():
+                self.scheduler.preempt_youngest()
+                plan = self.scheduler.schedule(can_preempt=True)
+        t1 = time.perf_counter()
+        self.timers["schedule_s"] += t1 - t0
+        if not plan.empty:
+            self.inflight.append(self._dispatch(plan))
+            self.timers["dispatch_s"] += time.perf_counter() - t1
+        if self.inflight and (len(self.inflight) >= self.config.max_steps_in_flight
+                              or plan.empty):
+            finished += self._read_back(self.inflight.popleft())
+        return finished
+
+    def drain(self) -> list[Request]:
+        finished: list[Request] = []
+        while self.inflight:
+            finished += self._read_back(self.inflight.popleft())
+        return finished
+
+    # ---- dispatch ----
+    def _rows(self, n: int) -> int:
+        mult = self.runner.batch_multiple()
+        return math.ceil(bucket(n) / mult) * mult
+
+    def _sampling_columns(self, seqs: list[Sequence], rows: int):
+        sampling = SamplingInputs.from_params([s.params for s in seqs], [s.seed for s in seqs],
+                                              [s.num_scheduled_outputs for s in seqs], rows)
+        suppressed = np.full((rows, MAX_SUPPRESSED), self.model_config.vocab_size, np.int32)
+        want_logprobs = np.zeros((rows,), np.bool_)
+        for r, seq in enumerate(seqs):
+            params = seq.params
+            want_logprobs[r] = params.logprobs is not None
+            if seq.num_scheduled_outputs < params.min_tokens:
+                ids = self.eos_ids + tuple(params.stop_token_ids)
+                suppressed[r, :len(ids)] = ids
+        return sampling, suppressed, want_logprobs
+
+    def _dispatch(self, plan: StepPlan) -> _InFlight:
+        bs = self.runner.block_size
+        prefill_out = decode_out = None
+        wants_logprobs = False
+        if plan.prefills:
+            rows = self._rows(len(plan.prefills))
+            seq_len = bucket(max(c.length for c in plan.prefills), MIN_PREFILL_TOKENS)
+            nb = bucket(self.max_blocks_per_seq)
+            tokens = np.zeros((rows, seq_len), np.int32)
+            positions = np.full((rows, seq_len), -1, np.int32)
+            is_output = np.zeros((rows, seq_len), np.bool_)
+            tables = np.zeros((rows, nb), np.int32)
+            slot_ids = np.full((rows,), self.trash_slot, np.int32)
+            first = np.zeros((rows,), np.bool_)
+            samples = np.zeros((rows,), np.bool_)
+            for r, c in enumerate(plan.prefills):
+                seq, prompt = c.seq, c.seq.request.prompt_ids
+                end = c.start + c.length
+                chunk = prompt[c.start:end] if end <= len(prompt) else \
+                    [seq.prefill_token(i) for i in range(c.start, end)]
+                tokens[r, :c.length] = chunk
+                positions[r, :c.length] = np.arange(c.start, end)
+                is_output[r, :c.length] = positions[r, :c.length] >= len(prompt)
+                tables[r, :len(seq.blocks)] = seq.blocks
+                slot_ids[r] = seq.slot
+                first[r] = c.start == 0
+                samples[r] = c.samples
+            sampling, suppressed, want = self._sampling_columns([c.seq for c in plan.prefills],
+                                                                rows)
+            want &= samples
+            wants_logprobs |= bool(want.any())
+            prefill_in = StepInputs(tokens, positions, is_output, tables, slot_ids, first,
+                                    samples, want, suppressed, sampling)
+        if plan.decodes:
+            rows = self._rows(len(plan.decodes))
+            nb = bucket(max(len(s.blocks) for s in plan.decodes), 4)
+            positions = np.full((rows, 1), -1, np.int32)
+            tables = np.zeros((rows, nb), np.int32)
+            slot_ids = np.full((rows,), self.trash_slot, np.int32)
+            samples = np.zeros((rows,), np.bool_)
+            for r, seq in enumerate(plan.decodes):
+                positions[r, 0] = seq.total_len - 1
+                tables[r, :len(seq.blocks)] = seq.blocks
+                slot_ids[r] = seq.slot
+                samples[r] = True
+            sampling, suppressed, want = self._sampling_columns(plan.decodes, rows)
+            wants_logprobs |= bool(want.any())
+            decode_in = StepInputs(np.zeros((rows, 1), np.int32), positions,
+                                   np.zeros((rows, 1), np.bool_), tables, slot_ids,
+                                   np.zeros((rows,), np.bool_), samples, want, suppressed,
+                                   sampling)
+        now = time.perf_counter()
+        for seq in [c.seq for c in plan.prefills] + plan.decodes:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        self.scheduler.commit(plan)
+        # Dispatch after the host work above, back to back, so the device is never waiting
+        # between the two programs of one step.
+        if plan.prefills:
+            prefill_out = self.runner.step(prefill_in, decode=False)
+            self.counters["prefill_steps"] += 1
+        if plan.decodes:
+            decode_out = self.runner.step(decode_in, decode=True)
+            self.counters["decode_steps"] += 1
+        self.counters["steps"] += 1
+        return _InFlight(plan, prefill_out, decode_out, wants_logprobs)
+
+    # ---- read back ----
+    def _read_back(self, step: _InFlight) -> list[Request]:
+        t0 = time.perf_counter()
+        results = []
+        if step.prefill is not None:
+            rows = [(r, c.seq) for r, c in enumerate(step.plan.prefills) if c.samples]
+            results.append((step.prefill, rows))
+        if step.decode is not None:
+            results.append((step.decode, list(enumerate(step.plan.decodes))))
+        fetched = [(self._fetch(out, step.wants_logprobs), rows) for out, rows in results]
+        t1 = time.perf_counter()
+        self.timers["readback_wait_s"] += t1 - t0
+        finished = []
+        now = time.perf_counter()
+        for arrays, rows in fetched:
+            for r, seq in rows:
+                if seq.status is Status.FINISHED:  # stopped while this step was in flight
+                    self.counters["discarded_tokens"] += 1
+                    continue
+                if self._append(seq, r, arrays, now):
+                    request = seq.request
+                    if request.finished and request.request_id in self.requests:
+                        request.metrics.finished_time = now
+                        del self.requests[request.request_id]
+                        finished.append(request)
+        self.timers["process_s"] += time.perf_counter() - t1
+        return finished
+
+    @staticmethod
+    def _fetch(out: StepOutputs, wants_logprobs: bool) -> dict[str, np.ndarray]:
+        arrays = {"tokens": np.asarray(out.tokens)}
+        if wants_logprobs:
+            arrays.update(logprob=np.asarray(out.logprob), top_ids=np.asarray(out.top_ids),
+                          top_logprobs=np.asarray(out.top_logprobs))
+        return arrays
+
+    def _append(self, seq: Sequence, row: int, arrays: dict[str, np.ndarray], now: float) -> bool:
+        """Record one sampled token; returns True when the sequence finished."""
+        token = int(arrays["tokens"][row])
+        params = seq.params
+        seq.output_ids.append(token)
+        self.counters["generated_tokens"] += 1
+        metrics = seq.request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        if seq.logprobs is not None:
+            k = params.logprobs
+            top = dict(zip(arrays["top_ids"][row, :k].tolist(),
+                           arrays["top_logprobs"][row, :k].tolist()))
+            chosen = float(arrays["logprob"][row])
+            top[token] = chosen
+            seq.logprobs.append(top)
+            seq.cumulative_logprob += chosen
+        text_before = len(seq.text)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.push([token])
+
+        n = len(seq.output_ids)
+        if token in self.eos_ids and not params.ignore_eos and n > params.min_tokens - 1:
+            return self._finish(seq, "stop", None)
+        if token in params.stop_token_ids and n > params.min_tokens - 1:
+            return self._finish(seq, "stop", token)
+        if params.stop and n >= params.min_tokens:
+            longest = max(len(s) for s in params.stop)
+            start = max(0, text_before - longest + 1)
+            hits = [(i, s) for s in params.stop if (i := seq.text.find(s, start)) >= 0]
+            if hits:
+                index, stop = min(hits)
+                seq.text = seq.text[:index]
+                return self._finish(seq, "stop", stop, flush=False)
+        if (params.max_tokens is not None and n >= params.max_tokens) or \
+                len(seq.request.prompt_ids) + n >= self.max_model_len:
+            return self._finish(seq, "length", None)
+        return False
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: Any, flush: bool = True) -> bool:
+        if flush and seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+        return True
+
+    # ---- warm-up and stats ----
+    def warmup(self) -> int:
+        """Compile every step shape the engine can use; returns how many were compiled."""
+        before = self.runner.compilations
+        bs_min = self.runner.batch_multiple()
+        row_buckets = lambda limit: sorted({self._rows(n) for n in  # noqa: E731
+                                            [bs_min * 2 ** i for i in range(12)] if n <= limit}
+                                           | {self._rows(limit)})
+        seq_buckets = sorted({bucket(n, MIN_PREFILL_TOKENS) for n in
+                              [MIN_PREFILL_TOKENS * 2 ** i for i in range(16)]
+                              if n <= bucket(self.config.max_prefill_chunk, MIN_PREFILL_TOKENS)})
+        nb_max = bucket(self.max_blocks_per_seq)
+        block_buckets = sorted({bucket(n, 4) for n in [4 * 2 ** i for i in range(16)]
+                                if bucket(n, 4) <= max(nb_max, 4)})
+        for rows in row_buckets(self.config.max_prefill_rows):
+            for seq_len in seq_buckets:
+                self.runner.step(self._idle_inputs(rows, seq_len, nb_max), decode=False)
+        for rows in row_buckets(self.config.max_num_seqs):
+            for nb in block_buckets:
+                self.runner.step(self._idle_inputs(rows, 1, nb), decode=True)
+        np.asarray(self.runner.slot_state.last_token)
+        return self.runner.compilations - before
+
+    def _idle_inputs(self, rows: int, seq_len: int, nb: int) -> StepInputs:
+        """A step of padding only: writes the null block and the trash slot, changes nothing."""
+        sampling, suppressed, want = self._sampling_columns([], rows)
+        return StepInputs(np.zeros((rows, seq_len), np.int32),
+                          np.full((rows, seq_len), -1, np.int32),
+                          np.zeros((rows, seq_len), np.bool_), np.zeros((rows, nb), np.int32),
+                          np.full((rows,), self.trash_slot, np.int32),
+                          np.zeros((rows,), np.bool_), np.zeros((rows,), np.bool_), want,
+                          suppressed, sampling)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "compilations": self.runner.compilations,
+            **self.counters,
+            "preemptions": self.scheduler.num_preemptions,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.capacity,
+            **{k: round(v, 6) for k, v in self.timers.items()},
+        }

@@ -1,0 +1,100 @@
+"""A request and its sequences, as the host loop tracks them.
+
+A request with `n > 1` has n sequences that share the prompt. Each sequence moves
+WAITING -> RUNNING -> FINISHED, and back to WAITING if preempted (its KV is recomputed from
+prompt + outputs when it runs again). Two counters matter:
+
+- `num_computed`: tokens whose KV is written (or scheduled to be, in a step in flight);
+- `num_scheduled_outputs`: output tokens sampled or being sampled in a step in flight, which is
+  ahead of `len(output_ids)` (tokens read back) by the steps in flight.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from jaxserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request: Request, index: int, seed: int):
+        self.request = request
+        self.index = index
+        self.seed = seed
+        self.output_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if request.params.logprobs is not None \
+            else None
+        self.cumulative_logprob = 0.0
+        self.status = Status.WAITING
+        self.blocks: list[int] = []
+        self.slot: int | None = None
+        self.num_computed = 0
+        self.num_scheduled_outputs = 0
+        self.recompute_len = len(request.prompt_ids)  # tokens to prefill when (re)admitted
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text = ""
+        self.detokenizer = None  # set by the engine when a tokenizer exists
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def total_len(self) -> int:
+        """Prompt plus every output sampled or in flight."""
+        return len(self.request.prompt_ids) + self.num_scheduled_outputs
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < self.recompute_len
+
+    def prefill_token(self, i: int) -> int:
+        prompt = self.request.prompt_ids
+        return prompt[i] if i < len(prompt) else self.output_ids[i - len(prompt)]
+
+    @property
+    def done_scheduling(self) -> bool:
+        """No more tokens to sample: max_tokens or the context is used up."""
+        params = self.params
+        return (params.max_tokens is not None
+                and self.num_scheduled_outputs >= params.max_tokens) \
+            or self.total_len >= self.request.max_model_len
+
+    def completion(self) -> CompletionOutput:
+        return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.output_ids),
+                                finish_reason=self.finish_reason,
+                                logprobs=None if self.logprobs is None else list(self.logprobs),
+                                cumulative_logprob=self.cumulative_logprob
+                                if self.logprobs is not None else None,
+                                stop_reason=self.stop_reason)
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 seeds: list[int], max_model_len: int, prompt: str | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.max_model_len = max_model_len
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+        self.sequences = [Sequence(self, i, seed) for i, seed in enumerate(seeds)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.sequences)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(request_id=self.request_id, prompt=self.prompt,
+                             prompt_token_ids=list(self.prompt_ids),
+                             outputs=[s.completion() for s in self.sequences],
+                             finished=self.finished, metrics=self.metrics)

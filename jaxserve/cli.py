@@ -54,6 +54,68 @@ def cmd_shard_info(args) -> int:
     return 0
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type)
+    "--max-tokens": ("max_tokens", int), "--temperature": ("temperature", float),
+    "--top-p": ("top_p", float), "--top-k": ("top_k", int), "--min-p": ("min_p", float),
+    "--seed": ("seed", int), "--repetition-penalty": ("repetition_penalty", float),
+    "--presence-penalty": ("presence_penalty", float),
+    "--frequency-penalty": ("frequency_penalty", float), "--min-tokens": ("min_tokens", int),
+}
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="jaxserve checkpoint directory (default: the embedded tiny model)")
+    _add_mesh_args(p)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--kv-blocks", type=int, default=None)
+    p.add_argument("--max-steps-in-flight", type=int, default=2)
+
+
+def _make_llm(args):
+    from jaxserve import LLM
+
+    return LLM(args.model, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               kv_blocks=args.kv_blocks, max_steps_in_flight=args.max_steps_in_flight)
+
+
+def _sampling_defaults(args) -> dict:
+    out = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _) in
+           SAMPLING_FLAGS.items() if getattr(args, flag[2:].replace("-", "_")) is not None}
+    if args.stop:
+        out["stop"] = args.stop
+    if args.ignore_eos:
+        out["ignore_eos"] = True
+    return out
+
+
+def cmd_generate(args) -> int:
+    from jaxserve import SamplingParams
+    from jaxserve.batch import read_items, run_batch
+
+    if (args.prompt is None) == (args.input is None):
+        raise ValueError("give exactly one of --prompt TEXT or --input FILE.jsonl")
+    if args.input is not None and args.output is None:
+        raise ValueError("--input needs --output FILE.jsonl")
+    defaults = _sampling_defaults(args)
+    if args.input is not None:
+        read_items(Path(args.input), defaults)  # reject a bad file before loading the model
+    llm = _make_llm(args)
+    if args.prompt is not None:
+        params = SamplingParams.from_dict({"max_tokens": 64, **defaults})
+        for out in llm.generate(args.prompt, params, use_tqdm=False):
+            print(out.prompt + out.outputs[0].text)
+        return 0
+    generated, skipped = run_batch(llm, Path(args.input), Path(args.output), defaults,
+                                   progress=not args.no_progress)
+    print(f"wrote {generated} outputs to {args.output} ({skipped} already there)",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="jaxserve checkpoint directory")
     _add_mesh_args(p)
     p.set_defaults(func=cmd_shard_info)
+
+    p = sub.add_parser("generate", help="generate text: one prompt, or a JSONL batch (resumable)")
+    _add_engine_args(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several); prints prompt + completion")
+    p.add_argument("--input", default=None, help="JSONL file: {id, prompt, [sampling fields]}")
+    p.add_argument("--output", default=None, help="JSONL file to append results to; ids "
+                   "already there are skipped")
+    for flag, (_, kind) in SAMPLING_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -76,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,10 +30,27 @@ def llama(hf_model_dir):
     return hf_model_dir("llama")
 
 
+def test_no_compilation_after_warmup_for_any_request_mix(llama):
+    _, model_dir = llama
+    llm = _shared_llm(model_dir)  # first user of the shared engine: later tests reuse programs
+    assert llm.warmup() > 0
+    compiled = llm.stats()["compilations"]
+    rng = np.random.default_rng(3)
+    for round_ in range(3):
+        n = int(rng.integers(1, 12))
+        batch = [rng.integers(3, 512, size=int(rng.integers(1, 200))).tolist() for _ in range(n)]
+        params = [SamplingParams(temperature=float(rng.choice([0, 0.8])), top_k=int(rng.integers(0, 5)),
+                                 max_tokens=int(rng.integers(1, 40)), logprobs=int(rng.integers(0, 3)),
+                                 seed=round_) for _ in batch]
+        llm.generate(batch, params, use_tqdm=False)
+    assert llm.stats()["compilations"] == compiled
+
+
 @pytest.mark.parametrize("mesh", [None, "tp=2"])
 def test_greedy_tokens_match_hf_generate(llama, mesh):
     hf_dir, model_dir = llama
-    llm = LLM(model_dir, mesh=mesh, rules="tp", **ENGINE)
+    llm = _shared_llm(model_dir) if mesh is None else LLM(model_dir, mesh=mesh, rules="tp",
+                                                           **ENGINE)
     batch = prompts()
     outs = llm.generate(batch, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     for prompt, out in zip(batch, outs):
@@ -45,7 +62,7 @@ def test_greedy_tokens_match_hf_generate(llama, mesh):
 
 def test_staggered_arrivals_match_one_at_a_time(llama):
     _, model_dir = llama
-    llm = LLM(model_dir, **ENGINE)
+    llm = _shared_llm(model_dir)
     batch = prompts([7, 33, 80, 12, 150, 60], seed=1)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in batch]
@@ -66,7 +83,7 @@ def test_small_kv_pool_preempts_and_still_gives_identical_tokens(llama):
     _, model_dir = llama
     batch = prompts([30, 45, 60, 20, 70, 25], seed=2)
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    roomy = LLM(model_dir, **ENGINE).generate(batch, params, use_tqdm=False)
+    roomy = _shared_llm(model_dir).generate(batch, params, use_tqdm=False)
     tight = LLM(model_dir, **{**ENGINE, "kv_blocks": 1 + 15})  # 15 blocks = 120 tokens
     outs = tight.generate(batch, params, use_tqdm=False)
     assert tight.stats()["preemptions"] > 0
@@ -74,25 +91,9 @@ def test_small_kv_pool_preempts_and_still_gives_identical_tokens(llama):
     assert tight.stats()["kv_blocks_used"] == 0
 
 
-def test_no_compilation_after_warmup_for_any_request_mix(llama):
-    _, model_dir = llama
-    llm = LLM(model_dir, **ENGINE)
-    assert llm.warmup() > 0
-    compiled = llm.stats()["compilations"]
-    rng = np.random.default_rng(3)
-    for round_ in range(3):
-        n = int(rng.integers(1, 12))
-        batch = [rng.integers(3, 512, size=int(rng.integers(1, 200))).tolist() for _ in range(n)]
-        params = [SamplingParams(temperature=float(rng.choice([0, 0.8])), top_k=int(rng.integers(0, 5)),
-                                 max_tokens=int(rng.integers(1, 40)), logprobs=int(rng.integers(0, 3)),
-                                 seed=round_) for _ in batch]
-        llm.generate(batch, params, use_tqdm=False)
-    assert llm.stats()["compilations"] == compiled
-
-
 def test_seeded_request_is_the_same_alone_and_in_a_batch(llama):
     _, model_dir = llama
-    llm = LLM(model_dir, **ENGINE)
+    llm = _shared_llm(model_dir)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
     target = prompts([30], seed=4)[0]
     alone = llm.generate([target], seeded, use_tqdm=False)[0].outputs[0].token_ids
@@ -107,7 +108,7 @@ def test_seeded_request_is_the_same_alone_and_in_a_batch(llama):
 
 def test_logprobs_equal_log_softmax_of_reference_logits_and_top_k_holds(llama):
     hf_dir, model_dir = llama
-    llm = LLM(model_dir, **ENGINE)
+    llm = _shared_llm(model_dir)
     prompt = prompts([25], seed=6)[0]
     out = llm.generate([prompt], SamplingParams(temperature=1.0, top_k=3, logprobs=5, seed=7,
                                                 max_tokens=12, ignore_eos=True),
@@ -126,7 +127,7 @@ def test_logprobs_equal_log_softmax_of_reference_logits_and_top_k_holds(llama):
 
 def test_max_tokens_and_stop_token_ids_are_honoured(llama):
     _, model_dir = llama
-    llm = LLM(model_dir, **ENGINE)
+    llm = _shared_llm(model_dir)
     prompt = prompts([20], seed=8)[0]
     free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0]

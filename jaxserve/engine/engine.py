@@ -81,6 +81,8 @@ class Engine:
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
         self.counters = collections.Counter()
+        self.track_updates = False  # streaming servers turn this on and call take_updates
+        self.updated: list[Sequence] = []
         self.timers = collections.Counter()
 
     # ---- requests ----
@@ -129,6 +131,11 @@ class Engine:
                 self.scheduler.finish(seq)
         request.metrics.finished_time = time.perf_counter()
         return request
+
+    def take_updates(self) -> list[Sequence]:
+        """Sequences that received tokens since the last call (for streaming)."""
+        updated, self.updated = self.updated, []
+        return updated
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -289,6 +296,8 @@ class Engine:
         token = int(arrays["tokens"][row])
         params = seq.params
         seq.output_ids.append(token)
+        if self.track_updates:
+            self.updated.append(seq)
         self.counters["generated_tokens"] += 1
         metrics = seq.request.metrics
         if metrics.first_token_time is None:

@@ -1,0 +1,234 @@
+"""The engine on its own thread, for online serving: submit, stream, abort, drain, fail.
+
+Threads: one *engine thread* owns the `Engine` and is the only one that touches it (the engine is
+not thread-safe, and device dispatch from one thread keeps the step order deterministic). Server
+handler threads talk to it through a command queue and read results from per-request
+`RequestStream` queues. Submitting waits for the engine thread to accept the request, so
+validation errors reach the caller synchronously; the wait is at most one engine step.
+
+Streaming text never holds a partial UTF-8 character (the detokenizer holds it back) and, when
+the request has stop strings, holds back the last len(longest stop) - 1 characters until they
+cannot start a stop string, so text already sent is never taken back.
+
+If `Engine.step` raises, the loop marks itself failed, ends every open stream with the error and
+refuses new work: a half-updated engine is never trusted again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+from jaxserve.engine.engine import Engine
+from jaxserve.engine.sequence import Request, Sequence
+from jaxserve.outputs import RequestMetrics
+from jaxserve.sampling_params import SamplingParams
+
+
+class LoopState(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts."""
+
+
+class NotAccepting(Exception):
+    """The loop is draining, stopped or failed."""
+
+
+@dataclasses.dataclass
+class Delta:
+    index: int  # which of the request's n sequences
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict[int, float]] | None
+
+
+@dataclasses.dataclass
+class Final:
+    index: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    text: str  # any text held back until the end (stop-string look-ahead, trailing bytes)
+    metrics: RequestMetrics | None = None
+
+
+@dataclasses.dataclass
+class Failure:
+    error: BaseException
+
+
+class RequestStream:
+    """What a handler reads: Delta / Final per sequence, or one Failure."""
+
+    def __init__(self, request_id: str, num_sequences: int):
+        self.request_id = request_id
+        self.events: queue.Queue = queue.Queue()
+        self.open_sequences = num_sequences
+
+    def get(self, timeout: float | None = None):
+        return self.events.get(timeout=timeout)
+
+
+class _SeqCursor:
+    """How much of a sequence was already streamed."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.text = 0
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_queue: int = 256,
+                 on_step: Callable[[EngineLoop, float], None] | None = None):
+        self.engine = engine
+        self.engine.track_updates = True
+        self.max_queue = max_queue
+        self.on_step = on_step  # metrics hook, called on the engine thread after each step
+        self.state = LoopState.SERVING
+        self.error: BaseException | None = None
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._cursors: dict[int, _SeqCursor] = {}
+        self._pending = 0  # submitted, not yet accepted by the engine thread
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from handler threads ----
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               prompt: str | None = None) -> RequestStream:
+        with self._lock:
+            if self.state is not LoopState.SERVING:
+                raise NotAccepting(f"the engine is {self.state.value}")
+            if self._pending + len(self.engine.scheduler.waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._pending += 1
+        future: Future = Future()
+        self._commands.put(("add", (request_id, prompt_ids, params, prompt), future))
+        return future.result()
+
+    def abort(self, request_id: str) -> bool:
+        future: Future = Future()
+        self._commands.put(("abort", request_id, future))
+        return future.result()
+
+    def drain(self) -> None:
+        """Stop accepting; requests already in run to completion."""
+        with self._lock:
+            if self.state is LoopState.SERVING:
+                self.state = LoopState.DRAINING
+
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._commands.put(("stop", None, None))
+        self._thread.join(timeout)
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        while True:
+            idle = self.state is LoopState.FAILED or not self.engine.has_unfinished()
+            try:
+                command = self._commands.get(timeout=0.05) if idle else \
+                    self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    self._fail_all(NotAccepting("the server stopped"), LoopState.STOPPED)
+                    return
+                self._handle(*command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if self.state is LoopState.FAILED or not self.engine.has_unfinished():
+                continue
+            try:
+                t0 = time.perf_counter()
+                finished = self.engine.step()
+                self._publish(self.engine.take_updates(), finished)
+                if self.on_step is not None:
+                    self.on_step(self, time.perf_counter() - t0)
+            except Exception as e:  # the engine can no longer be trusted
+                self.error = e
+                self._fail_all(e, LoopState.FAILED)
+
+    def _handle(self, kind: str, payload, future: Future) -> None:
+        if kind == "add":
+            with self._lock:
+                self._pending -= 1
+            if self.state is LoopState.FAILED:
+                future.set_exception(NotAccepting("the engine failed"))
+                return
+            request_id, prompt_ids, params, prompt = payload
+            try:
+                request = self.engine.add_request(request_id, prompt_ids, params, prompt)
+            except Exception as e:  # validation: the caller reports it
+                future.set_exception(e)
+                return
+            stream = RequestStream(request_id, len(request.sequences))
+            self._streams[request_id] = stream
+            for seq in request.sequences:
+                self._cursors[id(seq)] = _SeqCursor()
+            future.set_result(stream)
+        elif kind == "abort":
+            request = self.engine.abort(payload)
+            if request is not None:
+                self._close(request, "abort")
+            future.set_result(request is not None)
+
+    def _publish(self, updated: list[Sequence], finished: list[Request]) -> None:
+        for seq in dict.fromkeys(updated):  # each sequence once, in order
+            stream = self._streams.get(seq.request.request_id)
+            cursor = self._cursors.get(id(seq))
+            if stream is None or cursor is None:
+                continue
+            hold = max((len(s) for s in seq.params.stop), default=1) - 1 \
+                if seq.finish_reason is None else 0
+            text_end = max(cursor.text, len(seq.text) - hold)
+            tokens = seq.output_ids[cursor.tokens:]
+            if tokens or text_end > cursor.text:
+                logprobs = None if seq.logprobs is None else seq.logprobs[cursor.tokens:]
+                stream.events.put(Delta(seq.index, tokens, seq.text[cursor.text:text_end],
+                                        logprobs))
+                cursor.tokens, cursor.text = len(seq.output_ids), text_end
+        for request in finished:
+            self._close(request, None)
+
+    def _close(self, request: Request, reason: str | None) -> None:
+        stream = self._streams.pop(request.request_id, None)
+        if stream is None:
+            return
+        for seq in request.sequences:
+            cursor = self._cursors.pop(id(seq), _SeqCursor())
+            stream.events.put(Final(seq.index, reason or seq.finish_reason or "abort",
+                                    len(request.prompt_ids), len(seq.output_ids),
+                                    seq.text[cursor.text:], request.metrics))
+
+    def _fail_all(self, error: BaseException, state: LoopState) -> None:
+        with self._lock:
+            self.state = state
+        for request_id, stream in list(self._streams.items()):
+            stream.events.put(Failure(error))
+        self._streams.clear()
+        self._cursors.clear()
+        while True:  # requests that never reached the engine
+            try:
+                _, _, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None and not future.done():
+                future.set_exception(NotAccepting(f"the engine is {state.value}"))

@@ -224,7 +224,7 @@ class LLM:
             n = math.ceil(len(seq) / bs)
             block_tables[row, :n] = np.arange(next_block, next_block + n)
             next_block += n
-        logits = np.asarray(self.runner.forward(tokens, positions, block_tables, all_logits=True))
+        logits = np.asarray(self.runner.forward(tokens, positions, block_tables))
         return [logits[row, :len(seq)] for row, seq in enumerate(seqs)]
 
 

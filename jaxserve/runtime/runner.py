@@ -26,6 +26,10 @@ from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout
 
 
+def _shardings(tree):
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Round up to a power of two (at least `minimum`): bounds the number of compiled shapes."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -55,72 +59,60 @@ class ModelRunner:
         return self.layout.sharding(("batch",) + (None,) * (rank - 1), (self.batch_multiple(),)
                                     + (1,) * (rank - 1), "step input")
 
-    # ---- programs ----
-    def _forward_program(self, all_logits: bool):
-        key = ("forward", all_logits)
-        if key not in self._programs:
-            graphdef, layout = self.graphdef, self.layout
-
-            def forward(params, kv, tokens, positions, block_tables, last_index):
-                with layout.activate():
-                    model = nnx.merge(graphdef, params)
-                    hidden, kv = model(tokens, positions, kv, block_tables)
-                    if not all_logits:  # only each sequence's last token: [batch, 1, embed]
-                        hidden = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)
-                    logits = model.logits(hidden)
-                return logits, kv
-
-            self._programs[key] = jax.jit(forward, donate_argnums=(1,),
-                                          out_shardings=(None, self.kv.shardings()))
-        return self._programs[key]
-
-    def _run(self, key, program, *args):
-        # Params and KV have fixed shapes, so the step inputs' shapes decide what jit compiles.
-        shapes = (key,) + tuple(a.shape for a in args)
+    def _compile_key(self, key, inputs) -> None:
+        # Params, KV and slot state have fixed shapes: the step inputs' shapes decide what compiles.
+        shapes = (key,) + tuple(np.shape(a) for a in jax.tree.leaves(inputs))
         if shapes not in self._compiled_shapes:
             self._compiled_shapes.add(shapes)
             self.compilations += 1
-        return program(self.params, self.kv, *args)
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray, block_tables: np.ndarray,
-                all_logits: bool = True) -> jax.Array:
-        """Run one step over the pool. tokens/positions [batch, seq] (-1 position = padding),
-        block_tables [batch, max_blocks]. Returns float32 logits [batch, seq, vocab], or
-        [batch, 1, vocab] for each row's last real token when all_logits is False."""
-        tokens = np.asarray(tokens, np.int32)
-        positions = np.asarray(positions, np.int32)
-        last_index = np.maximum((positions >= 0).sum(axis=1) - 1, 0).astype(np.int32)
-        args = [jax.device_put(a, self.input_sharding(a.ndim)) for a in
-                (tokens, positions, np.asarray(block_tables, np.int32), last_index)]
-        logits, self.kv = self._run(("forward", all_logits), self._forward_program(all_logits),
-                                    *args)
+    def forward(self, tokens: np.ndarray, positions: np.ndarray,
+                block_tables: np.ndarray) -> jax.Array:
+        """Full-sequence logits of one pass over the pool (the `LLM.logits` program).
+
+        tokens/positions [batch, seq] (-1 position = padding), block_tables [batch, max_blocks].
+        Returns float32 logits [batch, seq, vocab]. Writes the tokens' KV into their blocks.
+        """
+        inputs = tuple(np.asarray(a, np.int32) for a in (tokens, positions, block_tables))
+        if "forward" not in self._programs:
+            graphdef, layout = self.graphdef, self.layout
+
+            def forward(params, kv, inputs):
+                with layout.activate():
+                    model = nnx.merge(graphdef, params)
+                    hidden, kv = model(inputs[0], inputs[1], kv, inputs[2])
+                    return model.logits(hidden), kv
+
+            self._programs["forward"] = jax.jit(
+                forward, donate_argnums=(1,),
+                in_shardings=(_shardings(self.params), _shardings(self.kv),
+                              tuple(self.input_sharding(2) for _ in inputs)),
+                out_shardings=(self.layout.sharding(("batch", None, "vocab"),
+                                                    (self.batch_multiple(), 1,
+                                                     self.config.vocab_size), "logits"),
+                               _shardings(self.kv)))
+        self._compile_key("forward", inputs)
+        logits, self.kv = self._programs["forward"](self.params, self.kv, inputs)
         return logits
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_size, self.layout)
 
-    def _step_program(self, decode: bool, inputs: StepInputs):
+    def step(self, inputs: StepInputs, decode: bool) -> StepOutputs:
+        """Dispatch one prefill (decode=False) or decode step; returns without waiting."""
         key = ("step", decode)
         if key not in self._programs:
-            shardings = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
             input_shardings = jax.tree.map(lambda a: self.input_sharding(np.ndim(a)), inputs)
             self._programs[key] = jax.jit(
                 functools.partial(_step, self.graphdef, self.layout, decode),
                 donate_argnums=(1, 2),
-                in_shardings=(shardings(self.params), shardings(self.kv),
-                              shardings(self.slot_state), input_shardings),
-                out_shardings=(self.layout.replicated(), shardings(self.kv),
-                               shardings(self.slot_state)))
-        return self._programs[key]
-
-    def step(self, inputs: StepInputs, decode: bool) -> StepOutputs:
-        """Dispatch one prefill (decode=False) or decode step; returns without waiting."""
-        program = self._step_program(decode, inputs)
-        shapes = (("step", decode),) + tuple(np.shape(a) for a in jax.tree.leaves(inputs))
-        if shapes not in self._compiled_shapes:
-            self._compiled_shapes.add(shapes)
-            self.compilations += 1
-        outputs, self.kv, self.slot_state = program(self.params, self.kv, self.slot_state, inputs)
+                in_shardings=(_shardings(self.params), _shardings(self.kv),
+                              _shardings(self.slot_state), input_shardings),
+                out_shardings=(self.layout.replicated(), _shardings(self.kv),
+                               _shardings(self.slot_state)))
+        self._compile_key(key, inputs)
+        outputs, self.kv, self.slot_state = self._programs[key](self.params, self.kv,
+                                                                self.slot_state, inputs)
         return outputs
 
 

@@ -116,6 +116,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from jaxserve.serving.server import serve
+
+    return serve(args, _make_llm)
+
+
+def cmd_client(args) -> int:
+    import grpc
+
+    from jaxserve.serving.client import Client
+
+    sampling = {field: getattr(args, flag[2:].replace("-", "_"))
+                for flag, (field, _) in SAMPLING_FLAGS.items()}
+    sampling.update(stop=args.stop, ignore_eos=args.ignore_eos or None)
+    with Client(args.target) as client:
+        try:
+            sys.stdout.write(args.prompt)  # like `generate`: prompt + completion
+            for response in client.generate(args.prompt, timeout=args.timeout, **sampling):
+                if response.HasField("delta"):
+                    sys.stdout.write(response.delta.text)
+                    sys.stdout.flush()
+                else:
+                    f = response.final
+                    print()
+                    print(f"[{f.finish_reason}: {f.usage.prompt_tokens} prompt + "
+                          f"{f.usage.completion_tokens} completion tokens]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"\njaxserve client: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the model over gRPC (jaxserve.v1, health, "
+                       "reflection) with Prometheus metrics")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: pick one; default: off)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting beyond this get RESOURCE_EXHAUSTED")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds requests in flight may take before they are aborted")
+    p.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
+                   help="largest request accepted (default 4 MiB)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step shape before reporting SERVING")
+    # for tests: hold the LOADING phase / slow every engine step down
+    p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="stream a completion from a running `jaxserve serve`")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    p.add_argument("--prompt", required=True)
+    for flag, (_, kind) in SAMPLING_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.set_defaults(func=cmd_client)
     return parser
 
 

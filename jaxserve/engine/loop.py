@@ -94,7 +94,9 @@ class EngineLoop:
         self.engine = engine
         self.engine.track_updates = True
         self.max_queue = max_queue
-        self.on_step = on_step  # metrics hook, called on the engine thread after each step
+        # metrics hook, called on the engine thread after each step, and with step time 0.0
+        # after commands that leave the engine idle (so gauges see the last abort)
+        self.on_step = on_step
         self.state = LoopState.SERVING
         self.error: BaseException | None = None
         self._commands: queue.Queue = queue.Queue()
@@ -145,16 +147,24 @@ class EngineLoop:
                     self._commands.get_nowait()
             except queue.Empty:
                 command = None
+            handled = False
             while command is not None:
                 if command[0] == "stop":
                     self._fail_all(NotAccepting("the server stopped"), LoopState.STOPPED)
                     return
                 self._handle(*command)
+                handled = True
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
             if self.state is LoopState.FAILED or not self.engine.has_unfinished():
+                if handled and self.state is not LoopState.FAILED and self.on_step is not None:
+                    try:  # no step follows (e.g. an abort emptied the engine): let metrics see it
+                        self.on_step(self, 0.0)
+                    except Exception as e:
+                        self.error = e
+                        self._fail_all(e, LoopState.FAILED)
                 continue
             try:
                 t0 = time.perf_counter()

@@ -1,0 +1,105 @@
+"""Prometheus metrics of the server, on their own registry (served by `serve --metrics-port`).
+
+Two feeds: `on_step` (the EngineLoop hook, run on the engine thread after each step and after
+commands that change the engine while it is idle) sets the gauges and the token / preemption
+counters from `engine.stats()`; `request_finished` (handler threads) counts finished sequences and
+observes the latency histograms from the request's RequestMetrics. Neither may raise: a metrics
+bug must never fail the engine loop or a request, so errors are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from jaxserve.engine.loop import Final
+
+log = logging.getLogger("jaxserve.serving")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                   80.0, 160.0, 320.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+                0.75, 1.0, 2.5)
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        # "requests" as the scheduler counts them: a request with n > 1 is n sequences
+        self.running = Gauge("jaxserve_num_requests_running", "Sequences in the running batch",
+                             registry=r)
+        self.waiting = Gauge("jaxserve_num_requests_waiting", "Sequences waiting to be scheduled",
+                             registry=r)
+        self.kv_used = Gauge("jaxserve_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_total = Gauge("jaxserve_kv_blocks_total", "KV cache blocks in the pool",
+                              registry=r)
+        self.kv_usage = Gauge("jaxserve_kv_cache_usage_ratio", "Fraction of KV blocks in use",
+                              registry=r)
+        self.preemptions = Counter("jaxserve_preemptions", "Sequences preempted", registry=r)
+        self.prompt_tokens = Counter("jaxserve_prompt_tokens", "Prompt tokens of finished "
+                                     "requests", registry=r)
+        self.generation_tokens = Counter("jaxserve_generation_tokens", "Tokens generated",
+                                         registry=r)
+        self.finished = Counter("jaxserve_requests_finished", "Finished sequences",
+                                ["finish_reason"], registry=r)
+        self.ttft = Histogram("jaxserve_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("jaxserve_time_per_output_token_seconds",
+                              "(e2e - ttft) / (completion tokens - 1)", buckets=TPOT_BUCKETS,
+                              registry=r)
+        self.e2e = Histogram("jaxserve_e2e_request_latency_seconds", "Arrival to finish",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("jaxserve_request_queue_time_seconds", "Arrival to first "
+                               "scheduled", buckets=LATENCY_BUCKETS, registry=r)
+        self._seen = {"preemptions": 0, "generated_tokens": 0}
+
+    def start_from(self, stats: dict) -> None:
+        """Count from these engine stats on (the engine may have run before it was served)."""
+        for key in self._seen:
+            self._seen[key] = stats.get(key, 0)
+        self.kv_total.set(stats["kv_blocks_total"])
+
+    def on_step(self, loop, step_s: float) -> None:
+        """EngineLoop hook: runs on the engine thread, the one place engine.stats() is read."""
+        try:
+            stats = loop.engine.stats()
+            self.running.set(stats["running"])
+            self.waiting.set(stats["waiting"])
+            used, total = stats["kv_blocks_used"], stats["kv_blocks_total"]
+            self.kv_used.set(used)
+            self.kv_total.set(total)
+            self.kv_usage.set(used / total if total else 0.0)
+            for key, counter in (("preemptions", self.preemptions),
+                                 ("generated_tokens", self.generation_tokens)):
+                now = stats.get(key, 0)
+                if now > self._seen[key]:
+                    counter.inc(now - self._seen[key])
+                self._seen[key] = now
+        except Exception:
+            log.exception("metrics: on_step failed")
+
+    def request_finished(self, finals: list[Final]) -> None:
+        """Called once per request with the Final event of each of its sequences."""
+        if not finals:
+            return
+        try:
+            for final in finals:
+                self.finished.labels(finish_reason=final.finish_reason).inc()
+            self.prompt_tokens.inc(finals[0].prompt_tokens)
+            m = finals[0].metrics
+            if m is None:
+                return
+            completion = max(f.completion_tokens for f in finals)
+            for histogram, value in ((self.ttft, m.ttft), (self.e2e, m.e2e_latency),
+                                     (self.queue, m.queue_time)):
+                if value is not None:
+                    histogram.observe(value)
+            if m.ttft is not None and m.e2e_latency is not None and completion > 1:
+                self.tpot.observe((m.e2e_latency - m.ttft) / (completion - 1))
+        except Exception:
+            log.exception("metrics: request_finished failed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,10 @@ if __name__ == "__main__":
 def train_tiny():
     spec = importlib.util.spec_from_file_location("train_tiny", REPO / "scripts" / "train_tiny.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def test_training_reduces_loss_and_writes_a_restorable_checkpoint(train_tiny, tmp_path):

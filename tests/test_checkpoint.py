@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -70,7 +71,11 @@ def test_sharded_hf_checkpoint_converts_like_a_single_file(hf_model_dir, tmp_pat
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     model.save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
+    shutil.copyfile(Path(__file__).resolve().parent.parent / "checkpoints/tiny/tokenizer.model",
+                    sharded / "tokenizer.model")
     convert_hf(sharded, tmp_path / "out")
+    assert (tmp_path / "out/tokenizer.model").read_bytes() == \
+        (sharded / "tokenizer.model").read_bytes()
     a = LLM(tmp_path / "out").logits(PROMPT)[0]
     b = LLM(model_dir).logits(PROMPT)[0]
     assert np.array_equal(a, b)

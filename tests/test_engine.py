@@ -188,3 +188,32 @@ def _shared_llm(model_dir):
     if model_dir not in _LLMS:
         _LLMS[model_dir] = LLM(model_dir, **ENGINE)
     return _LLMS[model_dir]
+
+
+def test_stop_strings_end_generation_and_are_trimmed_from_the_text():
+    from pathlib import Path
+    llm = LLM(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny", max_model_len=256,
+              max_num_seqs=4)
+    params = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    free = llm.generate(["def main("], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    assert len(free.text) > 20
+    stop = free.text[8:11]  # a string that first appears somewhere after the start
+    first = free.text.find(stop)
+    out = llm.generate(["def main("], SamplingParams(**params, stop=[stop, "\x00never"]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == free.text[:first]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == free.token_ids[:len(out.token_ids)]
+    assert len(out.token_ids) < len(free.token_ids)
+
+
+def test_kv_pool_settings_are_validated(llama):
+    _, model_dir = llama
+    with pytest.raises(ValueError, match="kv_blocks must be an integer >= 2, got 1"):
+        LLM(model_dir, kv_blocks=1)
+    with pytest.raises(ValueError, match="kv_memory_fraction needs a device that reports"):
+        LLM(model_dir, kv_memory_fraction=0.5)
+    with pytest.raises(ValueError, match="kv_memory_fraction must be in \\(0, 1\\), got 1.5"):
+        LLM(model_dir, kv_memory_fraction=1.5)
+    with pytest.raises(ValueError, match="max_num_seqs must be a positive integer, got 0"):
+        LLM(model_dir, max_num_seqs=0)

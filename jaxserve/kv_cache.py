@@ -67,9 +67,6 @@ class KVCache:
         layers = config.num_layers
         return cls(k=tuple(zeros() for _ in range(layers)), v=tuple(zeros() for _ in range(layers)))
 
-    def shardings(self):
-        return jax.tree.map(lambda a: a.sharding, self)
-
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=[])
 

@@ -148,8 +148,7 @@ class Engine:
         plan = self.scheduler.schedule(can_preempt=not self.inflight)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
                                      and not self.inflight):
-            while self.inflight:  # preemption rewrites state that steps in flight refer to
-                finished += self._read_back(self.inflight.popleft())
+            finished += self.drain()  # preemption rewrites state that steps in flight use
             plan = self.scheduler.schedule(can_preempt=True)
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
@@ -165,6 +164,7 @@ class Engine:
         return finished
 
     def drain(self) -> list[Request]:
+        """Read back every step in flight."""
         finished: list[Request] = []
         while self.inflight:
             finished += self._read_back(self.inflight.popleft())

@@ -21,7 +21,7 @@ from jaxserve.checkpoint import TOKENIZER_FILE, restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.kv_cache import NULL_BLOCK, KVCache
+from jaxserve.kv_cache import KV_AXES, NULL_BLOCK, KVCache
 from jaxserve.runtime.runner import ModelRunner, bucket
 from jaxserve.sharding import Layout
 
@@ -91,9 +91,9 @@ class LLM:
             raise ValueError(f"kv_memory_fraction needs a device that reports its memory; "
                              f"{device.platform} does not: give kv_blocks instead")
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        kv_split = self.layout.axis_size(self.layout.rules.mapping.get("kv_heads", ())) \
-            if self.config.num_kv_heads % max(1, self.layout.axis_size(
-                self.layout.rules.mapping.get("kv_heads", ()))) == 0 else 1
+        # How the pool splits across devices is the sharding rules' decision, not ours.
+        one_block = (1, block_size, self.config.num_kv_heads, self.config.head_dim)
+        kv_split = self.layout.split_factor(self.layout.spec(KV_AXES, one_block, "KV cache"))
         per_block = KVCache.bytes_per_block(self.config, block_size, dtype) / kv_split
         return max(2, int(free * fraction / per_block))
 

@@ -131,9 +131,6 @@ class EngineLoop:
             if self.state is LoopState.SERVING:
                 self.state = LoopState.DRAINING
 
-    def num_unfinished(self) -> int:
-        return len(self._streams)
-
     def stop(self, timeout: float = 10.0) -> None:
         self._commands.put(("stop", None, None))
         self._thread.join(timeout)

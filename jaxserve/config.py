@@ -54,6 +54,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # dtype the weights were stored in
+    # How the model is laid out on a mesh (set by `jaxserve.placement.fit_to_layout`, never
+    # saved): the vocabulary padded to a multiple of the axes that split it, and each KV head
+    # repeated so that every tensor-parallel device holds the head its query heads read.
+    padded_vocab_size: int | None = None
+    kv_head_copies: int = 1
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -69,7 +74,18 @@ class ModelConfig:
 
     @property
     def q_per_kv(self) -> int:
-        return self.num_heads // self.num_kv_heads
+        """Query heads per *stored* KV head."""
+        return self.num_heads // self.stored_kv_heads
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the embedding / columns of the LM head: the vocabulary plus padding."""
+        return self.padded_vocab_size or self.vocab_size
+
+    @property
+    def stored_kv_heads(self) -> int:
+        """KV heads as the weights and the cache hold them (copies included)."""
+        return self.num_kv_heads * self.kv_head_copies
 
     def num_params(self) -> int:
         e, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -81,6 +97,7 @@ class ModelConfig:
     # ---- our own config.json ----
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        del d["padded_vocab_size"], d["kv_head_copies"]  # a property of the layout, not the model
         d["eos_token_ids"] = list(self.eos_token_ids)
         return {"format_version": FORMAT_VERSION, **d}
 
@@ -93,7 +110,7 @@ class ModelConfig:
         version = d.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ConfigError(f"{source}: format_version must be {FORMAT_VERSION}, got {version!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"padded_vocab_size", "kv_head_copies"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {unknown}")

@@ -76,7 +76,7 @@ class Attention(nnx.Module):
     """Grouped-query attention over the paged KV cache (optionally with Qwen3's q/k RMSNorm)."""
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
-        e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        e, h, kv, d = config.hidden_size, config.num_heads, config.stored_kv_heads, config.head_dim
         self.q_proj = param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dtype)
         self.k_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
         self.v_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)

@@ -35,11 +35,11 @@ class DecoderLayer(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = Embedding(config.vocab_size, config.hidden_size, dtype, rngs)
+        self.embed = Embedding(config.vocab_rows, config.hidden_size, dtype, rngs)
         self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+            self.lm_head = param(rngs, (config.hidden_size, config.vocab_rows), ("embed", "vocab"),
                                  dtype)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache,
@@ -62,9 +62,13 @@ class LlamaForCausalLM(nnx.Module):
         return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[.., embed] -> float32 [.., vocab]."""
+        """[.., embed] -> float32 [.., vocab_rows]; padding ids (>= vocab_size) are -inf."""
         if self.config.tie_word_embeddings:
             out = self.embed.attend(hidden)
         else:
             out = hidden @ self.lm_head[...]
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        if self.config.vocab_rows > self.config.vocab_size:
+            real = jnp.arange(self.config.vocab_rows) < self.config.vocab_size
+            out = jnp.where(real, out, -jnp.inf)
+        return out

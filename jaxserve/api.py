@@ -21,9 +21,11 @@ from jaxserve.checkpoint import TOKENIZER_FILE, restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.kv_cache import KV_AXES, NULL_BLOCK, KVCache
-from jaxserve.runtime.runner import ModelRunner, bucket
-from jaxserve.sharding import Layout
+from jaxserve.engine import sizing
+from jaxserve.kv_cache import NULL_BLOCK, KVPool
+from jaxserve.models import MODEL_CLASSES
+from jaxserve.runtime.runner import ModelRunner
+from jaxserve.sharding import Layout, replicas_of
 
 
 class LLM:
@@ -37,10 +39,12 @@ class LLM:
 
         mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
         a YAML path. dtype: parameter/compute dtype (default: the checkpoint's).
-        KV pool: `kv_blocks` blocks of `block_size` tokens, or `kv_memory_fraction` of each
-        device's free memory (default: room for max_num_seqs full-length sequences).
-        max_model_len: longest sequence served (default: the model's limit). The max_* settings
-        bound a step (see EngineConfig); max_steps_in_flight bounds asynchronous dispatch.
+        KV pool: `kv_blocks` blocks of `block_size` tokens per DP replica, or
+        `kv_memory_fraction` of each device's free memory; by default room for max_num_seqs
+        full-length sequences per replica, capped by what memory allows (see
+        jaxserve/engine/sizing.py). max_model_len: longest sequence served (default: the model's
+        limit, lowered to what the pool holds). The max_* settings bound a step per DP replica
+        (see EngineConfig); max_steps_in_flight bounds asynchronous dispatch.
         """
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -59,9 +63,12 @@ class LLM:
                                      max_prefill_rows=max_prefill_rows,
                                      max_steps_in_flight=max_steps_in_flight)
         kv_dtype = jax.tree.leaves(params)[0].dtype
-        kv_blocks = self._kv_pool_blocks(kv_blocks, kv_memory_fraction, block_size, kv_dtype,
-                                         max_num_seqs)
-        kv = KVCache.create(self.config, kv_blocks, block_size, kv_dtype, self.layout)
+        self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(self.config, kv_dtype)
+        self.num_replicas = replicas_of(self.layout)
+        kv_blocks = self._kv_pool_blocks(kv_blocks, kv_memory_fraction, block_size,
+                                         max_num_seqs, max_model_len is not None)
+        kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
+                           self.layout)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv)
         self.tokenizer = None
         if (self.model_dir / TOKENIZER_FILE).is_file():
@@ -73,29 +80,21 @@ class LLM:
                              self.tokenizer)
         self._request_ids = itertools.count()
 
-    def _kv_pool_blocks(self, kv_blocks, fraction, block_size, dtype, max_num_seqs) -> int:
-        per_seq = math.ceil(self.max_model_len / block_size)
+    def _kv_pool_blocks(self, kv_blocks, fraction, block_size, max_num_seqs,
+                        max_model_len_given: bool) -> int:
+        """Blocks in each DP replica's shard of the pool (see `jaxserve.engine.sizing`)."""
         if kv_blocks is not None and fraction is not None:
             raise ValueError("give kv_blocks or kv_memory_fraction, not both")
         if kv_blocks is not None:
             if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 2:
                 raise ValueError(f"kv_blocks must be an integer >= 2, got {kv_blocks!r}")
             return kv_blocks
-        if fraction is None:
-            return 1 + max_num_seqs * per_seq
-        if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-            raise ValueError(f"kv_memory_fraction must be in (0, 1), got {fraction!r}")
-        device = self.layout.mesh.devices.flat[0]
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            raise ValueError(f"kv_memory_fraction needs a device that reports its memory; "
-                             f"{device.platform} does not: give kv_blocks instead")
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        # How the pool splits across devices is the sharding rules' decision, not ours.
-        one_block = (1, block_size, self.config.num_kv_heads, self.config.head_dim)
-        kv_split = self.layout.split_factor(self.layout.spec(KV_AXES, one_block, "KV cache"))
-        per_block = KVCache.bytes_per_block(self.config, block_size, dtype) / kv_split
-        return max(2, int(free * fraction / per_block))
+        per_block = sizing.bytes_per_block_per_device(self.cache_spec, block_size, self.layout)
+        budget = sizing.kv_budget_bytes(self.layout, fraction)
+        blocks, self.max_model_len = sizing.pool_blocks(
+            budget, per_block, block_size, max_num_seqs, self.max_model_len,
+            max_model_len_given)
+        return blocks
 
     def validate_token_ids(self, token_ids: Sequence[int], what: str = "prompt") -> list[int]:
         """The one check every token-id input passes before it can reach a device."""
@@ -197,10 +196,10 @@ class LLM:
             raise ValueError("token_id_lists is empty")
         if self.engine.has_unfinished():
             raise RuntimeError("logits() needs the KV pool to itself: requests are running")
-        bs, pool = self.runner.block_size, self.runner.kv.num_blocks - 1
+        bs, pool = self.runner.block_size, self.runner.blocks_per_replica - 1
         out: list[np.ndarray] = []
         group: list[list[int]] = []
-        for seq in seqs + [None]:  # as many sequences per pass as the KV pool holds
+        for seq in seqs + [None]:  # as many sequences per pass as one replica's pool holds
             need = sum(math.ceil(len(s) / bs) for s in group)
             if seq is None or (group and need + math.ceil(len(seq) / bs) > pool):
                 out += self._logits_pass(group)
@@ -210,22 +209,19 @@ class LLM:
         return out
 
     def _logits_pass(self, seqs: list[list[int]]) -> list[np.ndarray]:
+        """Every sequence on every replica (each replica's pool holds the whole group), so the
+        replicas compute the same logits; the first replica's copy is read."""
         bs = self.runner.block_size
-        mult = self.runner.batch_multiple()
-        batch = math.ceil(bucket(len(seqs)) / mult) * mult
-        seq_len = bucket(max(len(s) for s in seqs), minimum=bs)
-        tokens = np.zeros((batch, seq_len), np.int32)
-        positions = np.full((batch, seq_len), -1, np.int32)
-        block_tables = np.full((batch, seq_len // bs), NULL_BLOCK, np.int32)
-        next_block = NULL_BLOCK + 1
-        for row, seq in enumerate(seqs):
-            tokens[row, :len(seq)] = seq
-            positions[row, :len(seq)] = np.arange(len(seq))
+        tables, next_block = [], NULL_BLOCK + 1
+        for seq in seqs:
             n = math.ceil(len(seq) / bs)
-            block_tables[row, :n] = np.arange(next_block, next_block + n)
+            tables.append(list(range(next_block, next_block + n)))
             next_block += n
-        logits = np.asarray(self.runner.forward(tokens, positions, block_tables))
-        return [logits[row, :len(seq)] for row, seq in enumerate(seqs)]
+        replica = list(zip(seqs, tables))
+        tokens, metadata, starts = self.engine.builder.prefill_only(
+            [replica] * self.num_replicas)
+        logits = np.asarray(self.runner.forward(tokens, metadata))[:, :self.config.vocab_size]
+        return [logits[start:start + len(seq)] for start, seq in zip(starts[0], seqs)]
 
 
 def _progress(total: int):

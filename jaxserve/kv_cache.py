@@ -1,97 +1,145 @@
-"""The paged KV cache: its format, and how tokens are written to and read from it.
+"""The paged KV pool: declared per model family, sized, allocated and moved generically.
 
-The cache is a pool of fixed-size blocks per layer, `[kv_blocks, block_size, kv_heads, head_dim]`
-for keys and for values, sharded like the attention it serves (kv heads over `tp`). A sequence owns
-a list of blocks, its *block table*; token `p` of a sequence lives in block
-`block_table[p // block_size]` at offset `p % block_size`. Block 0 is the *null block*: it is never
-handed to a sequence, padding tokens write there, and unused block-table entries point there, so
-every index is valid and no program needs a branch for padding.
+A model family declares its cache as a `CacheSpec`: named buffers, each with a per-token shape,
+the logical axes of that shape and a dtype (`k` and `v` of `[kv_heads, head_dim]` for GQA; a
+latent-attention model declares its latent and rope-key buffers instead). Everything that sizes,
+allocates or moves cache memory works from that declaration and never names a buffer:
 
-This module knows nothing of requests or schedulers: the host-side allocator lives in the engine.
+- the pool holds, per buffer and per layer, `[kv_blocks, block_size, *per_token_shape]`;
+- `bytes_per_block` sizes the pool from memory;
+- `gather_blocks` / `scatter_blocks` copy one sequence's blocks out of and into the pool (swap,
+  prefix reuse, handoff to another engine), bitwise.
+
+Which slot of which block a token lives in is the attention op's business
+(`jaxserve/ops/attention.py`): this module knows pages, not positions.
+
+Block 0 of every DP replica's shard of the pool is that replica's *null block*: never handed to a
+sequence; padding tokens write there and unused block-table entries point there, so every index
+is valid and no program needs a branch for padding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxserve.config import ModelConfig
 from jaxserve.sharding import Layout
 
-KV_AXES = ("kv_blocks", None, "kv_heads", "head_dim")
 NULL_BLOCK = 0
+POOL_AXES = ("kv_blocks", None)  # leading axes of every buffer: [kv_blocks, block_size, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Per-layer key and value pages. A pytree: programs take it, donate it and return it."""
+class CacheBuffer:
+    """One cache buffer of one layer, per token: shape, logical axes, dtype."""
 
-    k: tuple[jax.Array, ...]  # per layer [kv_blocks, block_size, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: jnp.dtype
+
+    def nbytes_per_token(self) -> int:
+        return int(np.prod(self.shape)) * jnp.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """What a model family keeps per token and per layer (e.g. {"k": ..., "v": ...})."""
+
+    buffers: Mapping[str, CacheBuffer]
+    num_layers: int
+
+    def bytes_per_block(self, block_size: int) -> int:
+        per_token = sum(b.nbytes_per_token() for b in self.buffers.values())
+        return self.num_layers * block_size * per_token
+
+    def pool_shape(self, name: str, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size) + self.buffers[name].shape
+
+    def pool_axes(self, name: str) -> tuple[str | None, ...]:
+        return POOL_AXES + self.buffers[name].axes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVPool:
+    """The pool: buffer name -> one array per layer. A pytree: programs donate and return it."""
+
+    buffers: dict[str, tuple[jax.Array, ...]]
 
     @property
     def num_blocks(self) -> int:
-        return self.k[0].shape[0]
+        return next(iter(self.buffers.values()))[0].shape[0]
 
     @property
     def block_size(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        return self.k[0].dtype
+        return next(iter(self.buffers.values()))[0].shape[1]
 
     @property
     def num_layers(self) -> int:
-        return len(self.k)
+        return len(next(iter(self.buffers.values())))
 
-    def nbytes(self) -> int:
-        return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
+    def layer(self, i: int) -> dict[str, jax.Array]:
+        return {name: arrays[i] for name, arrays in self.buffers.items()}
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int, dtype) -> int:
-        return (2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim
-                * jnp.dtype(dtype).itemsize)
+    def from_layers(layers: Sequence[Mapping[str, jax.Array]]) -> KVPool:
+        return KVPool({name: tuple(layer[name] for layer in layers) for name in layers[0]})
+
+    def nbytes(self) -> int:
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self))
 
     @classmethod
-    def create(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype,
-               layout: Layout) -> KVCache:
+    def create(cls, spec: CacheSpec, num_blocks: int, block_size: int, layout: Layout) -> KVPool:
         """Zeroed pages, allocated directly in their sharding on the devices."""
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        sharding = layout.sharding(KV_AXES, shape, "KV cache")
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        layers = config.num_layers
-        return cls(k=tuple(zeros() for _ in range(layers)), v=tuple(zeros() for _ in range(layers)))
+        buffers = {}
+        for name, buf in spec.buffers.items():
+            shape = spec.pool_shape(name, num_blocks, block_size)
+            sharding = layout.sharding(spec.pool_axes(name), shape, f"KV cache buffer {name!r}")
+            zeros = jax.jit(lambda shape=shape, dtype=buf.dtype: jnp.zeros(shape, dtype),
+                            out_shardings=sharding)
+            buffers[name] = tuple(zeros() for _ in range(spec.num_layers))
+        return cls(buffers)
+
+    def shardings(self):
+        return jax.tree.map(lambda a: a.sharding, self)
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v"], meta_fields=[])
+def _gather(pool: KVPool, block_ids: jax.Array) -> dict[str, jax.Array]:
+    return {name: jnp.stack([a[block_ids] for a in arrays])
+            for name, arrays in pool.buffers.items()}
 
 
-def token_slots(positions: jax.Array, block_tables: jax.Array, block_size: int) -> jax.Array:
-    """Flat pool index of each token. positions [batch, seq] (-1 = padding) -> [batch, seq].
+def _scatter(pool: KVPool, block_ids: jax.Array, blocks: dict[str, jax.Array]) -> KVPool:
+    return KVPool({name: tuple(a.at[block_ids].set(blocks[name][i].astype(a.dtype))
+                               for i, a in enumerate(arrays))
+                   for name, arrays in pool.buffers.items()})
 
-    block_tables: [batch, max_blocks] block ids; padding tokens map to the null block.
+
+_gather_jit = jax.jit(_gather)
+_scatter_jit = jax.jit(_scatter, donate_argnums=(0,))
+
+
+def gather_blocks(pool: KVPool, block_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Copy blocks out of the pool: buffer name -> [layers, len(block_ids), block_size, ...].
+
+    block_ids index the whole pool (a DP replica's local id plus its shard's offset).
     """
-    valid = positions >= 0
-    pos = jnp.where(valid, positions, 0)
-    block = jnp.take_along_axis(block_tables, pos // block_size, axis=1)
-    return jnp.where(valid, block * block_size + pos % block_size, NULL_BLOCK * block_size)
+    out = _gather_jit(pool, jnp.asarray(np.asarray(block_ids, np.int32)))
+    return {name: np.asarray(a) for name, a in out.items()}
 
 
-def write_pages(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Scatter new [batch, seq, kv_heads, head_dim] into pages at flat slots [batch, seq]."""
-    n, bs, h, d = pages.shape
-    flat = pages.reshape(n * bs, h, d).at[slots.reshape(-1)].set(
-        new.reshape(-1, h, d).astype(pages.dtype))
-    return flat.reshape(n, bs, h, d)
-
-
-def read_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """Gather each sequence's context: -> [batch, max_blocks * block_size, kv_heads, head_dim]."""
-    b, nb = block_tables.shape
-    _, bs, h, d = pages.shape
-    return pages[block_tables].reshape(b, nb * bs, h, d)
+def scatter_blocks(pool: KVPool, block_ids: Sequence[int],
+                   blocks: Mapping[str, np.ndarray]) -> KVPool:
+    """Write blocks (as `gather_blocks` returns them) into the pool; returns the new pool (the
+    old one is donated)."""
+    missing = sorted(set(pool.buffers) - set(blocks))
+    if missing:
+        raise ValueError(f"blocks lack cache buffer(s) {missing}")
+    return _scatter_jit(pool, jnp.asarray(np.asarray(block_ids, np.int32)),
+                        {name: jnp.asarray(blocks[name]) for name in pool.buffers})

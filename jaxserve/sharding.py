@@ -210,6 +210,18 @@ class Layout:
                          else mesh_axes)
         return PartitionSpec(*parts)
 
+    def partition(self, logical: Sequence[str | None]) -> PartitionSpec:
+        """PartitionSpec for these logical names, without a shape to check against."""
+        parts: list[Any] = []
+        taken: set[str] = set()
+        for name in logical:
+            mesh_axes = tuple(a for a in self.rules.mapping.get(name, ()) if a not in taken) \
+                if name is not None else ()
+            taken.update(mesh_axes)
+            parts.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
+                         else mesh_axes)
+        return PartitionSpec(*parts)
+
     def split_factor(self, spec: PartitionSpec) -> int:
         """Into how many pieces a tensor with this spec is cut (the rest are replicas)."""
         axes = [a for part in spec if part for a in ((part,) if isinstance(part, str) else part)]
@@ -241,3 +253,38 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if layout is None or layout.num_devices == 1:
         return x
     return jax.lax.with_sharding_constraint(x, layout.sharding(logical, x.shape, "activation"))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def shard_map_logical(fn, in_axes, out_axes):
+    """`fn` run per device on its shards, with shards named by logical axes (pytrees of axis
+    tuples matching the arguments and results). Without an active multi-device layout, `fn`
+    itself. Inside, `fn` sees local shapes: e.g. its replica's tokens and its own heads."""
+    layout = _ACTIVE.get()
+    if layout is None or layout.num_devices == 1:
+        return fn
+
+    def wrapped(*args):
+        in_specs = jax.tree.map(lambda axes, x: layout.spec(axes, x.shape, "shard_map input"),
+                                in_axes, args, is_leaf=_is_axes)
+        out_specs = jax.tree.map(layout.partition, out_axes, is_leaf=_is_axes)
+        return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
+
+    return wrapped
+
+
+def replicas_of(layout: Layout) -> int:
+    """DP replicas: the mesh axes that split a step's sequences. Each replica owns its shard of
+    the KV pool, so the rules must split `kv_blocks` exactly as they split `batch`."""
+    batch = layout.rules.mapping.get("batch", ())
+    blocks = layout.rules.mapping.get("kv_blocks", ())
+    if tuple(batch) != tuple(blocks):
+        raise ShardingError(
+            f"{layout.rules.source}: 'batch' is split over {list(batch)} but 'kv_blocks' over "
+            f"{list(blocks)}; each DP replica owns its shard of the KV pool, so map both to the "
+            f"same mesh axes")
+    return layout.axis_size(tuple(batch))

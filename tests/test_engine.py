@@ -211,9 +211,26 @@ def test_kv_pool_settings_are_validated(llama):
     _, model_dir = llama
     with pytest.raises(ValueError, match="kv_blocks must be an integer >= 2, got 1"):
         LLM(model_dir, kv_blocks=1)
-    with pytest.raises(ValueError, match="kv_memory_fraction needs a device that reports"):
-        LLM(model_dir, kv_memory_fraction=0.5)
+    with pytest.raises(ValueError, match="less than one sequence of max_model_len 256 needs"):
+        LLM(model_dir, kv_memory_fraction=1e-9, max_model_len=256)
     with pytest.raises(ValueError, match="kv_memory_fraction must be in \\(0, 1\\), got 1.5"):
         LLM(model_dir, kv_memory_fraction=1.5)
     with pytest.raises(ValueError, match="max_num_seqs must be a positive integer, got 0"):
         LLM(model_dir, max_num_seqs=0)
+
+
+def test_default_pool_follows_memory_and_lowers_max_model_len_to_fit(llama):
+    """No KV settings: room for max_num_seqs full sequences unless memory says less; then
+    max_model_len (when the user left it open) shrinks to what the pool holds."""
+    from jaxserve.engine import sizing
+
+    _, model_dir = llama
+    llm = LLM(model_dir, max_num_seqs=4, block_size=8)
+    limit = llm.config.max_position_embeddings
+    assert llm.max_model_len == limit
+    assert llm.stats()["kv_blocks_total"] == 4 * limit // 8  # 1 + 4 full sequences, minus null
+    per_block = sizing.bytes_per_block_per_device(llm.cache_spec, 8, llm.layout)
+    budget = sizing.kv_budget_bytes(llm.layout, None)
+    blocks, max_len = sizing.pool_blocks(int(per_block * 11), per_block, 8, 4, limit, False)
+    assert (blocks, max_len) == (11, 80)  # a 10-block pool serves 80 tokens
+    assert budget > 0

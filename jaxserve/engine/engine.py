@@ -1,7 +1,8 @@
 """The host loop: schedule, dispatch compiled steps, read results back one step late.
 
-One engine step is: ask the scheduler for a plan, build the step inputs (numpy), dispatch the
-prefill and decode programs (they return at once: JAX dispatch is asynchronous), and then read
+One engine step is: ask the scheduler for a plan (tokens per sequence), let the executor build
+the step's arrays (numpy), dispatch the ONE program that runs the step's prefill chunks and decodes
+together (it returns at once: JAX dispatch is asynchronous), and then read
 back the *oldest* step in flight, so the device computes step n+1 while the host turns step n's
 tokens into text, checks stop conditions and frees finished sequences. The sampled token of
 each sequence stays on the device (`SlotState.last_token`), so dispatching n+1 never waits for
@@ -30,11 +31,9 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine.block_allocator import BlockAllocator, IdPool
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Sequence, Status
-from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepInputs, StepOutputs, bucket
-from jaxserve.runtime.sampling import SamplingInputs
+from jaxserve.engine.executor import QUERY_TILE, StepBuilder, StepLayout
+from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
-
-MIN_PREFILL_TOKENS = 16  # smallest prefill chunk bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +53,8 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class _InFlight:
-    plan: StepPlan
-    prefill: StepOutputs | None
-    decode: StepOutputs | None
-    wants_logprobs: bool
+    layout: StepLayout
+    outputs: StepOutputs
 
 
 class Engine:
@@ -69,14 +66,23 @@ class Engine:
         self.config = engine_config
         self.tokenizer = tokenizer
         self.eos_ids = tuple(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
-        runner.init_slots(engine_config.max_num_seqs)
-        self.blocks = BlockAllocator(runner.kv.num_blocks, runner.block_size)
-        self.scheduler = Scheduler(self.blocks, IdPool(range(engine_config.max_num_seqs)),
+        replicas, seqs = runner.num_replicas, engine_config.max_num_seqs
+        runner.init_slots(replicas * seqs)
+        self.trash_slot = replicas * seqs
+        # Each DP replica owns its shard of the pool (local block ids) and its own slots.
+        self.allocators = [BlockAllocator(runner.blocks_per_replica, runner.block_size)
+                           for _ in range(replicas)]
+        self.scheduler = Scheduler(self.allocators,
+                                   [IdPool(range(r * seqs, (r + 1) * seqs))
+                                    for r in range(replicas)],
                                    engine_config.max_num_batched_tokens,
                                    engine_config.max_prefill_chunk,
-                                   engine_config.max_prefill_rows)
-        self.trash_slot = engine_config.max_num_seqs
+                                   engine_config.max_prefill_rows, QUERY_TILE)
         self.max_blocks_per_seq = math.ceil(max_model_len / runner.block_size)
+        self.builder = StepBuilder(replicas, seqs, engine_config.max_num_batched_tokens,
+                                   engine_config.max_prefill_rows, runner.block_size,
+                                   self.max_blocks_per_seq, self.trash_slot, config.vocab_rows,
+                                   self.eos_ids)
         self.requests: dict[str, Request] = {}
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
@@ -105,10 +111,11 @@ class Engine:
         if max_tokens < 1:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) leaves no room to generate "
                              f"within max_model_len ({self.max_model_len})")
-        need = self.blocks.blocks_for(len(prompt_ids) + max_tokens)
-        if need > self.blocks.capacity:
-            raise ValueError(f"request needs {need} KV blocks but the pool has "
-                             f"{self.blocks.capacity}: raise kv_blocks or lower max_tokens")
+        blocks = self.allocators[0]
+        need = blocks.blocks_for(len(prompt_ids) + max_tokens)
+        if need > blocks.capacity:
+            raise ValueError(f"request needs {need} KV blocks but a replica's pool has "
+                             f"{blocks.capacity}: raise kv_blocks or lower max_tokens")
         seeds = [params.seed_for(i, int(self._seed_rng.integers(0, 2**63)))
                  for i in range(params.n)]
         request = Request(request_id, list(prompt_ids), params, seeds, self.max_model_len, prompt)
@@ -171,115 +178,37 @@ class Engine:
         return finished
 
     # ---- dispatch ----
-    def _rows(self, n: int) -> int:
-        mult = self.runner.batch_multiple()
-        return math.ceil(bucket(n) / mult) * mult
-
-    def _sampling_columns(self, seqs: list[Sequence], rows: int):
-        sampling = SamplingInputs.from_params([s.params for s in seqs], [s.seed for s in seqs],
-                                              [s.num_scheduled_outputs for s in seqs], rows)
-        suppressed = np.full((rows, MAX_SUPPRESSED), self.model_config.vocab_size, np.int32)
-        want_logprobs = np.zeros((rows,), np.bool_)
-        for r, seq in enumerate(seqs):
-            params = seq.params
-            want_logprobs[r] = params.logprobs is not None
-            if seq.num_scheduled_outputs < params.min_tokens:
-                ids = self.eos_ids + tuple(params.stop_token_ids)
-                suppressed[r, :len(ids)] = ids
-        return sampling, suppressed, want_logprobs
-
     def _dispatch(self, plan: StepPlan) -> _InFlight:
-        bs = self.runner.block_size
-        prefill_out = decode_out = None
-        wants_logprobs = False
-        if plan.prefills:
-            rows = self._rows(len(plan.prefills))
-            seq_len = bucket(max(c.length for c in plan.prefills), MIN_PREFILL_TOKENS)
-            nb = bucket(self.max_blocks_per_seq)
-            tokens = np.zeros((rows, seq_len), np.int32)
-            positions = np.full((rows, seq_len), -1, np.int32)
-            is_output = np.zeros((rows, seq_len), np.bool_)
-            tables = np.zeros((rows, nb), np.int32)
-            slot_ids = np.full((rows,), self.trash_slot, np.int32)
-            first = np.zeros((rows,), np.bool_)
-            samples = np.zeros((rows,), np.bool_)
-            for r, c in enumerate(plan.prefills):
-                seq, prompt = c.seq, c.seq.request.prompt_ids
-                end = c.start + c.length
-                chunk = prompt[c.start:end] if end <= len(prompt) else \
-                    [seq.prefill_token(i) for i in range(c.start, end)]
-                tokens[r, :c.length] = chunk
-                positions[r, :c.length] = np.arange(c.start, end)
-                is_output[r, :c.length] = positions[r, :c.length] >= len(prompt)
-                tables[r, :len(seq.blocks)] = seq.blocks
-                slot_ids[r] = seq.slot
-                first[r] = c.start == 0
-                samples[r] = c.samples
-            sampling, suppressed, want = self._sampling_columns([c.seq for c in plan.prefills],
-                                                                rows)
-            want &= samples
-            wants_logprobs |= bool(want.any())
-            prefill_in = StepInputs(tokens, positions, is_output, tables, slot_ids, first,
-                                    samples, want, suppressed, sampling)
-        if plan.decodes:
-            rows = self._rows(len(plan.decodes))
-            nb = bucket(max(len(s.blocks) for s in plan.decodes), 4)
-            positions = np.full((rows, 1), -1, np.int32)
-            tables = np.zeros((rows, nb), np.int32)
-            slot_ids = np.full((rows,), self.trash_slot, np.int32)
-            samples = np.zeros((rows,), np.bool_)
-            for r, seq in enumerate(plan.decodes):
-                positions[r, 0] = seq.total_len - 1
-                tables[r, :len(seq.blocks)] = seq.blocks
-                slot_ids[r] = seq.slot
-                samples[r] = True
-            sampling, suppressed, want = self._sampling_columns(plan.decodes, rows)
-            wants_logprobs |= bool(want.any())
-            decode_in = StepInputs(np.zeros((rows, 1), np.int32), positions,
-                                   np.zeros((rows, 1), np.bool_), tables, slot_ids,
-                                   np.zeros((rows,), np.bool_), samples, want, suppressed,
-                                   sampling)
+        layout = self.builder.build(plan)
         now = time.perf_counter()
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
         self.scheduler.commit(plan)
-        # Dispatch after the host work above, back to back, so the device is never waiting
-        # between the two programs of one step.
-        if plan.prefills:
-            prefill_out = self.runner.step(prefill_in, decode=False)
-            self.counters["prefill_steps"] += 1
-        if plan.decodes:
-            decode_out = self.runner.step(decode_in, decode=True)
-            self.counters["decode_steps"] += 1
+        outputs = self.runner.step(layout.inputs)  # one program: prefill chunks and decodes
         self.counters["steps"] += 1
-        return _InFlight(plan, prefill_out, decode_out, wants_logprobs)
+        self.counters["prefill_steps"] += bool(plan.prefills)
+        self.counters["decode_steps"] += bool(plan.decodes)
+        return _InFlight(layout, outputs)
 
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
         t0 = time.perf_counter()
-        results = []
-        if step.prefill is not None:
-            rows = [(r, c.seq) for r, c in enumerate(step.plan.prefills) if c.samples]
-            results.append((step.prefill, rows))
-        if step.decode is not None:
-            results.append((step.decode, list(enumerate(step.plan.decodes))))
-        fetched = [(self._fetch(out, step.wants_logprobs), rows) for out, rows in results]
+        arrays = self._fetch(step.outputs, step.layout.wants_logprobs)
         t1 = time.perf_counter()
         self.timers["readback_wait_s"] += t1 - t0
         finished = []
         now = time.perf_counter()
-        for arrays, rows in fetched:
-            for r, seq in rows:
-                if seq.status is Status.FINISHED:  # stopped while this step was in flight
-                    self.counters["discarded_tokens"] += 1
-                    continue
-                if self._append(seq, r, arrays, now):
-                    request = seq.request
-                    if request.finished and request.request_id in self.requests:
-                        request.metrics.finished_time = now
-                        del self.requests[request.request_id]
-                        finished.append(request)
+        for r, seq in step.layout.sample_rows:
+            if seq.status is Status.FINISHED:  # stopped while this step was in flight
+                self.counters["discarded_tokens"] += 1
+                continue
+            if self._append(seq, r, arrays, now):
+                request = seq.request
+                if request.finished and request.request_id in self.requests:
+                    request.metrics.finished_time = now
+                    del self.requests[request.request_id]
+                    finished.append(request)
         self.timers["process_s"] += time.perf_counter() - t1
         return finished
 
@@ -343,34 +272,10 @@ class Engine:
     def warmup(self) -> int:
         """Compile every step shape the engine can use; returns how many were compiled."""
         before = self.runner.compilations
-        bs_min = self.runner.batch_multiple()
-        row_buckets = lambda limit: sorted({self._rows(n) for n in  # noqa: E731
-                                            [bs_min * 2 ** i for i in range(12)] if n <= limit}
-                                           | {self._rows(limit)})
-        seq_buckets = sorted({bucket(n, MIN_PREFILL_TOKENS) for n in
-                              [MIN_PREFILL_TOKENS * 2 ** i for i in range(16)]
-                              if n <= bucket(self.config.max_prefill_chunk, MIN_PREFILL_TOKENS)})
-        nb_max = bucket(self.max_blocks_per_seq)
-        block_buckets = sorted({bucket(n, 4) for n in [4 * 2 ** i for i in range(16)]
-                                if bucket(n, 4) <= max(nb_max, 4)})
-        for rows in row_buckets(self.config.max_prefill_rows):
-            for seq_len in seq_buckets:
-                self.runner.step(self._idle_inputs(rows, seq_len, nb_max), decode=False)
-        for rows in row_buckets(self.config.max_num_seqs):
-            for nb in block_buckets:
-                self.runner.step(self._idle_inputs(rows, 1, nb), decode=True)
+        for decode_rows, prefill_tokens in self.builder.shapes():
+            self.runner.step(self.builder.idle(decode_rows, prefill_tokens))
         np.asarray(self.runner.slot_state.last_token)
         return self.runner.compilations - before
-
-    def _idle_inputs(self, rows: int, seq_len: int, nb: int) -> StepInputs:
-        """A step of padding only: writes the null block and the trash slot, changes nothing."""
-        sampling, suppressed, want = self._sampling_columns([], rows)
-        return StepInputs(np.zeros((rows, seq_len), np.int32),
-                          np.full((rows, seq_len), -1, np.int32),
-                          np.zeros((rows, seq_len), np.bool_), np.zeros((rows, nb), np.int32),
-                          np.full((rows,), self.trash_slot, np.int32),
-                          np.zeros((rows,), np.bool_), np.zeros((rows,), np.bool_), want,
-                          suppressed, sampling)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -379,7 +284,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "kv_blocks_used": self.blocks.num_used,
-            "kv_blocks_total": self.blocks.capacity,
+            "kv_blocks_used": sum(a.num_used for a in self.allocators),
+            "kv_blocks_total": sum(a.capacity for a in self.allocators),
             **{k: round(v, 6) for k, v in self.timers.items()},
         }

@@ -1,12 +1,14 @@
 """Continuous batching: which sequences run in the next step, and with how many tokens.
 
-Policy (first come, first served):
-1. Every running sequence past its prefill gets one decode token. If the KV pool has no block for
-   it, the most recently admitted running sequence is preempted (blocks and slot freed, KV
-   recomputed later) until it fits; a sequence never waits behind a younger one.
+Policy (first come, first served), with one token budget per DP replica:
+1. Every running sequence past its prefill gets one decode token. If its replica's KV pool has no
+   block for it, the most recently admitted running sequence of that replica is preempted
+   (blocks and slot freed, KV recomputed later) until it fits; a sequence never waits behind a
+   younger one.
 2. The remaining token budget goes to prefill chunks: first sequences already part-way through
    their prefill, then waiting sequences in arrival order (preempted ones first). A waiting
-   sequence that does not fit stops admission (no overtaking), so nobody starves.
+   sequence joins the replica with the most free KV blocks and stays there; one that does not
+   fit stops admission (no overtaking), so nobody starves.
 Requests are validated on arrival to fit the pool alone, so preemption always makes progress.
 
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
@@ -43,16 +45,22 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockAllocator, slots: IdPool, max_num_batched_tokens: int,
-                 max_prefill_chunk: int, max_prefill_rows: int):
-        self.blocks = blocks
-        self.slots = slots
+    def __init__(self, blocks: list[BlockAllocator], slots: list[IdPool],
+                 max_num_batched_tokens: int, max_prefill_chunk: int, max_prefill_rows: int,
+                 tile: int):
+        self.blocks = blocks  # one allocator per DP replica (local block ids)
+        self.slots = slots  # one slot pool per DP replica
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
         self.max_prefill_rows = max_prefill_rows
+        self.tile = tile
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.blocks)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -62,21 +70,24 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make the sequence's blocks cover its first num_tokens tokens."""
-        need = self.blocks.blocks_for(num_tokens) - len(seq.blocks)
+        blocks = self.blocks[seq.replica]
+        need = blocks.blocks_for(num_tokens) - len(seq.blocks)
         if need <= 0:
             return True
-        if need > self.blocks.num_free:
+        if need > blocks.num_free:
             return False
-        seq.blocks += self.blocks.allocate(need)
+        seq.blocks += blocks.allocate(need)
         return True
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's blocks and slot (finished, aborted or preempted)."""
-        self.blocks.free(seq.blocks)
+        if seq.replica is not None:
+            self.blocks[seq.replica].free(seq.blocks)
+            if seq.slot is not None:
+                self.slots[seq.replica].free([seq.slot])
         seq.blocks = []
-        if seq.slot is not None:
-            self.slots.free([seq.slot])
-            seq.slot = None
+        seq.slot = None
+        seq.replica = None
         if seq in self.running:
             self.running.remove(seq)
 
@@ -101,8 +112,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _place(self, seq: Sequence, budget: list[int], rows: list[int]) -> int | None:
+        """The replica a waiting sequence joins: the one with the most free KV blocks among
+        those with a free slot, a free prefill row and token budget (lowest index on ties)."""
+        open_ = [r for r in range(self.num_replicas) if self.slots[r].num_free
+                 and rows[r] < self.max_prefill_rows and budget[r] >= self.tile]
+        if not open_:
+            return None
+        return max(open_, key=lambda r: (self.blocks[r].num_free, -r))
+
     def schedule(self, can_preempt: bool) -> StepPlan:
-        budget = self.max_num_batched_tokens
+        """Tokens per sequence for the next step. Budgets are per DP replica, in tokens as the
+        step lays them out (a prefill chunk occupies whole query tiles)."""
+        budget = [self.max_num_batched_tokens] * self.num_replicas
+        rows = [0] * self.num_replicas
         decodes: list[Sequence] = []
         for seq in list(self.running):
             if seq.in_prefill or seq.done_scheduling or seq.status is not Status.RUNNING:
@@ -110,32 +133,46 @@ class Scheduler:
             while not self._grow(seq, seq.total_len):
                 if not can_preempt:
                     return StepPlan([], [], needs_preemption=True)
-                victim = self.running[-1]
+                victim = [s for s in self.running if s.replica == seq.replica][-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq.status is Status.RUNNING and budget > 0:
+            if seq.status is Status.RUNNING and budget[seq.replica] > 0:
                 decodes.append(seq)
-                budget -= 1
+                budget[seq.replica] -= 1
 
         prefills: list[PrefillChunk] = []
         candidates = [s for s in self.running if s.in_prefill] + list(self.waiting)
         for seq in candidates:
-            if budget <= 0 or len(prefills) >= self.max_prefill_rows:
-                break
-            if seq.status is Status.WAITING and self.slots.num_free == 0:
-                break
-            length = min(seq.recompute_len - seq.num_computed, budget, self.max_prefill_chunk)
-            if not self._grow(seq, seq.num_computed + length):
-                break
             if seq.status is Status.WAITING:
+                replica = self._place(seq, budget, rows)
+                if replica is None:
+                    break
+            else:
+                replica = seq.replica
+                if rows[replica] >= self.max_prefill_rows:
+                    continue
+            room = budget[replica] // self.tile * self.tile
+            length = min(seq.recompute_len - seq.num_computed, room, self.max_prefill_chunk)
+            if length <= 0:
+                if seq.status is Status.WAITING:
+                    break
+                continue
+            if seq.status is Status.WAITING:
+                seq.replica = replica
+                if not self._grow(seq, length):
+                    seq.replica = None
+                    break
                 self.waiting.remove(seq)
-                seq.slot = self.slots.allocate()[0]
+                seq.slot = self.slots[replica].allocate()[0]
                 seq.status = Status.RUNNING
                 self.running.append(seq)
+            elif not self._grow(seq, seq.num_computed + length):
+                continue
             samples = seq.num_computed + length == seq.recompute_len
             prefills.append(PrefillChunk(seq, seq.num_computed, length, samples))
-            budget -= length
+            budget[replica] -= -(-length // self.tile) * self.tile
+            rows[replica] += 1
         return StepPlan(prefills, decodes)
 
     def commit(self, plan: StepPlan) -> None:

@@ -34,7 +34,8 @@ class Sequence:
             else None
         self.cumulative_logprob = 0.0
         self.status = Status.WAITING
-        self.blocks: list[int] = []
+        self.replica: int | None = None  # the DP replica whose KV shard holds the sequence
+        self.blocks: list[int] = []  # block ids local to that replica's shard
         self.slot: int | None = None
         self.num_computed = 0
         self.num_scheduled_outputs = 0

@@ -1,13 +1,13 @@
-"""Layers shared by the dense decoder families: norms, embeddings, RoPE, paged attention, MLP.
+"""Layers shared by the dense decoder families: norms, embeddings, RoPE, attention, MLP.
 
 Every parameter is declared once, here, with its shape and *logical* axes (`param`); shardings are
 derived from that declaration (see jaxserve/sharding.py). Activations that matter for
 partitioning are pinned with `constrain` by logical name. Nothing here knows about meshes,
 requests or the engine.
 
-Attention always goes through the paged KV cache: new keys/values are written to their slots
-first, then each query attends to its sequence's pages with a causal mask by position. Prefill (many
-tokens per sequence) and decode (one token) are the same code with a different `seq` length.
+Activations are token-major, `[tokens, ...]`: a step's prefill chunks and decodes are one flat
+batch. Attention goes through `jaxserve.ops.attention.paged_attention`, which owns the KV cache
+(writes this step's keys/values, reads each sequence's context); layers never see pages.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig, rope_inv_freq
-from jaxserve.kv_cache import read_pages, write_pages
+from jaxserve.kv_cache import CacheBuffer, CacheSpec
+from jaxserve.ops.attention import AttentionMetadata, paged_attention
 from jaxserve.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
-_MASKED = -1e30  # finite, so an all-masked padding row gives a uniform softmax, not NaN
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype,
@@ -50,7 +50,7 @@ class Embedding(nnx.Module):
         self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "seq", "embed"))
+        return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: [.., embed] -> [.., vocab]."""
@@ -58,18 +58,25 @@ class Embedding(nnx.Module):
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of each position: [batch, seq] -> 2 x [batch, seq, head_dim // 2], float32."""
+    """cos, sin of each position: [tokens] -> 2 x [tokens, head_dim // 2], float32."""
     inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
     angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate halves (the HF Llama convention): x [batch, seq, heads, head_dim]."""
+    """Rotate halves (the HF Llama convention): x [tokens, heads, head_dim]."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = cos[:, None, :], sin[:, None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def kv_cache_spec(config: ModelConfig, dtype) -> CacheSpec:
+    """GQA keeps a key and a value per token, layer and (stored) KV head."""
+    buffer = CacheBuffer((config.stored_kv_heads, config.head_dim), ("kv_heads", "head_dim"),
+                         jnp.dtype(dtype))
+    return CacheSpec({"k": buffer, "v": buffer}, config.num_layers)
 
 
 class Attention(nnx.Module):
@@ -85,36 +92,22 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, config.rms_norm_eps, "head_dim", dtype, rngs)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, "head_dim", dtype, rngs)
         self.qk_norm = config.qk_norm
-        self.q_per_kv = config.q_per_kv
         self.scale = d ** -0.5
 
-    def __call__(self, x, cos, sin, k_pages, v_pages, slots, positions, block_tables):
-        """x [batch, seq, embed] -> ([batch, seq, embed], k_pages, v_pages)."""
-        q = constrain(jnp.einsum("bte,ehd->bthd", x, self.q_proj[...]),
-                      ("batch", "seq", "q_heads", "head_dim"))
-        k = constrain(jnp.einsum("bte,ehd->bthd", x, self.k_proj[...]),
-                      ("batch", "seq", "kv_heads", "head_dim"))
-        v = constrain(jnp.einsum("bte,ehd->bthd", x, self.v_proj[...]),
-                      ("batch", "seq", "kv_heads", "head_dim"))
+    def __call__(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
+        """x [tokens, embed] -> ([tokens, embed], the layer's updated cache)."""
+        q = constrain(jnp.einsum("te,ehd->thd", x, self.q_proj[...]),
+                      ("batch", "q_heads", "head_dim"))
+        k = constrain(jnp.einsum("te,ehd->thd", x, self.k_proj[...]),
+                      ("batch", "kv_heads", "head_dim"))
+        v = constrain(jnp.einsum("te,ehd->thd", x, self.v_proj[...]),
+                      ("batch", "kv_heads", "head_dim"))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        k_pages = write_pages(k_pages, k, slots)
-        v_pages = write_pages(v_pages, v, slots)
-        keys = constrain(read_pages(k_pages, block_tables), ("batch", None, "kv_heads", "head_dim"))
-        values = constrain(read_pages(v_pages, block_tables),
-                           ("batch", None, "kv_heads", "head_dim"))
-
-        b, t, h, d = q.shape
-        q = q.reshape(b, t, h // self.q_per_kv, self.q_per_kv, d)  # [batch, seq, kv_heads, group, head_dim]
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
-        visible = jnp.arange(keys.shape[1])[None, None, :] <= positions[:, :, None]  # [b, t, s]
-        scores = jnp.where(visible[:, None, None], scores * self.scale, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
-        out = constrain(out, ("batch", "seq", "q_heads", "head_dim"))
-        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...]), k_pages, v_pages
+        out, cache = paged_attention(q, k, v, cache, metadata, self.scale)
+        out = constrain(out, ("batch", "q_heads", "head_dim"))
+        return jnp.einsum("thd,hde->te", out, self.o_proj[...]), cache
 
 
 class MLP(nnx.Module):
@@ -127,6 +120,6 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = constrain(x @ self.gate_proj[...], ("batch", "seq", "mlp"))
-        up = constrain(x @ self.up_proj[...], ("batch", "seq", "mlp"))
+        gate = constrain(x @ self.gate_proj[...], ("batch", "mlp"))
+        up = constrain(x @ self.up_proj[...], ("batch", "mlp"))
         return (jax.nn.silu(gate) * up) @ self.down_proj[...]

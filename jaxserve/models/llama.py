@@ -2,7 +2,8 @@
 
 Layers are a Python list, so the compiled step unrolls them: on XLA CPU that measured 1.5x faster
 than a `scan` over stacked layers at decode batch 8 (see ../shared/PLATFORM.md), and the per-layer
-KV pages stay separate arrays that are updated in place when the cache is donated.
+KV pages stay separate arrays that are updated in place when the cache is donated. The step is
+token-major: prefill chunks and decodes are one flat batch of tokens.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.kv_cache import KVCache, token_slots
-from jaxserve.models.layers import MLP, Attention, Embedding, RMSNorm, param, rope_tables
+from jaxserve.kv_cache import CacheSpec, KVPool
+from jaxserve.models.layers import (MLP, Attention, Embedding, RMSNorm, kv_cache_spec, param,
+                                    rope_tables)
+from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.sharding import constrain
 
 
@@ -24,12 +27,11 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         self.mlp = MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, k_pages, v_pages, slots, positions, block_tables):
-        attn_out, k_pages, v_pages = self.attn(self.attn_norm(x), cos, sin, k_pages, v_pages,
-                                               slots, positions, block_tables)
+    def __call__(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
+        attn_out, cache = self.attn(self.attn_norm(x), cos, sin, cache, metadata)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "seq", "embed")), k_pages, v_pages
+        return constrain(x, ("batch", "embed")), cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -42,24 +44,25 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_rows), ("embed", "vocab"),
                                  dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, kv: KVCache,
-                 block_tables: jax.Array) -> tuple[jax.Array, KVCache]:
-        """Run tokens [batch, seq] at positions [batch, seq] (-1 = padding) through the decoder.
+    @staticmethod
+    def cache_spec(config: ModelConfig, dtype) -> CacheSpec:
+        return kv_cache_spec(config, dtype)
 
-        Their keys/values are written to the cache at the sequences' block tables
-        [batch, max_blocks]; each token attends to every cached token of its sequence at a position
-        <= its own. Returns the final hidden states [batch, seq, embed] and the updated cache.
+    def __call__(self, tokens: jax.Array, kv: KVPool,
+                 metadata: AttentionMetadata) -> tuple[jax.Array, KVPool]:
+        """Run one step's flat tokens [tokens] through the decoder.
+
+        Their keys/values are written to the cache and each token attends to its sequence's
+        context up to its own position (the metadata says where everything is). Returns the
+        final hidden states [tokens, embed] and the updated cache.
         """
-        cos, sin = rope_tables(self.config, positions)
-        slots = token_slots(positions, block_tables, kv.block_size)
+        cos, sin = rope_tables(self.config, metadata.positions)
         x = self.embed(tokens)
-        new_k, new_v = [], []
-        for layer, k_pages, v_pages in zip(self.layers, kv.k, kv.v):
-            x, k_pages, v_pages = layer(x, cos, sin, k_pages, v_pages, slots, positions,
-                                        block_tables)
-            new_k.append(k_pages)
-            new_v.append(v_pages)
-        return self.final_norm(x), KVCache(k=tuple(new_k), v=tuple(new_v))
+        layers = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, kv.layer(i), metadata)
+            layers.append(cache)
+        return self.final_norm(x), KVPool.from_layers(layers)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[.., embed] -> float32 [.., vocab_rows]; padding ids (>= vocab_size) are -inf."""

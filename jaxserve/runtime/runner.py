@@ -20,7 +20,9 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.kv_cache import KVCache
+from jaxserve import kv_cache
+from jaxserve.kv_cache import KVPool
+from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout
@@ -37,7 +39,7 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                 layout: Layout, kv: KVCache):
+                 layout: Layout, kv: KVPool):
         self.config = config
         self.graphdef = graphdef
         # Programs take the parameters as a flat list: flattening an nnx.State on every call
@@ -53,72 +55,71 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.kv.block_size
 
-    def batch_multiple(self) -> int:
-        """Batch sizes must divide evenly over the mesh axes that split `batch`."""
+    @property
+    def num_replicas(self) -> int:
+        """DP replicas: the mesh axes that split the step's sequences (and the KV pool)."""
         return self.layout.axis_size(self.layout.rules.mapping.get("batch", ()))
 
-    def input_sharding(self, rank: int):
-        return self.layout.sharding(("batch",) + (None,) * (rank - 1), (self.batch_multiple(),)
-                                    + (1,) * (rank - 1), "step input")
+    @property
+    def blocks_per_replica(self) -> int:
+        return self.kv.num_blocks // self.num_replicas
 
-    def _compile_key(self, key, tokens_shape, block_tables_shape) -> None:
-        # Params, KV, slot state and every other input have shapes fixed by these two: rows,
-        # tokens per row, blocks per row. Counting on them costs ~1 us per step.
-        shapes = (key, tokens_shape, block_tables_shape)
+    def _sharding(self, leading: str, rank: int, what: str):
+        return self.layout.sharding((leading,) + (None,) * (rank - 1),
+                                    (self.num_replicas,) + (1,) * (rank - 1), what)
+
+    def _input_sharding(self):
+        # One sharding for every input leaf (a pytree prefix): the leading dim of every input
+        # is tokens or rows, laid out replica after replica, so it splits like `batch`.
+        return self._sharding("batch", 1, "step input")
+
+    def _count(self, key, tokens, metadata: AttentionMetadata) -> None:
+        # Every input's shape follows from these; counting on them costs ~1 us per step.
+        shapes = (key, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
         if shapes not in self._compiled_shapes:
             self._compiled_shapes.add(shapes)
             self.compilations += 1
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray,
-                block_tables: np.ndarray) -> jax.Array:
-        """Full-sequence logits of one pass over the pool (the `LLM.logits` program).
+    def step(self, inputs: StepInputs) -> StepOutputs:
+        """Dispatch one step (prefill chunks and decodes together); returns without waiting."""
+        if "step" not in self._programs:
+            self._programs["step"] = jax.jit(
+                functools.partial(_step, self.graphdef, self._param_treedef, self.layout),
+                donate_argnums=(1, 2),
+                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
+                              _shardings(self.slot_state), self._input_sharding()),
+                out_shardings=(self.layout.replicated(), self.kv.shardings(),
+                               _shardings(self.slot_state)))
+        self._count("step", inputs.tokens, inputs.metadata)
+        outputs, self.kv, self.slot_state = self._programs["step"](self.param_leaves, self.kv,
+                                                                   self.slot_state, inputs)
+        return outputs
 
-        tokens/positions [batch, seq] (-1 position = padding), block_tables [batch, max_blocks].
-        Returns float32 logits [batch, seq, vocab]. Writes the tokens' KV into their blocks.
-        """
-        inputs = tuple(np.asarray(a, np.int32) for a in (tokens, positions, block_tables))
+    def forward(self, tokens: np.ndarray, metadata: AttentionMetadata) -> jax.Array:
+        """Logits of every token of a prefill-only step (the `LLM.logits` program): float32
+        [tokens, vocab_rows]. Writes the tokens' KV into their blocks."""
         if "forward" not in self._programs:
-            graphdef, layout = self.graphdef, self.layout
-
-            treedef = self._param_treedef
-
-            def forward(param_leaves, kv, inputs):
-                with layout.activate():
-                    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, param_leaves))
-                    hidden, kv = model(inputs[0], inputs[1], kv, inputs[2])
-                    return model.logits(hidden), kv
-
             self._programs["forward"] = jax.jit(
-                forward, donate_argnums=(1,),
-                in_shardings=(_shardings(self.param_leaves), _shardings(self.kv),
-                              tuple(self.input_sharding(2) for _ in inputs)),
-                out_shardings=(self.layout.sharding(("batch", None, "vocab"),
-                                                    (self.batch_multiple(), 1,
-                                                     self.config.vocab_size), "logits"),
-                               _shardings(self.kv)))
-        self._compile_key("forward", inputs[0].shape, inputs[2].shape)
-        logits, self.kv = self._programs["forward"](self.param_leaves, self.kv, inputs)
+                functools.partial(_forward, self.graphdef, self._param_treedef, self.layout),
+                donate_argnums=(1,),
+                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
+                              self._input_sharding()),
+                out_shardings=(self.layout.sharding(("batch", "vocab"), (
+                    self.num_replicas, self.config.vocab_rows), "logits"), self.kv.shardings()))
+        self._count("forward", tokens, metadata)
+        logits, self.kv = self._programs["forward"](self.param_leaves, self.kv,
+                                                    (tokens, metadata))
         return logits
 
     def init_slots(self, num_slots: int) -> None:
-        self.slot_state = SlotState.create(num_slots, self.config.vocab_size, self.layout)
+        self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
 
-    def step(self, inputs: StepInputs, decode: bool) -> StepOutputs:
-        """Dispatch one prefill (decode=False) or decode step; returns without waiting."""
-        key = ("step", decode)
-        if key not in self._programs:
-            input_shardings = jax.tree.map(lambda a: self.input_sharding(np.ndim(a)), inputs)
-            self._programs[key] = jax.jit(
-                functools.partial(_step, self.graphdef, self._param_treedef, self.layout, decode),
-                donate_argnums=(1, 2),
-                in_shardings=(_shardings(self.param_leaves), _shardings(self.kv),
-                              _shardings(self.slot_state), input_shardings),
-                out_shardings=(self.layout.replicated(), _shardings(self.kv),
-                               _shardings(self.slot_state)))
-        self._compile_key(key, np.shape(inputs.tokens), np.shape(inputs.block_tables))
-        outputs, self.kv, self.slot_state = self._programs[key](self.param_leaves, self.kv,
-                                                                self.slot_state, inputs)
-        return outputs
+    def gather_blocks(self, block_ids) -> dict[str, np.ndarray]:
+        """One sequence's blocks out of the pool (ids over the whole pool), bitwise."""
+        return kv_cache.gather_blocks(self.kv, block_ids)
+
+    def scatter_blocks(self, block_ids, blocks) -> None:
+        self.kv = kv_cache.scatter_blocks(self.kv, block_ids, blocks)
 
 
 # ---- the serving step: prefill chunks or decodes, sampling on device ----
@@ -152,17 +153,20 @@ class SlotState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class StepInputs:
-    """What the host sends for one step; every field has leading dim batch (rows)."""
+    """What the host sends for one step. Token arrays [tokens] and sample-row arrays [rows] are
+    laid out replica after replica (see jaxserve/ops/attention.py)."""
 
-    tokens: jax.Array  # i32[batch, seq] (decode: ignored, the slot's last token is used)
-    positions: jax.Array  # i32[batch, seq], -1 = padding
-    is_output: jax.Array  # bool[batch, seq]: token was generated (a recompute after preemption)
-    block_tables: jax.Array  # i32[batch, max_blocks]
-    slot_ids: jax.Array  # i32[batch]; padding rows use the trash slot
-    first_chunk: jax.Array  # bool[batch]: reset the slot's prompt mask and output counts
-    sample: jax.Array  # bool[batch]: this row's last token yields a new output token
-    want_logprobs: jax.Array  # bool[batch]
-    suppressed: jax.Array  # i32[batch, MAX_SUPPRESSED]; vocab = no token
+    tokens: jax.Array  # i32[tokens]: prompt (or recomputed) ids; decode tokens come from a slot
+    token_slot: jax.Array  # i32[tokens]: slot whose last sampled token this is; -1 = use `tokens`
+    record_slot: jax.Array  # i32[tokens]: slot whose prompt mask / output counts the token enters
+    is_output: jax.Array  # bool[tokens]: a generated token being recomputed after preemption
+    metadata: AttentionMetadata
+    sample_index: jax.Array  # i32[rows]: flat index of the token each sample row reads
+    slot_ids: jax.Array  # i32[rows]; padding rows use the trash slot
+    reset_slots: jax.Array  # i32[rows]: slots whose prompt mask and counts restart (trash = none)
+    sample: jax.Array  # bool[rows]: the row yields a new output token
+    want_logprobs: jax.Array  # bool[rows]
+    suppressed: jax.Array  # i32[rows, MAX_SUPPRESSED]; vocab_rows = no token
     sampling: SamplingInputs
 
 
@@ -175,26 +179,36 @@ class StepOutputs:
     top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
 
 
-def _step(graphdef, param_treedef, layout, decode: bool, param_leaves, kv, state: SlotState,
-          inputs: StepInputs):
-    b = inputs.slot_ids.shape[0]
+def _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens, metadata):
     with layout.activate():
         model = nnx.merge(graphdef, jax.tree.unflatten(param_treedef, param_leaves))
-        tokens = state.last_token[inputs.slot_ids][:, None] if decode else inputs.tokens
-        hidden, kv = model(tokens, inputs.positions, kv, inputs.block_tables)
-        last = jnp.maximum((inputs.positions >= 0).sum(axis=1) - 1, 0)
-        hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        logits = model.logits(hidden)  # [batch, vocab]
+        hidden, kv = model(tokens, kv, metadata)
+    return model, hidden, kv
 
-    prompt_mask, counts = state.prompt_mask, state.output_counts
-    if not decode:  # record the chunk's prompt tokens (and recomputed outputs) per slot
-        keep = ~inputs.first_chunk[:, None]
-        prompt_mask = prompt_mask.at[inputs.slot_ids].set(prompt_mask[inputs.slot_ids] & keep)
-        counts = counts.at[inputs.slot_ids].set(counts[inputs.slot_ids] * keep)
-        valid = inputs.positions >= 0
-        rows = jnp.broadcast_to(inputs.slot_ids[:, None], tokens.shape)
-        prompt_mask = prompt_mask.at[rows, tokens].max(valid & ~inputs.is_output)
-        counts = counts.at[rows, tokens].add((valid & inputs.is_output).astype(jnp.int32))
+
+def _forward(graphdef, param_treedef, layout, param_leaves, kv, inputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, *inputs)
+    with layout.activate():
+        return model.logits(hidden), kv
+
+
+def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
+          inputs: StepInputs):
+    b = inputs.slot_ids.shape[0]
+    from_slot = inputs.token_slot >= 0
+    tokens = jnp.where(from_slot, state.last_token[jnp.maximum(inputs.token_slot, 0)],
+                       inputs.tokens)
+    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens,
+                                inputs.metadata)
+    with layout.activate():
+        logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
+
+    # Prompt tokens (and recomputed outputs) of this step's prefill chunks, per slot.
+    keep = jnp.ones((state.last_token.shape[0], 1), jnp.bool_).at[inputs.reset_slots].set(False)
+    prompt_mask = state.prompt_mask & keep
+    counts = state.output_counts * keep
+    prompt_mask = prompt_mask.at[inputs.record_slot, tokens].max(~inputs.is_output)
+    counts = counts.at[inputs.record_slot, tokens].add(inputs.is_output.astype(jnp.int32))
 
     processed = sampling.apply_penalties(logits, prompt_mask[inputs.slot_ids],
                                          counts[inputs.slot_ids], inputs.sampling)

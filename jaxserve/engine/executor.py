@@ -1,0 +1,188 @@
+"""The executor: a scheduler plan -> one step's input arrays, in one of a few bucketed shapes.
+
+A step is one program (see jaxserve/ops/attention.py for the token layout): per DP replica,
+`decode_rows` decode tokens then `prefill_tokens` tokens of query tiles; one sample row per
+decode and per prefill chunk. The shape of a step is the pair (decode_rows, prefill_tokens),
+each rounded up to a bucket, so a handful of programs serve every mix:
+
+- decode-only steps: decode_rows in powers of two up to max_num_seqs;
+- steps with prefill: prefill_tokens in tiles x powers of two up to max_num_batched_tokens, and
+  decode_rows in a coarser set (0, a small bucket, max_num_seqs): a few padded decode rows cost
+  little next to a prefill chunk, and each extra bucket is a program to compile.
+
+`shapes()` lists them all; `Engine.warmup` compiles exactly those. This module never calls a
+model: it builds numpy arrays, and the runner dispatches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxserve.engine.scheduler import StepPlan
+from jaxserve.engine.sequence import Sequence
+from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
+from jaxserve.runtime.runner import MAX_SUPPRESSED, StepInputs, bucket
+from jaxserve.runtime.sampling import SamplingInputs
+
+QUERY_TILE = 16  # prefill tokens per attention row
+SMALL_MIXED_DECODES = 8
+
+
+def powers_of_two(limit: int, start: int = 1) -> list[int]:
+    out, n = [], start
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return out + [bucket(limit, start)]
+
+
+@dataclasses.dataclass
+class StepLayout:
+    """Where each sequence of a planned step sits in its arrays (for reading results back)."""
+
+    inputs: StepInputs
+    sample_rows: list[tuple[int, Sequence]]  # (row of the step's outputs, sequence) that sample
+    wants_logprobs: bool
+
+
+class StepBuilder:
+    def __init__(self, num_replicas: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_prefill_rows: int, block_size: int, max_blocks_per_seq: int,
+                 trash_slot: int, vocab_rows: int, eos_ids: tuple[int, ...]):
+        self.num_replicas = num_replicas
+        self.block_size = block_size
+        self.width = table_width(max_blocks_per_seq, block_size)
+        self.trash_slot = trash_slot
+        self.vocab_rows = vocab_rows
+        self.eos_ids = eos_ids
+        self.max_prefill_rows = max_prefill_rows
+        self.decode_buckets = powers_of_two(max_num_seqs)
+        self.mixed_decode_buckets = sorted({0, min(SMALL_MIXED_DECODES, self.decode_buckets[-1]),
+                                            self.decode_buckets[-1]})
+        self.prefill_buckets = [QUERY_TILE * n for n in
+                                powers_of_two(-(-max_num_batched_tokens // QUERY_TILE))]
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (decode_rows, prefill_tokens) a step can have."""
+        return ([(d, 0) for d in self.decode_buckets]
+                + [(d, p) for p in self.prefill_buckets for d in self.mixed_decode_buckets])
+
+    def shape_for(self, decodes: int, prefill_tokens: int) -> tuple[int, int]:
+        if prefill_tokens == 0:
+            return next(b for b in self.decode_buckets if b >= decodes), 0
+        return (next(b for b in self.mixed_decode_buckets if b >= decodes),
+                next(b for b in self.prefill_buckets if b >= prefill_tokens))
+
+    def sample_rows_per_replica(self, decode_rows: int, prefill_tokens: int) -> int:
+        return decode_rows + min(self.max_prefill_rows, prefill_tokens // QUERY_TILE)
+
+    # ---- a planned step ----
+    def build(self, plan: StepPlan) -> StepLayout:
+        n = self.num_replicas
+        decodes = [[] for _ in range(n)]
+        chunks = [[] for _ in range(n)]
+        for seq in plan.decodes:
+            decodes[seq.replica].append(seq)
+        for chunk in plan.prefills:
+            chunks[chunk.seq.replica].append(chunk)
+        prefill_tokens = max(sum(-(-c.length // QUERY_TILE) * QUERY_TILE for c in cs)
+                             for cs in chunks)
+        d_rows, p_tokens = self.shape_for(max(len(d) for d in decodes), prefill_tokens)
+        rows = [([ChunkRow(s.total_len - 1, 1, s.blocks) for s in decodes[r]],
+                 [ChunkRow(c.start, c.length, c.seq.blocks) for c in chunks[r]])
+                for r in range(n)]
+        md, first = build_metadata(rows, d_rows, p_tokens, QUERY_TILE, self.block_size,
+                                   self.width)
+        t_loc = d_rows + p_tokens
+        s_loc = self.sample_rows_per_replica(d_rows, p_tokens)
+        tokens = np.zeros((n, t_loc), np.int32)
+        token_slot = np.full((n, t_loc), -1, np.int32)
+        record_slot = np.full((n, t_loc), self.trash_slot, np.int32)
+        is_output = np.zeros((n, t_loc), np.bool_)
+        sample_index = np.zeros((n, s_loc), np.int32)
+        slot_ids = np.full((n, s_loc), self.trash_slot, np.int32)
+        reset_slots = np.full((n, s_loc), self.trash_slot, np.int32)
+        sample = np.zeros((n, s_loc), np.bool_)
+        row_seqs: list[Sequence | None] = [None] * (n * s_loc)
+        sample_rows = []
+        for r in range(n):
+            for i, seq in enumerate(decodes[r]):
+                token_slot[r, i] = seq.slot
+                sample_index[r, i] = r * t_loc + i
+                slot_ids[r, i] = seq.slot
+                sample[r, i] = True
+                row_seqs[r * s_loc + i] = seq
+                sample_rows.append((r * s_loc + i, seq))
+            for k, c in enumerate(chunks[r]):
+                seq, f, end = c.seq, first[r, len(decodes[r]) + k], c.start + c.length
+                prompt = seq.request.prompt_ids
+                tokens[r, f:f + c.length] = prompt[c.start:end] if end <= len(prompt) else \
+                    [seq.prefill_token(i) for i in range(c.start, end)]
+                record_slot[r, f:f + c.length] = seq.slot
+                is_output[r, f:f + c.length] = np.arange(c.start, end) >= len(prompt)
+                row = d_rows + k
+                sample_index[r, row] = r * t_loc + f + c.length - 1
+                slot_ids[r, row] = seq.slot
+                reset_slots[r, row] = seq.slot if c.start == 0 else self.trash_slot
+                sample[r, row] = c.samples
+                if c.samples:
+                    row_seqs[r * s_loc + row] = seq
+                    sample_rows.append((r * s_loc + row, seq))
+        sampling, suppressed, want = self.sampling_columns(row_seqs)
+        inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), record_slot.reshape(-1),
+                            is_output.reshape(-1), md, sample_index.reshape(-1),
+                            slot_ids.reshape(-1), reset_slots.reshape(-1), sample.reshape(-1),
+                            want, suppressed, sampling)
+        return StepLayout(inputs, sample_rows, bool(want.any()))
+
+    def sampling_columns(self, row_seqs: list[Sequence | None]):
+        rows = len(row_seqs)
+        sampling = SamplingInputs.from_params(
+            [s.params if s is not None else None for s in row_seqs],
+            [s.seed if s is not None else 0 for s in row_seqs],
+            [s.num_scheduled_outputs if s is not None else 0 for s in row_seqs], rows)
+        suppressed = np.full((rows, MAX_SUPPRESSED), self.vocab_rows, np.int32)
+        want_logprobs = np.zeros((rows,), np.bool_)
+        for r, seq in enumerate(row_seqs):
+            if seq is None:
+                continue
+            params = seq.params
+            want_logprobs[r] = params.logprobs is not None
+            if seq.num_scheduled_outputs < params.min_tokens:
+                ids = self.eos_ids + tuple(params.stop_token_ids)
+                suppressed[r, :len(ids)] = ids
+        return sampling, suppressed, want_logprobs
+
+    def idle(self, decode_rows: int, prefill_tokens: int) -> StepInputs:
+        """A step of padding only: writes the null blocks and the trash slot, changes nothing."""
+        n = self.num_replicas
+        md, _ = build_metadata([([], [])] * n, decode_rows, prefill_tokens, QUERY_TILE,
+                               self.block_size, self.width)
+        t = n * (decode_rows + prefill_tokens)
+        s = n * self.sample_rows_per_replica(decode_rows, prefill_tokens)
+        sampling, suppressed, want = self.sampling_columns([None] * s)
+        trash = np.full((s,), self.trash_slot, np.int32)
+        return StepInputs(np.zeros((t,), np.int32), np.full((t,), -1, np.int32),
+                          np.full((t,), self.trash_slot, np.int32), np.zeros((t,), np.bool_),
+                          md, np.zeros((s,), np.int32), trash, trash, np.zeros((s,), np.bool_),
+                          want, suppressed, sampling)
+
+    def prefill_only(self, replicas: list[list[tuple[list[int], list[int]]]]):
+        """Tokens and metadata of a step that prefills whole token lists (for `LLM.logits`):
+        per replica, a list of (token ids, block table). Also returns, per replica, each list's
+        first flat token index (global)."""
+        n = self.num_replicas
+        need = max(sum(-(-len(t) // QUERY_TILE) * QUERY_TILE for t, _ in rs) for rs in replicas)
+        p_tokens = QUERY_TILE * bucket(-(-need // QUERY_TILE))
+        rows = [([], [ChunkRow(0, len(t), table) for t, table in rs]) for rs in replicas]
+        md, first = build_metadata(rows, 0, p_tokens, QUERY_TILE, self.block_size, self.width)
+        tokens = np.zeros((n, p_tokens), np.int32)
+        starts = []
+        for r, rs in enumerate(replicas):
+            starts.append([])
+            for k, (ids, _) in enumerate(rs):
+                tokens[r, first[r, k]:first[r, k] + len(ids)] = ids
+                starts[-1].append(r * p_tokens + int(first[r, k]))
+        return tokens.reshape(-1), md, starts

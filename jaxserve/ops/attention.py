@@ -1,0 +1,223 @@
+"""Paged attention: the step's attention metadata and the op that writes and reads the KV cache.
+
+Layers call `paged_attention(q, k, v, cache_layer, metadata)`; only this module knows the cache
+layout (pages, block tables, slots). A platform kernel (Pallas paged attention on GPU, ragged
+paged attention on TPU) can replace `_reference_attention` behind the same call without
+touching a model.
+
+The step is one flat, token-major batch. Per DP replica (the replicas' segments are
+concatenated, so splitting the token axis over `dp` hands each device its own replica's part):
+
+    tokens:  [ decode tokens (one per decoding sequence) | prefill query tiles ]
+    rows:    [ one row per decode token                  | one row per tile    ]
+
+A *query tile* holds `tile` consecutive prefill tokens of ONE sequence (a prefill chunk is split
+into tiles, its last tile padded). Each row reads its own sequence's context through its block
+table, `chunk_blocks` blocks per loop iteration, for only as many iterations as the longest
+context in the step needs: the context read follows the real lengths, never `max_model_len`.
+A decode row reads its context once for one query; a tile reads it once for `tile` queries.
+(Tiles of one sequence re-read the same context: cheap next to the matmuls, and it keeps every
+row the same shape. Decodes are not tiles: they would pay `tile` times the attention work.)
+
+The reference op is plain XLA and runs per device inside `shard_map` (logical names, see
+`jaxserve.sharding.shard_map_logical`): a replica's tokens only ever touch its own shard of the
+pool, and under TP each device attends with its own heads. Block ids and slots in the metadata
+are local to the replica's shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.sharding import shard_map_logical
+
+CONTEXT_CHUNK_TOKENS = 128  # context tokens read per loop iteration (rounded to whole blocks)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Built once per step on the host (`build_metadata`); every layer reads the same one."""
+
+    positions: jax.Array  # i32[tokens]; -1 = padding
+    slots: jax.Array  # i32[tokens]: cache slot each token's K/V is written to (block*bs + offset)
+    block_tables: jax.Array  # i32[rows, table_width]: decode rows first, then query tiles
+    context_lens: jax.Array  # i32[rows]: context tokens the row reads (0 = padding row)
+    decode_rows: int = dataclasses.field(metadata=dict(static=True))  # per replica
+    chunk_blocks: int = dataclasses.field(metadata=dict(static=True))
+    # None: loop over as many chunks as this step needs (a dynamic trip count). An int: always
+    # that many (a static loop, which reverse-mode autodiff supports; used in training).
+    static_chunks: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+
+def metadata_axes(md: AttentionMetadata) -> AttentionMetadata:
+    """The logical axes of each metadata array (same tree structure as `md`)."""
+    return dataclasses.replace(md, positions=("batch",), slots=("batch",),
+                               block_tables=("batch", None), context_lens=("batch",))
+
+
+def chunk_blocks_for(block_size: int) -> int:
+    return max(1, CONTEXT_CHUNK_TOKENS // block_size)
+
+
+def table_width(max_blocks_per_seq: int, block_size: int) -> int:
+    """Block-table columns: every sequence's blocks, rounded up to whole context chunks."""
+    cb = chunk_blocks_for(block_size)
+    return math.ceil(max_blocks_per_seq / cb) * cb
+
+
+def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array],
+                    md: AttentionMetadata, scale: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Write this step's k, v into the cache, then attend.
+
+    q [tokens, q_heads, head_dim]; k, v [tokens, kv_heads, head_dim];
+    cache {"k", "v"}: [kv_blocks, block_size, kv_heads, head_dim].
+    Returns (out [tokens, q_heads, head_dim], the updated cache).
+    """
+    page_axes = ("kv_blocks", None, "kv_heads", "head_dim")
+    fn = shard_map_logical(
+        lambda q, k, v, cache, md: _reference_attention(q, k, v, cache, md, scale),
+        in_axes=(("batch", "q_heads", "head_dim"), ("batch", "kv_heads", "head_dim"),
+                 ("batch", "kv_heads", "head_dim"), {name: page_axes for name in cache},
+                 metadata_axes(md)),
+        out_axes=(("batch", "q_heads", "head_dim"), {name: page_axes for name in cache}))
+    return fn(q, k, v, cache, md)
+
+
+def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    n, bs = pages.shape[:2]
+    flat = pages.reshape((n * bs,) + pages.shape[2:])
+    return flat.at[slots].set(new.astype(pages.dtype)).reshape(pages.shape)
+
+
+def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):
+    k_pages = _write(cache["k"], k, md.slots)
+    v_pages = _write(cache["v"], v, md.slots)
+    tokens, heads, head_dim = q.shape
+    rows, d = md.block_tables.shape[0], md.decode_rows
+    parts = []
+    if d:
+        parts.append(_attend_rows(q[:d, None], md.positions[:d, None], md.block_tables[:d],
+                                  md.context_lens[:d], k_pages, v_pages, scale, md))
+    if rows > d:
+        tile = (tokens - d) // (rows - d)
+        parts.append(_attend_rows(q[d:].reshape(rows - d, tile, heads, head_dim),
+                                  md.positions[d:].reshape(rows - d, tile), md.block_tables[d:],
+                                  md.context_lens[d:], k_pages, v_pages, scale, md))
+    out = jnp.concatenate([p.reshape(-1, heads, head_dim) for p in parts], axis=0)
+    return out, {"k": k_pages, "v": v_pages}
+
+
+def _attend_rows(q, positions, tables, context_lens, k_pages, v_pages, scale, md):
+    """Each row's queries [rows, queries, q_heads, head_dim] attend to the row's context, causally
+    by position, with an online softmax over chunks of `chunk_blocks` blocks."""
+    rows, nq, heads, head_dim = q.shape
+    _, bs, kv_heads, _ = k_pages.shape
+    group = heads // kv_heads
+    cb = md.chunk_blocks
+    chunk = cb * bs
+    q = q.reshape(rows, nq, kv_heads, group, head_dim)
+
+    def body(j, carry):
+        m, l, acc = carry  # [rows, kv_heads, group, queries] (acc: + head_dim), float32
+        ids = jax.lax.dynamic_slice_in_dim(tables, j * cb, cb, axis=1)  # [rows, cb]
+        keys = k_pages[ids].reshape(rows, chunk, kv_heads, head_dim)
+        values = v_pages[ids].reshape(rows, chunk, kv_heads, head_dim)
+        s = jnp.einsum("rqkgd,rckd->rkgqc", q, keys, preferred_element_type=jnp.float32) * scale
+        key_pos = j * chunk + jnp.arange(chunk)
+        visible = key_pos[None, None, :] <= positions[:, :, None]  # [rows, queries, chunk]
+        s = jnp.where(visible[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
+        p = jnp.exp(s - m_safe[..., None])
+        correction = jnp.exp(m - m_safe)
+        l = l * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "rkgqc,rckd->rkgqd", p.astype(values.dtype), values,
+            preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    init = (jnp.full((rows, kv_heads, group, nq), -jnp.inf, jnp.float32),
+            jnp.zeros((rows, kv_heads, group, nq), jnp.float32),
+            jnp.zeros((rows, kv_heads, group, nq, head_dim), jnp.float32))
+    if md.static_chunks is not None:
+        num_chunks = md.static_chunks
+    else:
+        num_chunks = (jnp.max(context_lens) + chunk - 1) // chunk
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows: 0, not NaN
+    # [rows, kv_heads, group, queries, head_dim] -> [rows, queries, q_heads, head_dim]
+    return out.transpose(0, 3, 1, 2, 4).reshape(rows, nq, heads, head_dim).astype(q.dtype)
+
+
+# ---- host side: the metadata of one step, from per-row descriptions ----
+
+@dataclasses.dataclass
+class ChunkRow:
+    """One sequence's tokens in a step (a decode token, or a prefill chunk) on one replica."""
+
+    start: int  # position of the first token
+    length: int
+    block_table: list[int]  # local block ids covering positions [0, start + length)
+
+
+def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode_rows: int,
+                   prefill_tokens: int, tile: int, block_size: int, width: int,
+                   static_chunks: int | None = None) -> tuple[AttentionMetadata, np.ndarray]:
+    """Lay out each replica's (decodes, prefill chunks) in the step's buckets.
+
+    decode_rows / prefill_tokens: per-replica bucket sizes (prefill_tokens a multiple of tile).
+    Returns the metadata (numpy leaves) and, per replica and row, the flat index of each chunk's
+    first token: [replicas, decode_rows + prefill chunks] (-1 = none); callers place their
+    token ids with it.
+    """
+    tiles = prefill_tokens // tile
+    tokens = decode_rows + prefill_tokens
+    rows = decode_rows + tiles
+    n = len(replicas)
+    positions = np.full((n, tokens), -1, np.int32)
+    tables = np.zeros((n, rows, width), np.int32)
+    context = np.zeros((n, rows), np.int32)
+    starts = []
+    for r, (decodes, chunks) in enumerate(replicas):
+        if len(decodes) > decode_rows:
+            raise ValueError(f"{len(decodes)} decodes do not fit {decode_rows} decode rows")
+        first = []
+        for i, row in enumerate(decodes):
+            positions[r, i] = row.start
+            tables[r, i, :len(row.block_table)] = row.block_table
+            context[r, i] = row.start + 1
+            first.append(i)
+        t = decode_rows  # next free token
+        for row in chunks:
+            n_tiles = -(-row.length // tile)
+            if t + n_tiles * tile > tokens:
+                raise ValueError(f"prefill chunks need more than {prefill_tokens} tokens")
+            positions[r, t:t + row.length] = np.arange(row.start, row.start + row.length)
+            for k in range(n_tiles):
+                tr = decode_rows + (t - decode_rows) // tile + k
+                tables[r, tr, :len(row.block_table)] = row.block_table
+                context[r, tr] = row.start + min(row.length, (k + 1) * tile)
+            first.append(t)
+            t += n_tiles * tile
+        starts.append(first)
+    # slot of every token; padding (position -1) writes to the null block
+    pos = np.maximum(positions, 0)
+    token_row = np.concatenate([np.arange(decode_rows),
+                                decode_rows + np.arange(prefill_tokens) // tile])
+    block = tables[np.arange(n)[:, None], token_row[None, :], pos // block_size]
+    slots = np.where(positions >= 0, block * block_size + pos % block_size, 0).astype(np.int32)
+    width_starts = max((len(s) for s in starts), default=0)
+    first_index = np.full((n, max(width_starts, 1)), -1, np.int32)
+    for r, s in enumerate(starts):
+        first_index[r, :len(s)] = s
+    md = AttentionMetadata(positions=positions.reshape(-1), slots=slots.reshape(-1),
+                           block_tables=tables.reshape(n * rows, width),
+                           context_lens=context.reshape(-1), decode_rows=decode_rows,
+                           chunk_blocks=chunk_blocks_for(block_size), static_chunks=static_chunks)
+    return md, first_index

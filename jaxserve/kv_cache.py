@@ -106,6 +106,13 @@ class KVPool:
             buffers[name] = tuple(zeros() for _ in range(spec.num_layers))
         return cls(buffers)
 
+    @classmethod
+    def create_local(cls, spec: CacheSpec, num_blocks: int, block_size: int) -> KVPool:
+        """Zeroed pages with no placement (inside a traced function, e.g. a training step)."""
+        return cls({name: tuple(jnp.zeros(spec.pool_shape(name, num_blocks, block_size),
+                                          buf.dtype) for _ in range(spec.num_layers))
+                    for name, buf in spec.buffers.items()})
+
     def shardings(self):
         return jax.tree.map(lambda a: a.sharding, self)
 

@@ -41,7 +41,8 @@ from flax import nnx  # noqa: E402
 
 from jaxserve.checkpoint import save_model  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
-from jaxserve.kv_cache import KVCache  # noqa: E402
+from jaxserve.kv_cache import KVPool  # noqa: E402
+from jaxserve.ops.attention import AttentionMetadata, chunk_blocks_for  # noqa: E402
 from jaxserve.models import build_model  # noqa: E402
 from jaxserve.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
@@ -142,8 +143,10 @@ def sample_windows(rng: np.random.Generator, stream: np.ndarray, batch: int, len
 def forward_logits(model, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     """tokens [B, T] (T a multiple of BLOCK_SIZE) -> float32 logits [B, T, vocab].
 
-    Each row gets its own fresh blocks 1.. of a zeroed cache (block 0 is the null block that
-    padding, position -1, writes to); gradients flow through the page scatter and gather.
+    The rows are one flat step of B query tiles of T tokens; each row gets its own fresh blocks
+    1.. of a zeroed cache (block 0 is the null block that padding, position -1, writes to), and
+    the context loop has a static trip count, so gradients flow through the page scatter and
+    gather.
     """
     b, t = tokens.shape
     nb = t // BLOCK_SIZE
@@ -151,12 +154,20 @@ def forward_logits(model, tokens: jax.Array, positions: jax.Array | None = None)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     dtype = model.embed.embedding[...].dtype
-    shape = (1 + b * nb, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
-    kv = KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                 v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
-    block_tables = 1 + jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
-    hidden, _ = model(tokens, positions, kv, block_tables)
-    return model.logits(hidden)
+    kv = KVPool.create_local(model.cache_spec(cfg, dtype), 1 + b * nb, BLOCK_SIZE)
+    tables = 1 + jnp.arange(b * nb, dtype=jnp.int32).reshape(b, nb)
+    cb = chunk_blocks_for(BLOCK_SIZE)
+    width = -(-nb // cb) * cb
+    tables = jnp.pad(tables, ((0, 0), (0, width - nb)))
+    valid = positions >= 0
+    pos = jnp.where(valid, positions, 0)
+    slots = jnp.where(valid, jnp.take_along_axis(tables, pos // BLOCK_SIZE, axis=1) * BLOCK_SIZE
+                      + pos % BLOCK_SIZE, 0)
+    metadata = AttentionMetadata(positions=positions.reshape(-1), slots=slots.reshape(-1),
+                                 block_tables=tables, context_lens=jnp.full((b,), t, jnp.int32),
+                                 decode_rows=0, chunk_blocks=cb, static_chunks=width // cb)
+    hidden, _ = model(tokens.reshape(-1), kv, metadata)
+    return model.logits(hidden).reshape(b, t, -1)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

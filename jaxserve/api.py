@@ -4,10 +4,15 @@
     llm = LLM("checkpoints/tiny", mesh="tp=2", rules="tp", dtype="float32")
     llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=32))
     llm.logits([[1, 2, 3]])  # -> [np.ndarray of shape [3, vocab]]
+
+`self.config` is the model fitted to the layout (`jaxserve.placement`): token ids are checked
+against the real `vocab_size`; arrays on the devices are `vocab_rows` wide and hold
+`stored_kv_heads` KV heads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 import itertools
@@ -61,8 +66,9 @@ class LLM:
         kv_dtype = jax.tree.leaves(params)[0].dtype
         kv_blocks = self._kv_pool_blocks(kv_blocks, kv_memory_fraction, block_size, kv_dtype,
                                          max_num_seqs)
-        kv = KVCache.create(self.config, kv_blocks, block_size, kv_dtype, self.layout)
-        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv)
+        device_config = _device_shapes(self.config)
+        kv = KVCache.create(device_config, kv_blocks, block_size, kv_dtype, self.layout)
+        self.runner = ModelRunner(device_config, graphdef, params, self.layout, kv)
         self.tokenizer = None
         if (self.model_dir / TOKENIZER_FILE).is_file():
             from jaxserve.tokenizer import Tokenizer
@@ -92,9 +98,10 @@ class LLM:
                              f"{device.platform} does not: give kv_blocks instead")
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         # How the pool splits across devices is the sharding rules' decision, not ours.
-        one_block = (1, block_size, self.config.num_kv_heads, self.config.head_dim)
+        one_block = (1, block_size, self.config.stored_kv_heads, self.config.head_dim)
         kv_split = self.layout.split_factor(self.layout.spec(KV_AXES, one_block, "KV cache"))
-        per_block = KVCache.bytes_per_block(self.config, block_size, dtype) / kv_split
+        per_block = (KVCache.bytes_per_block(_device_shapes(self.config), block_size, dtype)
+                     / kv_split)
         return max(2, int(free * fraction / per_block))
 
     def validate_token_ids(self, token_ids: Sequence[int], what: str = "prompt") -> list[int]:
@@ -191,7 +198,8 @@ class LLM:
         return self.engine.stats()
 
     def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Full-sequence logits of one prefill pass: one float32 [len, vocab] array per input."""
+        """Full-sequence logits of one prefill pass: one float32 [len, vocab_size] array per
+        input (the real vocabulary: a layout's padding columns are dropped)."""
         seqs = [self.validate_token_ids(ids, f"input {i}") for i, ids in enumerate(token_id_lists)]
         if not seqs:
             raise ValueError("token_id_lists is empty")
@@ -225,7 +233,17 @@ class LLM:
             block_tables[row, :n] = np.arange(next_block, next_block + n)
             next_block += n
         logits = np.asarray(self.runner.forward(tokens, positions, block_tables))
-        return [logits[row, :len(seq)] for row, seq in enumerate(seqs)]
+        vocab = self.config.vocab_size
+        return [logits[row, :len(seq), :vocab] for row, seq in enumerate(seqs)]
+
+
+def _device_shapes(config):
+    """`config` as the KV pool and the runner read it for array shapes: their `vocab_size` and
+    `num_kv_heads` are the fitted `vocab_rows` and `stored_kv_heads`. (The engine and every
+    token-id check keep the real config.) Once kv_cache.py and runtime/ size their arrays by
+    `vocab_rows` / `stored_kv_heads`, this is the identity and can go."""
+    return dataclasses.replace(config, vocab_size=config.vocab_rows, padded_vocab_size=None,
+                               num_kv_heads=config.stored_kv_heads, kv_head_copies=1)
 
 
 def _progress(total: int):

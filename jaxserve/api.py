@@ -4,6 +4,10 @@
     llm = LLM("checkpoints/tiny", mesh="tp=2", rules="tp", dtype="float32")
     llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=32))
     llm.logits([[1, 2, 3]])  # -> [np.ndarray of shape [3, vocab]]
+
+`self.config` is the model fitted to the layout (`jaxserve.placement`): token ids are checked
+against the real `vocab_size`; arrays on the devices are `vocab_rows` wide and hold
+`stored_kv_heads` KV heads.
 """
 
 from __future__ import annotations
@@ -190,7 +194,8 @@ class LLM:
         return self.engine.stats()
 
     def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """Full-sequence logits of one prefill pass: one float32 [len, vocab] array per input."""
+        """Full-sequence logits of one prefill pass: one float32 [len, vocab_size] array per
+        input (the real vocabulary: a layout's padding columns are dropped)."""
         seqs = [self.validate_token_ids(ids, f"input {i}") for i, ids in enumerate(token_id_lists)]
         if not seqs:
             raise ValueError("token_id_lists is empty")

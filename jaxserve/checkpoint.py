@@ -4,9 +4,14 @@ Our format (`checkpoints/README.md`): `DIR/config.json` (a `ModelConfig`), `DIR/
 (sentencepiece, when the model has one) and `DIR/params/` (an orbax checkpoint of the parameter
 tree, keyed by the model's own parameter names, e.g. `layers/3/attn/q_proj`).
 
-Restoring never builds the whole model on one device: the model's structure is traced abstractly,
-each parameter's logical axes give its `NamedSharding`, and orbax reads every array directly into
-that sharding. Any mismatch between what the model expects and what the files hold (missing,
+Checkpoints always hold the model's own shapes (`vocab_size` rows, `num_kv_heads` KV heads).
+Restoring fits the model to the layout (`jaxserve.placement`: vocabulary padded, KV heads repeated
+so every split is even) and never builds the whole model on one device: the model's structure is
+traced abstractly, each parameter's logical axes give its `NamedSharding`, and orbax reads every
+array directly into that sharding. The few tensors whose checkpoint shape does not split evenly
+(an odd vocabulary, fewer KV heads than devices) are read with that dimension replicated and then
+padded / repeated on the devices by one compiled program that writes them in their final
+sharding. Any mismatch between what the model expects and what the files hold (missing,
 unexpected or mis-shaped tensors) is reported in one error that lists all of them.
 """
 
@@ -25,6 +30,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig, from_hf_config
 from jaxserve.models import abstract_model
+from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
 
 CONFIG_FILE = "config.json"
@@ -207,7 +213,10 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
 # ---- our format ----
 
 def save_params(params_dir: str | Path, params: dict[str, Any] | nnx.State) -> None:
-    """Save a parameter tree (an nnx State, or a flat {name: array} dict) as orbax."""
+    """Save a parameter tree (an nnx State, or a flat {name: array} dict) as orbax.
+
+    Checkpoints hold the model's own shapes: give parameters of an unfitted config (or use
+    `save_model`, which removes a layout's padding and KV-head copies)."""
     import orbax.checkpoint as ocp
 
     if isinstance(params, nnx.State):
@@ -220,11 +229,16 @@ def save_params(params_dir: str | Path, params: dict[str, Any] | nnx.State) -> N
     checkpointer.wait_until_finished()
 
 
-def save_model(out_dir: str | Path, config: ModelConfig, params: nnx.State,
+def save_model(out_dir: str | Path, config: ModelConfig, params: nnx.State | dict[str, Any],
                tokenizer_model: str | Path | None = None) -> None:
+    """Save config + params in our format; a fitted config's layout is undone first."""
     out_dir = Path(out_dir)
+    base = dataclasses.replace(config, padded_vocab_size=None, kv_head_copies=1)
+    if base != config:
+        flat = flat_params(params) if isinstance(params, nnx.State) else params
+        params = unfit_params(flat, base, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config.save(out_dir / CONFIG_FILE)
+    base.save(out_dir / CONFIG_FILE)
     if tokenizer_model is not None:
         shutil.copyfile(tokenizer_model, out_dir / TOKENIZER_FILE)
     save_params(out_dir / PARAMS_DIR, params)
@@ -237,7 +251,11 @@ def param_specs(config: ModelConfig, dtype=jnp.float32) -> dict[str, tuple]:
 
 def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None
                   ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """Read config + params, each array placed directly in its target sharding."""
+    """Read config + params fitted to `layout`, each array placed directly in its sharding.
+
+    Returns the fitted config (`placement.fit_to_layout`: padded vocabulary, repeated KV heads),
+    and the graphdef and state of the model built from it.
+    """
     import orbax.checkpoint as ocp
 
     model_dir = Path(model_dir)
@@ -248,15 +266,29 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     params_dir = (model_dir / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ directory")
+    fitted = fit_to_layout(config, layout)  # a head count the mesh cannot split fails here
 
-    graphdef, state, expected = expected_params(config, target_dtype)
+    _, _, stored_shapes = expected_params(config, target_dtype)
     checkpointer = ocp.StandardCheckpointer()
     stored = _flatten(checkpointer.metadata(params_dir).item_metadata.tree)
-    _check_tensors({n: s for n, (s, _) in expected.items()},
+    _check_tensors({n: s for n, (s, _) in stored_shapes.items()},
                    {n: tuple(m.shape) for n, m in stored.items()}, f"checkpoint {params_dir}")
-    targets = {n: jax.ShapeDtypeStruct(shape, target_dtype,
-                                       sharding=layout.sharding(axes, shape, f"parameter {n!r}"))
-               for n, (shape, axes) in expected.items()}
-    restored = checkpointer.restore(params_dir, _unflatten(targets))
-    nnx.replace_by_pure_dict(state, restored)
-    return config, graphdef, state
+
+    graphdef, state, expected = expected_params(fitted, target_dtype)
+    final = {n: layout.sharding(axes, shape, f"parameter {n!r}")
+             for n, (shape, axes) in expected.items()}
+    # Tensors that keep their shape go straight into their final sharding; the rest are read at
+    # their stored shape (an indivisible dimension replicated) and fitted on the devices.
+    changed = sorted(n for n, (shape, _) in expected.items() if shape != stored_shapes[n][0])
+    targets = {}
+    for n, (shape, axes) in stored_shapes.items():
+        sharding = (layout.sharding(axes, shape, f"parameter {n!r}", lenient=True)
+                    if n in changed else final[n])
+        targets[n] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=sharding)
+    restored = _flatten(checkpointer.restore(params_dir, _unflatten(targets)))
+    if changed:
+        fit = jax.jit(lambda params: fit_params(params, config, fitted),
+                      out_shardings={n: final[n] for n in changed})
+        restored.update(fit({n: restored.pop(n) for n in changed}))
+    nnx.replace_by_pure_dict(state, _unflatten(restored))
+    return fitted, graphdef, state

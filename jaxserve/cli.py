@@ -31,11 +31,13 @@ def cmd_shard_info(args) -> int:
 
     from jaxserve.checkpoint import CONFIG_FILE, param_specs, parse_dtype
     from jaxserve.config import ModelConfig
+    from jaxserve.placement import fit_to_layout
     from jaxserve.sharding import Layout
 
-    config = ModelConfig.load(Path(args.model) / CONFIG_FILE)
-    dtype = parse_dtype(args.dtype, default=config.dtype)
+    base = ModelConfig.load(Path(args.model) / CONFIG_FILE)
+    dtype = parse_dtype(args.dtype, default=base.dtype)
     layout = Layout.create(args.mesh, args.rules, abstract=True)  # planning needs no devices
+    config = fit_to_layout(base, layout)  # the shapes the devices will hold
     itemsize = jnp.dtype(dtype).itemsize
     rows, total = [], 0
     for name, (shape, axes) in sorted(param_specs(config, dtype).items()):
@@ -47,6 +49,11 @@ def cmd_shard_info(args) -> int:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     mesh = dict(layout.mesh.shape)
     print(f"model {args.model} on mesh {mesh} with rules {layout.rules.source} ({dtype.__name__})")
+    if config.vocab_rows != base.vocab_size:
+        print(f"vocabulary padded from {base.vocab_size} to {config.vocab_rows} rows")
+    if config.kv_head_copies > 1:
+        print(f"each of the {base.num_kv_heads} KV heads repeated {config.kv_head_copies} times "
+              f"({config.stored_kv_heads} stored)")
     for row in [header] + rows:
         print("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(row, widths))))

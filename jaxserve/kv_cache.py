@@ -79,6 +79,10 @@ class KVPool:
         return next(iter(self.buffers.values()))[0].shape[1]
 
     @property
+    def dtype(self) -> jnp.dtype:
+        return next(iter(self.buffers.values()))[0].dtype
+
+    @property
     def num_layers(self) -> int:
         return len(next(iter(self.buffers.values())))
 

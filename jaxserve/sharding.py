@@ -10,8 +10,10 @@ The mesh uses Auto axis types: models are written as single-device math plus sha
 constraints, and XLA's partitioner inserts the collectives. (Explicit axis types would make every
 model op state its output sharding, which models must not know about.)
 
-One exception to "a dimension must divide its mesh axis": `kv_heads` fewer than the mesh axis
-(e.g. 2 KV heads at tp=8) is replicated instead of split, as vLLM and JetStream do for GQA.
+Every dimension must divide its mesh axes. Model sizes that would not (a 32001-token vocabulary
+at tp=2, 2 KV heads at tp=8) are fitted before they get here: `jaxserve.placement.fit_to_layout`
+pads the vocabulary and repeats KV heads, so the devices hold shapes that split evenly. Only
+staging a tensor at its checkpoint shape, before it is fitted, asks for `lenient` specs.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ LOGICAL_AXES = (
     "latent",
 )
 MESH_AXES = ("dp", "tp", "ep")
-# Logical axes that fall back to replication when smaller than their mesh axis.
-REPLICATE_WHEN_SMALLER = frozenset({"kv_heads"})
 RULES_DIR = Path(__file__).resolve().parent.parent / "sharding_rules"
 
 
@@ -185,8 +185,12 @@ class Layout:
         return math.prod(self.mesh.shape[a] for a in mesh_axes)
 
     def spec(self, logical: Sequence[str | None], shape: Sequence[int],
-             what: str = "tensor") -> PartitionSpec:
-        """PartitionSpec for a tensor whose dims carry these logical names."""
+             what: str = "tensor", lenient: bool = False) -> PartitionSpec:
+        """PartitionSpec for a tensor whose dims carry these logical names.
+
+        A dimension its mesh axes do not divide is an error, or with `lenient` replicated
+        (for a tensor restored at its checkpoint shape before it is padded to a divisible one).
+        """
         if len(logical) != len(shape):
             raise ShardingError(f"{what}: {len(logical)} logical axes {tuple(logical)} for a "
                                 f"tensor of rank {len(shape)}")
@@ -199,7 +203,7 @@ class Layout:
                 if name is not None else ()
             size = self.axis_size(mesh_axes)
             if size > 1 and dim % size:
-                if name in REPLICATE_WHEN_SMALLER and size % dim == 0:
+                if lenient:
                     mesh_axes = ()
                 else:
                     raise ShardingError(
@@ -228,8 +232,8 @@ class Layout:
         return self.axis_size(tuple(axes))
 
     def sharding(self, logical: Sequence[str | None], shape: Sequence[int],
-                 what: str = "tensor") -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(logical, shape, what))
+                 what: str = "tensor", lenient: bool = False) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical, shape, what, lenient))
 
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())

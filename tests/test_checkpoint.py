@@ -43,8 +43,10 @@ def test_restore_places_each_array_in_its_sharding(hf_model_dir):
     q_proj = params["layers"][0]["attn"]["q_proj"][...]
     assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
     assert {s.data.shape for s in q_proj.addressable_shards} == {(64, 2, 8)}
-    k_proj = params["layers"][0]["attn"]["k_proj"][...]  # 2 kv heads < tp=4: replicated
-    assert k_proj.sharding.spec == jax.sharding.PartitionSpec(None, None, None)
+    k_proj = params["layers"][0]["attn"]["k_proj"][...]  # 2 kv heads < tp=4: each repeated
+    assert k_proj.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
+    assert k_proj.shape == (64, 4, 8)
+    assert {s.data.shape for s in k_proj.addressable_shards} == {(64, 1, 8)}
 
 
 def test_restore_onto_another_mesh_gives_identical_logits(hf_model_dir):

@@ -76,12 +76,17 @@ def _temp_bytes(llm, shape):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.fixture(scope="module")
+def small_and_large_pool(model_dir):
+    return [LLM(model_dir, max_model_len=256, block_size=8, kv_blocks=n, max_num_seqs=8)
+            for n in (40, 20000)]
+
+
 @pytest.mark.parametrize("shape", [(1, 0), (8, 0), (0, 32), (8, 32)])
-def test_step_updates_the_pool_in_place_whatever_its_size(model_dir, shape):
+def test_step_updates_the_pool_in_place_whatever_its_size(small_and_large_pool, shape):
     """A per-step copy of the pool shows up as pool-sized temporaries; none may exist, and the
     donated pool's buffer is the one the step returns."""
-    small = LLM(model_dir, max_model_len=256, block_size=8, kv_blocks=40, max_num_seqs=8)
-    large = LLM(model_dir, max_model_len=256, block_size=8, kv_blocks=2000, max_num_seqs=8)
+    small, large = small_and_large_pool
     pool_bytes = large.runner.kv.nbytes()
     temp_small, temp_large = _temp_bytes(small, shape), _temp_bytes(large, shape)
     assert temp_large == temp_small
@@ -110,13 +115,14 @@ def test_cache_spec_sizes_the_pool_and_blocks_round_trip_bitwise(llm):
     assert set(gather_blocks(llm.runner.kv, [0])) == {"k", "v"}
 
 
-def max_running(llm, batch, params):
+def max_decoding(llm, batch, params):
+    """Most sequences decoding at once (past their prefill, KV for their whole prompt held)."""
     engine, most = llm.engine, 0
     for i, p in enumerate(batch):
         engine.add_request(f"cap{i}", p, params)
     while engine.has_unfinished():
         engine.step()
-        most = max(most, len(engine.scheduler.running))
+        most = max(most, sum(not s.in_prefill for s in engine.scheduler.running))
     return most
 
 
@@ -131,8 +137,8 @@ def test_dp2_holds_twice_the_sequences_of_dp1_in_the_same_per_device_pool(model_
     per_device = [one.runner.kv.buffers["k"][0].addressable_shards[0].data.nbytes,
                   two.runner.kv.buffers["k"][0].addressable_shards[0].data.nbytes]
     assert per_device[0] == per_device[1]
-    assert max_running(one, batch, params) == 2
-    assert max_running(two, batch, params) == 4
+    assert max_decoding(one, batch, params) == 2
+    assert max_decoding(two, batch, params) == 4
 
 
 @pytest.mark.parametrize("mesh,rules", [("dp=2", "dp"), ("dp=2,tp=2", "dp_tp")])

@@ -64,7 +64,7 @@ def test_abort_mid_stream_frees_every_kv_block(llm):
         while not events or not isinstance(events[-1], Final):
             events.append(stream.get(timeout=60))
         assert events[-1].finish_reason == "abort"
-        assert llm.engine.blocks.num_used == 0
+        assert llm.engine.kv_blocks_used == 0
         assert loop.abort("long") is False  # unknown now
     finally:
         loop.stop()

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM
+from jaxserve.engine.executor import QUERY_TILE
+from jaxserve.ops.attention import ChunkRow, build_metadata
 from tests.hf_models import hf_logits
 
 MESHES = [(None, "tp"), ("tp=2", "tp"), ("tp=4", "tp"), ("tp=8", "tp"), ("dp=2", "dp"),
@@ -29,15 +31,19 @@ def test_logits_match_hf(hf_model_dir, family, mesh, rules):
 
 @pytest.mark.parametrize("mesh", [None, "tp=4"])
 def test_prefill_then_decode_matches_full_prefill(hf_model_dir, mesh):
+    """A prefill chunk, then one decode row at a time, through scattered blocks of the cache."""
     _, model_dir = hf_model_dir("llama")
     llm = LLM(model_dir, mesh=mesh, rules="tp", block_size=4)
     prompt = PROMPTS[0] + PROMPTS[2][:9]
     full = llm.logits([prompt])[0]
-    runner = llm.runner
+    runner, builder = llm.runner, llm.engine.builder
     n_prefill = 5
-    blocks = np.array([[3, 7, 1, 9, 2, 11, 4, 5]], np.int32)  # scattered blocks, in table order
-    logits = runner.forward(np.array([prompt[:n_prefill]]), np.arange(n_prefill)[None], blocks)
-    np.testing.assert_allclose(np.asarray(logits)[0], full[:n_prefill], rtol=0, atol=1e-4)
+    blocks = [3, 7, 1, 9, 2, 11, 4, 5]  # scattered blocks, in table order
+    tokens, md, starts = builder.prefill_only([[(prompt[:n_prefill], blocks)]])
+    logits = np.asarray(runner.forward(tokens, md))[starts[0][0]:starts[0][0] + n_prefill]
+    np.testing.assert_allclose(logits[:, :512], full[:n_prefill], rtol=0, atol=1e-4)
     for pos in range(n_prefill, len(prompt)):  # one token at a time against the cache
-        step = runner.forward(np.array([[prompt[pos]]]), np.array([[pos]]), blocks)
-        np.testing.assert_allclose(np.asarray(step)[0, 0], full[pos], rtol=0, atol=1e-4)
+        md, _ = build_metadata([([ChunkRow(pos, 1, blocks)], [])], 1, 0, QUERY_TILE, 4,
+                               builder.width)
+        step = runner.forward(np.array([prompt[pos]], np.int32), md)
+        np.testing.assert_allclose(np.asarray(step)[0, :512], full[pos], rtol=0, atol=1e-4)

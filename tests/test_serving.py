@@ -73,7 +73,7 @@ def kv_blocks_used(server) -> float:
 
 
 def assert_kv_freed(s):
-    wait_until(lambda: kv_blocks_used(s.server) == 0 and s.llm.engine.blocks.num_used == 0, 10,
+    wait_until(lambda: kv_blocks_used(s.server) == 0 and s.llm.engine.kv_blocks_used == 0, 10,
                "every KV block to be free")
     assert scrape(s.server.metrics_port)["jaxserve_kv_cache_usage_ratio"] == 0
 
@@ -99,7 +99,7 @@ def test_model_info_health_and_reflection(served):
     assert dict(info.mesh) == dict(llm.layout.mesh.shape) and info.rules == "tp"
     assert info.dtype == "float32" and info.num_params == llm.config.num_params()
     assert (info.max_num_seqs, info.block_size) == (8, 8)
-    assert info.kv_blocks == llm.engine.blocks.capacity
+    assert info.kv_blocks == llm.engine.kv_blocks_total
     assert served.client.health() == "SERVING" and served.client.health(SERVICE) == "SERVING"
 
     stub = reflection_pb2_grpc.ServerReflectionStub(served.client.channel)
@@ -328,7 +328,7 @@ def test_metrics_count_tokens_and_latencies(served):
                  "e2e_request_latency_seconds", "request_queue_time_seconds"):
         assert grew(f"jaxserve_{name}_count") == 3, name
         assert grew(f"jaxserve_{name}_sum") > 0, name
-    assert m["jaxserve_kv_blocks_total"] == served.llm.engine.blocks.capacity
+    assert m["jaxserve_kv_blocks_total"] == served.llm.engine.kv_blocks_total
     assert m["jaxserve_num_requests_running"] == 0 and m["jaxserve_num_requests_waiting"] == 0
     assert m["jaxserve_kv_blocks_used"] == 0 and m["jaxserve_preemptions_total"] == 0
 

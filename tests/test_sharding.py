@@ -69,8 +69,14 @@ def test_dimension_not_divisible_by_mesh_axis_names_file_axis_and_sizes(hf_model
     assert "logical axis 'vocab'" in msg or "logical axis 'q_heads'" in msg
 
 
-def test_kv_heads_fewer_than_tp_are_replicated_not_an_error():
+def test_kv_heads_fewer_than_tp_are_an_error_unless_lenient():
+    """No silent replication: placement.fit_to_layout repeats KV heads before a spec is asked for;
+    only a tensor staged at its checkpoint shape asks for a lenient spec."""
     layout = Layout.create("tp=8", "tp")
-    assert layout.spec(("embed", "kv_heads", "head_dim"), (64, 2, 8)) == \
+    with pytest.raises(ShardingError, match="logical axis 'kv_heads' of k_proj has size 2, not "
+                                            "divisible by mesh axis 'tp' of size 8"):
+        layout.spec(("embed", "kv_heads", "head_dim"), (64, 2, 8), "k_proj")
+    assert layout.spec(("embed", "kv_heads", "head_dim"), (64, 2, 8), lenient=True) == \
         layout.spec(("embed", None, None), (64, 2, 8))
-    assert layout.spec(("embed", "q_heads", "head_dim"), (64, 8, 8))[1] == "tp"
+    assert layout.spec(("embed", "kv_heads", "head_dim"), (64, 8, 8))[1] == "tp"
+    assert layout.spec(("vocab", "embed"), (517, 64), lenient=True)[0] is None

@@ -277,6 +277,15 @@ class Engine:
         np.asarray(self.runner.slot_state.last_token)
         return self.runner.compilations - before
 
+    @property
+    def kv_blocks_used(self) -> int:
+        return sum(a.num_used for a in self.allocators)
+
+    @property
+    def kv_blocks_total(self) -> int:
+        """Blocks that sequences can use, over all DP replicas (null blocks excluded)."""
+        return sum(a.capacity for a in self.allocators)
+
     def stats(self) -> dict[str, Any]:
         return {
             "compilations": self.runner.compilations,
@@ -284,7 +293,7 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
-            "kv_blocks_used": sum(a.num_used for a in self.allocators),
-            "kv_blocks_total": sum(a.capacity for a in self.allocators),
+            "kv_blocks_used": self.kv_blocks_used,
+            "kv_blocks_total": self.kv_blocks_total,
             **{k: round(v, 6) for k, v in self.timers.items()},
         }

@@ -126,4 +126,4 @@ def model_info(llm) -> pb.ModelInfo:
         max_model_len=llm.max_model_len, mesh=dict(llm.layout.mesh.shape),
         rules=llm.layout.rules.name, dtype=llm.runner.kv.dtype.name,
         num_params=config.num_params(), max_num_seqs=llm.engine.config.max_num_seqs,
-        block_size=llm.runner.block_size, kv_blocks=llm.engine.blocks.capacity)
+        block_size=llm.runner.block_size, kv_blocks=llm.engine.kv_blocks_total)

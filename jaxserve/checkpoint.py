@@ -127,7 +127,7 @@ def _hf_layout(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Cal
     out = {"embed/embedding": ("model.embed_tokens.weight", (v, e), same),
            "final_norm/scale": ("model.norm.weight", (e,), same)}
     if not config.tie_word_embeddings:
-        out["lm_head"] = ("lm_head.weight", (v, e), transpose)
+        out["lm_head"] = ("lm_head.weight", (v, e), same)
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", f"layers/{i}/"
         out.update({

@@ -29,8 +29,7 @@ import jax.numpy as jnp
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import Layout, ShardingError
 
-VOCAB_ROWS = "embed/embedding"  # [vocab, embed]: padded along axis 0
-VOCAB_COLS = "lm_head"  # [embed, vocab]: padded along axis 1
+VOCAB_ROWS = ("embed/embedding", "lm_head")  # [vocab, embed]: padded along axis 0
 _KV_PROJ = re.compile(r"^layers/\d+/attn/[kv]_proj$")  # [embed, kv_heads, head_dim]: axis 1
 
 
@@ -97,18 +96,15 @@ def _check_fits(base: ModelConfig, fitted: ModelConfig) -> int:
 def fit_params(params: dict[str, Any], base: ModelConfig, fitted: ModelConfig) -> dict[str, Any]:
     """Flat {name: array} laid out for `base` -> laid out for `fitted` (other tensors unchanged).
 
-    Zero rows for `embed/embedding`, zero columns for `lm_head`, each KV head of
+    Zero rows for `embed/embedding` and `lm_head`, each KV head of
     `layers/{i}/attn/{k,v}_proj` repeated. Works on any subset of the names; jit-compatible.
     """
     repeat = _check_fits(base, fitted)
     pad = fitted.vocab_rows - base.vocab_rows
     out = dict(params)
     for name, array in params.items():
-        if pad and name in (VOCAB_ROWS, VOCAB_COLS):
-            axis = 0 if name == VOCAB_ROWS else 1
-            widths = [(0, 0)] * array.ndim
-            widths[axis] = (0, pad)
-            out[name] = jnp.pad(array, widths)
+        if pad and name in VOCAB_ROWS:
+            out[name] = jnp.pad(array, [(0, pad)] + [(0, 0)] * (array.ndim - 1))
         elif repeat > 1 and _KV_PROJ.match(name):
             out[name] = jnp.repeat(array, repeat, axis=1)
     return out
@@ -121,10 +117,8 @@ def unfit_params(params: dict[str, Any], base: ModelConfig, fitted: ModelConfig
     padded = fitted.vocab_rows > base.vocab_rows
     out = dict(params)
     for name, array in params.items():
-        if padded and name == VOCAB_ROWS:
+        if padded and name in VOCAB_ROWS:
             out[name] = array[:base.vocab_rows]
-        elif padded and name == VOCAB_COLS:
-            out[name] = array[:, :base.vocab_rows]
         elif repeat > 1 and _KV_PROJ.match(name):
             out[name] = array[:, ::repeat]
     return out

@@ -24,14 +24,14 @@ from jaxserve.runtime.sampling import SamplingInputs, apply_penalties, logprobs,
 from jaxserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 sample_jit = jax.jit(sample)
-penalties_jit = jax.jit(apply_penalties)
+penalties_jit = jax.jit(lambda logits, mask, counts, inputs: apply_penalties(logits, mask, counts, None, inputs))
 logprobs_jit = jax.jit(logprobs, static_argnums=2)
 
 
 @jax.jit
 def step(logits, prompt_mask, output_counts, inputs):
     """Penalties then sampling, as the engine's decode step composes them."""
-    return sample(apply_penalties(logits, prompt_mask, output_counts, inputs), inputs)
+    return sample(apply_penalties(logits, prompt_mask, output_counts, None, inputs), inputs)
 
 
 def inputs_for(params, seeds=None, counters=None, batch_size=None) -> SamplingInputs:

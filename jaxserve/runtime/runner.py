@@ -203,15 +203,15 @@ def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
 
-    # Prompt tokens (and recomputed outputs) of this step's prefill chunks, per slot.
-    keep = jnp.ones((state.last_token.shape[0], 1), jnp.bool_).at[inputs.reset_slots].set(False)
-    prompt_mask = state.prompt_mask & keep
-    counts = state.output_counts * keep
+    # Prompt tokens (and recomputed outputs) of this step's prefill chunks, per slot. Row
+    # scatters only: the state is [slots, vocab] and must not be rewritten whole every step.
+    prompt_mask = state.prompt_mask.at[inputs.reset_slots].set(False)
+    counts = state.output_counts.at[inputs.reset_slots].set(0)
     prompt_mask = prompt_mask.at[inputs.record_slot, tokens].max(~inputs.is_output)
     counts = counts.at[inputs.record_slot, tokens].add(inputs.is_output.astype(jnp.int32))
 
-    processed = sampling.apply_penalties(logits, prompt_mask[inputs.slot_ids],
-                                         counts[inputs.slot_ids], inputs.sampling)
+    processed = sampling.apply_penalties(logits, prompt_mask, counts, inputs.slot_ids,
+                                         inputs.sampling)
     processed = processed.at[jnp.arange(b)[:, None], inputs.suppressed].set(-jnp.inf, mode="drop")
     next_tokens = sampling.sample(processed, inputs.sampling)
 

@@ -96,11 +96,13 @@ class SamplingInputs:
 
 
 def apply_penalties(logits: jax.Array, prompt_mask: jax.Array, output_counts: jax.Array,
-                    inputs: SamplingInputs) -> jax.Array:
+                    rows: jax.Array | None, inputs: SamplingInputs) -> jax.Array:
     """vLLM's repetition, frequency and presence penalties. f32[B,V] -> f32[B,V].
 
-    prompt_mask bool[B,V]: token occurs in the prompt. output_counts i32[B,V]:
-    times the token was generated so far. Repetition penalty applies to tokens
+    prompt_mask bool[S,V]: token occurs in the prompt. output_counts i32[S,V]:
+    times the token was generated so far. `rows` i32[B] picks each logits row's
+    state row (None: S = B, row i is row i); the pick happens only when some row
+    has a penalty. Repetition penalty applies to tokens
     seen in prompt or output (positive logits divided, others multiplied);
     frequency and presence penalties only count generated tokens.
     """
@@ -110,11 +112,13 @@ def apply_penalties(logits: jax.Array, prompt_mask: jax.Array, output_counts: ja
     frequency = inputs.frequency_penalty.astype(jnp.float32)[:, None]
 
     def penalise(logits: jax.Array) -> jax.Array:
-        generated = output_counts > 0
+        mask = prompt_mask if rows is None else prompt_mask[rows]
+        counts = output_counts if rows is None else output_counts[rows]
+        generated = counts > 0
         # A row without penalties divides by 1 and subtracts 0: its logits stay bit-exact.
-        row_rep = jnp.where(prompt_mask | generated, rep, 1.0)
+        row_rep = jnp.where(mask | generated, rep, 1.0)
         logits = jnp.where(logits > 0, logits / row_rep, logits * row_rep)
-        logits = logits - frequency * output_counts.astype(jnp.float32)
+        logits = logits - frequency * counts.astype(jnp.float32)
         return logits - presence * generated.astype(jnp.float32)
 
     any_penalty = jnp.any((rep != 1) | (presence != 0) | (frequency != 0))

@@ -75,18 +75,32 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="jaxserve checkpoint directory (default: the embedded tiny model)")
     _add_mesh_args(p)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--kv-blocks", type=int, default=None)
-    p.add_argument("--max-steps-in-flight", type=int, default=2)
+    # Engine settings default to None: `LLM` owns every default (one place decides each).
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence (default: the model's, lowered to what the KV pool holds)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="sequences decoding at once per DP replica (default 32)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step per DP replica (default 512)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (default 16)")
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV blocks per DP replica (default: from memory)")
+    p.add_argument("--kv-memory-fraction", type=float, default=None,
+                   help="fraction of device memory for the KV pool (default: see README)")
+    p.add_argument("--max-steps-in-flight", type=int, default=None,
+                   help="steps dispatched ahead of readback (default 2)")
+
+
+ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight")
 
 
 def _make_llm(args):
     from jaxserve import LLM
 
-    return LLM(args.model, mesh=args.mesh, rules=args.rules, dtype=args.dtype,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               kv_blocks=args.kv_blocks, max_steps_in_flight=args.max_steps_in_flight)
+    settings = {name: getattr(args, name) for name in ENGINE_FLAGS
+                if getattr(args, name) is not None}
+    return LLM(args.model, mesh=args.mesh, rules=args.rules, dtype=args.dtype, **settings)
 
 
 def _sampling_defaults(args) -> dict:

@@ -20,6 +20,7 @@ the engine thread.
 from __future__ import annotations
 
 import enum
+import math
 import logging
 import queue
 import signal
@@ -276,6 +277,17 @@ class Server(pb_grpc.JaxServeServicer):
             self.health.set(service, status)
 
 
+def _decoding_streams(args) -> int:
+    """Streams the engine can decode at once (known before the model loads): per DP replica
+    `max_num_seqs`, times at most every device of the mesh being a replica."""
+    from jaxserve.engine.engine import EngineConfig
+    from jaxserve.sharding import parse_mesh
+
+    per_replica = args.max_num_seqs or EngineConfig().max_num_seqs
+    devices = math.prod(parse_mesh(args.mesh).values()) if args.mesh else 1
+    return per_replica * devices
+
+
 def serve(args, make_llm) -> int:
     """`jaxserve serve`: start, load, serve until SIGTERM/SIGINT, drain, exit 0."""
     handler = logging.StreamHandler(sys.stderr)
@@ -288,7 +300,7 @@ def serve(args, make_llm) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = Server(args.host, args.port, metrics_port=args.metrics_port,
                     max_queue=args.max_queue,
-                    max_workers=args.max_num_seqs + args.max_queue + 16,
+                    max_workers=_decoding_streams(args) + args.max_queue + 16,
                     max_message_bytes=args.max_message_bytes, step_delay=args.step_delay)
     try:
         server.start()

@@ -70,10 +70,7 @@ def test_a_step_with_prefill_chunks_and_decodes_runs_one_program(llm):
 def _temp_bytes(llm, shape):
     runner = llm.runner
     inputs = llm.engine.builder.idle(*shape)
-    runner.step(inputs)  # compiles
-    compiled = runner._programs["step"].lower(runner.param_leaves, runner.kv, runner.slot_state,
-                                             inputs).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return runner.compiled_step(inputs).memory_analysis().temp_size_in_bytes
 
 
 @pytest.fixture(scope="module")

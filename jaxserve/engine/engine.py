@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import time
 from typing import Any
 
@@ -271,11 +272,8 @@ class Engine:
     # ---- warm-up and stats ----
     def warmup(self) -> int:
         """Compile every step shape the engine can use; returns how many were compiled."""
-        before = self.runner.compilations
-        for decode_rows, prefill_tokens in self.builder.shapes():
-            self.runner.step(self.builder.idle(decode_rows, prefill_tokens))
-        np.asarray(self.runner.slot_state.last_token)
-        return self.runner.compilations - before
+        shapes = [self.builder.idle(d, p) for d, p in self.builder.shapes()]
+        return self.runner.compile_steps(shapes, threads=os.cpu_count() or 1)
 
     @property
     def kv_blocks_used(self) -> int:

@@ -28,12 +28,14 @@ HOST_FRACTION = 0.25
 
 def bytes_per_block_per_device(spec: CacheSpec, block_size: int, layout: Layout) -> float:
     """Bytes one block takes on one device (the rules decide how the pool splits)."""
-    split = 1
-    for name in spec.buffers:
+    total = 0.0
+    for name, buf in spec.buffers.items():
         shape = spec.pool_shape(name, 1, block_size)
-        axes = spec.pool_axes(name)[1:]  # a block's own split (not the kv_blocks axis)
-        split = layout.split_factor(layout.spec((None,) + axes, shape, "KV cache"))
-    return spec.bytes_per_block(block_size) / split
+        # a block's own split: every axis but kv_blocks (which places blocks, not bytes)
+        axes = tuple(None if a == "kv_blocks" else a for a in spec.pool_axes(name))
+        split = layout.split_factor(layout.spec(axes, shape, "KV cache"))
+        total += spec.num_layers * block_size * buf.nbytes_per_token() / split
+    return total
 
 
 def _host_available_bytes() -> int:

@@ -9,6 +9,7 @@ block allocator). It never sees a request object.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -48,8 +49,8 @@ class ModelRunner:
         self.layout = layout
         self.kv = kv
         self.compilations = 0
-        self._programs: dict[Any, Any] = {}
-        self._compiled_shapes: set[tuple] = set()
+        self._programs: dict[Any, Any] = {}  # kind -> the jitted function
+        self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
 
     @property
     def block_size(self) -> int:
@@ -73,15 +74,13 @@ class ModelRunner:
         # is tokens or rows, laid out replica after replica, so it splits like `batch`.
         return self._sharding("batch", 1, "step input")
 
-    def _count(self, key, tokens, metadata: AttentionMetadata) -> None:
-        # Every input's shape follows from these; counting on them costs ~1 us per step.
-        shapes = (key, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
-        if shapes not in self._compiled_shapes:
-            self._compiled_shapes.add(shapes)
-            self.compilations += 1
+    @staticmethod
+    def _shape_key(kind: str, inputs) -> tuple:
+        # Every input's shape follows from these; the key costs ~1 us per step.
+        tokens, metadata = (inputs.tokens, inputs.metadata) if kind == "step" else inputs
+        return (kind, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
 
-    def step(self, inputs: StepInputs) -> StepOutputs:
-        """Dispatch one step (prefill chunks and decodes together); returns without waiting."""
+    def _step_program(self):
         if "step" not in self._programs:
             self._programs["step"] = jax.jit(
                 functools.partial(_step, self.graphdef, self._param_treedef, self.layout),
@@ -90,14 +89,52 @@ class ModelRunner:
                               _shardings(self.slot_state), self._input_sharding()),
                 out_shardings=(self.layout.replicated(), self.kv.shardings(),
                                _shardings(self.slot_state)))
-        self._count("step", inputs.tokens, inputs.metadata)
-        outputs, self.kv, self.slot_state = self._programs["step"](self.param_leaves, self.kv,
-                                                                   self.slot_state, inputs)
+        return self._programs["step"]
+
+    def _executable(self, kind: str, inputs):
+        """The compiled program for these inputs' shapes (compiled now if it is new)."""
+        key = self._shape_key(kind, inputs)
+        executable = self._compiled.get(key)
+        if executable is None:
+            executable = self._compile(kind, inputs)
+            self._compiled[key] = executable
+            self.compilations += 1
+        return executable
+
+    def _compile(self, kind: str, inputs):
+        if kind == "step":
+            return self._step_program().lower(self.param_leaves, self.kv, self.slot_state,
+                                              inputs).compile()
+        return self._forward_program().lower(self.param_leaves, self.kv, inputs).compile()
+
+    def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
+        """Compile the step programs for these inputs' shapes ahead of use, `threads` at a time
+        (XLA compiles outside the GIL, so on a multi-core host this divides warm-up time).
+        Returns how many were new."""
+        todo = {}
+        for inputs in shapes_inputs:
+            key = self._shape_key("step", inputs)
+            if key not in self._compiled:
+                todo[key] = inputs
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+            compiled = list(pool.map(lambda inputs: self._compile("step", inputs),
+                                     todo.values()))
+        self._compiled.update(zip(todo, compiled))
+        self.compilations += len(todo)
+        return len(todo)
+
+    def compiled_step(self, inputs: StepInputs):
+        """The compiled step program for these inputs' shapes (`memory_analysis()`, `as_text()`
+        show what it allocates and does)."""
+        return self._executable("step", inputs)
+
+    def step(self, inputs: StepInputs) -> StepOutputs:
+        """Dispatch one step (prefill chunks and decodes together); returns without waiting."""
+        outputs, self.kv, self.slot_state = self._executable("step", inputs)(
+            self.param_leaves, self.kv, self.slot_state, inputs)
         return outputs
 
-    def forward(self, tokens: np.ndarray, metadata: AttentionMetadata) -> jax.Array:
-        """Logits of every token of a prefill-only step (the `LLM.logits` program): float32
-        [tokens, vocab_rows]. Writes the tokens' KV into their blocks."""
+    def _forward_program(self):
         if "forward" not in self._programs:
             self._programs["forward"] = jax.jit(
                 functools.partial(_forward, self.graphdef, self._param_treedef, self.layout),
@@ -106,9 +143,13 @@ class ModelRunner:
                               self._input_sharding()),
                 out_shardings=(self.layout.sharding(("batch", "vocab"), (
                     self.num_replicas, self.config.vocab_rows), "logits"), self.kv.shardings()))
-        self._count("forward", tokens, metadata)
-        logits, self.kv = self._programs["forward"](self.param_leaves, self.kv,
-                                                    (tokens, metadata))
+        return self._programs["forward"]
+
+    def forward(self, tokens: np.ndarray, metadata: AttentionMetadata) -> jax.Array:
+        """Logits of every token of a prefill-only step (the `LLM.logits` program): float32
+        [tokens, vocab_rows]. Writes the tokens' KV into their blocks."""
+        inputs = (tokens, metadata)
+        logits, self.kv = self._executable("forward", inputs)(self.param_leaves, self.kv, inputs)
         return logits
 
     def init_slots(self, num_slots: int) -> None:

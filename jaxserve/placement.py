@@ -5,8 +5,8 @@ splits `vocab` and the heads over mesh axes, and those sizes need not divide: a 
 vocabulary at tp=2, or 2 KV heads at tp=8. `fit_to_layout` returns the config the devices hold:
 
 - the vocabulary padded up to a multiple of the mesh axes that split it (`padded_vocab_size`);
-  the embedding's extra rows and the LM head's extra columns are zero, and the model gives their
-  logits -inf, so no padding id is ever sampled or reported;
+  the extra rows of the embedding and of the LM head (both [vocab, embed]) are zero, and the
+  model gives their logits -inf, so no padding id is ever sampled or reported;
 - each KV head repeated `kv_head_copies` times when there are fewer KV heads than the mesh axes
   that split the heads. With `np.repeat` along the head axis, stored head j holds original head
   j // copies. Device i of t holds stored head i and query heads [i*h/t, (i+1)*h/t), and those

@@ -5,8 +5,8 @@ A step is one program (see jaxserve/ops/attention.py for the token layout): per 
 decode and per prefill chunk. The shape of a step is the pair (decode_rows, prefill_tokens),
 each rounded up to a bucket, so a handful of programs serve every mix:
 
-- decode-only steps: decode_rows in powers of two up to max_num_seqs;
-- steps with prefill: prefill_tokens in tiles x powers of two up to max_num_batched_tokens, and
+- decode-only steps: decode_rows in 1, 4, 8, 16, ... up to max_num_seqs;
+- steps with prefill: prefill_tokens in 2, 4, 8, ... tiles up to max_num_batched_tokens, and
   decode_rows in a coarser set (0, a small bucket, max_num_seqs): a few padded decode rows cost
   little next to a prefill chunk, and each extra bucket is a program to compile.
 
@@ -58,11 +58,13 @@ class StepBuilder:
         self.vocab_rows = vocab_rows
         self.eos_ids = eos_ids
         self.max_prefill_rows = max_prefill_rows
-        self.decode_buckets = powers_of_two(max_num_seqs)
+        # 2 and 3 decodes pad to 4, a prefill of one tile to two: the weight products cost the
+        # same at those sizes, and each bucket dropped is a program less to compile.
+        self.decode_buckets = [1] + powers_of_two(max_num_seqs, start=4)
         self.mixed_decode_buckets = sorted({0, min(SMALL_MIXED_DECODES, self.decode_buckets[-1]),
                                             self.decode_buckets[-1]})
         self.prefill_buckets = [QUERY_TILE * n for n in
-                                powers_of_two(-(-max_num_batched_tokens // QUERY_TILE))]
+                                powers_of_two(-(-max_num_batched_tokens // QUERY_TILE), start=2)]
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (decode_rows, prefill_tokens) a step can have."""

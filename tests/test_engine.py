@@ -217,6 +217,8 @@ def test_kv_pool_settings_are_validated(llama):
         LLM(model_dir, kv_memory_fraction=1.5)
     with pytest.raises(ValueError, match="max_num_seqs must be a positive integer, got 0"):
         LLM(model_dir, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be at least 16 .*got 8"):
+        LLM(model_dir, max_num_batched_tokens=8)
 
 
 def test_default_pool_follows_memory_and_lowers_max_model_len_to_fit(llama):

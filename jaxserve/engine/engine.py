@@ -39,6 +39,8 @@ from jaxserve.sampling_params import SamplingParams
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """Limits of one step, per DP replica (a replica is one shard of the KV pool)."""
+
     max_num_seqs: int = 32  # sequences decoding at once (device slots)
     max_num_batched_tokens: int = 512  # tokens per step, prefill chunks plus decodes
     max_prefill_chunk: int = 256  # longest prefill chunk of one sequence in one step
@@ -50,6 +52,9 @@ class EngineConfig:
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < QUERY_TILE:
+            raise ValueError(f"max_num_batched_tokens must be at least {QUERY_TILE} (one prefill "
+                             f"query tile), got {self.max_num_batched_tokens}")
 
 
 @dataclasses.dataclass

@@ -74,3 +74,13 @@ def test_bad_input_file_fails_before_loading_with_line_and_field(tmp_path):
 def test_bad_flags_are_reported_by_name(args, named):
     result = jaxserve("generate", *args, check=False)
     assert result.returncode == 2 and named in result.stderr
+
+
+def test_engine_flags_reach_the_engine_and_bad_ones_are_named():
+    default = jaxserve("generate", "--prompt", "def ", "--max-tokens", "12", "--temperature", "0")
+    tuned = jaxserve("generate", "--prompt", "def ", "--max-tokens", "12", "--temperature", "0",
+                     "--max-num-batched-tokens", "32", "--block-size", "8", "--kv-blocks", "70",
+                     "--max-num-seqs", "2", "--max-model-len", "256")
+    assert tuned.stdout == default.stdout  # settings change the schedule, never the tokens
+    bad = jaxserve("generate", "--prompt", "def ", "--max-num-batched-tokens", "8", check=False)
+    assert bad.returncode != 0 and "max_num_batched_tokens must be at least 16" in bad.stderr

@@ -1,9 +1,10 @@
 """Checkpoints: import from HF safetensors, our orbax format, and restore straight into shardings.
 
 Our format (`checkpoints/README.md`): `DIR/config.json` (a `ModelConfig`), the tokenizer when the
-model has one (`tokenizer.model` for sentencepiece and/or `tokenizer.json` for HF tokenizers, with
-`tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) and `DIR/params/` (an orbax checkpoint of the parameter
-tree, keyed by the model's own parameter names, e.g. `layers/3/attn/q_proj`).
+model has one (`tokenizer.model` for sentencepiece or `tokenizer.json` for HF tokenizers, with
+`tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) and `DIR/params/` (an
+orbax checkpoint of the parameter tree, keyed by the model's own parameter names, e.g.
+`layers/3/attn/q_proj`).
 
 Checkpoints always hold the model's own shapes (`vocab_size` rows, `num_kv_heads` KV heads).
 Restoring fits the model to the layout (`jaxserve.placement`: vocabulary padded, KV heads repeated

@@ -450,7 +450,8 @@ def chat_template_of(model_dir: str | os.PathLike[str]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{where}: chat_template must be a string, got {type(template).__name__}")
+        raise ValueError(
+            f"{where}: chat_template must be a string, got {type(template).__name__}")
     return template
 
 

@@ -283,7 +283,7 @@ def test_sentencepiece_checkpoint_still_loads_with_the_same_ids(tmp_path):
 
 # -- a converted checkpoint with the HF tokenizer -------------------------------------------
 
-CHAIN = ["Hello", "Ġworld", "!"]  # the bigram model's greedy output, then EOT
+CHAIN = ["The", "Ġquick", "Ġbrown"]  # the bigram model's greedy output, then EOT
 
 
 @pytest.fixture(scope="module")
@@ -352,7 +352,7 @@ def test_generate_text_and_stop_at_the_second_eos_id(llm):
     assert out.prompt_token_ids[0] == BOS
     c = out.outputs[0]
     assert c.token_ids[-1] == EOT and len(c.token_ids) == 4
-    assert (c.text, c.finish_reason) == ("Hello world!", "stop")
+    assert (c.text, c.finish_reason) == ("The quick brown", "stop")
     # ignore_eos: the same chain goes on past EOT until max_tokens
     c = llm.generate("some text", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                      use_tqdm=False)[0].outputs[0]
@@ -369,7 +369,7 @@ def test_chat_uses_exactly_the_rendered_prompt_ids(llm, ref):
         assert out.prompt == rendered
         ids = ref.encode(rendered, add_special_tokens=False)
         assert out.prompt_token_ids == ids and ids.count(BOS) == 1 and ids[0] == BOS
-        assert (out.outputs[0].text, out.outputs[0].finish_reason) == ("Hello world!", "stop")
+        assert (out.outputs[0].text, out.outputs[0].finish_reason) == ("The quick brown", "stop")
     # one conversation, and a user template
     out = llm.chat(CONVERSATIONS[1], SamplingParams(temperature=0, max_tokens=8),
                    chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}",

@@ -224,9 +224,13 @@ class HFIncrementalDetokenizer:
         self._pending = pending
         if use_decode_stream is None:
             use_decode_stream = DecodeStream is not None
+        self._stream = None
         if use_decode_stream:
-            self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
-        else:
+            try:
+                self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+            except TypeError:  # an older DecodeStream that takes no initial ids
+                pass
+        if self._stream is None:
             self._stream = _PrefixOffsetStream(tokenizer, context, skip_special_tokens)
         if pending:
             self._stream.step(tokenizer._tk, list(pending))

@@ -492,7 +492,8 @@ def load_tokenizer(model_dir: str | os.PathLike[str], config: object = None):
         from jaxserve.tokenizer_hf import HFTokenizer
 
         tok = HFTokenizer(hf_path, bos_token_id=bos, eos_token_ids=eos, chat_template=template,
-                          special_tokens_map=specials)
+                          special_tokens_map=specials,
+                          model_vocab_size=getattr(config, "vocab_size", None))
         return tok
     add_bos = tc.get("add_bos_token", True)
     if isinstance(bos, str) or any(isinstance(e, str) for e in eos):

@@ -52,6 +52,7 @@ class HFTokenizer:
         eos_token_ids: Sequence[int | str] | None = None,
         chat_template: str | None = None,
         special_tokens_map: dict[str, str] | None = None,
+        model_vocab_size: int | None = None,
     ) -> None:
         path = Path(path)
         if not path.is_file():
@@ -63,6 +64,9 @@ class HFTokenizer:
         self._tk = tk
         self._path = path
         self._vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        # A model may have more embedding rows than the tokenizer has tokens (Qwen pads them):
+        # ids up to the model's vocabulary are valid and decode to nothing, as in transformers.
+        self._id_limit = max(self._vocab_size, model_vocab_size or 0)
         # Ids, or token strings (as tokenizer_config.json names them) looked up here.
         self._bos_id = None if bos_token_id is None else self._check_id(bos_token_id,
                                                                         "bos_token_id")
@@ -134,7 +138,7 @@ class HFTokenizer:
         return self._decode_window(ids, skip_special_tokens)
 
     def id_to_piece(self, token_id: int) -> str:
-        return self._tk.id_to_token(self._check_id(token_id, "token id"))
+        return self._tk.id_to_token(self._check_id(token_id, "token id")) or ""
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
@@ -155,8 +159,8 @@ class HFTokenizer:
         except TypeError:
             raise TypeError(
                 f"{what} must be an int, got {type(token_id).__name__}: {token_id!r}") from None
-        if not 0 <= i < self._vocab_size:
-            raise ValueError(f"{what} {i} is out of range [0, {self._vocab_size})")
+        if not 0 <= i < self._id_limit:
+            raise ValueError(f"{what} {i} is out of range [0, {self._id_limit})")
         return i
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:

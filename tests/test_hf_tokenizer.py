@@ -157,6 +157,21 @@ def test_decode_errors_name_the_bad_id(tok):
         tok.encode(b"x")
 
 
+def test_ids_past_the_tokenizer_up_to_the_model_vocabulary_decode_to_nothing(tok_dir, tok):
+    class Config:
+        vocab_size, bos_token_id, eos_token_ids = tok.vocab_size + 8, None, ()
+
+    padded = load_tokenizer(tok_dir, Config())
+    assert padded.vocab_size == tok.vocab_size
+    ids = tok.encode("naïve 🙂", add_bos=False)
+    extra = tok.vocab_size + 7
+    assert padded.decode([extra, *ids, extra]) == "naïve 🙂"
+    det = padded.incremental()
+    assert "".join(stream(det, [extra, *ids[:2], extra, *ids[2:]])) == "naïve 🙂"
+    with pytest.raises(ValueError, match=f"{tok.vocab_size + 8} is out of range"):
+        padded.decode([tok.vocab_size + 8])
+
+
 # -- streaming ------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ Never imports jax or anything else from jaxserve but the tokenizer base.
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -81,6 +82,12 @@ class HFTokenizer:
         self._special_ids = frozenset(
             {i for i, t in added.items() if t.special}
             | {i for i in (self._bos_id, *self._eos_ids) if i is not None})
+        # Byte-fallback pieces ("<0xE4>") when the decoder has a ByteFallback step.
+        decoder = json.loads(tk.to_str()).get("decoder") or {}
+        self._byte_ids = frozenset(
+            i for piece, i in tk.get_vocab(with_added_tokens=False).items()
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+        ) if '"ByteFallback"' in json.dumps(decoder) else frozenset()
         default = tk.encode("", add_special_tokens=True).ids
         self._add_bos = self._bos_id is not None and default[:1] == [self._bos_id]
         self.chat_template = chat_template
@@ -174,40 +181,89 @@ class HFTokenizer:
 
 
 class _PrefixOffsetStream:
-    """`DecodeStream`'s technique for `tokenizers` versions without it: ``step`` returns the
-    new text, or None while the window's decode ends in an unfinished character."""
+    """vLLM's prefix-offset/read-offset technique: ``ids[prefix:read]`` is text already emitted,
+    kept as left context; a step decodes ``ids[prefix:cut]`` and ``ids[prefix:read]`` and
+    returns the difference (or None), then slides the window. ``cut`` leaves out what may still
+    change: a trailing run of byte-fallback tokens (the ``ByteFallback`` decoder turns a whole
+    run into U+FFFD once one byte of it is invalid, so a run is final only when a non-byte token
+    ends it), and a decode ending in U+FFFD (an unfinished character of byte-level BPE)."""
 
-    def __init__(self, tok: HFTokenizer, ids: list[int], skip_special_tokens: bool) -> None:
+    def __init__(self, tok: HFTokenizer, context: list[int], skip_special_tokens: bool) -> None:
         self._tok, self._skip = tok, skip_special_tokens
-        self._ids = list(ids)
+        self._ids = list(context)
         self._prefix, self._read = 0, len(self._ids)
 
-    def step(self, _tk, token_ids: list[int]) -> str | None:
-        self._ids.extend(token_ids)
+    def step(self, token_ids: list[int]) -> str | None:
+        ids = self._ids
+        ids.extend(token_ids)
+        cut = len(ids)
+        while cut > self._read and ids[cut - 1] in self._tok._byte_ids:
+            cut -= 1
+        if cut <= self._read:
+            return None
         decode = self._tok._decode_window
-        emitted = decode(self._ids[self._prefix:self._read], self._skip)
-        text = decode(self._ids[self._prefix:], self._skip)
+        emitted = decode(ids[self._prefix:self._read], self._skip)
+        text = decode(ids[self._prefix:cut], self._skip)
         if len(text) <= len(emitted) or text.endswith(REPLACEMENT):
             return None
-        del self._ids[:self._prefix]
-        self._prefix, self._read = self._read - self._prefix, len(self._ids)
+        del ids[:self._prefix]  # slide: the new chunk becomes the left context
+        self._prefix, self._read = self._read - self._prefix, cut - self._prefix
         return text[len(emitted):]
+
+    def flush(self) -> str:
+        ids, decode = self._ids, self._tok._decode_window
+        if len(ids) <= self._read:
+            return ""
+        emitted = decode(ids[self._prefix:self._read], self._skip)
+        self._read = len(ids)
+        return decode(ids[self._prefix:], self._skip)[len(emitted):]
+
+
+class _RustStream:
+    """`tokenizers.decoders.DecodeStream` plus the flush it lacks: a step that returns nothing
+    leaves its ids pending, and flush decodes them after a few emitted ids as left context."""
+
+    _CONTEXT = 4
+
+    def __init__(self, tok: HFTokenizer, context: list[int], skip_special_tokens: bool) -> None:
+        self._tok, self._skip = tok, skip_special_tokens
+        self._stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+        self._context = list(context)[-self._CONTEXT:]
+        self._pending: list[int] = []
+
+    def step(self, token_ids: list[int]) -> str | None:
+        delta = self._stream.step(self._tok._tk, token_ids)  # raises before any change
+        self._pending.extend(token_ids)
+        if delta is not None:
+            self._context = (self._context + self._pending)[-self._CONTEXT:]
+            self._pending = []
+        return delta
+
+    def flush(self) -> str:
+        if not self._pending:
+            return ""
+        decode = self._tok._decode_window
+        before = decode(self._context, self._skip)
+        delta = decode(self._context + self._pending, self._skip)[len(before):]
+        self._pending = []
+        return delta
 
 
 class HFIncrementalDetokenizer:
     """Streams text deltas for generated ids; never emits half a character.
 
-    Special ids are dropped *before* they reach the stream when skipping them. A step that
-    returns nothing leaves its ids pending; ``flush()`` decodes the pending ids after a few
-    already-emitted ones (the left context, so a leading space or the decoder's start-of-text
-    rule comes out as in the full decode).
+    Special ids are dropped *before* they reach the stream when skipping them. The stream is
+    `DecodeStream` (Rust) when the installed `tokenizers` has it and the decoder is not
+    ``ByteFallback`` (whose decode of a byte run can change when the run grows, which
+    `DecodeStream` reports as an error), else `_PrefixOffsetStream`; ``use_decode_stream``
+    forces the choice (tests).
 
     With ``prompt_ids`` the last few prompt tokens are the initial context (the first generated
     token gets its leading space as in ``decode(prompt + generated)``); a prompt ending inside a
     character leaves those ids pending, so the generation completes the character and emits it.
     """
 
-    _CONTEXT = 4  # tokens of left context
+    _CONTEXT = 4  # prompt tokens of left context
 
     def __init__(self, tokenizer: HFTokenizer, prompt_ids: Sequence[int] = (), *,
                  skip_special_tokens: bool = True, use_decode_stream: bool | None = None) -> None:
@@ -224,20 +280,18 @@ class HFIncrementalDetokenizer:
         if pending and tokenizer._decode_window(context, skip_special_tokens).endswith(
                 REPLACEMENT):  # an invalid byte run, not an unfinished char: keep it as context
             context, pending = context + pending, []
-        self._context = context
-        self._pending = pending
         if use_decode_stream is None:
-            use_decode_stream = DecodeStream is not None
-        self._stream = None
+            use_decode_stream = DecodeStream is not None and not tokenizer._byte_ids
+        self._stream: _RustStream | _PrefixOffsetStream | None = None
         if use_decode_stream:
             try:
-                self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+                self._stream = _RustStream(tokenizer, context, skip_special_tokens)
             except TypeError:  # an older DecodeStream that takes no initial ids
                 pass
         if self._stream is None:
             self._stream = _PrefixOffsetStream(tokenizer, context, skip_special_tokens)
         if pending:
-            self._stream.step(tokenizer._tk, list(pending))
+            self._stream.step(list(pending))
         self.token_ids: list[int] = []  # every generated id, specials included
         self.text = ""  # every delta emitted so far
         self._flushed = False
@@ -251,12 +305,16 @@ class HFIncrementalDetokenizer:
         ids = [i for i in ids if i not in self._hidden]
         if not ids:
             return ""
-        self._pending.extend(ids)
-        delta = self._stream.step(self._tok._tk, ids)
+        try:
+            delta = self._stream.step(ids)
+        except Exception:  # DecodeStream found its text changed: go on with the Python stream
+            if not isinstance(self._stream, _RustStream):
+                raise
+            rust = self._stream
+            self._stream = _PrefixOffsetStream(self._tok, rust._context, self._skip)
+            delta = self._stream.step(rust._pending + ids)
         if delta is None:
             return ""
-        self._context = (self._context + self._pending)[-self._CONTEXT:]
-        self._pending = []
         self.text += delta
         return delta
 
@@ -266,11 +324,6 @@ class HFIncrementalDetokenizer:
         if self._flushed:
             return ""
         self._flushed = True
-        if not self._pending:
-            return ""
-        decode = self._tok._decode_window
-        before = decode(self._context, self._skip)
-        delta = decode(self._context + self._pending, self._skip)[len(before):]
-        self._pending = []
+        delta = self._stream.flush()
         self.text += delta
         return delta

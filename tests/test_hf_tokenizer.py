@@ -15,7 +15,7 @@ import pytest
 
 from jaxserve.chat import ChatTemplateError, render_chat, validate_conversations
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
-from jaxserve.tokenizer_hf import HFIncrementalDetokenizer, HFTokenizer
+from jaxserve.tokenizer_hf import HFIncrementalDetokenizer, HFTokenizer, _PrefixOffsetStream
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|eot_id|>"]
@@ -240,6 +240,58 @@ def test_stream_with_prompt_context_matches_decode_of_the_whole(tok):
         full, head = tok.decode(both), tok.decode(both[:cut])
         text = "".join(stream(det, both[cut:]))
         assert (head.rstrip(REPLACEMENT) + text) == full, cut
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tok(tmp_path_factory) -> HFTokenizer:
+    """A Llama-2-style tokenizer.json (Metaspace, byte-fallback pieces "<0xE4>", a decoder that
+    strips the first space): transformers' conversion of a sentencepiece model trained here."""
+    import transformers
+
+    from jaxserve.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("byte_fallback")
+    corpus = root / "c.txt"
+    corpus.write_text("\n".join(CORPUS) * 3, encoding="utf-8")
+    src = root / "sp"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(train_tokenizer([corpus], root / "m", 600).read_bytes())
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "legacy": False}))
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(root / "hf")
+    (root / "hf" / "tokenizer.model").unlink(missing_ok=True)
+    tok = load_tokenizer(root / "hf")
+    assert isinstance(tok, HFTokenizer) and len(tok._byte_ids) == 256
+    return tok
+
+
+def test_byte_fallback_runs_are_held_until_final(byte_fallback_tok):
+    # The ByteFallback decoder turns a whole run of byte pieces into U+FFFD once one byte is
+    # invalid ("<0x6C>" alone is "l", followed by "<0x80>" it is not), so a run is only emitted
+    # when a non-byte piece ends it; DecodeStream would raise on such input.
+    tok = byte_fallback_tok
+    det = tok.incremental()
+    assert isinstance(det._stream, _PrefixOffsetStream)
+    rng = random.Random(1)
+    switched = 0
+    for trial in range(200):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
+        skip = trial % 2 == 0
+        det = tok.incremental(skip_special_tokens=skip)
+        check_deltas(stream(det, ids), tok.decode(ids, skip_special_tokens=skip))
+        # Forced onto DecodeStream, such input makes it raise: the stream goes on in Python.
+        forced = HFIncrementalDetokenizer(tok, skip_special_tokens=skip, use_decode_stream=True)
+        assert isinstance("".join(stream(forced, ids)), str)
+        switched += isinstance(forced._stream, _PrefixOffsetStream)
+    assert switched > 0
+    for text in TEXTS:
+        ids = tok.encode(text)
+        check_deltas(stream(tok.incremental(), ids), tok.decode(ids))
+        prompt = tok.encode("Hi")
+        det = tok.incremental(prompt)
+        gen = tok.encode(text, add_bos=False)
+        assert tok.decode(prompt) + "".join(stream(det, gen)) == tok.decode(prompt + gen)
 
 
 # -- chat rendering against transformers ----------------------------------------------------

@@ -11,7 +11,10 @@ Incremental detokenization gives the sentencepiece backend's guarantees: a delta
 of a UTF-8 character (byte-level BPE tokens can end mid-character), and the deltas plus
 ``flush()`` equal ``decode`` of the generated ids. The per-token work is
 `tokenizers.decoders.DecodeStream` (vLLM's prefix-offset/read-offset technique, in Rust) when the
-installed `tokenizers` has it, else the same technique here; `flush()` releases what the stream
+installed `tokenizers` has it, else the same technique here -- which is also used for decoders
+with a ``ByteFallback`` step (Llama-2-style `tokenizer.json`): there a run of byte pieces is held
+until a non-byte piece ends it, because one invalid byte turns the whole run into U+FFFD (so a
+newline written as ``<0x0A>`` comes out with the next token). `flush()` releases what the stream
 still holds (an unfinished character, as U+FFFD, exactly as `decode` shows it).
 
 `decode` never applies transformers' ``clean_up_tokenization_spaces`` heuristic: it would make
@@ -22,7 +25,6 @@ Never imports jax or anything else from jaxserve but the tokenizer base.
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 from collections.abc import Iterable, Sequence
@@ -83,11 +85,11 @@ class HFTokenizer:
             {i for i, t in added.items() if t.special}
             | {i for i in (self._bos_id, *self._eos_ids) if i is not None})
         # Byte-fallback pieces ("<0xE4>") when the decoder has a ByteFallback step.
-        decoder = json.loads(tk.to_str()).get("decoder") or {}
+        decoder = tk.decoder.__getstate__() if tk.decoder is not None else b""
         self._byte_ids = frozenset(
             i for piece, i in tk.get_vocab(with_added_tokens=False).items()
             if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
-        ) if '"ByteFallback"' in json.dumps(decoder) else frozenset()
+        ) if b'"ByteFallback"' in decoder else frozenset()
         default = tk.encode("", add_special_tokens=True).ids
         self._add_bos = self._bos_id is not None and default[:1] == [self._bos_id]
         self.chat_template = chat_template

@@ -331,6 +331,24 @@ def test_chat_template_errors_and_message_validation():
         validate_conversations([])
 
 
+def test_chat_template_file_wins_and_named_templates(tok_dir, tmp_path):
+    from jaxserve.tokenizer import chat_template_of
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((tok_dir / name).read_bytes())
+    assert chat_template_of(d) == TEMPLATE
+    (d / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    assert load_tokenizer(d).chat_template == "{{ messages[0]['content'] }}"
+    (d / "chat_template.jinja").unlink()
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "T"},
+                               {"name": "default", "template": "D"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    assert chat_template_of(d) == "D"
+
+
 def test_sentencepiece_checkpoint_still_loads_with_the_same_ids(tmp_path):
     from jaxserve.tokenizer import train_tokenizer
 
@@ -384,6 +402,7 @@ def checkpoint(tok_dir, tok, tmp_path_factory):
     model.save_pretrained(hf_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (hf_dir / name).write_bytes((tok_dir / name).read_bytes())
+    (hf_dir / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
     # after save_pretrained, which writes its own generation_config.json
     (hf_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": BOS, "eos_token_id": [END_OF_TEXT, EOT]}))
@@ -401,7 +420,8 @@ def llm(checkpoint):
 
 
 def test_convert_copies_the_tokenizer_files(checkpoint, tok_dir):
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                 "chat_template.jinja"):
         assert (checkpoint / name).is_file(), name
     assert not (checkpoint / "tokenizer.model").exists()
     assert json.loads((checkpoint / "config.json").read_text())["eos_token_ids"] == [

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.checkpoint import TOKENIZER_FILE, restore_model
+from jaxserve.checkpoint import restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -74,12 +74,9 @@ class LLM:
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
                            self.layout)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv)
-        self.tokenizer = None
-        if (self.model_dir / TOKENIZER_FILE).is_file():
-            from jaxserve.tokenizer import Tokenizer
-            self.tokenizer = Tokenizer(self.model_dir / TOKENIZER_FILE,
-                                       bos_token_id=self.config.bos_token_id,
-                                       eos_token_ids=self.config.eos_token_ids or None)
+        from jaxserve.tokenizer import load_tokenizer
+        # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
+        self.tokenizer = load_tokenizer(self.model_dir, self.config)
         self.engine = Engine(self.runner, self.config, self.max_model_len, engine_config,
                              self.tokenizer)
         self._request_ids = itertools.count()
@@ -116,9 +113,11 @@ class LLM:
         return [int(t) for t in token_ids]
 
     # ---- generation ----
-    def _prepare(self, prompts, sampling_params) -> list[tuple[list[int], str | None,
-                                                                  SamplingParams]]:
-        """Validate every prompt and its params before any request is queued."""
+    def _prepare(self, prompts, sampling_params, *, add_special_tokens: bool = True
+                 ) -> list[tuple[list[int], str | None, SamplingParams]]:
+        """Validate every prompt and its params before any request is queued. Text prompts are
+        encoded with the tokenizer's special tokens (BOS), or without any when
+        `add_special_tokens` is False (chat: the template writes them)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -139,9 +138,10 @@ class LLM:
                 if not prompt:
                     raise ValueError(f"prompt {i} is empty")
                 if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is text but the model has no tokenizer.model; "
-                                     "give token ids")
-                ids, text = self.tokenizer.encode(prompt), prompt
+                    raise ValueError(f"prompt {i} is text but the model has no tokenizer "
+                                     "(tokenizer.json or tokenizer.model); give token ids")
+                ids = self.tokenizer.encode(prompt, add_bos=None if add_special_tokens else False)
+                text = prompt
             else:
                 ids, text = prompt, None
             ids = self.validate_token_ids(ids, f"prompt {i}")
@@ -152,7 +152,9 @@ class LLM:
     def generate_stream(self, prompts, sampling_params=None, use_tqdm: bool = False
                         ) -> Iterator[tuple[int, RequestOutput]]:
         """Yield (input index, output) as each request finishes."""
-        prepared = self._prepare(prompts, sampling_params)
+        return self._stream(self._prepare(prompts, sampling_params), use_tqdm)
+
+    def _stream(self, prepared, use_tqdm: bool) -> Iterator[tuple[int, RequestOutput]]:
         ids = {}
         try:
             for i, (token_ids, text, params) in enumerate(prepared):
@@ -184,6 +186,40 @@ class LLM:
         """Generate for every prompt; outputs in input order."""
         results: dict[int, RequestOutput] = dict(self.generate_stream(prompts, sampling_params,
                                                                       use_tqdm))
+        return [results[i] for i in range(len(results))]
+
+    # ---- chat ----
+    def render_chat(self, messages, add_generation_prompt: bool = True,
+                    chat_template: str | None = None) -> list[str]:
+        """The prompt text of each conversation (one conversation, a list of message dicts, or
+        a list of them), rendered with `chat_template` or the checkpoint's template."""
+        from jaxserve.chat import render_chat, validate_conversations
+
+        conversations, _ = validate_conversations(messages)
+        if chat_template is None:
+            chat_template = getattr(self.tokenizer, "chat_template", None)
+            if chat_template is None:
+                raise ValueError(
+                    f"checkpoint {self.model_dir} has no chat template (neither "
+                    "tokenizer_config.json's 'chat_template' nor chat_template.jinja); give "
+                    "chat_template=...")
+        special = getattr(self.tokenizer, "special_tokens_map", None) or {}
+        return [render_chat(chat_template, c, add_generation_prompt=add_generation_prompt,
+                            special_tokens=special) for c in conversations]
+
+    def chat(self, messages, sampling_params=None, add_generation_prompt: bool = True,
+             chat_template: str | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to conversations: `messages` is one conversation (a list of
+        {"role": "system"|"user"|"assistant"|"tool", "content": str} dicts) or a list of them.
+        Each is rendered with the checkpoint's chat template (or `chat_template`) as
+        transformers' apply_chat_template renders it, tokenized without adding special tokens
+        (the template writes BOS), then generated as `generate` does; outputs in input order."""
+        if self.tokenizer is None:
+            raise ValueError(f"checkpoint {self.model_dir} has no tokenizer (tokenizer.json or "
+                             "tokenizer.model): chat needs one")
+        texts = self.render_chat(messages, add_generation_prompt, chat_template)
+        prepared = self._prepare(texts, sampling_params, add_special_tokens=False)
+        results = dict(self._stream(prepared, use_tqdm))
         return [results[i] for i in range(len(results))]
 
     def warmup(self) -> int:

@@ -1,8 +1,10 @@
 """Checkpoints: import from HF safetensors, our orbax format, and restore straight into shardings.
 
-Our format (`checkpoints/README.md`): `DIR/config.json` (a `ModelConfig`), `DIR/tokenizer.model`
-(sentencepiece, when the model has one) and `DIR/params/` (an orbax checkpoint of the parameter
-tree, keyed by the model's own parameter names, e.g. `layers/3/attn/q_proj`).
+Our format (`checkpoints/README.md`): `DIR/config.json` (a `ModelConfig`), the tokenizer when the
+model has one (`tokenizer.model` for sentencepiece or `tokenizer.json` for HF tokenizers, with
+`tokenizer_config.json`, `generation_config.json`, `chat_template.jinja`) and `DIR/params/` (an
+orbax checkpoint of the parameter tree, keyed by the model's own parameter names, e.g.
+`layers/3/attn/q_proj`).
 
 Checkpoints always hold the model's own shapes (`vocab_size` rows, `num_kv_heads` KV heads).
 Restoring fits the model to the layout (`jaxserve.placement`: vocabulary padded, KV heads repeated
@@ -32,9 +34,10 @@ from jaxserve.config import ModelConfig, from_hf_config
 from jaxserve.models import abstract_model
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
+from jaxserve.tokenizer import GENERATION_CONFIG_FILE, SP_TOKENIZER_FILE, TOKENIZER_FILES
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = SP_TOKENIZER_FILE  # sentencepiece; TOKENIZER_FILES lists every tokenizer file
 PARAMS_DIR = "params"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -176,7 +179,11 @@ def read_hf_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
 
 
 def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> ModelConfig:
-    """Import an HF checkpoint (config.json + safetensors [+ tokenizer.model]) into our format."""
+    """Import an HF checkpoint (config.json + safetensors [+ the tokenizer files]) into our format.
+
+    The tokenizer files present (`TOKENIZER_FILES`) are copied as they are; the EOS ids of
+    generation_config.json (an int or a list) join the config's, so generation stops at any of
+    them even without a tokenizer."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -184,6 +191,15 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     config = from_hf_config(json.loads(config_path.read_text()), where=str(config_path))
     target = parse_dtype(dtype, default=config.dtype if config.dtype in DTYPES else "float32")
     config = dataclasses.replace(config, dtype=jnp.dtype(target).name)
+    generation = hf_dir / GENERATION_CONFIG_FILE
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            raise CheckpointError(f"{generation}: eos_token_id must be an int or a list of ints, "
+                                  f"got {eos!r}")
+        config = dataclasses.replace(
+            config, eos_token_ids=tuple(dict.fromkeys((*config.eos_token_ids, *eos))))
 
     layout = _hf_layout(config)
     tensors = read_hf_tensors(hf_dir)
@@ -204,8 +220,9 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save(out_dir / CONFIG_FILE)
-    if (hf_dir / TOKENIZER_FILE).is_file():
-        shutil.copyfile(hf_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out_dir / name)
     save_params(out_dir / PARAMS_DIR, params)
     return config
 

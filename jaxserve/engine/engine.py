@@ -105,7 +105,8 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.validate_for_model(self.model_config.vocab_size, self.max_model_len)
         if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model has no tokenizer.model")
+            raise ValueError("stop strings need a tokenizer; this model has no tokenizer "
+                             "(tokenizer.json or tokenizer.model)")
         if len(params.stop_token_ids) + len(self.eos_ids) > MAX_SUPPRESSED and params.min_tokens:
             raise ValueError(f"stop_token_ids: at most {MAX_SUPPRESSED - len(self.eos_ids)} with "
                              f"min_tokens, got {len(params.stop_token_ids)}")

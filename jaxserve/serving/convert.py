@@ -82,7 +82,8 @@ def parse_generate(request: pb.GenerateRequest, llm) -> tuple[list[int], str | N
         if not text:
             raise ValueError("text is empty")
         if llm.tokenizer is None:
-            raise ValueError("text: the model has no tokenizer.model; send token_ids")
+            raise ValueError("text: the model has no tokenizer (tokenizer.json or "
+                             "tokenizer.model); send token_ids")
         ids = llm.tokenizer.encode(text)
     else:
         ids, text = list(request.token_ids.ids), None

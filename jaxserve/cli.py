@@ -200,10 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve the model over gRPC (jaxserve.v1, health, "
-                       "reflection) with Prometheus metrics")
+                       "reflection) and/or an OpenAI-compatible HTTP API, with Prometheus "
+                       "metrics")
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                   "/v1/chat/completions, /v1/models, /health, /metrics) on this port "
+                   "(0: pick a free one; default: off)")
+    p.add_argument("--no-grpc", action="store_true",
+                   help="no gRPC port: serve HTTP alone (needs --http-port)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (0: pick one; default: off)")
     p.add_argument("--max-queue", type=int, default=256,

@@ -15,6 +15,10 @@ engine step). Status codes are listed in jaxserve.proto.
 What this module must never do: touch the Engine directly (only EngineLoop.submit / abort /
 drain / stop, plus the on_step metrics hook that EngineLoop runs on its own thread), or block
 the engine thread.
+
+The OpenAI-compatible HTTP front end (serving/http.py, `--http-port`) runs over the same Server
+(phase, EngineLoop, metrics, `_active` for drain); with `--no-grpc` the Server binds no gRPC
+port (port None) and only HTTP serves.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class Phase(enum.Enum):
 
 
 class Server(pb_grpc.JaxServeServicer):
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, metrics_port: int | None = None,
+    def __init__(self, host: str = "127.0.0.1", port: int | None = 0, *, metrics_port: int | None = None,
                  max_queue: int = 256, max_workers: int = 64,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, step_delay: float = 0.0):
         self.host, self.requested_port = host, port
@@ -80,8 +84,20 @@ class Server(pb_grpc.JaxServeServicer):
 
     # ---- life cycle ----
     def start(self) -> Server:
-        """Bind; serve health, reflection, metrics. Generate is UNAVAILABLE until attach()."""
+        """Bind; serve health, reflection, metrics. Generate is UNAVAILABLE until attach().
+        With port None there is no gRPC port (the HTTP front end alone uses this Server)."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.requested_port is not None:
+            self._start_grpc()
+        if self.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._httpd, _ = start_http_server(self.metrics_port, addr=self.host,
+                                               registry=self.metrics.registry)
+            self.metrics_port = self._httpd.server_port
+        return self
+
+    def _start_grpc(self) -> None:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxserve-rpc"),
             options=[("grpc.max_receive_message_length", self.max_message_bytes),
@@ -105,13 +121,6 @@ class Server(pb_grpc.JaxServeServicer):
              reflection.SERVICE_NAME], self._grpc)
         self.port = self._grpc.add_insecure_port(f"{self.host}:{self.requested_port}")
         self._grpc.start()
-        if self.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            self._httpd, _ = start_http_server(self.metrics_port, addr=self.host,
-                                               registry=self.metrics.registry)
-            self.metrics_port = self._httpd.server_port
-        return self
 
     def attach(self, llm) -> None:
         """The model is loaded: start its EngineLoop and serve."""
@@ -298,7 +307,11 @@ def serve(args, make_llm) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = Server(args.host, args.port, metrics_port=args.metrics_port,
+    grpc_port = None if getattr(args, "no_grpc", False) else args.port
+    http_port = getattr(args, "http_port", None)
+    if grpc_port is None and http_port is None:
+        raise ValueError("--no-grpc needs --http-port")
+    server = Server(args.host, grpc_port, metrics_port=args.metrics_port,
                     max_queue=args.max_queue,
                     max_workers=_decoding_streams(args) + args.max_queue + 16,
                     max_message_bytes=args.max_message_bytes, step_delay=args.step_delay)
@@ -306,10 +319,22 @@ def serve(args, make_llm) -> int:
         server.start()
     except RuntimeError as e:  # grpc could not bind
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e}") from None
-    metrics = f"metrics on :{server.metrics_port}" if server.metrics_port else "metrics off"
+    http = None
     try:
-        print(f"jaxserve: listening on {args.host}:{server.port} ({metrics}), loading "
-              f"{args.model}", file=sys.stderr, flush=True)
+        if http_port is not None:
+            from jaxserve.serving.http import HTTPFrontEnd
+
+            try:
+                http = HTTPFrontEnd(server, args.host, http_port).start()
+            except OSError as e:
+                raise ValueError(f"cannot listen on {args.host}:{http_port} (HTTP): {e}"
+                                 ) from None
+        where = f"{args.host}:{server.port}" if grpc_port is not None else \
+            f"{args.host} (gRPC off)"
+        metrics = f"metrics on :{server.metrics_port}" if server.metrics_port else "metrics off"
+        extra = f" (HTTP on :{http.port})" if http is not None else ""
+        print(f"jaxserve: listening on {where} ({metrics}){extra}, loading {args.model}",
+              file=sys.stderr, flush=True)
         if args.load_delay:
             stop.wait(args.load_delay)
         if not stop.is_set():
@@ -318,12 +343,14 @@ def serve(args, make_llm) -> int:
                 llm.warmup()
             server.attach(llm)
         if not stop.is_set():
-            print(f"jaxserve serving on {args.host}:{server.port} ({metrics})", flush=True)
+            print(f"jaxserve serving on {where} ({metrics}){extra}", flush=True)
             while not stop.wait(0.2):
                 server.check_engine()
         aborted = server.drain(args.shutdown_timeout)
         print(f"jaxserve: drained ({aborted} request(s) aborted at the shutdown timeout)",
               file=sys.stderr, flush=True)
     finally:
+        if http is not None:
+            http.stop()
         server.stop()
     return 0

@@ -219,9 +219,15 @@ def _chat_prompt(body: dict, llm) -> tuple[list[int], str]:
 # ---- responses ----
 
 def _token_text(llm, token: int) -> str:
-    if llm.tokenizer is None:
+    tok = llm.tokenizer
+    if tok is None:
         return f"token_id:{token}"
-    return llm.tokenizer.decode([token], skip_special_tokens=False)
+    if getattr(tok, "backend", None) == "sentencepiece":
+        # decode() of one piece drops its leading space; the piece itself keeps it
+        piece = tok.id_to_piece(token)
+        if not (piece.startswith("<0x") and piece.endswith(">")) and token not in tok.special_ids:
+            return piece.replace("\u2581", " ")
+    return tok.decode([token], skip_special_tokens=False)
 
 
 class _Choice:

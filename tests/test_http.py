@@ -1,0 +1,265 @@
+"""The OpenAI-compatible HTTP front end against the official `openai` client (and raw httpx) on
+127.0.0.1: parity with offline generate / chat, streaming, n, logprobs, stop, OpenAI-shaped
+errors with their status, disconnect freeing KV, one engine behind gRPC and HTTP, SIGTERM drain.
+
+One in-process `Server` (gRPC port 0) with an `HTTPFrontEnd` over a small random Llama with a
+trained tokenizer and the embedded model's chat template; offline references are computed on the
+same LLM before the server takes its engine.
+"""
+
+import json
+import re
+import shutil
+import time
+import types
+
+import httpx
+import openai
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.serving.client import Client
+from jaxserve.serving.http import HTTPFrontEnd
+from jaxserve.serving.server import Server
+from tests.serving_helpers import REPO, ServerProcess, make_model_dir, wait_until
+
+ENGINE = dict(max_model_len=128, block_size=8, max_num_seqs=8, max_num_batched_tokens=64,
+              max_prefill_chunk=32)
+GREEDY = dict(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["def f0(x):", [1, 5, 9, 40, 7]]
+CHAT = [{"role": "system", "content": "Answer in code."}, {"role": "user", "content": "import os"}]
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model_dir, tmp_path_factory):
+    d = make_model_dir(hf_model_dir("llama")[1], tmp_path_factory.mktemp("http") / "model")
+    shutil.copy(REPO / "checkpoints" / "tiny" / "chat_template.jinja", d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    llm = LLM(model_dir, **ENGINE)
+    greedy = SamplingParams(**GREEDY)
+    offline = [o.outputs[0] for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    chat = llm.chat(CHAT, greedy, use_tqdm=False)[0].outputs[0]
+    logprobs = llm.generate([PROMPTS[1]], SamplingParams(**GREEDY, logprobs=3),
+                            use_tqdm=False)[0].outputs[0]
+    server = Server("127.0.0.1", 0, max_queue=64, max_workers=32).start()
+    http = HTTPFrontEnd(server, "127.0.0.1", 0, max_body_bytes=MAX_BODY).start()
+    server.attach(llm)
+    base = f"http://127.0.0.1:{http.port}"
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
+    yield types.SimpleNamespace(server=server, http=http, llm=llm, client=client, base=base,
+                                offline=offline, chat=chat, logprobs=logprobs,
+                                model=model_dir.name)
+    client.close()
+    server.drain(0)
+    http.stop()
+    server.stop()
+
+
+def ids_body(**extra):
+    return dict(extra_body={"ignore_eos": True, "return_token_ids": True, **extra})
+
+
+# ---- generation ----
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_completion_greedy_equals_offline(served, i):
+    r = served.client.completions.create(model=served.model, prompt=PROMPTS[i], temperature=0,
+                                         max_tokens=12, **ids_body())
+    want = served.offline[i]
+    [choice] = r.choices
+    assert choice.text == want.text and choice.token_ids == want.token_ids
+    assert choice.finish_reason == "length" and r.object == "text_completion"
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+
+
+def test_completion_stream_equals_offline_with_usage(served):
+    chunks = list(served.client.completions.create(
+        model=served.model, prompt=PROMPTS[0], temperature=0, max_tokens=12, stream=True,
+        stream_options={"include_usage": True}, **ids_body()))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == served.offline[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_greedy_equals_offline_chat(served):
+    r = served.client.chat.completions.create(model=served.model, messages=CHAT, temperature=0,
+                                              max_completion_tokens=12, **ids_body())
+    [choice] = r.choices
+    assert choice.message.role == "assistant" and choice.message.content == served.chat.text
+    assert choice.token_ids == served.chat.token_ids and r.object == "chat.completion"
+    rendered = served.llm.render_chat(CHAT)[0]
+    assert r.usage.prompt_tokens == len(served.llm.tokenizer.encode(rendered, add_bos=False))
+
+
+def test_chat_stream_equals_offline_chat(served):
+    chunks = list(served.client.chat.completions.create(
+        model=served.model, messages=CHAT, temperature=0, max_tokens=12, stream=True,
+        **ids_body()))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == served.chat.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+
+
+def test_n_2_with_seed(served):
+    r = served.client.completions.create(model=served.model, prompt="def g():", n=2, seed=3,
+                                         temperature=1.0, max_tokens=6, **ids_body())
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(len(c.token_ids) == 6 for c in r.choices)
+    assert r.usage.completion_tokens == 12
+    again = served.client.completions.create(model=served.model, prompt="def g():", n=2, seed=3,
+                                             temperature=1.0, max_tokens=6, **ids_body())
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+
+
+def test_completion_logprobs_match_offline(served):
+    r = served.client.completions.create(model=served.model, prompt=PROMPTS[1], temperature=0,
+                                         max_tokens=12, logprobs=3, **ids_body())
+    lp = r.choices[0].logprobs
+    want = served.logprobs
+    assert len(lp.tokens) == 12 and all(len(top) <= 3 for top in lp.top_logprobs)
+    for got, token, ranked in zip(lp.token_logprobs, want.token_ids, want.logprobs):
+        assert got == pytest.approx(ranked[token], abs=1e-4)
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+def test_chat_logprobs(served):
+    r = served.client.chat.completions.create(model=served.model, messages=CHAT, temperature=0,
+                                              max_tokens=4, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= 0 for c in content)
+
+
+def test_stop_string_ends_the_text(served):
+    full = served.offline[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    r = served.client.completions.create(model=served.model, prompt=PROMPTS[0], temperature=0,
+                                         max_tokens=12, stop=[stop], **ids_body())
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[:full.index(stop)]
+
+
+def test_models_health_metrics_and_grpc_share_one_engine(served):
+    assert [m.id for m in served.client.models.list().data] == [served.model]
+    assert httpx.get(f"{served.base}/health").status_code == 200
+    metrics = httpx.get(f"{served.base}/metrics").text
+    assert "jaxserve_kv_blocks_total" in metrics and "jaxserve_generation_tokens_total" in metrics
+    with Client(f"127.0.0.1:{served.server.port}") as grpc_client:
+        [c] = grpc_client.complete(PROMPTS[0], timeout=60, **GREEDY)
+    assert c.token_ids == served.offline[0].token_ids
+
+
+# ---- errors ----
+
+@pytest.mark.parametrize("path,body,param,pattern", [
+    ("completions", {"max_tokens": 4}, "prompt", "prompt is required"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt", "one prompt"),
+    ("completions", {"prompt": [1, 99999]}, "prompt", "not in"),
+    ("completions", {"prompt": "a", "temperature": "hot"}, "temperature", "temperature"),
+    ("completions", {"prompt": "a", "max_tokens": "5"}, "max_tokens", "max_tokens"),
+    ("completions", {"prompt": "a", "top_p": 2}, "top_p", r"\(0, 1\]"),
+    ("completions", {"prompt": "a", "n": 0}, "n", "n must be"),
+    ("completions", {"prompt": "a", "max_tokens": 100000}, "max_tokens", "max_model_len"),
+    ("completions", {"prompt": "a", "logprobs": 50}, "logprobs", "logprobs"),
+    ("completions", {"prompt": "a", "stop": 3}, "stop", "stop"),
+    ("completions", {"prompt": "a", "stream": "yes"}, "stream", "stream"),
+    ("chat/completions", {}, "messages", "messages is required"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages", "role"),
+    ("chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages", "content"),
+    ("chat/completions", {"messages": "hi"}, "messages", "list"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": 0},
+     "max_completion_tokens", "max_completion_tokens must be"),
+    ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 30},
+     "top_logprobs", "top_logprobs must be"),
+])
+def test_bad_field_is_400_naming_it(served, path, body, param, pattern):
+    r = httpx.post(f"{served.base}/v1/{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert re.search(pattern, error["message"]), error
+
+
+def test_unknown_model_is_404_for_the_openai_client(served):
+    with pytest.raises(openai.NotFoundError) as info:
+        served.client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert info.value.body["param"] == "model" and info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as info:
+        served.client.chat.completions.create(model=served.model, messages=[
+            {"role": "wizard", "content": "x"}])
+    assert info.value.body["param"] == "messages"
+
+
+def test_invalid_json_oversized_body_and_unknown_route(served):
+    r = httpx.post(f"{served.base}/v1/completions", content=b"{not json",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{served.base}/v1/completions", content=b"[1, 2]")
+    assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
+    r = httpx.post(f"{served.base}/v1/completions",
+                   json={"prompt": "x" * (MAX_BODY + 10), "max_tokens": 2})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.get(f"{served.base}/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_queue_full_is_429(served):
+    loop = served.server.loop
+    saved, loop.max_queue = loop.max_queue, 0
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            served.client.completions.create(model=served.model, prompt="x", max_tokens=2)
+        assert "queue full" in info.value.body["message"]
+    finally:
+        loop.max_queue = saved
+
+
+def test_still_serves_correctly_after_bad_requests(served):
+    r = served.client.completions.create(model=served.model, prompt=PROMPTS[1], temperature=0,
+                                         max_tokens=12, **ids_body())
+    assert r.choices[0].token_ids == served.offline[1].token_ids
+
+
+def test_disconnect_mid_stream_frees_every_kv_block(served):
+    served.server.step_delay = 0.02
+    try:
+        body = {"prompt": [1, 2, 3, 4], "max_tokens": 100, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.Client(timeout=30) as h:
+            with h.stream("POST", f"{served.base}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                chunks = []
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+                    if len(chunks) == 3:
+                        break
+                assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+                assert served.llm.engine.kv_blocks_used > 0
+            # leaving the block closes the connection mid-stream
+        wait_until(lambda: served.llm.engine.kv_blocks_used == 0 and
+                   not served.server._active, 5, "every KV block to be free")
+        assert not served.llm.engine.requests
+    finally:
+        served.server.step_delay = 0.0
+
+
+def test_loading_server_answers_503():
+    server = Server("127.0.0.1", None).start()
+    http = HTTPFrontEnd(server, "127.0.0.1", 0).start()
+    try:
+        base = f"http://127.0.0.1:{http.port}"
+        assert httpx.get(f"{base}/health").status_code == 503
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(f"{base}/v1/models").status_code == 503
+    finally:
+        http.stop()
+        server.stop()

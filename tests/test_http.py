@@ -263,3 +263,38 @@ def test_loading_server_answers_503():
     finally:
         http.stop()
         server.stop()
+
+
+# ---- the `jaxserve serve --no-grpc --http-port 0` process ----
+
+def test_process_http_only_sigterm_drains_then_exits_0(model_dir):
+    proc = ServerProcess("--model", str(model_dir), "--no-grpc", "--http-port", "0",
+                         "--max-model-len", "128", "--max-num-seqs", "2",
+                         "--shutdown-timeout", "2", "--step-delay", "0.04")
+    try:
+        m = proc.wait_for("stderr", r"listening on 127\.0\.0\.1 \(gRPC off\) \(metrics off\) "
+                                    r"\(HTTP on :(\d+)\)", 120)
+        base = f"http://127.0.0.1:{m[1]}"
+        proc.wait_for("stdout", r"^jaxserve serving on 127\.0\.0\.1 \(gRPC off\)", 180)
+        assert httpx.get(f"{base}/health").json() == {"status": "serving"}
+        body = {"prompt": [1, 2, 3], "max_tokens": 120, "temperature": 0, "stream": True,
+                "ignore_eos": True}
+        with httpx.Client(timeout=60) as h, h.stream("POST", f"{base}/v1/completions",
+                                                     json=body) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+            proc.terminate()
+            wait_until(lambda: httpx.get(f"{base}/health").status_code == 503, 5,
+                       "health 503")
+            refused = httpx.post(f"{base}/v1/completions", json={"prompt": "x"})
+            assert refused.status_code == 503
+            assert refused.json()["error"]["type"] == "service_unavailable"
+            rest = [line for line in lines if line.startswith("data: ")]
+        # aborted at the shutdown timeout (2 s < 120 x 0.04 s); the stream still ends cleanly
+        finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in rest[:-1]]
+        assert finishes[-1] == "abort" and rest[-1] == "data: [DONE]"
+        assert proc.proc.wait(30) == 0
+        assert "1 request(s) aborted at the shutdown timeout" in proc.stderr_text()
+    finally:
+        proc.kill()

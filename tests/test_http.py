@@ -228,9 +228,9 @@ def test_still_serves_correctly_after_bad_requests(served):
 
 
 def test_disconnect_mid_stream_frees_every_kv_block(served):
-    served.server.step_delay = 0.02
+    served.server.step_delay = 0.03
     try:
-        body = {"prompt": [1, 2, 3, 4], "max_tokens": 100, "temperature": 0, "stream": True,
+        body = {"prompt": [1, 2, 3, 4], "max_tokens": 120, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         with httpx.Client(timeout=30) as h:
             with h.stream("POST", f"{served.base}/v1/completions", json=body) as r:
@@ -245,10 +245,33 @@ def test_disconnect_mid_stream_frees_every_kv_block(served):
                 assert served.llm.engine.kv_blocks_used > 0
             # leaving the block closes the connection mid-stream
         wait_until(lambda: served.llm.engine.kv_blocks_used == 0 and
-                   not served.server._active, 5, "every KV block to be free")
+                   not served.server._active, 1.0, "every KV block to be free")
         assert not served.llm.engine.requests
     finally:
         served.server.step_delay = 0.0
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_reply_frees_every_kv_block(served):
+    served.server.step_delay = 0.03
+    try:
+        body = {"prompt": [1, 2, 3, 4], "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{served.base}/v1/completions", json=body, timeout=httpx.Timeout(
+                30, read=0.5))
+        wait_until(lambda: served.llm.engine.kv_blocks_used == 0 and
+                   not served.server._active, 1.0, "every KV block to be free")
+        assert not served.llm.engine.requests
+    finally:
+        served.server.step_delay = 0.0
+
+
+def test_embedded_model_has_a_chat_template():
+    from jaxserve.chat import render_chat
+    from jaxserve.tokenizer import chat_template_of
+
+    template = chat_template_of(REPO / "checkpoints" / "tiny")
+    assert render_chat(template, CHAT) == ("### system:\nAnswer in code.\n### user:\nimport os\n"
+                                           "### assistant:\n")
 
 
 def test_loading_server_answers_503():

@@ -10,6 +10,7 @@ same LLM before the server takes its engine.
 import json
 import re
 import shutil
+import threading
 import time
 import types
 
@@ -156,6 +157,27 @@ def test_models_health_metrics_and_grpc_share_one_engine(served):
     assert c.token_ids == served.offline[0].token_ids
 
 
+def test_concurrent_streams_give_offline_text(served):
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            chunks = served.client.completions.create(
+                model=served.model, prompt=PROMPTS[i % 2], temperature=0, max_tokens=12,
+                stream=True, **ids_body())
+            results[i] = "".join(c.choices[0].text for c in chunks if c.choices)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert [results[i] for i in range(12)] == [served.offline[i % 2].text for i in range(12)]
+
+
 # ---- errors ----
 
 @pytest.mark.parametrize("path,body,param,pattern", [
@@ -272,6 +294,35 @@ def test_embedded_model_has_a_chat_template():
     template = chat_template_of(REPO / "checkpoints" / "tiny")
     assert render_chat(template, CHAT) == ("### system:\nAnswer in code.\n### user:\nimport os\n"
                                            "### assistant:\n")
+
+
+def test_engine_failure_gives_500_then_503(model_dir, monkeypatch):
+    llm = LLM(model_dir, **ENGINE)  # its own engine; never compiles: the first step fails
+
+    def broken_step():
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(llm.engine, "step", broken_step)
+    server = Server("127.0.0.1", None).start()
+    http = HTTPFrontEnd(server, "127.0.0.1", 0).start()
+    try:
+        server.attach(llm)
+        base = f"http://127.0.0.1:{http.port}"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "def f():"}, timeout=30)
+        assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+        assert httpx.get(f"{base}/health").status_code == 503
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "def f():"}, timeout=30)
+        assert r.status_code == 503
+    finally:
+        http.stop()
+        server.stop()
+
+
+def test_no_grpc_needs_http_port(capsys):
+    from jaxserve.cli import main
+
+    assert main(["serve", "--no-grpc"]) == 2
+    assert "--no-grpc needs --http-port" in capsys.readouterr().err
 
 
 def test_loading_server_answers_503():

@@ -31,6 +31,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -302,8 +303,9 @@ class _Handler:
         try:
             # the engine thread accepts within one step; the server's text is the prompt text
             # only for completions (as gRPC), the rendered prompt for chat
-            self.events = await asyncio.to_thread(loop.submit, self.request_id, self.prompt_ids,
-                                                  self.params, self.prompt_text)
+            self.events = await self.front.in_thread(loop.submit, self.request_id,
+                                                     self.prompt_ids, self.params,
+                                                     self.prompt_text)
         except BaseException as e:
             with self.server._lock:
                 self.server._active.discard(self.request_id)
@@ -331,7 +333,7 @@ class _Handler:
                     if await self.request.is_disconnected():
                         return
                     try:
-                        event = await asyncio.to_thread(stream.get, POLL_S)
+                        event = await self.front.in_thread(stream.get, POLL_S)
                     except queue.Empty:
                         continue
                 if isinstance(event, Failure):
@@ -446,6 +448,12 @@ class HTTPFrontEnd:
         self.app = self._build_app()
         self._uvicorn = None
         self._thread: threading.Thread | None = None
+        # blocking waits on the EngineLoop (submit, the next stream event) run here, one thread
+        # per request at most: asyncio's default pool (cores + 4 threads) would queue streams
+        self._pool = ThreadPoolExecutor(server.max_workers, thread_name_prefix="jaxserve-http")
+
+    async def in_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ---- helpers used by handlers ----
     def model_id(self) -> str:
@@ -579,3 +587,4 @@ class HTTPFrontEnd:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
             self._thread.join(10)
+        self._pool.shutdown(wait=False, cancel_futures=True)

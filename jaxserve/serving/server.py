@@ -299,6 +299,10 @@ def _decoding_streams(args) -> int:
 
 def serve(args, make_llm) -> int:
     """`jaxserve serve`: start, load, serve until SIGTERM/SIGINT, drain, exit 0."""
+    grpc_port = None if getattr(args, "no_grpc", False) else args.port
+    http_port = getattr(args, "http_port", None)
+    if grpc_port is None and http_port is None:
+        raise ValueError("--no-grpc needs --http-port")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -307,10 +311,6 @@ def serve(args, make_llm) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    grpc_port = None if getattr(args, "no_grpc", False) else args.port
-    http_port = getattr(args, "http_port", None)
-    if grpc_port is None and http_port is None:
-        raise ValueError("--no-grpc needs --http-port")
     server = Server(args.host, grpc_port, metrics_port=args.metrics_port,
                     max_queue=args.max_queue,
                     max_workers=_decoding_streams(args) + args.max_queue + 16,

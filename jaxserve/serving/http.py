@@ -317,8 +317,12 @@ class _Handler:
                 raise ApiError(503, f"not accepting requests: {e}", "service_unavailable"
                                ) from None
             if isinstance(e, (ValueError, TypeError)):
-                raise _bad(_rename(str(e), self.names), _param_of(str(e), self.names)) \
-                    from None
+                message = str(e)
+                param = _param_of(message, self.names)
+                if message.startswith("prompt"):  # the engine's length checks
+                    param = self.names.get("max_tokens", "max_tokens") \
+                        if "max_tokens" in message else ("messages" if self.chat else "prompt")
+                raise _bad(_rename(message, self.names), param) from None
             raise
 
     async def relay(self):
@@ -376,19 +380,30 @@ class _Handler:
     async def complete(self) -> Response:
         choices = [_Choice() for _ in range(self.params.n)]
         finals = []
-        async for event in self.relay():
-            c = choices[event.index]
-            if isinstance(event, Delta):
-                c.text.append(event.text)
-                c.token_ids += event.token_ids
-                if event.logprobs is not None:
-                    c.logprobs += event.logprobs
-            else:
-                c.text.append(event.text)
-                c.final = event
-                finals.append(event)
+        events = self.relay()
+        try:
+            async for event in events:
+                self._collect(choices, finals, event)
+        finally:  # runs the relay's abort at once if this task is cancelled
+            await events.aclose()
         if len(finals) < len(choices):  # the client went away
             return Response(status_code=499)
+        return self._response(choices, finals)
+
+    @staticmethod
+    def _collect(choices, finals, event) -> None:
+        c = choices[event.index]
+        if isinstance(event, Delta):
+            c.text.append(event.text)
+            c.token_ids += event.token_ids
+            if event.logprobs is not None:
+                c.logprobs += event.logprobs
+        else:
+            c.text.append(event.text)
+            c.final = event
+            finals.append(event)
+
+    def _response(self, choices, finals) -> Response:
         out = []
         for i, c in enumerate(choices):
             text = "".join(c.text)
@@ -406,8 +421,9 @@ class _Handler:
     async def sse(self):
         finals, offsets, started = [], [0] * self.params.n, set()
         usage = {"usage": None} if self.include_usage else {}
+        events = self.relay()
         try:
-            async for event in self.relay():
+            async for event in events:
                 choice: dict = {"index": event.index}
                 if self.chat and event.index not in started:
                     started.add(event.index)
@@ -434,6 +450,8 @@ class _Handler:
                 yield _sse({**self._head(), "choices": [], "usage": _usage(finals)})
         except ApiError as e:
             yield _sse(e.body())
+        finally:  # a client gone mid-stream: abort now, not when the generator is collected
+            await events.aclose()
         yield "data: [DONE]\n\n"
 
 

@@ -11,12 +11,12 @@ import json
 import re
 import shutil
 import threading
-import time
 import types
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.serving.client import Client
@@ -150,8 +150,16 @@ def test_stop_string_ends_the_text(served):
 def test_models_health_metrics_and_grpc_share_one_engine(served):
     assert [m.id for m in served.client.models.list().data] == [served.model]
     assert httpx.get(f"{served.base}/health").status_code == 200
-    metrics = httpx.get(f"{served.base}/metrics").text
-    assert "jaxserve_kv_blocks_total" in metrics and "jaxserve_generation_tokens_total" in metrics
+    def finished():
+        text = httpx.get(f"{served.base}/metrics").text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "jaxserve_requests_finished_total"
+                   and s.labels == {"finish_reason": "length"})
+
+    before = finished()
+    served.client.completions.create(model=served.model, prompt="x", max_tokens=2, n=2,
+                                     extra_body={"ignore_eos": True})
+    assert finished() == before + 2  # HTTP requests count in the shared registry
     with Client(f"127.0.0.1:{served.server.port}") as grpc_client:
         [c] = grpc_client.complete(PROMPTS[0], timeout=60, **GREEDY)
     assert c.token_ids == served.offline[0].token_ids

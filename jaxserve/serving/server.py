@@ -62,7 +62,8 @@ class Phase(enum.Enum):
 
 
 class Server(pb_grpc.JaxServeServicer):
-    def __init__(self, host: str = "127.0.0.1", port: int | None = 0, *, metrics_port: int | None = None,
+    def __init__(self, host: str = "127.0.0.1", port: int | None = 0, *,
+                 metrics_port: int | None = None,
                  max_queue: int = 256, max_workers: int = 64,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, step_delay: float = 0.0):
         self.host, self.requested_port = host, port

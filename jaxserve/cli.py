@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds requests in flight may take before they are aborted")
     p.add_argument("--max-message-bytes", type=int, default=4 * 2**20,
-                   help="largest request accepted (default 4 MiB)")
+                   help="largest request (gRPC message or HTTP body) accepted "
+                   "(default 4 MiB)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step shape before reporting SERVING")
     # for tests: hold the LOADING phase / slow every engine step down

@@ -108,6 +108,16 @@ def test_chat_stream_equals_offline_chat(served):
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
 
 
+def test_chat_stream_n_2_each_choice_starts_and_finishes(served):
+    chunks = list(served.client.chat.completions.create(
+        model=served.model, messages=CHAT, n=2, seed=1, max_tokens=5, stream=True,
+        extra_body={"ignore_eos": True}))
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == "length"
+        assert all(c.finish_reason is None for c in mine[:-1])
+
+
 def test_n_2_with_seed(served):
     r = served.client.completions.create(model=served.model, prompt="def g():", n=2, seed=3,
                                          temperature=1.0, max_tokens=6, **ids_body())

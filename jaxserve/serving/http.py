@@ -85,7 +85,7 @@ def _check_unsupported(body: dict, chat: bool) -> None:
     if body.get("logit_bias"):
         raise _bad("logit_bias is not supported", "logit_bias")
     best_of = body.get("best_of")
-    if best_of is not None and best_of != body.get("n", 1):
+    if best_of is not None and best_of != (body.get("n") or 1):
         raise _bad("best_of is not supported (leave it unset or equal to n)", "best_of")
     if chat:
         for field in ("tools", "functions"):

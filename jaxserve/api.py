@@ -18,7 +18,6 @@ import itertools
 from typing import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.checkpoint import restore_model

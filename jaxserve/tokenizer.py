@@ -104,7 +104,65 @@ def train_tokenizer(
     return prefix.with_name(prefix.name + ".model")
 
 
-class Tokenizer:
+class TokenizerBase:
+    """What both tokenizer backends expose beside encode/decode: sizes and special ids, set by
+    the backend's constructor."""
+
+    _vocab_size: int
+    _bos_id: int | None
+    _eos_ids: tuple[int, ...]
+    _add_bos: bool
+    _special_ids: frozenset[int]
+    _path: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether ``encode(text)`` starts with the BOS id."""
+        return self._add_bos
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids dropped by ``decode(..., skip_special_tokens=True)``."""
+        return self._special_ids
+
+    @property
+    def model_path(self) -> Path:
+        return self._path
+
+    @staticmethod
+    def _check_index(token_id, what: str, limit: int) -> int:
+        try:
+            i = operator.index(token_id)  # accepts numpy ints, rejects floats
+        except TypeError:
+            raise TypeError(
+                f"{what} must be an int, got {type(token_id).__name__}: {token_id!r}") from None
+        if not 0 <= i < limit:
+            raise ValueError(f"{what} {i} is out of range [0, {limit})")
+        return i
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"expected a sequence of token ids, got {type(ids).__name__}")
+        return [self._check_id(i) for i in ids]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self._path)!r}, vocab_size={self._vocab_size}, "
+                f"bos_id={self._bos_id}, eos_ids={self._eos_ids}, add_bos={self._add_bos})")
+
+
+class Tokenizer(TokenizerBase):
     """A sentencepiece model plus the special-token ids of the served model."""
 
     backend = "sentencepiece"
@@ -177,38 +235,6 @@ class Tokenizer:
         self._anchor = anchor
         self._anchor_len = len(sp.DecodeIds([anchor])) if anchor is not None else 0
 
-    # -- properties -------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self._eos_ids
-
-    @property
-    def add_bos(self) -> bool:
-        return self._add_bos
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids dropped by ``decode(..., skip_special_tokens=True)``."""
-        return self._special_ids
-
-    @property
-    def model_path(self) -> Path:
-        return self._path
-
-    def __repr__(self) -> str:
-        return (
-            f"Tokenizer({str(self._path)!r}, vocab_size={self._vocab_size}, "
-            f"bos_id={self._bos_id}, eos_ids={self._eos_ids}, add_bos={self._add_bos})"
-        )
-
     # -- encode / decode --------------------------------------------------
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
@@ -240,20 +266,7 @@ class Tokenizer:
 
     # -- internals --------------------------------------------------------
     def _check_id(self, token_id: int, what: str = "token id") -> int:
-        try:
-            i = operator.index(token_id)  # accepts numpy ints, rejects floats
-        except TypeError:
-            raise TypeError(
-                f"{what} must be an int, got {type(token_id).__name__}: {token_id!r}"
-            ) from None
-        if not 0 <= i < self._vocab_size:
-            raise ValueError(f"{what} {i} is out of range [0, {self._vocab_size})")
-        return i
-
-    def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        if isinstance(ids, (str, bytes)):
-            raise TypeError(f"expected a sequence of token ids, got {type(ids).__name__}")
-        return [self._check_id(i) for i in ids]
+        return self._check_index(token_id, what, self._vocab_size)
 
     def _decode_window(self, ids: list[int], skip_special_tokens: bool) -> str:
         # For IncrementalDetokenizer: ids are already validated, and already

@@ -25,12 +25,13 @@ Never imports jax or anything else from jaxserve but the tokenizer base.
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
+
+from jaxserve.tokenizer import TokenizerBase
 
 try:  # tokenizers >= 0.21
     from tokenizers.decoders import DecodeStream
@@ -42,7 +43,7 @@ __all__ = ["HFTokenizer", "HFIncrementalDetokenizer"]
 REPLACEMENT = "\ufffd"
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizerBase):
     """A `tokenizer.json` plus the special-token ids of the served model."""
 
     backend = "tokenizers"
@@ -95,37 +96,6 @@ class HFTokenizer:
         self.chat_template = chat_template
         self.special_tokens_map = dict(special_tokens_map or {})
 
-    # -- properties -------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos_id
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self._eos_ids
-
-    @property
-    def add_bos(self) -> bool:
-        """Whether ``encode(text)`` starts with the BOS id (the post-processor adds it)."""
-        return self._add_bos
-
-    @property
-    def special_ids(self) -> frozenset[int]:
-        """Ids dropped by ``decode(..., skip_special_tokens=True)``."""
-        return self._special_ids
-
-    @property
-    def model_path(self) -> Path:
-        return self._path
-
-    def __repr__(self) -> str:
-        return (f"HFTokenizer({str(self._path)!r}, vocab_size={self._vocab_size}, "
-                f"bos_id={self._bos_id}, eos_ids={self._eos_ids}, add_bos={self._add_bos})")
-
     # -- encode / decode --------------------------------------------------
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`. add_bos: None = the tokenizer's own special tokens (as
@@ -163,19 +133,7 @@ class HFTokenizer:
             if i is None:
                 raise ValueError(f"{what} {token_id!r} is not a token of {self._path}")
             return i
-        try:
-            i = operator.index(token_id)  # accepts numpy ints, rejects floats
-        except TypeError:
-            raise TypeError(
-                f"{what} must be an int, got {type(token_id).__name__}: {token_id!r}") from None
-        if not 0 <= i < self._id_limit:
-            raise ValueError(f"{what} {i} is out of range [0, {self._id_limit})")
-        return i
-
-    def _check_ids(self, ids: Iterable[int]) -> list[int]:
-        if isinstance(ids, (str, bytes)):
-            raise TypeError(f"expected a sequence of token ids, got {type(ids).__name__}")
-        return [self._check_id(i) for i in ids]
+        return self._check_index(token_id, what, self._id_limit)
 
     def _decode_window(self, ids: list[int], skip_special_tokens: bool) -> str:
         # ids are validated, and free of our special ids when skipping them.

@@ -352,14 +352,8 @@ class _Handler:
                 yield event
             settled = True
         finally:
-            if not settled and self.server._abort(self.request_id):
-                while True:  # abort() has queued the Finals by the time it returns
-                    try:
-                        event = stream.events.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(event, Final):
-                        finals.append(event)
+            if not settled:
+                self.server._abort_collecting(self.request_id, stream, finals)
             with self.server._lock:
                 self.server._active.discard(self.request_id)
             self.server.metrics.request_finished(finals)

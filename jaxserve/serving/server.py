@@ -230,14 +230,8 @@ class Server(pb_grpc.JaxServeServicer):
                     context.abort(Code.INTERNAL, f"engine failed: {event.error!r}")
             settled = True
         finally:  # also on GeneratorExit, when grpc drops a cancelled call
-            if not settled and self._abort(request_id):
-                while True:  # abort() has queued the Finals by the time it returns
-                    try:
-                        event = stream.events.get_nowait()
-                    except queue.Empty:
-                        break
-                    if isinstance(event, Final):
-                        finals.append(event)
+            if not settled:
+                self._abort_collecting(request_id, stream, finals)
             self.metrics.request_finished(finals)
 
     def Abort(self, request, context):
@@ -262,6 +256,17 @@ class Server(pb_grpc.JaxServeServicer):
         if self.phase is not Phase.SERVING or self.loop is None:
             context.abort(Code.UNAVAILABLE, f"server is {self.phase.value}")
         return self.loop
+
+    def _abort_collecting(self, request_id: str, stream, finals: list) -> None:
+        """Abort a request whose client is gone; add the Finals the abort queued to `finals`."""
+        if self._abort(request_id):
+            while True:  # abort() has queued the Finals by the time it returns
+                try:
+                    event = stream.events.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(event, Final):
+                    finals.append(event)
 
     def _abort(self, request_id: str) -> bool:
         loop = self.loop

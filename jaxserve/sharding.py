@@ -194,33 +194,36 @@ class Layout:
         if len(logical) != len(shape):
             raise ShardingError(f"{what}: {len(logical)} logical axes {tuple(logical)} for a "
                                 f"tensor of rank {len(shape)}")
-        parts: list[Any] = []
-        taken: set[str] = set()
-        for name, dim in zip(logical, shape):
+        for name in logical:
             if name is not None and name not in LOGICAL_AXES:
                 raise ShardingError(f"{what}: unknown logical axis {name!r}")
-            mesh_axes = tuple(a for a in self.rules.mapping.get(name, ()) if a not in taken) \
-                if name is not None else ()
+
+        def check(name, dim, mesh_axes):
             size = self.axis_size(mesh_axes)
             if size > 1 and dim % size:
                 if lenient:
-                    mesh_axes = ()
-                else:
-                    raise ShardingError(
-                        f"{self.rules.source}: logical axis {name!r} of {what} has size {dim}, "
-                        f"not divisible by mesh axis {'x'.join(mesh_axes)!r} of size {size}")
-            taken.update(mesh_axes)
-            parts.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
-                         else mesh_axes)
-        return PartitionSpec(*parts)
+                    return ()
+                raise ShardingError(
+                    f"{self.rules.source}: logical axis {name!r} of {what} has size {dim}, "
+                    f"not divisible by mesh axis {'x'.join(mesh_axes)!r} of size {size}")
+            return mesh_axes
+
+        return self._partition(logical, shape, check)
 
     def partition(self, logical: Sequence[str | None]) -> PartitionSpec:
         """PartitionSpec for these logical names, without a shape to check against."""
+        return self._partition(logical, (None,) * len(logical),
+                               lambda name, dim, mesh_axes: mesh_axes)
+
+    def _partition(self, logical, shape, check) -> PartitionSpec:
+        """The one mapping of logical dims to mesh axes: each dim takes its rule's mesh axes
+        not taken by an earlier dim; `check(name, dim, mesh_axes)` may veto (replicate)."""
         parts: list[Any] = []
         taken: set[str] = set()
-        for name in logical:
+        for name, dim in zip(logical, shape):
             mesh_axes = tuple(a for a in self.rules.mapping.get(name, ()) if a not in taken) \
                 if name is not None else ()
+            mesh_axes = check(name, dim, mesh_axes)
             taken.update(mesh_axes)
             parts.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
                          else mesh_axes)

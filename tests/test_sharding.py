@@ -3,7 +3,7 @@
 import pytest
 
 from jaxserve import LLM
-from jaxserve.sharding import Layout, ShardingError, load_rules, parse_mesh
+from jaxserve.sharding import Layout, ShardingError, load_rules, parse_mesh, replicas_of
 
 
 def test_mesh_string_parses_in_order():
@@ -80,3 +80,14 @@ def test_kv_heads_fewer_than_tp_are_an_error_unless_lenient():
         layout.spec(("embed", None, None), (64, 2, 8))
     assert layout.spec(("embed", "kv_heads", "head_dim"), (64, 8, 8))[1] == "tp"
     assert layout.spec(("vocab", "embed"), (517, 64), lenient=True)[0] is None
+
+
+def test_rules_that_split_batch_but_not_the_kv_pool_are_rejected(tmp_path):
+    path = tmp_path / "dp_shared_pool.yaml"
+    path.write_text("rules:\n  batch: dp\n  kv_blocks: null\n")
+    layout = Layout.create("dp=2", str(path))
+    with pytest.raises(ShardingError, match=r"'batch' is split over \['dp'\] but 'kv_blocks' "
+                                            r"over \[\]"):
+        replicas_of(layout)
+    assert replicas_of(Layout.create("dp=2", "dp")) == 2
+    assert replicas_of(Layout.create("tp=2", "tp")) == 1

@@ -26,7 +26,7 @@ from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
-from jaxserve.sharding import Layout
+from jaxserve.sharding import Layout, replicas_of
 
 
 def _shardings(tree):
@@ -59,7 +59,7 @@ class ModelRunner:
     @property
     def num_replicas(self) -> int:
         """DP replicas: the mesh axes that split the step's sequences (and the KV pool)."""
-        return self.layout.axis_size(self.layout.rules.mapping.get("batch", ()))
+        return replicas_of(self.layout)
 
     @property
     def blocks_per_replica(self) -> int:

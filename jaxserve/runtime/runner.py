@@ -24,6 +24,7 @@ from jaxserve.config import ModelConfig
 from jaxserve import kv_cache
 from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.moe import MoEExecution, moe_execution
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout, replicas_of
@@ -40,8 +41,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                 layout: Layout, kv: KVPool):
+                 layout: Layout, kv: KVPool, moe: MoEExecution = MoEExecution()):
         self.config = config
+        self.moe = moe  # how MoE layers run; fixed when each program is traced
         self.graphdef = graphdef
         # Programs take the parameters as a flat list: flattening an nnx.State on every call
         # costs ~0.1-0.2 ms of host time per step; a list costs microseconds.
@@ -83,7 +85,8 @@ class ModelRunner:
     def _step_program(self):
         if "step" not in self._programs:
             self._programs["step"] = jax.jit(
-                functools.partial(_step, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_step, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1, 2),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               _shardings(self.slot_state), self._input_sharding()),
@@ -137,7 +140,8 @@ class ModelRunner:
     def _forward_program(self):
         if "forward" not in self._programs:
             self._programs["forward"] = jax.jit(
-                functools.partial(_forward, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_forward, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1,),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               self._input_sharding()),
@@ -220,26 +224,28 @@ class StepOutputs:
     top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
 
 
-def _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens, metadata):
-    with layout.activate():
+def _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens, metadata):
+    layout, moe = setting
+    with layout.activate(), moe_execution(moe):
         model = nnx.merge(graphdef, jax.tree.unflatten(param_treedef, param_leaves))
         hidden, kv = model(tokens, kv, metadata)
     return model, hidden, kv
 
 
-def _forward(graphdef, param_treedef, layout, param_leaves, kv, inputs):
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, *inputs)
-    with layout.activate():
+def _forward(graphdef, param_treedef, setting, param_leaves, kv, inputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, *inputs)
+    with setting[0].activate():
         return model.logits(hidden), kv
 
 
-def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
+def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
           inputs: StepInputs):
+    layout = setting[0]
     b = inputs.slot_ids.shape[0]
     from_slot = inputs.token_slot >= 0
     tokens = jnp.where(from_slot, state.last_token[jnp.maximum(inputs.token_slot, 0)],
                        inputs.tokens)
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens,
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens,
                                 inputs.metadata)
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only

@@ -229,8 +229,11 @@ class LLM:
         """Compile every step shape up front; returns the number of programs compiled."""
         return self.engine.warmup()
 
-    def stats(self) -> dict:
-        return self.engine.stats()
+    def stats(self, peak_flops: float | None = None) -> dict:
+        """Engine counters, host time per phase, and FLOPs: `true_flops` (what the steps'
+        real tokens needed), `executed_flops` (what the compiled programs ran) and, given one
+        device's peak FLOP/s, `mfu` (see jaxserve/engine/accounting.py)."""
+        return self.engine.stats(peak_flops)
 
     def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Full-sequence logits of one prefill pass: one float32 [len, vocab_size] array per

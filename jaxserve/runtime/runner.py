@@ -53,6 +53,7 @@ class ModelRunner:
         self.compilations = 0
         self._programs: dict[Any, Any] = {}  # kind -> the jitted function
         self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
+        self._flops: dict[tuple, int] = {}  # shape key -> FLOPs the program executes
 
     @property
     def block_size(self) -> int:
@@ -131,6 +132,16 @@ class ModelRunner:
         show what it allocates and does)."""
         return self._executable("step", inputs)
 
+    def program_flops(self, inputs: StepInputs) -> int:
+        """FLOPs of the compiled step program for these inputs' shapes, all devices together
+        (XLA's cost analysis of one device's program, times the devices)."""
+        key = self._shape_key("step", inputs)
+        if key not in self._flops:
+            analysis = self._executable("step", inputs).cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, list) else analysis
+            self._flops[key] = int(analysis.get("flops", 0)) * self.layout.num_devices
+        return self._flops[key]
+
     def step(self, inputs: StepInputs) -> StepOutputs:
         """Dispatch one step (prefill chunks and decodes together); returns without waiting."""
         outputs, self.kv, self.slot_state = self._executable("step", inputs)(
@@ -155,6 +166,13 @@ class ModelRunner:
         inputs = (tokens, metadata)
         logits, self.kv = self._executable("forward", inputs)(self.param_leaves, self.kv, inputs)
         return logits
+
+    def set_moe(self, moe: MoEExecution) -> None:
+        """Run MoE layers another way from now on (the programs compiled so far are dropped)."""
+        self.moe = moe
+        self._programs.clear()
+        self._compiled.clear()
+        self._flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
@@ -320,6 +321,29 @@ def all_to_all_logical(x: jax.Array, logical: str, split_axis: int,
     pieces received are concatenated along `concat_axis` in device order."""
     axes = collective_axes(logical)
     return (jax.lax.all_to_all(x, axes, split_axis, concat_axis, tiled=True) if axes else x)
+
+
+def ragged_all_to_all_logical(operand, output, input_offsets, send_sizes, output_offsets,
+                              recv_sizes, logical: str) -> jax.Array:
+    """`jax.lax.ragged_all_to_all` along `logical`'s mesh axes (one slice per device). On a
+    platform without the op (XLA:CPU) the same semantics are computed with a fixed-capacity
+    `all_to_all` of every slice padded to the operand's length."""
+    axes = collective_axes(logical)
+    if axes and jax.default_backend() != "cpu":
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                         output_offsets, recv_sizes, axis_name=axes)
+    devices, capacity = input_offsets.shape[0], operand.shape[0]
+    r = jnp.arange(capacity)
+    # slice j of the operand, padded to `capacity` rows; rows past its size are never written
+    take = jnp.minimum(input_offsets[:, None] + r, capacity - 1)
+    send = operand[take]
+    send_valid = r < send_sizes[:, None]
+    received = all_to_all_logical(send, logical, 0, 0)
+    valid = all_to_all_logical(send_valid, logical, 0, 0) & (r < recv_sizes[:, None])
+    where = all_to_all_logical(output_offsets, logical, 0, 0)[:, None] + r  # [senders, rows]
+    where = jnp.where(valid, where, output.shape[0])  # out of range: dropped
+    return output.at[where.reshape(-1)].set(received.reshape(devices * capacity,
+                                                            *operand.shape[1:]), mode="drop")
 
 
 def psum_logical(x: jax.Array, logical: str) -> jax.Array:

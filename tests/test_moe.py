@@ -19,15 +19,18 @@ from tests.test_parity import PROMPTS, assert_close_to_reference
 
 MESHES = [(None, "tp"), ("ep=2", "ep"), ("ep=4", "ep"), ("ep=8", "ep"), ("tp=2,ep=2", "tp_ep"),
           ("dp=2,ep=2", "dp_ep")]
-STRATEGIES = ["dense", "alltoall", "allgather"]
+# alltoall also with the ragged exchange (emulated on CPU: it checks the offsets bookkeeping)
+EXECUTIONS = {"dense": MoEExecution("dense"), "alltoall": MoEExecution("alltoall"),
+              "alltoall-ragged": MoEExecution("alltoall", exchange="ragged"),
+              "allgather": MoEExecution("allgather")}
 SMALL = dict(kv_blocks=48, max_num_seqs=4, max_model_len=128)
 
 
 def logits_by_strategy(llm, prompts):
     out = {}
-    for strategy in STRATEGIES:
-        llm.runner.set_moe(MoEExecution(strategy))
-        out[strategy] = llm.logits(prompts)
+    for name, execution in EXECUTIONS.items():
+        llm.runner.set_moe(execution)
+        out[name] = llm.logits(prompts)
     return out
 
 
@@ -65,9 +68,9 @@ def test_skewed_routing_drops_nothing(hf_model_dir, mesh, rules):
     llm = LLM(model_dir, mesh=mesh, rules=rules, **SMALL)
     ref = hf_logits(hf_dir, prompt)
     results = logits_by_strategy(llm, [prompt])
-    for strategy in STRATEGIES:
-        assert_close_to_reference(results[strategy][0], ref)
-    np.testing.assert_allclose(results["alltoall"][0], results["dense"][0], rtol=0, atol=1e-5)
+    for name in EXECUTIONS:
+        assert_close_to_reference(results[name][0], ref)
+        np.testing.assert_allclose(results[name][0], results["dense"][0], rtol=0, atol=1e-5)
 
 
 def collectives(hlo: str) -> dict[str, list[str]]:
@@ -107,6 +110,9 @@ def test_auto_picks_by_tokens_per_step():
         MoEExecution("ragged")
     with pytest.raises(ValueError, match="-1"):
         MoEExecution("auto", auto_threshold=-1)
+    with pytest.raises(ValueError, match="'sparse'"):
+        MoEExecution("alltoall", exchange="sparse")
+    assert MoEExecution().token_exchange() == "fixed"  # XLA:CPU has no ragged all-to-all
 
 
 @pytest.mark.parametrize("mesh,rules", [(None, "tp"), ("ep=2", "ep"), ("tp=2,ep=2", "tp_ep")])

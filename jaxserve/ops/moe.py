@@ -11,6 +11,8 @@ read when a step's program is traced, so every compiled step shape has its strat
   the exchange is a fixed-capacity `all_to_all` whose every (sender, receiver) slot holds all of
   the sender's pairs, the most any routing can send there (XLA:CPU has no `ragged_all_to_all`).
   The slack is the price: the owner's grouped matmul runs over ep x the pairs it really got.
+  Where the platform has `ragged_all_to_all` (GPU, TPU), the same exchange moves only the rows
+  really sent (`MoEExecution.exchange`).
 - `allgather`: expert weights stay sharded at rest; each MoE layer's weights are all-gathered
   (the model issues the gather one MoE layer ahead, so it can overlap the layer before) and
   every device runs its own tokens through all experts locally. Tokens never leave their device.
@@ -29,13 +31,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxserve.sharding import (all_gather_logical, all_to_all_logical, axis_size_logical,
-                               psum_logical, shard_map_logical)
+from jaxserve.sharding import (all_gather_logical, all_to_all_logical, axis_index_logical,
+                               axis_size_logical, psum_logical, ragged_all_to_all_logical,
+                               shard_map_logical)
 
 STRATEGIES = ("dense", "alltoall", "allgather", "auto")
 # Tokens per step above which `auto` gathers expert weights instead of exchanging tokens: the
@@ -57,19 +61,34 @@ class ExpertWeights(NamedTuple):
     down: jax.Array  # [experts, width, embed]
 
 
+EXCHANGE_KINDS = ("platform", "fixed", "ragged")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEExecution:
     strategy: str = "auto"
     auto_threshold: int = DEFAULT_AUTO_THRESHOLD
+    # How `alltoall` moves tokens: "fixed" capacity, "ragged" (only the rows sent; emulated with
+    # a fixed-capacity exchange where the platform lacks the op), or by "platform": ragged on
+    # GPU and TPU, fixed on CPU.
+    exchange: str = "platform"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"moe_strategy must be one of {', '.join(STRATEGIES)}, "
                              f"got {self.strategy!r}")
+        if self.exchange not in EXCHANGE_KINDS:
+            raise ValueError(f"exchange must be one of {', '.join(EXCHANGE_KINDS)}, "
+                             f"got {self.exchange!r}")
         t = self.auto_threshold
         if not isinstance(t, int) or isinstance(t, bool) or t < 0:
             raise ValueError(f"moe_auto_threshold must be a non-negative integer (tokens per "
                              f"step), got {t!r}")
+
+    def token_exchange(self) -> str:
+        if self.exchange != "platform":
+            return self.exchange
+        return "fixed" if jax.default_backend() == "cpu" else "ragged"
 
     def resolve(self, num_tokens: int) -> str:
         """The strategy a step of `num_tokens` tokens (all replicas together) runs."""
@@ -141,35 +160,74 @@ def experts_dense(x: jax.Array, ids: jax.Array, weights: jax.Array,
     return jnp.einsum("tx,txe->te", dense_weights.astype(x.dtype), y)
 
 
-def _alltoall_local(x, ids, weights, gate, up, down):
+def _exchange_fixed(rows, expert, no_expert, dest, rank, counts, starts, devices):
+    """Send row i (sorted by `dest`) to device dest[i] in slot (dest, rank): a [devices, n]
+    buffer each way, the capacity no routing can overflow. Returns the rows received [devices *
+    n, embed] (sender p's at [p*n, p*n + its count)), their experts (`no_expert` in empty slots),
+    and `back(y)`, which returns results computed on those rows to their senders, in the order
+    the rows were sent."""
+    n = rows.shape[0]
+    send = jnp.zeros((devices, n, rows.shape[1]), rows.dtype).at[dest, rank].set(rows)
+    send_expert = jnp.full((devices, n), no_expert, jnp.int32).at[dest, rank].set(expert)
+    received = all_to_all_logical(send, "experts", 0, 0).reshape(devices * n, -1)
+    received_expert = all_to_all_logical(send_expert, "experts", 0, 0).reshape(-1)
+
+    def back(y):
+        return all_to_all_logical(y.reshape(devices, n, -1), "experts", 0, 0)[dest, rank]
+
+    return received, received_expert, back
+
+
+def _exchange_ragged(rows, expert, no_expert, dest, rank, counts, starts, devices):
+    """The same exchange moving only the rows each device really sends
+    (`ragged_all_to_all`); received rows land where the fixed exchange puts them."""
+    n = rows.shape[0]
+    me = axis_index_logical("experts")
+    recv_counts = all_to_all_logical(counts, "experts", 0, 0)  # [senders]
+    their_starts = all_to_all_logical(starts, "experts", 0, 0)  # where my rows sit at each sender
+    slot = jnp.arange(devices, dtype=jnp.int32) * n
+    mine = jnp.full((devices,), me * n, jnp.int32)
+    received = ragged_all_to_all_logical(rows, jnp.zeros((devices * n, rows.shape[1]), rows.dtype),
+                                         starts, counts, mine, recv_counts, "experts")
+    received_expert = ragged_all_to_all_logical(expert, jnp.full((devices * n,), no_expert,
+                                                                 jnp.int32),
+                                                starts, counts, mine, recv_counts, "experts")
+
+    def back(y):
+        return ragged_all_to_all_logical(y, jnp.zeros((n, y.shape[1]), y.dtype), slot,
+                                         recv_counts, their_starts, counts, "experts")
+
+    return received, received_expert, back
+
+
+EXCHANGES = {"fixed": _exchange_fixed, "ragged": _exchange_ragged}
+
+
+def _alltoall_local(exchange, x, ids, weights, gate, up, down):
     """Per device: x [T, embed] its tokens, ids/weights [T, k], its experts' weights."""
     local_experts = gate.shape[0]
     devices = axis_size_logical("experts")
     pairs = ids.reshape(-1)
     n = pairs.shape[0]
     owner = pairs // local_experts
-    # Pairs grouped by owner; slot (owner, rank among that owner's pairs). Capacity n per owner:
-    # a device can send at most all of its pairs to one owner, so nothing ever overflows.
+    # Pairs grouped by owner: row i goes to dest[i], slot rank[i] among that owner's rows.
     order = jnp.argsort(owner, stable=True)
-    counts = jnp.bincount(owner, length=devices)
-    starts = jnp.cumsum(counts) - counts
+    counts = jnp.bincount(owner, length=devices).astype(jnp.int32)
+    starts = (jnp.cumsum(counts) - counts).astype(jnp.int32)
     dest = owner[order]
     rank = jnp.arange(n) - starts[dest]
-    send = jnp.zeros((devices, n, x.shape[1]), x.dtype).at[dest, rank].set(x[order // ids.shape[1]])
-    send_expert = jnp.full((devices, n), local_experts, jnp.int32).at[dest, rank].set(
-        (pairs % local_experts)[order])
-    received = all_to_all_logical(send, "experts", 0, 0)  # [senders, n, embed]
-    received_expert = all_to_all_logical(send_expert, "experts", 0, 0)
-    y = grouped_swiglu(received.reshape(devices * n, -1), received_expert.reshape(-1),
-                       ExpertWeights(gate, up, down))
-    back = all_to_all_logical(y.reshape(devices, n, -1), "experts", 0, 0)  # [owners, n, embed]
-    pair_out = jnp.zeros((n, x.shape[1]), x.dtype).at[order].set(back[dest, rank])
+    received, received_expert, back = EXCHANGES[exchange](
+        x[order // ids.shape[1]], (pairs % local_experts)[order].astype(jnp.int32),
+        local_experts, dest, rank, counts, starts, devices)
+    y = grouped_swiglu(received, received_expert, ExpertWeights(gate, up, down))
+    pair_out = jnp.zeros((n, x.shape[1]), x.dtype).at[order].set(back(y))
     return psum_logical(_combine(pair_out, weights), "expert_mlp")
 
 
-def experts_alltoall(x, ids, weights, w: ExpertWeights) -> jax.Array:
+def experts_alltoall(x, ids, weights, w: ExpertWeights, exchange: str) -> jax.Array:
     return shard_map_logical(
-        _alltoall_local, (TOKEN_AXES, PAIR_AXES, PAIR_AXES, EXPERT_AXES, EXPERT_AXES, DOWN_AXES),
+        functools.partial(_alltoall_local, exchange),
+        (TOKEN_AXES, PAIR_AXES, PAIR_AXES, EXPERT_AXES, EXPERT_AXES, DOWN_AXES),
         TOKEN_AXES)(x, ids, weights, *w)
 
 
@@ -205,7 +263,7 @@ def run_experts(strategy: str, x, ids, weights, w: ExpertWeights,
     if strategy == "dense":
         return experts_dense(x, ids, weights, w)
     if strategy == "alltoall":
-        return experts_alltoall(x, ids, weights, w)
+        return experts_alltoall(x, ids, weights, w, _ACTIVE.get().token_exchange())
     if strategy == "allgather":
         return experts_allgather(x, ids, weights,
                                  gathered if gathered is not None else gather_experts(w))

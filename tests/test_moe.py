@@ -102,6 +102,24 @@ def test_each_strategy_compiles_to_its_collectives(hf_model_dir):
     assert not [s for s in a2a["all-gather"] if s in gathered]
 
 
+@pytest.mark.parametrize("rows,tile", [(40, 8), (300, 32)])
+def test_expert_tiles_equal_ragged_dot(rows, tile):
+    """The two grouped-matmul implementations, with rows that belong to no expert (id 6)."""
+    import jax.numpy as jnp
+
+    from jaxserve.ops import moe
+
+    rng = np.random.default_rng(rows)
+    w = moe.ExpertWeights(*(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in
+                            [(6, 16, 24), (6, 16, 24), (6, 24, 16)]))
+    x = jnp.asarray(rng.standard_normal((rows, 16)), jnp.float32)
+    expert = jnp.asarray(rng.integers(0, 7, rows), jnp.int32)
+    ragged = np.asarray(moe._grouped_ragged(x, expert, w))
+    tiled = np.asarray(moe._grouped_tiled(x, expert, w, tile))
+    assert np.all(ragged[np.asarray(expert) == 6] == 0)
+    np.testing.assert_allclose(tiled, ragged, rtol=1e-5, atol=1e-4)
+
+
 def test_auto_picks_by_tokens_per_step():
     auto = MoEExecution("auto", auto_threshold=100)
     assert auto.resolve(100) == "alltoall" and auto.resolve(101) == "allgather"

@@ -7,7 +7,7 @@ read when a step's program is traced, so every compiled step shape has its strat
 - `alltoall`: expert weights stay where they are (sharded over the mesh axes of `experts`, `ep`);
   each device sorts its (token, expert) pairs by the device that owns the expert, sends them
   there with an all-to-all, the owner runs them through its experts (grouped matmuls,
-  `jax.lax.ragged_dot`), and a second all-to-all brings the results back. Nothing is ever dropped:
+  `grouped_swiglu`), and a second all-to-all brings the results back. Nothing is ever dropped:
   the exchange is a fixed-capacity `all_to_all` whose every (sender, receiver) slot holds all of
   the sender's pairs, the most any routing can send there (XLA:CPU has no `ragged_all_to_all`).
   The slack is the price: the owner's grouped matmul runs over ep x the pairs it really got.
@@ -129,7 +129,22 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
 
 def grouped_swiglu(x: jax.Array, expert: jax.Array, w: ExpertWeights) -> jax.Array:
     """Row r of x [rows, embed] through expert `expert[r]` of `w` (rows whose expert is
-    `num_experts` or more belong to none and give 0): sorted by expert, three grouped matmuls."""
+    `num_experts` or more belong to none and give 0).
+
+    Two implementations of the same grouped matmul, chosen by platform and shape when traced:
+    `jax.lax.ragged_dot` (GPU and TPU have grouped-matmul kernels for it), and on CPU, where
+    XLA lowers `ragged_dot` to a masked dense product over every group (experts x the work),
+    expert tiles: rows sorted by expert, each expert's rows padded to a multiple of a tile, one
+    [tile, embed] x [embed, width] product per tile in a loop (measured 5.6x faster at 512 rows
+    and 16 experts; tiny batches keep `ragged_dot`, cheaper there)."""
+    rows, groups = x.shape[0], w.gate.shape[0]
+    if jax.default_backend() == "cpu" and rows > 2 * groups:
+        tile = min(64, max(8, 1 << (rows // groups - 1).bit_length()))
+        return _grouped_tiled(x, expert, w, tile)
+    return _grouped_ragged(x, expert, w)
+
+
+def _grouped_ragged(x, expert, w: ExpertWeights):
     num_experts = w.gate.shape[0]
     order = jnp.argsort(expert, stable=True)
     sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)  # ids >= length: dropped
@@ -137,6 +152,34 @@ def grouped_swiglu(x: jax.Array, expert: jax.Array, w: ExpertWeights) -> jax.Arr
     h = jax.nn.silu(jax.lax.ragged_dot(xs, w.gate, sizes)) * jax.lax.ragged_dot(xs, w.up, sizes)
     y = jax.lax.ragged_dot(h, w.down, sizes)
     y = jnp.where((expert[order] < num_experts)[:, None], y, 0)
+    return jnp.zeros_like(y).at[order].set(y)
+
+
+def _grouped_tiled(x, expert, w: ExpertWeights, tile: int):
+    groups = w.gate.shape[0]
+    rows, width = x.shape
+    order = jnp.argsort(expert, stable=True)
+    sizes = jnp.bincount(expert, length=groups)
+    padded = (sizes + tile - 1) // tile * tile
+    padded_end = jnp.cumsum(padded)
+    padded_start, start = padded_end - padded, jnp.cumsum(sizes) - sizes
+    tiles = -(-rows // tile) + groups  # sum of ceil(size / tile) never exceeds this
+    sorted_expert = expert[order]
+    valid = sorted_expert < groups
+    g = jnp.minimum(sorted_expert, groups - 1)
+    slot = jnp.where(valid, padded_start[g] + jnp.arange(rows) - start[g], tiles * tile)
+    grid = jnp.zeros((tiles * tile, width), x.dtype).at[slot].set(x[order], mode="drop")
+    tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(tiles) * tile,
+                                               side="right"), groups - 1)
+
+    def one_tile(_, inputs):
+        xt, e = inputs
+        h = jax.nn.silu(xt @ w.gate[e]) * (xt @ w.up[e])
+        return None, h @ w.down[e]
+
+    _, y = jax.lax.scan(one_tile, None, (grid.reshape(tiles, tile, width), tile_expert))
+    y = y.reshape(tiles * tile, -1).at[slot].get(mode="fill", fill_value=0)
+    y = jnp.where(valid[:, None], y, 0)
     return jnp.zeros_like(y).at[order].set(y)
 
 

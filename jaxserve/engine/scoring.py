@@ -65,7 +65,8 @@ class _Piece:
     job: int
     tokens: list[int]
     start: int  # position of tokens[0]
-    rows: list[tuple[int, int, ScoreRow]]  # (candidate, its token j, row); candidate -1: top only
+    # (candidate, its token j, row at an offset into `tokens`); candidate -1: the top row only
+    rows: list[tuple[int, int, ScoreRow]]
     prefix: _Piece | None = None  # the shared prefix a branch reads
     own_blocks: int = 0
     blocks: list[int] | None = None  # held from its first chunk until nobody reads them
@@ -132,7 +133,8 @@ class ScoreRun:
         if not any(packed):
             return None
         inputs, rows = self.engine.builder.score_step(
-            [[(p.tokens[s:s + n], ChunkRow(p.start + s, n, p.table), [r for _, _, r in scored])
+            [[(p.tokens[s:s + n], ChunkRow(p.start + s, n, p.table),
+               [dataclasses.replace(row, offset=row.offset - s) for _, _, row in scored])
               for p, s, n, scored in chunks] for chunks in packed])
         out = self.engine.runner.score(inputs)
         logprob = np.asarray(out.logprob)

@@ -1,0 +1,146 @@
+"""Scoring (`LLM.score`, `jaxserve score`, the Score RPC): HF log-softmax is the oracle.
+
+A candidate's token j scores log_softmax(HF logits of prompt + candidate)[len(prompt) - 1 + j]
+at candidate[j]; top_n is HF's top-k of the log-softmax after the prompt.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from tests.hf_models import hf_logits
+
+# prompts around the block size (4): one token, a whole number of blocks, a shared prefix of
+# several blocks; candidates of 1, 3, 2 and 20 tokens (crossing blocks) in one call
+PROMPTS = [[1, 5, 9, 200, 3, 77, 400, 12, 8, 8, 8, 31], [7], [2, 4, 6, 8], list(range(2, 30))]
+CANDIDATES = [[5], [7, 8, 9], [100, 3], list(range(300, 320))]
+SMALL = dict(dtype="float32", block_size=4, max_model_len=128)
+
+
+def hf_log_softmax(hf_dir, token_ids) -> np.ndarray:
+    logits = hf_logits(hf_dir, token_ids).astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), np.abs(logits).max()
+
+
+def assert_scores_match_hf(hf_dir, prompts, candidates, outputs, top_n):
+    for prompt, out in zip(prompts, outputs):
+        assert out.prompt_token_ids == prompt
+        for candidate, scored in zip(candidates, out.candidates):
+            ref, scale = hf_log_softmax(hf_dir, prompt + candidate)
+            want = [ref[len(prompt) - 1 + j, t] for j, t in enumerate(candidate)]
+            assert scored.token_ids == candidate
+            np.testing.assert_allclose(scored.token_logprobs, want, rtol=0, atol=1e-4 * scale)
+            assert scored.logprob == pytest.approx(sum(scored.token_logprobs))
+        ref, scale = hf_log_softmax(hf_dir, prompt)
+        top = np.argsort(-ref[-1])[:top_n]
+        assert [t.token_id for t in out.top] == top.tolist()
+        np.testing.assert_allclose([t.logprob for t in out.top], ref[-1, top], rtol=0,
+                                   atol=1e-4 * scale)
+
+
+@pytest.fixture(scope="module")
+def llama(hf_model_dir):
+    hf_dir, model_dir = hf_model_dir("llama")
+    return hf_dir, LLM(model_dir, **SMALL)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_score_is_hf_log_softmax_for_candidates_of_different_lengths(hf_model_dir, family):
+    hf_dir, model_dir = hf_model_dir(family)
+    llm = LLM(model_dir, **SMALL)
+    outputs = llm.score(PROMPTS, CANDIDATES, top_n=5)
+    assert [len(o.candidates) for o in outputs] == [len(CANDIDATES)] * len(PROMPTS)
+    assert_scores_match_hf(hf_dir, PROMPTS, CANDIDATES, outputs, top_n=5)
+    assert llm.engine.kv_blocks_used == 0
+
+
+def test_long_inputs_split_over_steps_and_a_small_pool(hf_model_dir):
+    """A step budget of 16 tokens and a pool of 13 blocks (the longest prompt + candidate needs
+    12): pieces wait for blocks and for steps, and the scores do not change."""
+    hf_dir, model_dir = hf_model_dir("llama")
+    llm = LLM(model_dir, **{**SMALL, "max_model_len": 48}, kv_blocks=14,
+              max_num_batched_tokens=16, max_prefill_chunk=16)
+    steps = []
+    score = llm.runner.score
+    llm.runner.score = lambda inputs: steps.append(inputs) or score(inputs)
+    outputs = llm.score(PROMPTS, CANDIDATES, top_n=3)
+    assert len(steps) > 2 * len(PROMPTS)
+    assert max(len(i.tokens) for i in steps) == 16
+    assert_scores_match_hf(hf_dir, PROMPTS, CANDIDATES, outputs, top_n=3)
+    assert llm.engine.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("mesh,rules", [("tp=2", "tp"), ("dp=2", "dp")])
+def test_a_mesh_scores_like_one_device(hf_model_dir, llama, mesh, rules):
+    _, one = llama
+    _, model_dir = hf_model_dir("llama")
+    meshed = LLM(model_dir, mesh=mesh, rules=rules, **SMALL)
+    for ours, ref in zip(meshed.score(PROMPTS, CANDIDATES, top_n=4),
+                         one.score(PROMPTS, CANDIDATES, top_n=4)):
+        for a, b in zip(ours.candidates, ref.candidates):
+            np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
+        assert [t.token_id for t in ours.top] == [t.token_id for t in ref.top]
+    assert meshed.engine.kv_blocks_used == 0
+
+
+def test_candidates_per_prompt_and_top_n_alone(llama):
+    hf_dir, llm = llama
+    per_prompt = [[[5], [9, 9]], [], [[100, 3, 4]], [[1]]]
+    outputs = llm.score(PROMPTS, per_prompt, top_n=2)
+    for prompt, candidates, out in zip(PROMPTS, per_prompt, outputs):
+        assert_scores_match_hf(hf_dir, [prompt], candidates, [out], top_n=2)
+        assert [c.token_ids for c in out.candidates] == candidates
+    top_only = llm.score([PROMPTS[0]], top_n=3)[0]
+    assert top_only.candidates == [] and len(top_only.top) == 3
+    assert [t.token_id for t in top_only.top[:2]] == [t.token_id for t in outputs[0].top]
+
+
+def test_scoring_keeps_no_kv_and_generation_is_unchanged(llama):
+    _, llm = llama
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    stream = llm.score_stream(PROMPTS, CANDIDATES)
+    next(stream)
+    stream.close()  # abandoned half-way: its blocks come back too
+    assert llm.engine.kv_blocks_used == 0
+    llm.score(PROMPTS, CANDIDATES, top_n=1)
+    assert llm.engine.kv_blocks_used == 0
+    after = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert after == before
+
+
+def test_score_refuses_while_requests_run(llama):
+    _, llm = llama
+    llm.engine.add_request("running", [4, 5], SamplingParams(max_tokens=4))
+    try:
+        with pytest.raises(RuntimeError, match="1 requests are running"):
+            llm.score([[1, 2]], [[3]])
+    finally:
+        llm.engine.abort("running")
+    assert llm.engine.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("prompts,candidates,top_n,message", [
+    ([[1, 2]], [[3], []], 0, "candidate 1 is empty"),
+    ([[1, 2]], [[3], [4, 512]], 0, r"candidate 1: token id 512 at index 1 is not in \[0, 512\)"),
+    ([[1, 2]], [[-1]], 0, "candidate 0: token id -1"),
+    ([[1, 2], [3]], [[[1]], [[2], [5, 999]]], 0, "prompt 1 candidate 1: token id 999"),
+    ([[1, 2]], None, 0, "prompt 0: nothing to score"),
+    ([[1, 2]], [], 0, "nothing to score"),
+    ([[1, 2]], [[3]], -1, r"top_n must be an integer in \[0, 20\], got -1"),
+    ([[1, 2]], [[3]], 21, r"top_n must be an integer in \[0, 20\], got 21"),
+    ([[1, 2]], [[3]], 2.0, "top_n must be an integer"),
+    ([list(range(1, 120))], [[3] * 10], 0, r"prompt 0 \(119 tokens\) \+ candidate 0 \(10 "
+                                           r"tokens\) is more than max_model_len \(128\)"),
+    ([[]], [[3]], 0, "prompt 0 is empty"),
+    ([[1, 2]], ["text"], 0, "candidate 0 is text but the model has no tokenizer"),
+    ([[1, 2]], "text", 0, "candidates must be a list"),
+])
+def test_bad_input_is_rejected_by_name(llama, prompts, candidates, top_n, message):
+    _, llm = llama
+    with pytest.raises((ValueError, TypeError), match=message):
+        llm.score(prompts, candidates, top_n=top_n)
+    assert llm.engine.kv_blocks_used == 0

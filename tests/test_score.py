@@ -5,6 +5,7 @@ at candidate[j]; top_n is HF's top-k of the log-softmax after the prompt.
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,3 +145,147 @@ def test_bad_input_is_rejected_by_name(llama, prompts, candidates, top_n, messag
     with pytest.raises((ValueError, TypeError), match=message):
         llm.score(prompts, candidates, top_n=top_n)
     assert llm.engine.kv_blocks_used == 0
+
+
+# ---- the Score RPC, on a real server over 127.0.0.1 ----
+
+TEXT_PROMPT = "def f(x):"
+TEXT_CANDIDATES = ["\n    return x", " pass", [5, 6, 7]]
+
+
+@pytest.fixture(scope="module")
+def served(hf_model_dir, tmp_path_factory):
+    """A Server over a Llama with a tokenizer; offline scores computed before it takes the
+    engine."""
+    import types
+
+    from jaxserve.serving.client import Client
+    from jaxserve.serving.server import Server
+    from tests.serving_helpers import make_model_dir
+
+    model_dir = make_model_dir(hf_model_dir("llama")[1],
+                               tmp_path_factory.mktemp("score") / "model")
+    llm = LLM(model_dir, max_model_len=128, block_size=8, max_num_batched_tokens=64,
+              max_prefill_chunk=32, max_num_seqs=8)
+    offline = {"text": llm.score(TEXT_PROMPT, TEXT_CANDIDATES, top_n=5)[0],
+               "ids": [llm.score(p, CANDIDATES, top_n=3)[0] for p in PROMPTS]}
+    server = Server("127.0.0.1", 0, metrics_port=None, max_queue=16).start()
+    server.attach(llm)
+    client = Client(f"127.0.0.1:{server.port}")
+    yield types.SimpleNamespace(server=server, llm=llm, client=client, offline=offline,
+                                model_dir=model_dir)
+    client.close()
+    server.drain(0)
+    server.stop()
+
+
+def assert_same_scores(response, offline):
+    """The RPC carries llm.score's numbers: float32 per token, the sum as a double."""
+    assert list(response.prompt_token_ids) == offline.prompt_token_ids
+    assert len(response.candidates) == len(offline.candidates)
+    for got, want in zip(response.candidates, offline.candidates):
+        assert list(got.token_ids) == want.token_ids
+        np.testing.assert_allclose(got.token_logprobs, want.token_logprobs, rtol=1e-6)
+        assert got.logprob == pytest.approx(want.logprob, rel=1e-6)
+    assert [t.token_id for t in response.top] == [t.token_id for t in offline.top]
+    np.testing.assert_allclose([t.logprob for t in response.top],
+                               [t.logprob for t in offline.top], rtol=1e-6)
+
+
+def test_text_candidates_are_encoded_without_special_tokens(served):
+    out, tokenizer = served.offline["text"], served.llm.tokenizer
+    assert out.prompt == TEXT_PROMPT and out.prompt_token_ids == tokenizer.encode(TEXT_PROMPT)
+    assert out.candidates[0].token_ids == tokenizer.encode(TEXT_CANDIDATES[0], add_bos=False)
+    assert [c.text for c in out.candidates] == TEXT_CANDIDATES[:2] + [None]
+    assert [t.text for t in out.top] == [tokenizer.decode([t.token_id], skip_special_tokens=False)
+                                         for t in out.top]
+
+
+def test_score_rpc_returns_llm_score_numbers(served):
+    assert_same_scores(served.client.score(TEXT_PROMPT, TEXT_CANDIDATES, top_n=5, timeout=30),
+                       served.offline["text"])
+    for prompt, offline in zip(PROMPTS, served.offline["ids"]):
+        response = served.client.score(prompt, CANDIDATES, top_n=3, timeout=30)
+        assert response.request_id.startswith("score-")
+        assert_same_scores(response, offline)
+    assert served.llm.engine.kv_blocks_used == 0
+
+
+def test_score_rpc_beside_running_generation(served):
+    """Scoring steps interleave with generation steps and share the pool: same numbers."""
+    from tests.serving_helpers import wait_until
+
+    params = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    streams = [served.client.generate(p, **params) for p in PROMPTS]
+    for stream in streams:
+        next(stream)
+    for prompt, offline in zip(PROMPTS, served.offline["ids"]):
+        assert_same_scores(served.client.score(prompt, CANDIDATES, top_n=3, timeout=30), offline)
+    for stream in streams:
+        assert list(stream)[-1].final.finish_reason == "length"
+    wait_until(lambda: served.llm.engine.kv_blocks_used == 0, 10, "every KV block to be free")
+
+
+def test_score_rpc_deadline_aborts_the_run_and_frees_its_blocks(served):
+    import grpc
+
+    from tests.serving_helpers import wait_until
+
+    served.server.step_delay = 0.2  # each scoring step then takes at least 0.2 s
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            served.client.score(list(range(1, 60)), [[i] * 8 for i in range(1, 60)], timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: served.llm.engine.kv_blocks_used == 0, 10, "every KV block to be free")
+    finally:
+        served.server.step_delay = 0.0
+    assert served.client.health() == "SERVING"
+
+
+def rpc_error(served, *args, **kwargs):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        served.client.score(*args, timeout=10, **kwargs)
+    return info.value.code(), info.value.details()
+
+
+@pytest.mark.parametrize("prompt,candidates,top_n,pattern", [
+    ([1, 2], [[3], []], 0, r"^candidates\[1\] is empty"),
+    ([1, 2], [[3], ""], 0, r"^candidates\[1\] is empty"),
+    ([1, 2], [[3, 512]], 0, r"^candidates\[0\]: token id 512 at index 1 is not in \[0, 512\)"),
+    ([1, 2], [b"\xff\xfe"], 0, r"^candidates\[0\]\.text is not valid UTF-8"),
+    ([1, 2], [], 0, r"^token_ids: nothing to score"),
+    ([1, 2], [[3]], -1, r"^top_n must be an integer in \[0, 20\], got -1"),
+    ([1, 2], [[3]], 21, r"^top_n must be"),
+    ("", [[3]], 0, r"^text is empty"),
+    ([], [[3]], 0, r"^token_ids is empty"),
+    ([5] * 120, [[3] * 9], 0, r"^token_ids \(120 tokens\) \+ candidates\[0\] \(9 tokens\) is "
+                              r"more than max_model_len \(128\)"),
+])
+def test_score_rpc_rejects_bad_input_naming_the_field(served, prompt, candidates, top_n,
+                                                      pattern):
+    import grpc
+
+    code, details = rpc_error(served, prompt, candidates, top_n=top_n)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert re.search(pattern, details), details
+
+
+def test_score_rpc_names_a_missing_prompt_or_candidate(served):
+    import grpc
+
+    from jaxserve.serving import jaxserve_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as info:
+        served.client.stub.Score(pb.ScoreRequest(top_n=1), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("prompt: set text or token_ids")
+    with pytest.raises(grpc.RpcError) as info:
+        served.client.stub.Score(pb.ScoreRequest(top_n=1, candidates=[pb.Candidate()]),
+                                 timeout=10)
+    assert info.value.details().startswith("prompt")
+    request = pb.ScoreRequest(token_ids=pb.TokenIds(ids=[1]), candidates=[pb.Candidate()])
+    with pytest.raises(grpc.RpcError) as info:
+        served.client.stub.Score(request, timeout=10)
+    assert info.value.details().startswith("candidates[0]: set text or token_ids")

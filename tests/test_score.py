@@ -289,3 +289,84 @@ def test_score_rpc_names_a_missing_prompt_or_candidate(served):
     with pytest.raises(grpc.RpcError) as info:
         served.client.stub.Score(request, timeout=10)
     assert info.value.details().startswith("candidates[0]: set text or token_ids")
+
+
+# ---- `jaxserve score`: the batch job, as a user runs it ----
+
+def jaxserve_score(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "jaxserve.cli", "score", *map(str, args)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                          text=True, timeout=600)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_scores_a_jsonl_file_and_resumes(served, tmp_path):
+    lines = [{"id": "text", "prompt": TEXT_PROMPT, "candidates": TEXT_CANDIDATES, "top_n": 5}]
+    lines += [{"id": i, "prompt": p, "candidates": CANDIDATES} for i, p in enumerate(PROMPTS)]
+    lines += [{"id": "top only", "prompt": PROMPTS[0]}]
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    full = tmp_path / "full.jsonl"
+    engine = ["--model", served.model_dir, "--max-model-len", 128, "--block-size", 8]
+    result = jaxserve_score("--input", inputs, "--output", full, "--top-n", 3, "--no-progress",
+                            *engine)
+    assert result.returncode == 0, result.stderr
+    records = {r["id"]: r for r in read_jsonl(full)}
+    assert set(records) == {line["id"] for line in lines}
+
+    def assert_matches(record, offline):
+        assert record["prompt_tokens"] == len(offline.prompt_token_ids)
+        for got, want in zip(record["candidates"], offline.candidates, strict=True):
+            assert got.get("text") == want.text and got["token_ids"] == want.token_ids
+            np.testing.assert_allclose(got["token_logprobs"], want.token_logprobs, atol=1e-5)
+        assert [t["token_id"] for t in record["top"]] == [t.token_id for t in offline.top]
+        assert [t["text"] for t in record["top"]] == [t.text for t in offline.top]
+
+    assert_matches(records["text"], served.offline["text"])
+    for i, offline in enumerate(served.offline["ids"]):
+        assert_matches(records[i], offline)
+    assert records["top only"]["candidates"] == [] and len(records["top only"]["top"]) == 3
+
+    # a job killed after writing two lines and half of a third
+    partial = tmp_path / "partial.jsonl"
+    kept = "".join(json.dumps(records[k]) + "\n" for k in ("text", 2))
+    partial.write_text(kept + json.dumps(records[0])[:30])
+    result = jaxserve_score("--input", inputs, "--output", partial, "--top-n", 3, *engine)
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 scores" in result.stderr and "2 already there" in result.stderr
+    assert "score: 100%" in result.stderr  # the progress bar
+    assert partial.read_text().startswith(kept)
+    resumed = {r["id"]: r for r in read_jsonl(partial)}
+    assert set(resumed) == set(records)
+    for key, record in resumed.items():
+        for got, want in zip(record["candidates"], records[key]["candidates"]):
+            np.testing.assert_allclose(got["token_logprobs"], want["token_logprobs"], atol=1e-5)
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"id": 1, "prompt": "x", "candidates": [3]}, r"in\.jsonl:2: candidates\[0\] must be text "
+                                                  r"or a list of token ids, got 3"),
+    ({"id": 1, "prompt": "x", "candidates": "y"}, r"in\.jsonl:2: candidates must be a list"),
+    ({"id": 1, "prompt": "x", "top_n": -2}, r"in\.jsonl:2: top_n must be a non-negative"),
+    ({"id": 1, "prompt": "x", "max_tokens": 2},
+     r"in\.jsonl:2: unknown field\(s\) \['max_tokens'\]"),
+    ({"id": 1, "prompt": [1, 2], "candidates": [[3, 999]]},
+     r"in\.jsonl:2: candidates\[0\]: token id 999 at index 1 is not in \[0, 512\)"),
+    ({"id": 1, "prompt": [1, 2]}, r"in\.jsonl:2: prompt: nothing to score"),
+])
+def test_cli_rejects_a_bad_line_by_line_and_field(served, tmp_path, line, message):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"id": 0, "prompt": "x", "candidates": ["y"]}) + "\n"
+                      + json.dumps(line) + "\n")
+    result = jaxserve_score("--input", inputs, "--output", tmp_path / "out.jsonl",
+                            "--model", served.model_dir, "--max-model-len", 128)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -3,8 +3,9 @@
 `parse_generate` is the server's one validation path for a GenerateRequest: it reuses
 `SamplingParams` construction and `LLM.validate_token_ids`, and every error it raises is a
 ValueError/TypeError whose message names the offending field (the server turns those into
-INVALID_ARGUMENT). `parse_score` does the same for a ScoreRequest through `LLM.prepare_score`. The functions here are pure: they never submit, abort or wait, never touch the
-Engine, and never import grpc.
+INVALID_ARGUMENT); `parse_score` does the same for a ScoreRequest through `LLM.prepare_score`.
+The functions here are pure: they never submit, abort or wait, never touch the Engine, and never
+import grpc.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from jaxserve.engine import sizing
 from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
 from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
+from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.sharding import Layout, replicas_of
 
@@ -42,7 +43,8 @@ class LLM:
                  kv_memory_fraction: float | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  max_prefill_chunk: int = 256, max_prefill_rows: int = 8,
-                 max_steps_in_flight: int = 2):
+                 max_steps_in_flight: int = 2, moe_strategy: str = "auto",
+                 moe_auto_threshold: int | None = None):
         """Load a jaxserve checkpoint onto a mesh.
 
         mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
@@ -57,6 +59,8 @@ class LLM:
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model_dir = Path(model_dir)
+        moe = MoEExecution(moe_strategy, DEFAULT_AUTO_THRESHOLD if moe_auto_threshold is None
+                           else moe_auto_threshold)
         self.layout = Layout.create(mesh, rules)
         self.config, graphdef, params = restore_model(self.model_dir, self.layout, dtype)
         limit = self.config.max_position_embeddings
@@ -77,7 +81,7 @@ class LLM:
                                          max_num_seqs, max_model_len is not None)
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
                            self.layout)
-        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv)
+        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe)
         from jaxserve.tokenizer import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
@@ -237,8 +241,11 @@ class LLM:
         """Compile every step shape up front; returns the number of programs compiled."""
         return self.engine.warmup()
 
-    def stats(self) -> dict:
-        return self.engine.stats()
+    def stats(self, peak_flops: float | None = None) -> dict:
+        """Engine counters, host time per phase, and FLOPs: `true_flops` (what the steps'
+        real tokens needed), `executed_flops` (what the compiled programs ran) and, given one
+        device's peak FLOP/s, `mfu` (see jaxserve/engine/accounting.py)."""
+        return self.engine.stats(peak_flops)
 
     # ---- scoring ----
     def score(self, prompts, candidates=None, top_n: int = 0, use_tqdm: bool = False

@@ -89,10 +89,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of device memory for the KV pool (default: see README)")
     p.add_argument("--max-steps-in-flight", type=int, default=None,
                    help="steps dispatched ahead of readback (default 2)")
+    p.add_argument("--moe-strategy", default=None,
+                   choices=["dense", "alltoall", "allgather", "auto"],
+                   help="how a MoE model's experts run on a mesh (default auto: allgather for "
+                   "steps above --moe-auto-threshold tokens, else alltoall)")
+    p.add_argument("--moe-auto-threshold", type=int, default=None,
+                   help="tokens per step above which auto gathers expert weights")
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight")
+                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
+                "moe_auto_threshold")
 
 
 def _make_llm(args):

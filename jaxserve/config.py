@@ -14,9 +14,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "qwen3")
+FAMILIES = ("llama", "qwen3", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 # HF model_type -> our family. Mistral without a binding sliding window is a Llama.
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3"}
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3",
+                  "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 ROPE_TYPES = ("default", "llama3")
 FORMAT_VERSION = 1
 
@@ -54,6 +56,17 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # dtype the weights were stored in
+    # Mixture of experts (num_experts > 0): a MoE layer's MLP is `num_experts` SwiGLU experts of
+    # width `moe_intermediate_size`; a softmax router picks `num_experts_per_tok` per token, their
+    # probabilities renormalised to sum to 1 when `norm_topk_prob`. Layer i is MoE when
+    # (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers (Qwen3-MoE's rule;
+    # Mixtral: every layer); the others keep the dense MLP of `intermediate_size`.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     # How the model is laid out on a mesh (set by `jaxserve.placement.fit_to_layout`, never
     # saved): the vocabulary padded to a multiple of the axes that split it, and each KV head
     # repeated so that every tensor-parallel device holds the head its query heads read.
@@ -71,6 +84,36 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of "
                               f"num_kv_heads ({self.num_kv_heads})")
+        moe = self.family in MOE_FAMILIES
+        if moe != (self.num_experts > 0):
+            raise ConfigError(f"family {self.family!r} {'needs' if moe else 'cannot have'} "
+                              f"experts, got num_experts={self.num_experts!r}")
+        if moe:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                         "decoder_sparse_step"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) is more than "
+                                  f"num_experts ({self.num_experts})")
+            bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ConfigError(f"mlp_only_layers {bad} are not layers of a "
+                                  f"{self.num_layers}-layer model")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def moe_layer(self, i: int) -> bool:
+        """Whether layer i's MLP is a mixture of experts (else the dense MLP)."""
+        return (self.is_moe and (i + 1) % self.decoder_sparse_step == 0
+                and i not in self.mlp_only_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layer(i) for i in range(self.num_layers))
 
     @property
     def q_per_kv(self) -> int:
@@ -88,17 +131,22 @@ class ModelConfig:
         return self.num_kv_heads * self.kv_head_copies
 
     def num_params(self) -> int:
+        """Every parameter (all experts included)."""
         e, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * e * i + 2 * e + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attn + 2 * e + (2 * self.head_dim if self.qk_norm else 0)
+        moe = self.num_moe_layers
+        mlp = ((self.num_layers - moe) * 3 * e * i
+               + moe * (self.num_experts * (3 * e * self.moe_intermediate_size + e)))
         head = 0 if self.tie_word_embeddings else e * v
-        return v * e + self.num_layers * per_layer + e + head
+        return v * e + self.num_layers * per_layer + mlp + e + head
 
     # ---- our own config.json ----
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         del d["padded_vocab_size"], d["kv_head_copies"]  # a property of the layout, not the model
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
         return {"format_version": FORMAT_VERSION, **d}
 
     def save(self, path: str | Path) -> None:
@@ -117,6 +165,7 @@ class ModelConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["mlp_only_layers"] = tuple(d.get("mlp_only_layers", ()))
         try:
             return cls(**d)
         except TypeError as e:  # a required field is missing
@@ -145,6 +194,14 @@ _HF_INERT_FIELDS = {
     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
     "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
     "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+}
+# Mixture-of-experts fields: read below, or (router losses, training-time noise) inert.
+_HF_MOE_FIELDS = {
+    "qwen3_moe": {"num_experts", "num_local_experts", "num_experts_per_tok",
+                  "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                  "mlp_only_layers", "output_router_logits", "router_aux_loss_coef"},
+    "mixtral": {"num_local_experts", "num_experts_per_tok", "output_router_logits",
+                "router_aux_loss_coef", "router_jitter_noise"},
 }
 
 
@@ -183,7 +240,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     if model_type not in HF_MODEL_TYPES:
         raise ConfigError(f"{where}: model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(HF_MODEL_TYPES)})")
-    unknown = sorted(set(hf) - _HF_INERT_FIELDS)
+    unknown = sorted(set(hf) - _HF_INERT_FIELDS - _HF_MOE_FIELDS.get(model_type, set()))
     if unknown:
         raise ConfigError(f"{where}: unsupported field(s) {unknown} for model_type {model_type!r}")
 
@@ -201,7 +258,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     max_pos = int(hf.get("max_position_embeddings", 2048))
     window = hf.get("sliding_window")
     # A window at least as long as the longest sequence never masks anything: same computation.
-    if window is not None and model_type != "qwen3" and int(window) < max_pos:
+    if window is not None and model_type not in ("qwen3", "qwen3_moe") and int(window) < max_pos:
         reject("sliding_window", window, "sliding-window attention is not implemented; a window "
                f"shorter than max_position_embeddings ({max_pos}) would change the result")
     layer_types = hf.get("layer_types")
@@ -216,6 +273,7 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     try:
+        moe = _moe_from_hf(hf, model_type)
         return ModelConfig(
             family=HF_MODEL_TYPES[model_type],
             vocab_size=int(hf["vocab_size"]),
@@ -230,13 +288,34 @@ def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfi
             rope_theta=theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=str(dtype),
+            **moe,
         )
     except KeyError as e:
         raise ConfigError(f"{where}: required field {e.args[0]!r} is missing") from None
+
+
+def _moe_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Our MoE fields from an HF config (empty for dense families). Qwen3-MoE's config has
+    been written with `num_experts` and with `num_local_experts`; both are read."""
+    if model_type == "qwen3_moe":
+        experts = hf.get("num_experts", hf.get("num_local_experts"))
+        if experts is None:
+            raise KeyError("num_experts")
+        return dict(num_experts=int(experts),
+                    num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                    decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+                    mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()))
+    if model_type == "mixtral":  # every layer MoE, expert width intermediate_size, renormalised
+        return dict(num_experts=int(hf["num_local_experts"]),
+                    num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                    moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+    return {}
 
 
 def rope_inv_freq(config: ModelConfig) -> list[float]:

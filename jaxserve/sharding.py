@@ -284,6 +284,50 @@ def shard_map_logical(fn, in_axes, out_axes):
     return wrapped
 
 
+# ---- collectives inside `shard_map_logical`, named by logical axis ----
+# A layer that exchanges data (e.g. experts over `ep`) names the logical axis it communicates
+# along; the active layout says which mesh axes that is. With the axis unsplit (one device, or a
+# rules file that does not map it) each collective is the identity.
+
+def collective_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that `logical` is split over on the active layout."""
+    layout = _ACTIVE.get()
+    if layout is None or layout.num_devices == 1:
+        return ()
+    return tuple(a for a in layout.rules.mapping.get(logical, ()) if layout.mesh.shape[a] > 1)
+
+
+def axis_size_logical(logical: str) -> int:
+    layout = _ACTIVE.get()
+    return layout.axis_size(collective_axes(logical)) if layout is not None else 1
+
+
+def axis_index_logical(logical: str) -> jax.Array | int:
+    """This device's index along `logical`'s mesh axes (0 when it is not split)."""
+    axes = collective_axes(logical)
+    return jax.lax.axis_index(axes) if axes else 0
+
+
+def all_gather_logical(x: jax.Array, logical: str, axis: int) -> jax.Array:
+    """Concatenate every device's shard of `x` along `axis` (the dim `logical` splits)."""
+    axes = collective_axes(logical)
+    return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
+
+
+def all_to_all_logical(x: jax.Array, logical: str, split_axis: int,
+                       concat_axis: int) -> jax.Array:
+    """Piece i of `x` along `split_axis` goes to device i along `logical`'s mesh axes; the
+    pieces received are concatenated along `concat_axis` in device order."""
+    axes = collective_axes(logical)
+    return (jax.lax.all_to_all(x, axes, split_axis, concat_axis, tiled=True) if axes else x)
+
+
+def psum_logical(x: jax.Array, logical: str) -> jax.Array:
+    """Sum partial results over the devices that split `logical`."""
+    axes = collective_axes(logical)
+    return jax.lax.psum(x, axes) if axes else x
+
+
 def replicas_of(layout: Layout) -> int:
     """DP replicas: the mesh axes that split a step's sequences. Each replica owns its shard of
     the KV pool, so the rules must split `kv_blocks` exactly as they split `batch`."""

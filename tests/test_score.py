@@ -48,7 +48,7 @@ def llama(hf_model_dir):
     return hf_dir, LLM(model_dir, **SMALL)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "mixtral"])
 def test_score_is_hf_log_softmax_for_candidates_of_different_lengths(hf_model_dir, family):
     hf_dir, model_dir = hf_model_dir(family)
     llm = LLM(model_dir, **SMALL)
@@ -85,6 +85,14 @@ def test_a_mesh_scores_like_one_device(hf_model_dir, llama, mesh, rules):
             np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
         assert [t.token_id for t in ours.top] == [t.token_id for t in ref.top]
     assert meshed.engine.kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("moe_strategy", ["alltoall", "allgather"])
+def test_an_expert_parallel_mesh_scores_like_hf(hf_model_dir, moe_strategy):
+    hf_dir, model_dir = hf_model_dir("qwen3_moe")
+    llm = LLM(model_dir, mesh="ep=2", rules="ep", moe_strategy=moe_strategy, **SMALL)
+    outputs = llm.score(PROMPTS, CANDIDATES, top_n=3)
+    assert_scores_match_hf(hf_dir, PROMPTS, CANDIDATES, outputs, top_n=3)
 
 
 def test_candidates_per_prompt_and_top_n_alone(llama):

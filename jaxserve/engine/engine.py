@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.engine.accounting import FlopsAccount
 from jaxserve.engine.block_allocator import BlockAllocator, IdPool
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Sequence, Status
@@ -96,6 +97,7 @@ class Engine:
         self.track_updates = False  # streaming servers turn this on and call take_updates
         self.updated: list[Sequence] = []
         self.timers = collections.Counter()
+        self.flops = FlopsAccount(config, runner)
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -191,6 +193,7 @@ class Engine:
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
+        self.flops.record(plan, layout.inputs)
         self.scheduler.commit(plan)
         outputs = self.runner.step(layout.inputs)  # one program: prefill chunks and decodes
         self.counters["steps"] += 1
@@ -290,7 +293,9 @@ class Engine:
         """Blocks that sequences can use, over all DP replicas (null blocks excluded)."""
         return sum(a.capacity for a in self.allocators)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, peak_flops: float | None = None) -> dict[str, Any]:
+        """Counters, host time per phase, and FLOPs (true and executed; model-FLOPs
+        utilisation against `peak_flops`, one device's FLOP/s, when given)."""
         return {
             "compilations": self.runner.compilations,
             **self.counters,
@@ -300,4 +305,5 @@ class Engine:
             "kv_blocks_used": self.kv_blocks_used,
             "kv_blocks_total": self.kv_blocks_total,
             **{k: round(v, 6) for k, v in self.timers.items()},
+            **self.flops.stats(sum(self.timers.values()), peak_flops),
         }

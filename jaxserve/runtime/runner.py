@@ -24,6 +24,7 @@ from jaxserve.config import ModelConfig
 from jaxserve import kv_cache
 from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.moe import MoEExecution, moe_execution
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout, replicas_of
@@ -40,8 +41,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                 layout: Layout, kv: KVPool):
+                 layout: Layout, kv: KVPool, moe: MoEExecution = MoEExecution()):
         self.config = config
+        self.moe = moe  # how MoE layers run; fixed when each program is traced
         self.graphdef = graphdef
         # Programs take the parameters as a flat list: flattening an nnx.State on every call
         # costs ~0.1-0.2 ms of host time per step; a list costs microseconds.
@@ -51,6 +53,7 @@ class ModelRunner:
         self.compilations = 0
         self._programs: dict[Any, Any] = {}  # kind -> the jitted function
         self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
+        self._flops: dict[tuple, int] = {}  # shape key -> FLOPs the program executes
 
     @property
     def block_size(self) -> int:
@@ -87,7 +90,8 @@ class ModelRunner:
     def _step_program(self):
         if "step" not in self._programs:
             self._programs["step"] = jax.jit(
-                functools.partial(_step, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_step, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1, 2),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               _shardings(self.slot_state), self._input_sharding()),
@@ -133,6 +137,16 @@ class ModelRunner:
         show what it allocates and does)."""
         return self._executable("step", inputs)
 
+    def program_flops(self, inputs: StepInputs) -> int:
+        """FLOPs of the compiled step program for these inputs' shapes, all devices together
+        (XLA's cost analysis of one device's program, times the devices)."""
+        key = self._shape_key("step", inputs)
+        if key not in self._flops:
+            analysis = self._executable("step", inputs).cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, list) else analysis
+            self._flops[key] = int(analysis.get("flops", 0)) * self.layout.num_devices
+        return self._flops[key]
+
     def step(self, inputs: StepInputs) -> StepOutputs:
         """Dispatch one step (prefill chunks and decodes together); returns without waiting."""
         outputs, self.kv, self.slot_state = self._executable("step", inputs)(
@@ -142,7 +156,8 @@ class ModelRunner:
     def _forward_program(self):
         if "forward" not in self._programs:
             self._programs["forward"] = jax.jit(
-                functools.partial(_forward, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_forward, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1,),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               self._input_sharding()),
@@ -160,7 +175,8 @@ class ModelRunner:
     def _score_program(self):
         if "score" not in self._programs:
             self._programs["score"] = jax.jit(
-                functools.partial(_score, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_score, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1,),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               self._input_sharding()),
@@ -172,6 +188,13 @@ class ModelRunner:
         without waiting. Writes the tokens' KV into their blocks."""
         outputs, self.kv = self._executable("score", inputs)(self.param_leaves, self.kv, inputs)
         return outputs
+
+    def set_moe(self, moe: MoEExecution) -> None:
+        """Run MoE layers another way from now on (the programs compiled so far are dropped)."""
+        self.moe = moe
+        self._programs.clear()
+        self._compiled.clear()
+        self._flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
@@ -262,26 +285,28 @@ class ScoreOutputs:
     top_logprobs: jax.Array  # f32[rows, MAX_LOGPROBS]
 
 
-def _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens, metadata):
-    with layout.activate():
+def _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens, metadata):
+    layout, moe = setting
+    with layout.activate(), moe_execution(moe):
         model = nnx.merge(graphdef, jax.tree.unflatten(param_treedef, param_leaves))
         hidden, kv = model(tokens, kv, metadata)
     return model, hidden, kv
 
 
-def _forward(graphdef, param_treedef, layout, param_leaves, kv, inputs):
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, *inputs)
-    with layout.activate():
+def _forward(graphdef, param_treedef, setting, param_leaves, kv, inputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, *inputs)
+    with setting[0].activate():
         return model.logits(hidden), kv
 
 
-def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
+def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
           inputs: StepInputs):
+    layout = setting[0]
     b = inputs.slot_ids.shape[0]
     from_slot = inputs.token_slot >= 0
     tokens = jnp.where(from_slot, state.last_token[jnp.maximum(inputs.token_slot, 0)],
                        inputs.tokens)
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens,
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens,
                                 inputs.metadata)
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
@@ -317,10 +342,10 @@ def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
 
 # ---- scoring: log-probs of given next tokens, nothing sampled ----
 
-def _score(graphdef, param_treedef, layout, param_leaves, kv, inputs: ScoreInputs):
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, inputs.tokens,
+def _score(graphdef, param_treedef, setting, param_leaves, kv, inputs: ScoreInputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, inputs.tokens,
                                 inputs.metadata)
-    with layout.activate():
+    with setting[0].activate():
         logits = model.logits(hidden[inputs.score_index])  # [rows, vocab_rows]: score rows only
     rows = logits.shape[0]
 

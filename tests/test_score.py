@@ -250,6 +250,36 @@ def test_score_rpc_deadline_aborts_the_run_and_frees_its_blocks(served):
     assert served.client.health() == "SERVING"
 
 
+def test_abort_rpc_stops_a_score_with_aborted(served):
+    import threading
+
+    import grpc
+
+    from tests.serving_helpers import wait_until
+
+    errors = []
+
+    def score():
+        try:
+            served.client.score(list(range(1, 60)), [[i] * 8 for i in range(1, 60)],
+                                request_id="long-score", timeout=30)
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    served.server.step_delay = 0.2
+    try:
+        thread = threading.Thread(target=score)
+        thread.start()
+        wait_until(lambda: served.llm.engine.kv_blocks_used > 0, 10, "the run to hold blocks")
+        served.client.abort("long-score")
+        thread.join(10)
+    finally:
+        served.server.step_delay = 0.0
+    assert errors[0].code() == grpc.StatusCode.ABORTED
+    assert "'long-score' was aborted" in errors[0].details()
+    wait_until(lambda: served.llm.engine.kv_blocks_used == 0, 10, "every KV block to be free")
+
+
 def rpc_error(served, *args, **kwargs):
     import grpc
 

@@ -26,17 +26,24 @@ prefix's after its last branch. The device returns only the scored tokens' log-p
 top-N rows, never [tokens, vocab] logits.
 
 A `ScoreRun` is driven one step at a time by whoever owns the engine (`LLM.score`, or the
-serving loop between engine steps); it never touches requests.
+serving loop between engine steps); it never touches requests. Each step is read back before
+the next is packed (its finished pieces' blocks are free for the next), so scoring steps do not
+overlap one another; they still queue behind generation steps in flight, through the KV pool
+every program takes and returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxserve.engine.executor import QUERY_TILE, ScoreRow
 from jaxserve.ops.attention import ChunkRow
+
+if TYPE_CHECKING:
+    from jaxserve.engine.engine import Engine
 
 
 @dataclasses.dataclass
@@ -80,7 +87,7 @@ class _Piece:
 
 
 class ScoreRun:
-    def __init__(self, engine, jobs: list[ScoreJob]):
+    def __init__(self, engine: Engine, jobs: list[ScoreJob]):
         self.engine = engine
         self.allocators = engine.allocators
         self.block_size = engine.runner.block_size

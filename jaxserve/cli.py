@@ -144,6 +144,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from jaxserve.batch_score import read_score_items, run_score_batch
+
+    if args.top_n < 0:
+        raise ValueError(f"--top-n must be >= 0, got {args.top_n}")
+    read_score_items(Path(args.input), args.top_n)  # reject a bad file before loading the model
+    llm = _make_llm(args)
+    scored, skipped = run_score_batch(llm, Path(args.input), Path(args.output), args.top_n,
+                                      progress=not args.no_progress)
+    print(f"wrote {scored} scores to {args.output} ({skipped} already there)", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from jaxserve.serving.server import serve
 
@@ -205,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="score candidate continuations of prompts from a JSONL "
+                       "file: log-probs, top-N next tokens (resumable)")
+    _add_engine_args(p)
+    p.add_argument("--input", required=True, help="JSONL file: {id, prompt, candidates, "
+                   "[top_n]}")
+    p.add_argument("--output", required=True, help="JSONL file to append results to; ids "
+                   "already there are skipped")
+    p.add_argument("--top-n", type=int, default=0,
+                   help="also return the top N next tokens after each prompt (default 0; a "
+                   "line's top_n overrides it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="serve the model over gRPC (jaxserve.v1, health, "
                        "reflection) and/or an OpenAI-compatible HTTP API, with Prometheus "

@@ -80,8 +80,12 @@ class ModelRunner:
     @staticmethod
     def _shape_key(kind: str, inputs) -> tuple:
         # Every input's shape follows from these; the key costs ~1 us per step.
-        tokens, metadata = (inputs.tokens, inputs.metadata) if kind == "step" else inputs
-        return (kind, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
+        if kind == "forward":
+            tokens, metadata = inputs
+            return (kind, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
+        rows = inputs.score_index.shape if kind == "score" else ()
+        return (kind, inputs.tokens.shape, inputs.metadata.block_tables.shape,
+                inputs.metadata.decode_rows, rows)
 
     def _step_program(self):
         if "step" not in self._programs:
@@ -109,7 +113,8 @@ class ModelRunner:
         if kind == "step":
             return self._step_program().lower(self.param_leaves, self.kv, self.slot_state,
                                               inputs).compile()
-        return self._forward_program().lower(self.param_leaves, self.kv, inputs).compile()
+        program = self._forward_program() if kind == "forward" else self._score_program()
+        return program.lower(self.param_leaves, self.kv, inputs).compile()
 
     def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
         """Compile the step programs for these inputs' shapes ahead of use, `threads` at a time
@@ -166,6 +171,23 @@ class ModelRunner:
         inputs = (tokens, metadata)
         logits, self.kv = self._executable("forward", inputs)(self.param_leaves, self.kv, inputs)
         return logits
+
+    def _score_program(self):
+        if "score" not in self._programs:
+            self._programs["score"] = jax.jit(
+                functools.partial(_score, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
+                donate_argnums=(1,),
+                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
+                              self._input_sharding()),
+                out_shardings=(self.layout.replicated(), self.kv.shardings()))
+        return self._programs["score"]
+
+    def score(self, inputs: ScoreInputs) -> ScoreOutputs:
+        """Dispatch one prefill-only scoring step (see jaxserve/engine/scoring.py); returns
+        without waiting. Writes the tokens' KV into their blocks."""
+        outputs, self.kv = self._executable("score", inputs)(self.param_leaves, self.kv, inputs)
+        return outputs
 
     def set_moe(self, moe: MoEExecution) -> None:
         """Run MoE layers another way from now on (the programs compiled so far are dropped)."""
@@ -242,6 +264,27 @@ class StepOutputs:
     top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ScoreInputs:
+    """One scoring step: prefill chunks only, and the rows whose next token is scored. Token
+    arrays [tokens] and score-row arrays [rows] are laid out replica after replica."""
+
+    tokens: jax.Array  # i32[tokens]
+    metadata: AttentionMetadata
+    score_index: jax.Array  # i32[rows]: flat index of the token the row reads the next one of
+    target: jax.Array  # i32[rows]: the next token whose log-prob the row returns
+    want_top: jax.Array  # bool[rows]: the row also returns the top MAX_LOGPROBS tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ScoreOutputs:
+    logprob: jax.Array  # f32[rows]: log-prob of `target` after the row's token
+    top_ids: jax.Array  # i32[rows, MAX_LOGPROBS]: most likely first (zeros when no row wants top)
+    top_logprobs: jax.Array  # f32[rows, MAX_LOGPROBS]
+
+
 def _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens, metadata):
     layout, moe = setting
     with layout.activate(), moe_execution(moe):
@@ -295,3 +338,24 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
                       output_counts=counts.at[target, next_tokens].add(1),
                       prompt_mask=prompt_mask)
     return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
+
+
+# ---- scoring: log-probs of given next tokens, nothing sampled ----
+
+def _score(graphdef, param_treedef, setting, param_leaves, kv, inputs: ScoreInputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, inputs.tokens,
+                                inputs.metadata)
+    with setting[0].activate():
+        logits = model.logits(hidden[inputs.score_index])  # [rows, vocab_rows]: score rows only
+    rows = logits.shape[0]
+
+    def with_top():
+        return sampling.logprobs(logits, inputs.target, MAX_LOGPROBS)
+
+    def without_top():
+        chosen, _, _ = sampling.logprobs(logits, inputs.target, 0)
+        return (chosen, jnp.zeros((rows, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((rows, MAX_LOGPROBS), jnp.float32))
+
+    chosen, top_ids, top_lps = jax.lax.cond(inputs.want_top.any(), with_top, without_top)
+    return ScoreOutputs(chosen, top_ids, top_lps), kv

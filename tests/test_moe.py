@@ -217,3 +217,15 @@ def test_stats_report_true_and_executed_flops(hf_model_dir):
     assert 0 < stats["useful_fraction"] < 1 and 0 < stats["mfu"] < 1
     with pytest.raises(ValueError, match="peak_flops.*-5"):
         llm.stats(peak_flops=-5)
+
+
+def test_scoring_steps_count_their_flops(hf_model_dir):
+    _, model_dir = hf_model_dir("mixtral")
+    llm = LLM(model_dir, **SMALL)
+    prompt, candidate = list(range(3, 13)), [40, 41, 42]
+    [out] = llm.score([prompt], [candidate])
+    assert len(out.candidates) == 1
+    # under one block: one branch, prompt + candidate[:-1] from position 0, 3 rows scored
+    true = flops.chunk_flops(llm.config, 0, len(prompt) + 2, 3)
+    stats = llm.stats()
+    assert stats["true_flops"] == true and stats["executed_flops"] > true

@@ -39,8 +39,16 @@ class FlopsAccount:
         self.recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=RECENT_STEPS)
 
     def record(self, plan, inputs) -> None:
-        true = step_true_flops(self.config, plan)
-        executed = self.runner.program_flops(inputs)
+        self.add(step_true_flops(self.config, plan), self.runner.program_flops(inputs))
+
+    def record_chunks(self, chunks: list[tuple[int, int, int]], inputs, kind: str) -> None:
+        """A step of prefill chunks run by another program (`kind`, e.g. scoring): each chunk
+        (first position, tokens, logit rows read)."""
+        true = sum(flops.chunk_flops(self.config, start, start + n, rows)
+                   for start, n, rows in chunks)
+        self.add(true, self.runner.program_flops(inputs, kind))
+
+    def add(self, true: int, executed: int) -> None:
         self.true_flops += true
         self.executed_flops += executed
         self.recent.append((true, executed))

@@ -143,6 +143,9 @@ class ScoreRun:
             [[(p.tokens[s:s + n], ChunkRow(p.start + s, n, p.table),
                [dataclasses.replace(row, offset=row.offset - s) for _, _, row in scored])
               for p, s, n, scored in chunks] for chunks in packed])
+        self.engine.flops.record_chunks(
+            [(p.start + s, n, len(scored)) for chunks in packed for p, s, n, scored in chunks],
+            inputs, "score")
         out = self.engine.runner.score(inputs)
         logprob = np.asarray(out.logprob)
         wants_top = bool(inputs.want_top.any())

@@ -137,12 +137,13 @@ class ModelRunner:
         show what it allocates and does)."""
         return self._executable("step", inputs)
 
-    def program_flops(self, inputs: StepInputs) -> int:
-        """FLOPs of the compiled step program for these inputs' shapes, all devices together
-        (XLA's cost analysis of one device's program, times the devices)."""
-        key = self._shape_key("step", inputs)
+    def program_flops(self, inputs, kind: str = "step") -> int:
+        """FLOPs of the compiled program of this kind ("step", "score", "forward") for these
+        inputs' shapes, all devices together (XLA's cost analysis of one device's program,
+        times the devices)."""
+        key = self._shape_key(kind, inputs)
         if key not in self._flops:
-            analysis = self._executable("step", inputs).cost_analysis()
+            analysis = self._executable(kind, inputs).cost_analysis()
             analysis = analysis[0] if isinstance(analysis, list) else analysis
             self._flops[key] = int(analysis.get("flops", 0)) * self.layout.num_devices
         return self._flops[key]

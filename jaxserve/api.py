@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxserve.checkpoint import restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine.output_processor import check_mode as check_output_processing
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
@@ -66,6 +67,7 @@ class LLM:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model_dir = Path(model_dir)
         check_sampling(sampling)
+        check_output_processing(output_processing)
         moe = MoEExecution(moe_strategy, DEFAULT_AUTO_THRESHOLD if moe_auto_threshold is None
                            else moe_auto_threshold)
         self.layout = Layout.create(mesh, rules)

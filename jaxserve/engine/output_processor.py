@@ -67,6 +67,11 @@ class OutputProcessor:
         self._work: queue.Queue | None = None
         self._worker: threading.Thread | None = None
 
+    def set_mode(self, mode: str) -> None:
+        """Process text another way from the next step on (what was handed over finishes)."""
+        self.wait()
+        self.mode = check_mode(mode)
+
     # ---- engine thread ----
     def read_back(self, rows: list[tuple[int, Sequence]], arrays: dict[str, np.ndarray],
                   now: float) -> list[Request]:
@@ -233,9 +238,9 @@ class OutputProcessor:
             try:
                 if job is None:
                     return
-                t0 = time.perf_counter()
+                t0 = timeline.clock()
                 self._text_part(*job, pause=_yield_gil)
-                timeline.span("output thread", "process", t0, time.perf_counter(),
+                timeline.span("output thread", "process", t0, timeline.clock(),
                               tokens=len(job[1]))
             except BaseException as e:  # noqa: BLE001  handed to the engine thread
                 self._events.put(("error", e))

@@ -53,15 +53,16 @@ class DeviceStep:
 
 
 class Timeline:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, clock=time.perf_counter):
         self.capacity = capacity
+        self.clock = clock
         self.totals: collections.Counter = collections.Counter()  # phase -> seconds, whole run
         self._profile: JaxProfileWindow | None = None
         self.reset()
 
     def reset(self) -> None:
         """Start a new window now (the ring and the totals are cleared)."""
-        now = time.perf_counter()
+        now = self.clock()
         self.origin = now
         self._last = now
         self.spans: collections.deque = collections.deque(maxlen=self.capacity)
@@ -74,7 +75,7 @@ class Timeline:
     # ---- recording (engine thread) ----
     def lap(self, phase: str) -> float:
         """Close the span since the last lap as `phase`; returns now."""
-        now = time.perf_counter()
+        now = self.clock()
         self.spans.append((phase, self._last, now))
         self.totals[phase] += now - self._last
         self._last = now
@@ -85,7 +86,7 @@ class Timeline:
     def poll(self) -> None:
         """See whether steps in flight are done (cheap; call inside long phases)."""
         if self.pending:
-            self._poll(time.perf_counter())
+            self._poll(self.clock())
 
     def _poll(self, now: float) -> None:
         while self.pending and self.pending[0].probe.is_ready():

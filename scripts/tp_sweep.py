@@ -74,12 +74,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=8, help="G: the devices every split uses")
     p.add_argument("--model", type=Path, default=None,
                    help="a jaxserve checkpoint (default: a random model of --preset)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the random model's shape (default: default)")
     p.add_argument("--quick", action="store_true",
-                   help="the quick preset and a tiny workload (a smoke run)")
-    p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
+                   help="defaults for a smoke run: the quick preset, 8 requests of 16 + 8 "
+                   "tokens")
+    p.add_argument("--requests", type=int, default=None, help="default 64")
+    p.add_argument("--prompt-len", type=int, default=None, help="default 64")
+    p.add_argument("--output-len", type=int, default=None, help="default 32")
     p.add_argument("--device-memory-mib", type=float, default=None,
                    help="memory per device (default: 1.2 x the model's weights)")
     p.add_argument("--block-size", type=int, default=16)
@@ -93,8 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.quick:
-        args.preset, args.requests, args.prompt_len, args.output_len = "quick", 8, 16, 8
+    defaults = dict(preset="quick", requests=8, prompt_len=16, output_len=8) if args.quick \
+        else dict(preset="default", requests=64, prompt_len=64, output_len=32)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.sampling = [s.strip() for s in args.sampling.split(",") if s.strip()]
     from_modes = ("sequence_parallel", "replicated")
     bad = [s for s in args.sampling if s not in from_modes]
@@ -357,7 +362,7 @@ def plot(path: Path, results: dict) -> None:
 def print_table(results: dict) -> None:
     print(f"\n## TP sweep: {title(results)}")
     print(f"workload: {results['workload']}; memory per device "
-          f"{results['device_memory_mib']:.0f} MiB")
+          f"{results['device_memory_mib']:.3g} MiB")
     head = ("split", "mesh", "sampling", "tok/s", "step ms", "device", "host only", "KV seqs",
             "preempt")
     print("| " + " | ".join(head) + " |")

@@ -91,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-processing", default="inline", choices=["inline", "thread"])
     p.add_argument("--predictions", type=Path, default=None,
                    help="predicted columns per (mesh, rules): JSON list of rows or CSV")
+    p.add_argument("--profile-out", type=Path, default=None, metavar="FILE.json",
+                   help="write each measured run's step timeline as a Chrome trace, "
+                   "FILE-<mesh>-<sampling>.json")
     p.add_argument("--csv", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -219,6 +222,10 @@ def run_split(model_dir: Path, config, split: dict, args, memory_bytes: float, s
     llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
     after = llm.stats()
+    if args.profile_out is not None:
+        name = f"{args.profile_out.stem}-{split['mesh'].replace(',', '_').replace('=', '')}-" \
+               f"{sampling}{args.profile_out.suffix}"
+        llm.engine.timeline.write_chrome_trace(args.profile_out.with_name(name))
     timeline = after["timeline"]
     steps = max(1, timeline["steps"])
     tokens = after["generated_tokens"] - before["generated_tokens"]

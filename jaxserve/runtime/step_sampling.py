@@ -5,10 +5,10 @@ on each of t devices). Two ways to sample from them (`LLM(..., sampling=...)`):
 
 - "replicated": every device samples every row of its replica: the whole vocabulary of every
   row is gathered onto every device (one all-gather of [rows, vocab]). The sampling work does
-  not shrink as t grows: the Amdahl term of the step. (Left to itself, XLA's partitioner
-  computes the reductions over the split vocabulary with all-reduces and splits the penalty
-  state's updates by vocabulary too, gathering [slots, vocab] state every step; a reduction
-  in pieces also rounds differently from one over the whole row.)
+  not shrink as t grows: the Amdahl term of the step. (The gather is written out: left to
+  itself, XLA's partitioner reduces over the split vocabulary with all-reduces, splits the
+  penalty state's updates by vocabulary and gathers that [slots, vocab] state every step, or,
+  asked for whole-vocabulary logits, gathers the LM head's weights instead.)
 - "sequence_parallel": one all-to-all turns [rows, vocab / t] into [rows / t, vocab] (each
   device gets whole rows), each device applies penalties, draws and computes logprobs for its
   own rows only, and one all-gather per dtype collects the sampled tokens and logprobs
@@ -69,13 +69,14 @@ def sample_rows(mode: str, layout: Layout, logits, prompt_mask, output_counts, s
     rows = layout.partition(("batch",))
     whole = jax.sharding.PartitionSpec()
     if mode == "replicated":
-        per_device = functools.partial(_sample_padded, num_top)
-        logits_spec = layout.partition(("batch", None))  # gathers the whole vocabulary
+        per_device = functools.partial(_sample_all_rows, axes, num_top)
     else:
         per_device = functools.partial(_sample_own_rows, axes, layout.axis_size(axes), num_top)
-        logits_spec = layout.partition(("batch", "vocab"))
+    # The logits come in as the LM head left them (each device a slice of the vocabulary), so
+    # the one collective on them is the mode's own, written below.
     return jax.shard_map(per_device, mesh=layout.mesh,
-                         in_specs=(logits_spec, whole, whole, rows, rows, rows, rows),
+                         in_specs=(layout.partition(("batch", "vocab")), whole, whole, rows,
+                                   rows, rows, rows),
                          out_specs=(rows,) * 4, check_vma=False)(*args)
 
 
@@ -123,6 +124,12 @@ def _sample_padded(num_top, logits, prompt_mask, output_counts, slot_ids, suppre
     out = _sample(_pad_rows(logits, padded, 0.0), prompt_mask, output_counts, *row_inputs,
                   num_top=num_top)
     return tuple(x[:rows] for x in out)
+
+
+def _sample_all_rows(axes, num_top, logits, *rest):
+    """Per device, inside shard_map: the whole vocabulary of every row of its replica gathered,
+    every row sampled."""
+    return _sample_padded(num_top, jax.lax.all_gather(logits, axes, axis=1, tiled=True), *rest)
 
 
 def _sample_own_rows(axes, t, num_top, logits, prompt_mask, output_counts, slot_ids, suppressed,

@@ -244,7 +244,8 @@ def run_split(model_dir: Path, config, split: dict, args, memory_bytes: float, s
 # ---- Amdahl, t_e, predictions ----
 
 def fit_amdahl(rows: list[dict]) -> dict | None:
-    """Least-squares T(t) = a + b / t over measured rows; p = b / (a + b)."""
+    """Least squares T(t) = a + b / t over measured rows with a, b >= 0; p = b / (a + b).
+    (Step times that grow with t give p = 0; ones that fall faster than 1 / t, p = 1.)"""
     import numpy as np
 
     points = [(r["tp"], r["step_ms"]) for r in rows if "step_ms" in r]
@@ -253,6 +254,10 @@ def fit_amdahl(rows: list[dict]) -> dict | None:
     x = np.array([[1.0, 1.0 / t] for t, _ in points])
     y = np.array([ms for _, ms in points])
     (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+    if a < 0 or b < 0:  # the best fit on the boundary: only one of the two terms
+        fits = [(0.0, max(0.0, float(x[:, 1] @ y / (x[:, 1] @ x[:, 1])))),
+                (max(0.0, float(y.mean())), 0.0)]
+        a, b = min(fits, key=lambda ab: float(np.sum((x @ np.array(ab) - y) ** 2)))
     p = b / (a + b) if a + b else float("nan")
     return {"serial_ms": float(a), "parallel_ms": float(b), "p": float(p),
             "speedup": {str(t): 1.0 / ((1 - p) + p / t) for t, _ in sorted(set(points))}}

@@ -30,6 +30,10 @@ def test_the_fit_recovers_amdahls_p():
     assert fit["p"] == pytest.approx(p) and fit["serial_ms"] == pytest.approx(2.0)
     assert fit["speedup"]["8"] == pytest.approx(1 / (0.2 + 0.1))
     assert sweep.fit_amdahl(rows[:1]) is None
+    faster_than_linear = [{"tp": t, "step_ms": 10.0 / t ** 2} for t in (1, 2, 4, 8)]
+    assert sweep.fit_amdahl(faster_than_linear)["p"] == 1.0
+    slower = [{"tp": t, "step_ms": 10.0 + t} for t in (1, 2, 4, 8)]
+    assert sweep.fit_amdahl(slower)["p"] == 0.0
 
 
 def test_splits_name_the_rules_and_skip_what_the_heads_refuse():

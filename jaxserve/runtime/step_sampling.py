@@ -18,8 +18,9 @@ on each of t devices). Two ways to sample from them (`LLM(..., sampling=...)`):
 A row's token depends only on its own logits, settings, seed and counter (jaxserve/runtime/
 sampling.py), so both give the same tokens and logprobs. Rows are padded inside the program
 with neutral rows (greedy, no penalty, the trash slot) that are dropped again, to a multiple of
-t for the all-to-all and of ROW_GROUP for the math: the engine's shapes do not change. Both
-modes run per device under shard_map; where the vocabulary is not split they are the same
+t for the all-to-all and of ROW_GROUP for the math: the engine's shapes do not change. On a
+mesh both modes run per device under shard_map, each device on its own replica's rows (so a DP
+replica never sees another's logits); where the vocabulary is not split they are the same
 program.
 """
 
@@ -63,12 +64,12 @@ def sample_rows(mode: str, layout: Layout, logits, prompt_mask, output_counts, s
     top ids i32[rows, num_top], top logprobs f32[rows, num_top]).
     """
     args = (logits, prompt_mask, output_counts, slot_ids, suppressed, want_logprobs, inputs)
-    axes = layout.sampling_row_axes()
-    if not axes:  # the vocabulary is whole on every device: nothing to choose
+    if layout.num_devices == 1:
         return _sample(*args, num_top=num_top)
+    axes = layout.sampling_row_axes()
     rows = layout.partition(("batch",))
     whole = jax.sharding.PartitionSpec()
-    if mode == "replicated":
+    if mode == "replicated" or not axes:  # (no axes: the vocabulary is whole already)
         per_device = functools.partial(_sample_all_rows, axes, num_top)
     else:
         per_device = functools.partial(_sample_own_rows, axes, layout.axis_size(axes), num_top)
@@ -129,7 +130,9 @@ def _sample_padded(num_top, logits, prompt_mask, output_counts, slot_ids, suppre
 def _sample_all_rows(axes, num_top, logits, *rest):
     """Per device, inside shard_map: the whole vocabulary of every row of its replica gathered,
     every row sampled."""
-    return _sample_padded(num_top, jax.lax.all_gather(logits, axes, axis=1, tiled=True), *rest)
+    if axes:
+        logits = jax.lax.all_gather(logits, axes, axis=1, tiled=True)
+    return _sample_padded(num_top, logits, *rest)
 
 
 def _sample_own_rows(axes, t, num_top, logits, prompt_mask, output_counts, slot_ids, suppressed,

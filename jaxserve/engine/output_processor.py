@@ -108,7 +108,7 @@ class OutputProcessor:
                     engine.scheduler.finish(seq)
             else:
                 request = payload
-                if request.request_id in engine.requests:
+                if engine.requests.get(request.request_id) is request:  # not aborted
                     request.metrics.finished_time = time.perf_counter()
                     del engine.requests[request.request_id]
                     finished.append(request)

@@ -21,8 +21,9 @@ of concurrent full-length sequences (prompt + output) the whole cluster holds. A
 does not fit is preempted: the preemptions column.
 
 Workload. --requests prompts of --prompt-len random ids, --output-len greedy tokens each
-(ignore_eos), all submitted at once to one `LLM.generate`. It runs once to compile, then again,
-measured: throughput = output tokens / wall time; the engine's step timeline (jaxserve/engine/
+(ignore_eos), all submitted at once to one `LLM.generate`. The same shapes run once first on
+other random prompts (to compile, and so that nothing the measured run computes is cached), then
+the run is measured: throughput = output tokens / wall time; the engine's step timeline (jaxserve/engine/
 timeline.py) gives ms per step, device ms per step and host-only ms per step (the device had
 nothing queued). Each split runs under every --sampling mode given.
 
@@ -193,7 +194,7 @@ def kv_plan(config, layout, memory_bytes: float, block_size: int, seq_len: int,
 # ---- one split ----
 
 def run_split(model_dir: Path, config, split: dict, args, memory_bytes: float, sampling: str,
-              prompts: list[list[int]]) -> dict:
+              prompts: list[list[int]], warmup_prompts: list[list[int]]) -> dict:
     import jax
 
     from jaxserve import LLM, SamplingParams
@@ -215,7 +216,7 @@ def run_split(model_dir: Path, config, split: dict, args, memory_bytes: float, s
               kv_blocks=row["kv_blocks_per_replica"], max_num_seqs=args.max_num_seqs,
               sampling=sampling, output_processing=args.output_processing)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts, params, use_tqdm=False)  # compiles every shape the run uses
+    llm.generate(warmup_prompts, params, use_tqdm=False)  # compiles every shape the run uses
     before = llm.stats()
     llm.engine.timeline.reset()
     t0 = time.perf_counter()
@@ -434,8 +435,8 @@ def main(argv=None) -> dict:
         memory = (args.device_memory_mib * 2**20 if args.device_memory_mib is not None
                   else 1.2 * whole)
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, config.vocab_size, size=args.prompt_len).tolist()
-                   for _ in range(args.requests)]
+        prompts, warmup_prompts = ([rng.integers(3, config.vocab_size, size=args.prompt_len)
+                                    .tolist() for _ in range(args.requests)] for _ in range(2))
         rows = []
         with CpuWatch() as watch:
             for split in splits(args.devices, config):
@@ -443,7 +444,8 @@ def main(argv=None) -> dict:
                     if "skipped" in split:
                         rows.append(dict(split, sampling=mode))
                         continue
-                    row = run_split(model_dir, config, split, args, memory, mode, prompts)
+                    row = run_split(model_dir, config, split, args, memory, mode, prompts,
+                                    warmup_prompts)
                     rows.append(row)
                     print(f"{row['replicas']}x{row['tp']} {row['mesh']:>12s} {mode}: " + (
                         f"{row['throughput_tok_s']:.1f} tok/s, {row['step_ms']:.2f} ms/step "

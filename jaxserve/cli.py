@@ -89,10 +89,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of device memory for the KV pool (default: see README)")
     p.add_argument("--max-steps-in-flight", type=int, default=None,
                    help="steps dispatched ahead of readback (default 2)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=None, help="compute every prompt in full (default: reuse the KV of "
+                   "cached prompt prefixes)")
+    p.add_argument("--routing", default=None,
+                   help="which DP replica a new sequence joins: prefix (default: the one "
+                   "caching its longest prefix, unless it is overloaded), least_loaded or "
+                   "round_robin")
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight")
+                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "enable_prefix_caching",
+                "routing")
 
 
 def _make_llm(args):

@@ -61,6 +61,7 @@ class Final:
     completion_tokens: int
     text: str  # any text held back until the end (stop-string look-ahead, trailing bytes)
     metrics: RequestMetrics | None = None
+    cached_prompt_tokens: int = 0  # of the request's prompt, found in the prefix cache
 
 
 @dataclasses.dataclass
@@ -223,7 +224,8 @@ class EngineLoop:
             cursor = self._cursors.pop(id(seq), _SeqCursor())
             stream.events.put(Final(seq.index, reason or seq.finish_reason or "abort",
                                     len(request.prompt_ids), len(seq.output_ids),
-                                    seq.text[cursor.text:], request.metrics))
+                                    seq.text[cursor.text:], request.metrics,
+                                    request.cached_prompt_tokens or 0))
 
     def _fail_all(self, error: BaseException, state: LoopState) -> None:
         with self._lock:

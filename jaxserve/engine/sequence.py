@@ -111,4 +111,5 @@ class Request:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=list(self.prompt_ids),
                              outputs=[s.completion() for s in self.sequences],
-                             finished=self.finished, metrics=self.metrics)
+                             finished=self.finished, metrics=self.metrics,
+                             num_cached_tokens=self.cached_prompt_tokens or 0)

@@ -341,7 +341,7 @@ class Engine:
         scheduler = self.scheduler
         return {
             "compilations": self.runner.compilations,
-            "prefill_tokens": 0, "flops": 0,
+            "prefill_tokens": 0, "generated_tokens": 0, "flops": 0,
             **self.counters,
             "prefix_caching": self.pools[0].caching,
             "prefix_cache_queries": scheduler.counters["prefix_cache_queries"],

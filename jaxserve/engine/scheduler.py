@@ -152,8 +152,6 @@ class Scheduler:
         """Forget every cached block (their pages are about to be overwritten)."""
         for pool in self.pools:
             pool.clear()
-        for seq in self.running:
-            seq.num_named_blocks = len(seq.blocks)  # nothing of theirs is named again
 
     def finish(self, seq: Sequence) -> None:
         self.release(seq)

@@ -291,6 +291,24 @@ def test_logits_pass_forgets_the_cache(cached):
     assert out.num_cached_tokens == 0 and out.outputs[0].token_ids == want
 
 
+def test_block_copies_update_the_pool_in_place(model_dir):
+    llm = LLM(model_dir, **{**ENGINE, "kv_blocks": 20000})
+    runner = llm.runner
+    pairs = np.zeros((1, 8, 2), np.int32)  # max_prefill_rows copies per replica
+    pairs[0, 0] = 3, 7
+    temp = runner._aux_executable("copy_blocks", runner.kv, pairs).memory_analysis()
+    assert temp.temp_size_in_bytes < runner.kv.nbytes() / 20
+    blocks = {name: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype)
+              for name, a in runner.gather_blocks([3]).items()}
+    runner.scatter_blocks([3], blocks)
+    before = runner.kv.buffers["k"][0].unsafe_buffer_pointer()
+    runner.copy_blocks(pairs)
+    assert runner.kv.buffers["k"][0].unsafe_buffer_pointer() == before
+    copied = runner.gather_blocks([7])
+    for name in blocks:
+        np.testing.assert_array_equal(copied[name], blocks[name])
+
+
 @pytest.mark.parametrize("kwargs,error", [
     (dict(enable_prefix_caching="yes"), "enable_prefix_caching must be True or False, got 'yes'"),
     (dict(routing="nearest"), "routing must be one of .* got 'nearest'"),

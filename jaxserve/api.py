@@ -3,6 +3,7 @@
     from jaxserve import LLM, SamplingParams
     llm = LLM("checkpoints/tiny", mesh="tp=2", rules="tp", dtype="float32")
     llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=32))
+    llm.score(["The capital of France is"], [" Paris", " Lyon"], top_n=5)  # -> [ScoreOutput]
     llm.logits([[1, 2, 3]])  # -> [np.ndarray of shape [3, vocab]]
 
 `self.config` is the model fitted to the layout (`jaxserve.placement`): token ids are checked
@@ -22,13 +23,18 @@ import numpy as np
 
 from jaxserve.checkpoint import restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
+from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
 from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
-from jaxserve.runtime.runner import ModelRunner
+from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
+from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.sharding import Layout, replicas_of
+
+
+MAX_TOP_N = MAX_LOGPROBS  # top tokens `score` returns per prompt (computed on device)
 
 
 class LLM:
@@ -37,7 +43,8 @@ class LLM:
                  kv_memory_fraction: float | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  max_prefill_chunk: int = 256, max_prefill_rows: int = 8,
-                 max_steps_in_flight: int = 2, enable_prefix_caching: bool = True,
+                 max_steps_in_flight: int = 2, moe_strategy: str = "auto",
+                 moe_auto_threshold: int | None = None, enable_prefix_caching: bool = True,
                  routing="prefix"):
         """Load a jaxserve checkpoint onto a mesh.
 
@@ -57,6 +64,8 @@ class LLM:
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model_dir = Path(model_dir)
+        moe = MoEExecution(moe_strategy, DEFAULT_AUTO_THRESHOLD if moe_auto_threshold is None
+                           else moe_auto_threshold)
         self.layout = Layout.create(mesh, rules)
         self.config, graphdef, params = restore_model(self.model_dir, self.layout, dtype)
         limit = self.config.max_position_embeddings
@@ -77,7 +86,7 @@ class LLM:
                                          max_num_seqs, max_model_len is not None)
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
                            self.layout)
-        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv)
+        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe)
         from jaxserve.tokenizer import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
@@ -120,6 +129,22 @@ class LLM:
                 raise ValueError(f"{what}: token id {t!r} at index {i} is not in [0, {vocab})")
         return [int(t) for t in token_ids]
 
+    def _token_ids(self, text_or_ids, what: str, add_bos: bool | None = None
+                   ) -> tuple[list[int], str | None]:
+        """(validated token ids, the text or None) of a prompt or candidate given as text or ids.
+        add_bos: None = the tokenizer's special tokens, False = none."""
+        if not isinstance(text_or_ids, str):
+            return self.validate_token_ids(text_or_ids, what), None
+        if not text_or_ids:
+            raise ValueError(f"{what} is empty")
+        if self.tokenizer is None:
+            raise ValueError(f"{what} is text but the model has no tokenizer (tokenizer.json or "
+                             "tokenizer.model); give token ids")
+        ids = self.tokenizer.encode(text_or_ids, add_bos=add_bos)
+        if not ids:
+            raise ValueError(f"{what} {text_or_ids!r} encodes to no tokens")
+        return self.validate_token_ids(ids, what), text_or_ids
+
     # ---- generation ----
     def _prepare(self, prompts, sampling_params, *, add_special_tokens: bool = True
                  ) -> list[tuple[list[int], str | None, SamplingParams]]:
@@ -142,17 +167,8 @@ class LLM:
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be SamplingParams, got "
                                 f"{type(params).__name__}")
-            if isinstance(prompt, str):
-                if not prompt:
-                    raise ValueError(f"prompt {i} is empty")
-                if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is text but the model has no tokenizer "
-                                     "(tokenizer.json or tokenizer.model); give token ids")
-                ids = self.tokenizer.encode(prompt, add_bos=None if add_special_tokens else False)
-                text = prompt
-            else:
-                ids, text = prompt, None
-            ids = self.validate_token_ids(ids, f"prompt {i}")
+            ids, text = self._token_ids(prompt, f"prompt {i}",
+                                        add_bos=None if add_special_tokens else False)
             params.validate_for_model(self.config.vocab_size, self.max_model_len)
             prepared.append((ids, text, params))
         return prepared
@@ -234,8 +250,115 @@ class LLM:
         """Compile every step shape up front; returns the number of programs compiled."""
         return self.engine.warmup()
 
-    def stats(self) -> dict:
-        return self.engine.stats()
+    def stats(self, peak_flops: float | None = None) -> dict:
+        """Engine counters, host time per phase, and FLOPs: `true_flops` (what the steps'
+        real tokens needed), `executed_flops` (what the compiled programs ran) and, given one
+        device's peak FLOP/s, `mfu` (see jaxserve/engine/accounting.py)."""
+        return self.engine.stats(peak_flops)
+
+    # ---- scoring ----
+    def score(self, prompts, candidates=None, top_n: int = 0, use_tqdm: bool = False
+              ) -> list[ScoreOutput]:
+        """Score continuations with one prefill pass per prompt; nothing is sampled and no KV is
+        kept (see jaxserve/engine/scoring.py). Outputs in input order.
+
+        prompts: a string or token-id list, or a list of them (text is encoded as `generate`
+        encodes it). candidates: None, one list of candidates for every prompt, or one list per
+        prompt (a list as long as `prompts` whose items are lists of candidates); a candidate
+        is text (encoded without special tokens) or token ids, of any length. Each gets
+        log P(candidate | prompt), summed over its tokens, and the per-token log-probs.
+        top_n: also return the top_n most likely next tokens after each prompt (at most
+        MAX_TOP_N).
+        """
+        results = dict(self.score_stream(prompts, candidates, top_n, use_tqdm))
+        return [results[i] for i in range(len(results))]
+
+    def score_stream(self, prompts, candidates=None, top_n: int = 0, use_tqdm: bool = False
+                     ) -> Iterator[tuple[int, ScoreOutput]]:
+        """`score`, yielding (input index, output) as each prompt finishes."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        if candidates is None:
+            candidates = []
+        if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+            raise TypeError(f"candidates must be a list (of candidates, or of one list of "
+                            f"candidates per prompt), got {type(candidates).__name__}")
+        if _is_per_prompt(candidates, len(prompts)) and candidates:
+            jobs = [self.prepare_score(p, c, top_n, f"prompt {i}", f"prompt {i} candidate {{}}")
+                    for i, (p, c) in enumerate(zip(prompts, candidates))]
+        else:
+            jobs = [self.prepare_score(p, candidates, top_n, f"prompt {i}")
+                    for i, p in enumerate(prompts)]
+        return self.score_jobs(jobs, use_tqdm)
+
+    def prepare_score(self, prompt, candidates, top_n: int, prompt_name: str = "prompt",
+                      candidate_name: str = "candidate {}") -> ScoreJob:
+        """Validate one prompt's scoring request; every error names the bad value (`prompt_name`,
+        `candidate_name` with the candidate's index)."""
+        if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or \
+                not 0 <= top_n <= min(MAX_TOP_N, self.config.vocab_size):
+            raise ValueError(f"top_n must be an integer in [0, "
+                             f"{min(MAX_TOP_N, self.config.vocab_size)}], got {top_n!r}")
+        prompt_ids, prompt_text = self._token_ids(prompt, prompt_name)
+        if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+            raise TypeError(f"{prompt_name}: candidates must be a list, got "
+                            f"{type(candidates).__name__}")
+        if not candidates and top_n == 0:
+            raise ValueError(f"{prompt_name}: nothing to score: give candidates or top_n >= 1")
+        blocks = self.engine.pools[0]
+        ids_list, texts = [], []
+        for j, candidate in enumerate(candidates):
+            what = candidate_name.format(j)
+            ids, text = self._token_ids(candidate, what, add_bos=False)
+            total = len(prompt_ids) + len(ids)
+            if total > self.max_model_len:
+                raise ValueError(f"{prompt_name} ({len(prompt_ids)} tokens) + {what} ({len(ids)} "
+                                 f"tokens) is more than max_model_len ({self.max_model_len})")
+            if blocks.blocks_for(total) > blocks.capacity:
+                raise ValueError(f"{prompt_name} + {what} needs {blocks.blocks_for(total)} KV "
+                                 f"blocks but a replica's pool has {blocks.capacity}: raise "
+                                 "kv_blocks")
+            ids_list.append(ids)
+            texts.append(text)
+        return ScoreJob(prompt_ids, ids_list, int(top_n), prompt_text, texts)
+
+    def score_jobs(self, jobs: list[ScoreJob], use_tqdm: bool = False
+                   ) -> Iterator[tuple[int, ScoreOutput]]:
+        """Run prepared jobs (`prepare_score`); yields (job index, output) as each finishes."""
+        if self.engine.has_unfinished():
+            raise RuntimeError(f"score() needs the engine to itself, but "
+                               f"{len(self.engine.requests)} requests are running: let them "
+                               "finish (or abort them) first")
+        run = ScoreRun(self.engine, jobs)
+        progress = _progress(len(jobs), "score", "prompt") if use_tqdm else None
+        try:
+            while not run.done:
+                finished = run.step()
+                if finished is None:  # every block is free: validation rules this out
+                    raise RuntimeError("scoring found no free KV blocks for its next piece")
+                for i in finished:
+                    if progress is not None:
+                        progress.update(1)
+                    yield i, self.score_output(jobs[i], run.scores[i])
+        finally:  # done, interrupted or failed: no KV outlives the call
+            run.release()
+            if progress is not None:
+                progress.close()
+
+    def score_output(self, job: ScoreJob, scores: JobScores) -> ScoreOutput:
+        """A finished job's scores as user-facing output (top tokens decoded alone)."""
+        def decode(token_id: int) -> str | None:
+            if self.tokenizer is None:
+                return None
+            return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+        candidates = [CandidateScore(ids, text, sum(lps), lps) for ids, text, lps in
+                      zip(job.candidates, job.candidate_texts, scores.token_logprobs)]
+        top = [TopToken(t, lp, decode(t)) for t, lp in scores.top]
+        return ScoreOutput(job.prompt, job.prompt_ids, candidates, top)
 
     def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Full-sequence logits of one prefill pass: one float32 [len, vocab_size] array per
@@ -274,6 +397,13 @@ class LLM:
         return [logits[start:start + len(seq)] for start, seq in zip(starts[0], seqs)]
 
 
-def _progress(total: int):
+def _progress(total: int, desc: str = "generate", unit: str = "req"):
     from tqdm import tqdm
-    return tqdm(total=total, desc="generate", unit="req")
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
+def _is_per_prompt(candidates, num_prompts: int) -> bool:
+    """Candidates given per prompt: one list of candidates (text or id lists) per prompt."""
+    return len(candidates) == num_prompts and all(
+        isinstance(c, (list, tuple)) and all(isinstance(x, (str, list, tuple)) for x in c)
+        for c in candidates)

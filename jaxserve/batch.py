@@ -7,7 +7,8 @@ written and flushed as each request finishes, so a killed job loses only what wa
 Rerunning with the same output file skips ids already there.
 
 An entry point (used by `jaxserve generate --input` and scripts/generate_batch.py): it validates
-the whole input before generating anything, and hands the rest to `LLM`.
+the whole input before generating anything, and hands the rest to `LLM`. `read_jsonl`,
+`done_ids` and `append_records` serve every resumable JSONL job (see also batch_score.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from jaxserve.sampling_params import SamplingParams
 
@@ -27,7 +28,10 @@ class BatchItem:
     params: SamplingParams
 
 
-def read_items(path: Path, defaults: dict[str, Any]) -> list[BatchItem]:
+def read_jsonl(path: Path, parse_rest: Callable[[dict], Any]
+               ) -> list[tuple[str, str | int, str | list[int], Any]]:
+    """Every line's (where, id, prompt, parse_rest(its other fields)): ids unique strings or
+    integers, prompts text or lists; errors name the line (`where` is "path:line")."""
     items, seen = [], set()
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -52,11 +56,16 @@ def read_items(path: Path, defaults: dict[str, Any]) -> list[BatchItem]:
                 raise ValueError(f"{where}: prompt must be text or a list of token ids, "
                                  f"got {type(prompt).__name__}")
             try:
-                params = SamplingParams.from_dict({**defaults, **obj})
+                rest = parse_rest(obj)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{where}: {e}") from None
-            items.append(BatchItem(item_id, prompt, params))
+            items.append((where, item_id, prompt, rest))
     return items
+
+
+def read_items(path: Path, defaults: dict[str, Any]) -> list[BatchItem]:
+    return [BatchItem(item_id, prompt, params) for _, item_id, prompt, params in
+            read_jsonl(path, lambda fields: SamplingParams.from_dict({**defaults, **fields}))]
 
 
 def done_ids(output: Path) -> set:
@@ -79,6 +88,16 @@ def _truncate_torn_line(output: Path) -> None:
             output.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
+def append_records(output_path: Path, ids: list, records: Iterable[tuple[int, dict]]) -> None:
+    """Append {"id": ids[index], **record} for each (index, record) as it comes, flushed, so a
+    killed job loses only what was in flight (a torn last line is cut first)."""
+    _truncate_torn_line(output_path)
+    with open(output_path, "a", encoding="utf-8") as out:
+        for index, record in records:
+            out.write(json.dumps({"id": ids[index], **record}, ensure_ascii=False) + "\n")
+            out.flush()
+
+
 def run_batch(llm, input_path: Path, output_path: Path, defaults: dict[str, Any],
               progress: bool = True) -> tuple[int, int]:
     """Generate every item not yet in the output; returns (generated, skipped)."""
@@ -88,17 +107,18 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: dict[str, Any]
     todo = [item for item in items if item.id not in done]
     if not todo:
         return 0, len(items)
-    _truncate_torn_line(output_path)
-    with open(output_path, "a", encoding="utf-8") as out:
-        for index, result in llm.generate_stream([i.prompt for i in todo],
-                                                 [i.params for i in todo], use_tqdm=progress):
-            completion = result.outputs[0]
-            record = {"id": todo[index].id, "text": completion.text,
-                      "token_ids": completion.token_ids,
-                      "finish_reason": completion.finish_reason}
-            if len(result.outputs) > 1:
-                record["n"] = [{"text": c.text, "token_ids": c.token_ids,
-                                "finish_reason": c.finish_reason} for c in result.outputs]
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
+    results = llm.generate_stream([i.prompt for i in todo], [i.params for i in todo],
+                                  use_tqdm=progress)
+    append_records(output_path, [i.id for i in todo],
+                   ((index, _record(result)) for index, result in results))
     return len(todo), len(items) - len(todo)
+
+
+def _record(result) -> dict:
+    completion = result.outputs[0]
+    record = {"text": completion.text, "token_ids": completion.token_ids,
+              "finish_reason": completion.finish_reason}
+    if len(result.outputs) > 1:
+        record["n"] = [{"text": c.text, "token_ids": c.token_ids,
+                        "finish_reason": c.finish_reason} for c in result.outputs]
+    return record

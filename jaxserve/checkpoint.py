@@ -114,10 +114,13 @@ def _check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: s
 
 # ---- HF import ----
 
-def _hf_layout(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Callable]]:
+def _hf_layout(config: ModelConfig) -> dict[str, tuple[str | tuple[str, ...], tuple[int, ...],
+                                                         Callable]]:
     """Our parameter name -> (HF tensor name, HF shape, HF array -> our array).
 
     HF stores Linear weights as [out, in]; ours are [in, out] with heads as their own axis.
+    Experts are one HF tensor per expert and one of ours per layer: their entry names a tuple
+    of HF tensors (each of the HF shape) and the function takes the list, stacked in order.
     """
     e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
     h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
@@ -141,14 +144,42 @@ def _hf_layout(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...], Cal
             ours + "attn/v_proj": (hf + "self_attn.v_proj.weight", (kv * d, e), heads_in(kv)),
             ours + "attn/o_proj": (hf + "self_attn.o_proj.weight", (e, h * d),
                                    lambda w: w.reshape(e, h, d).transpose(1, 2, 0)),
-            ours + "mlp/gate_proj": (hf + "mlp.gate_proj.weight", (m, e), transpose),
-            ours + "mlp/up_proj": (hf + "mlp.up_proj.weight", (m, e), transpose),
-            ours + "mlp/down_proj": (hf + "mlp.down_proj.weight", (e, m), transpose),
         })
+        if config.moe_layer(i):
+            out.update(_hf_experts(config, hf, ours))
+        else:
+            out.update({
+                ours + "mlp/gate_proj": (hf + "mlp.gate_proj.weight", (m, e), transpose),
+                ours + "mlp/up_proj": (hf + "mlp.up_proj.weight", (m, e), transpose),
+                ours + "mlp/down_proj": (hf + "mlp.down_proj.weight", (e, m), transpose),
+            })
         if config.qk_norm:
             out[ours + "attn/q_norm/scale"] = (hf + "self_attn.q_norm.weight", (d,), same)
             out[ours + "attn/k_norm/scale"] = (hf + "self_attn.k_norm.weight", (d,), same)
     return out
+
+
+# HF names of a MoE layer: (block, router, gate, up, down) per family.
+_HF_MOE_NAMES = {"qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+                 "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2")}
+
+
+def _hf_experts(config: ModelConfig, hf: str, ours: str) -> dict[str, tuple]:
+    block, router, gate, up, down = _HF_MOE_NAMES[config.family]
+    e, m, n = config.hidden_size, config.moe_intermediate_size, config.num_experts
+
+    def names(proj):
+        return tuple(f"{hf}{block}.experts.{j}.{proj}.weight" for j in range(n))
+
+    def stack_transposed(ws):  # n x [out, in] -> [n, in, out]
+        return np.stack([np.asarray(w).T for w in ws])
+
+    return {
+        ours + "mlp/router": (f"{hf}{block}.{router}.weight", (n, e), lambda w: w.T),
+        ours + "mlp/gate_proj": (names(gate), (m, e), stack_transposed),
+        ours + "mlp/up_proj": (names(up), (m, e), stack_transposed),
+        ours + "mlp/down_proj": (names(down), (e, m), stack_transposed),
+    }
 
 
 def _safetensors_files(hf_dir: Path) -> list[Path]:
@@ -204,7 +235,8 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     layout = _hf_layout(config)
     tensors = read_hf_tensors(hf_dir)
     # Report in HF's names: that is what the user's files hold.
-    expected_hf = {hf: shape for hf, shape, _ in layout.values()}
+    expected_hf = {name: shape for hf, shape, _ in layout.values()
+                   for name in ((hf,) if isinstance(hf, str) else hf)}
     found_hf = {name: t.shape for name, t in tensors.items()}
 
     def allowed_extra(name: str) -> bool:  # buffers and duplicates HF may store
@@ -212,7 +244,8 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
             config.tie_word_embeddings and name == "lm_head.weight")
 
     _check_tensors(expected_hf, found_hf, f"HF checkpoint {hf_dir}", allowed_extra)
-    params = {ours: np.asarray(fn(tensors[hf])).astype(target)
+    params = {ours: np.asarray(fn(tensors[hf] if isinstance(hf, str)
+                                  else [tensors[n] for n in hf])).astype(target)
               for ours, (hf, _, fn) in layout.items()}
     _, _, expected = expected_params(config, target)
     _check_tensors({n: s for n, (s, _) in expected.items()},

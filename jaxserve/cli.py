@@ -89,6 +89,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of device memory for the KV pool (default: see README)")
     p.add_argument("--max-steps-in-flight", type=int, default=None,
                    help="steps dispatched ahead of readback (default 2)")
+    p.add_argument("--moe-strategy", default=None,
+                   choices=["dense", "alltoall", "allgather", "auto"],
+                   help="how a MoE model's experts run on a mesh (default auto: allgather for "
+                   "steps above --moe-auto-threshold tokens, else alltoall)")
+    p.add_argument("--moe-auto-threshold", type=int, default=None,
+                   help="tokens per step above which auto gathers expert weights")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=None, help="compute every prompt in full (default: reuse the KV of "
                    "cached prompt prefixes)")
@@ -99,8 +105,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "enable_prefix_caching",
-                "routing")
+                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
+                "moe_auto_threshold", "enable_prefix_caching", "routing")
 
 
 def _make_llm(args):
@@ -142,6 +148,19 @@ def cmd_generate(args) -> int:
                                    progress=not args.no_progress)
     print(f"wrote {generated} outputs to {args.output} ({skipped} already there)",
           file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from jaxserve.batch_score import read_score_items, run_score_batch
+
+    if args.top_n < 0:
+        raise ValueError(f"--top-n must be >= 0, got {args.top_n}")
+    read_score_items(Path(args.input), args.top_n)  # reject a bad file before loading the model
+    llm = _make_llm(args)
+    scored, skipped = run_score_batch(llm, Path(args.input), Path(args.output), args.top_n,
+                                      progress=not args.no_progress)
+    print(f"wrote {scored} scores to {args.output} ({skipped} already there)", file=sys.stderr)
     return 0
 
 
@@ -206,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="score candidate continuations of prompts from a JSONL "
+                       "file: log-probs, top-N next tokens (resumable)")
+    _add_engine_args(p)
+    p.add_argument("--input", required=True, help="JSONL file: {id, prompt, candidates, "
+                   "[top_n]}")
+    p.add_argument("--output", required=True, help="JSONL file to append results to; ids "
+                   "already there are skipped")
+    p.add_argument("--top-n", type=int, default=0,
+                   help="also return the top N next tokens after each prompt (default 0; a "
+                   "line's top_n overrides it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="serve the model over gRPC (jaxserve.v1, health, "
                        "reflection) and/or an OpenAI-compatible HTTP API, with Prometheus "

@@ -1,8 +1,10 @@
-"""What generation returns (vLLM-shaped): plain data, no behaviour, importable by every layer."""
+"""What generation and scoring return (vLLM-shaped): plain data, no behaviour, importable by every
+layer."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 
 @dataclasses.dataclass
@@ -59,3 +61,30 @@ class RequestOutput:
     def text(self) -> str:
         """The first sequence's text (the only one when n == 1)."""
         return self.outputs[0].text
+
+
+class TopToken(NamedTuple):
+    """One of the most likely next tokens after a prompt (`LLM.score` with top_n)."""
+
+    token_id: int
+    logprob: float
+    text: str | None  # the token decoded alone (None without a tokenizer)
+
+
+@dataclasses.dataclass
+class CandidateScore:
+    token_ids: list[int]
+    text: str | None  # the candidate as given, when given as text
+    logprob: float  # log P(candidate | prompt): the sum of token_logprobs
+    token_logprobs: list[float]  # log P(token j | prompt + the candidate's tokens before j)
+
+
+@dataclasses.dataclass
+class ScoreOutput:
+    """What `LLM.score` returns per prompt: its candidates' scores in the order given, and the
+    top_n most likely next tokens after it (most likely first)."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    candidates: list[CandidateScore]
+    top: list[TopToken]

@@ -76,10 +76,27 @@ def fit_to_layout(config: ModelConfig, layout: Layout) -> ModelConfig:
             f"num_kv_heads), which mesh axis {_axes_text(kv_axes)!r} of size {t_kv} neither "
             f"divides nor is a multiple of, so repeating KV heads cannot fit it: {about}")
 
+    if config.is_moe:
+        _check_experts_fit(config, layout)
     v = layout.axis_size(mapping.get("vocab", ()))
     rows = -(-config.vocab_size // v) * v
     return dataclasses.replace(config, padded_vocab_size=rows if rows != config.vocab_size else None,
                                kv_head_copies=copies)
+
+
+def _check_experts_fit(config: ModelConfig, layout: Layout) -> None:
+    """Experts and their width are never padded: a split that does not divide is an error."""
+    for logical, size, field in (("experts", config.num_experts, "num_experts"),
+                                 ("expert_mlp", config.moe_intermediate_size,
+                                  "moe_intermediate_size")):
+        axes = layout.rules.mapping.get(logical, ())
+        n = layout.axis_size(axes)
+        if size % n:
+            works = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
+            raise ShardingError(
+                f"{layout.rules.source}: logical axis {logical!r} has size {size} (the model's "
+                f"{field}), not divisible by mesh axis {_axes_text(axes)!r} of size {n}; "
+                f"degrees that work: {works}")
 
 
 def _check_fits(base: ModelConfig, fitted: ModelConfig) -> int:

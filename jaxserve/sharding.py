@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
@@ -282,6 +283,73 @@ def shard_map_logical(fn, in_axes, out_axes):
                              check_vma=False)(*args)
 
     return wrapped
+
+
+# ---- collectives inside `shard_map_logical`, named by logical axis ----
+# A layer that exchanges data (e.g. experts over `ep`) names the logical axis it communicates
+# along; the active layout says which mesh axes that is. With the axis unsplit (one device, or a
+# rules file that does not map it) each collective is the identity.
+
+def collective_axes(logical: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that `logical` is split over on the active layout."""
+    layout = _ACTIVE.get()
+    if layout is None or layout.num_devices == 1:
+        return ()
+    return tuple(a for a in layout.rules.mapping.get(logical, ()) if layout.mesh.shape[a] > 1)
+
+
+def axis_size_logical(logical: str) -> int:
+    layout = _ACTIVE.get()
+    return layout.axis_size(collective_axes(logical)) if layout is not None else 1
+
+
+def axis_index_logical(logical: str) -> jax.Array | int:
+    """This device's index along `logical`'s mesh axes (0 when it is not split)."""
+    axes = collective_axes(logical)
+    return jax.lax.axis_index(axes) if axes else 0
+
+
+def all_gather_logical(x: jax.Array, logical: str, axis: int) -> jax.Array:
+    """Concatenate every device's shard of `x` along `axis` (the dim `logical` splits)."""
+    axes = collective_axes(logical)
+    return jax.lax.all_gather(x, axes, axis=axis, tiled=True) if axes else x
+
+
+def all_to_all_logical(x: jax.Array, logical: str, split_axis: int,
+                       concat_axis: int) -> jax.Array:
+    """Piece i of `x` along `split_axis` goes to device i along `logical`'s mesh axes; the
+    pieces received are concatenated along `concat_axis` in device order."""
+    axes = collective_axes(logical)
+    return (jax.lax.all_to_all(x, axes, split_axis, concat_axis, tiled=True) if axes else x)
+
+
+def ragged_all_to_all_logical(operand, output, input_offsets, send_sizes, output_offsets,
+                              recv_sizes, logical: str) -> jax.Array:
+    """`jax.lax.ragged_all_to_all` along `logical`'s mesh axes (one slice per device). On a
+    platform without the op (XLA:CPU) the same semantics are computed with a fixed-capacity
+    `all_to_all` of every slice padded to the operand's length."""
+    axes = collective_axes(logical)
+    if axes and jax.default_backend() != "cpu":
+        return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes,
+                                         output_offsets, recv_sizes, axis_name=axes)
+    devices, capacity = input_offsets.shape[0], operand.shape[0]
+    r = jnp.arange(capacity)
+    # slice j of the operand, padded to `capacity` rows; rows past its size are never written
+    take = jnp.minimum(input_offsets[:, None] + r, capacity - 1)
+    send = operand[take]
+    send_valid = r < send_sizes[:, None]
+    received = all_to_all_logical(send, logical, 0, 0)
+    valid = all_to_all_logical(send_valid, logical, 0, 0) & (r < recv_sizes[:, None])
+    where = all_to_all_logical(output_offsets, logical, 0, 0)[:, None] + r  # [senders, rows]
+    where = jnp.where(valid, where, output.shape[0])  # out of range: dropped
+    return output.at[where.reshape(-1)].set(received.reshape(devices * capacity,
+                                                            *operand.shape[1:]), mode="drop")
+
+
+def psum_logical(x: jax.Array, logical: str) -> jax.Array:
+    """Sum partial results over the devices that split `logical`."""
+    axes = collective_axes(logical)
+    return jax.lax.psum(x, axes) if axes else x
 
 
 def replicas_of(layout: Layout) -> int:

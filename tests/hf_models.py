@@ -19,7 +19,19 @@ HF_CONFIGS = {
     # q/k norm, explicit head_dim != hidden/heads, tied embeddings
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         COMMON, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+    # 8 experts, top-2 without renormalisation; layer 1 keeps a dense MLP (mlp_only_layers)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1])),
+    # every second layer MoE (decoder_sparse_step=2), top-3 renormalised
+    "qwen3_moe_sparse": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, num_key_value_heads=4, intermediate_size=32, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=None)),
 }
+MOE_FAMILIES = ("qwen3_moe", "qwen3_moe_sparse", "mixtral")
 
 
 def make_hf_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
@@ -34,13 +46,14 @@ def make_hf_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
         for pname, p in model.named_parameters():
             if "norm" in pname:
                 p.uniform_(0.5, 1.5)
+            elif pname.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 0.5)  # routers: clear choices, so no near-ties in the top-k
     model.save_pretrained(out_dir)
     return Path(out_dir)
 
 
 def hf_logits(hf_dir: Path, token_ids: list[int]):
     import torch
-    import transformers
 
     model = _load(hf_dir)
     with torch.no_grad():

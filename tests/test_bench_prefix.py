@@ -50,7 +50,7 @@ def test_both_parts_end_to_end(hf_model_dir, tmp_path):
     on, off = caching["runs"]["prefix caching"], caching["runs"]["no prefix caching"]
     assert caching["same_tokens"] == 6
     assert on["hit_rate"] > 0 == off["hit_rate"]
-    assert on["prefill_tokens"] < off["prefill_tokens"] and on["flops"] < off["flops"]
+    assert on["prefill_tokens"] < off["prefill_tokens"] and on["true_flops"] < off["true_flops"]
     routing = results["parts"]["routing"]["runs"]
     assert set(routing) == {"prefix", "round_robin"}
     for run in routing.values():

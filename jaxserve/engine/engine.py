@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxserve import flops
 from jaxserve.config import ModelConfig
+from jaxserve.engine.accounting import FlopsAccount
 from jaxserve.engine.block_allocator import IdPool
 from jaxserve.engine.prefix_cache import BlockPool, identity_hash
 from jaxserve.engine.router import make_policy
@@ -112,6 +112,7 @@ class Engine:
         self.track_updates = False  # streaming servers turn this on and call take_updates
         self.updated: list[Sequence] = []
         self.timers = collections.Counter()
+        self.flops = FlopsAccount(config, runner)
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -212,7 +213,8 @@ class Engine:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
         slot_rows = self.builder.slot_rows(plan.admitted)
-        self._count_work(plan)
+        self.flops.record(plan, layout.inputs)
+        self.counters["prefill_tokens"] += sum(chunk.length for chunk in plan.prefills)
         self.scheduler.commit(plan)
         if slot_rows is not None:
             self.runner.set_slots(*slot_rows)
@@ -223,18 +225,6 @@ class Engine:
         self.counters["prefill_steps"] += bool(plan.prefills)
         self.counters["decode_steps"] += bool(plan.decodes)
         return _InFlight(layout, outputs)
-
-    def _count_work(self, plan: StepPlan) -> None:
-        """Tokens and true FLOPs of the planned step (before commit moves the counters)."""
-        config = self.model_config
-        work = 0
-        for chunk in plan.prefills:
-            self.counters["prefill_tokens"] += chunk.length
-            work += flops.chunk_flops(config, chunk.start, chunk.start + chunk.length,
-                                      int(chunk.samples) + len(chunk.forks))
-        for seq in plan.decodes:
-            work += flops.chunk_flops(config, seq.total_len - 1, seq.total_len)
-        self.counters["flops"] += work
 
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
@@ -332,16 +322,18 @@ class Engine:
         """Blocks that sequences can use, over all DP replicas (null blocks excluded)."""
         return sum(p.capacity for p in self.pools)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters since the engine started, and its state now. Tokens: `prefill_tokens`
-        computed by prefill chunks; `prefix_cache_queries` looked up in the prefix cache at
-        admission, `prefix_cache_hits` found there; `forked_sequences` took their prompt from
-        a sibling (n > 1). `flops`: true FLOPs of every step run (jaxserve/flops.py);
-        `replica_load_flops`: per DP replica, those of the admitted work not yet done."""
+    def stats(self, peak_flops: float | None = None) -> dict[str, Any]:
+        """Counters since the engine started, its state now, host time per phase, and FLOPs
+        (true and executed; model-FLOPs utilisation against `peak_flops`, one device's FLOP/s,
+        when given). Tokens: `prefill_tokens` computed by prefill chunks;
+        `prefix_cache_queries` looked up in the prefix cache at admission, `prefix_cache_hits`
+        found there; `forked_sequences` took their prompt from a sibling (n > 1).
+        `replica_load_flops`: per DP replica, the true FLOPs of the admitted work not yet
+        done."""
         scheduler = self.scheduler
         return {
             "compilations": self.runner.compilations,
-            "prefill_tokens": 0, "generated_tokens": 0, "flops": 0,
+            "prefill_tokens": 0, "generated_tokens": 0,
             **self.counters,
             "prefix_caching": self.pools[0].caching,
             "prefix_cache_queries": scheduler.counters["prefix_cache_queries"],
@@ -356,4 +348,5 @@ class Engine:
             "kv_blocks_cached": sum(p.num_cached for p in self.pools),
             "kv_blocks_total": self.kv_blocks_total,
             **{k: round(v, 6) for k, v in self.timers.items()},
+            **self.flops.stats(sum(self.timers.values()), peak_flops),
         }

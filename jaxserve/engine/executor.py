@@ -24,7 +24,7 @@ import numpy as np
 from jaxserve.engine.scheduler import StepPlan
 from jaxserve.engine.sequence import Sequence
 from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
-from jaxserve.runtime.runner import MAX_SUPPRESSED, StepInputs, bucket
+from jaxserve.runtime.runner import MAX_SUPPRESSED, ScoreInputs, StepInputs, bucket
 from jaxserve.runtime.sampling import SamplingInputs
 
 QUERY_TILE = 16  # prefill tokens per attention row
@@ -203,16 +203,59 @@ class StepBuilder:
         """Tokens and metadata of a step that prefills whole token lists (for `LLM.logits`):
         per replica, a list of (token ids, block table). Also returns, per replica, each list's
         first flat token index (global)."""
+        tokens, md, first, p_tokens = self._prefill_chunks(
+            [[(ids, ChunkRow(0, len(ids), table)) for ids, table in rs] for rs in replicas])
+        starts = [[r * p_tokens + int(first[r, k]) for k in range(len(rs))]
+                  for r, rs in enumerate(replicas)]
+        return tokens, md, starts
+
+    def score_step(self, replicas: list[list[tuple[list[int], ChunkRow, list[ScoreRow]]]]
+                   ) -> tuple[ScoreInputs, int]:
+        """The inputs of a scoring step (see jaxserve/engine/scoring.py): per replica, prefill
+        chunks as (the chunk's token ids, its row, its score rows). Score rows are laid out
+        replica after replica in the order given; returns the inputs and the rows per replica
+        (replica r's k-th score row is output row r * rows + k)."""
+        tokens, md, first, p_tokens = self._prefill_chunks(
+            [[(ids, row) for ids, row, _ in rs] for rs in replicas])
         n = self.num_replicas
-        need = max(sum(-(-len(t) // QUERY_TILE) * QUERY_TILE for t, _ in rs) for rs in replicas)
-        p_tokens = QUERY_TILE * bucket(-(-need // QUERY_TILE))
-        rows = [([], [ChunkRow(0, len(t), table) for t, table in rs]) for rs in replicas]
-        md, first = build_metadata(rows, 0, p_tokens, QUERY_TILE, self.block_size, self.width)
-        tokens = np.zeros((n, p_tokens), np.int32)
-        starts = []
+        rows = min(p_tokens, bucket(max(sum(len(s) for _, _, s in rs) for rs in replicas),
+                                    QUERY_TILE))
+        score_index = np.zeros((n, rows), np.int32)
+        target = np.zeros((n, rows), np.int32)
+        want_top = np.zeros((n, rows), np.bool_)
         for r, rs in enumerate(replicas):
-            starts.append([])
+            k = 0
+            for c, (_, _, score_rows) in enumerate(rs):
+                for row in score_rows:
+                    score_index[r, k] = r * p_tokens + first[r, c] + row.offset
+                    target[r, k] = row.target
+                    want_top[r, k] = row.want_top
+                    k += 1
+        return ScoreInputs(tokens, md, score_index.reshape(-1), target.reshape(-1),
+                           want_top.reshape(-1)), rows
+
+    def _prefill_chunks(self, replicas: list[list[tuple[list[int], ChunkRow]]]):
+        """Tokens and metadata of a step of prefill chunks only, per replica (token ids, row);
+        also each chunk's first token index within its replica and the step's tokens per
+        replica."""
+        n = self.num_replicas
+        need = max(sum(-(-row.length // QUERY_TILE) * QUERY_TILE for _, row in rs)
+                   for rs in replicas)
+        p_tokens = QUERY_TILE * bucket(-(-need // QUERY_TILE))
+        md, first = build_metadata([([], [row for _, row in rs]) for rs in replicas], 0,
+                                   p_tokens, QUERY_TILE, self.block_size, self.width)
+        tokens = np.zeros((n, p_tokens), np.int32)
+        for r, rs in enumerate(replicas):
             for k, (ids, _) in enumerate(rs):
                 tokens[r, first[r, k]:first[r, k] + len(ids)] = ids
-                starts[-1].append(r * p_tokens + int(first[r, k]))
-        return tokens.reshape(-1), md, starts
+        return tokens.reshape(-1), md, first, p_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreRow:
+    """A scored position of a prefill chunk: the log-prob of `target` as the next token after
+    the chunk's token at `offset` (and the top tokens there, with want_top)."""
+
+    offset: int
+    target: int
+    want_top: bool = False

@@ -10,8 +10,13 @@ Streaming text never holds a partial UTF-8 character (the detokenizer holds it b
 the request has stop strings, holds back the last len(longest stop) - 1 characters until they
 cannot start a stop string, so text already sent is never taken back.
 
-If `Engine.step` raises, the loop marks itself failed, ends every open stream with the error and
-refuses new work: a half-updated engine is never trusted again.
+Scoring (`score`) runs on the engine thread too, one scoring step after each engine step, oldest
+run first (see jaxserve/engine/scoring.py): its KV blocks come from the same block pools as the
+requests', so the pool is never raced for; a run whose next piece finds no free blocks waits
+for requests to finish. Its future resolves to the finished `ScoreRun`.
+
+If `Engine.step` (or a scoring step) raises, the loop marks itself failed, ends every open stream
+and score with the error and refuses new work: a half-updated engine is never trusted again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from jaxserve.engine.engine import Engine
+from jaxserve.engine.scoring import ScoreJob, ScoreRun
 from jaxserve.engine.sequence import Request, Sequence
 from jaxserve.outputs import RequestMetrics
 from jaxserve.sampling_params import SamplingParams
@@ -35,6 +41,10 @@ class LoopState(enum.Enum):
     DRAINING = "draining"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+class ScoreAborted(Exception):
+    """A scoring run was aborted (its client left, or the server shut down)."""
 
 
 class QueueFull(Exception):
@@ -104,6 +114,7 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._cursors: dict[int, _SeqCursor] = {}
         self._pending = 0  # submitted, not yet accepted by the engine thread
+        self._scoring: dict[str, tuple[ScoreRun, Future]] = {}  # run id -> run, in arrival order
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
@@ -111,15 +122,28 @@ class EngineLoop:
     # ---- called from handler threads ----
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                prompt: str | None = None) -> RequestStream:
-        with self._lock:
-            if self.state is not LoopState.SERVING:
-                raise NotAccepting(f"the engine is {self.state.value}")
-            if self._pending + len(self.engine.scheduler.waiting) >= self.max_queue:
-                raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._pending += 1
+        self._admit()
         future: Future = Future()
         self._commands.put(("add", (request_id, prompt_ids, params, prompt), future))
         return future.result()
+
+    def score(self, run_id: str, jobs: list[ScoreJob]) -> Future:
+        """Queue a scoring run (jobs validated, see `LLM.prepare_score`); the future resolves to
+        the finished ScoreRun, or raises ScoreAborted / NotAccepting / the engine's error.
+        `abort(run_id)` stops it."""
+        self._admit()
+        future: Future = Future()
+        self._commands.put(("score", (run_id, jobs), future))
+        return future
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self.state is not LoopState.SERVING:
+                raise NotAccepting(f"the engine is {self.state.value}")
+            queued = self._pending + len(self.engine.scheduler.waiting) + len(self._scoring)
+            if queued >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._pending += 1
 
     def abort(self, request_id: str) -> bool:
         future: Future = Future()
@@ -137,9 +161,13 @@ class EngineLoop:
         self._thread.join(timeout)
 
     # ---- the engine thread ----
+    def _busy(self) -> bool:
+        return self.state is not LoopState.FAILED and (self.engine.has_unfinished()
+                                                       or bool(self._scoring))
+
     def _run(self) -> None:
         while True:
-            idle = self.state is LoopState.FAILED or not self.engine.has_unfinished()
+            idle = not self._busy()
             try:
                 command = self._commands.get(timeout=0.05) if idle else \
                     self._commands.get_nowait()
@@ -156,7 +184,7 @@ class EngineLoop:
                     command = self._commands.get_nowait()
                 except queue.Empty:
                     command = None
-            if self.state is LoopState.FAILED or not self.engine.has_unfinished():
+            if not self._busy():
                 if handled and self.state is not LoopState.FAILED and self.on_step is not None:
                     try:  # no step follows (e.g. an abort emptied the engine): let metrics see it
                         self.on_step(self, 0.0)
@@ -166,21 +194,45 @@ class EngineLoop:
                 continue
             try:
                 t0 = time.perf_counter()
-                finished = self.engine.step()
-                self._publish(self.engine.take_updates(), finished)
+                if self.engine.has_unfinished():
+                    finished = self.engine.step()
+                    self._publish(self.engine.take_updates(), finished)
+                if self._scoring:
+                    self._score_step()
                 if self.on_step is not None:
                     self.on_step(self, time.perf_counter() - t0)
             except Exception as e:  # the engine can no longer be trusted
                 self.error = e
                 self._fail_all(e, LoopState.FAILED)
 
+    def _score_step(self) -> None:
+        """One step of the oldest scoring run (which frees its blocks as its pieces finish)."""
+        run_id, (run, future) = next(iter(self._scoring.items()))
+        if run.step() is None and not self.engine.has_unfinished():
+            # every block is free, yet the next piece does not fit: validation rules this out
+            del self._scoring[run_id]
+            run.release()
+            future.set_exception(RuntimeError("scoring found no free KV blocks for its next "
+                                              "piece"))
+        elif run.done:
+            del self._scoring[run_id]
+            future.set_result(run)
+
     def _handle(self, kind: str, payload, future: Future) -> None:
-        if kind == "add":
+        if kind in ("add", "score"):
             with self._lock:
                 self._pending -= 1
             if self.state is LoopState.FAILED:
                 future.set_exception(NotAccepting("the engine failed"))
                 return
+        if kind == "score":
+            run_id, jobs = payload
+            if run_id in self._scoring:
+                future.set_exception(ValueError(f"run id {run_id!r} is already in use"))
+            else:
+                self._scoring[run_id] = (ScoreRun(self.engine, jobs), future)
+            return
+        if kind == "add":
             request_id, prompt_ids, params, prompt = payload
             try:
                 request = self.engine.add_request(request_id, prompt_ids, params, prompt)
@@ -196,7 +248,12 @@ class EngineLoop:
             request = self.engine.abort(payload)
             if request is not None:
                 self._close(request, "abort")
-            future.set_result(request is not None)
+            scoring = self._scoring.pop(payload, None)
+            if scoring is not None:
+                run, run_future = scoring
+                run.release()
+                run_future.set_exception(ScoreAborted(f"scoring {payload!r} was aborted"))
+            future.set_result(request is not None or scoring is not None)
 
     def _publish(self, updated: list[Sequence], finished: list[Request]) -> None:
         for seq in dict.fromkeys(updated):  # each sequence once, in order
@@ -234,6 +291,10 @@ class EngineLoop:
             stream.events.put(Failure(error))
         self._streams.clear()
         self._cursors.clear()
+        for run, future in self._scoring.values():
+            run.release()
+            future.set_exception(error)
+        self._scoring.clear()
         while True:  # requests that never reached the engine
             try:
                 _, _, future = self._commands.get_nowait()

@@ -267,7 +267,7 @@ class Scheduler:
         full = prompt_len // self.block_size
         # A sibling decodes into the partly filled last block, so it needs its own copy of it;
         # one that stops at its first token never writes there.
-        copy = prompt_len % self.block_size and not leader.stops_at_first_token
+        copy = prompt_len % self.block_size > 0 and not leader.stops_at_first_token
         for sibling in leader.request.sequences[1:]:
             if sibling.status is not Status.WAITING or not self._held(sibling):
                 continue

@@ -7,9 +7,11 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.models.llama import LlamaForCausalLM
+from jaxserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from jaxserve.models.qwen3 import Qwen3ForCausalLM
 
-MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM}
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM,
+                 "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM}
 
 
 def build_model(config: ModelConfig, dtype=jnp.float32, seed: int = 0) -> nnx.Module:

@@ -21,16 +21,19 @@ from jaxserve.sharding import constrain
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+    """Attention then a feed-forward block (`feed_forward()` builds it: the dense SwiGLU unless
+    given, e.g. a MoE); extra keyword arguments of a call go to the feed-forward block."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs, feed_forward=None):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         self.attn = Attention(config, dtype, rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
-        self.mlp = MLP(config, dtype, rngs)
+        self.mlp = feed_forward() if feed_forward else MLP(config, dtype, rngs)
 
-    def __call__(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
+    def __call__(self, x, cos, sin, cache: dict, metadata: AttentionMetadata, **mlp_args):
         attn_out, cache = self.attn(self.attn_norm(x), cos, sin, cache, metadata)
         x = x + attn_out
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x), **mlp_args)
         return constrain(x, ("batch", "embed")), cache
 
 
@@ -38,7 +41,10 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = Embedding(config.vocab_rows, config.hidden_size, dtype, rngs)
-        self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List([
+            DecoderLayer(config, dtype, rngs,
+                         lambda i=i: self.feed_forward(config, i, dtype, rngs))
+            for i in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         if not config.tie_word_embeddings:
             # [vocab, embed], like the embedding (and HF's lm_head.weight): the decode-shaped
@@ -46,6 +52,11 @@ class LlamaForCausalLM(nnx.Module):
             # than [embed, vocab] at batch 8 on XLA CPU.
             self.lm_head = param(rngs, (config.vocab_rows, config.hidden_size), ("vocab", "embed"),
                                  dtype)
+
+    @staticmethod
+    def feed_forward(config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        """Layer `layer`'s feed-forward block (families with experts override this)."""
+        return MLP(config, dtype, rngs)
 
     @staticmethod
     def cache_spec(config: ModelConfig, dtype) -> CacheSpec:

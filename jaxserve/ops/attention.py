@@ -75,6 +75,11 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, j
                     md: AttentionMetadata, scale: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Write this step's k, v into the cache, then attend.
 
+    All of the step's writes land before any row reads, so a row may read blocks that another
+    row of the step wrote: a prefill chunk's later tiles read its earlier ones, and a scoring
+    candidate reads its prompt's blocks (jaxserve/engine/scoring.py). A replacement kernel must
+    keep that.
+
     q [tokens, q_heads, head_dim]; k, v [tokens, kv_heads, head_dim];
     cache {"k", "v"}: [kv_blocks, block_size, kv_heads, head_dim].
     Returns (out [tokens, q_heads, head_dim], the updated cache).

@@ -25,6 +25,7 @@ from jaxserve.config import ModelConfig
 from jaxserve import kv_cache
 from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.moe import MoEExecution, moe_execution
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout, replicas_of
@@ -41,8 +42,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                 layout: Layout, kv: KVPool):
+                 layout: Layout, kv: KVPool, moe: MoEExecution = MoEExecution()):
         self.config = config
+        self.moe = moe  # how MoE layers run; fixed when each program is traced
         self.graphdef = graphdef
         # Programs take the parameters as a flat list: flattening an nnx.State on every call
         # costs ~0.1-0.2 ms of host time per step; a list costs microseconds.
@@ -52,6 +54,7 @@ class ModelRunner:
         self.compilations = 0
         self._programs: dict[Any, Any] = {}  # kind -> the jitted function
         self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
+        self._flops: dict[tuple, int] = {}  # shape key -> FLOPs the program executes
 
     @property
     def block_size(self) -> int:
@@ -78,13 +81,18 @@ class ModelRunner:
     @staticmethod
     def _shape_key(kind: str, inputs) -> tuple:
         # Every input's shape follows from these; the key costs ~1 us per step.
-        tokens, metadata = (inputs.tokens, inputs.metadata) if kind == "step" else inputs
-        return (kind, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
+        if kind == "forward":
+            tokens, metadata = inputs
+            return (kind, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
+        rows = inputs.score_index.shape if kind == "score" else ()
+        return (kind, inputs.tokens.shape, inputs.metadata.block_tables.shape,
+                inputs.metadata.decode_rows, rows)
 
     def _step_program(self):
         if "step" not in self._programs:
             self._programs["step"] = jax.jit(
-                functools.partial(_step, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_step, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1, 2),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               _shardings(self.slot_state), self._input_sharding()),
@@ -106,7 +114,8 @@ class ModelRunner:
         if kind == "step":
             return self._step_program().lower(self.param_leaves, self.kv, self.slot_state,
                                               inputs).compile()
-        return self._forward_program().lower(self.param_leaves, self.kv, inputs).compile()
+        program = self._forward_program() if kind == "forward" else self._score_program()
+        return program.lower(self.param_leaves, self.kv, inputs).compile()
 
     def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
         """Compile the step programs for these inputs' shapes ahead of use, `threads` at a time
@@ -129,6 +138,17 @@ class ModelRunner:
         show what it allocates and does)."""
         return self._executable("step", inputs)
 
+    def program_flops(self, inputs, kind: str = "step") -> int:
+        """FLOPs of the compiled program of this kind ("step", "score", "forward") for these
+        inputs' shapes, all devices together (XLA's cost analysis of one device's program,
+        times the devices)."""
+        key = self._shape_key(kind, inputs)
+        if key not in self._flops:
+            analysis = self._executable(kind, inputs).cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, list) else analysis
+            self._flops[key] = int(analysis.get("flops", 0)) * self.layout.num_devices
+        return self._flops[key]
+
     def step(self, inputs: StepInputs) -> StepOutputs:
         """Dispatch one step (prefill chunks and decodes together); returns without waiting."""
         outputs, self.kv, self.slot_state = self._executable("step", inputs)(
@@ -138,7 +158,8 @@ class ModelRunner:
     def _forward_program(self):
         if "forward" not in self._programs:
             self._programs["forward"] = jax.jit(
-                functools.partial(_forward, self.graphdef, self._param_treedef, self.layout),
+                functools.partial(_forward, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
                 donate_argnums=(1,),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               self._input_sharding()),
@@ -152,6 +173,30 @@ class ModelRunner:
         inputs = (tokens, metadata)
         logits, self.kv = self._executable("forward", inputs)(self.param_leaves, self.kv, inputs)
         return logits
+
+    def _score_program(self):
+        if "score" not in self._programs:
+            self._programs["score"] = jax.jit(
+                functools.partial(_score, self.graphdef, self._param_treedef,
+                                  (self.layout, self.moe)),
+                donate_argnums=(1,),
+                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
+                              self._input_sharding()),
+                out_shardings=(self.layout.replicated(), self.kv.shardings()))
+        return self._programs["score"]
+
+    def score(self, inputs: ScoreInputs) -> ScoreOutputs:
+        """Dispatch one prefill-only scoring step (see jaxserve/engine/scoring.py); returns
+        without waiting. Writes the tokens' KV into their blocks."""
+        outputs, self.kv = self._executable("score", inputs)(self.param_leaves, self.kv, inputs)
+        return outputs
+
+    def set_moe(self, moe: MoEExecution) -> None:
+        """Run MoE layers another way from now on (the programs compiled so far are dropped)."""
+        self.moe = moe
+        self._programs.clear()
+        self._compiled.clear()
+        self._flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
@@ -300,26 +345,49 @@ class StepOutputs:
     top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
 
 
-def _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens, metadata):
-    with layout.activate():
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ScoreInputs:
+    """One scoring step: prefill chunks only, and the rows whose next token is scored. Token
+    arrays [tokens] and score-row arrays [rows] are laid out replica after replica."""
+
+    tokens: jax.Array  # i32[tokens]
+    metadata: AttentionMetadata
+    score_index: jax.Array  # i32[rows]: flat index of the token the row reads the next one of
+    target: jax.Array  # i32[rows]: the next token whose log-prob the row returns
+    want_top: jax.Array  # bool[rows]: the row also returns the top MAX_LOGPROBS tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ScoreOutputs:
+    logprob: jax.Array  # f32[rows]: log-prob of `target` after the row's token
+    top_ids: jax.Array  # i32[rows, MAX_LOGPROBS]: most likely first (zeros when no row wants top)
+    top_logprobs: jax.Array  # f32[rows, MAX_LOGPROBS]
+
+
+def _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens, metadata):
+    layout, moe = setting
+    with layout.activate(), moe_execution(moe):
         model = nnx.merge(graphdef, jax.tree.unflatten(param_treedef, param_leaves))
         hidden, kv = model(tokens, kv, metadata)
     return model, hidden, kv
 
 
-def _forward(graphdef, param_treedef, layout, param_leaves, kv, inputs):
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, *inputs)
-    with layout.activate():
+def _forward(graphdef, param_treedef, setting, param_leaves, kv, inputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, *inputs)
+    with setting[0].activate():
         return model.logits(hidden), kv
 
 
-def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
+def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
           inputs: StepInputs):
+    layout = setting[0]
     b = inputs.slot_ids.shape[0]
     from_slot = inputs.token_slot >= 0
     tokens = jnp.where(from_slot, state.last_token[jnp.maximum(inputs.token_slot, 0)],
                        inputs.tokens)
-    model, hidden, kv = _hidden(graphdef, param_treedef, layout, param_leaves, kv, tokens,
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens,
                                 inputs.metadata)
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
@@ -344,3 +412,24 @@ def _step(graphdef, param_treedef, layout, param_leaves, kv, state: SlotState,
                       output_counts=state.output_counts.at[target, next_tokens].add(1),
                       prompt_mask=state.prompt_mask)
     return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
+
+
+# ---- scoring: log-probs of given next tokens, nothing sampled ----
+
+def _score(graphdef, param_treedef, setting, param_leaves, kv, inputs: ScoreInputs):
+    model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, inputs.tokens,
+                                inputs.metadata)
+    with setting[0].activate():
+        logits = model.logits(hidden[inputs.score_index])  # [rows, vocab_rows]: score rows only
+    rows = logits.shape[0]
+
+    def with_top():
+        return sampling.logprobs(logits, inputs.target, MAX_LOGPROBS)
+
+    def without_top():
+        chosen, _, _ = sampling.logprobs(logits, inputs.target, 0)
+        return (chosen, jnp.zeros((rows, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((rows, MAX_LOGPROBS), jnp.float32))
+
+    chosen, top_ids, top_lps = jax.lax.cond(inputs.want_top.any(), with_top, without_top)
+    return ScoreOutputs(chosen, top_ids, top_lps), kv

@@ -6,6 +6,7 @@
                 print(response.delta.text, end="", flush=True)
         c.generate_text("import os", max_tokens=8)        # -> str
         c.complete([1, 822, 1899], n=2, logprobs=3)        # -> [Completion, ...]
+        c.score("The capital of France is", [" Paris", [3, 4]], top_n=5)  # -> ScoreResponse
         c.model_info(), c.health(), c.abort("some-request-id")
 
 Errors surface as grpc.RpcError (code() / details()). This module must never use the engine or
@@ -39,6 +40,19 @@ class Completion:
     cached_prompt_tokens: int = 0
 
 
+def _set_text_or_ids(message, value: str | bytes | Sequence[int]):
+    """Fill a message's `oneof {bytes text; TokenIds token_ids}`: str is sent as UTF-8, bytes as
+    they are, anything else as token ids."""
+    if isinstance(value, str):
+        message.text = value.encode("utf-8")
+    elif isinstance(value, bytes):
+        message.text = value
+    else:
+        message.token_ids.SetInParent()
+        message.token_ids.ids.extend(value)
+    return message
+
+
 def make_request(prompt: str | bytes | Sequence[int], request_id: str | None = None,
                  **sampling) -> pb.GenerateRequest:
     """prompt: text (str, or bytes sent as is) or token ids; sampling: SamplingParams fields
@@ -48,14 +62,17 @@ def make_request(prompt: str | bytes | Sequence[int], request_id: str | None = N
         fields["stop"] = [fields["stop"]]
     request = pb.GenerateRequest(sampling=pb.SamplingParams(**fields),
                                  request_id=request_id or "")
-    if isinstance(prompt, str):
-        request.text = prompt.encode("utf-8")
-    elif isinstance(prompt, bytes):
-        request.text = prompt
-    else:
-        request.token_ids.SetInParent()
-        request.token_ids.ids.extend(prompt)
-    return request
+    return _set_text_or_ids(request, prompt)
+
+
+def make_score_request(prompt: str | bytes | Sequence[int],
+                       candidates: Sequence[str | bytes | Sequence[int]] = (), top_n: int = 0,
+                       request_id: str | None = None) -> pb.ScoreRequest:
+    """prompt and each candidate: text or token ids, as in `make_request`."""
+    request = pb.ScoreRequest(top_n=top_n, request_id=request_id or "")
+    for candidate in candidates:
+        _set_text_or_ids(request.candidates.add(), candidate)
+    return _set_text_or_ids(request, prompt)
 
 
 class Client:
@@ -91,6 +108,13 @@ class Client:
     def generate_text(self, prompt, **kwargs) -> str:
         """The text of the first sequence."""
         return self.complete(prompt, **kwargs)[0].text
+
+    def score(self, prompt, candidates=(), top_n: int = 0, *, request_id: str | None = None,
+              timeout: float | None = None) -> pb.ScoreResponse:
+        """Log-probs of each candidate continuation of `prompt` and the top_n next tokens
+        (`LLM.score` for one prompt)."""
+        return self.stub.Score(make_score_request(prompt, candidates, top_n, request_id),
+                               timeout=timeout)
 
     def abort(self, request_id: str, timeout: float | None = 10.0) -> None:
         self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)

@@ -3,8 +3,9 @@
 `parse_generate` is the server's one validation path for a GenerateRequest: it reuses
 `SamplingParams` construction and `LLM.validate_token_ids`, and every error it raises is a
 ValueError/TypeError whose message names the offending field (the server turns those into
-INVALID_ARGUMENT). The functions here are pure: they never submit, abort or wait, never touch the
-Engine, and never import grpc.
+INVALID_ARGUMENT); `parse_score` does the same for a ScoreRequest through `LLM.prepare_score`.
+The functions here are pure: they never submit, abort or wait, never touch the Engine, and never
+import grpc.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from jaxserve.serving import jaxserve_pb2 as pb
 
 if TYPE_CHECKING:
     from jaxserve.engine.loop import Delta, Final
+    from jaxserve.engine.scoring import ScoreJob
+    from jaxserve.outputs import ScoreOutput
 
 MAX_REQUEST_ID_CHARS = 256
 
@@ -43,7 +46,7 @@ def lenient(message_class):
     return parse
 
 
-def request_id_of(request: pb.GenerateRequest) -> str | None:
+def request_id_of(request: pb.GenerateRequest | pb.ScoreRequest) -> str | None:
     """The client's request_id ("" = let the server choose); raises if unusable."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise ValueError(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, got "
@@ -68,6 +71,39 @@ def sampling_params(message: pb.SamplingParams) -> SamplingParams:
     return SamplingParams.from_dict(fields)
 
 
+def _text_or_ids(message, oneof: str, where: str = "") -> str | list[int]:
+    """The text (decoded) or token ids a `oneof {bytes text; TokenIds token_ids}` holds.
+    where: the message's path in the request ("" for the request itself, e.g. "candidates[2]")."""
+    kind = message.WhichOneof(oneof)
+    if kind is None:
+        raise ValueError(f"{where or oneof}: set text or token_ids")
+    if kind == "token_ids":
+        return list(message.token_ids.ids)
+    try:
+        return message.text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where + '.' if where else ''}text is not valid UTF-8: {e}") from None
+
+
+def parse_score(request: pb.ScoreRequest, llm) -> ScoreJob:
+    """The request as a validated scoring job; errors name the field (`text`, `token_ids`,
+    `candidates[i]`, `top_n`)."""
+    prompt = _text_or_ids(request, "prompt")
+    candidates = [_text_or_ids(c, "candidate", f"candidates[{j}]")
+                  for j, c in enumerate(request.candidates)]
+    return llm.prepare_score(prompt, candidates, request.top_n,
+                             prompt_name=request.WhichOneof("prompt"),
+                             candidate_name="candidates[{}]")
+
+
+def score_response(request_id: str, out: ScoreOutput) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        request_id=request_id, prompt_token_ids=out.prompt_token_ids,
+        candidates=[pb.CandidateScore(token_ids=c.token_ids, logprob=c.logprob,
+                                      token_logprobs=c.token_logprobs) for c in out.candidates],
+        top=[pb.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in out.top])
+
+
 def parse_generate(request: pb.GenerateRequest, llm) -> tuple[list[int], str | None,
                                                              SamplingParams]:
     """(prompt token ids, prompt text or None, params), validated against the served model."""
@@ -75,10 +111,7 @@ def parse_generate(request: pb.GenerateRequest, llm) -> tuple[list[int], str | N
     if kind is None:
         raise ValueError("prompt: set text or token_ids")
     if kind == "text":
-        try:
-            text = request.text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"text is not valid UTF-8: {e}") from None
+        text = _text_or_ids(request, "prompt")
         if not text:
             raise ValueError("text is empty")
         if llm.tokenizer is None:

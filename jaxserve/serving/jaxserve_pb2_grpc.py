@@ -49,6 +49,11 @@ class JaxServeStub:
                 request_serializer=jaxserve__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=jaxserve__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/jaxserve.v1.JaxServe/Score',
+                request_serializer=jaxserve__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=jaxserve__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class JaxServeServicer:
@@ -74,6 +79,14 @@ class JaxServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Log-probabilities of candidate continuations of one prompt, and the top-N next tokens after
+        it, from one prefill pass: nothing is generated and no KV is kept. Abort by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JaxServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +104,11 @@ def add_JaxServeServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=jaxserve__pb2.GetModelInfoRequest.FromString,
                     response_serializer=jaxserve__pb2.ModelInfo.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=jaxserve__pb2.ScoreRequest.FromString,
+                    response_serializer=jaxserve__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -174,6 +192,33 @@ class JaxServe:
             '/jaxserve.v1.JaxServe/GetModelInfo',
             jaxserve__pb2.GetModelInfoRequest.SerializeToString,
             jaxserve__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxserve.v1.JaxServe/Score',
+            jaxserve__pb2.ScoreRequest.SerializeToString,
+            jaxserve__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

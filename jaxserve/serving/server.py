@@ -10,7 +10,9 @@ for the CLI and drains on SIGTERM / SIGINT.
 Each Generate call runs on a gRPC handler thread: validate (convert.parse_generate), submit to
 the EngineLoop, then relay the request's stream, polling it briefly so that a client that
 cancels or passes its deadline is noticed and its request aborted (KV blocks freed within one
-engine step). Status codes are listed in jaxserve.proto.
+engine step). A Score call is the same with one answer: validate (convert.parse_score), queue
+the run on the EngineLoop (which interleaves its steps with generation), wait for it. Status
+codes are listed in jaxserve.proto.
 
 What this module must never do: touch the Engine directly (only EngineLoop.submit / abort /
 drain / stop, plus the on_step metrics hook that EngineLoop runs on its own thread), or block
@@ -39,7 +41,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jaxserve.engine.loop import (Delta, EngineLoop, Failure, Final, LoopState, NotAccepting,
-                                  QueueFull)
+                                  QueueFull, ScoreAborted)
 from jaxserve.serving import convert
 from jaxserve.serving import jaxserve_pb2 as pb
 from jaxserve.serving import jaxserve_pb2_grpc as pb_grpc
@@ -113,6 +115,8 @@ class Server(pb_grpc.JaxServeServicer):
             "GetModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.GetModelInfo, lenient(pb.GetModelInfoRequest),
                 pb.ModelInfo.SerializeToString),
+            "Score": grpc.unary_unary_rpc_method_handler(
+                self.Score, lenient(pb.ScoreRequest), pb.ScoreResponse.SerializeToString),
         }
         self._grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE,
                                                                                   handlers)])
@@ -177,30 +181,46 @@ class Server(pb_grpc.JaxServeServicer):
 
     # ---- jaxserve.v1.JaxServe ----
     def Generate(self, request, context):
-        if isinstance(request, convert.Malformed):
-            context.abort(Code.INVALID_ARGUMENT, request.message)
-        loop = self._serving_loop(context)
+        loop, request_id = self._accept(request, context, "req")
         try:
-            request_id = convert.request_id_of(request) or f"req-{uuid.uuid4().hex}"
             prompt_ids, text, params = convert.parse_generate(request, self.llm)
         except (ValueError, TypeError) as e:
             context.abort(Code.INVALID_ARGUMENT, str(e))
-        with self._lock:
-            if request_id in self._active:
-                context.abort(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in "
-                                                   "flight")
-            self._active.add(request_id)
+        self._activate(request_id, context)
         try:
-            try:
-                stream = loop.submit(request_id, prompt_ids, params, text)
-            except QueueFull as e:
-                context.abort(Code.RESOURCE_EXHAUSTED, f"queue full: {e}")
-            except NotAccepting as e:
-                self.check_engine()
-                context.abort(Code.UNAVAILABLE, f"not accepting requests: {e}")
-            except (ValueError, TypeError) as e:
-                context.abort(Code.INVALID_ARGUMENT, str(e))
+            stream = self._queue(context, loop.submit, request_id, prompt_ids, params, text)
             yield from self._relay(request_id, stream, params.logprobs, context)
+        finally:
+            with self._lock:
+                self._active.discard(request_id)
+
+    def Score(self, request, context):
+        """Validate, queue the scoring run on the EngineLoop, wait for it (noticing a client
+        that leaves: its run is aborted and its KV blocks freed within one engine step)."""
+        loop, request_id = self._accept(request, context, "score")
+        try:
+            job = convert.parse_score(request, self.llm)
+        except (ValueError, TypeError) as e:
+            context.abort(Code.INVALID_ARGUMENT, str(e))
+        self._activate(request_id, context)
+        try:
+            future = self._queue(context, loop.score, request_id, [job])
+            while True:
+                try:
+                    run = future.result(timeout=POLL_S)
+                    break
+                except TimeoutError:
+                    if not context.is_active():  # cancelled or past its deadline
+                        self._abort(request_id)
+                        return pb.ScoreResponse()
+                except ScoreAborted as e:
+                    context.abort(Code.ABORTED, str(e))
+                except NotAccepting as e:
+                    context.abort(Code.UNAVAILABLE, f"server stopped: {e}")
+                except Exception as e:  # the engine failed (health follows), or the run did
+                    self.check_engine()
+                    context.abort(Code.INTERNAL, f"scoring failed: {e!r}")
+            return convert.score_response(request_id, self.llm.score_output(job, run.scores[0]))
         finally:
             with self._lock:
                 self._active.discard(request_id)
@@ -251,6 +271,35 @@ class Server(pb_grpc.JaxServeServicer):
         return self.info
 
     # ---- helpers ----
+    def _accept(self, request, context, kind: str) -> tuple[EngineLoop, str]:
+        """The loop to hand a well-formed request to, and the request's id (one is made up)."""
+        if isinstance(request, convert.Malformed):
+            context.abort(Code.INVALID_ARGUMENT, request.message)
+        loop = self._serving_loop(context)
+        try:
+            return loop, convert.request_id_of(request) or f"{kind}-{uuid.uuid4().hex}"
+        except ValueError as e:
+            context.abort(Code.INVALID_ARGUMENT, str(e))
+
+    def _activate(self, request_id: str, context) -> None:
+        with self._lock:
+            if request_id in self._active:
+                context.abort(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in "
+                                                   "flight")
+            self._active.add(request_id)
+
+    def _queue(self, context, submit, *args):
+        """Hand work to the loop (`submit` or `score`), its refusals as status codes."""
+        try:
+            return submit(*args)
+        except QueueFull as e:
+            context.abort(Code.RESOURCE_EXHAUSTED, f"queue full: {e}")
+        except NotAccepting as e:
+            self.check_engine()
+            context.abort(Code.UNAVAILABLE, f"not accepting requests: {e}")
+        except (ValueError, TypeError) as e:
+            context.abort(Code.INVALID_ARGUMENT, str(e))
+
     def _serving_loop(self, context) -> EngineLoop:
         self.check_engine()
         if self.phase is not Phase.SERVING or self.loop is None:

@@ -1,0 +1,78 @@
+"""Offline batch scoring over JSONL files, resumable like batch generation (jaxserve/batch.py).
+
+Input: one JSON object per line: `id` (string or integer, unique), `prompt` (text or a list of
+token ids), `candidates` (a list of continuations, each text or a list of token ids; may be
+omitted with top_n) and optionally `top_n` (default: --top-n).
+Output: one JSON object per prompt, written and flushed as each finishes: `id`, `prompt_tokens`,
+`candidates` ([{"text" (text candidates only), "token_ids", "logprob", "token_logprobs"}], in
+input order) and `top` ([{"token_id", "logprob", "text"}], most likely first). Rerunning with the
+same output file skips ids already there.
+
+An entry point (used by `jaxserve score`): it validates the whole input, first alone and then
+against the model, before scoring anything, and hands the rest to `LLM.score_jobs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from jaxserve.batch import append_records, done_ids, read_jsonl
+
+
+@dataclasses.dataclass
+class ScoreItem:
+    where: str  # "path:line", for errors found once the model is loaded
+    id: str | int
+    prompt: str | list[int]
+    candidates: list[str | list[int]]
+    top_n: int
+
+
+def _score_fields(fields: dict, top_n: int) -> tuple[list, int]:
+    candidates = fields.pop("candidates", [])
+    top_n = fields.pop("top_n", top_n)
+    if fields:
+        raise ValueError(f"unknown field(s) {sorted(fields)}: a line has id, prompt, "
+                         "candidates and top_n")
+    if not isinstance(candidates, list):
+        raise ValueError(f"candidates must be a list, got {type(candidates).__name__}")
+    for j, candidate in enumerate(candidates):
+        if not (isinstance(candidate, str) or isinstance(candidate, list)):
+            raise ValueError(f"candidates[{j}] must be text or a list of token ids, got "
+                             f"{candidate!r}")
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"top_n must be a non-negative integer, got {top_n!r}")
+    return candidates, top_n
+
+
+def read_score_items(path: Path, top_n: int = 0) -> list[ScoreItem]:
+    return [ScoreItem(where, item_id, prompt, *rest) for where, item_id, prompt, rest in
+            read_jsonl(path, lambda fields: _score_fields(fields, top_n))]
+
+
+def run_score_batch(llm, input_path: Path, output_path: Path, top_n: int = 0,
+                    progress: bool = True) -> tuple[int, int]:
+    """Score every item not yet in the output; returns (scored, skipped)."""
+    items = read_score_items(Path(input_path), top_n)
+    output_path = Path(output_path)
+    done = done_ids(output_path)
+    todo = [item for item in items if item.id not in done]
+    if not todo:
+        return 0, len(items)
+    jobs = [llm.prepare_score(i.prompt, i.candidates, i.top_n, f"{i.where}: prompt",
+                              f"{i.where}: candidates[{{}}]") for i in todo]
+    append_records(output_path, [i.id for i in todo],
+                   ((index, _record(out)) for index, out in llm.score_jobs(jobs, progress)))
+    return len(todo), len(items) - len(todo)
+
+
+def _record(out) -> dict:
+    candidates = []
+    for c in out.candidates:
+        text = {"text": c.text} if c.text is not None else {}
+        candidates.append({**text, "token_ids": c.token_ids, "logprob": c.logprob,
+                           "token_logprobs": c.token_logprobs})
+    return {"prompt_tokens": len(out.prompt_token_ids), "candidates": candidates,
+            "top": [{"token_id": t.token_id, "logprob": t.logprob, "text": t.text}
+                    for t in out.top]}

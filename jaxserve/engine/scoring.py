@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxserve import flops
 from jaxserve.engine.executor import QUERY_TILE, ScoreRow
 from jaxserve.ops.attention import ChunkRow
 
@@ -97,7 +98,8 @@ class ScoreRun:
         self.scores = [JobScores([[0.0] * len(c) for c in job.candidates], [])
                        for job in jobs]
         self._pieces_left = [0] * len(jobs)
-        # each job runs on one DP replica: the one with the fewest tokens queued so far
+        # each job runs on one DP replica: the one with the least work queued so far, in true
+        # FLOPs (a long prompt's attention weighs what it costs)
         self.pieces: list[list[_Piece]] = [[] for _ in self.pools]  # every piece, to free
         self.queues: list[list[_Piece]] = [[] for _ in self.pools]  # pieces not finished
         load = [0] * len(self.pools)
@@ -107,7 +109,9 @@ class ScoreRun:
             self.pieces[replica] += pieces
             self.queues[replica] += pieces
             self._pieces_left[i] = len(pieces)
-            load[replica] += sum(len(p.tokens) for p in pieces)
+            load[replica] += sum(flops.chunk_flops(engine.model_config, p.start,
+                                                   p.start + len(p.tokens), len(p.rows))
+                                 for p in pieces)
 
     @property
     def done(self) -> bool:

@@ -115,13 +115,11 @@ def prefill_rows(llm, config, tokens_per_device: int, repeats: int, rng) -> dict
     table = list(range(NULL_BLOCK + 1, NULL_BLOCK + 1 + -(-tokens_per_device // bs)))
     seqs = [rng.integers(3, config.vocab_size, tokens_per_device).tolist() for _ in range(n)]
     tokens, md, _ = builder.prefill_only([[(s, table)] for s in seqs])
-    program = runner._executable("forward", (tokens, md))
-    analysis = program.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    executed = runner.program_flops((tokens, md), "forward")
     seconds = best_time(lambda: runner.forward(tokens, md).block_until_ready(), repeats)
     true = n * flops.chunk_flops(config, 0, tokens_per_device, tokens_per_device)
     return {"seconds": seconds, "tokens": n * tokens_per_device,
-            "true_flops": true, "executed_flops": int(analysis.get("flops", 0)) * n}
+            "true_flops": true, "executed_flops": executed}
 
 
 def decode_row(llm, config, batch_per_device: int, repeats: int, rng) -> dict:

@@ -25,6 +25,7 @@ from jaxserve.config import ModelConfig
 from jaxserve import kv_cache
 from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.cost import uncounted_flops
 from jaxserve.ops.moe import MoEExecution, moe_execution
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
@@ -55,6 +56,7 @@ class ModelRunner:
         self._programs: dict[Any, Any] = {}  # kind -> the jitted function
         self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
         self._flops: dict[tuple, int] = {}  # shape key -> FLOPs the program executes
+        self._loop_flops: dict[tuple, int] = {}  # shape key -> loop FLOPs XLA does not count
 
     @property
     def block_size(self) -> int:
@@ -111,11 +113,16 @@ class ModelRunner:
         return executable
 
     def _compile(self, kind: str, inputs):
-        if kind == "step":
-            return self._step_program().lower(self.param_leaves, self.kv, self.slot_state,
-                                              inputs).compile()
-        program = self._forward_program() if kind == "forward" else self._score_program()
-        return program.lower(self.param_leaves, self.kv, inputs).compile()
+        with uncounted_flops() as loop_flops:
+            if kind == "step":
+                lowered = self._step_program().lower(self.param_leaves, self.kv,
+                                                     self.slot_state, inputs)
+            else:
+                program = self._forward_program() if kind == "forward" else \
+                    self._score_program()
+                lowered = program.lower(self.param_leaves, self.kv, inputs)
+        self._loop_flops[self._shape_key(kind, inputs)] = loop_flops[0]
+        return lowered.compile()
 
     def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
         """Compile the step programs for these inputs' shapes ahead of use, `threads` at a time
@@ -140,13 +147,14 @@ class ModelRunner:
 
     def program_flops(self, inputs, kind: str = "step") -> int:
         """FLOPs of the compiled program of this kind ("step", "score", "forward") for these
-        inputs' shapes, all devices together (XLA's cost analysis of one device's program,
-        times the devices)."""
+        inputs' shapes, all devices together: XLA's cost analysis of one device's program plus
+        the loop iterations it does not count (`jaxserve.ops.cost`), times the devices."""
         key = self._shape_key(kind, inputs)
         if key not in self._flops:
             analysis = self._executable(kind, inputs).cost_analysis()
             analysis = analysis[0] if isinstance(analysis, list) else analysis
-            self._flops[key] = int(analysis.get("flops", 0)) * self.layout.num_devices
+            self._flops[key] = (int(analysis.get("flops", 0)) + self._loop_flops.get(key, 0)) \
+                * self.layout.num_devices
         return self._flops[key]
 
     def step(self, inputs: StepInputs) -> StepOutputs:
@@ -197,6 +205,7 @@ class ModelRunner:
         self._programs.clear()
         self._compiled.clear()
         self._flops.clear()
+        self._loop_flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)

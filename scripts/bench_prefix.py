@@ -1,8 +1,9 @@
 """Prefix caching benchmark: a shared-prefix workload with and without the prefix cache, side by
 side, and prefix-aware against round-robin routing over two DP replicas.
 
-    python scripts/bench_prefix.py --json benchmarks/bench_prefix-DATE-cpu.json
-    python scripts/bench_prefix.py --quick                      # a small workload, for a check
+    python scripts/bench_prefix.py --json benchmarks/bench_prefix-DATE-cpu.json   # ~6 minutes
+    python scripts/bench_prefix.py --requests 256                 # twice the requests (~11 min)
+    python scripts/bench_prefix.py --quick                        # a small workload (~1.5 min)
 
 Workload (seeded by --seed): --prefixes system prompts of --prefix-len random token ids, and
 --requests requests, each one of the system prompts (uniformly drawn) followed by a suffix of
@@ -70,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"routing policies of the routing part, from {','.join(POLICIES)}")
     p.add_argument("--prefixes", type=int, default=8)
     p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--requests", type=int, default=128)
     p.add_argument("--suffix-min", type=int, default=32)
     p.add_argument("--suffix-max", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)

@@ -11,9 +11,9 @@ GFLOP = 10**9
 
 
 def views(*replicas):
-    """(cached tokens, load in GFLOP) per replica."""
-    return [ReplicaView(r, cached, int(load * GFLOP), 100) for r, (cached, load) in
-            enumerate(replicas)]
+    """(cached tokens, load in GFLOP[, free slots]) per replica."""
+    return [ReplicaView(r, cached, int(load * GFLOP), 100, free[0] if free else 1)
+            for r, (cached, load, *free) in enumerate(replicas)]
 
 
 def test_prefix_aware_takes_the_replica_with_the_longest_prefix():
@@ -22,25 +22,37 @@ def test_prefix_aware_takes_the_replica_with_the_longest_prefix():
     assert policy.choose(views((32, 3), (32, 1))) == 1  # equal prefixes: the lighter one
     assert policy.choose(views((0, 2), (0, 1))) == 1  # no prefix anywhere: the least loaded
     assert policy.choose(views((0, 1), (0, 1))) == 0  # all equal: the lowest id
+    # a replica with the prefix but no free slot: the sequence waits for it ...
+    assert policy.choose(views((48, 5, 0), (0, 4))) == 0
+    # ... but without a prefix anywhere it goes where it can start now
+    assert policy.choose(views((0, 1, 0), (0, 4))) == 1
 
 
-def test_prefix_aware_falls_back_to_the_least_loaded_past_the_threshold():
-    policy = PrefixAware(threshold_flops=10 * GFLOP)
+def test_prefix_aware_falls_back_to_the_least_loaded_when_overloaded():
+    policy = PrefixAware(threshold_flops=10 * GFLOP, max_ratio=1.5)
     assert policy.choose(views((64, 10), (0, 0))) == 0  # exactly the threshold: keep the prefix
     assert policy.choose(views((64, 10.5), (0, 0))) == 1
-    assert policy.choose(views((64, 32), (0, 21), (0, 25))) == 1
+    assert policy.choose(views((64, 32), (0, 21), (0, 25))) == 1  # 11 more and 1.52 times
+    # a gap past the threshold is not enough while the ratio is small (a busy burst) ...
+    assert policy.choose(views((64, 130), (0, 100))) == 0
+    # ... nor a large ratio with a small gap (a nearly idle engine)
+    assert policy.choose(views((64, 9), (0, 1))) == 0
+    assert policy.choose(views((64, 160), (0, 100))) == 1
     assert PrefixAware(0).choose(views((64, 1), (0, 0))) == 1
     with pytest.raises(ValueError, match="threshold_flops must be >= 0, got -1"):
         PrefixAware(-1)
+    with pytest.raises(ValueError, match="max_ratio must be >= 1, got 0.5"):
+        PrefixAware(0, max_ratio=0.5)
 
 
-def test_least_loaded_and_round_robin_ignore_caches():
+def test_least_loaded_and_round_robin_ignore_caches_and_full_replicas():
     assert LeastLoaded().choose(views((64, 3), (0, 2), (0, 2))) == 1
+    assert LeastLoaded().choose(views((0, 1, 0), (0, 2))) == 1
     rr = RoundRobin()
     picks = [rr.choose(views((64, 0), (0, 0), (0, 0))) for _ in range(4)]
     assert picks == [0, 1, 2, 0]
-    only = [ReplicaView(1, 0, 0, 10), ReplicaView(2, 0, 0, 10)]  # replica 0 has no free slot
-    assert [rr.choose(only) for _ in range(3)] == [1, 2, 1]
+    full_first = views((0, 0, 0), (0, 0), (0, 0))  # replica 0 has no free slot
+    assert [rr.choose(full_first) for _ in range(3)] == [1, 2, 1]
 
 
 def test_remaining_flops_is_the_true_flops_of_the_work_left(hf_model_dir):

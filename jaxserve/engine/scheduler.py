@@ -219,21 +219,21 @@ class Scheduler:
         """A waiting sequence's first chunk, or None when it waits (and maybe closes a replica)."""
         bs = self.block_size
         hashes = self._hashes(seq, (seq.recompute_len - 1) // bs) if self.caching else []
-        hits, coming, views = {}, {}, []
+        hits, coming, views = [], [], []
         for r in range(self.num_replicas):
-            if self.slots[r].num_free:
-                hits[r] = hit = self.pools[r].cached_prefix(hashes)
-                coming[r] = 0  # blocks right after the hit that a sequence there is computing
-                while len(hit) + coming[r] < len(hashes) and \
-                        hashes[len(hit) + coming[r]] in in_progress[r]:
-                    coming[r] += 1
-                views.append(ReplicaView(r, (len(hit) + coming[r]) * bs,
-                                         loads[r] if loads else 0, self.pools[r].num_free))
-        replica = self.router.choose(views) if len(views) > 1 else views[0].replica
-        if replica not in hits:
+            hits.append(self.pools[r].cached_prefix(hashes))
+            coming.append(0)  # blocks right after the hit that a sequence there is computing
+            while len(hits[r]) + coming[r] < len(hashes) and \
+                    hashes[len(hits[r]) + coming[r]] in in_progress[r]:
+                coming[r] += 1
+            views.append(ReplicaView(r, (len(hits[r]) + coming[r]) * bs,
+                                     loads[r] if loads else 0, self.pools[r].num_free,
+                                     self.slots[r].num_free))
+        replica = self.router.choose(views) if len(views) > 1 else 0
+        if not (isinstance(replica, int) and 0 <= replica < self.num_replicas):
             raise ValueError(f"routing policy {self.router.name!r} chose replica {replica!r}; "
-                             f"the choices were {sorted(hits)}")
-        if replica in closed or coming[replica]:
+                             f"there are {self.num_replicas}")
+        if replica in closed or coming[replica] or not self.slots[replica].num_free:
             return None
         pool, hit = self.pools[replica], hits[replica]
         start = len(hit) * bs

@@ -95,11 +95,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "steps above --moe-auto-threshold tokens, else alltoall)")
     p.add_argument("--moe-auto-threshold", type=int, default=None,
                    help="tokens per step above which auto gathers expert weights")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=None, help="compute every prompt in full (default: reuse the KV of "
+                   "cached prompt prefixes)")
+    p.add_argument("--routing", default=None,
+                   help="which DP replica a new sequence joins: prefix (default: the one "
+                   "caching its longest prefix, unless it is overloaded), least_loaded or "
+                   "round_robin")
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                 "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
-                "moe_auto_threshold")
+                "moe_auto_threshold", "enable_prefix_caching", "routing")
 
 
 def _make_llm(args):

@@ -10,6 +10,8 @@ head copies. Like `config`, this module never imports jax: planning tools read i
 
 from __future__ import annotations
 
+import functools
+
 from jaxserve.config import ModelConfig
 
 
@@ -29,6 +31,7 @@ def mlp_flops(config: ModelConfig, layer: int) -> int:
     return router + config.num_experts_per_tok * 2 * 3 * e * config.moe_intermediate_size
 
 
+@functools.lru_cache(maxsize=64)  # the engine asks per sequence and step: one sum per model
 def dense_flops_per_token(config: ModelConfig) -> int:
     """Every matmul one token needs in the decoder, attention scores excluded."""
     return sum(attention_projection_flops(config) + mlp_flops(config, i)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 from jaxserve import kv_cache
@@ -209,6 +210,69 @@ class ModelRunner:
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
 
+    # ---- programs beside the step: slot state from the host, copies between blocks ----
+    def _aux_program(self, kind: str):
+        if kind not in self._programs:
+            if kind == "set_slots":
+                fn = jax.jit(_set_slots, donate_argnums=(0,),
+                             in_shardings=(_shardings(self.slot_state),
+                                           self.layout.replicated()),
+                             out_shardings=_shardings(self.slot_state))
+            else:
+                fn = jax.jit(self._copy_blocks_per_replica, donate_argnums=(0,),
+                             in_shardings=(self.kv.shardings(), self._sharding("batch", 3,
+                                                                               "block copies")),
+                             out_shardings=self.kv.shardings())
+            self._programs[kind] = fn
+        return self._programs[kind]
+
+    def _copy_blocks_per_replica(self, kv: KVPool, pairs: jax.Array) -> KVPool:
+        """pairs i32[replicas, copies, 2]: (source, destination) ids local to each replica's
+        shard. Each device copies within its own shard: no block crosses devices."""
+        specs = jax.tree.map(lambda a: a.sharding.spec, self.kv)
+        pool_spec = jax.tree.leaves(self.kv)[0].sharding.spec
+        blocks_axes = pool_spec[0] if len(pool_spec) else None  # how kv_blocks is split
+
+        def local(kv, pairs):
+            return kv_cache.copy_local_blocks(kv, pairs[0, :, 0], pairs[0, :, 1])
+
+        return jax.shard_map(local, mesh=self.layout.mesh, in_specs=(specs, P(blocks_axes)),
+                             out_specs=specs, check_vma=False)(kv, pairs)
+
+    def _aux_executable(self, kind: str, state, arg):
+        key = (kind,) + tuple(np.shape(leaf) for leaf in jax.tree.leaves(arg))
+        executable = self._compiled.get(key)
+        if executable is None:
+            executable = self._aux_program(kind).lower(state, arg).compile()
+            self._compiled[key] = executable
+            self.compilations += 1
+        return executable
+
+    def compile_side_programs(self, set_rows: int, copies: int) -> int:
+        """Compile `set_slots` for `set_rows` rows and `copy_blocks` for `copies` pairs per
+        replica ahead of use; returns how many were new."""
+        before = self.compilations
+        vocab, trash = self.config.vocab_rows, self.slot_state.last_token.shape[0] - 1
+        rows = SlotRows(np.full((set_rows,), trash, np.int32),
+                        np.zeros((set_rows, vocab), np.bool_), np.zeros((set_rows, vocab), np.int32))
+        self._aux_executable("set_slots", self.slot_state, rows)
+        self._aux_executable("copy_blocks", self.kv,
+                             np.zeros((self.num_replicas, copies, 2), np.int32))
+        return self.compilations - before
+
+    def set_slots(self, slots: np.ndarray, prompt_mask: np.ndarray,
+                  output_counts: np.ndarray) -> None:
+        """Slots i32[k] start with prompt_mask bool[k, vocab_rows] and output_counts
+        i32[k, vocab_rows] (padding rows name the trash slot)."""
+        rows = SlotRows(slots, prompt_mask, output_counts)
+        self.slot_state = self._aux_executable("set_slots", self.slot_state, rows)(
+            self.slot_state, rows)
+
+    def copy_blocks(self, pairs: np.ndarray) -> None:
+        """Copy KV blocks within each replica's shard: pairs i32[replicas, copies, 2] of local
+        (source, destination) ids; (0, 0) pairs are padding. Ordered after the steps before."""
+        self.kv = self._aux_executable("copy_blocks", self.kv, pairs)(self.kv, pairs)
+
     def gather_blocks(self, block_ids) -> dict[str, np.ndarray]:
         """One sequence's blocks out of the pool (ids over the whole pool), bitwise."""
         return kv_cache.gather_blocks(self.kv, block_ids)
@@ -229,7 +293,10 @@ class SlotState:
     """Per-sequence state that lives on the device between steps, indexed by slot.
 
     Keeping the last sampled token here lets step n+1 be dispatched before step n's tokens are read
-    back. Row `num_slots` is a trash row that padding rows write to.
+    back. Row `num_slots` is a trash row that padding rows write to. A slot's prompt mask and
+    output counts are set from the host's token ids when a sequence with penalties takes the slot
+    (`ModelRunner.set_slots`), not from the prefill chunks that run: a sequence that starts
+    after a prefix cache hit, or shares its prompt with siblings, computes only part of it.
     """
 
     last_token: jax.Array  # i32[slots + 1]
@@ -247,18 +314,31 @@ class SlotState:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class SlotRows:
+    """Slot state rows the host sets (see SlotState)."""
+
+    slots: jax.Array  # i32[k]
+    prompt_mask: jax.Array  # bool[k, vocab]
+    output_counts: jax.Array  # i32[k, vocab]
+
+
+def _set_slots(state: SlotState, rows: SlotRows) -> SlotState:
+    return SlotState(last_token=state.last_token,
+                     output_counts=state.output_counts.at[rows.slots].set(rows.output_counts),
+                     prompt_mask=state.prompt_mask.at[rows.slots].set(rows.prompt_mask))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class StepInputs:
     """What the host sends for one step. Token arrays [tokens] and sample-row arrays [rows] are
     laid out replica after replica (see jaxserve/ops/attention.py)."""
 
     tokens: jax.Array  # i32[tokens]: prompt (or recomputed) ids; decode tokens come from a slot
     token_slot: jax.Array  # i32[tokens]: slot whose last sampled token this is; -1 = use `tokens`
-    record_slot: jax.Array  # i32[tokens]: slot whose prompt mask / output counts the token enters
-    is_output: jax.Array  # bool[tokens]: a generated token being recomputed after preemption
     metadata: AttentionMetadata
     sample_index: jax.Array  # i32[rows]: flat index of the token each sample row reads
     slot_ids: jax.Array  # i32[rows]; padding rows use the trash slot
-    reset_slots: jax.Array  # i32[rows]: slots whose prompt mask and counts restart (trash = none)
     sample: jax.Array  # bool[rows]: the row yields a new output token
     want_logprobs: jax.Array  # bool[rows]
     suppressed: jax.Array  # i32[rows, MAX_SUPPRESSED]; vocab_rows = no token
@@ -321,15 +401,8 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
 
-    # Prompt tokens (and recomputed outputs) of this step's prefill chunks, per slot. Row
-    # scatters only: the state is [slots, vocab] and must not be rewritten whole every step.
-    prompt_mask = state.prompt_mask.at[inputs.reset_slots].set(False)
-    counts = state.output_counts.at[inputs.reset_slots].set(0)
-    prompt_mask = prompt_mask.at[inputs.record_slot, tokens].max(~inputs.is_output)
-    counts = counts.at[inputs.record_slot, tokens].add(inputs.is_output.astype(jnp.int32))
-
-    processed = sampling.apply_penalties(logits, prompt_mask, counts, inputs.slot_ids,
-                                         inputs.sampling)
+    processed = sampling.apply_penalties(logits, state.prompt_mask, state.output_counts,
+                                         inputs.slot_ids, inputs.sampling)
     processed = processed.at[jnp.arange(b)[:, None], inputs.suppressed].set(-jnp.inf, mode="drop")
     next_tokens = sampling.sample(processed, inputs.sampling)
 
@@ -345,8 +418,8 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     trash = state.last_token.shape[0] - 1
     target = jnp.where(inputs.sample, inputs.slot_ids, trash)
     state = SlotState(last_token=state.last_token.at[target].set(next_tokens),
-                      output_counts=counts.at[target, next_tokens].add(1),
-                      prompt_mask=prompt_mask)
+                      output_counts=state.output_counts.at[target, next_tokens].add(1),
+                      prompt_mask=state.prompt_mask)
     return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
 
 

@@ -46,7 +46,7 @@ STRATEGIES = ("dense", "alltoall", "allgather", "auto")
 # Tokens per step above which `auto` gathers expert weights instead of exchanging tokens: the
 # crossover measured by scripts/bench_moe.py (BENCHMARKS.md). Set per engine with
 # `moe_auto_threshold`.
-DEFAULT_AUTO_THRESHOLD = 256
+DEFAULT_AUTO_THRESHOLD = 512
 
 EXPERT_AXES = ("experts", "embed", "expert_mlp")  # gate_proj, up_proj: [experts, embed, width]
 DOWN_AXES = ("experts", "expert_mlp", "embed")  # down_proj: [experts, width, embed]

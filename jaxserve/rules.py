@@ -199,3 +199,17 @@ class MeshRules:
                      what: str = "tensor") -> int:
         """Into how many pieces a tensor is cut (the rest of the devices hold replicas)."""
         return self.axis_size([a for axes in self.mesh_axes(logical, shape, what) for a in axes])
+
+
+def replicas_of(layout: MeshRules | Any) -> int:
+    """DP replicas: the mesh axes that split a step's sequences. Each replica owns its shard of
+    the KV pool, so the rules must split `kv_blocks` exactly as they split `batch`. `layout` is
+    a `MeshRules` or a `jaxserve.sharding.Layout` (both have `rules` and `axis_size`)."""
+    batch = layout.rules.mapping.get("batch", ())
+    blocks = layout.rules.mapping.get("kv_blocks", ())
+    if tuple(batch) != tuple(blocks):
+        raise ShardingError(
+            f"{layout.rules.source}: 'batch' is split over {list(batch)} but 'kv_blocks' over "
+            f"{list(blocks)}; each DP replica owns its shard of the KV pool, so map both to the "
+            f"same mesh axes")
+    return layout.axis_size(tuple(batch))

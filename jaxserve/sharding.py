@@ -37,6 +37,7 @@ from jaxserve.rules import MeshRules, Rules, ShardingError
 # the names callers import from here stay here.
 LOGICAL_AXES, MESH_AXES, RULES_DIR = _rules.LOGICAL_AXES, _rules.MESH_AXES, _rules.RULES_DIR
 load_rules, parse_mesh, parse_rules = _rules.load_rules, _rules.parse_mesh, _rules.parse_rules
+replicas_of = _rules.replicas_of
 
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -195,16 +196,3 @@ def psum_logical(x: jax.Array, logical: str) -> jax.Array:
     """Sum partial results over the devices that split `logical`."""
     axes = collective_axes(logical)
     return jax.lax.psum(x, axes) if axes else x
-
-
-def replicas_of(layout: Layout) -> int:
-    """DP replicas: the mesh axes that split a step's sequences. Each replica owns its shard of
-    the KV pool, so the rules must split `kv_blocks` exactly as they split `batch`."""
-    batch = layout.rules.mapping.get("batch", ())
-    blocks = layout.rules.mapping.get("kv_blocks", ())
-    if tuple(batch) != tuple(blocks):
-        raise ShardingError(
-            f"{layout.rules.source}: 'batch' is split over {list(batch)} but 'kv_blocks' over "
-            f"{list(blocks)}; each DP replica owns its shard of the KV pool, so map both to the "
-            f"same mesh axes")
-    return layout.axis_size(tuple(batch))

@@ -71,7 +71,7 @@ def bare(peak: float = 1e12, bandwidth: float = 1e11, host: float = 0.0):
     """A device with flat efficiency 1, so times are FLOPs / peak and bytes / bandwidth."""
     hw = load_hardware("h100")
     return dataclasses.replace(hw, peak_flops={"float32": peak, "bfloat16": peak},
-                               matmul_efficiency={"default": ((1, 1.0),)},
+                               matmul_efficiency={"default": {0: ((1, 1.0),)}},
                                memory_bandwidth=bandwidth, bandwidth_efficiency=1.0,
                                attention_efficiency=1.0, attention_query_block=16,
                                host=HostOverhead(host, 0.0))

@@ -2,16 +2,18 @@
 
 The one module of `jaxserve.perf` that imports jax: it times, on the local JAX devices,
 
-- matmuls by dtype and number of rows: a chain of products over weights larger than the caches
-  (so each call streams them from memory, like a decode step), at 1 .. 512 rows, and a square
-  2048 x 2048 product for the peak; the curve is each rate over the peak;
+- matmuls by dtype and shape class: chains of products over weights larger than the caches
+  (so each call streams them from memory, like a decode step) contracting 512, 1024 and 4096
+  wide, at 1 .. 512 rows, and a square 2048 x 2048 product for the peak; each curve is the
+  rates over the peak;
 - read bandwidth: a jitted sum over a large array;
 - paged KV reads: gathering random blocks of a KV pool, as the reference attention op does;
 - the engine's host time per step: the tiny checkpoint generating at two batch sizes, from the
   engine's own host timers (schedule, dispatch, process), fitted to a fixed part plus a part
   per sequence;
-- collectives, when there are several devices (simulated CPU devices included): an all-reduce
-  over two devices at two message sizes, fitted to latency + bytes / bandwidth.
+- collectives, when there are several devices (simulated CPU devices included): all-reduces
+  over two devices between products, as a TP step has them, at two message sizes, fitted to
+  latency + bytes / bandwidth.
 
 Every time is the best of several runs (other work on the machine only ever adds time).
 Simulated CPU devices share the host's cores, so the profile says `shared_compute: true`.
@@ -31,6 +33,7 @@ import numpy as np
 from jaxserve.perf.profiles import Hardware, HostOverhead, Link
 
 ROWS = (1, 8, 32, 128, 512)
+WIDTHS = (512, 1024, 4096)  # contracted widths of the products measured
 TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "checkpoints" / "tiny"
 
 
@@ -44,19 +47,22 @@ def _best(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def matmul_rates(dtype: str, rows: tuple[int, ...], weight_mib: int, repeats: int
-                 ) -> dict[int, float]:
-    """FLOP/s of a chain of [rows, 1024] x [1024, 4096] x [4096, 1024] products whose weights
-    total `weight_mib` MiB, by rows."""
+def matmul_rates(dtype: str, width: int, rows: tuple[int, ...], weight_mib: int,
+                 repeats: int) -> dict[int, float]:
+    """FLOP/s of a chain of [rows, width] x [width, out] x [out, width] products (out = 4 x
+    width, at most 4096) whose weights total `weight_mib` MiB, by rows."""
     import jax
     import jax.numpy as jnp
 
     dt = jnp.dtype(dtype)
-    pairs = max(1, weight_mib * 2**20 // (2 * 1024 * 4096 * dt.itemsize))
+    out_width = min(4 * width, 4096)
+    pairs = max(1, weight_mib * 2**20 // (2 * width * out_width * dt.itemsize))
     rng = np.random.default_rng(0)
-    weights = [(jax.device_put(rng.standard_normal((1024, 4096), np.float32).astype(dt) / 32),
-                jax.device_put(rng.standard_normal((4096, 1024), np.float32).astype(dt) / 64))
-               for _ in range(pairs)]
+    scale = np.float32(1 / np.sqrt(width))
+    weights = [(jax.device_put((rng.standard_normal((width, out_width), np.float32)
+                                * scale).astype(dt)),
+                jax.device_put((rng.standard_normal((out_width, width), np.float32)
+                                * scale).astype(dt))) for _ in range(pairs)]
 
     @jax.jit
     def chain(x, weights):
@@ -66,9 +72,9 @@ def matmul_rates(dtype: str, rows: tuple[int, ...], weight_mib: int, repeats: in
 
     out = {}
     for r in rows:
-        x = jax.device_put(rng.standard_normal((r, 1024), np.float32).astype(dt))
+        x = jax.device_put(rng.standard_normal((r, width), np.float32).astype(dt))
         seconds = _best(lambda: chain(x, weights).block_until_ready(), repeats)
-        out[r] = 2 * r * pairs * 2 * 1024 * 4096 / seconds
+        out[r] = 2 * r * pairs * 2 * width * out_width / seconds
     return out
 
 
@@ -105,24 +111,42 @@ def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: in
     return pool.nbytes / _best(lambda: f(pool, table).block_until_ready(), repeats)
 
 
-def all_reduce_link(repeats: int) -> Link | None:
-    """Latency and bandwidth of an all-reduce over two devices (None with one device)."""
+def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
+                    layers: int = 8) -> Link | None:
+    """Latency and bandwidth of an all-reduce over two devices, as the engine's steps meet it:
+    between products (`layers` of x = psum(x @ w) in one program), less the same program
+    without the all-reduces. Fitted at two message sizes; when the larger message is not
+    measurably slower, the bandwidth is the memory's (simulated devices share it). None with
+    one device."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh, PartitionSpec
+    from jax.sharding import Mesh, PartitionSpec as P
 
     if jax.device_count() < 2:
         return None
     mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
-    f = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "x"), mesh=mesh,
-                              in_specs=PartitionSpec("x"), out_specs=PartitionSpec()))
-    times = {}
-    for nbytes in (8 * 2**10, 8 * 2**20):
-        x = jnp.ones((2, nbytes // 4), jnp.float32)
-        times[nbytes] = _best(lambda: f(x).block_until_ready(), repeats)
-    (s1, t1), (s2, t2) = sorted(times.items())
+    w = jax.device_put(np.random.default_rng(3).standard_normal((2 * layers, width, width),
+                                                                np.float32) / width)
+
+    def program(reduce: bool):
+        def body(x, w):
+            for i in range(layers):
+                x = x @ w[i]
+                x = jax.lax.psum(x, "x") if reduce else x + 1.0
+            return x
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("x")), out_specs=P(),
+                                     check_vma=False))
+
+    with_reduce, without = program(True), program(False)
+    per_call = {}
+    for rows in (8, 512):
+        x = jnp.ones((rows, width), jnp.float32)
+        t_with = _best(lambda: with_reduce(x, w).block_until_ready(), repeats)
+        t_without = _best(lambda: without(x, w).block_until_ready(), repeats)
+        per_call[rows * width * 4] = max(t_with - t_without, 1e-7) / layers
+    (s1, t1), (s2, t2) = sorted(per_call.items())
     # ring all-reduce over 2 devices: nbytes / bandwidth + 2 latency (collectives.py)
-    bandwidth = (s2 - s1) / max(t2 - t1, 1e-9)
+    bandwidth = (s2 - s1) / (t2 - t1) if t2 > 1.05 * t1 else memory_bandwidth
     latency = max((t1 - s1 / bandwidth) / 2, 0.0)
     return Link(bandwidth, latency, 1.0)
 
@@ -180,22 +204,25 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     platform_name = devices[0].platform
     progress(f"calibrating {len(devices)} {platform_name} device(s): {cpu_model()}")
     peak, curves, measured = {}, {}, {}
-    for dtype, mib in (("float32", 16 if quick else 256), ("bfloat16", 8 if quick else 64)):
-        if dtype == "bfloat16" and platform_name == "cpu":
-            rows_here = rows[:2]  # bf16 products are slow on CPUs without bf16 units
-        else:
-            rows_here = rows
-        rates = matmul_rates(dtype, rows_here, mib, repeats)
+    for dtype in ("float32", "bfloat16"):
+        slow = dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
+        widths = (1024,) if slow or quick else WIDTHS
+        rows_here = rows[:2] if slow else rows
+        mib = 8 if quick else 64 if slow else 256
+        rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats) for w in widths}
         square = square_matmul_rate(dtype, 512 if quick else 2048, repeats)
-        peak[dtype] = max(square, *rates.values())
-        curves[dtype] = tuple((r, round(rate / peak[dtype], 4)) for r, rate in rates.items())
-        measured[f"matmul_{dtype}"] = {"rows_flops_per_s": rates, "square_flops_per_s": square}
-        progress(f"  {dtype}: peak {peak[dtype] / 1e9:.1f} GFLOP/s; by rows "
-                 + ", ".join(f"{r}: {x / 1e9:.1f}" for r, x in rates.items()))
+        peak[dtype] = max(square, *(x for r in rates.values() for x in r.values()))
+        curves[dtype] = {w: tuple((r, round(x / peak[dtype], 4)) for r, x in by_rows.items())
+                         for w, by_rows in rates.items()}
+        measured[f"matmul_{dtype}"] = {"flops_per_s_by_width_and_rows": rates,
+                                       "square_flops_per_s": square}
+        progress(f"  {dtype}: peak {peak[dtype] / 1e9:.1f} GFLOP/s; GFLOP/s by width, rows: "
+                 + "; ".join(f"{w}: " + ", ".join(f"{r}: {x / 1e9:.1f}" for r, x in rs.items())
+                             for w, rs in rates.items()))
     bandwidth = read_bandwidth(64 if quick else 512, repeats)
     kv = kv_read_bandwidth(16 if quick else 128, repeats)
     progress(f"  read bandwidth {bandwidth / 1e9:.1f} GB/s; paged KV reads {kv / 1e9:.1f} GB/s")
-    link = all_reduce_link(repeats)
+    link = all_reduce_link(repeats, bandwidth)
     if link is not None:
         progress(f"  all-reduce over 2 devices: {link.bandwidth / 1e9:.2f} GB/s, "
                  f"{link.latency * 1e6:.1f} us latency")

@@ -67,10 +67,11 @@ class Hardware:
     name: str
     description: str
     peak_flops: dict[str, float]  # dense FLOP/s of one device, by the dtype of the product
-    # fraction of peak_flops a product with this many rows reaches: ((rows, fraction), ...) in
-    # increasing rows, log-interpolated between points, flat beyond the ends. Per dtype, or
-    # under "default" for every dtype without its own curve.
-    matmul_efficiency: dict[str, tuple[tuple[int, float], ...]]
+    # fraction of peak_flops a product reaches, by shape class: per dtype (or under "default"
+    # for every dtype without its own), per contracted width of the weight (0: any width), a
+    # curve ((rows, fraction), ...) in increasing rows, log-interpolated between points, flat
+    # beyond the ends. A product uses the width class nearest its own (in ratio).
+    matmul_efficiency: dict[str, dict[int, tuple[tuple[int, float], ...]]]
     memory_bandwidth: float
     memory_capacity: float
     intra_host: Link
@@ -86,13 +87,18 @@ class Hardware:
     sources: tuple[str, ...] = ()
     measured: dict[str, Any] | None = None  # what calibrate measured, kept for the record
 
-    def matmul_rate(self, dtype: str, rows: float) -> float:
-        """FLOP/s a product with `rows` rows reaches in `dtype`."""
+    def matmul_rate(self, dtype: str, rows: float, width: int | None = None) -> float:
+        """FLOP/s a product with `rows` rows, contracting a weight of `width` rows, reaches in
+        `dtype`."""
         if dtype not in self.peak_flops:
             raise ProfileError(f"hardware {self.name!r} has no peak FLOP/s for {dtype} "
                                f"(it has: {', '.join(self.peak_flops)})")
-        curve = self.matmul_efficiency.get(dtype) or self.matmul_efficiency["default"]
-        return self.peak_flops[dtype] * _log_interpolate(curve, max(rows, 1.0))
+        classes = self.matmul_efficiency.get(dtype) or self.matmul_efficiency["default"]
+        if width and len(classes) > 1:
+            nearest = min(classes, key=lambda w: abs(math.log(width / w)) if w else math.inf)
+        else:
+            nearest = next(iter(classes))
+        return self.peak_flops[dtype] * _log_interpolate(classes[nearest], max(rows, 1.0))
 
     @property
     def stream_rate(self) -> float:
@@ -106,8 +112,10 @@ class Hardware:
 
     def to_yaml_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["matmul_efficiency"] = {k: {int(r): f for r, f in v}
-                                  for k, v in self.matmul_efficiency.items()}
+        d["matmul_efficiency"] = {
+            dtype: ({r: f for r, f in classes[0]} if set(classes) == {0} else
+                    {w: {r: f for r, f in curve} for w, curve in classes.items()})
+            for dtype, classes in self.matmul_efficiency.items()}
         d["sources"] = list(self.sources)
         if d["measured"] is None:
             del d["measured"]
@@ -185,13 +193,19 @@ def parse_hardware(doc: Any, source: str) -> Hardware:
 
     peak = {canonical_dtype(k, "peak_flops key"): number(v, f"peak_flops.{k}")
             for k, v in mapping(doc["peak_flops"], "peak_flops").items()}
+    def curve(value, what):
+        return tuple(sorted((int(number(r, f"{what} rows")), number(f, f"{what}.{r}", high=1.0))
+                            for r, f in mapping(value, what).items()))
+
     curves = {}
-    for key, curve in mapping(doc["matmul_efficiency"], "matmul_efficiency").items():
+    for key, value in mapping(doc["matmul_efficiency"], "matmul_efficiency").items():
         name = "default" if key == "default" else canonical_dtype(key, "matmul_efficiency key")
-        points = sorted((int(number(r, f"matmul_efficiency.{key} rows")),
-                         number(f, f"matmul_efficiency.{key}.{r}", high=1.0))
-                        for r, f in mapping(curve, f"matmul_efficiency.{key}").items())
-        curves[name] = tuple(points)
+        what = f"matmul_efficiency.{key}"
+        if all(isinstance(v, dict) for v in mapping(value, what).values()):  # by width
+            curves[name] = {int(number(w, f"{what} width")): curve(c, f"{what}.{w}")
+                            for w, c in value.items()}
+        else:
+            curves[name] = {0: curve(value, what)}
     if "default" not in curves and set(peak) - set(curves):
         raise ProfileError(f"{source}: matmul_efficiency needs a 'default' curve or one for "
                            f"every dtype of peak_flops")

@@ -6,7 +6,8 @@ B / E[O] requests finish, and as many start, per step. One step therefore runs B
 tokens at the mean decode context plus B / E[O] prompts' new tokens, and
 
     TPOT = t(B),   throughput = replicas x B / t(B),
-    TTFT = the steps a prompt's new tokens take at (max_num_batched_tokens - B) per step, x t(B)
+    TTFT = the steps that carry the prompt's new tokens, (max_num_batched_tokens - B) of them
+           per step beside the B decodes
 
 (queueing before admission is not modelled). B is the largest the engine allows: its
 `max_num_seqs`, the KV pool (each sequence holds E[context] + 1 tokens on average), and the token
@@ -64,8 +65,20 @@ def _prefill_chunks(w: Workload, prompts: float, samples: bool) -> list[Chunk]:
             for p, weight in w.prompt_len.points]
 
 
-def _ttft_steps(w: Workload, per_step: float) -> float:
-    return w.prompt_len.mean(lambda p: math.ceil(p * (1 - w.prefix_hit_rate) / per_step))
+def _ttft(d: Deployment, w: Workload, decodes: float, room: float) -> float:
+    """Seconds until a prompt's first token: the steps that run its new tokens, `room` of them
+    per step, each beside `decodes` decoding sequences (averaged over the prompt lengths)."""
+    def one(p: int) -> float:
+        start, seconds = int(p * w.prefix_hit_rate), 0.0
+        while start < p:
+            end = min(p, start + max(int(room), 1))
+            chunks = [Chunk(start, end, 1, end == p)]
+            if decodes:
+                chunks.append(decode_chunk(w.mean_decode_context, decodes))
+            seconds += d.step(chunks).total_s
+            start = end
+        return seconds
+    return w.prompt_len.mean(one)
 
 
 def colocated(d: Deployment, w: Workload, engines: int = 1) -> Operating:
@@ -98,10 +111,10 @@ def colocated(d: Deployment, w: Workload, engines: int = 1) -> Operating:
                 lo, hi = (mid, hi) if mid / step(mid).total_s < need else (lo, mid)
             b_max, limited_by = hi, "rate"
     s = step(b_max)
-    per_step = max(w.max_num_batched_tokens - b_max, 1.0)
     tokens = replicas * b_max / s.total_s
-    return Operating(b_max, s, s.total_s, _ttft_steps(w, per_step) * s.total_s,
-                     tokens / engines, tokens / engines / w.mean_output, limited_by, saturated)
+    ttft = _ttft(d, w, b_max, w.max_num_batched_tokens - b_max)
+    return Operating(b_max, s, s.total_s, ttft, tokens / engines,
+                     tokens / engines / w.mean_output, limited_by, saturated)
 
 
 def prefill_role(d: Deployment, w: Workload) -> Operating:
@@ -110,8 +123,10 @@ def prefill_role(d: Deployment, w: Workload) -> Operating:
     prompts = w.max_num_batched_tokens / w.mean_new_prompt
     s = d.step(_prefill_chunks(w, prompts, samples=True))
     requests = d.replicas * prompts / s.total_s
-    return Operating(0.0, s, 0.0, _ttft_steps(w, w.max_num_batched_tokens) * s.total_s,
-                     requests, requests, "token budget")
+    # a prompt waits for the step it is packed into: a full step's time per budget's worth
+    ttft = w.prompt_len.mean(lambda p: math.ceil(p * (1 - w.prefix_hit_rate)
+                                                 / w.max_num_batched_tokens)) * s.total_s
+    return Operating(0.0, s, 0.0, ttft, requests, requests, "token budget")
 
 
 def decode_role(d: Deployment, w: Workload, rate_per_engine: float | None = None) -> Operating:

@@ -234,14 +234,15 @@ class Deployment:
         return max(0, int(free // self.kv_bytes_per_token))
 
     # ---- rates ----
-    def _flop_rate(self, rows: float) -> float:
-        return self.hardware.matmul_rate(self.precision.compute, rows) / self._sharing
-
     def _op(self, name: str, flop_count: float, nbytes: float, rows: float,
-            byte_rate: float | None = None) -> OpTime:
-        rate = (byte_rate or self.hardware.stream_rate) / self._sharing
-        return OpTime(name, flop_count, nbytes, flop_count / self._flop_rate(rows) if flop_count
-                      else 0.0, nbytes / rate)
+            width: int | None = None, byte_rate: float | None = None) -> OpTime:
+        """An op whose products have `rows` rows and contract over `width` (the hidden size
+        unless given): the slower of its FLOPs at that shape's rate and its bytes."""
+        flop_rate = self.hardware.matmul_rate(self.precision.compute, rows,
+                                              width or self.config.hidden_size) / self._sharing
+        byte_rate = (byte_rate or self.hardware.stream_rate) / self._sharing
+        return OpTime(name, flop_count, nbytes, flop_count / flop_rate if flop_count else 0.0,
+                      nbytes / byte_rate)
 
     def _collective(self, name: str, kind: str, nbytes: float, calls: int,
                     axes: tuple[str, ...]) -> CollectiveTime | None:
@@ -311,7 +312,7 @@ class Deployment:
         prefill = any(c.end - c.start > 1 for c in chunks)
         rows = block if prefill else self.config.q_per_kv
         return self._op("attention over the context", score_flops, read + tokens * per_token,
-                        rows, self.hardware.attention_rate)
+                        rows, self.config.head_dim, self.hardware.attention_rate)
 
     def _contracted_splits(self) -> dict[tuple[str, tuple[str, ...]], list[float]]:
         """Parameters whose contracted axes the rules split, grouped by op and mesh axes:

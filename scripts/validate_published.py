@@ -124,8 +124,10 @@ def static_seconds(d: Deployment, batch: int, prompt: int, output: int) -> float
 
 
 def predict(model, hardware, tp, precision, kind, setting) -> float:
-    d = Deployment(MODELS[model], f"tp={tp}", "tp", load_hardware(hardware),
-                   Precision.parse(precision))
+    config = MODELS[model]
+    # TP engines split each expert's width as well (the tp_ep rules at ep=1)
+    mesh, rules = (f"tp={tp},ep=1", "tp_ep") if config.is_moe else (f"tp={tp}", "tp")
+    d = Deployment(config, mesh, rules, load_hardware(hardware), Precision.parse(precision))
     if kind == "ttft":
         return d.step([Chunk(0, setting["prompt"])]).total_s * 1e3
     if kind in ("static", "e2e"):

@@ -56,6 +56,8 @@ QWEN3_235B = {
     "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.51.0",
     "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+LLAMA31_8B = dict(LLAMA3_70B, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                  num_hidden_layers=32, num_key_value_heads=8)
 MIXTRAL_8X22B = {
     "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
     "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 6144, "initializer_range": 0.02,
@@ -274,27 +276,35 @@ def test_plan_runs_end_to_end_on_hf_config_json(tmp_path, capsys):
         assert result["layouts"] and result["t_e"] in {1, 2, 4, 8, 16}
         assert {c["kind"] for c in result["layouts"]} == {"colocated", "disaggregated"}
         assert all(c["bottleneck"] in ("compute", "memory bandwidth", "interconnect", "host",
-                                       "KV capacity") for c in result["layouts"])
+                                       "kernel launches", "KV capacity")
+                   for c in result["layouts"])
 
 
 def test_t_e_falls_as_the_host_term_grows_as_amdahl_says(tmp_path, capsys):
-    path = write_config(tmp_path, "Qwen3-235B-A22B", QWEN3_235B)
+    """Albireo's t_e: more TP frees memory for KV (bigger batches, fewer weight reads per
+    token) until the host's per-sequence time, which no TP degree shrinks, outweighs it. On a
+    device where only memory and the host matter (compute and links free), per-device
+    throughput is 1 / (t h + (W / B(t) + K) / bandwidth) with B(t) = (t M - W) / K, whose best
+    t falls as the serial term h grows."""
+    from jaxserve.perf.profiles import save_hardware
+
+    device = dataclasses.replace(
+        bare(peak=1e18, bandwidth=1e12), memory_capacity=24e9, memory_fraction=1.0,
+        intra_host=Link(1e15, 0.0), inter_host=Link(1e15, 0.0), layer_overhead_s=0.0)
+    save_hardware(device, tmp_path / "device.yaml")
+    (tmp_path / "load.yaml").write_text("prompt_len: 2048\noutput_len: 512\n"
+                                        "max_num_seqs: 100000\nmax_num_batched_tokens: 10000000\n")
+    model = write_config(tmp_path, "Llama-3.1-8B", LLAMA31_8B)
     t_e = []
-    for host_ms in (0.0, 5.0, 20.0):
-        out = tmp_path / f"host{host_ms}.json"
-        assert main(["plan", "--model", str(path), "--devices", "16", "--hardware", "h100",
-                     "--colocated-only", "--host-step-ms", str(host_ms), "--host-seq-us", "0",
+    for host_us in (0, 10, 100, 1000):
+        out = tmp_path / f"host{host_us}.json"
+        assert main(["plan", "--model", str(model), "--devices", "16", "--hardware",
+                     str(tmp_path / "device.yaml"), "--workload", str(tmp_path / "load.yaml"),
+                     "--colocated-only", "--host-step-ms", "0", "--host-seq-us", str(host_us),
                      "--json", str(out)]) == 0
-        result = json.loads(out.read_text())
-        by_tp = {int(t): v for t, v in result["throughput_by_tp"].items()}
-        t_e.append(result["t_e"])
-        # the serial term caps what a higher TP degree buys: TP 4 over TP 1 shrinks
-        if host_ms == 0.0:
-            gain_without = by_tp[4] / by_tp[1]
-        if host_ms == 20.0:
-            assert by_tp[4] / by_tp[1] < gain_without
+        t_e.append(json.loads(out.read_text())["t_e"])
     capsys.readouterr()
-    assert t_e == sorted(t_e, reverse=True) and t_e[0] > t_e[-1]
+    assert t_e == sorted(t_e, reverse=True) and t_e[0] >= 4 and t_e[-1] == 1, t_e
 
 
 def test_layouts_that_cannot_hold_the_model_are_skipped_with_the_reason():

@@ -8,6 +8,7 @@ The one module of `jaxserve.perf` that imports jax: it times, on the local JAX d
   rates over the peak;
 - read bandwidth: a jitted sum over a large array;
 - paged KV reads: gathering random blocks of a KV pool, as the reference attention op does;
+- the fixed time of a decoder layer: a chain of tiny layers whose FLOPs and bytes are nil;
 - the engine's host time per step: the tiny checkpoint generating at two batch sizes, from the
   engine's own host timers (schedule, dispatch, process), fitted to a fixed part plus a part
   per sequence;
@@ -109,6 +110,29 @@ def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: in
     table = jax.device_put(np.random.default_rng(2).permutation(blocks).astype(np.int32))
     f = jax.jit(lambda pool, table: jnp.sum(jnp.take(pool, table, axis=0), axis=(0, 1)))
     return pool.nbytes / _best(lambda: f(pool, table).block_until_ready(), repeats)
+
+
+def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
+    """Seconds per decoder layer that do not depend on its size: a chain of `layers` tiny
+    layers with a decoder layer's kinds of ops (norm, projections, activation, residual) on
+    one row, where FLOPs and bytes are negligible."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    w = jax.device_put(rng.standard_normal((layers, 4, width, width), np.float32) / width)
+
+    @jax.jit
+    def chain(x, w):
+        for i in range(layers):
+            h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            q, k = h @ w[i, 0], h @ w[i, 1]
+            x = x + (jax.nn.silu(q) * k) @ w[i, 2]
+            x = x + jnp.tanh(x @ w[i, 3])
+        return x
+
+    x = jax.device_put(np.ones((1, width), np.float32))
+    return _best(lambda: chain(x, w).block_until_ready(), repeats) / layers
 
 
 def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
@@ -222,6 +246,8 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     bandwidth = read_bandwidth(64 if quick else 512, repeats)
     kv = kv_read_bandwidth(16 if quick else 128, repeats)
     progress(f"  read bandwidth {bandwidth / 1e9:.1f} GB/s; paged KV reads {kv / 1e9:.1f} GB/s")
+    per_layer = layer_overhead(repeats)
+    progress(f"  fixed time per layer {per_layer * 1e6:.1f} us")
     link = all_reduce_link(repeats, bandwidth)
     if link is not None:
         progress(f"  all-reduce over 2 devices: {link.bandwidth / 1e9:.2f} GB/s, "
@@ -230,6 +256,7 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     progress(f"  host per step {host.per_step_s * 1e3:.3f} ms + {host.per_sequence_s * 1e6:.1f} "
              f"us per sequence")
     measured.update(host_measured, read_bytes_per_s=bandwidth, kv_read_bytes_per_s=kv,
+                    layer_overhead_s=per_layer,
                     date=datetime.date.today().isoformat(), cpu=cpu_model(),
                     jax=jax.__version__, devices=len(devices), platform=platform_name,
                     quick=quick)
@@ -243,7 +270,8 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
         else float(devices[0].memory_stats().get("bytes_limit", 0)),
         intra_host=link, inter_host=link, host=host, devices_per_host=len(devices),
         bandwidth_efficiency=1.0, attention_efficiency=min(kv / bandwidth, 1.0),
-        attention_query_block=16, memory_fraction=0.25 if platform_name == "cpu" else 0.9,
+        attention_query_block=16, layer_overhead_s=per_layer,
+        memory_fraction=0.25 if platform_name == "cpu" else 0.9,
         shared_compute=simulated, price_per_hour=None,
         sources=(f"measured by `jaxserve calibrate` on {measured['date']}",),
         measured=_plain(measured))

@@ -1,12 +1,13 @@
 """Rank layouts of a model on G devices: replicas x TP x EP, colocated or prefill/decode split.
 
 For every way to cut G devices into identical engines (an engine is a `tp=T` mesh under the
-`tp` rules, or for MoE models `ep=E` under `ep` / `tp=T,ep=E` under `tp_ep`), the workload runs
+`tp` rules, or for MoE models `ep=E` under `ep` / `tp=T,ep=E` under `tp_ep`, which splits each
+expert's width over `tp` even at ep=1), the workload runs
 on all engines at once (`serving.colocated`); for every pair of a prefill layout and a decode
 layout, the devices are split between prefill and decode engines in the proportion that serves
 the most requests (`serving.prefill_role`, `serving.decode_role`). Layouts are ranked by output
 tokens per second, those that meet the SLO first; each names its bottleneck (compute, memory
-bandwidth, interconnect, host or KV capacity).
+bandwidth, interconnect, kernel launches, host or KV capacity).
 
 t_e (Albireo's empirical optimal TP degree) is the TP degree of the best colocated layout: past
 it, the host's non-scalable time and the collectives outweigh the memory and bandwidth more
@@ -156,13 +157,20 @@ def divisors(n: int) -> list[int]:
 
 
 def engine_layouts(config: ModelConfig, devices: int) -> list[tuple[int, int, str, str]]:
-    """(tp, ep, mesh, rules) of every engine size that divides `devices`."""
+    """(tp, ep, mesh, rules) of every engine size that divides `devices`. A MoE model's
+    experts are split too: over `tp` by their width (`tp_ep`, also at ep=1), over `ep` whole.
+    With both, each axis order is a layout: the inner axis keeps its groups inside a host."""
     out = []
     for tp in divisors(devices):
         for ep in (divisors(devices // tp) if config.is_moe else [1]):
-            rules = "tp" if ep == 1 else "ep" if tp == 1 else "tp_ep"
-            mesh = {"tp": f"tp={tp}", "ep": f"ep={ep}", "tp_ep": f"tp={tp},ep={ep}"}[rules]
-            out.append((tp, ep, mesh, rules))
+            if not config.is_moe or tp == ep == 1:
+                out.append((tp, ep, f"tp={tp}", "tp"))
+            elif tp == 1:
+                out.append((tp, ep, f"ep={ep}", "ep"))
+            elif ep == 1:
+                out.append((tp, ep, f"tp={tp},ep=1", "tp_ep"))
+            else:
+                out += [(tp, ep, f"ep={ep},tp={tp}", "tp_ep"), (tp, ep, f"tp={tp},ep={ep}", "tp_ep")]
     return out
 
 
@@ -195,6 +203,7 @@ def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Worklo
         except ShardingError as e:
             skipped[label] = str(e)
             continue
+        label = f"{engines} x {d.label}"
         try:
             op = serving.colocated(d, workload, engines)
         except serving.DoesNotFit as e:
@@ -264,7 +273,7 @@ def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candi
             same_host = used <= hw.devices_per_host
             ttft = p.ttft_s + serving.kv_handoff_s(dp, dd, w, same_host)
             tokens = rate * w.mean_output
-            label = (f"P {n_p} x {_mesh_text(dp)} | D {n_d} x {_mesh_text(dd)}")
+            label = f"P {n_p} x {dp.label} | D {n_d} x {dd.label}"
             bottleneck = decode.bottleneck if n_d * q.requests_per_s <= n_p * p.requests_per_s \
                 else p.step.bottleneck
             out.append(Candidate(
@@ -278,11 +287,6 @@ def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candi
 
 def _axis(d: Deployment, axis: str) -> int:
     return d.mesh.shape.get(axis, 1)
-
-
-def _mesh_text(d: Deployment) -> str:
-    mesh = ",".join(f"{a}={n}" for a, n in d.mesh.shape.items())
-    return f"{mesh} ({d.mesh.rules.name})"
 
 
 def load_model_config(path: str) -> tuple[ModelConfig, str]:

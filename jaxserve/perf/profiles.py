@@ -81,6 +81,9 @@ class Hardware:
     bandwidth_efficiency: float = 1.0  # fraction of memory_bandwidth streaming weights reach
     attention_efficiency: float = 1.0  # fraction of memory_bandwidth paged KV reads reach
     attention_query_block: int = 128  # query rows that read the KV context once
+    # device time per decoder layer and step that no roofline accounts for: the launch,
+    # ramp-up and tail of each of the layer's kernels
+    layer_overhead_s: float = 0.0
     memory_fraction: float = 0.9  # of memory_capacity usable for weights and the KV pool
     shared_compute: bool = False  # devices on a host share its cores (simulated CPU devices)
     price_per_hour: float | None = None  # per device
@@ -234,6 +237,8 @@ def parse_hardware(doc: Any, source: str) -> Hardware:
                                     high=1.0),
         attention_query_block=int(number(doc.get("attention_query_block", 128),
                                          "attention_query_block")),
+        layer_overhead_s=number(doc.get("layer_overhead_s", 0.0), "layer_overhead_s",
+                                strict=False),
         memory_fraction=number(doc.get("memory_fraction", 0.9), "memory_fraction", high=1.0),
         shared_compute=bool(doc.get("shared_compute", False)),
         price_per_hour=None if price is None else number(price, "price_per_hour"),

@@ -6,6 +6,7 @@ A step runs `Chunk`s on every DP replica at once (the engine's one program per s
 
     sum over ops of max(FLOPs / FLOP rate, bytes / byte rate)       (the roofline of each op)
   + sum over collectives of their ring / tree time                  (`collectives`)
+  + layers x the device's fixed time per layer                     (kernel launches)
   + the host's per-step time                                       (Amdahl's serial part)
 
 with nothing overlapped: XLA runs a layer's collectives between its products, and the host
@@ -93,6 +94,7 @@ class CollectiveTime:
 class StepTime:
     ops: tuple[OpTime, ...]
     collectives: tuple[CollectiveTime, ...]
+    launch_s: float  # the device's fixed time per layer, all layers
     host_s: float
     tokens: float  # per replica
     sequences: float  # per replica
@@ -100,7 +102,7 @@ class StepTime:
 
     @property
     def device_s(self) -> float:
-        return sum(o.seconds for o in self.ops) + self.interconnect_s
+        return sum(o.seconds for o in self.ops) + self.interconnect_s + self.launch_s
 
     @property
     def interconnect_s(self) -> float:
@@ -111,11 +113,13 @@ class StepTime:
         return self.device_s + self.host_s
 
     def breakdown(self) -> dict[str, float]:
-        """Seconds by what bounds them: compute, memory bandwidth, interconnect, host."""
+        """Seconds by what bounds them: compute, memory bandwidth, interconnect, kernel
+        launches (fixed per layer), host."""
         out = {"compute": 0.0, "memory bandwidth": 0.0}
         for o in self.ops:
             out[o.bound] += o.seconds
         out["interconnect"] = self.interconnect_s
+        out["kernel launches"] = self.launch_s
         out["host"] = self.host_s
         return out
 
@@ -169,7 +173,8 @@ class Deployment:
 
     @property
     def label(self) -> str:
-        mesh = ",".join(f"{a}={n}" for a, n in self.mesh.shape.items() if n > 1) or "1 device"
+        """'tp=2,ep=4 (tp_ep)': the mesh (axes of size 1 left out) and the rules."""
+        mesh = ",".join(f"{a}={n}" for a, n in self.mesh.shape.items() if n > 1) or "tp=1"
         return f"{mesh} ({self.mesh.rules.name})"
 
     # ---- memory ----
@@ -295,8 +300,8 @@ class Deployment:
             coll.append(self._collective("logits gathered for sampling", "all-gather",
                                          rows * cfg.vocab_rows * LOGIT_BYTES, 1, vocab_axes))
         host = hw.host.seconds(sequences * self.replicas)
-        return StepTime(tuple(ops), tuple(c for c in coll if c is not None), host, tokens,
-                        sequences, strategy)
+        return StepTime(tuple(ops), tuple(c for c in coll if c is not None),
+                        layers * hw.layer_overhead_s, host, tokens, sequences, strategy)
 
     def _attention(self, chunks: list[Chunk], tokens: float) -> OpTime:
         """Scores and weighted values over each token's context (the quadratic term), and

@@ -142,6 +142,10 @@ def predict(model, hardware, tp, precision, kind, setting) -> float:
     return (op.tpot_s if kind == "itl" else op.ttft_s) * 1e3
 
 
+def number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,7 +163,7 @@ def main(argv=None) -> list[dict]:
         short = source.split(" (")[0].split(",")[0].split(" docs")[0]
         print(f"| {short} | {model} | {hw} | {tp} | {precision} | {WHAT[kind]} ({UNITS[kind]}) | "
               + ", ".join(f"{k} {v}" for k, v in setting.items())
-              + f" | {published:,.4g} | {predicted:,.4g} | {err:+.0%} |")
+              + f" | {number(published)} | {number(predicted)} | {err:+.0%} |")
     within = sum(abs(r["error"]) <= TARGET for r in out)
     print(f"\n{within} of {len(out)} rows within {TARGET:.0%}")
     if args.json:

@@ -182,23 +182,19 @@ def cmd_plan(args) -> int:
 
     from jaxserve.perf.plan import SLO, load_model_config, plan
     from jaxserve.perf.precision import Precision
-    from jaxserve.perf.profiles import load_hardware
+    from jaxserve.perf.profiles import HostOverhead, load_hardware
     from jaxserve.perf.workload import Workload
 
     config, name = load_model_config(args.model)
     hardware = load_hardware(args.hardware)
-    host = {k: v for k, v in (("per_step_s", args.host_step_ms), ("per_sequence_s",
-                                                                 args.host_seq_us))
-            if v is not None}
-    for key, value in host.items():
-        if value < 0:
-            raise ValueError(f"--{'host-step-ms' if key == 'per_step_s' else 'host-seq-us'} "
-                             f"must be >= 0, got {value}")
-    if host:
-        host = {"per_step_s": host.get("per_step_s", hardware.host.per_step_s * 1e3) / 1e3,
-                "per_sequence_s": host.get("per_sequence_s",
-                                           hardware.host.per_sequence_s * 1e6) / 1e6}
-        hardware = dataclasses.replace(hardware, host=type(hardware.host)(**host))
+    for flag, value in (("--host-step-ms", args.host_step_ms), ("--host-seq-us", args.host_seq_us)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if args.host_step_ms is not None or args.host_seq_us is not None:
+        host = HostOverhead(
+            hardware.host.per_step_s if args.host_step_ms is None else args.host_step_ms / 1e3,
+            hardware.host.per_sequence_s if args.host_seq_us is None else args.host_seq_us / 1e6)
+        hardware = dataclasses.replace(hardware, host=host)
     workload = Workload.load(args.workload) if args.workload else Workload()
     precision = Precision.parse(args.precision)
     decode = Precision.parse(args.decode_precision) if args.decode_precision else None

@@ -4,8 +4,8 @@ Models name each dimension of their parameters and key activations with a *logic
 closed vocabulary `LOGICAL_AXES`. A rules file (`sharding_rules/NAME.yaml`) maps logical names to
 *mesh* axes (`dp`, `tp`, `ep`); the user gives the mesh shape (`dp=2,tp=4`). `Layout` joins the
 two and turns a tuple of logical names plus a shape into a `NamedSharding` (which mesh axes split
-which dimension is decided by `jaxserve.rules.MeshRules`, which needs no devices). Models never see mesh
-axes, so a new parallelism strategy is a new YAML file, not a new model.
+which dimension is decided by `jaxserve.rules.MeshRules`, which needs no devices). Models never
+see mesh axes, so a new parallelism strategy is a new YAML file, not a new model.
 
 The mesh uses Auto axis types: models are written as single-device math plus sharding
 constraints, and XLA's partitioner inserts the collectives. (Explicit axis types would make every

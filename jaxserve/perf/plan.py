@@ -170,7 +170,8 @@ def engine_layouts(config: ModelConfig, devices: int) -> list[tuple[int, int, st
             elif ep == 1:
                 out.append((tp, ep, f"tp={tp},ep=1", "tp_ep"))
             else:
-                out += [(tp, ep, f"ep={ep},tp={tp}", "tp_ep"), (tp, ep, f"tp={tp},ep={ep}", "tp_ep")]
+                out += [(tp, ep, f"ep={ep},tp={tp}", "tp_ep"),
+                        (tp, ep, f"tp={tp},ep={ep}", "tp_ep")]
     return out
 
 

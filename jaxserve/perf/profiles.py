@@ -165,7 +165,8 @@ def parse_hardware(doc: Any, source: str) -> Hardware:
     known = {f.name for f in dataclasses.fields(Hardware)}
     unknown = sorted(set(doc) - known)
     if unknown:
-        raise ProfileError(f"{source}: unknown field(s) {unknown} (known: {', '.join(sorted(known))})")
+        raise ProfileError(f"{source}: unknown field(s) {unknown} "
+                           f"(known: {', '.join(sorted(known))})")
     missing = [k for k in _REQUIRED if k not in doc]
     if missing:
         raise ProfileError(f"{source}: missing field(s) {missing}")

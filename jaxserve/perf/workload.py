@@ -101,7 +101,8 @@ class Workload:
             raise WorkloadError(f"{source}: a workload must be a mapping of {', '.join(FIELDS)}")
         unknown = sorted(set(doc) - set(FIELDS))
         if unknown:
-            raise WorkloadError(f"{source}: unknown field(s) {unknown} (known: {', '.join(FIELDS)})")
+            raise WorkloadError(f"{source}: unknown field(s) {unknown} "
+                                f"(known: {', '.join(FIELDS)})")
         kw: dict[str, Any] = {}
         for name in ("prompt_len", "output_len"):
             if name in doc:

@@ -214,9 +214,10 @@ def cmd_calibrate(args) -> int:
 
     if args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
-    if "jax" not in sys.modules:  # simulated CPU devices, for the collective measurement
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
-                                   f"platform_device_count={args.devices}").strip()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" not in sys.modules and "device_count" not in flags:  # simulated CPU devices
+        os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count="
+                                   f"{args.devices}").strip()
     from jaxserve.perf.calibrate import calibrate
     from jaxserve.perf.profiles import save_hardware
 
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default cpu-local.yaml)")
     p.add_argument("--name", default="cpu-local", help="the profile's name")
     p.add_argument("--devices", type=int, default=2,
-                   help="simulated CPU devices for the collective measurement (default 2)")
+                   help="simulated CPU devices for the collective measurement (default 2; "
+                   "an XLA_FLAGS device count already set wins)")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (seconds)")
     p.set_defaults(func=cmd_calibrate)
     return parser

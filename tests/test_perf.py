@@ -355,6 +355,22 @@ def test_the_planner_imports_without_jax():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_calibrate_writes_a_profile_plan_can_read(tmp_path, capsys):
+    out = tmp_path / "here.yaml"
+    assert main(["calibrate", "--quick", "--out", str(out)]) == 0
+    hw = load_hardware(out)
+    assert hw.shared_compute and hw.devices_per_host == 8  # the test's simulated devices
+    assert hw.peak_flops["float32"] > 0 and hw.memory_bandwidth > 0
+    assert all(0 < f <= 1 for classes in hw.matmul_efficiency.values()
+               for curve in classes.values() for _, f in curve)
+    assert hw.host.per_step_s >= 0 and hw.intra_host.bandwidth > 0
+    assert main(["plan", "--model", str(write_config(tmp_path, "tiny", {
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2}))
+        , "--devices", "2", "--hardware", str(out), "--precision", "float32"]) == 0
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("name", builtin_profiles())
 def test_builtin_profiles_load_and_cite_their_sources(name):
     hw = load_hardware(name)

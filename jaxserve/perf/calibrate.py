@@ -230,9 +230,9 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     peak, curves, measured = {}, {}, {}
     for dtype in ("float32", "bfloat16"):
         slow = dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
-        widths = (1024,) if slow or quick else WIDTHS
+        widths = (512,) if quick else (1024,) if slow else WIDTHS
         rows_here = rows[:2] if slow else rows
-        mib = 8 if quick else 64 if slow else 256
+        mib = 4 if quick else 64 if slow else 256
         rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats) for w in widths}
         square = square_matmul_rate(dtype, 512 if quick else 2048, repeats)
         peak[dtype] = max(square, *(x for r in rates.values() for x in r.values()))
@@ -243,8 +243,8 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
         progress(f"  {dtype}: peak {peak[dtype] / 1e9:.1f} GFLOP/s; GFLOP/s by width, rows: "
                  + "; ".join(f"{w}: " + ", ".join(f"{r}: {x / 1e9:.1f}" for r, x in rs.items())
                              for w, rs in rates.items()))
-    bandwidth = read_bandwidth(64 if quick else 512, repeats)
-    kv = kv_read_bandwidth(16 if quick else 128, repeats)
+    bandwidth = read_bandwidth(32 if quick else 512, repeats)
+    kv = kv_read_bandwidth(8 if quick else 128, repeats)
     progress(f"  read bandwidth {bandwidth / 1e9:.1f} GB/s; paged KV reads {kv / 1e9:.1f} GB/s")
     per_layer = layer_overhead(repeats)
     progress(f"  fixed time per layer {per_layer * 1e6:.1f} us")
@@ -252,7 +252,8 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     if link is not None:
         progress(f"  all-reduce over 2 devices: {link.bandwidth / 1e9:.2f} GB/s, "
                  f"{link.latency * 1e6:.1f} us latency")
-    host, host_measured = host_overhead(model_dir, (1, 8), 16 if quick else 48)
+    host, host_measured = host_overhead(model_dir, (1, 4) if quick else (1, 8),
+                                        8 if quick else 48)
     progress(f"  host per step {host.per_step_s * 1e3:.3f} ms + {host.per_sequence_s * 1e6:.1f} "
              f"us per sequence")
     measured.update(host_measured, read_bytes_per_s=bandwidth, kv_read_bytes_per_s=kv,

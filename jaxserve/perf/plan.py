@@ -86,6 +86,8 @@ class Candidate:
     meets_slo: bool
     saturated: bool
     breakdown: dict[str, float]  # the decode-side step, seconds by bound
+    weight_bytes_per_device: float  # of the decode-side engine
+    kv_capacity_tokens: int  # per DP replica of the decode-side engine
 
     @property
     def per_device(self) -> float:
@@ -215,7 +217,8 @@ def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Worklo
                 label, "colocated", tp, ep, devices, f"{engines}", op.batch, op.ttft_s,
                 op.tpot_s, tokens, _cost(hardware, devices, tokens), op.bottleneck,
                 op.limited_by, slo.met(op.ttft_s, op.tpot_s) and not op.saturated,
-                op.saturated, op.step.breakdown()))
+                op.saturated, op.step.breakdown(), d.weight_bytes_per_device,
+                d.kv_capacity_tokens))
         if disaggregated and devices > 1:
             _roles(config, mesh, rules, hardware, precision, decode_precision, workload, d,
                    prefill_side, decode_side)
@@ -282,7 +285,7 @@ def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candi
                 f"{n_p}+{n_d}", decode.batch, ttft, decode.tpot_s, tokens,
                 _cost(hw, used, tokens), bottleneck, decode.limited_by,
                 slo.met(ttft, decode.tpot_s) and not saturated, saturated,
-                decode.step.breakdown()))
+                decode.step.breakdown(), dd.weight_bytes_per_device, dd.kv_capacity_tokens))
     return out
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxserve.checkpoint import restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
+from jaxserve.engine.output_processor import check_mode as check_output_processing
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
@@ -31,6 +32,7 @@ from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
+from jaxserve.runtime.step_sampling import DEFAULT_SAMPLING, check_mode as check_sampling
 from jaxserve.sharding import Layout, replicas_of
 
 
@@ -45,7 +47,8 @@ class LLM:
                  max_prefill_chunk: int = 256, max_prefill_rows: int = 8,
                  max_steps_in_flight: int = 2, moe_strategy: str = "auto",
                  moe_auto_threshold: int | None = None, enable_prefix_caching: bool = True,
-                 routing="prefix"):
+                 routing="prefix", sampling: str = DEFAULT_SAMPLING,
+                 output_processing: str = "inline"):
         """Load a jaxserve checkpoint onto a mesh.
 
         mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
@@ -60,10 +63,16 @@ class LLM:
         jaxserve/engine/prefix_cache.py). routing: which DP replica a new sequence joins,
         "prefix" (the one caching its longest prefix unless it is overloaded), "least_loaded",
         "round_robin" or a policy object (see jaxserve/engine/router.py).
+        sampling: "sequence_parallel" (each device samples its own rows; see
+        jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline" or
+        "thread" (detokenization and stop strings beside the next step; see
+        jaxserve/engine/output_processor.py).
         """
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model_dir = Path(model_dir)
+        check_sampling(sampling)
+        check_output_processing(output_processing)
         moe = MoEExecution(moe_strategy, DEFAULT_AUTO_THRESHOLD if moe_auto_threshold is None
                            else moe_auto_threshold)
         self.layout = Layout.create(mesh, rules)
@@ -78,7 +87,8 @@ class LLM:
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      max_prefill_chunk=max_prefill_chunk,
                                      max_prefill_rows=max_prefill_rows,
-                                     max_steps_in_flight=max_steps_in_flight)
+                                     max_steps_in_flight=max_steps_in_flight,
+                                     output_processing=output_processing)
         kv_dtype = jax.tree.leaves(params)[0].dtype
         self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(self.config, kv_dtype)
         self.num_replicas = replicas_of(self.layout)
@@ -86,7 +96,7 @@ class LLM:
                                          max_num_seqs, max_model_len is not None)
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
                            self.layout)
-        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe)
+        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe, sampling)
         from jaxserve.tokenizer import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
@@ -180,6 +190,7 @@ class LLM:
 
     def _stream(self, prepared, use_tqdm: bool) -> Iterator[tuple[int, RequestOutput]]:
         ids = {}
+        self.engine.timeline.lap("idle")  # the engine had nothing to do since its last step
         try:
             for i, (token_ids, text, params) in enumerate(prepared):
                 request_id = f"gen-{next(self._request_ids)}"
@@ -248,13 +259,17 @@ class LLM:
 
     def warmup(self) -> int:
         """Compile every step shape up front; returns the number of programs compiled."""
-        return self.engine.warmup()
+        compiled = self.engine.warmup()
+        self.engine.timeline.lap("idle")  # compiling is not step work
+        return compiled
 
     def stats(self, peak_flops: float | None = None) -> dict:
         """Engine counters, host time per phase, and FLOPs: `true_flops` (what the steps'
         real tokens needed), `executed_flops` (what the compiled programs ran) and, given one
-        device's peak FLOP/s, `mfu` (see jaxserve/engine/accounting.py)."""
-        return self.engine.stats(peak_flops)
+        device's peak FLOP/s, `mfu` (see jaxserve/engine/accounting.py). Under "timeline",
+        the Amdahl table of the recent steps: per phase ms/step and the part of it the device
+        had nothing queued for, device vs host-only time (jaxserve/engine/timeline.py)."""
+        return {**self.engine.stats(peak_flops), "timeline": self.engine.timeline.summary()}
 
     # ---- scoring ----
     def score(self, prompts, candidates=None, top_n: int = 0, use_tqdm: bool = False

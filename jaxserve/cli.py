@@ -102,11 +102,58 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="which DP replica a new sequence joins: prefix (default: the one "
                    "caching its longest prefix, unless it is overloaded), least_loaded or "
                    "round_robin")
+    p.add_argument("--sampling", default=None, choices=["sequence_parallel", "replicated"],
+                   help="under tensor parallelism: each device samples its own rows "
+                   "(sequence_parallel, the default) or every row (replicated)")
+    p.add_argument("--output-processing", default=None, choices=["inline", "thread"],
+                   help="detokenization, stop strings and streaming on the engine thread "
+                   "(inline, the default) or on a worker thread beside the next step")
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile-out", default=None, metavar="FILE.json",
+                   help="write the step timeline as a Chrome trace (open in Perfetto) and print "
+                   "its Amdahl table when the run ends")
+    p.add_argument("--jax-profile", default=None, metavar="DIR",
+                   help="capture a jax.profiler trace of a window of steps into DIR")
+    p.add_argument("--jax-profile-steps", default="10:20", metavar="FIRST:COUNT",
+                   help="the window --jax-profile captures: COUNT steps from step FIRST "
+                   "(default 10:20)")
 
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                 "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
-                "moe_auto_threshold", "enable_prefix_caching", "routing")
+                "moe_auto_threshold", "enable_prefix_caching", "routing", "sampling",
+                "output_processing")
+
+
+def _profile_window(text: str) -> tuple[int, int]:
+    first, colon, count = text.partition(":")
+    try:
+        window = int(first), int(count)
+    except ValueError:
+        window = None
+    if not colon or window is None or window[0] < 1 or window[1] < 1:
+        raise ValueError(f"--jax-profile-steps must be FIRST:COUNT with positive integers, "
+                         f"e.g. 10:20, got {text!r}")
+    return window
+
+
+def _start_profiling(llm, args) -> None:
+    """Arm --jax-profile on the engine's timeline (after warm-up: compiling is not a step)."""
+    if getattr(args, "jax_profile", None):
+        llm.engine.timeline.capture_jax_profile(args.jax_profile,
+                                                *_profile_window(args.jax_profile_steps))
+
+
+def _finish_profiling(llm, args) -> None:
+    from jaxserve.engine.timeline import format_amdahl
+
+    llm.engine.timeline.close()
+    if getattr(args, "profile_out", None):
+        path = llm.engine.timeline.write_chrome_trace(args.profile_out)
+        print(format_amdahl(llm.engine.timeline.summary()), file=sys.stderr)
+        print(f"wrote the step timeline to {path}", file=sys.stderr)
 
 
 def _make_llm(args):
@@ -138,14 +185,19 @@ def cmd_generate(args) -> int:
     defaults = _sampling_defaults(args)
     if args.input is not None:
         read_items(Path(args.input), defaults)  # reject a bad file before loading the model
+    _profile_window(args.jax_profile_steps)
     llm = _make_llm(args)
-    if args.prompt is not None:
-        params = SamplingParams.from_dict({"max_tokens": 64, **defaults})
-        for out in llm.generate(args.prompt, params, use_tqdm=False):
-            print(out.prompt + out.outputs[0].text)
-        return 0
-    generated, skipped = run_batch(llm, Path(args.input), Path(args.output), defaults,
-                                   progress=not args.no_progress)
+    _start_profiling(llm, args)
+    try:
+        if args.prompt is not None:
+            params = SamplingParams.from_dict({"max_tokens": 64, **defaults})
+            for out in llm.generate(args.prompt, params, use_tqdm=False):
+                print(out.prompt + out.outputs[0].text)
+            return 0
+        generated, skipped = run_batch(llm, Path(args.input), Path(args.output), defaults,
+                                       progress=not args.no_progress)
+    finally:
+        _finish_profiling(llm, args)
     print(f"wrote {generated} outputs to {args.output} ({skipped} already there)",
           file=sys.stderr)
     return 0
@@ -167,7 +219,19 @@ def cmd_score(args) -> int:
 def cmd_serve(args) -> int:
     from jaxserve.serving.server import serve
 
-    return serve(args, _make_llm)
+    _profile_window(args.jax_profile_steps)
+    served = []
+
+    def make_llm(args):
+        llm = _make_llm(args)
+        served.append(llm)
+        return llm
+
+    try:
+        return serve(args, make_llm, on_ready=lambda llm: _start_profiling(llm, args))
+    finally:
+        if served:  # the engine thread has stopped: the timeline is ours to read
+            _finish_profiling(served[0], args)
 
 
 def cmd_client(args) -> int:
@@ -277,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_profile_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("score", help="score candidate continuations of prompts from a JSONL "
@@ -315,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 4 MiB)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step shape before reporting SERVING")
+    _add_profile_args(p)
     # for tests: hold the LOADING phase / slow every engine step down
     p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--step-delay", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -150,6 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to wait for the load average to drop before refusing")
     p.add_argument("--force", action="store_true",
                    help="run on a loaded machine anyway; results are flagged LOADED")
+    p.add_argument("--profile-out", type=Path, default=None, metavar="FILE.json",
+                   help="write the default engine's step timeline (the parts that ran on it) "
+                        "as a Chrome trace")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip llm.warmup() (quick checks: programs then compile on first use, "
                         "still outside every timing; no warmup figures)")
@@ -232,8 +235,9 @@ class CpuWatch:
                     steal += v[7] if len(v) > 7 else 0
         except (OSError, ValueError):
             return None
-        t = os.times()
-        return time.perf_counter(), busy / self.clk, steal / self.clk, t.user + t.system
+        t = os.times()  # this process and the children it waited for (a launched server)
+        return (time.perf_counter(), busy / self.clk, steal / self.clk,
+                t.user + t.system + t.children_user + t.children_system)
 
     def __enter__(self):
         self.start, self.result = self._sample(), None
@@ -1087,6 +1091,12 @@ def main(argv=None) -> dict:
           + f"; load average {gate['loadavg_start'][0]:.2f} at start, "
             f"{results['machine']['loadavg_end'][0]:.2f} at the end (this run's own work "
             "included)")
+    if args.profile_out and ctx._llm is not None:
+        from jaxserve.engine.timeline import format_amdahl
+
+        results["timeline"] = ctx._llm.engine.timeline.summary()
+        print(format_amdahl(results["timeline"]))
+        print(f"wrote {ctx._llm.engine.timeline.write_chrome_trace(args.profile_out)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")

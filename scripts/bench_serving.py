@@ -62,7 +62,15 @@ Aggregates (duration = wall time from the first send to the last request's end)
     every given SLO (metric <= SLO) / duration.
 
 Prints a vLLM-style table and, with --result-json, writes the date, args, machine info, all
-metrics and per-request values. The metric math (`record_from_events`, `compute_metrics`) and
+metrics and per-request values.
+
+Side by side (with --launch): --server-args may be repeated and --max-concurrency may list
+several values (`32,128`); every (server args, concurrency) pair runs against a fresh server,
+one after the other, and a table compares them. --profile-out FILE.json has each server write
+its step timeline (jaxserve/engine/timeline.py; a Chrome trace, FILE-<i>.json when there are
+several runs); its Amdahl summary (ms per step: device, host only, output processing and the
+part of it the device waited for) joins the results. The CPU time other processes used during
+each run is recorded too (the machine may be shared). The metric math (`record_from_events`, `compute_metrics`) and
 the arrival process (`arrival_intervals`) are pure functions, tested without a server in
 tests/test_bench_serving.py; the only code that knows the gRPC client is `stream_tokens`.
 """
@@ -580,6 +588,16 @@ def machine_info() -> dict:
     return info
 
 
+def _concurrencies(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be integers >= 1, comma-separated, got {text!r}")
+    return values
+
+
 def _rate(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -597,8 +615,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="with --launch: the server's --model "
                    f"(default {DEFAULT_MODEL.relative_to(REPO)}); also where --vocab-size "
                    "is read from")
-    p.add_argument("--server-args", default="", help="with --launch: more server flags, "
-                   "one shell-quoted string, e.g. '--max-num-seqs 16'")
+    p.add_argument("--server-args", action="append", default=None,
+                   help="with --launch: more server flags, one shell-quoted string, e.g. "
+                   "'--max-num-seqs 16'; repeat to compare configurations side by side")
+    p.add_argument("--profile-out", type=Path, default=None, metavar="FILE.json",
+                   help="with --launch: the server writes its step timeline here (Chrome "
+                   "trace); its Amdahl summary joins the results")
     p.add_argument("--no-server-warmup", dest="server_warmup", action="store_false",
                    help="with --launch: do not pass --warmup (compile before serving)")
     p.add_argument("--launch-timeout", type=float, default=900.0,
@@ -624,8 +646,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="requests/s (Poisson with burstiness 1); inf sends all at once")
     p.add_argument("--burstiness", type=float, default=1.0,
                    help="Gamma shape of the inter-arrival times (1 = Poisson)")
-    p.add_argument("--max-concurrency", type=int, default=None,
-                   help="most requests in flight at once")
+    p.add_argument("--max-concurrency", type=_concurrencies, default=None,
+                   help="most requests in flight at once; a comma-separated list runs each")
     p.add_argument("--max-workers", type=int, default=1024,
                    help="cap on client threads (one per in-flight request)")
     p.add_argument("--seed", type=int, default=0)
@@ -640,13 +662,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dataset == "jsonl" and args.dataset_path is None:
         p.error("--dataset jsonl needs --dataset-path")
-    if not args.launch and (args.server_args or args.server_log or not args.server_warmup):
-        p.error("--server-args / --server-log need --launch")
+    if not args.launch and (args.server_args or args.server_log or not args.server_warmup
+                            or args.profile_out):
+        p.error("--server-args / --server-log / --profile-out need --launch")
+    args.server_args = args.server_args or [""]
+    args.concurrencies = args.max_concurrency or [None]
+    args.max_concurrency = args.concurrencies[0]
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_concurrency is not None and args.max_concurrency < 1:
-        p.error("--max-concurrency must be >= 1")
     try:
         args.percentile_list = parse_percentiles(args.percentiles)
         args.slos = parse_goodput(args.goodput)
@@ -697,6 +721,74 @@ def benchmark(args, target: str) -> dict:
     return {"records": records, "duration": duration, "model_info": server_model_info(target)}
 
 
+def profile_path(args, index: int, runs: int) -> Path | None:
+    if args.profile_out is None:
+        return None
+    if runs == 1:
+        return args.profile_out
+    return args.profile_out.with_name(f"{args.profile_out.stem}-{index}"
+                                      f"{args.profile_out.suffix}")
+
+
+def timeline_summary(path: Path | None) -> dict | None:
+    """The Amdahl summary a server wrote with its step timeline (None if it wrote none)."""
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("otherData", {}).get("amdahl")
+
+
+def run_once(args, server_args: str, concurrency: int | None, profile: Path | None) -> dict:
+    """One benchmark run (a server of its own with --launch); its result record."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_offline import CpuWatch
+
+    args.max_concurrency = concurrency
+    server_cmd = None
+    with CpuWatch() as load:
+        if args.launch:
+            cmd = ["--model", args.model, *(["--warmup"] if args.server_warmup else []),
+                   *(["--profile-out", str(profile)] if profile else []),
+                   *shlex.split(server_args)]
+            with LaunchedServer(cmd, args.launch_timeout, args.server_log) as server:
+                server_cmd = server.cmd
+                run = benchmark(args, server.target)
+        else:
+            run = benchmark(args, args.target)
+    records, duration = run["records"], run["duration"]
+    metrics = compute_metrics(records, duration, args.slos, args.percentile_list)
+    print(format_table(metrics))
+    errors = sorted({r.error for r in records if r.error})
+    for e in errors[:5]:
+        print(f"error: {e}", file=sys.stderr)
+    timeline = timeline_summary(profile)
+    if timeline:
+        from jaxserve.engine.timeline import format_amdahl
+        print(format_amdahl(timeline))
+    return {"server_args": server_args, "max_concurrency": concurrency,
+            "server_command": server_cmd, "server_model_info": run["model_info"],
+            "metrics": metrics, "timeline": timeline, "load": load.result,
+            "records": records}
+
+
+def side_by_side(runs: list[dict]) -> str:
+    head = ("server args", "conc.", "out tok/s", "mean TPOT", "median ITL", "ms/step",
+            "process", "exposed", "host only", "others' cores")
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for run in runs:
+        m, t, load = run["metrics"], run["timeline"] or {}, run["load"] or {}
+        steps = max(1, t.get("steps", 0))
+        process = t.get("phases", {}).get("process", {})
+        cell = (lambda x, f=".2f": "n/a" if x is None else format(x, f))  # noqa: E731
+        lines.append("| " + " | ".join([
+            run["server_args"] or "(defaults)", str(run["max_concurrency"]),
+            cell(m.get("output_throughput"), ".1f"), cell(m["tpot_ms"]["mean"]),
+            cell(m["itl_ms"]["median"]),
+            cell(1e3 * t["busy_wall_s"] / steps if t else None),
+            cell(process.get("ms_per_step")), cell(process.get("exposed_ms_per_step")),
+            cell(t.get("host_only_ms_per_step")), cell(load.get("others_cores"))]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     date = datetime.datetime.now().astimezone()
@@ -704,35 +796,27 @@ def main(argv=None) -> int:
         args.model = str(DEFAULT_MODEL)
     if args.dataset == "jsonl":
         build_requests(args, "")  # reject a bad file before starting anything
-    server_cmd = None
-    if args.launch:
-        server_args = ["--model", args.model, *(["--warmup"] if args.server_warmup else []),
-                       *shlex.split(args.server_args)]
-        with LaunchedServer(server_args, args.launch_timeout, args.server_log) as server:
-            server_cmd = server.cmd
-            run = benchmark(args, server.target)
-    else:
-        run = benchmark(args, args.target)
-    records, duration = run["records"], run["duration"]
-    metrics = compute_metrics(records, duration, args.slos, args.percentile_list)
-    print(format_table(metrics))
-    errors = sorted({r.error for r in records if r.error})
-    for e in errors[:5]:
-        print(f"error: {e}", file=sys.stderr)
+    plan = [(a, c) for a in args.server_args for c in args.concurrencies]
+    runs = [run_once(args, a, c, profile_path(args, i, len(plan)))
+            for i, (a, c) in enumerate(plan)]
+    if len(runs) > 1:
+        print("\n" + side_by_side(runs))
     if args.result_json:
         arg_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         arg_dict["request_rate"] = str(args.request_rate)  # inf is not JSON
-        result = {
-            "date": date.isoformat(timespec="seconds"),
-            "backend": "jaxserve-grpc", "target": args.target, "server_command": server_cmd,
-            "args": arg_dict, "machine": machine_info(), "server_model_info": run["model_info"],
-            "metrics": metrics,
-            "requests": [dataclasses.asdict(r) | {"tpot": r.tpot} for r in records],
-        }
+        results = []
+        for run in runs:
+            records = run.pop("records")
+            results.append({
+                "date": date.isoformat(timespec="seconds"),
+                "backend": "jaxserve-grpc", "target": args.target, **run,
+                "args": arg_dict, "machine": machine_info(),
+                "requests": [dataclasses.asdict(r) | {"tpot": r.tpot} for r in records]})
         args.result_json.parent.mkdir(parents=True, exist_ok=True)
-        args.result_json.write_text(json.dumps(result, indent=2) + "\n")
+        args.result_json.write_text(json.dumps(
+            results[0] if len(results) == 1 else {"runs": results}, indent=2) + "\n")
         print(f"wrote {args.result_json}", file=sys.stderr)
-    return 0 if metrics["completed"] else 1
+    return 0 if all(run["metrics"]["completed"] for run in runs) else 1
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ is dropped on readback (vLLM's async scheduling makes the same trade).
 devices many collective-bearing programs in flight can starve XLA's rendezvous threads (see
 ../shared/PLATFORM.md), so the bound is a setting; 2 keeps one step of overlap.
 
-Everything the host does is timed per phase (`stats()`): that is the non-scalable work that
-Amdahl's law charges tensor parallelism for.
+Everything the host does is timed per phase (`stats()`), and step by step in `timeline`
+(jaxserve/engine/timeline.py: host phases, device occupancy, idle gaps): that is the
+non-scalable work that Amdahl's law charges tensor parallelism for. Turning tokens into text
+is the output processor's job (jaxserve/engine/output_processor.py), inline or on a thread.
 
 Two small programs run beside the step, in dispatch order with it: before a step, the slot
 state (penalties) of sequences admitted in it is set from their token ids; after it, blocks that
@@ -38,8 +40,10 @@ from jaxserve.engine.block_allocator import IdPool
 from jaxserve.engine.prefix_cache import BlockPool, identity_hash
 from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
-from jaxserve.engine.sequence import Request, Sequence, Status
+from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.executor import QUERY_TILE, StepBuilder, StepLayout
+from jaxserve.engine.output_processor import OutputProcessor, check_mode as check_output_mode
+from jaxserve.engine.timeline import Timeline
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
 
@@ -53,9 +57,13 @@ class EngineConfig:
     max_prefill_chunk: int = 256  # longest prefill chunk of one sequence in one step
     max_prefill_rows: int = 8  # sequences prefilled in one step
     max_steps_in_flight: int = 2
+    output_processing: str = "inline"  # where text is made: see output_processor.py
 
     def __post_init__(self):
+        check_output_mode(self.output_processing)
         for f in dataclasses.fields(self):
+            if f.name == "output_processing":
+                continue
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
@@ -109,9 +117,9 @@ class Engine:
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
         self.counters = collections.Counter()
-        self.track_updates = False  # streaming servers turn this on and call take_updates
-        self.updated: list[Sequence] = []
         self.timers = collections.Counter()
+        self.timeline = Timeline()
+        self.output = OutputProcessor(self, engine_config.output_processing)
         self.flops = FlopsAccount(config, runner)
 
     # ---- requests ----
@@ -167,19 +175,14 @@ class Engine:
         """Forget every cached block (e.g. before something else writes the pool's pages)."""
         self.scheduler.clear_prefix_cache()
 
-    def take_updates(self) -> list[Sequence]:
-        """Sequences that received tokens since the last call (for streaming)."""
-        updated, self.updated = self.updated, []
-        return updated
-
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
     # ---- the loop ----
     def step(self) -> list[Request]:
         """One iteration: plan + dispatch a step, read back the oldest. Returns finished requests."""
-        finished: list[Request] = []
-        t0 = time.perf_counter()
+        finished: list[Request] = self.output.collect()
+        t0 = self.timeline.lap("other")
         plan = self.scheduler.schedule(can_preempt=not self.inflight)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
                                      and not self.inflight):
@@ -188,7 +191,7 @@ class Engine:
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
                 plan = self.scheduler.schedule(can_preempt=True)
-        t1 = time.perf_counter()
+        t1 = self.timeline.lap("schedule")
         self.timers["schedule_s"] += t1 - t0
         if not plan.empty:
             self.inflight.append(self._dispatch(plan))
@@ -196,6 +199,9 @@ class Engine:
         if self.inflight and (len(self.inflight) >= self.config.max_steps_in_flight
                               or plan.empty):
             finished += self._read_back(self.inflight.popleft())
+        elif plan.empty and self.output.busy:  # nothing to run until the text part catches up
+            self.output.wait()
+            finished += self.output.collect()
         return finished
 
     def drain(self) -> list[Request]:
@@ -208,7 +214,7 @@ class Engine:
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
         layout = self.builder.build(plan)
-        now = time.perf_counter()
+        now = self.timeline.lap("build")
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
@@ -221,6 +227,10 @@ class Engine:
         outputs = self.runner.step(layout.inputs)  # one program: prefill chunks and decodes
         if plan.copies:
             self.runner.copy_blocks(self.builder.copy_pairs(plan.copies))
+        self.timeline.lap("dispatch")
+        self.timeline.dispatched(outputs.tokens, decode_rows=len(plan.decodes),
+                                 prefill_chunks=len(plan.prefills),
+                                 tokens=int(layout.inputs.tokens.shape[0]))
         self.counters["steps"] += 1
         self.counters["prefill_steps"] += bool(plan.prefills)
         self.counters["decode_steps"] += bool(plan.decodes)
@@ -229,22 +239,13 @@ class Engine:
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
         t0 = time.perf_counter()
+        step.outputs.tokens.block_until_ready()
+        self.timeline.lap("wait")
         arrays = self._fetch(step.outputs, step.layout.wants_logprobs)
-        t1 = time.perf_counter()
+        t1 = self.timeline.lap("readback")
         self.timers["readback_wait_s"] += t1 - t0
-        finished = []
-        now = time.perf_counter()
-        for r, seq in step.layout.sample_rows:
-            if seq.status is Status.FINISHED:  # stopped while this step was in flight
-                self.counters["discarded_tokens"] += 1
-                continue
-            if self._append(seq, r, arrays, now):
-                request = seq.request
-                if request.finished and request.request_id in self.requests:
-                    request.metrics.finished_time = now
-                    del self.requests[request.request_id]
-                    finished.append(request)
-        self.timers["process_s"] += time.perf_counter() - t1
+        finished = self.output.read_back(step.layout.sample_rows, arrays, t1)
+        self.timers["process_s"] += self.timeline.lap("process") - t1
         return finished
 
     @staticmethod
@@ -254,55 +255,6 @@ class Engine:
             arrays.update(logprob=np.asarray(out.logprob), top_ids=np.asarray(out.top_ids),
                           top_logprobs=np.asarray(out.top_logprobs))
         return arrays
-
-    def _append(self, seq: Sequence, row: int, arrays: dict[str, np.ndarray], now: float) -> bool:
-        """Record one sampled token; returns True when the sequence finished."""
-        token = int(arrays["tokens"][row])
-        params = seq.params
-        seq.output_ids.append(token)
-        self.scheduler.name_blocks(seq)
-        if self.track_updates:
-            self.updated.append(seq)
-        self.counters["generated_tokens"] += 1
-        metrics = seq.request.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        if seq.logprobs is not None:
-            k = params.logprobs
-            top = dict(zip(arrays["top_ids"][row, :k].tolist(),
-                           arrays["top_logprobs"][row, :k].tolist()))
-            chosen = float(arrays["logprob"][row])
-            top[token] = chosen
-            seq.logprobs.append(top)
-            seq.cumulative_logprob += chosen
-        text_before = len(seq.text)
-        if seq.detokenizer is not None:
-            seq.text += seq.detokenizer.push([token])
-
-        n = len(seq.output_ids)
-        if token in self.eos_ids and not params.ignore_eos and n > params.min_tokens - 1:
-            return self._finish(seq, "stop", None)
-        if token in params.stop_token_ids and n > params.min_tokens - 1:
-            return self._finish(seq, "stop", token)
-        if params.stop and n >= params.min_tokens:
-            longest = max(len(s) for s in params.stop)
-            start = max(0, text_before - longest + 1)
-            hits = [(i, s) for s in params.stop if (i := seq.text.find(s, start)) >= 0]
-            if hits:
-                index, stop = min(hits)
-                seq.text = seq.text[:index]
-                return self._finish(seq, "stop", stop, flush=False)
-        if (params.max_tokens is not None and n >= params.max_tokens) or \
-                len(seq.request.prompt_ids) + n >= self.max_model_len:
-            return self._finish(seq, "length", None)
-        return False
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason: Any, flush: bool = True) -> bool:
-        if flush and seq.detokenizer is not None:
-            seq.text += seq.detokenizer.flush()
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self.scheduler.finish(seq)
-        return True
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:

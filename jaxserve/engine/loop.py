@@ -6,6 +6,11 @@ handler threads talk to it through a command queue and read results from per-req
 `RequestStream` queues. Submitting waits for the engine thread to accept the request, so
 validation errors reach the caller synchronously; the wait is at most one engine step.
 
+Deltas are published from wherever the engine's output processor makes text (this thread, or
+its own worker: see jaxserve/engine/output_processor.py); a request's Final is sent from this
+thread once the engine hands the finished request back, after its last delta. One lock guards
+the streams between the two.
+
 Streaming text never holds a partial UTF-8 character (the detokenizer holds it back) and, when
 the request has stop strings, holds back the last len(longest stop) - 1 characters until they
 cannot start a stop string, so text already sent is never taken back.
@@ -103,7 +108,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, max_queue: int = 256,
                  on_step: Callable[[EngineLoop, float], None] | None = None):
         self.engine = engine
-        self.engine.track_updates = True
+        self.engine.output.on_updates = self._publish
         self.max_queue = max_queue
         # metrics hook, called on the engine thread after each step, and with step time 0.0
         # after commands that leave the engine idle (so gauges see the last abort)
@@ -116,6 +121,7 @@ class EngineLoop:
         self._pending = 0  # submitted, not yet accepted by the engine thread
         self._scoring: dict[str, tuple[ScoreRun, Future]] = {}  # run id -> run, in arrival order
         self._lock = threading.Lock()
+        self._streams_lock = threading.Lock()  # _streams and _cursors: see the module docstring
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._thread.start()
 
@@ -168,15 +174,22 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             idle = not self._busy()
+            timeline = self.engine.timeline
             try:
-                command = self._commands.get(timeout=0.05) if idle else \
-                    self._commands.get_nowait()
+                if idle:
+                    timeline.lap("other")
+                    command = self._commands.get(timeout=0.05)
+                else:
+                    command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
+            if idle:
+                timeline.lap("idle")
             handled = False
             while command is not None:
                 if command[0] == "stop":
                     self._fail_all(NotAccepting("the server stopped"), LoopState.STOPPED)
+                    self.engine.output.close()
                     return
                 self._handle(*command)
                 handled = True
@@ -195,8 +208,8 @@ class EngineLoop:
             try:
                 t0 = time.perf_counter()
                 if self.engine.has_unfinished():
-                    finished = self.engine.step()
-                    self._publish(self.engine.take_updates(), finished)
+                    for request in self.engine.step():
+                        self._close(request, None)
                 if self._scoring:
                     self._score_step()
                 if self.on_step is not None:
@@ -240,9 +253,10 @@ class EngineLoop:
                 future.set_exception(e)
                 return
             stream = RequestStream(request_id, len(request.sequences))
-            self._streams[request_id] = stream
-            for seq in request.sequences:
-                self._cursors[id(seq)] = _SeqCursor()
+            with self._streams_lock:
+                self._streams[request_id] = stream
+                for seq in request.sequences:
+                    self._cursors[id(seq)] = _SeqCursor()
             future.set_result(stream)
         elif kind == "abort":
             request = self.engine.abort(payload)
@@ -255,42 +269,45 @@ class EngineLoop:
                 run_future.set_exception(ScoreAborted(f"scoring {payload!r} was aborted"))
             future.set_result(request is not None or scoring is not None)
 
-    def _publish(self, updated: list[Sequence], finished: list[Request]) -> None:
-        for seq in dict.fromkeys(updated):  # each sequence once, in order
-            stream = self._streams.get(seq.request.request_id)
-            cursor = self._cursors.get(id(seq))
-            if stream is None or cursor is None:
-                continue
-            hold = max((len(s) for s in seq.params.stop), default=1) - 1 \
-                if seq.finish_reason is None else 0
-            text_end = max(cursor.text, len(seq.text) - hold)
-            tokens = seq.output_ids[cursor.tokens:]
-            if tokens or text_end > cursor.text:
-                logprobs = None if seq.logprobs is None else seq.logprobs[cursor.tokens:]
-                stream.events.put(Delta(seq.index, tokens, seq.text[cursor.text:text_end],
-                                        logprobs))
-                cursor.tokens, cursor.text = len(seq.output_ids), text_end
-        for request in finished:
-            self._close(request, None)
+    def _publish(self, updated: list[Sequence]) -> None:
+        """Deltas of the sequences that got new text (the output processor's hook)."""
+        with self._streams_lock:
+            for seq in dict.fromkeys(updated):  # each sequence once, in order
+                stream = self._streams.get(seq.request.request_id)
+                cursor = self._cursors.get(id(seq))
+                if stream is None or cursor is None:
+                    continue
+                hold = max((len(s) for s in seq.params.stop), default=1) - 1 \
+                    if seq.finish_reason is None else 0
+                text_end = max(cursor.text, len(seq.text) - hold)
+                tokens = seq.output_ids[cursor.tokens:seq.num_processed]
+                if tokens or text_end > cursor.text:
+                    logprobs = None if seq.logprobs is None else \
+                        seq.logprobs[cursor.tokens:seq.num_processed]
+                    stream.events.put(Delta(seq.index, tokens, seq.text[cursor.text:text_end],
+                                            logprobs))
+                    cursor.tokens, cursor.text = seq.num_processed, text_end
 
     def _close(self, request: Request, reason: str | None) -> None:
-        stream = self._streams.pop(request.request_id, None)
-        if stream is None:
-            return
-        for seq in request.sequences:
-            cursor = self._cursors.pop(id(seq), _SeqCursor())
-            stream.events.put(Final(seq.index, reason or seq.finish_reason or "abort",
-                                    len(request.prompt_ids), len(seq.output_ids),
-                                    seq.text[cursor.text:], request.metrics,
-                                    request.cached_prompt_tokens or 0))
+        with self._streams_lock:
+            stream = self._streams.pop(request.request_id, None)
+            if stream is None:
+                return
+            for seq in request.sequences:
+                cursor = self._cursors.pop(id(seq), _SeqCursor())
+                stream.events.put(Final(seq.index, reason or seq.finish_reason or "abort",
+                                        len(request.prompt_ids), len(seq.output_ids),
+                                        seq.text[cursor.text:], request.metrics,
+                                        request.cached_prompt_tokens or 0))
 
     def _fail_all(self, error: BaseException, state: LoopState) -> None:
         with self._lock:
             self.state = state
-        for request_id, stream in list(self._streams.items()):
-            stream.events.put(Failure(error))
-        self._streams.clear()
-        self._cursors.clear()
+        with self._streams_lock:
+            for request_id, stream in list(self._streams.items()):
+                stream.events.put(Failure(error))
+            self._streams.clear()
+            self._cursors.clear()
         for run, future in self._scoring.values():
             run.release()
             future.set_exception(error)

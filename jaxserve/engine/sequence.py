@@ -48,6 +48,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.text = ""
         self.detokenizer = None  # set by the engine when a tokenizer exists
+        self.num_processed = 0  # outputs turned into text (output processing may run behind)
 
     @property
     def params(self) -> SamplingParams:

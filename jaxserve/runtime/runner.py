@@ -27,7 +27,7 @@ from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.ops.cost import uncounted_flops
 from jaxserve.ops.moe import MoEExecution, moe_execution
-from jaxserve.runtime import sampling
+from jaxserve.runtime import sampling, step_sampling
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout, replicas_of
 
@@ -43,9 +43,11 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params: nnx.State,
-                 layout: Layout, kv: KVPool, moe: MoEExecution = MoEExecution()):
+                 layout: Layout, kv: KVPool, moe: MoEExecution = MoEExecution(),
+                 sampling: str = step_sampling.DEFAULT_SAMPLING):
         self.config = config
         self.moe = moe  # how MoE layers run; fixed when each program is traced
+        self.sampling = step_sampling.check_mode(sampling)  # see runtime/step_sampling.py
         self.graphdef = graphdef
         # Programs take the parameters as a flat list: flattening an nnx.State on every call
         # costs ~0.1-0.2 ms of host time per step; a list costs microseconds.
@@ -94,7 +96,7 @@ class ModelRunner:
         if "step" not in self._programs:
             self._programs["step"] = jax.jit(
                 functools.partial(_step, self.graphdef, self._param_treedef,
-                                  (self.layout, self.moe)),
+                                  (self.layout, self.moe), sampling_mode=self.sampling),
                 donate_argnums=(1, 2),
                 in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                               _shardings(self.slot_state), self._input_sharding()),
@@ -206,6 +208,13 @@ class ModelRunner:
         self._compiled.clear()
         self._flops.clear()
         self._loop_flops.clear()
+
+    def set_sampling(self, mode: str) -> None:
+        """Sample another way from now on (the programs compiled so far are dropped)."""
+        self.sampling = step_sampling.check_mode(mode)
+        self._programs.clear()
+        self._compiled.clear()
+        self._flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
@@ -390,9 +399,8 @@ def _forward(graphdef, param_treedef, setting, param_leaves, kv, inputs):
 
 
 def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
-          inputs: StepInputs):
+          inputs: StepInputs, *, sampling_mode: str):
     layout = setting[0]
-    b = inputs.slot_ids.shape[0]
     from_slot = inputs.token_slot >= 0
     tokens = jnp.where(from_slot, state.last_token[jnp.maximum(inputs.token_slot, 0)],
                        inputs.tokens)
@@ -401,20 +409,9 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
 
-    processed = sampling.apply_penalties(logits, state.prompt_mask, state.output_counts,
-                                         inputs.slot_ids, inputs.sampling)
-    processed = processed.at[jnp.arange(b)[:, None], inputs.suppressed].set(-jnp.inf, mode="drop")
-    next_tokens = sampling.sample(processed, inputs.sampling)
-
-    def with_logprobs():
-        return sampling.logprobs(logits, next_tokens, MAX_LOGPROBS)
-
-    def without_logprobs():
-        return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
-                jnp.zeros((b, MAX_LOGPROBS), jnp.float32))
-
-    chosen, top_ids, top_lps = jax.lax.cond(inputs.want_logprobs.any(), with_logprobs,
-                                            without_logprobs)
+    next_tokens, chosen, top_ids, top_lps = step_sampling.sample_rows(
+        sampling_mode, layout, logits, state.prompt_mask, state.output_counts, inputs.slot_ids,
+        inputs.suppressed, inputs.want_logprobs, inputs.sampling, MAX_LOGPROBS)
     trash = state.last_token.shape[0] - 1
     target = jnp.where(inputs.sample, inputs.slot_ids, trash)
     state = SlotState(last_token=state.last_token.at[target].set(next_tokens),

@@ -352,8 +352,9 @@ def _decoding_streams(args) -> int:
     return per_replica * devices
 
 
-def serve(args, make_llm) -> int:
-    """`jaxserve serve`: start, load, serve until SIGTERM/SIGINT, drain, exit 0."""
+def serve(args, make_llm, on_ready=None) -> int:
+    """`jaxserve serve`: start, load, serve until SIGTERM/SIGINT, drain, exit 0. `on_ready(llm)`
+    runs once the model is loaded (and warmed up), before the engine thread owns it."""
     grpc_port = None if getattr(args, "no_grpc", False) else args.port
     http_port = getattr(args, "http_port", None)
     if grpc_port is None and http_port is None:
@@ -396,6 +397,8 @@ def serve(args, make_llm) -> int:
             llm = make_llm(args)
             if args.warmup:
                 llm.warmup()
+            if on_ready is not None:
+                on_ready(llm)
             server.attach(llm)
         if not stop.is_set():
             print(f"jaxserve serving on {where} ({metrics}){extra}", flush=True)

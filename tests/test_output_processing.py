@@ -1,0 +1,143 @@
+"""Output processing on a worker thread gives what inline processing gives: the same tokens,
+text, logprobs and finish reasons offline, and the same streams online; a stop string the
+worker finds late still drops every token after it.
+
+Oracle: the same engine with output_processing="inline" (detokenization and stop checks on
+the engine thread, right after readback, as before).
+"""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.engine.loop import Delta, EngineLoop, Failure, Final
+from jaxserve.engine.output_processor import OutputProcessor
+
+TINY = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+ENGINE = dict(max_model_len=128, block_size=8, max_num_batched_tokens=64, max_num_seqs=8)
+PROMPTS = ["def main():", "import os\n", "class Config:", "for i in range(", "return self.",
+           "    if x is None:"]
+PARAMS = [
+    SamplingParams(temperature=0, max_tokens=24, stop=["\n"]),
+    SamplingParams(temperature=0.8, seed=1, max_tokens=24, stop=["):", "self"], logprobs=3),
+    SamplingParams(temperature=0, max_tokens=20, min_tokens=5, stop=[" "]),
+    SamplingParams(temperature=1.0, top_p=0.9, seed=2, max_tokens=30, n=2, stop=["("],
+                   logprobs=1),
+    SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[13]),
+    SamplingParams(temperature=0.7, seed=5, max_tokens=40, ignore_eos=True, logprobs=2),
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(TINY, **ENGINE)
+
+
+def assert_same_outputs(got, want):
+    """Tokens, text and finish reasons exactly; logprobs to float32 rounding (a request whose
+    stop is applied a step later changes the batch shape of later steps, and XLA's products
+    round by shape)."""
+    assert len(got) == len(want)
+    for got_request, want_request in zip(got, want):
+        for (text, ids, lps, cum, reason, stop), (text_, ids_, lps_, cum_, reason_, stop_) in \
+                zip(got_request, want_request, strict=True):
+            assert (text, ids, reason, stop) == (text_, ids_, reason_, stop_)
+            assert (lps is None) == (lps_ is None)
+            for top, top_ in zip(lps or [], lps_ or [], strict=True):
+                assert top.keys() == top_.keys()
+                assert list(top.values()) == pytest.approx(list(top_.values()), rel=1e-5,
+                                                           abs=1e-5)
+            assert (cum is None and cum_ is None) or cum == pytest.approx(cum_, rel=1e-5,
+                                                                          abs=1e-5)
+
+
+def offline(llm, mode):
+    llm.engine.output.set_mode(mode)
+    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    return [[(c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason,
+              c.stop_reason) for c in out.outputs] for out in outs]
+
+
+def test_a_worker_thread_gives_the_outputs_of_inline_processing(llm):
+    inline = offline(llm, "inline")
+    assert any(reason == "stop" and isinstance(stop, str)  # stop strings do finish requests
+               for out in inline for _, _, _, _, reason, stop in out)
+    discarded = llm.engine.counters["discarded_tokens"]
+    assert_same_outputs(offline(llm, "thread"), inline)
+    assert llm.engine.counters["discarded_tokens"] >= discarded
+    assert not llm.engine.requests and not llm.engine.output.busy
+    assert llm.engine.kv_blocks_used == 0
+
+
+def collect(stream):
+    text, tokens, finals = {}, {}, {}
+    while len(finals) < stream.open_sequences:
+        event = stream.get(timeout=120)
+        if isinstance(event, Failure):
+            raise event.error
+        if isinstance(event, Delta):
+            text[event.index] = text.get(event.index, "") + event.text
+            tokens.setdefault(event.index, []).extend(event.token_ids)
+        if isinstance(event, Final):
+            text[event.index] = text.get(event.index, "") + event.text
+            finals[event.index] = event
+    return text, tokens, finals
+
+
+def test_streams_from_the_worker_thread_equal_offline_outputs(llm):
+    expected = offline(llm, "inline")
+    llm.engine.output.set_mode("thread")
+    loop = EngineLoop(llm.engine)
+    try:
+        results = [None] * len(PROMPTS)
+
+        def client(i):
+            ids = llm.tokenizer.encode(PROMPTS[i])
+            results[i] = collect(loop.submit(f"s{i}", ids, PARAMS[i], PROMPTS[i]))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for i, (text, tokens, finals) in enumerate(results):
+            for k, (want_text, want_ids, _, _, reason, _) in enumerate(expected[i]):
+                assert text[k] == want_text and tokens[k] == want_ids
+                assert finals[k].finish_reason == reason
+                assert finals[k].completion_tokens == len(want_ids)
+    finally:
+        loop.stop()
+        llm.engine.output.set_mode("inline")
+
+
+def test_the_timeline_shows_the_worker_threads_spans(llm):
+    llm.engine.timeline.reset()
+    offline(llm, "thread")
+    trace = llm.engine.timeline.chrome_trace()
+    names = {e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    assert "output thread" in names
+    llm.engine.output.set_mode("inline")
+
+
+def test_a_stop_string_found_late_drops_every_token_after_it(llm, monkeypatch):
+    start = llm.engine.counters["discarded_tokens"]
+    inline = offline(llm, "inline")
+    before = dict(llm.engine.counters)
+    inline_discarded = before["discarded_tokens"] - start
+    slow_text = OutputProcessor._text
+
+    def slow(self, arrays, item):  # the worker lags several steps behind the device
+        time.sleep(0.02)
+        return slow_text(self, arrays, item)
+
+    monkeypatch.setattr(OutputProcessor, "_text", slow)
+    assert_same_outputs(offline(llm, "thread"), inline)
+    after = llm.engine.counters
+    assert after["generated_tokens"] - before["generated_tokens"] == \
+        sum(len(ids) for out in inline for _, ids, *_ in out)
+    assert after["discarded_tokens"] - before["discarded_tokens"] > inline_discarded
+    assert llm.engine.kv_blocks_used == 0
+    llm.engine.output.set_mode("inline")

@@ -1,0 +1,183 @@
+"""The step timeline: host phases tile the run's wall-clock time, the device's busy time and idle
+gaps follow from non-blocking polls, the Amdahl table adds up, and the Chrome trace is valid
+trace-event JSON (from the API and from `jaxserve generate --profile-out`)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.engine.timeline import Timeline, format_amdahl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Probe:
+    """Stands in for a step's output array."""
+
+    def __init__(self):
+        self.ready = False
+
+    def is_ready(self):
+        return self.ready
+
+
+def run_two_steps(timeline, clock):
+    """other 0-1, schedule 1-2, build 2-3, dispatch 3-4 (step 1 queued at 4), wait 4-6 (done),
+    readback 6-7, process 7-9, other 9-10, schedule 10-11, build 11-12, dispatch 12-13 (step 2
+    queued at 13), wait 13-14 (done), readback 14-15, process 15-16."""
+    probes = [Probe(), Probe()]
+    laps = [(1, "other"), (2, "schedule"), (3, "build"), (4, "dispatch"), "queue", "ready",
+            (6, "wait"), (7, "readback"), (9, "process"), (10, "other"), (11, "schedule"),
+            (12, "build"), (13, "dispatch"), "queue", "ready", (14, "wait"), (15, "readback"),
+            (16, "process")]
+    queued = ready = 0
+    for lap in laps:
+        if lap == "queue":
+            timeline.dispatched(probes[queued], decode_rows=1)
+            queued += 1
+        elif lap == "ready":
+            probes[ready].ready = True
+            ready += 1
+        else:
+            clock.now = lap[0]
+            timeline.lap(lap[1])
+
+
+def test_device_time_and_idle_gaps_come_from_polls_at_phase_boundaries():
+    clock = FakeClock()
+    timeline = Timeline(clock=clock)
+    run_two_steps(timeline, clock)
+    s = timeline.summary()
+    assert s["steps"] == 2 and s["wall_s"] == 16 and s["busy_wall_s"] == 16
+    assert s["device_s"] == 3  # [4, 6] and [13, 14]
+    assert s["host_only_s"] == 13 and s["host_only_fraction"] == pytest.approx(13 / 16)
+    phases = s["phases"]
+    assert sum(row["seconds"] for row in phases.values()) == 16
+    # the device had nothing queued over [0, 4], [6, 13] and [14, 16]
+    assert phases["wait"]["exposed_s"] == 0
+    assert phases["process"]["seconds"] == 3 and phases["process"]["exposed_s"] == 3
+    assert phases["dispatch"]["exposed_s"] == 2
+    assert "host only" in format_amdahl(s)
+
+
+def test_a_step_finishing_inside_a_long_phase_is_seen_at_its_end():
+    clock = FakeClock()
+    timeline = Timeline(clock=clock)
+    probe = Probe()
+    clock.now = 1
+    timeline.lap("dispatch")
+    timeline.dispatched(probe)
+    probe.ready = True  # done at some time in [1, 5]: seen at the next lap
+    clock.now = 5
+    timeline.lap("process")
+    assert timeline.summary()["device_s"] == 4
+
+
+def test_idle_time_is_left_out_of_the_amdahl_table():
+    clock = FakeClock()
+    timeline = Timeline(clock=clock)
+    clock.now = 100
+    timeline.lap("idle")  # a server with nothing to do
+    run_two_steps(timeline, FakeClockFrom(clock, 100))
+    s = timeline.summary()
+    assert s["idle_s"] == 100 and s["busy_wall_s"] == 16 and s["device_s"] == 3
+
+
+class FakeClockFrom:
+    """Sets `clock` to base + t."""
+
+    def __init__(self, clock, base):
+        self.clock, self.base = clock, base
+
+    @property
+    def now(self):
+        return self.clock.now - self.base
+
+    @now.setter
+    def now(self, t):
+        self.clock.now = self.base + t
+
+
+def test_the_ring_keeps_the_latest_steps():
+    clock = FakeClock()
+    timeline = Timeline(capacity=8, clock=clock)
+    for i in range(1, 50):
+        clock.now = i
+        timeline.lap("schedule")
+    assert len(timeline.spans) == 8 and timeline.totals["schedule"] == 49
+
+
+def assert_trace_events(trace):
+    trace = json.loads(json.dumps(trace))  # plain JSON, nothing Python-only
+    events = trace["traceEvents"]
+    assert events and trace["displayTimeUnit"] == "ms"
+    for e in events:
+        assert {"name", "ph", "pid", "tid"} <= set(e)
+        assert e["ph"] in ("X", "M")
+        if e["ph"] == "X":
+            assert isinstance(e["ts"], (int, float)) and e["dur"] >= 0
+    return events
+
+
+@pytest.fixture(scope="module")
+def llm(hf_model_dir):
+    return LLM(hf_model_dir("llama")[1], max_model_len=128, block_size=8, max_num_seqs=8,
+               max_num_batched_tokens=64)
+
+
+def test_the_phases_add_up_to_the_wall_clock_time_of_a_run(llm):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, size=n).tolist() for n in (5, 40, 12, 70)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)  # compile outside the measured run
+    steps_before = llm.engine.counters["steps"]
+    llm.engine.timeline.reset()
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    s = llm.stats()["timeline"]
+    assert s["steps"] == llm.engine.counters["steps"] - steps_before
+    assert sum(row["seconds"] for row in s["phases"].values()) == pytest.approx(s["wall_s"])
+    # not covered: validating the prompts before the first lap, building outputs after the last
+    assert s["busy_wall_s"] == pytest.approx(wall, rel=0.05, abs=0.02)
+    assert s["device_s"] + s["host_only_s"] == pytest.approx(s["busy_wall_s"])
+    assert 0 < s["device_fraction"] <= 1
+    events = assert_trace_events(llm.engine.timeline.chrome_trace())
+    device_steps = [e for e in events if e["pid"] == 2 and e["name"].startswith("step ")]
+    assert len(device_steps) == s["steps"]
+
+
+def test_generate_writes_a_chrome_trace_and_a_jax_profile(tmp_path):
+    trace, profile = tmp_path / "steps.json", tmp_path / "jax-profile"
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli", "generate", "--prompt", "def main():",
+         "--max-tokens", "12", "--temperature", "0", "--profile-out", str(trace),
+         "--jax-profile", str(profile), "--jax-profile-steps", "2:3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "host only" in result.stderr
+    events = assert_trace_events(json.loads(trace.read_text()))
+    assert {e["name"] for e in events} >= {"schedule", "build", "dispatch", "wait", "process"}
+    assert list(profile.rglob("*.xplane.pb"))
+
+
+def test_a_bad_profile_window_is_refused_by_name():
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxserve.cli", "generate", "--prompt", "x",
+         "--jax-profile", "/tmp/unused", "--jax-profile-steps", "ten"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "'ten'" in result.stderr

@@ -1,0 +1,75 @@
+"""scripts/tp_sweep.py end to end on the 8 simulated devices (quick model and workload), and
+its pieces: the splits, the Amdahl fit, predicted columns."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep = _load("tp_sweep")
+
+
+def test_the_fit_recovers_amdahls_p():
+    p, t1 = 0.8, 10.0  # T(t) = T1 ((1 - p) + p / t)
+    rows = [{"tp": t, "step_ms": t1 * ((1 - p) + p / t)} for t in (1, 2, 4, 8)]
+    fit = sweep.fit_amdahl(rows)
+    assert fit["p"] == pytest.approx(p) and fit["serial_ms"] == pytest.approx(2.0)
+    assert fit["speedup"]["8"] == pytest.approx(1 / (0.2 + 0.1))
+    assert sweep.fit_amdahl(rows[:1]) is None
+    faster_than_linear = [{"tp": t, "step_ms": 10.0 / t ** 2} for t in (1, 2, 4, 8)]
+    assert sweep.fit_amdahl(faster_than_linear)["p"] == 1.0
+    slower = [{"tp": t, "step_ms": 10.0 + t} for t in (1, 2, 4, 8)]
+    assert sweep.fit_amdahl(slower)["p"] == 0.0
+
+
+def test_splits_name_the_rules_and_skip_what_the_heads_refuse():
+    from jaxserve.config import ModelConfig
+
+    dense = ModelConfig(**dict(sweep.PRESETS["quick"], num_heads=4, num_kv_heads=4))
+    rows = {r["tp"]: r for r in sweep.splits(8, dense)}
+    assert [(rows[t]["mesh"], rows[t]["rules"]) for t in (1, 2, 4)] == [
+        ("dp=8", "dp"), ("dp=4,tp=2", "dp_tp"), ("dp=2,tp=4", "dp_tp")]
+    assert "q_heads" in rows[8]["skipped"]  # 4 heads cannot split 8 ways
+    moe = ModelConfig(**dict(sweep.PRESETS["quick"], family="qwen3_moe", num_experts=8,
+                             num_experts_per_tok=2, moe_intermediate_size=32))
+    assert [(r["mesh"], r["rules"]) for r in sweep.splits(4, moe)] == [
+        ("ep=4", "ep"), ("tp=2,ep=2", "tp_ep"), ("tp=4", "tp")]
+
+
+def test_the_sweep_runs_on_8_devices_and_writes_csv_and_png(tmp_path):
+    predictions = tmp_path / "predicted.json"
+    predictions.write_text(json.dumps([{"mesh": "tp=8", "rules": "tp",
+                                        "throughput_tok_s": 123.0, "note": "model"}]))
+    out = {k: tmp_path / f"sweep.{k}" for k in ("csv", "png", "json")}
+    results = sweep.main(["--devices", "8", "--quick", "--predictions", str(predictions),
+                          *[x for k, p in out.items() for x in (f"--{k}", str(p))]])
+    with open(out["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["replicas"], r["tp"]) for r in rows] == [("8", "1"), ("4", "2"), ("2", "4"),
+                                                        ("1", "8")]
+    for r in rows:
+        assert float(r["throughput_tok_s"]) > 0 and int(r["steps"]) > 0
+        assert float(r["step_ms"]) == pytest.approx(
+            float(r["device_ms_per_step"]) + float(r["host_only_ms_per_step"]), rel=1e-3)
+        assert int(r["kv_capacity_seqs"]) > 0
+    capacity = [int(r["kv_capacity_seqs"]) for r in rows]
+    assert capacity == sorted(capacity)  # fewer weights per device: more room for KV
+    assert rows[-1]["predicted_throughput_tok_s"] == "123"
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads(out["json"].read_text())
+    assert saved["simulated"] and saved["t_e"]["sequence_parallel"] in (1, 2, 4, 8)
+    assert results["amdahl"]["sequence_parallel"]["p"] == saved["amdahl"]["sequence_parallel"]["p"]

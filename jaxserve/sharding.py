@@ -98,9 +98,7 @@ class Layout:
     def sampling_row_axes(self) -> tuple[str, ...]:
         """The mesh axes (of size > 1) that split `vocab` but not `batch`: a sequence-parallel
         sampler gives each device along them its own share of a replica's sample rows."""
-        vocab = self._partition(("batch", "vocab"), (None, None),
-                                lambda name, dim, mesh_axes: mesh_axes)[1]
-        axes = () if vocab is None else (vocab,) if isinstance(vocab, str) else tuple(vocab)
+        axes = self.mesh_rules.mesh_axes(("batch", "vocab"))[1]
         return tuple(a for a in axes if self.mesh.shape[a] > 1)
 
     def split_factor(self, spec: PartitionSpec) -> int:

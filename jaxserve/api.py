@@ -46,7 +46,8 @@ class LLM:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  max_prefill_chunk: int = 256, max_prefill_rows: int = 8,
                  max_steps_in_flight: int = 2, moe_strategy: str = "auto",
-                 moe_auto_threshold: int | None = None, sampling: str = DEFAULT_SAMPLING,
+                 moe_auto_threshold: int | None = None, enable_prefix_caching: bool = True,
+                 routing="prefix", sampling: str = DEFAULT_SAMPLING,
                  output_processing: str = "inline"):
         """Load a jaxserve checkpoint onto a mesh.
 
@@ -58,6 +59,10 @@ class LLM:
         jaxserve/engine/sizing.py). max_model_len: longest sequence served (default: the model's
         limit, lowered to what the pool holds). The max_* settings bound a step per DP replica
         (see EngineConfig); max_steps_in_flight bounds asynchronous dispatch.
+        enable_prefix_caching: reuse the KV of prompt prefixes computed before (see
+        jaxserve/engine/prefix_cache.py). routing: which DP replica a new sequence joins,
+        "prefix" (the one caching its longest prefix unless it is overloaded), "least_loaded",
+        "round_robin" or a policy object (see jaxserve/engine/router.py).
         sampling: "sequence_parallel" (each device samples its own rows; see
         jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline" or
         "thread" (detokenization and stop strings beside the next step; see
@@ -95,8 +100,12 @@ class LLM:
         from jaxserve.tokenizer import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
+        # What writes the KV: equal prefix cache hashes must mean equal KV.
+        identity = "|".join(map(str, (self.model_dir.resolve(), self.config, kv_dtype,
+                                      self.layout.rules.source)))
         self.engine = Engine(self.runner, self.config, self.max_model_len, engine_config,
-                             self.tokenizer)
+                             self.tokenizer, enable_prefix_caching=enable_prefix_caching,
+                             routing=routing, cache_identity=identity)
         self._request_ids = itertools.count()
 
     def _kv_pool_blocks(self, kv_blocks, fraction, block_size, max_num_seqs,
@@ -314,7 +323,7 @@ class LLM:
                             f"{type(candidates).__name__}")
         if not candidates and top_n == 0:
             raise ValueError(f"{prompt_name}: nothing to score: give candidates or top_n >= 1")
-        blocks = self.engine.allocators[0]
+        blocks = self.engine.pools[0]
         ids_list, texts = [], []
         for j, candidate in enumerate(candidates):
             what = candidate_name.format(j)
@@ -374,6 +383,7 @@ class LLM:
             raise ValueError("token_id_lists is empty")
         if self.engine.has_unfinished():
             raise RuntimeError("logits() needs the KV pool to itself: requests are running")
+        self.engine.clear_prefix_cache()  # its pages are overwritten below
         bs, pool = self.runner.block_size, self.runner.blocks_per_replica - 1
         out: list[np.ndarray] = []
         group: list[list[int]] = []

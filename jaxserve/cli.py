@@ -95,6 +95,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "steps above --moe-auto-threshold tokens, else alltoall)")
     p.add_argument("--moe-auto-threshold", type=int, default=None,
                    help="tokens per step above which auto gathers expert weights")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=None, help="compute every prompt in full (default: reuse the KV of "
+                   "cached prompt prefixes)")
+    p.add_argument("--routing", default=None,
+                   help="which DP replica a new sequence joins: prefix (default: the one "
+                   "caching its longest prefix, unless it is overloaded), least_loaded or "
+                   "round_robin")
     p.add_argument("--sampling", default=None, choices=["sequence_parallel", "replicated"],
                    help="under tensor parallelism: each device samples its own rows "
                    "(sequence_parallel, the default) or every row (replicated)")
@@ -116,7 +123,8 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
 
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                 "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
-                "moe_auto_threshold", "sampling", "output_processing")
+                "moe_auto_threshold", "enable_prefix_caching", "routing", "sampling",
+                "output_processing")
 
 
 def _profile_window(text: str) -> tuple[int, int]:
@@ -252,6 +260,59 @@ def cmd_client(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import dataclasses
+    import json
+
+    from jaxserve.perf.plan import SLO, load_model_config, plan
+    from jaxserve.perf.precision import Precision
+    from jaxserve.perf.profiles import HostOverhead, load_hardware
+    from jaxserve.perf.workload import Workload
+
+    config, name = load_model_config(args.model)
+    hardware = load_hardware(args.hardware)
+    for flag, value in (("--host-step-ms", args.host_step_ms), ("--host-seq-us", args.host_seq_us)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
+    if args.host_step_ms is not None or args.host_seq_us is not None:
+        host = HostOverhead(
+            hardware.host.per_step_s if args.host_step_ms is None else args.host_step_ms / 1e3,
+            hardware.host.per_sequence_s if args.host_seq_us is None else args.host_seq_us / 1e6)
+        hardware = dataclasses.replace(hardware, host=host)
+    workload = Workload.load(args.workload) if args.workload else Workload()
+    precision = Precision.parse(args.precision)
+    decode = Precision.parse(args.decode_precision) if args.decode_precision else None
+    result = plan(config, args.devices, hardware, workload, precision, decode,
+                  SLO.parse(args.slo), disaggregated=not args.colocated_only, model_name=name)
+    print(result.table(args.top))
+    if not result.candidates:
+        print("no layout fits: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0 if result.candidates else 1
+
+
+def cmd_calibrate(args) -> int:
+    import os
+
+    if args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" not in sys.modules and "device_count" not in flags:  # simulated CPU devices
+        os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count="
+                                   f"{args.devices}").strip()
+    from jaxserve.perf.calibrate import calibrate
+    from jaxserve.perf.profiles import save_hardware
+
+    hardware = calibrate(args.name, quick=args.quick,
+                         progress=lambda line: print(line, file=sys.stderr))
+    save_hardware(hardware, args.out, "# Written by `jaxserve calibrate`: measured on this "
+                  "machine (see `measured`).")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -334,6 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("plan", help="rank layouts (replicas x TP x EP, prefill/decode splits) "
+                       "of a model on G devices with the analytical performance model")
+    p.add_argument("--model", required=True, help="jaxserve checkpoint directory, its "
+                   "config.json, or an HF config.json (or a directory holding one)")
+    p.add_argument("--devices", type=int, required=True, help="number of devices (G)")
+    p.add_argument("--hardware", default="h100", help="profile name in jaxserve/perf/hardware/ "
+                   "(h100, h200, a100-80gb, tpu-v5e, tpu-v5p, cpu-local) or a YAML path")
+    p.add_argument("--workload", default=None, help="workload YAML/JSON (prompt_len, "
+                   "output_len, prefix_hit_rate, concurrency or rate, max_num_seqs, "
+                   "max_num_batched_tokens; see README)")
+    p.add_argument("--slo", default=None, help="latency targets, e.g. 'ttft=500ms,tpot=50ms'")
+    p.add_argument("--precision", default="bfloat16", help="bfloat16, float8, ... or "
+                   "'weights=int8,kv=float8,compute=bfloat16' (default bfloat16)")
+    p.add_argument("--decode-precision", default=None,
+                   help="the decode engines' precision in prefill/decode splits "
+                   "(default: --precision)")
+    p.add_argument("--colocated-only", action="store_true",
+                   help="no prefill/decode splits")
+    p.add_argument("--host-step-ms", type=float, default=None,
+                   help="override the profile's host time per step (ms)")
+    p.add_argument("--host-seq-us", type=float, default=None,
+                   help="override the profile's host time per sequence in a step (us)")
+    p.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
+    p.add_argument("--json", default=None, help="write every layout's numbers here")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("calibrate", help="measure this machine (matmul rates, bandwidth, host "
+                       "time per step, collectives) and write its hardware profile")
+    p.add_argument("--out", default="cpu-local.yaml", help="profile to write "
+                   "(default cpu-local.yaml)")
+    p.add_argument("--name", default="cpu-local", help="the profile's name")
+    p.add_argument("--devices", type=int, default=2,
+                   help="simulated CPU devices for the collective measurement (default 2; "
+                   "an XLA_FLAGS device count already set wins)")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (seconds)")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 

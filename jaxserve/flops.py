@@ -10,6 +10,8 @@ head copies. Like `config`, this module never imports jax: planning tools read i
 
 from __future__ import annotations
 
+import functools
+
 from jaxserve.config import ModelConfig
 
 
@@ -22,13 +24,22 @@ def attention_projection_flops(config: ModelConfig) -> int:
 def mlp_flops(config: ModelConfig, layer: int) -> int:
     """One token through layer `layer`'s MLP: the dense SwiGLU, or the router plus the
     `num_experts_per_tok` experts the token is sent to."""
-    e = config.hidden_size
     if not config.moe_layer(layer):
-        return 2 * 3 * e * config.intermediate_size
-    router = 2 * e * config.num_experts
-    return router + config.num_experts_per_tok * 2 * 3 * e * config.moe_intermediate_size
+        return 2 * 3 * config.hidden_size * config.intermediate_size
+    return router_flops(config) + config.num_experts_per_tok * expert_flops(config)
 
 
+def router_flops(config: ModelConfig) -> int:
+    """One token's router logits in one MoE layer."""
+    return 2 * config.hidden_size * config.num_experts
+
+
+def expert_flops(config: ModelConfig) -> int:
+    """One token through ONE expert (a SwiGLU of width `moe_intermediate_size`)."""
+    return 2 * 3 * config.hidden_size * config.moe_intermediate_size
+
+
+@functools.lru_cache(maxsize=64)  # the engine asks per sequence and step: one sum per model
 def dense_flops_per_token(config: ModelConfig) -> int:
     """Every matmul one token needs in the decoder, attention scores excluded."""
     return sum(attention_projection_flops(config) + mlp_flops(config, i)

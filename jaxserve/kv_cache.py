@@ -8,7 +8,9 @@ allocates or moves cache memory works from that declaration and never names a bu
 - the pool holds, per buffer and per layer, `[kv_blocks, block_size, *per_token_shape]`;
 - `bytes_per_block` sizes the pool from memory;
 - `gather_blocks` / `scatter_blocks` copy one sequence's blocks out of and into the pool (swap,
-  prefix reuse, handoff to another engine), bitwise.
+  handoff to another engine), bitwise;
+- `copy_local_blocks` copies blocks inside one shard of the pool (copy on write of a block that
+  sequences shared until they diverge).
 
 Which slot of which block a token lives in is the attention op's business
 (`jaxserve/ops/attention.py`): this module knows pages, not positions.
@@ -129,6 +131,14 @@ def _gather(pool: KVPool, block_ids: jax.Array) -> dict[str, jax.Array]:
 def _scatter(pool: KVPool, block_ids: jax.Array, blocks: dict[str, jax.Array]) -> KVPool:
     return KVPool({name: tuple(a.at[block_ids].set(blocks[name][i].astype(a.dtype))
                                for i, a in enumerate(arrays))
+                   for name, arrays in pool.buffers.items()})
+
+
+def copy_local_blocks(pool: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
+    """Block src[i] -> block dst[i] in every buffer and layer (ids of this shard of the pool;
+    pairs 0 -> 0 are padding: the null block onto itself). Run per device (the runner wraps it
+    in shard_map) and with the pool donated, so the pool is updated in place."""
+    return KVPool({name: tuple(a.at[dst].set(a[src]) for a in arrays)
                    for name, arrays in pool.buffers.items()})
 
 

@@ -55,6 +55,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held at admission
 
     @property
     def text(self) -> str:

@@ -16,18 +16,21 @@ vocabulary at tp=2, or 2 KV heads at tp=8. `fit_to_layout` returns the config th
 Query heads are never padded: a head count the mesh does not divide is an error that lists the
 degrees that work. `fit_params` turns a base parameter dict into the fitted one (pure array
 code: it runs under jit, placing each output in its final sharding), `unfit_params` reverses it.
+`fit_to_layout` takes a `Layout` or a device-free `MeshRules` and never touches jax: the
+performance model (`jaxserve.perf`) fits configs with it on machines without accelerators.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
-
-import jax.numpy as jnp
+from typing import TYPE_CHECKING, Any
 
 from jaxserve.config import ModelConfig
-from jaxserve.sharding import Layout, ShardingError
+from jaxserve.rules import MeshRules, ShardingError
+
+if TYPE_CHECKING:
+    from jaxserve.sharding import Layout
 
 VOCAB_ROWS = ("embed/embedding", "lm_head")  # [vocab, embed]: padded along axis 0
 _KV_PROJ = re.compile(r"^layers/\d+/attn/[kv]_proj$")  # [embed, kv_heads, head_dim]: axis 1
@@ -52,7 +55,7 @@ def working_degrees(config: ModelConfig) -> list[int]:
     return [t for t in range(1, h + 1) if h % t == 0 and _kv_copies(config.num_kv_heads, t)]
 
 
-def fit_to_layout(config: ModelConfig, layout: Layout) -> ModelConfig:
+def fit_to_layout(config: ModelConfig, layout: Layout | MeshRules) -> ModelConfig:
     """The config as `layout` holds it: padded vocabulary, KV heads repeated as needed."""
     mapping, source = layout.rules.mapping, layout.rules.source
     works = ", ".join(map(str, working_degrees(config)))
@@ -84,7 +87,7 @@ def fit_to_layout(config: ModelConfig, layout: Layout) -> ModelConfig:
                                kv_head_copies=copies)
 
 
-def _check_experts_fit(config: ModelConfig, layout: Layout) -> None:
+def _check_experts_fit(config: ModelConfig, layout: Layout | MeshRules) -> None:
     """Experts and their width are never padded: a split that does not divide is an error."""
     for logical, size, field in (("experts", config.num_experts, "num_experts"),
                                  ("expert_mlp", config.moe_intermediate_size,
@@ -116,6 +119,8 @@ def fit_params(params: dict[str, Any], base: ModelConfig, fitted: ModelConfig) -
     Zero rows for `embed/embedding` and `lm_head`, each KV head of
     `layers/{i}/attn/{k,v}_proj` repeated. Works on any subset of the names; jit-compatible.
     """
+    import jax.numpy as jnp  # here, not at the top: fit_to_layout must not need jax
+
     repeat = _check_fits(base, fitted)
     pad = fitted.vocab_rows - base.vocab_rows
     out = dict(params)

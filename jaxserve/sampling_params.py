@@ -161,6 +161,12 @@ class SamplingParams:
         """True when tokens are picked by argmax; top_k/top_p/min_p/seed are then unused."""
         return self.temperature == 0
 
+    @property
+    def uses_penalties(self) -> bool:
+        """True when a repetition, presence or frequency penalty is on."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0)
+
     def validate_for_model(self, vocab_size: int, max_model_len: int) -> None:
         """Raise ValueError for settings that the serving model cannot honour."""
         for token_id in self.stop_token_ids:  # type: ignore[union-attr]  # a tuple after init

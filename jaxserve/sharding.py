@@ -3,8 +3,9 @@
 Models name each dimension of their parameters and key activations with a *logical* axis from the
 closed vocabulary `LOGICAL_AXES`. A rules file (`sharding_rules/NAME.yaml`) maps logical names to
 *mesh* axes (`dp`, `tp`, `ep`); the user gives the mesh shape (`dp=2,tp=4`). `Layout` joins the
-two and turns a tuple of logical names plus a shape into a `NamedSharding`. Models never see mesh
-axes, so a new parallelism strategy is a new YAML file, not a new model.
+two and turns a tuple of logical names plus a shape into a `NamedSharding` (which mesh axes split
+which dimension is decided by `jaxserve.rules.MeshRules`, which needs no devices). Models never
+see mesh axes, so a new parallelism strategy is a new YAML file, not a new model.
 
 The mesh uses Auto axis types: models are written as single-device math plus sharding
 constraints, and XLA's partitioner inserts the collectives. (Explicit axis types would make every
@@ -23,118 +24,21 @@ import contextvars
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-LOGICAL_AXES = (
-    "batch",      # sequences in a step
-    "seq",        # tokens of one sequence in a step
-    "vocab",
-    "embed",      # model width (hidden_size)
-    "q_heads",
-    "kv_heads",
-    "head_dim",
-    "mlp",        # intermediate_size of the dense MLP
-    "kv_blocks",  # blocks of the paged KV pool
-    "experts",
-    "expert_mlp",
-    "latent",
-)
-MESH_AXES = ("dp", "tp", "ep")
-RULES_DIR = Path(__file__).resolve().parent.parent / "sharding_rules"
+from jaxserve import rules as _rules
+from jaxserve.rules import MeshRules, Rules, ShardingError
 
-
-class ShardingError(ValueError):
-    """A rules file, mesh string or tensor shape that cannot be partitioned as asked."""
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'dp=2,tp=4' -> {'dp': 2, 'tp': 4} (ordered: outer axis first)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ShardingError(f"mesh must be a string like 'tp=4' or 'dp=2,tp=4', got {text!r}")
-    shape: dict[str, int] = {}
-    for part in text.split(","):
-        name, eq, size = part.strip().partition("=")
-        name = name.strip()
-        if not eq or not name:
-            raise ShardingError(f"mesh {text!r}: entry {part.strip()!r} is not of the form axis=size")
-        if name not in MESH_AXES:
-            raise ShardingError(f"mesh {text!r}: unknown mesh axis {name!r} "
-                                f"(known: {', '.join(MESH_AXES)})")
-        if name in shape:
-            raise ShardingError(f"mesh {text!r}: axis {name!r} given twice")
-        try:
-            n = int(size)
-        except ValueError:
-            raise ShardingError(f"mesh {text!r}: size of axis {name!r} must be a positive "
-                                f"integer, got {size.strip()!r}") from None
-        if n < 1:
-            raise ShardingError(f"mesh {text!r}: size of axis {name!r} must be >= 1, got {n}")
-        shape[name] = n
-    return shape
-
-
-@dataclasses.dataclass(frozen=True)
-class Rules:
-    """A parsed rules file: logical axis -> tuple of mesh axes (empty = replicated)."""
-
-    name: str
-    source: str
-    mapping: dict[str, tuple[str, ...]]
-    description: str = ""
-
-    @property
-    def mesh_axes(self) -> tuple[str, ...]:
-        axes: list[str] = []
-        for mesh_axes in self.mapping.values():
-            axes += [a for a in mesh_axes if a not in axes]
-        return tuple(axes)
-
-
-def load_rules(name_or_path: str | Path) -> Rules:
-    """Load `sharding_rules/NAME.yaml`, or a YAML file given by path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RULES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in RULES_DIR.glob("*.yaml"))
-        raise ShardingError(f"rules {str(name_or_path)!r}: no such file {path} "
-                            f"(built-in rules: {', '.join(known)})")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ShardingError(f"{path}: not valid YAML: {e}") from None
-    return parse_rules(doc, source=str(path), name=path.stem)
-
-
-def parse_rules(doc: Any, source: str, name: str) -> Rules:
-    if not isinstance(doc, dict) or not isinstance(doc.get("rules"), dict):
-        raise ShardingError(f"{source}: must be a mapping with a 'rules' mapping "
-                            f"(logical axis -> mesh axis, list of mesh axes, or null)")
-    unknown_keys = sorted(set(doc) - {"rules", "description"})
-    if unknown_keys:
-        raise ShardingError(f"{source}: unknown top-level key(s) {unknown_keys}")
-    mapping: dict[str, tuple[str, ...]] = {}
-    for logical, target in doc["rules"].items():
-        if logical not in LOGICAL_AXES:
-            raise ShardingError(f"{source}: unknown logical axis {logical!r} "
-                                f"(known: {', '.join(LOGICAL_AXES)})")
-        targets = () if target is None else (target,) if isinstance(target, str) else target
-        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
-            raise ShardingError(f"{source}: logical axis {logical!r} maps to {target!r}; expected "
-                                "a mesh axis name, a list of them, or null")
-        for t in targets:
-            if t not in MESH_AXES:
-                raise ShardingError(f"{source}: logical axis {logical!r} maps to unknown mesh "
-                                    f"axis {t!r} (known: {', '.join(MESH_AXES)})")
-        mapping[logical] = tuple(targets)
-    return Rules(name=name, source=source, mapping=mapping,
-                 description=str(doc.get("description", "")))
+# Rules files and mesh shapes live in `jaxserve.rules` (no jax there: planning tools read them);
+# the names callers import from here stay here.
+LOGICAL_AXES, MESH_AXES, RULES_DIR = _rules.LOGICAL_AXES, _rules.MESH_AXES, _rules.RULES_DIR
+load_rules, parse_mesh, parse_rules = _rules.load_rules, _rules.parse_mesh, _rules.parse_rules
+replicas_of = _rules.replicas_of
 
 
 def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -160,23 +64,16 @@ class Layout:
                devices: Sequence[jax.Device] | None = None, abstract: bool = False) -> Layout:
         """abstract=True: a mesh of the right shape without devices (for planning and
         inspection; `spec` works, placing arrays does not)."""
-        rules = rules if isinstance(rules, Rules) else load_rules(rules)
-        if mesh is None:  # one device: every axis the rules use, at size 1
-            shape = {a: 1 for a in rules.mesh_axes} or {"tp": 1}
-        else:
-            shape = parse_mesh(mesh) if isinstance(mesh, str) else dict(mesh)
-        missing = [a for a in rules.mesh_axes if a not in shape]
-        if missing:
-            raise ShardingError(f"{rules.source}: uses mesh axis {missing[0]!r}, which is not in "
-                                f"the mesh {shape} (add it, e.g. '{missing[0]}=1')")
-        unused = [a for a, n in shape.items() if n > 1 and a not in rules.mesh_axes]
-        if unused:
-            raise ShardingError(f"mesh axis {unused[0]!r} (size {shape[unused[0]]}) is not used by "
-                                f"{rules.source}: every device on it would repeat the same work")
+        placed = MeshRules.create(mesh, rules)
+        shape, rules = placed.shape, placed.rules
         if abstract:
             return cls(AbstractMesh(tuple(shape.values()), tuple(shape),
                                     axis_types=(AxisType.Auto,) * len(shape)), rules)
         return cls(make_mesh(shape, devices), rules)
+
+    @property
+    def mesh_rules(self) -> MeshRules:
+        return MeshRules(dict(self.mesh.shape), self.rules)
 
     @property
     def num_devices(self) -> int:
@@ -192,50 +89,16 @@ class Layout:
         A dimension its mesh axes do not divide is an error, or with `lenient` replicated
         (for a tensor restored at its checkpoint shape before it is padded to a divisible one).
         """
-        if len(logical) != len(shape):
-            raise ShardingError(f"{what}: {len(logical)} logical axes {tuple(logical)} for a "
-                                f"tensor of rank {len(shape)}")
-        for name in logical:
-            if name is not None and name not in LOGICAL_AXES:
-                raise ShardingError(f"{what}: unknown logical axis {name!r}")
-
-        def check(name, dim, mesh_axes):
-            size = self.axis_size(mesh_axes)
-            if size > 1 and dim % size:
-                if lenient:
-                    return ()
-                raise ShardingError(
-                    f"{self.rules.source}: logical axis {name!r} of {what} has size {dim}, "
-                    f"not divisible by mesh axis {'x'.join(mesh_axes)!r} of size {size}")
-            return mesh_axes
-
-        return self._partition(logical, shape, check)
+        return _partition_spec(self.mesh_rules.mesh_axes(logical, shape, what, lenient))
 
     def partition(self, logical: Sequence[str | None]) -> PartitionSpec:
         """PartitionSpec for these logical names, without a shape to check against."""
-        return self._partition(logical, (None,) * len(logical),
-                               lambda name, dim, mesh_axes: mesh_axes)
-
-    def _partition(self, logical, shape, check) -> PartitionSpec:
-        """The one mapping of logical dims to mesh axes: each dim takes its rule's mesh axes
-        not taken by an earlier dim; `check(name, dim, mesh_axes)` may veto (replicate)."""
-        parts: list[Any] = []
-        taken: set[str] = set()
-        for name, dim in zip(logical, shape):
-            mesh_axes = tuple(a for a in self.rules.mapping.get(name, ()) if a not in taken) \
-                if name is not None else ()
-            mesh_axes = check(name, dim, mesh_axes)
-            taken.update(mesh_axes)
-            parts.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
-                         else mesh_axes)
-        return PartitionSpec(*parts)
+        return _partition_spec(self.mesh_rules.mesh_axes(logical))
 
     def sampling_row_axes(self) -> tuple[str, ...]:
         """The mesh axes (of size > 1) that split `vocab` but not `batch`: a sequence-parallel
         sampler gives each device along them its own share of a replica's sample rows."""
-        vocab = self._partition(("batch", "vocab"), (None, None),
-                                lambda name, dim, mesh_axes: mesh_axes)[1]
-        axes = () if vocab is None else (vocab,) if isinstance(vocab, str) else tuple(vocab)
+        axes = self.mesh_rules.mesh_axes(("batch", "vocab"))[1]
         return tuple(a for a in axes if self.mesh.shape[a] > 1)
 
     def split_factor(self, spec: PartitionSpec) -> int:
@@ -258,6 +121,11 @@ class Layout:
             yield self
         finally:
             _ACTIVE.reset(token)
+
+
+def _partition_spec(mesh_axes: tuple[tuple[str, ...], ...]) -> PartitionSpec:
+    return PartitionSpec(*(None if not axes else axes[0] if len(axes) == 1 else axes
+                           for axes in mesh_axes))
 
 
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
@@ -358,16 +226,3 @@ def psum_logical(x: jax.Array, logical: str) -> jax.Array:
     """Sum partial results over the devices that split `logical`."""
     axes = collective_axes(logical)
     return jax.lax.psum(x, axes) if axes else x
-
-
-def replicas_of(layout: Layout) -> int:
-    """DP replicas: the mesh axes that split a step's sequences. Each replica owns its shard of
-    the KV pool, so the rules must split `kv_blocks` exactly as they split `batch`."""
-    batch = layout.rules.mapping.get("batch", ())
-    blocks = layout.rules.mapping.get("kv_blocks", ())
-    if tuple(batch) != tuple(blocks):
-        raise ShardingError(
-            f"{layout.rules.source}: 'batch' is split over {list(batch)} but 'kv_blocks' over "
-            f"{list(blocks)}; each DP replica owns its shard of the KV pool, so map both to the "
-            f"same mesh axes")
-    return layout.axis_size(tuple(batch))

@@ -115,13 +115,11 @@ def prefill_rows(llm, config, tokens_per_device: int, repeats: int, rng) -> dict
     table = list(range(NULL_BLOCK + 1, NULL_BLOCK + 1 + -(-tokens_per_device // bs)))
     seqs = [rng.integers(3, config.vocab_size, tokens_per_device).tolist() for _ in range(n)]
     tokens, md, _ = builder.prefill_only([[(s, table)] for s in seqs])
-    program = runner._executable("forward", (tokens, md))
-    analysis = program.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    executed = runner.program_flops((tokens, md), "forward")
     seconds = best_time(lambda: runner.forward(tokens, md).block_until_ready(), repeats)
     true = n * flops.chunk_flops(config, 0, tokens_per_device, tokens_per_device)
     return {"seconds": seconds, "tokens": n * tokens_per_device,
-            "true_flops": true, "executed_flops": int(analysis.get("flops", 0)) * n}
+            "true_flops": true, "executed_flops": executed}
 
 
 def decode_row(llm, config, batch_per_device: int, repeats: int, rng) -> dict:
@@ -142,7 +140,7 @@ def decode_row(llm, config, batch_per_device: int, repeats: int, rng) -> dict:
 def main(args) -> dict:
     import jax
 
-    from bench_offline import jax_dot, machine_info, read_bandwidth
+    from bench_offline import CpuWatch, jax_dot, machine_info, read_bandwidth
     from jaxserve import LLM
     from jaxserve.ops.moe import MoEExecution
 
@@ -154,7 +152,7 @@ def main(args) -> dict:
                "machine": machine_info(), "measured": machine, "model": shape,
                "devices": args.devices, "prefill": [], "decode": []}
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, CpuWatch() as watch:
         config = make_model(shape, Path(tmp) / "moe")
         itemsize = 4
         weight_bytes = config.num_params() * itemsize
@@ -184,6 +182,7 @@ def main(args) -> dict:
                               f"(floor {row['floor_s'] * 1e3:.2f} ms)", flush=True)
             del llm
             jax.clear_caches()
+    results["cpu"] = watch.result  # other processes' CPU use during the run, in cores
     results["crossover"] = crossover(results["prefill"], args.devices)
     summarise(results)
     if args.json:
@@ -220,6 +219,8 @@ def summarise(results: dict) -> None:
     print(f"\ncrossover on {results['devices']} simulated devices: allgather at least as fast "
           f"as alltoall from {c['allgather_wins_from_tokens']} tokens per step "
           f"(auto threshold {c['auto_threshold']}) over sizes {c['sizes']}")
+    if results.get("cpu"):
+        print(f"other processes used {results['cpu']['others_cores']:.2f} cores during the run")
     m = results["measured"]
     print(f"measured: read bandwidth {m['bandwidth_Bps'] / 1e9:.1f} GB/s, matmul "
           f"{m['matmul_flops'] / 1e9:.0f} GFLOP/s")

@@ -54,7 +54,6 @@ def make_hf_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
 
 def hf_logits(hf_dir: Path, token_ids: list[int]):
     import torch
-    import transformers
 
     model = _load(hf_dir)
     with torch.no_grad():

@@ -13,7 +13,6 @@ from jaxserve.checkpoint import (CheckpointError, convert_hf, flat_params, resto
                                  save_params)
 from jaxserve.cli import main as cli_main
 from jaxserve.sharding import Layout
-from tests.hf_models import make_hf_model
 
 PROMPT = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
 

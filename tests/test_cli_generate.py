@@ -80,7 +80,11 @@ def test_engine_flags_reach_the_engine_and_bad_ones_are_named():
     default = jaxserve("generate", "--prompt", "def ", "--max-tokens", "12", "--temperature", "0")
     tuned = jaxserve("generate", "--prompt", "def ", "--max-tokens", "12", "--temperature", "0",
                      "--max-num-batched-tokens", "32", "--block-size", "8", "--kv-blocks", "70",
-                     "--max-num-seqs", "2", "--max-model-len", "256")
+                     "--max-num-seqs", "2", "--max-model-len", "256", "--no-prefix-caching",
+                     "--routing", "round_robin")
     assert tuned.stdout == default.stdout  # settings change the schedule, never the tokens
     bad = jaxserve("generate", "--prompt", "def ", "--max-num-batched-tokens", "8", check=False)
     assert bad.returncode != 0 and "max_num_batched_tokens must be at least 16" in bad.stderr
+    bad = jaxserve("generate", "--prompt", "def ", "--routing", "nearest", check=False)
+    assert bad.returncode == 2 and "routing must be one of" in bad.stderr
+    assert "'nearest'" in bad.stderr

@@ -78,6 +78,15 @@ def test_completion_greedy_equals_offline(served, i):
     assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
 
 
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(served):
+    prompt = list(range(3, 3 + 40))
+    cached = [served.client.completions.create(
+        model=served.model, prompt=prompt + [i], temperature=0, max_tokens=2,
+        **ids_body()).usage.prompt_tokens_details.cached_tokens for i in (1, 2)]
+    block_size = served.llm.runner.block_size
+    assert cached == [0, 40 // block_size * block_size]
+
+
 def test_completion_stream_equals_offline_with_usage(served):
     chunks = list(served.client.completions.create(
         model=served.model, prompt=PROMPTS[0], temperature=0, max_tokens=12, stream=True,

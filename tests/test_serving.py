@@ -333,6 +333,21 @@ def test_metrics_count_tokens_and_latencies(served):
     assert m["jaxserve_kv_blocks_used"] == 0 and m["jaxserve_preemptions_total"] == 0
 
 
+def test_usage_and_metrics_report_prefix_cache_hits(served):
+    before = scrape(served.server.metrics_port)
+    prompt = list(range(3, 3 + 4 * ENGINE["block_size"])) + [77]
+    first, second = [served.client.complete(prompt + [i], **GREEDY)[0] for i in (1, 2)]
+    assert first.cached_prompt_tokens == 0
+    assert second.cached_prompt_tokens == 4 * ENGINE["block_size"]
+    assert second.token_ids[:1] and second.prompt_tokens == len(prompt) + 1
+    m = scrape(served.server.metrics_port)
+    grew = lambda name: m.get(name, 0) - before.get(name, 0)  # noqa: E731
+    assert grew("jaxserve_prefix_cache_hits_total") == 4 * ENGINE["block_size"]
+    assert grew("jaxserve_prefix_cache_queries_total") == 2 * (len(prompt) + 1)
+    assert m['jaxserve_replica_load_flops{replica="0"}'] == 0  # idle again
+    assert m["jaxserve_kv_blocks_cached"] > 0
+
+
 def test_engine_failure_gives_internal_then_not_serving(model_dir, monkeypatch):
     llm = LLM(model_dir, **ENGINE)  # its own engine; never compiles: the first step fails
 

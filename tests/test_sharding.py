@@ -46,7 +46,7 @@ def test_bad_rules_files_are_rejected_naming_file_and_axis(tmp_path, body, named
 
 
 def test_unknown_rules_name_lists_the_builtin_ones():
-    with pytest.raises(ShardingError, match="built-in rules: dp, dp_tp, tp"):
+    with pytest.raises(ShardingError, match="built-in rules: dp, dp_ep, dp_tp, ep, tp, tp_ep"):
         load_rules("nope")
 
 

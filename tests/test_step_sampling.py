@@ -36,6 +36,9 @@ def prompts(seed=0):
 
 
 def outputs(llm):
+    # every run prefills in full: a prefix-cache hit would split the prompt's attention
+    # differently and move logprobs in their last bits
+    llm.engine.clear_prefix_cache()
     return [[(c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason)
              for c in out.outputs] for out in llm.generate(prompts(), PARAMS, use_tqdm=False)]
 

@@ -3,8 +3,9 @@
 *True* FLOPs come from `jaxserve.flops` over the step's real work: each decode token and prefill
 chunk at its real position (attention over its real context, the experts it really used), the
 LM head only where a token is sampled. *Executed* FLOPs are XLA's own count of the compiled
-program for the step's shape (`cost_analysis()`, per device, times the devices): padding to the
-shape bucket, padded sample rows, the dense MoE strategy, all-to-all capacity slack and grouped
+program for the step's shape (`cost_analysis()`, per device, times the devices), plus the
+iterations of fixed-count loops it counts once (`jaxserve.ops.cost`): padding to the shape
+bucket, padded sample rows, the dense MoE strategy, all-to-all capacity slack and grouped
 matmuls that a platform lowers densely all show up there. A loop whose trip count depends on the
 data (attention's context chunks) counts once, so executed attention is a lower bound.
 The ratio true / executed is how much of the device's work was useful; true FLOPs over the
@@ -26,7 +27,8 @@ def step_true_flops(config: ModelConfig, plan) -> int:
     """FLOPs a planned step needs (call before the plan is committed: positions as planned)."""
     total = sum(flops.chunk_flops(config, seq.total_len - 1, seq.total_len, 1)
                 for seq in plan.decodes)
-    return total + sum(flops.chunk_flops(config, c.start, c.start + c.length, int(c.samples))
+    return total + sum(flops.chunk_flops(config, c.start, c.start + c.length,
+                                         int(c.samples) + len(c.forks))  # a row per sampler
                        for c in plan.prefills)
 
 

@@ -1,7 +1,7 @@
-"""Host-side bookkeeping of the paged KV pool's blocks and of the device's sequence slots.
+"""Free integer ids handed out smallest first: the device's sequence slots, the KV pool's blocks.
 
-Block 0 is the null block (see jaxserve/kv_cache.py) and is never handed out. Freed blocks are
-reused lowest-first so runs are deterministic (multi-host runs need identical decisions).
+Freed ids are reused lowest-first so runs are deterministic (multi-host runs need identical
+decisions). Reference counts and the prefix cache live on top, in prefix_cache.py.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ class IdPool:
     def num_used(self) -> int:
         return self.capacity - len(self._free)
 
+    def free_ids(self) -> set[int]:
+        return set(self._free)
+
     def allocate(self, n: int = 1) -> list[int]:
         if n > len(self._free):
             raise MemoryError(f"asked for {n} ids, {len(self._free)} free")
@@ -33,12 +36,3 @@ class IdPool:
     def free(self, ids: list[int]) -> None:
         for i in ids:
             heapq.heappush(self._free, i)
-
-
-class BlockAllocator(IdPool):
-    def __init__(self, num_blocks: int, block_size: int):
-        super().__init__(range(1, num_blocks))  # block 0 is the null block
-        self.block_size = block_size
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)

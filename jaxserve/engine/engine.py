@@ -17,6 +17,10 @@ Everything the host does is timed per phase (`stats()`), and step by step in `ti
 (jaxserve/engine/timeline.py: host phases, device occupancy, idle gaps): that is the
 non-scalable work that Amdahl's law charges tensor parallelism for. Turning tokens into text
 is the output processor's job (jaxserve/engine/output_processor.py), inline or on a thread.
+
+Two small programs run beside the step, in dispatch order with it: before a step, the slot
+state (penalties) of sequences admitted in it is set from their token ids; after it, blocks that
+`n > 1` siblings shared until they diverge are copied (see scheduler.py).
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.accounting import FlopsAccount
-from jaxserve.engine.block_allocator import BlockAllocator, IdPool
+from jaxserve.engine.block_allocator import IdPool
+from jaxserve.engine.prefix_cache import BlockPool, identity_hash
+from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.executor import QUERY_TILE, StepBuilder, StepLayout
@@ -74,7 +80,10 @@ class _InFlight:
 
 class Engine:
     def __init__(self, runner: ModelRunner, config: ModelConfig, max_model_len: int,
-                 engine_config: EngineConfig, tokenizer=None):
+                 engine_config: EngineConfig, tokenizer=None, *,
+                 enable_prefix_caching: bool = True, routing="prefix", cache_identity: str = ""):
+        """routing: a policy name or object (jaxserve/engine/router.py). cache_identity names
+        what writes the KV (model, dtype, layout): it seeds every prefix cache hash."""
         self.runner = runner
         self.model_config = config
         self.max_model_len = max_model_len
@@ -84,15 +93,21 @@ class Engine:
         replicas, seqs = runner.num_replicas, engine_config.max_num_seqs
         runner.init_slots(replicas * seqs)
         self.trash_slot = replicas * seqs
-        # Each DP replica owns its shard of the pool (local block ids) and its own slots.
-        self.allocators = [BlockAllocator(runner.blocks_per_replica, runner.block_size)
-                           for _ in range(replicas)]
-        self.scheduler = Scheduler(self.allocators,
+        if not isinstance(enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be True or False, got "
+                            f"{enable_prefix_caching!r}")
+        self.router = make_policy(routing, config, engine_config.max_num_batched_tokens)
+        # Each DP replica owns its shard of the pool (local block ids), its own prefix cache
+        # and its own slots.
+        self.pools = [BlockPool(runner.blocks_per_replica, runner.block_size,
+                                enable_prefix_caching) for _ in range(replicas)]
+        self.scheduler = Scheduler(self.pools,
                                    [IdPool(range(r * seqs, (r + 1) * seqs))
                                     for r in range(replicas)],
                                    engine_config.max_num_batched_tokens,
                                    engine_config.max_prefill_chunk,
-                                   engine_config.max_prefill_rows, QUERY_TILE)
+                                   engine_config.max_prefill_rows, QUERY_TILE, self.router,
+                                   config, identity_hash(cache_identity))
         self.max_blocks_per_seq = math.ceil(max_model_len / runner.block_size)
         self.builder = StepBuilder(replicas, seqs, engine_config.max_num_batched_tokens,
                                    engine_config.max_prefill_rows, runner.block_size,
@@ -128,7 +143,7 @@ class Engine:
         if max_tokens < 1:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) leaves no room to generate "
                              f"within max_model_len ({self.max_model_len})")
-        blocks = self.allocators[0]
+        blocks = self.pools[0]
         need = blocks.blocks_for(len(prompt_ids) + max_tokens)
         if need > blocks.capacity:
             raise ValueError(f"request needs {need} KV blocks but a replica's pool has "
@@ -155,6 +170,10 @@ class Engine:
                 self.scheduler.finish(seq)
         request.metrics.finished_time = time.perf_counter()
         return request
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block (e.g. before something else writes the pool's pages)."""
+        self.scheduler.clear_prefix_cache()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -199,9 +218,15 @@ class Engine:
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
+        slot_rows = self.builder.slot_rows(plan.admitted)
         self.flops.record(plan, layout.inputs)
+        self.counters["prefill_tokens"] += sum(chunk.length for chunk in plan.prefills)
         self.scheduler.commit(plan)
+        if slot_rows is not None:
+            self.runner.set_slots(*slot_rows)
         outputs = self.runner.step(layout.inputs)  # one program: prefill chunks and decodes
+        if plan.copies:
+            self.runner.copy_blocks(self.builder.copy_pairs(plan.copies))
         self.timeline.lap("dispatch")
         self.timeline.dispatched(outputs.tokens, decode_rows=len(plan.decodes),
                                  prefill_chunks=len(plan.prefills),
@@ -235,27 +260,44 @@ class Engine:
     def warmup(self) -> int:
         """Compile every step shape the engine can use; returns how many were compiled."""
         shapes = [self.builder.idle(d, p) for d, p in self.builder.shapes()]
-        return self.runner.compile_steps(shapes, threads=os.cpu_count() or 1)
+        return (self.runner.compile_steps(shapes, threads=os.cpu_count() or 1)
+                + self.runner.compile_side_programs(self.builder.max_admissions,
+                                                    self.config.max_prefill_rows))
 
     @property
     def kv_blocks_used(self) -> int:
-        return sum(a.num_used for a in self.allocators)
+        """Blocks some sequence holds (cached blocks nobody holds are not counted)."""
+        return sum(p.num_used for p in self.pools)
 
     @property
     def kv_blocks_total(self) -> int:
         """Blocks that sequences can use, over all DP replicas (null blocks excluded)."""
-        return sum(a.capacity for a in self.allocators)
+        return sum(p.capacity for p in self.pools)
 
     def stats(self, peak_flops: float | None = None) -> dict[str, Any]:
-        """Counters, host time per phase, and FLOPs (true and executed; model-FLOPs
-        utilisation against `peak_flops`, one device's FLOP/s, when given)."""
+        """Counters since the engine started, its state now, host time per phase, and FLOPs
+        (true and executed; model-FLOPs utilisation against `peak_flops`, one device's FLOP/s,
+        when given). Tokens: `prefill_tokens` computed by prefill chunks;
+        `prefix_cache_queries` looked up in the prefix cache at admission, `prefix_cache_hits`
+        found there; `forked_sequences` took their prompt from a sibling (n > 1).
+        `replica_load_flops`: per DP replica, the true FLOPs of the admitted work not yet
+        done."""
+        scheduler = self.scheduler
         return {
             "compilations": self.runner.compilations,
+            "prefill_tokens": 0, "generated_tokens": 0,
             **self.counters,
-            "preemptions": self.scheduler.num_preemptions,
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "prefix_caching": self.pools[0].caching,
+            "prefix_cache_queries": scheduler.counters["prefix_cache_queries"],
+            "prefix_cache_hits": scheduler.counters["prefix_cache_hits"],
+            "forked_sequences": scheduler.counters["forked_sequences"],
+            "routing": self.router.name,
+            "replica_load_flops": scheduler.replica_loads(),
+            "preemptions": scheduler.num_preemptions,
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
             "kv_blocks_used": self.kv_blocks_used,
+            "kv_blocks_cached": sum(p.num_cached for p in self.pools),
             "kv_blocks_total": self.kv_blocks_total,
             **{k: round(v, 6) for k, v in self.timers.items()},
             **self.flops.stats(sum(self.timers.values()), peak_flops),

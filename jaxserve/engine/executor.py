@@ -2,7 +2,8 @@
 
 A step is one program (see jaxserve/ops/attention.py for the token layout): per DP replica,
 `decode_rows` decode tokens then `prefill_tokens` tokens of query tiles; one sample row per
-decode and per prefill chunk. The shape of a step is the pair (decode_rows, prefill_tokens),
+decode, and in a step with prefill `max_prefill_rows` rows for the chunks that end a prefill
+(and the siblings forked from them). The shape of a step is the pair (decode_rows, prefill_tokens),
 each rounded up to a bucket, so a handful of programs serve every mix:
 
 - decode-only steps: decode_rows in 1, 4, 8, 16, ... up to max_num_seqs;
@@ -78,7 +79,9 @@ class StepBuilder:
                 next(b for b in self.prefill_buckets if b >= prefill_tokens))
 
     def sample_rows_per_replica(self, decode_rows: int, prefill_tokens: int) -> int:
-        return decode_rows + min(self.max_prefill_rows, prefill_tokens // QUERY_TILE)
+        """One row per decode; a step with prefill has max_prefill_rows more, one per chunk
+        that ends a prefill and one per sibling forked from it (see scheduler.py)."""
+        return decode_rows + (self.max_prefill_rows if prefill_tokens else 0)
 
     # ---- a planned step ----
     def build(self, plan: StepPlan) -> StepLayout:
@@ -101,41 +104,36 @@ class StepBuilder:
         s_loc = self.sample_rows_per_replica(d_rows, p_tokens)
         tokens = np.zeros((n, t_loc), np.int32)
         token_slot = np.full((n, t_loc), -1, np.int32)
-        record_slot = np.full((n, t_loc), self.trash_slot, np.int32)
-        is_output = np.zeros((n, t_loc), np.bool_)
         sample_index = np.zeros((n, s_loc), np.int32)
         slot_ids = np.full((n, s_loc), self.trash_slot, np.int32)
-        reset_slots = np.full((n, s_loc), self.trash_slot, np.int32)
         sample = np.zeros((n, s_loc), np.bool_)
         row_seqs: list[Sequence | None] = [None] * (n * s_loc)
         sample_rows = []
+
+        def add_row(r: int, row: int, token: int, seq: Sequence) -> None:
+            sample_index[r, row] = r * t_loc + token
+            slot_ids[r, row] = seq.slot
+            sample[r, row] = True
+            row_seqs[r * s_loc + row] = seq
+            sample_rows.append((r * s_loc + row, seq))
+
         for r in range(n):
             for i, seq in enumerate(decodes[r]):
                 token_slot[r, i] = seq.slot
-                sample_index[r, i] = r * t_loc + i
-                slot_ids[r, i] = seq.slot
-                sample[r, i] = True
-                row_seqs[r * s_loc + i] = seq
-                sample_rows.append((r * s_loc + i, seq))
+                add_row(r, i, i, seq)
+            row = d_rows
             for k, c in enumerate(chunks[r]):
                 seq, f, end = c.seq, first[r, len(decodes[r]) + k], c.start + c.length
                 prompt = seq.request.prompt_ids
                 tokens[r, f:f + c.length] = prompt[c.start:end] if end <= len(prompt) else \
                     [seq.prefill_token(i) for i in range(c.start, end)]
-                record_slot[r, f:f + c.length] = seq.slot
-                is_output[r, f:f + c.length] = np.arange(c.start, end) >= len(prompt)
-                row = d_rows + k
-                sample_index[r, row] = r * t_loc + f + c.length - 1
-                slot_ids[r, row] = seq.slot
-                reset_slots[r, row] = seq.slot if c.start == 0 else self.trash_slot
-                sample[r, row] = c.samples
-                if c.samples:
-                    row_seqs[r * s_loc + row] = seq
-                    sample_rows.append((r * s_loc + row, seq))
+                # the chunk's last token samples for the sequence, and for its forked siblings
+                for sampler in ([seq] if c.samples else []) + c.forks:
+                    add_row(r, row, f + c.length - 1, sampler)
+                    row += 1
         sampling, suppressed, want = self.sampling_columns(row_seqs)
-        inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), record_slot.reshape(-1),
-                            is_output.reshape(-1), md, sample_index.reshape(-1),
-                            slot_ids.reshape(-1), reset_slots.reshape(-1), sample.reshape(-1),
+        inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
+                            sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
                             want, suppressed, sampling)
         return StepLayout(inputs, sample_rows, bool(want.any()))
 
@@ -165,11 +163,41 @@ class StepBuilder:
         t = n * (decode_rows + prefill_tokens)
         s = n * self.sample_rows_per_replica(decode_rows, prefill_tokens)
         sampling, suppressed, want = self.sampling_columns([None] * s)
-        trash = np.full((s,), self.trash_slot, np.int32)
-        return StepInputs(np.zeros((t,), np.int32), np.full((t,), -1, np.int32),
-                          np.full((t,), self.trash_slot, np.int32), np.zeros((t,), np.bool_),
-                          md, np.zeros((s,), np.int32), trash, trash, np.zeros((s,), np.bool_),
-                          want, suppressed, sampling)
+        return StepInputs(np.zeros((t,), np.int32), np.full((t,), -1, np.int32), md,
+                          np.zeros((s,), np.int32), np.full((s,), self.trash_slot, np.int32),
+                          np.zeros((s,), np.bool_), want, suppressed, sampling)
+
+    # ---- beside the step ----
+    @property
+    def max_admissions(self) -> int:
+        """Sequences that can take a slot in one step: a sample row each."""
+        return self.num_replicas * self.max_prefill_rows
+
+    def slot_rows(self, admitted: list[Sequence]):
+        """The slot state of admitted sequences that use penalties, from their token ids: prompt
+        mask and counts of the outputs generated before a preemption (see SlotState). None when
+        no admitted sequence uses penalties."""
+        seqs = [s for s in admitted if s.params.uses_penalties]
+        if not seqs:
+            return None
+        k = self.max_admissions
+        slots = np.full((k,), self.trash_slot, np.int32)
+        mask = np.zeros((k, self.vocab_rows), np.bool_)
+        counts = np.zeros((k, self.vocab_rows), np.int32)
+        for i, seq in enumerate(seqs):
+            slots[i] = seq.slot
+            mask[i, seq.request.prompt_ids] = True
+            np.add.at(counts[i], seq.output_ids, 1)
+        return slots, mask, counts
+
+    def copy_pairs(self, copies: list[tuple[int, int, int]]) -> np.ndarray:
+        """(replica, source, destination) block copies as the runner's [replicas, rows, 2]."""
+        pairs = np.zeros((self.num_replicas, self.max_prefill_rows, 2), np.int32)
+        used = [0] * self.num_replicas
+        for replica, src, dst in copies:
+            pairs[replica, used[replica]] = src, dst
+            used[replica] += 1
+        return pairs
 
     def prefill_only(self, replicas: list[list[tuple[list[int], list[int]]]]):
         """Tokens and metadata of a step that prefills whole token lists (for `LLM.logits`):

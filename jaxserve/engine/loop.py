@@ -16,7 +16,7 @@ the request has stop strings, holds back the last len(longest stop) - 1 characte
 cannot start a stop string, so text already sent is never taken back.
 
 Scoring (`score`) runs on the engine thread too, one scoring step after each engine step, oldest
-run first (see jaxserve/engine/scoring.py): its KV blocks come from the same allocators as the
+run first (see jaxserve/engine/scoring.py): its KV blocks come from the same block pools as the
 requests', so the pool is never raced for; a run whose next piece finds no free blocks waits
 for requests to finish. Its future resolves to the finished `ScoreRun`.
 
@@ -76,6 +76,7 @@ class Final:
     completion_tokens: int
     text: str  # any text held back until the end (stop-string look-ahead, trailing bytes)
     metrics: RequestMetrics | None = None
+    cached_prompt_tokens: int = 0  # of the request's prompt, found in the prefix cache
 
 
 @dataclasses.dataclass
@@ -296,7 +297,8 @@ class EngineLoop:
                 cursor = self._cursors.pop(id(seq), _SeqCursor())
                 stream.events.put(Final(seq.index, reason or seq.finish_reason or "abort",
                                         len(request.prompt_ids), len(seq.output_ids),
-                                        seq.text[cursor.text:], request.metrics))
+                                        seq.text[cursor.text:], request.metrics,
+                                        request.cached_prompt_tokens or 0))
 
     def _fail_all(self, error: BaseException, state: LoopState) -> None:
         with self._lock:

@@ -139,6 +139,7 @@ class OutputProcessor:
                 continue
             token = tokens[r]
             seq.output_ids.append(token)
+            engine.scheduler.name_blocks(seq)  # its full blocks join the prefix cache
             n = len(seq.output_ids)
             engine.counters["generated_tokens"] += 1
             metrics = seq.request.metrics

@@ -7,8 +7,19 @@ Policy (first come, first served), with one token budget per DP replica:
    younger one.
 2. The remaining token budget goes to prefill chunks: first sequences already part-way through
    their prefill, then waiting sequences in arrival order (preempted ones first). A waiting
-   sequence joins the replica with the most free KV blocks and stays there; one that does not
-   fit stops admission (no overtaking), so nobody starves.
+   sequence joins the replica its routing policy picks (jaxserve/engine/router.py) and stays
+   there; it takes the longest prefix that replica has cached (jaxserve/engine/prefix_cache.py)
+   and prefills only the rest, always recomputing at least its last token so that it samples.
+   If the next blocks of its prefix are being prefilled there by another sequence, it waits for
+   them instead of computing them a second time. One that does not fit its replica this step
+   closes that replica to later arrivals for the step (no overtaking on a replica), so nobody
+   starves.
+3. `n > 1`: the request's first sequence prefills the prompt; the others wait. The step that
+   samples its first token samples theirs too, from the same logits (one extra sample row each):
+   they share the prompt's full blocks and get a copy of the partly filled last block, which the
+   engine copies on the device right after that step (never shared: their continuations
+   differ). Siblings that find no free row, slot or block then are admitted like any sequence,
+   with the prompt's full blocks as a prefix cache hit.
 Requests are validated on arrival to fit the pool alone, so preemption always makes progress.
 
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
@@ -21,7 +32,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from jaxserve.engine.block_allocator import BlockAllocator, IdPool
+from jaxserve.config import ModelConfig
+from jaxserve.engine.block_allocator import IdPool
+from jaxserve.engine.prefix_cache import BlockHash, BlockPool, chain_hashes
+from jaxserve.engine.router import ReplicaView, RoutingPolicy, remaining_flops
 from jaxserve.engine.sequence import Sequence, Status
 
 
@@ -31,6 +45,8 @@ class PrefillChunk:
     start: int  # first position of the chunk
     length: int
     samples: bool  # the chunk ends the prefill: its last token yields an output token
+    # siblings (n > 1) whose first token is sampled from this chunk's last token too
+    forks: list[Sequence] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -38,6 +54,9 @@ class StepPlan:
     prefills: list[PrefillChunk]
     decodes: list[Sequence]
     needs_preemption: bool = False
+    admitted: list[Sequence] = dataclasses.field(default_factory=list)  # given a slot this step
+    # (replica, source block, destination block), local ids: copied right after the step
+    copies: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -45,22 +64,29 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, blocks: list[BlockAllocator], slots: list[IdPool],
+    def __init__(self, pools: list[BlockPool], slots: list[IdPool],
                  max_num_batched_tokens: int, max_prefill_chunk: int, max_prefill_rows: int,
-                 tile: int):
-        self.blocks = blocks  # one allocator per DP replica (local block ids)
+                 tile: int, router: RoutingPolicy, model_config: ModelConfig,
+                 root_hash: BlockHash):
+        self.pools = pools  # one per DP replica (local block ids)
         self.slots = slots  # one slot pool per DP replica
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_prefill_chunk = max_prefill_chunk
         self.max_prefill_rows = max_prefill_rows
         self.tile = tile
+        self.router = router
+        self.model_config = model_config
+        self.root_hash = root_hash  # the parent of every sequence's first block
+        self.block_size = pools[0].block_size
+        self.caching = pools[0].caching
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self.counters = collections.Counter()
 
     @property
     def num_replicas(self) -> int:
-        return len(self.blocks)
+        return len(self.pools)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -68,28 +94,64 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(not s.done_scheduling for s in self.running)
 
+    # ---- blocks ----
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make the sequence's blocks cover its first num_tokens tokens."""
-        blocks = self.blocks[seq.replica]
-        need = blocks.blocks_for(num_tokens) - len(seq.blocks)
+        pool = self.pools[seq.replica]
+        need = pool.blocks_for(num_tokens) - len(seq.blocks)
         if need <= 0:
             return True
-        if need > blocks.num_free:
+        if need > pool.num_free:
             return False
-        seq.blocks += blocks.allocate(need)
+        seq.blocks += pool.allocate(need)
         return True
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[BlockHash]:
+        """Hashes of the sequence's first num_blocks full blocks (their tokens must be known)."""
+        request, bs = seq.request, self.block_size
+        if request.prompt_hashes is None:
+            request.prompt_hashes = chain_hashes(request.prompt_ids, bs, self.root_hash)
+        if seq.block_hashes is None:
+            seq.block_hashes = list(request.prompt_hashes)
+        hashes = seq.block_hashes
+        if len(hashes) < num_blocks:
+            tokens = [seq.prefill_token(i) for i in range(len(hashes) * bs, num_blocks * bs)]
+            hashes += chain_hashes(tokens, bs, hashes[-1] if hashes else self.root_hash)
+        return hashes[:num_blocks]
+
+    def name_blocks(self, seq: Sequence) -> None:
+        """Enter the sequence's full blocks whose KV is computed (by dispatched steps) and whose
+        tokens are known on the host into its replica's prefix cache."""
+        if not self.caching or seq.replica is None:
+            return
+        known = len(seq.request.prompt_ids) + len(seq.output_ids)
+        full = min(seq.num_computed, known) // self.block_size
+        if full <= seq.num_named_blocks:
+            return
+        pool = self.pools[seq.replica]
+        for i, h in enumerate(self._hashes(seq, full)[seq.num_named_blocks:],
+                              seq.num_named_blocks):
+            pool.name(seq.blocks[i], h)
+        seq.num_named_blocks = full
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence's blocks and slot (finished, aborted or preempted)."""
         if seq.replica is not None:
-            self.blocks[seq.replica].free(seq.blocks)
+            self.name_blocks(seq)
+            self.pools[seq.replica].release(seq.blocks)
             if seq.slot is not None:
                 self.slots[seq.replica].free([seq.slot])
         seq.blocks = []
+        seq.num_named_blocks = 0
         seq.slot = None
         seq.replica = None
         if seq in self.running:
             self.running.remove(seq)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached block (their pages are about to be overwritten)."""
+        for pool in self.pools:
+            pool.clear()
 
     def finish(self, seq: Sequence) -> None:
         self.release(seq)
@@ -112,21 +174,124 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _place(self, seq: Sequence, budget: list[int], rows: list[int]) -> int | None:
-        """The replica a waiting sequence joins: the one with the most free KV blocks among
-        those with a free slot, a free prefill row and token budget (lowest index on ties)."""
-        open_ = [r for r in range(self.num_replicas) if self.slots[r].num_free
-                 and rows[r] < self.max_prefill_rows and budget[r] >= self.tile]
-        if not open_:
+    # ---- load ----
+    def _remaining_flops(self, seq: Sequence) -> int:
+        request = seq.request
+        return remaining_flops(self.model_config, seq.num_computed, len(request.prompt_ids),
+                               request.max_tokens, seq.num_scheduled_outputs)
+
+    def replica_loads(self) -> list[int]:
+        """Per DP replica, the true FLOPs of the work admitted there and not yet done."""
+        loads = [0] * self.num_replicas
+        for seq in self.running:
+            loads[seq.replica] += self._remaining_flops(seq)
+        return loads
+
+    # ---- planning ----
+    @staticmethod
+    def _held(seq: Sequence) -> bool:
+        """A sibling (n > 1) that waits for the first sequence to sample from the prompt."""
+        leader = seq.request.sequences[0]
+        return (seq is not leader and seq.num_scheduled_outputs == 0
+                and leader.num_scheduled_outputs == 0 and leader.status is not Status.FINISHED)
+
+    def _start(self, seq: Sequence, replica: int, plan: StepPlan) -> None:
+        """A waiting sequence joins `replica` (its blocks are already set)."""
+        self.waiting.remove(seq)
+        seq.replica = replica
+        seq.slot = self.slots[replica].allocate()[0]
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        plan.admitted.append(seq)
+
+    def _in_progress(self) -> list[set[BlockHash]]:
+        """Per replica, the hashes of prompt blocks that sequences there are prefilling."""
+        out: list[set[BlockHash]] = [set() for _ in range(self.num_replicas)]
+        for seq in self.running:
+            if seq.in_prefill:
+                full = seq.recompute_len // self.block_size
+                out[seq.replica].update(self._hashes(seq, full)[seq.num_named_blocks:])
+        return out
+
+    def _admit(self, seq: Sequence, budget: list[int], rows: list[int], closed: set[int],
+               loads: list[int] | None, in_progress: list[set[BlockHash]],
+               plan: StepPlan) -> PrefillChunk | None:
+        """A waiting sequence's first chunk, or None when it waits (and maybe closes a replica)."""
+        bs = self.block_size
+        hashes = self._hashes(seq, (seq.recompute_len - 1) // bs) if self.caching else []
+        hits, coming, views = [], [], []
+        for r in range(self.num_replicas):
+            hits.append(self.pools[r].cached_prefix(hashes))
+            coming.append(0)  # blocks right after the hit that a sequence there is computing
+            while len(hits[r]) + coming[r] < len(hashes) and \
+                    hashes[len(hits[r]) + coming[r]] in in_progress[r]:
+                coming[r] += 1
+            views.append(ReplicaView(r, (len(hits[r]) + coming[r]) * bs,
+                                     loads[r] if loads else 0, self.pools[r].num_free,
+                                     self.slots[r].num_free))
+        replica = self.router.choose(views) if len(views) > 1 else 0
+        if not (isinstance(replica, int) and 0 <= replica < self.num_replicas):
+            raise ValueError(f"routing policy {self.router.name!r} chose replica {replica!r}; "
+                             f"there are {self.num_replicas}")
+        if replica in closed or coming[replica] or not self.slots[replica].num_free:
             return None
-        return max(open_, key=lambda r: (self.blocks[r].num_free, -r))
+        pool, hit = self.pools[replica], hits[replica]
+        start = len(hit) * bs
+        room = budget[replica] // self.tile * self.tile
+        length = min(seq.recompute_len - start, room, self.max_prefill_chunk)
+        need = pool.blocks_for(start + length) - len(hit)
+        if rows[replica] >= self.max_prefill_rows or length <= 0 or \
+                need > pool.num_free - pool.num_evictable_among(hit):
+            closed.add(replica)
+            return None
+        pool.share(hit)
+        seq.blocks = list(hit) + pool.allocate(need)
+        seq.num_named_blocks = len(hit)
+        seq.num_computed = start
+        self._start(seq, replica, plan)
+        if self.caching:
+            self.counters["prefix_cache_queries"] += seq.recompute_len
+            self.counters["prefix_cache_hits"] += start
+            in_progress[replica].update(
+                self._hashes(seq, seq.recompute_len // bs)[len(hit):])
+        if seq.request.cached_prompt_tokens is None:
+            seq.request.cached_prompt_tokens = min(start, len(seq.request.prompt_ids))
+        if loads:
+            loads[replica] += self._remaining_flops(seq)
+        return PrefillChunk(seq, start, length, start + length == seq.recompute_len)
+
+    def _fork(self, chunk: PrefillChunk, rows: list[int], plan: StepPlan) -> None:
+        """Siblings waiting on `chunk.seq`'s first token take theirs from the same logits."""
+        leader, replica = chunk.seq, chunk.seq.replica
+        pool, prompt_len = self.pools[replica], len(leader.request.prompt_ids)
+        full = prompt_len // self.block_size
+        # A sibling decodes into the partly filled last block, so it needs its own copy of it;
+        # one that stops at its first token never writes there.
+        copy = prompt_len % self.block_size > 0 and not leader.stops_at_first_token
+        for sibling in leader.request.sequences[1:]:
+            if sibling.status is not Status.WAITING or not self._held(sibling):
+                continue
+            if rows[replica] >= self.max_prefill_rows or not self.slots[replica].num_free \
+                    or (copy and not pool.num_free):
+                break
+            shared = leader.blocks[:full]
+            pool.share(shared)
+            sibling.blocks = shared + (pool.allocate(1) if copy else [])
+            if copy:
+                plan.copies.append((replica, leader.blocks[full], sibling.blocks[-1]))
+            sibling.num_computed = sibling.recompute_len = prompt_len
+            sibling.num_named_blocks = full
+            self._start(sibling, replica, plan)
+            chunk.forks.append(sibling)
+            rows[replica] += 1
+            self.counters["forked_sequences"] += 1
 
     def schedule(self, can_preempt: bool) -> StepPlan:
         """Tokens per sequence for the next step. Budgets are per DP replica, in tokens as the
         step lays them out (a prefill chunk occupies whole query tiles)."""
         budget = [self.max_num_batched_tokens] * self.num_replicas
         rows = [0] * self.num_replicas
-        decodes: list[Sequence] = []
+        plan = StepPlan([], [])
         for seq in list(self.running):
             if seq.in_prefill or seq.done_scheduling or seq.status is not Status.RUNNING:
                 continue
@@ -138,49 +303,55 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is Status.RUNNING and budget[seq.replica] > 0:
-                decodes.append(seq)
+                plan.decodes.append(seq)
                 budget[seq.replica] -= 1
 
-        prefills: list[PrefillChunk] = []
+        closed: set[int] = set()  # replicas that admit nobody else this step
+        loads = self.replica_loads() if self.num_replicas > 1 and self.waiting else None
+        in_progress = self._in_progress() if self.caching and self.waiting else None
+        # Waiting sequences looked at per step: more could not start in one step anyway.
+        lookahead = self.max_prefill_rows * self.num_replicas
         candidates = [s for s in self.running if s.in_prefill] + list(self.waiting)
         for seq in candidates:
             if seq.status is Status.WAITING:
-                replica = self._place(seq, budget, rows)
-                if replica is None:
+                if self._held(seq):
+                    continue
+                if lookahead == 0 or all(r in closed or not self.slots[r].num_free
+                                         for r in range(self.num_replicas)):
                     break
+                lookahead -= 1
+                chunk = self._admit(seq, budget, rows, closed, loads, in_progress, plan)
+                if chunk is None:
+                    continue
             else:
                 replica = seq.replica
                 if rows[replica] >= self.max_prefill_rows:
                     continue
-            room = budget[replica] // self.tile * self.tile
-            length = min(seq.recompute_len - seq.num_computed, room, self.max_prefill_chunk)
-            if length <= 0:
-                if seq.status is Status.WAITING:
-                    break
-                continue
-            if seq.status is Status.WAITING:
-                seq.replica = replica
-                if not self._grow(seq, length):
-                    seq.replica = None
-                    break
-                self.waiting.remove(seq)
-                seq.slot = self.slots[replica].allocate()[0]
-                seq.status = Status.RUNNING
-                self.running.append(seq)
-            elif not self._grow(seq, seq.num_computed + length):
-                continue
-            samples = seq.num_computed + length == seq.recompute_len
-            prefills.append(PrefillChunk(seq, seq.num_computed, length, samples))
-            budget[replica] -= -(-length // self.tile) * self.tile
+                room = budget[replica] // self.tile * self.tile
+                length = min(seq.recompute_len - seq.num_computed, room, self.max_prefill_chunk)
+                if length <= 0 or not self._grow(seq, seq.num_computed + length):
+                    continue
+                chunk = PrefillChunk(seq, seq.num_computed, length,
+                                     seq.num_computed + length == seq.recompute_len)
+            replica = seq.replica
+            plan.prefills.append(chunk)
+            budget[replica] -= -(-chunk.length // self.tile) * self.tile
             rows[replica] += 1
-        return StepPlan(prefills, decodes)
+            if chunk.samples and seq.num_scheduled_outputs == 0 and seq.index == 0 \
+                    and len(seq.request.sequences) > 1:
+                self._fork(chunk, rows, plan)
+        return plan
 
     def commit(self, plan: StepPlan) -> None:
         """Advance the counters as if the plan's step ran (it is dispatched next)."""
         for chunk in plan.prefills:
-            chunk.seq.num_computed += chunk.length
+            seq = chunk.seq
+            seq.num_computed += chunk.length
             if chunk.samples:
-                chunk.seq.num_scheduled_outputs += 1
+                seq.num_scheduled_outputs += 1
+            for sibling in chunk.forks:
+                sibling.num_scheduled_outputs += 1
+            self.name_blocks(seq)
         for seq in plan.decodes:
             seq.num_computed = seq.total_len
             seq.num_scheduled_outputs += 1

@@ -20,7 +20,7 @@ by the engine's budgets (max_num_batched_tokens per DP replica in query tiles,
 max_prefill_chunk per chunk) and by free KV blocks, so long prompts and many candidates split
 over several steps. Within one step every token's KV is written before any is read (the
 attention op's contract: a prefill chunk's tiles rely on it too), so a branch may run in the
-same step as the prefix it reads. Blocks come from the engine's block allocators, so scoring
+same step as the prefix it reads. Blocks come from the engine's block pools, so scoring
 can share the pool with running requests; a branch's blocks are freed after its last step, the
 prefix's after its last branch. The device returns only the scored tokens' log-probs and the
 top-N rows, never [tokens, vocab] logits.
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxserve import flops
 from jaxserve.engine.executor import QUERY_TILE, ScoreRow
 from jaxserve.ops.attention import ChunkRow
 
@@ -89,7 +90,7 @@ class _Piece:
 class ScoreRun:
     def __init__(self, engine: Engine, jobs: list[ScoreJob]):
         self.engine = engine
-        self.allocators = engine.allocators
+        self.pools = engine.pools
         self.block_size = engine.runner.block_size
         self.budget = engine.config.max_num_batched_tokens // QUERY_TILE * QUERY_TILE
         self.chunk = min(engine.config.max_prefill_chunk, self.budget)
@@ -97,17 +98,20 @@ class ScoreRun:
         self.scores = [JobScores([[0.0] * len(c) for c in job.candidates], [])
                        for job in jobs]
         self._pieces_left = [0] * len(jobs)
-        # each job runs on one DP replica: the one with the fewest tokens queued so far
-        self.pieces: list[list[_Piece]] = [[] for _ in self.allocators]  # every piece, to free
-        self.queues: list[list[_Piece]] = [[] for _ in self.allocators]  # pieces not finished
-        load = [0] * len(self.allocators)
+        # each job runs on one DP replica: the one with the least work queued so far, in true
+        # FLOPs (a long prompt's attention weighs what it costs)
+        self.pieces: list[list[_Piece]] = [[] for _ in self.pools]  # every piece, to free
+        self.queues: list[list[_Piece]] = [[] for _ in self.pools]  # pieces not finished
+        load = [0] * len(self.pools)
         for i, job in enumerate(jobs):
             replica = min(range(len(load)), key=lambda r: (load[r], r))
             pieces = self._pieces(i, job)
             self.pieces[replica] += pieces
             self.queues[replica] += pieces
             self._pieces_left[i] = len(pieces)
-            load[replica] += sum(len(p.tokens) for p in pieces)
+            load[replica] += sum(flops.chunk_flops(engine.model_config, p.start,
+                                                   p.start + len(p.tokens), len(p.rows))
+                                 for p in pieces)
 
     @property
     def done(self) -> bool:
@@ -171,16 +175,16 @@ class ScoreRun:
         """The next chunks of this replica's pieces, in order, while budget and blocks last:
         (piece, first token, tokens, its score rows). Stops at a piece that does not finish in
         this step, since the pieces after it may read it."""
-        allocator = self.allocators[replica]
+        pool = self.pools[replica]
         room, chunks = self.budget, []
         for piece in self.queues[replica]:
             n = min(len(piece.tokens) - piece.computed, self.chunk, room)
             if n <= 0:
                 break
             if piece.blocks is None:
-                if piece.own_blocks > allocator.num_free:
+                if piece.own_blocks > pool.num_free:
                     break
-                piece.blocks = allocator.allocate(piece.own_blocks)
+                piece.blocks = pool.allocate(piece.own_blocks)
             s = piece.computed
             chunks.append((piece, s, n, [cr for cr in piece.rows if s <= cr[2].offset < s + n]))
             piece.computed += n
@@ -203,7 +207,7 @@ class ScoreRun:
 
     def _free(self, piece: _Piece, replica: int) -> None:
         if piece.blocks is not None:
-            self.allocators[replica].free(piece.blocks)
+            self.pools[replica].release(piece.blocks)
             piece.blocks = None
 
     def release(self) -> None:

@@ -1,10 +1,12 @@
 """A request and its sequences, as the host loop tracks them.
 
-A request with `n > 1` has n sequences that share the prompt. Each sequence moves
-WAITING -> RUNNING -> FINISHED, and back to WAITING if preempted (its KV is recomputed from
-prompt + outputs when it runs again). Two counters matter:
+A request with `n > 1` has n sequences that share the prompt (the first prefills it, the others
+share its blocks: see scheduler.py). Each sequence moves WAITING -> RUNNING -> FINISHED, and back
+to WAITING if preempted (its KV is recomputed from prompt + outputs when it runs again, after
+whatever prefix its replica still caches). Two counters matter:
 
-- `num_computed`: tokens whose KV is written (or scheduled to be, in a step in flight);
+- `num_computed`: tokens whose KV is written (or scheduled to be, in a step in flight), cache
+  hits included;
 - `num_scheduled_outputs`: output tokens sampled or being sampled in a step in flight, which is
   ahead of `len(output_ids)` (tokens read back) by the steps in flight.
 """
@@ -36,6 +38,8 @@ class Sequence:
         self.status = Status.WAITING
         self.replica: int | None = None  # the DP replica whose KV shard holds the sequence
         self.blocks: list[int] = []  # block ids local to that replica's shard
+        self.num_named_blocks = 0  # leading blocks already in the prefix cache (or taken from it)
+        self.block_hashes: list[bytes] | None = None  # of its full blocks, computed on demand
         self.slot: int | None = None
         self.num_computed = 0
         self.num_scheduled_outputs = 0
@@ -64,6 +68,11 @@ class Sequence:
         return prompt[i] if i < len(prompt) else self.output_ids[i - len(prompt)]
 
     @property
+    def stops_at_first_token(self) -> bool:
+        """Its first sampled token is its last (max_tokens 1, or the context is full)."""
+        return self.request.max_tokens == 1
+
+    @property
     def done_scheduling(self) -> bool:
         """No more tokens to sample: max_tokens or the context is used up."""
         params = self.params
@@ -88,6 +97,10 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.max_model_len = max_model_len
+        # output tokens per sequence at most: max_tokens, or what the context leaves
+        self.max_tokens = min(params.max_tokens or max_model_len, max_model_len - len(prompt_ids))
+        self.prompt_hashes: list[bytes] | None = None  # of the prompt's full blocks, on demand
+        self.cached_prompt_tokens: int | None = None  # prompt tokens found cached at admission
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
         self.sequences = [Sequence(self, i, seed) for i, seed in enumerate(seeds)]
 
@@ -99,4 +112,5 @@ class Request:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt,
                              prompt_token_ids=list(self.prompt_ids),
                              outputs=[s.completion() for s in self.sequences],
-                             finished=self.finished, metrics=self.metrics)
+                             finished=self.finished, metrics=self.metrics,
+                             num_cached_tokens=self.cached_prompt_tokens or 0)

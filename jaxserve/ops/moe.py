@@ -37,6 +37,7 @@ from typing import Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxserve.ops.cost import note_loop
 from jaxserve.sharding import (all_gather_logical, all_to_all_logical, axis_index_logical,
                                axis_size_logical, psum_logical, ragged_all_to_all_logical,
                                shard_map_logical)
@@ -45,7 +46,7 @@ STRATEGIES = ("dense", "alltoall", "allgather", "auto")
 # Tokens per step above which `auto` gathers expert weights instead of exchanging tokens: the
 # crossover measured by scripts/bench_moe.py (BENCHMARKS.md). Set per engine with
 # `moe_auto_threshold`.
-DEFAULT_AUTO_THRESHOLD = 256
+DEFAULT_AUTO_THRESHOLD = 512
 
 EXPERT_AXES = ("experts", "embed", "expert_mlp")  # gate_proj, up_proj: [experts, embed, width]
 DOWN_AXES = ("experts", "expert_mlp", "embed")  # down_proj: [experts, width, embed]
@@ -177,6 +178,7 @@ def _grouped_tiled(x, expert, w: ExpertWeights, tile: int):
         h = jax.nn.silu(xt @ w.gate[e]) * (xt @ w.up[e])
         return None, h @ w.down[e]
 
+    note_loop(tiles, 2 * 3 * tile * width * w.gate.shape[2])
     _, y = jax.lax.scan(one_tile, None, (grid.reshape(tiles, tile, width), tile_expert))
     y = y.reshape(tiles * tile, -1).at[slot].get(mode="fill", fill_value=0)
     y = jnp.where(valid[:, None], y, 0)

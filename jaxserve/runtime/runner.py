@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 from jaxserve import kv_cache
 from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.cost import uncounted_flops
 from jaxserve.ops.moe import MoEExecution, moe_execution
 from jaxserve.runtime import sampling, step_sampling
 from jaxserve.runtime.sampling import SamplingInputs
@@ -56,6 +58,7 @@ class ModelRunner:
         self._programs: dict[Any, Any] = {}  # kind -> the jitted function
         self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
         self._flops: dict[tuple, int] = {}  # shape key -> FLOPs the program executes
+        self._loop_flops: dict[tuple, int] = {}  # shape key -> loop FLOPs XLA does not count
 
     @property
     def block_size(self) -> int:
@@ -112,11 +115,16 @@ class ModelRunner:
         return executable
 
     def _compile(self, kind: str, inputs):
-        if kind == "step":
-            return self._step_program().lower(self.param_leaves, self.kv, self.slot_state,
-                                              inputs).compile()
-        program = self._forward_program() if kind == "forward" else self._score_program()
-        return program.lower(self.param_leaves, self.kv, inputs).compile()
+        with uncounted_flops() as loop_flops:
+            if kind == "step":
+                lowered = self._step_program().lower(self.param_leaves, self.kv,
+                                                     self.slot_state, inputs)
+            else:
+                program = self._forward_program() if kind == "forward" else \
+                    self._score_program()
+                lowered = program.lower(self.param_leaves, self.kv, inputs)
+        self._loop_flops[self._shape_key(kind, inputs)] = loop_flops[0]
+        return lowered.compile()
 
     def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
         """Compile the step programs for these inputs' shapes ahead of use, `threads` at a time
@@ -141,13 +149,14 @@ class ModelRunner:
 
     def program_flops(self, inputs, kind: str = "step") -> int:
         """FLOPs of the compiled program of this kind ("step", "score", "forward") for these
-        inputs' shapes, all devices together (XLA's cost analysis of one device's program,
-        times the devices)."""
+        inputs' shapes, all devices together: XLA's cost analysis of one device's program plus
+        the loop iterations it does not count (`jaxserve.ops.cost`), times the devices."""
         key = self._shape_key(kind, inputs)
         if key not in self._flops:
             analysis = self._executable(kind, inputs).cost_analysis()
             analysis = analysis[0] if isinstance(analysis, list) else analysis
-            self._flops[key] = int(analysis.get("flops", 0)) * self.layout.num_devices
+            self._flops[key] = (int(analysis.get("flops", 0)) + self._loop_flops.get(key, 0)) \
+                * self.layout.num_devices
         return self._flops[key]
 
     def step(self, inputs: StepInputs) -> StepOutputs:
@@ -198,6 +207,7 @@ class ModelRunner:
         self._programs.clear()
         self._compiled.clear()
         self._flops.clear()
+        self._loop_flops.clear()
 
     def set_sampling(self, mode: str) -> None:
         """Sample another way from now on (the programs compiled so far are dropped)."""
@@ -208,6 +218,69 @@ class ModelRunner:
 
     def init_slots(self, num_slots: int) -> None:
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
+
+    # ---- programs beside the step: slot state from the host, copies between blocks ----
+    def _aux_program(self, kind: str):
+        if kind not in self._programs:
+            if kind == "set_slots":
+                fn = jax.jit(_set_slots, donate_argnums=(0,),
+                             in_shardings=(_shardings(self.slot_state),
+                                           self.layout.replicated()),
+                             out_shardings=_shardings(self.slot_state))
+            else:
+                fn = jax.jit(self._copy_blocks_per_replica, donate_argnums=(0,),
+                             in_shardings=(self.kv.shardings(), self._sharding("batch", 3,
+                                                                               "block copies")),
+                             out_shardings=self.kv.shardings())
+            self._programs[kind] = fn
+        return self._programs[kind]
+
+    def _copy_blocks_per_replica(self, kv: KVPool, pairs: jax.Array) -> KVPool:
+        """pairs i32[replicas, copies, 2]: (source, destination) ids local to each replica's
+        shard. Each device copies within its own shard: no block crosses devices."""
+        specs = jax.tree.map(lambda a: a.sharding.spec, self.kv)
+        pool_spec = jax.tree.leaves(self.kv)[0].sharding.spec
+        blocks_axes = pool_spec[0] if len(pool_spec) else None  # how kv_blocks is split
+
+        def local(kv, pairs):
+            return kv_cache.copy_local_blocks(kv, pairs[0, :, 0], pairs[0, :, 1])
+
+        return jax.shard_map(local, mesh=self.layout.mesh, in_specs=(specs, P(blocks_axes)),
+                             out_specs=specs, check_vma=False)(kv, pairs)
+
+    def _aux_executable(self, kind: str, state, arg):
+        key = (kind,) + tuple(np.shape(leaf) for leaf in jax.tree.leaves(arg))
+        executable = self._compiled.get(key)
+        if executable is None:
+            executable = self._aux_program(kind).lower(state, arg).compile()
+            self._compiled[key] = executable
+            self.compilations += 1
+        return executable
+
+    def compile_side_programs(self, set_rows: int, copies: int) -> int:
+        """Compile `set_slots` for `set_rows` rows and `copy_blocks` for `copies` pairs per
+        replica ahead of use; returns how many were new."""
+        before = self.compilations
+        vocab, trash = self.config.vocab_rows, self.slot_state.last_token.shape[0] - 1
+        rows = SlotRows(np.full((set_rows,), trash, np.int32),
+                        np.zeros((set_rows, vocab), np.bool_), np.zeros((set_rows, vocab), np.int32))
+        self._aux_executable("set_slots", self.slot_state, rows)
+        self._aux_executable("copy_blocks", self.kv,
+                             np.zeros((self.num_replicas, copies, 2), np.int32))
+        return self.compilations - before
+
+    def set_slots(self, slots: np.ndarray, prompt_mask: np.ndarray,
+                  output_counts: np.ndarray) -> None:
+        """Slots i32[k] start with prompt_mask bool[k, vocab_rows] and output_counts
+        i32[k, vocab_rows] (padding rows name the trash slot)."""
+        rows = SlotRows(slots, prompt_mask, output_counts)
+        self.slot_state = self._aux_executable("set_slots", self.slot_state, rows)(
+            self.slot_state, rows)
+
+    def copy_blocks(self, pairs: np.ndarray) -> None:
+        """Copy KV blocks within each replica's shard: pairs i32[replicas, copies, 2] of local
+        (source, destination) ids; (0, 0) pairs are padding. Ordered after the steps before."""
+        self.kv = self._aux_executable("copy_blocks", self.kv, pairs)(self.kv, pairs)
 
     def gather_blocks(self, block_ids) -> dict[str, np.ndarray]:
         """One sequence's blocks out of the pool (ids over the whole pool), bitwise."""
@@ -229,7 +302,10 @@ class SlotState:
     """Per-sequence state that lives on the device between steps, indexed by slot.
 
     Keeping the last sampled token here lets step n+1 be dispatched before step n's tokens are read
-    back. Row `num_slots` is a trash row that padding rows write to.
+    back. Row `num_slots` is a trash row that padding rows write to. A slot's prompt mask and
+    output counts are set from the host's token ids when a sequence with penalties takes the slot
+    (`ModelRunner.set_slots`), not from the prefill chunks that run: a sequence that starts
+    after a prefix cache hit, or shares its prompt with siblings, computes only part of it.
     """
 
     last_token: jax.Array  # i32[slots + 1]
@@ -247,18 +323,31 @@ class SlotState:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class SlotRows:
+    """Slot state rows the host sets (see SlotState)."""
+
+    slots: jax.Array  # i32[k]
+    prompt_mask: jax.Array  # bool[k, vocab]
+    output_counts: jax.Array  # i32[k, vocab]
+
+
+def _set_slots(state: SlotState, rows: SlotRows) -> SlotState:
+    return SlotState(last_token=state.last_token,
+                     output_counts=state.output_counts.at[rows.slots].set(rows.output_counts),
+                     prompt_mask=state.prompt_mask.at[rows.slots].set(rows.prompt_mask))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class StepInputs:
     """What the host sends for one step. Token arrays [tokens] and sample-row arrays [rows] are
     laid out replica after replica (see jaxserve/ops/attention.py)."""
 
     tokens: jax.Array  # i32[tokens]: prompt (or recomputed) ids; decode tokens come from a slot
     token_slot: jax.Array  # i32[tokens]: slot whose last sampled token this is; -1 = use `tokens`
-    record_slot: jax.Array  # i32[tokens]: slot whose prompt mask / output counts the token enters
-    is_output: jax.Array  # bool[tokens]: a generated token being recomputed after preemption
     metadata: AttentionMetadata
     sample_index: jax.Array  # i32[rows]: flat index of the token each sample row reads
     slot_ids: jax.Array  # i32[rows]; padding rows use the trash slot
-    reset_slots: jax.Array  # i32[rows]: slots whose prompt mask and counts restart (trash = none)
     sample: jax.Array  # bool[rows]: the row yields a new output token
     want_logprobs: jax.Array  # bool[rows]
     suppressed: jax.Array  # i32[rows, MAX_SUPPRESSED]; vocab_rows = no token
@@ -320,21 +409,14 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
 
-    # Prompt tokens (and recomputed outputs) of this step's prefill chunks, per slot. Row
-    # scatters only: the state is [slots, vocab] and must not be rewritten whole every step.
-    prompt_mask = state.prompt_mask.at[inputs.reset_slots].set(False)
-    counts = state.output_counts.at[inputs.reset_slots].set(0)
-    prompt_mask = prompt_mask.at[inputs.record_slot, tokens].max(~inputs.is_output)
-    counts = counts.at[inputs.record_slot, tokens].add(inputs.is_output.astype(jnp.int32))
-
     next_tokens, chosen, top_ids, top_lps = step_sampling.sample_rows(
-        sampling_mode, layout, logits, prompt_mask, counts, inputs.slot_ids, inputs.suppressed,
-        inputs.want_logprobs, inputs.sampling, MAX_LOGPROBS)
+        sampling_mode, layout, logits, state.prompt_mask, state.output_counts, inputs.slot_ids,
+        inputs.suppressed, inputs.want_logprobs, inputs.sampling, MAX_LOGPROBS)
     trash = state.last_token.shape[0] - 1
     target = jnp.where(inputs.sample, inputs.slot_ids, trash)
     state = SlotState(last_token=state.last_token.at[target].set(next_tokens),
-                      output_counts=counts.at[target, next_tokens].add(1),
-                      prompt_mask=prompt_mask)
+                      output_counts=state.output_counts.at[target, next_tokens].add(1),
+                      prompt_mask=state.prompt_mask)
     return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
 
 

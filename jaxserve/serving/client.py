@@ -37,6 +37,7 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
 
 
 def _set_text_or_ids(message, value: str | bytes | Sequence[int]):
@@ -101,6 +102,7 @@ class Client:
                 c.finish_reason = f.finish_reason
                 c.prompt_tokens = f.usage.prompt_tokens
                 c.completion_tokens = f.usage.completion_tokens
+                c.cached_prompt_tokens = f.usage.cached_prompt_tokens
         return [out[i] for i in sorted(out)]
 
     def generate_text(self, prompt, **kwargs) -> str:

@@ -148,7 +148,8 @@ def final_responses(request_id: str, event: Final) -> list[pb.GenerateResponse]:
     out.append(pb.GenerateResponse(request_id=request_id, final=pb.Final(
         index=event.index, finish_reason=event.finish_reason,
         usage=pb.Usage(prompt_tokens=event.prompt_tokens,
-                       completion_tokens=event.completion_tokens))))
+                       completion_tokens=event.completion_tokens,
+                       cached_prompt_tokens=event.cached_prompt_tokens))))
     return out
 
 

@@ -264,9 +264,11 @@ def _chat_logprobs(llm, tokens, logprobs, num: int) -> dict:
 
 def _usage(finals: list[Final]) -> dict:
     prompt = finals[0].prompt_tokens if finals else 0
+    cached = finals[0].cached_prompt_tokens if finals else 0
     completion = sum(f.completion_tokens for f in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(data) -> str:

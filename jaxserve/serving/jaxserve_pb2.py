@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ejaxserve.proto\x12\x0bjaxserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe4\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x05H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x9a\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob\"d\n\x05\x44\x65lta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"P\n\x05\x46inal\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"x\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x12.jaxserve.v1.DeltaH\x00\x12#\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.FinalH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x15\n\x13GetModelInfoRequest\"\xa1\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12.\n\x04mesh\x18\x05 \x03(\x0b\x32 .jaxserve.v1.ModelInfo.MeshEntry\x12\r\n\x05rules\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nnum_params\x18\x08 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x11\n\tkv_blocks\x18\x0b \x01(\r\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"T\n\tCandidate\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x42\x0b\n\tcandidate\"\xa3\x01\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12*\n\ncandidates\x18\x03 \x03(\x0b\x32\x16.jaxserve.v1.Candidate\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"L\n\x0e\x43\x61ndidateScore\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x02\"\x94\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\ncandidates\x18\x03 \x03(\x0b\x32\x1b.jaxserve.v1.CandidateScore\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob2\x9f\x02\n\x08JaxServe\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.jaxserve.v1.AbortRequest\x1a\x1a.jaxserve.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfo\x12>\n\x05Score\x12\x19.jaxserve.v1.ScoreRequest\x1a\x1a.jaxserve.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ejaxserve.proto\x12\x0bjaxserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe4\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x05H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\x9a\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.jaxserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob\"d\n\x05\x44\x65lta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxserve.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"P\n\x05\x46inal\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.Usage\"x\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12#\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x12.jaxserve.v1.DeltaH\x00\x12#\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x12.jaxserve.v1.FinalH\x00\x42\x06\n\x04kind\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"\x15\n\x13GetModelInfoRequest\"\xa1\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12.\n\x04mesh\x18\x05 \x03(\x0b\x32 .jaxserve.v1.ModelInfo.MeshEntry\x12\r\n\x05rules\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x12\n\nnum_params\x18\x08 \x01(\x04\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\r\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x11\n\tkv_blocks\x18\x0b \x01(\r\x1a+\n\tMeshEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"T\n\tCandidate\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x42\x0b\n\tcandidate\"\xa3\x01\n\x0cScoreRequest\x12\x0e\n\x04text\x18\x01 \x01(\x0cH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.jaxserve.v1.TokenIdsH\x00\x12*\n\ncandidates\x18\x03 \x03(\x0b\x32\x16.jaxserve.v1.Candidate\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"L\n\x0e\x43\x61ndidateScore\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x03 \x03(\x02\"\x94\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\ncandidates\x18\x03 \x03(\x0b\x32\x1b.jaxserve.v1.CandidateScore\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.jaxserve.v1.TopLogprob2\x9f\x02\n\x08JaxServe\x12I\n\x08Generate\x12\x1c.jaxserve.v1.GenerateRequest\x1a\x1d.jaxserve.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.jaxserve.v1.AbortRequest\x1a\x1a.jaxserve.v1.AbortResponse\x12H\n\x0cGetModelInfo\x12 .jaxserve.v1.GetModelInfoRequest\x1a\x16.jaxserve.v1.ModelInfo\x12>\n\x05Score\x12\x19.jaxserve.v1.ScoreRequest\x1a\x1a.jaxserve.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELTA']._serialized_start=966
   _globals['_DELTA']._serialized_end=1066
   _globals['_USAGE']._serialized_start=1068
-  _globals['_USAGE']._serialized_end=1125
-  _globals['_FINAL']._serialized_start=1127
-  _globals['_FINAL']._serialized_end=1207
-  _globals['_GENERATERESPONSE']._serialized_start=1209
-  _globals['_GENERATERESPONSE']._serialized_end=1329
-  _globals['_ABORTREQUEST']._serialized_start=1331
-  _globals['_ABORTREQUEST']._serialized_end=1365
-  _globals['_ABORTRESPONSE']._serialized_start=1367
-  _globals['_ABORTRESPONSE']._serialized_end=1382
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1384
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1405
-  _globals['_MODELINFO']._serialized_start=1408
-  _globals['_MODELINFO']._serialized_end=1697
-  _globals['_MODELINFO_MESHENTRY']._serialized_start=1654
-  _globals['_MODELINFO_MESHENTRY']._serialized_end=1697
-  _globals['_CANDIDATE']._serialized_start=1699
-  _globals['_CANDIDATE']._serialized_end=1783
-  _globals['_SCOREREQUEST']._serialized_start=1786
-  _globals['_SCOREREQUEST']._serialized_end=1949
-  _globals['_CANDIDATESCORE']._serialized_start=1951
-  _globals['_CANDIDATESCORE']._serialized_end=2027
-  _globals['_SCORERESPONSE']._serialized_start=2030
-  _globals['_SCORERESPONSE']._serialized_end=2178
-  _globals['_JAXSERVE']._serialized_start=2181
-  _globals['_JAXSERVE']._serialized_end=2468
+  _globals['_USAGE']._serialized_end=1155
+  _globals['_FINAL']._serialized_start=1157
+  _globals['_FINAL']._serialized_end=1237
+  _globals['_GENERATERESPONSE']._serialized_start=1239
+  _globals['_GENERATERESPONSE']._serialized_end=1359
+  _globals['_ABORTREQUEST']._serialized_start=1361
+  _globals['_ABORTREQUEST']._serialized_end=1395
+  _globals['_ABORTRESPONSE']._serialized_start=1397
+  _globals['_ABORTRESPONSE']._serialized_end=1412
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1414
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1435
+  _globals['_MODELINFO']._serialized_start=1438
+  _globals['_MODELINFO']._serialized_end=1727
+  _globals['_MODELINFO_MESHENTRY']._serialized_start=1684
+  _globals['_MODELINFO_MESHENTRY']._serialized_end=1727
+  _globals['_CANDIDATE']._serialized_start=1729
+  _globals['_CANDIDATE']._serialized_end=1813
+  _globals['_SCOREREQUEST']._serialized_start=1816
+  _globals['_SCOREREQUEST']._serialized_end=1979
+  _globals['_CANDIDATESCORE']._serialized_start=1981
+  _globals['_CANDIDATESCORE']._serialized_end=2057
+  _globals['_SCORERESPONSE']._serialized_start=2060
+  _globals['_SCORERESPONSE']._serialized_end=2208
+  _globals['_JAXSERVE']._serialized_start=2211
+  _globals['_JAXSERVE']._serialized_end=2498
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,17 @@ class ServingMetrics:
                               registry=r)
         self.kv_usage = Gauge("jaxserve_kv_cache_usage_ratio", "Fraction of KV blocks in use",
                               registry=r)
+        self.kv_cached = Gauge("jaxserve_kv_blocks_cached", "KV blocks no sequence holds that "
+                               "keep a cached prefix (evicted when the pool needs them)",
+                               registry=r)
+        self.replica_load = Gauge("jaxserve_replica_load_flops", "True FLOPs of the work "
+                                  "admitted to a DP replica and not yet done", ["replica"],
+                                  registry=r)
         self.preemptions = Counter("jaxserve_preemptions", "Sequences preempted", registry=r)
+        self.prefix_queries = Counter("jaxserve_prefix_cache_queries", "Tokens looked up in the "
+                                      "prefix cache when sequences were admitted", registry=r)
+        self.prefix_hits = Counter("jaxserve_prefix_cache_hits", "Tokens found in the prefix "
+                                   "cache (their KV was not computed again)", registry=r)
         self.prompt_tokens = Counter("jaxserve_prompt_tokens", "Prompt tokens of finished "
                                      "requests", registry=r)
         self.generation_tokens = Counter("jaxserve_generation_tokens", "Tokens generated",
@@ -56,7 +66,11 @@ class ServingMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("jaxserve_request_queue_time_seconds", "Arrival to first "
                                "scheduled", buckets=LATENCY_BUCKETS, registry=r)
-        self._seen = {"preemptions": 0, "generated_tokens": 0}
+        self._counters = {"preemptions": self.preemptions,
+                          "generated_tokens": self.generation_tokens,
+                          "prefix_cache_queries": self.prefix_queries,
+                          "prefix_cache_hits": self.prefix_hits}
+        self._seen = dict.fromkeys(self._counters, 0)
 
     def start_from(self, stats: dict) -> None:
         """Count from these engine stats on (the engine may have run before it was served)."""
@@ -74,8 +88,10 @@ class ServingMetrics:
             self.kv_used.set(used)
             self.kv_total.set(total)
             self.kv_usage.set(used / total if total else 0.0)
-            for key, counter in (("preemptions", self.preemptions),
-                                 ("generated_tokens", self.generation_tokens)):
+            self.kv_cached.set(stats["kv_blocks_cached"])
+            for replica, load in enumerate(stats["replica_load_flops"]):
+                self.replica_load.labels(replica=str(replica)).set(load)
+            for key, counter in self._counters.items():
                 now = stats.get(key, 0)
                 if now > self._seen[key]:
                     counter.inc(now - self._seen[key])

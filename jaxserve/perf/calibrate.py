@@ -1,0 +1,289 @@
+"""Measure this machine and write its hardware profile (`jaxserve calibrate`).
+
+The one module of `jaxserve.perf` that imports jax: it times, on the local JAX devices,
+
+- matmuls by dtype and shape class: chains of products over weights larger than the caches
+  (so each call streams them from memory, like a decode step) contracting 512, 1024 and 4096
+  wide, at 1 .. 512 rows, and a square 2048 x 2048 product for the peak; each curve is the
+  rates over the peak;
+- read bandwidth: a jitted sum over a large array;
+- paged KV reads: gathering random blocks of a KV pool, as the reference attention op does;
+- the fixed time of a decoder layer: a chain of tiny layers whose FLOPs and bytes are nil;
+- the engine's host time per step: the tiny checkpoint generating at two batch sizes, from the
+  engine's own host timers (schedule, dispatch, process), fitted to a fixed part plus a part
+  per sequence;
+- collectives, when there are several devices (simulated CPU devices included): all-reduces
+  over two devices between products, as a TP step has them, at two message sizes, fitted to
+  latency + bytes / bandwidth.
+
+Every time is the best of several runs (other work on the machine only ever adds time).
+Simulated CPU devices share the host's cores, so the profile says `shared_compute: true`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxserve.perf.profiles import Hardware, HostOverhead, Link
+
+ROWS = (1, 8, 32, 128, 512)
+WIDTHS = (512, 1024, 4096)  # contracted widths of the products measured
+TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "checkpoints" / "tiny"
+
+
+def _best(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_rates(dtype: str, width: int, rows: tuple[int, ...], weight_mib: int,
+                 repeats: int) -> dict[int, float]:
+    """FLOP/s of a chain of [rows, width] x [width, out] x [out, width] products (out = 4 x
+    width, at most 4096) whose weights total `weight_mib` MiB, by rows."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.dtype(dtype)
+    out_width = min(4 * width, 4096)
+    pairs = max(1, weight_mib * 2**20 // (2 * width * out_width * dt.itemsize))
+    rng = np.random.default_rng(0)
+    scale = np.float32(1 / np.sqrt(width))
+    weights = [(jax.device_put((rng.standard_normal((width, out_width), np.float32)
+                                * scale).astype(dt)),
+                jax.device_put((rng.standard_normal((out_width, width), np.float32)
+                                * scale).astype(dt))) for _ in range(pairs)]
+
+    @jax.jit
+    def chain(x, weights):
+        for up, down in weights:
+            x = (x @ up) @ down
+        return x
+
+    out = {}
+    for r in rows:
+        x = jax.device_put(rng.standard_normal((r, width), np.float32).astype(dt))
+        seconds = _best(lambda: chain(x, weights).block_until_ready(), repeats)
+        out[r] = 2 * r * pairs * 2 * width * out_width / seconds
+    return out
+
+
+def square_matmul_rate(dtype: str, n: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    a = jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)))
+    f = jax.jit(jnp.dot)
+    return 2 * n**3 / _best(lambda: f(a, a).block_until_ready(), repeats)
+
+
+def read_bandwidth(mib: int, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.device_put(np.ones(mib * 2**20 // 4, np.float32))
+    f = jax.jit(jnp.sum)
+    return a.nbytes / _best(lambda: f(a).block_until_ready(), repeats)
+
+
+def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: int = 2,
+                      head_dim: int = 64) -> float:
+    """Bytes/s gathering random blocks out of a KV pool of `mib` MiB and reducing them."""
+    import jax
+    import jax.numpy as jnp
+
+    per_block = block_size * kv_heads * head_dim * 4
+    blocks = mib * 2**20 // per_block
+    pool = jax.device_put(np.ones((blocks, block_size, kv_heads, head_dim), np.float32))
+    table = jax.device_put(np.random.default_rng(2).permutation(blocks).astype(np.int32))
+    f = jax.jit(lambda pool, table: jnp.sum(jnp.take(pool, table, axis=0), axis=(0, 1)))
+    return pool.nbytes / _best(lambda: f(pool, table).block_until_ready(), repeats)
+
+
+def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
+    """Seconds per decoder layer that do not depend on its size: a chain of `layers` tiny
+    layers with a decoder layer's kinds of ops (norm, projections, activation, residual) on
+    one row, where FLOPs and bytes are negligible."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    w = jax.device_put(rng.standard_normal((layers, 4, width, width), np.float32) / width)
+
+    @jax.jit
+    def chain(x, w):
+        for i in range(layers):
+            h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+            q, k = h @ w[i, 0], h @ w[i, 1]
+            x = x + (jax.nn.silu(q) * k) @ w[i, 2]
+            x = x + jnp.tanh(x @ w[i, 3])
+        return x
+
+    x = jax.device_put(np.ones((1, width), np.float32))
+    return _best(lambda: chain(x, w).block_until_ready(), repeats) / layers
+
+
+def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
+                    layers: int = 8) -> Link | None:
+    """Latency and bandwidth of an all-reduce over two devices, as the engine's steps meet it:
+    between products (`layers` of x = psum(x @ w) in one program), less the same program
+    without the all-reduces. Fitted at two message sizes; when the larger message is not
+    measurably slower, the bandwidth is the memory's (simulated devices share it). None with
+    one device."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    if jax.device_count() < 2:
+        return None
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    w = jax.device_put(np.random.default_rng(3).standard_normal((2 * layers, width, width),
+                                                                np.float32) / width)
+
+    def program(reduce: bool):
+        def body(x, w):
+            for i in range(layers):
+                x = x @ w[i]
+                x = jax.lax.psum(x, "x") if reduce else x + 1.0
+            return x
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P("x")), out_specs=P(),
+                                     check_vma=False))
+
+    with_reduce, without = program(True), program(False)
+    per_call = {}
+    for rows in (8, 512):
+        x = jnp.ones((rows, width), jnp.float32)
+        t_with = _best(lambda: with_reduce(x, w).block_until_ready(), repeats)
+        t_without = _best(lambda: without(x, w).block_until_ready(), repeats)
+        per_call[rows * width * 4] = max(t_with - t_without, 1e-7) / layers
+    (s1, t1), (s2, t2) = sorted(per_call.items())
+    # ring all-reduce over 2 devices: nbytes / bandwidth + 2 latency (collectives.py)
+    bandwidth = (s2 - s1) / (t2 - t1) if t2 > 1.05 * t1 else memory_bandwidth
+    latency = max((t1 - s1 / bandwidth) / 2, 0.0)
+    return Link(bandwidth, latency, 1.0)
+
+
+def host_overhead(model_dir: Path, batches: tuple[int, int], new_tokens: int) -> tuple[
+        HostOverhead, dict[str, Any]]:
+    """Host seconds per engine step (schedule + dispatch + process), at two batch sizes."""
+    from jaxserve import LLM, SamplingParams
+
+    llm = LLM(model_dir, max_num_seqs=max(batches))
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    per_step = {}
+    for b in batches:
+        prompts = [[5 + i] * 16 for i in range(b)]
+        llm.generate(prompts, params, use_tqdm=False)  # compiles this batch's shapes
+        before = llm.stats()
+        llm.generate(prompts, params, use_tqdm=False)
+        after = llm.stats()
+        host = sum(after.get(k, 0) - before.get(k, 0)
+                   for k in ("schedule_s", "dispatch_s", "process_s"))
+        per_step[b] = host / (after["steps"] - before["steps"])
+    (b1, h1), (b2, h2) = sorted(per_step.items())
+    per_seq = max((h2 - h1) / (b2 - b1), 0.0)
+    return (HostOverhead(max(h1 - per_seq * b1, 0.0), per_seq),
+            {f"host_s_per_step_at_batch_{b}": h for b, h in per_step.items()})
+
+
+def _memory_available() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def calibrate(name: str = "cpu-local", quick: bool = False,
+              model_dir: Path = TINY_MODEL, progress: Callable[[str], None] = print) -> Hardware:
+    """Measure this machine's devices; `quick`: small sizes and few repeats (seconds, rough)."""
+    import jax
+
+    repeats = 2 if quick else 5
+    rows = ROWS[:3] if quick else ROWS
+    devices = jax.devices()
+    platform_name = devices[0].platform
+    progress(f"calibrating {len(devices)} {platform_name} device(s): {cpu_model()}")
+    peak, curves, measured = {}, {}, {}
+    for dtype in ("float32", "bfloat16"):
+        slow = dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
+        widths = (512,) if quick else (1024,) if slow else WIDTHS
+        rows_here = rows[:2] if slow else rows
+        mib = 4 if quick else 64 if slow else 256
+        rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats) for w in widths}
+        square = square_matmul_rate(dtype, 512 if quick else 2048, repeats)
+        peak[dtype] = max(square, *(x for r in rates.values() for x in r.values()))
+        curves[dtype] = {w: tuple((r, round(x / peak[dtype], 4)) for r, x in by_rows.items())
+                         for w, by_rows in rates.items()}
+        measured[f"matmul_{dtype}"] = {"flops_per_s_by_width_and_rows": rates,
+                                       "square_flops_per_s": square}
+        progress(f"  {dtype}: peak {peak[dtype] / 1e9:.1f} GFLOP/s; GFLOP/s by width, rows: "
+                 + "; ".join(f"{w}: " + ", ".join(f"{r}: {x / 1e9:.1f}" for r, x in rs.items())
+                             for w, rs in rates.items()))
+    bandwidth = read_bandwidth(32 if quick else 512, repeats)
+    kv = kv_read_bandwidth(8 if quick else 128, repeats)
+    progress(f"  read bandwidth {bandwidth / 1e9:.1f} GB/s; paged KV reads {kv / 1e9:.1f} GB/s")
+    per_layer = layer_overhead(repeats)
+    progress(f"  fixed time per layer {per_layer * 1e6:.1f} us")
+    link = all_reduce_link(repeats, bandwidth)
+    if link is not None:
+        progress(f"  all-reduce over 2 devices: {link.bandwidth / 1e9:.2f} GB/s, "
+                 f"{link.latency * 1e6:.1f} us latency")
+    host, host_measured = host_overhead(model_dir, (1, 4) if quick else (1, 8),
+                                        8 if quick else 48)
+    progress(f"  host per step {host.per_step_s * 1e3:.3f} ms + {host.per_sequence_s * 1e6:.1f} "
+             f"us per sequence")
+    measured.update(host_measured, read_bytes_per_s=bandwidth, kv_read_bytes_per_s=kv,
+                    layer_overhead_s=per_layer,
+                    date=datetime.date.today().isoformat(), cpu=cpu_model(),
+                    jax=jax.__version__, devices=len(devices), platform=platform_name,
+                    quick=quick)
+    simulated = platform_name == "cpu" and len(devices) > 1
+    link = link or Link(bandwidth, 0.0, 1.0)
+    return Hardware(
+        name=name, description=f"{platform_name} on this machine ({cpu_model()}), "
+        f"{len(devices)} device(s), measured by jaxserve calibrate",
+        peak_flops=peak, matmul_efficiency=curves, memory_bandwidth=bandwidth,
+        memory_capacity=_memory_available() / len(devices) if platform_name == "cpu"
+        else float(devices[0].memory_stats().get("bytes_limit", 0)),
+        intra_host=link, inter_host=link, host=host, devices_per_host=len(devices),
+        bandwidth_efficiency=1.0, attention_efficiency=min(kv / bandwidth, 1.0),
+        attention_query_block=16, layer_overhead_s=per_layer,
+        memory_fraction=0.25 if platform_name == "cpu" else 0.9,
+        shared_compute=simulated, price_per_hour=None,
+        sources=(f"measured by `jaxserve calibrate` on {measured['date']}",),
+        measured=_plain(measured))
+
+
+def _plain(x):
+    """Numbers and strings only (for YAML)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x

@@ -31,9 +31,13 @@ Amdahl. Per sampling mode, step time T(t) = a + b / t is fitted by least squares
 splits; p = b / (a + b) is the parallel fraction, S(t) = 1 / ((1 - p) + p / t). t_e is the t of
 the split with the best cluster throughput.
 
-Predictions. --predictions FILE (JSON list of rows or CSV, with `mesh` and `rules` columns and
-any numeric columns, e.g. from the performance model) adds each numeric column as
-`predicted_<name>` beside the measured ones; the plot draws predicted throughput dashed.
+Predictions. --predict HARDWARE runs the performance model (jaxserve.perf: a hardware profile
+name such as cpu-local or h100, or a YAML path) on every split for the same workload (every
+request in flight at once) and adds `predicted_throughput_tok_s`, `predicted_step_ms` and
+`predicted_kv_capacity_seqs` (on that hardware's memory) beside the measured columns.
+--predictions FILE (JSON list of rows or CSV, with `mesh` and `rules` columns and any numeric
+columns) adds each numeric column as `predicted_<name>` instead. The plot draws predicted
+throughput dashed.
 
 On simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count) every device shares
 the same cores and a collective is a memory copy: the figures show the mechanism (host vs
@@ -90,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampling", default="sequence_parallel",
                    help="comma-separated sampling modes to run each split under")
     p.add_argument("--output-processing", default="inline", choices=["inline", "thread"])
+    p.add_argument("--predict", default=None, metavar="HARDWARE",
+                   help="add the performance model's predictions for this hardware profile "
+                   "(jaxserve/perf/hardware/NAME.yaml or a path)")
     p.add_argument("--predictions", type=Path, default=None,
                    help="predicted columns per (mesh, rules): JSON list of rows or CSV")
     p.add_argument("--profile-out", type=Path, default=None, metavar="FILE.json",
@@ -113,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "max_num_seqs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.predict is not None and args.predictions is not None:
+        p.error("give --predict or --predictions, not both")
     if args.device_memory_mib is not None and not args.device_memory_mib > 0:
         p.error(f"--device-memory-mib must be > 0, got {args.device_memory_mib}")
     return args
@@ -291,6 +300,35 @@ def read_predictions(path: Path) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
+def model_predictions(config, splits_: list[dict], args) -> dict[tuple[str, str], dict]:
+    """The performance model's throughput, step time and KV capacity of each split."""
+    from jaxserve.perf import serving
+    from jaxserve.perf.profiles import load_hardware
+    from jaxserve.perf.step import Deployment
+    from jaxserve.perf.workload import Lengths, Workload
+
+    hardware = load_hardware(args.predict)
+    workload = Workload(prompt_len=Lengths(((args.prompt_len, 1.0),)),
+                        output_len=Lengths(((args.output_len, 1.0),)),
+                        concurrency=float(args.requests), max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=512)
+    out = {}
+    for split in splits_:
+        if "skipped" in split:
+            continue
+        try:
+            d = Deployment(config, split["mesh"], split["rules"], hardware)
+            op = serving.colocated(d, workload)
+        except ValueError as e:  # the split does not fit that hardware
+            out[(split["mesh"], split["rules"])] = {"note": str(e)}
+            continue
+        out[(split["mesh"], split["rules"])] = {
+            "throughput_tok_s": op.output_tokens_per_s, "step_ms": 1e3 * op.tpot_s,
+            "kv_capacity_seqs": d.replicas * int(d.kv_capacity_tokens
+                                                 // (args.prompt_len + args.output_len))}
+    return out
+
+
 def add_predictions(rows: list[dict], predictions) -> None:
     for row in rows:
         for k, v in predictions.get((row["mesh"], row["rules"]), {}).items():
@@ -454,6 +492,8 @@ def main(argv=None) -> dict:
                         if "skipped" not in row else f"skipped: {row['skipped']}"), flush=True)
     if args.predictions is not None:
         add_predictions(rows, read_predictions(args.predictions))
+    if args.predict is not None:
+        add_predictions(rows, model_predictions(config, splits(args.devices, config), args))
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(), "load": watch.result, "devices": args.devices,

@@ -17,7 +17,9 @@ from jaxserve.engine.loop import Delta, EngineLoop, Failure, Final
 from jaxserve.engine.output_processor import OutputProcessor
 
 TINY = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
-ENGINE = dict(max_model_len=128, block_size=8, max_num_batched_tokens=64, max_num_seqs=8)
+# no prefix caching: each mode's run must compute what the other's did, not reuse its KV
+ENGINE = dict(max_model_len=128, block_size=8, max_num_batched_tokens=64, max_num_seqs=8,
+              enable_prefix_caching=False)
 PROMPTS = ["def main():", "import os\n", "class Config:", "for i in range(", "return self.",
            "    if x is None:"]
 PARAMS = [

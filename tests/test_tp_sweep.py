@@ -50,12 +50,26 @@ def test_splits_name_the_rules_and_skip_what_the_heads_refuse():
         ("ep=4", "ep"), ("tp=2,ep=2", "tp_ep"), ("tp=4", "tp")]
 
 
+def test_predicted_columns_come_from_a_file_by_mesh_and_rules(tmp_path):
+    as_json = tmp_path / "predicted.json"
+    as_json.write_text(json.dumps([{"mesh": "tp=8", "rules": "tp", "throughput_tok_s": 123.0,
+                                    "note": "model"}]))
+    as_csv = tmp_path / "predicted.csv"
+    as_csv.write_text("mesh,rules,throughput_tok_s\ntp=8,tp,123\n")
+    for path in (as_json, as_csv):
+        rows = [{"mesh": "tp=8", "rules": "tp"}, {"mesh": "dp=8", "rules": "dp"}]
+        sweep.add_predictions(rows, sweep.read_predictions(path))
+        assert rows == [{"mesh": "tp=8", "rules": "tp", "predicted_throughput_tok_s": 123.0},
+                        {"mesh": "dp=8", "rules": "dp"}]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"throughput_tok_s": 1.0}]))
+    with pytest.raises(ValueError, match="row 0"):
+        sweep.read_predictions(bad)
+
+
 def test_the_sweep_runs_on_8_devices_and_writes_csv_and_png(tmp_path):
-    predictions = tmp_path / "predicted.json"
-    predictions.write_text(json.dumps([{"mesh": "tp=8", "rules": "tp",
-                                        "throughput_tok_s": 123.0, "note": "model"}]))
     out = {k: tmp_path / f"sweep.{k}" for k in ("csv", "png", "json")}
-    results = sweep.main(["--devices", "8", "--quick", "--predictions", str(predictions),
+    results = sweep.main(["--devices", "8", "--quick", "--predict", "cpu-local",
                           *[x for k, p in out.items() for x in (f"--{k}", str(p))]])
     with open(out["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
@@ -68,7 +82,8 @@ def test_the_sweep_runs_on_8_devices_and_writes_csv_and_png(tmp_path):
         assert int(r["kv_capacity_seqs"]) > 0
     capacity = [int(r["kv_capacity_seqs"]) for r in rows]
     assert capacity == sorted(capacity)  # fewer weights per device: more room for KV
-    assert rows[-1]["predicted_throughput_tok_s"] == "123"
+    for r in rows:  # the performance model's columns beside the measured ones
+        assert float(r["predicted_throughput_tok_s"]) > 0 and float(r["predicted_step_ms"]) > 0
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(out["json"].read_text())
     assert saved["simulated"] and saved["t_e"]["sequence_parallel"] in (1, 2, 4, 8)

@@ -2,10 +2,10 @@
 
 The one module of `jaxserve.perf` that imports jax: it times, on the local JAX devices,
 
-- matmuls by dtype and shape class: chains of products over weights larger than the caches
-  (so each call streams them from memory, like a decode step) contracting 512, 1024 and 4096
-  wide, at 1 .. 512 rows, and a square 2048 x 2048 product for the peak; each curve is the
-  rates over the peak;
+- matmuls by dtype and shape class: chains of decoder layers' products (q, k, v, o, gate, up,
+  down) at hidden width 512, 1024 and 2048, over weights larger than the caches (so each call
+  streams them from memory, like a decode step), at 1 .. 512 rows, and a square 2048 x 2048
+  product for the peak; each curve is the rates over the peak;
 - read bandwidth: a jitted sum over a large array;
 - paged KV reads: gathering random blocks of a KV pool, as the reference attention op does;
 - the fixed time of a decoder layer: a chain of tiny layers whose FLOPs and bytes are nil;
@@ -34,7 +34,7 @@ import numpy as np
 from jaxserve.perf.profiles import Hardware, HostOverhead, Link
 
 ROWS = (1, 8, 32, 128, 512)
-WIDTHS = (512, 1024, 4096)  # contracted widths of the products measured
+WIDTHS = (512, 1024, 2048)  # hidden widths of the decoder layers measured
 TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "checkpoints" / "tiny"
 
 
@@ -50,32 +50,35 @@ def _best(fn: Callable[[], Any], repeats: int) -> float:
 
 def matmul_rates(dtype: str, width: int, rows: tuple[int, ...], weight_mib: int,
                  repeats: int) -> dict[int, float]:
-    """FLOP/s of a chain of [rows, width] x [width, out] x [out, width] products (out = 4 x
-    width, at most 4096) whose weights total `weight_mib` MiB, by rows."""
+    """FLOP/s of decoder layers' products at hidden width `width` (q and o [width, width], k
+    and v [width, width / 4], gate and up [width, 3 width], down [3 width, width]), as many
+    layers as `weight_mib` MiB of weights hold, chained, by rows."""
     import jax
     import jax.numpy as jnp
 
     dt = jnp.dtype(dtype)
-    out_width = min(4 * width, 4096)
-    pairs = max(1, weight_mib * 2**20 // (2 * width * out_width * dt.itemsize))
+    shapes = [(width, width), (width, width // 4), (width, width // 4), (width, width),
+              (width, 3 * width), (width, 3 * width), (3 * width, width)]
+    per_layer = sum(a * b for a, b in shapes)
+    layers = max(1, weight_mib * 2**20 // (per_layer * dt.itemsize))
     rng = np.random.default_rng(0)
-    scale = np.float32(1 / np.sqrt(width))
-    weights = [(jax.device_put((rng.standard_normal((width, out_width), np.float32)
-                                * scale).astype(dt)),
-                jax.device_put((rng.standard_normal((out_width, width), np.float32)
-                                * scale).astype(dt))) for _ in range(pairs)]
+    weights = [[jax.device_put((rng.standard_normal(shape, np.float32)
+                                / np.float32(np.sqrt(shape[0]))).astype(dt)) for shape in shapes]
+               for _ in range(layers)]
 
     @jax.jit
     def chain(x, weights):
-        for up, down in weights:
-            x = (x @ up) @ down
+        for q, k, v, o, gate, up, down in weights:
+            kv = jnp.tile(x @ k + x @ v, (1, 4))
+            x = x + (x @ q + kv) @ o
+            x = x + (jax.nn.silu(x @ gate) * (x @ up)) @ down
         return x
 
     out = {}
     for r in rows:
         x = jax.device_put(rng.standard_normal((r, width), np.float32).astype(dt))
         seconds = _best(lambda: chain(x, weights).block_until_ready(), repeats)
-        out[r] = 2 * r * pairs * 2 * width * out_width / seconds
+        out[r] = 2 * r * per_layer * layers / seconds
     return out
 
 

@@ -67,10 +67,11 @@ class Hardware:
     name: str
     description: str
     peak_flops: dict[str, float]  # dense FLOP/s of one device, by the dtype of the product
-    # fraction of peak_flops a product reaches, by shape class: per dtype (or under "default"
-    # for every dtype without its own), per contracted width of the weight (0: any width), a
-    # curve ((rows, fraction), ...) in increasing rows, log-interpolated between points, flat
-    # beyond the ends. A product uses the width class nearest its own (in ratio).
+    # fraction of peak_flops products reach, by shape class: per dtype (or under "default"
+    # for every dtype without its own), per hidden width of the model (0: any width; the class
+    # is a decoder layer's mix of products at that width), a curve ((rows, fraction), ...) in
+    # increasing rows, log-interpolated between points, flat beyond the ends. A model uses the
+    # width class nearest its own (in ratio).
     matmul_efficiency: dict[str, dict[int, tuple[tuple[int, float], ...]]]
     memory_bandwidth: float
     memory_capacity: float
@@ -91,8 +92,8 @@ class Hardware:
     measured: dict[str, Any] | None = None  # what calibrate measured, kept for the record
 
     def matmul_rate(self, dtype: str, rows: float, width: int | None = None) -> float:
-        """FLOP/s a product with `rows` rows, contracting a weight of `width` rows, reaches in
-        `dtype`."""
+        """FLOP/s products with `rows` rows reach in `dtype` in a model of hidden width
+        `width`."""
         if dtype not in self.peak_flops:
             raise ProfileError(f"hardware {self.name!r} has no peak FLOP/s for {dtype} "
                                f"(it has: {', '.join(self.peak_flops)})")

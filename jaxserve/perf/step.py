@@ -241,8 +241,8 @@ class Deployment:
     # ---- rates ----
     def _op(self, name: str, flop_count: float, nbytes: float, rows: float,
             width: int | None = None, byte_rate: float | None = None) -> OpTime:
-        """An op whose products have `rows` rows and contract over `width` (the hidden size
-        unless given): the slower of its FLOPs at that shape's rate and its bytes."""
+        """An op whose products have `rows` rows, in the matmul shape class of `width` (the
+        model's hidden size unless given): the slower of its FLOPs at that rate and its bytes."""
         flop_rate = self.hardware.matmul_rate(self.precision.compute, rows,
                                               width or self.config.hidden_size) / self._sharing
         byte_rate = (byte_rate or self.hardware.stream_rate) / self._sharing

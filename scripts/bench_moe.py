@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -82,16 +81,6 @@ def make_model(shape: dict, out: Path):
     return config
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def exchange_bytes(config, strategy: str, tokens: int, devices: int, itemsize: int) -> float:
     """Bytes one device sends per MoE layer: alltoall's fixed-capacity buffers there and back
     (every slot, used or not), or allgather's share of the other devices' experts it receives
@@ -109,6 +98,7 @@ def exchange_bytes(config, strategy: str, tokens: int, devices: int, itemsize: i
 def prefill_rows(llm, config, tokens_per_device: int, repeats: int, rng) -> dict:
     from jaxserve import flops
     from jaxserve.kv_cache import NULL_BLOCK
+    from jaxserve.perf.calibrate import best_time
 
     runner, builder = llm.runner, llm.engine.builder
     n, bs = runner.num_replicas, runner.block_size
@@ -125,6 +115,7 @@ def prefill_rows(llm, config, tokens_per_device: int, repeats: int, rng) -> dict
 def decode_row(llm, config, batch_per_device: int, repeats: int, rng) -> dict:
     """ms per decode step: generate 1 token vs 17 (same prompts), the difference over 16."""
     from jaxserve import SamplingParams
+    from jaxserve.perf.calibrate import best_time
 
     n = llm.runner.num_replicas
     prompts = [rng.integers(3, config.vocab_size, 24).tolist() for _ in range(n * batch_per_device)]

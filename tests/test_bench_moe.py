@@ -1,22 +1,10 @@
 """scripts/bench_moe.py end to end at its smoke size on 2 simulated devices, and its crossover."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from tests.scripts import load_script
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bm = _load("bench_moe")
+bm = load_script("bench_moe")
 
 
 def test_crossover_is_the_first_size_where_allgather_wins():

@@ -2,25 +2,13 @@
 its pieces: the splits, the Amdahl fit, predicted columns."""
 
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from tests.scripts import load_script
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, _SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-sweep = _load("tp_sweep")
+sweep = load_script("tp_sweep")
 
 
 def test_the_fit_recovers_amdahls_p():

@@ -38,7 +38,7 @@ WIDTHS = (512, 1024, 2048)  # hidden widths of the decoder layers measured
 TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "checkpoints" / "tiny"
 
 
-def _best(fn: Callable[[], Any], repeats: int) -> float:
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -77,7 +77,7 @@ def matmul_rates(dtype: str, width: int, rows: tuple[int, ...], weight_mib: int,
     out = {}
     for r in rows:
         x = jax.device_put(rng.standard_normal((r, width), np.float32).astype(dt))
-        seconds = _best(lambda: chain(x, weights).block_until_ready(), repeats)
+        seconds = best_time(lambda: chain(x, weights).block_until_ready(), repeats)
         out[r] = 2 * r * per_layer * layers / seconds
     return out
 
@@ -89,7 +89,7 @@ def square_matmul_rate(dtype: str, n: int, repeats: int) -> float:
     rng = np.random.default_rng(1)
     a = jax.device_put(rng.standard_normal((n, n), np.float32).astype(jnp.dtype(dtype)))
     f = jax.jit(jnp.dot)
-    return 2 * n**3 / _best(lambda: f(a, a).block_until_ready(), repeats)
+    return 2 * n**3 / best_time(lambda: f(a, a).block_until_ready(), repeats)
 
 
 def read_bandwidth(mib: int, repeats: int) -> float:
@@ -98,7 +98,7 @@ def read_bandwidth(mib: int, repeats: int) -> float:
 
     a = jax.device_put(np.ones(mib * 2**20 // 4, np.float32))
     f = jax.jit(jnp.sum)
-    return a.nbytes / _best(lambda: f(a).block_until_ready(), repeats)
+    return a.nbytes / best_time(lambda: f(a).block_until_ready(), repeats)
 
 
 def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: int = 2,
@@ -112,7 +112,7 @@ def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: in
     pool = jax.device_put(np.ones((blocks, block_size, kv_heads, head_dim), np.float32))
     table = jax.device_put(np.random.default_rng(2).permutation(blocks).astype(np.int32))
     f = jax.jit(lambda pool, table: jnp.sum(jnp.take(pool, table, axis=0), axis=(0, 1)))
-    return pool.nbytes / _best(lambda: f(pool, table).block_until_ready(), repeats)
+    return pool.nbytes / best_time(lambda: f(pool, table).block_until_ready(), repeats)
 
 
 def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
@@ -135,7 +135,7 @@ def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
         return x
 
     x = jax.device_put(np.ones((1, width), np.float32))
-    return _best(lambda: chain(x, w).block_until_ready(), repeats) / layers
+    return best_time(lambda: chain(x, w).block_until_ready(), repeats) / layers
 
 
 def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
@@ -168,8 +168,8 @@ def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
     per_call = {}
     for rows in (8, 512):
         x = jnp.ones((rows, width), jnp.float32)
-        t_with = _best(lambda: with_reduce(x, w).block_until_ready(), repeats)
-        t_without = _best(lambda: without(x, w).block_until_ready(), repeats)
+        t_with = best_time(lambda: with_reduce(x, w).block_until_ready(), repeats)
+        t_without = best_time(lambda: without(x, w).block_until_ready(), repeats)
         per_call[rows * width * 4] = max(t_with - t_without, 1e-7) / layers
     (s1, t1), (s2, t2) = sorted(per_call.items())
     # ring all-reduce over 2 devices: nbytes / bandwidth + 2 latency (collectives.py)

@@ -60,7 +60,7 @@ class LLM:
         limit, lowered to what the pool holds). The max_* settings bound a step per DP replica
         (see EngineConfig); max_steps_in_flight bounds asynchronous dispatch.
         enable_prefix_caching: reuse the KV of prompt prefixes computed before (see
-        jaxserve/engine/prefix_cache.py). routing: which DP replica a new sequence joins,
+        jaxserve/engine/block_pool.py). routing: which DP replica a new sequence joins,
         "prefix" (the one caching its longest prefix unless it is overloaded), "least_loaded",
         "round_robin" or a policy object (see jaxserve/engine/router.py).
         sampling: "sequence_parallel" (each device samples its own rows; see

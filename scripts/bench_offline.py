@@ -42,7 +42,7 @@ Parts (--parts, comma-separated; default all):
            like the engine's steps), timed with the engine's readback pattern. That is how fast
            XLA:CPU's dot kernels stream these weights: the practical floor of our step.
   decode   The engine's compiled step, decode only, at each --batches size: inputs built by the
-           real executor (`llm.engine.builder.build(StepPlan([], seqs))` with stand-in sequence
+           real step builder (`llm.engine.builder.build(StepPlan([], seqs))` with stand-in sequence
            objects, context P+N/2 = 192 tokens each, own blocks and slots), run with
            `llm.runner.step(inputs)` in a loop of --decode-iters steps with the engine's readback
            pattern (2 steps in flight; `np.asarray(out.tokens)` of the oldest). Floor =
@@ -593,7 +593,7 @@ class StandInSequence:
 
 def decode_step_inputs(llm, batch: int, context: int, generated: int):
     """Decode-only step inputs for `batch` sequences of `context` tokens, built by the engine's
-    own executor; each sequence has its own slot and blocks."""
+    own step builder; each sequence has its own slot and blocks."""
     from jaxserve import SamplingParams
     from jaxserve.engine.scheduler import StepPlan
     from jaxserve.kv_cache import NULL_BLOCK

@@ -6,7 +6,7 @@ its collectives move, at each TP degree, for greedy and for top-p sampling with 
 
 The model is tp_sweep's default preset (a random Llama with a 32k vocabulary: 4 layers, hidden
 256, 8 heads) unless --model is given. Each degree loads it once on `tp=t` (rules tp); both
-sampling modes then run the engine's own decode step (inputs built by its executor, --batch
+sampling modes then run the engine's own decode step (inputs built by its step builder, --batch
 sequences of 96 tokens of context, each its own slot and blocks), dispatched with the engine's
 readback pattern (2 steps in flight) for --iters steps; ms per step is the median over
 --repeats. Beside it, from the compiled step's HLO: the bytes every all-gather and all-to-all
@@ -65,7 +65,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 
 def step_inputs(llm, batch: int, params_kind: str):
-    """A decode step of `batch` sequences (context 96, 32 generated) from the executor."""
+    """A decode step of `batch` sequences (context 96, 32 generated) from the step builder."""
     from bench_offline import StandInSequence
     from jaxserve import SamplingParams
     from jaxserve.engine.scheduler import StepPlan

@@ -13,7 +13,7 @@ the same sitting. Every measured time is the best of --repeats runs (interferenc
 
 Cases (each: measured, predicted by `jaxserve.perf`, error = predicted / measured - 1):
   decode    the engine's compiled decode step (`runner.step`, inputs built by the engine's own
-            executor for stand-in sequences at context 192, the engine's readback pattern) at
+            step builder for stand-in sequences at context 192, the engine's readback pattern) at
             batch 1, 8, 32; predicted: the step's device time (no host: none runs here).
   ttft      `llm.generate(prompts, max_tokens=1)` wall time for one prompt of 64, 256, 512
             tokens and four of 128; predicted: the sum of the model's step times (host
@@ -92,7 +92,7 @@ def model_dir(args) -> Path:
 
 
 class StandIn:
-    """The attributes the executor reads from a decoding sequence."""
+    """The attributes the step builder reads from a decoding sequence."""
 
     def __init__(self, replica, slot, blocks, total_len, params):
         self.replica, self.slot, self.blocks, self.total_len = replica, slot, blocks, total_len

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM
-from jaxserve.engine.executor import QUERY_TILE
+from jaxserve.engine.step_builder import QUERY_TILE
 from jaxserve.ops.attention import ChunkRow, build_metadata
 from tests.hf_models import hf_logits
 

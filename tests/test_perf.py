@@ -115,7 +115,7 @@ def test_kv_bytes_per_token_are_the_engines_pool_sizing(mesh, rules):
 
 
 def test_the_local_profile_tiles_prefill_like_the_engine():
-    from jaxserve.engine.executor import QUERY_TILE
+    from jaxserve.engine.step_builder import QUERY_TILE
 
     assert load_hardware("cpu-local").attention_query_block == QUERY_TILE
 

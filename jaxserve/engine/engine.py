@@ -1,6 +1,6 @@
 """The host loop: schedule, dispatch compiled steps, read results back one step late.
 
-One engine step is: ask the scheduler for a plan (tokens per sequence), let the executor build
+One engine step is: ask the scheduler for a plan (tokens per sequence), let the step builder build
 the step's arrays (numpy), dispatch the ONE program that runs the step's prefill chunks and decodes
 together (it returns at once: JAX dispatch is asynchronous), and then read
 back the *oldest* step in flight, so the device computes step n+1 while the host turns step n's
@@ -36,12 +36,12 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.accounting import FlopsAccount
-from jaxserve.engine.block_allocator import IdPool
-from jaxserve.engine.prefix_cache import BlockPool, identity_hash
+from jaxserve.engine.id_pool import IdPool
+from jaxserve.engine.block_pool import BlockPool, identity_hash
 from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
-from jaxserve.engine.executor import QUERY_TILE, StepBuilder, StepLayout
+from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, check_mode as check_output_mode
 from jaxserve.engine.timeline import Timeline
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs

@@ -8,7 +8,7 @@ Policy (first come, first served), with one token budget per DP replica:
 2. The remaining token budget goes to prefill chunks: first sequences already part-way through
    their prefill, then waiting sequences in arrival order (preempted ones first). A waiting
    sequence joins the replica its routing policy picks (jaxserve/engine/router.py) and stays
-   there; it takes the longest prefix that replica has cached (jaxserve/engine/prefix_cache.py)
+   there; it takes the longest prefix that replica has cached (jaxserve/engine/block_pool.py)
    and prefills only the rest, always recomputing at least its last token so that it samples.
    If the next blocks of its prefix are being prefilled there by another sequence, it waits for
    them instead of computing them a second time. One that does not fit its replica this step
@@ -33,8 +33,8 @@ import collections
 import dataclasses
 
 from jaxserve.config import ModelConfig
-from jaxserve.engine.block_allocator import IdPool
-from jaxserve.engine.prefix_cache import BlockHash, BlockPool, chain_hashes
+from jaxserve.engine.id_pool import IdPool
+from jaxserve.engine.block_pool import BlockHash, BlockPool, chain_hashes
 from jaxserve.engine.router import ReplicaView, RoutingPolicy, remaining_flops
 from jaxserve.engine.sequence import Sequence, Status
 

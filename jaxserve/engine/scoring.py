@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jaxserve import flops
-from jaxserve.engine.executor import QUERY_TILE, ScoreRow
+from jaxserve.engine.step_builder import QUERY_TILE, ScoreRow
 from jaxserve.ops.attention import ChunkRow
 
 if TYPE_CHECKING:

@@ -4,7 +4,7 @@ Host phases tile the engine thread's wall-clock time: each `lap(phase)` closes t
 previous lap, so the spans add up to the time since `reset()`. Phases:
 
   schedule   the scheduler's plan (admission, budgets, preemption)
-  build      plan -> the step's input arrays (the executor)
+  build      plan -> the step's input arrays (the step builder)
   dispatch   handing the compiled program to the runtime (returns before the device finishes)
   wait       blocking until the oldest step in flight is done
   readback   copying its tokens (and logprobs) to the host

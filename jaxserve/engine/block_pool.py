@@ -28,7 +28,7 @@ import hashlib
 
 import numpy as np
 
-from jaxserve.engine.block_allocator import IdPool
+from jaxserve.engine.id_pool import IdPool
 
 BlockHash = bytes
 

@@ -1,4 +1,4 @@
-"""The executor: a scheduler plan -> one step's input arrays, in one of a few bucketed shapes.
+"""The step builder: a scheduler plan -> one step's input arrays, in one of a few bucketed shapes.
 
 A step is one program (see jaxserve/ops/attention.py for the token layout): per DP replica,
 `decode_rows` decode tokens then `prefill_tokens` tokens of query tiles; one sample row per

@@ -1,7 +1,7 @@
 """Free integer ids handed out smallest first: the device's sequence slots, the KV pool's blocks.
 
 Freed ids are reused lowest-first so runs are deterministic (multi-host runs need identical
-decisions). Reference counts and the prefix cache live on top, in prefix_cache.py.
+decisions). Reference counts and the prefix cache live on top, in block_pool.py.
 """
 
 from __future__ import annotations

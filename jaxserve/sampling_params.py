@@ -173,6 +173,8 @@ class SamplingParams:
             if token_id >= vocab_size:
                 raise ValueError(f"stop_token_ids must be < vocab_size ({vocab_size}), "
                                  f"got token id {token_id}")
+        if self.logprobs is not None and self.logprobs > vocab_size:
+            raise ValueError(f"logprobs must be <= vocab_size ({vocab_size}), got {self.logprobs}")
         if self.max_tokens is not None and self.max_tokens > max_model_len:
             raise ValueError(f"max_tokens must be <= max_model_len ({max_model_len}), "
                              f"got {self.max_tokens}")

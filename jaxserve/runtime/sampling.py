@@ -203,5 +203,12 @@ def logprobs(logits: jax.Array, token_ids: jax.Array,
     if num_top == 0:
         rows = logits.shape[0]
         return chosen, jnp.zeros((rows, 0), jnp.int32), jnp.zeros((rows, 0), jnp.float32)
-    top_logprobs, top_ids = jax.lax.top_k(log_probs, num_top)
+    # A vocabulary smaller than num_top gives all of its tokens, then -inf entries (id 0): the
+    # shape stays [B, num_top] whatever the model, and rows never ask for more than vocab_size.
+    k = min(num_top, log_probs.shape[-1])
+    top_logprobs, top_ids = jax.lax.top_k(log_probs, k)
+    if k < num_top:
+        top_ids = jnp.pad(top_ids, ((0, 0), (0, num_top - k)))
+        top_logprobs = jnp.pad(top_logprobs, ((0, 0), (0, num_top - k)),
+                               constant_values=-jnp.inf)
     return chosen, top_ids.astype(jnp.int32), top_logprobs

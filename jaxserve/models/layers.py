@@ -8,6 +8,9 @@ requests or the engine.
 Activations are token-major, `[tokens, ...]`: a step's prefill chunks and decodes are one flat
 batch. Attention goes through `jaxserve.ops.attention.paged_attention`, which owns the KV cache
 (writes this step's keys/values, reads each sequence's context); layers never see pages.
+
+Blocks run under `jax.named_scope` ("attention", "mlp"; "moe" in models/moe.py; "layer_{i}",
+"lm_head" in the model), so a device profile and the HLO's op names speak the model's words.
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
         """x [tokens, embed] -> ([tokens, embed], the layer's updated cache)."""
+        with jax.named_scope("attention"):
+            return self._attend(x, cos, sin, cache, metadata)
+
+    def _attend(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
         q = constrain(jnp.einsum("te,ehd->thd", x, self.q_proj[...]),
                       ("batch", "q_heads", "head_dim"))
         k = constrain(jnp.einsum("te,ehd->thd", x, self.k_proj[...]),
@@ -123,6 +130,7 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = constrain(x @ self.gate_proj[...], ("batch", "mlp"))
-        up = constrain(x @ self.up_proj[...], ("batch", "mlp"))
-        return (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        with jax.named_scope("mlp"):
+            gate = constrain(x @ self.gate_proj[...], ("batch", "mlp"))
+            up = constrain(x @ self.up_proj[...], ("batch", "mlp"))
+            return (jax.nn.silu(gate) * up) @ self.down_proj[...]

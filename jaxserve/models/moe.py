@@ -42,10 +42,12 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, gathered: moe.ExpertWeights | None = None) -> jax.Array:
         """x [tokens, embed]; `gathered`: this layer's experts already all-gathered."""
-        ids, weights = moe.route(x @ self.router[...], self.top_k, self.normalize)
-        ids, weights = constrain(ids, moe.PAIR_AXES), constrain(weights, moe.PAIR_AXES)
-        strategy = moe.active_strategy(x.shape[0])
-        return moe.run_experts(strategy, x, ids, weights.astype(x.dtype), self.experts(), gathered)
+        with jax.named_scope("moe"):
+            ids, weights = moe.route(x @ self.router[...], self.top_k, self.normalize)
+            ids, weights = constrain(ids, moe.PAIR_AXES), constrain(weights, moe.PAIR_AXES)
+            strategy = moe.active_strategy(x.shape[0])
+            return moe.run_experts(strategy, x, ids, weights.astype(x.dtype), self.experts(),
+                                   gathered)
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -73,7 +75,8 @@ class MoEForCausalLM(LlamaForCausalLM):
                     (x, self.layers[ahead[0]].mlp.experts()))
                 gathered[ahead[0]] = moe.gather_experts(local)
             extra = {"gathered": gathered.pop(i)} if i in gathered else {}
-            x, cache = layer(x, cos, sin, kv.layer(i), metadata, **extra)
+            with jax.named_scope(f"layer_{i}"):
+                x, cache = layer(x, cos, sin, kv.layer(i), metadata, **extra)
             layers.append(cache)
         return self.final_norm(x), KVPool.from_layers(layers)
 

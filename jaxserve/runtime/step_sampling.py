@@ -63,7 +63,12 @@ def sample_rows(mode: str, layout: Layout, logits, prompt_mask, output_counts, s
     i32[rows, S] (vocab_rows = none). Returns (tokens i32[rows], chosen logprob f32[rows],
     top ids i32[rows, num_top], top logprobs f32[rows, num_top]).
     """
-    args = (logits, prompt_mask, output_counts, slot_ids, suppressed, want_logprobs, inputs)
+    with jax.named_scope("sampling"):
+        return _sample_rows(mode, layout, num_top, logits, prompt_mask, output_counts, slot_ids,
+                            suppressed, want_logprobs, inputs)
+
+
+def _sample_rows(mode, layout, num_top, *args):
     if layout.num_devices == 1:
         return _sample(*args, num_top=num_top)
     axes = layout.sampling_row_axes()

@@ -7,6 +7,8 @@ short multilingual block, so whitespace-heavy code and byte fallback
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -373,3 +375,22 @@ def test_incremental_window_stays_small_over_a_long_generation(tok):
     # The prompt gives the first piece's dummy-prefix "▁" a left context, so
     # it stays a space: the generated text is " " + src.
     assert "".join(out) + det.flush() == " " + src == tok.decode(prompt + ids)[len("prompt") :]
+
+
+@pytest.mark.parametrize("module, loads", [
+    ("jaxserve.text.base", ["jaxserve.text.base"]),
+    ("jaxserve.text.chat", ["jaxserve.text.chat"]),
+    ("jaxserve.text.sentencepiece_tokenizer",
+     ["jaxserve.text.base", "jaxserve.text.sentencepiece_tokenizer", "sentencepiece"]),
+    ("jaxserve.text.hf_tokenizer", ["jaxserve.text.base", "jaxserve.text.hf_tokenizer",
+                                    "tokenizers"]),
+])
+def test_text_modules_import_only_what_is_below_them(module, loads):
+    # The backends sit under the base, which imports neither; only jaxserve.text.load picks
+    # one. No text module loads jax (the HTTP front end runs them without an accelerator).
+    probe = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+             "print(sorted(m for m in sys.modules if m.startswith('jaxserve.text.') or "
+             "m in ('jax', 'sentencepiece', 'tokenizers')))")
+    out = subprocess.run([sys.executable, "-c", probe, module], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == repr(sorted(loads))

@@ -113,10 +113,13 @@ class Tokenizer:
             return self._text_may_change(
                 self._decode_window(list(ids[:len(ids) - k]), skip_special_tokens))
 
+        limit = min(3, len(ids))
         k = 0
-        while k < min(3, len(ids)) and unfinished(k):
+        while k < limit and unfinished(k):
             k += 1
-        return 0 if k and unfinished(k) else k
+        if k and k == limit and unfinished(k):  # still unfinished without them: invalid bytes
+            return 0
+        return k
 
     def _held_back(self, ids: Sequence[int], read: int) -> int:
         """How many trailing ids of ``ids[read:]`` a stream step leaves undecoded because more
@@ -171,8 +174,8 @@ class Tokenizer:
 
 
 class TextStream(Protocol):
-    """Ids in, text out: `step` returns the text that is final now (None: nothing yet) and must
-    raise before changing anything; `flush` returns whatever is still held back."""
+    """Ids in, text out: `step` returns the text that is final now (None: nothing yet); `flush`
+    returns whatever is still held back."""
 
     def step(self, token_ids: list[int]) -> str | None: ...
 

@@ -242,6 +242,20 @@ def test_stream_with_prompt_context_matches_decode_of_the_whole(tok):
         assert (head.rstrip(REPLACEMENT) + text) == full, cut
 
 
+@pytest.mark.parametrize("decode_stream", [True, False], ids=["DecodeStream", "prefix-offset"])
+def test_prompt_ending_inside_a_char_right_after_another_emits_it_whole(tok, decode_stream):
+    # Each "𝔘" is 4 byte-level tokens here, so the last few prompt tokens can start inside the
+    # first and end inside the second: the context must still be whole characters.
+    both = tok.encode("x 𝔘𝔘 y", add_bos=False)
+    assert sum(REPLACEMENT in tok.decode([i]) for i in both) == 8
+    full = tok.decode(both)
+    for cut in range(1, len(both)):
+        det = tok.incremental(both[:cut], use_decode_stream=decode_stream)
+        text = "".join(stream(det, both[cut:]))
+        assert tok.decode(both[:cut]).rstrip(REPLACEMENT) + text == full, cut
+        assert REPLACEMENT not in text, cut
+
+
 @pytest.fixture(scope="module")
 def byte_fallback_tok(tmp_path_factory) -> HFTokenizer:
     """A Llama-2-style tokenizer.json (Metaspace, byte-fallback pieces "<0xE4>", a decoder that

@@ -97,7 +97,7 @@ class LLM:
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
                            self.layout)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe, sampling)
-        from jaxserve.tokenizer import load_tokenizer
+        from jaxserve.text.load import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
         # What writes the KV: equal prefix cache hashes must mean equal KV.
@@ -228,7 +228,7 @@ class LLM:
                     chat_template: str | None = None) -> list[str]:
         """The prompt text of each conversation (one conversation, a list of message dicts, or
         a list of them), rendered with `chat_template` or the checkpoint's template."""
-        from jaxserve.chat import render_chat, validate_conversations
+        from jaxserve.text.chat import render_chat, validate_conversations
 
         conversations, _ = validate_conversations(messages)
         if chat_template is None:

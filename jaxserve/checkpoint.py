@@ -34,7 +34,7 @@ from jaxserve.config import ModelConfig, from_hf_config
 from jaxserve.models import abstract_model
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
-from jaxserve.tokenizer import GENERATION_CONFIG_FILE, SP_TOKENIZER_FILE, TOKENIZER_FILES
+from jaxserve.text.load import GENERATION_CONFIG_FILE, SP_TOKENIZER_FILE, TOKENIZER_FILES
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = SP_TOKENIZER_FILE  # sentencepiece; TOKENIZER_FILES lists every tokenizer file

@@ -176,7 +176,7 @@ def _sampling_defaults(args) -> dict:
 
 def cmd_generate(args) -> int:
     from jaxserve import SamplingParams
-    from jaxserve.batch import read_items, run_batch
+    from jaxserve.offline.generate import read_items, run_batch
 
     if (args.prompt is None) == (args.input is None):
         raise ValueError("give exactly one of --prompt TEXT or --input FILE.jsonl")
@@ -204,7 +204,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from jaxserve.batch_score import read_score_items, run_score_batch
+    from jaxserve.offline.score import read_score_items, run_score_batch
 
     if args.top_n < 0:
         raise ValueError(f"--top-n must be >= 0, got {args.top_n}")

@@ -6,7 +6,7 @@
 Corpus: this Python's own standard library, top-level `*.py` files only, sorted by name, files
 over 80 KB or not valid UTF-8 skipped, capped at 3 MB; every 16th file is held out (of tokenizer
 and model training) for an eval loss. Tokenizer: a 2048-piece byte-fallback BPE
-(`jaxserve.tokenizer.train_tokenizer`, bos=1, eos=2). Model: a 1M-parameter Llama (`MODEL`
+(`jaxserve.text`'s `train_tokenizer`, bos=1, eos=2). Model: a 1M-parameter Llama (`MODEL`
 below) built with `jaxserve.models.build_model` and trained through jaxserve's own forward pass
 -- including its paged KV cache, a scratch one per step -- with a hand-written AdamW (warmup +
 cosine decay, global-norm clipping) on 1800 batches of 8 random 128-token windows (~1.8 epochs).
@@ -44,7 +44,9 @@ from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.kv_cache import KVPool  # noqa: E402
 from jaxserve.ops.attention import AttentionMetadata, chunk_blocks_for  # noqa: E402
 from jaxserve.models import build_model  # noqa: E402
-from jaxserve.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from jaxserve.text.base import Tokenizer  # noqa: E402
+from jaxserve.text.sentencepiece_tokenizer import (  # noqa: E402
+    SentencePieceTokenizer, train_tokenizer)
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 VOCAB_SIZE = 2048  # a multiple of 8, so the vocab axis splits over tp=8
@@ -279,7 +281,7 @@ def train(out_dir: str | Path = DEFAULT_OUT, *, train_config: TrainConfig | None
     with tempfile.TemporaryDirectory() as tmp:
         tok_path = train_tokenizer(train_files, Path(tmp) / "tokenizer", vocab_size)
         strip_training_paths(tok_path)
-        tokenizer = Tokenizer(tok_path, bos_token_id=1, eos_token_ids=[2])
+        tokenizer = SentencePieceTokenizer(tok_path, bos_token_id=1, eos_token_ids=[2])
         train_stream = token_stream(tokenizer, train_files)
         held_stream = token_stream(tokenizer, held_files)
         log(f"tokenizer: vocab {tokenizer.vocab_size}, {len(train_stream)} train tokens "

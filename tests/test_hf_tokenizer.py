@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from jaxserve.chat import ChatTemplateError, render_chat, validate_conversations
-from jaxserve.tokenizer import Tokenizer, load_tokenizer
-from jaxserve.tokenizer_hf import HFIncrementalDetokenizer, HFTokenizer, _PrefixOffsetStream
+from jaxserve.text.base import PrefixOffsetStream
+from jaxserve.text.chat import ChatTemplateError, render_chat, validate_conversations
+from jaxserve.text.hf_tokenizer import HFTokenizer
+from jaxserve.text.load import load_tokenizer
+from jaxserve.text.sentencepiece_tokenizer import SentencePieceTokenizer
 
 SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
            "<|eot_id|>"]
@@ -196,14 +198,13 @@ def test_streamed_deltas_concatenate_to_decode_and_never_split_a_char(tok, decod
         ids = tok.encode(text)
         for skip in (True, False):
             full = tok.decode(ids, skip_special_tokens=skip)
-            det = HFIncrementalDetokenizer(tok, skip_special_tokens=skip,
-                                           use_decode_stream=decode_stream)
+            det = tok.incremental(skip_special_tokens=skip, use_decode_stream=decode_stream)
             check_deltas(stream(det, ids), full)
             assert det.token_ids == ids and det.text == full
     # Multi-byte characters really are split over several byte-level tokens here.
     ids = tok.encode("🦀", add_bos=False)
     assert len(ids) > 1 and all(REPLACEMENT in tok.decode([i]) for i in ids)
-    det = HFIncrementalDetokenizer(tok, use_decode_stream=decode_stream)
+    det = tok.incremental(use_decode_stream=decode_stream)
     assert [det.push([i]) for i in ids] == [""] * (len(ids) - 1) + ["🦀"]
 
 
@@ -216,8 +217,7 @@ def test_random_ids_stream_equals_decode_and_flush_releases_held_bytes(tok, deco
         chunks = []
         while sum(chunks) < len(ids):
             chunks.append(rng.randint(1, 3))
-        det = HFIncrementalDetokenizer(tok, skip_special_tokens=skip,
-                                       use_decode_stream=decode_stream)
+        det = tok.incremental(skip_special_tokens=skip, use_decode_stream=decode_stream)
         check_deltas(stream(det, ids, chunks), tok.decode(ids, skip_special_tokens=skip))
     # An unfinished character at the end comes out of flush() as decode shows it.
     crab = tok.encode("ok 🦀", add_bos=False)
@@ -242,13 +242,27 @@ def test_stream_with_prompt_context_matches_decode_of_the_whole(tok):
         assert (head.rstrip(REPLACEMENT) + text) == full, cut
 
 
+@pytest.mark.parametrize("decode_stream", [True, False], ids=["DecodeStream", "prefix-offset"])
+def test_prompt_ending_inside_a_char_right_after_another_emits_it_whole(tok, decode_stream):
+    # Each "𝔘" is 4 byte-level tokens here, so the last few prompt tokens can start inside the
+    # first and end inside the second: the context must still be whole characters.
+    both = tok.encode("x 𝔘𝔘 y", add_bos=False)
+    assert sum(REPLACEMENT in tok.decode([i]) for i in both) == 8
+    full = tok.decode(both)
+    for cut in range(1, len(both)):
+        det = tok.incremental(both[:cut], use_decode_stream=decode_stream)
+        text = "".join(stream(det, both[cut:]))
+        assert tok.decode(both[:cut]).rstrip(REPLACEMENT) + text == full, cut
+        assert REPLACEMENT not in text, cut
+
+
 @pytest.fixture(scope="module")
 def byte_fallback_tok(tmp_path_factory) -> HFTokenizer:
     """A Llama-2-style tokenizer.json (Metaspace, byte-fallback pieces "<0xE4>", a decoder that
     strips the first space): transformers' conversion of a sentencepiece model trained here."""
     import transformers
 
-    from jaxserve.tokenizer import train_tokenizer
+    from jaxserve.text.sentencepiece_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("byte_fallback")
     corpus = root / "c.txt"
@@ -272,7 +286,7 @@ def test_byte_fallback_runs_are_held_until_final(byte_fallback_tok):
     # when a non-byte piece ends it; DecodeStream would raise on such input.
     tok = byte_fallback_tok
     det = tok.incremental()
-    assert isinstance(det._stream, _PrefixOffsetStream)
+    assert isinstance(det._stream, PrefixOffsetStream)
     rng = random.Random(1)
     switched = 0
     for trial in range(200):
@@ -281,9 +295,9 @@ def test_byte_fallback_runs_are_held_until_final(byte_fallback_tok):
         det = tok.incremental(skip_special_tokens=skip)
         check_deltas(stream(det, ids), tok.decode(ids, skip_special_tokens=skip))
         # Forced onto DecodeStream, such input makes it raise: the stream goes on in Python.
-        forced = HFIncrementalDetokenizer(tok, skip_special_tokens=skip, use_decode_stream=True)
+        forced = tok.incremental(skip_special_tokens=skip, use_decode_stream=True)
         assert isinstance("".join(stream(forced, ids)), str)
-        switched += isinstance(forced._stream, _PrefixOffsetStream)
+        switched += isinstance(forced._stream.fallback, PrefixOffsetStream)
     assert switched > 0
     for text in TEXTS:
         ids = tok.encode(text)
@@ -332,7 +346,7 @@ def test_chat_template_errors_and_message_validation():
 
 
 def test_chat_template_file_wins_and_named_templates(tok_dir, tmp_path):
-    from jaxserve.tokenizer import chat_template_of
+    from jaxserve.text.load import chat_template_of
 
     d = tmp_path / "ckpt"
     d.mkdir()
@@ -350,7 +364,7 @@ def test_chat_template_file_wins_and_named_templates(tok_dir, tmp_path):
 
 
 def test_sentencepiece_checkpoint_still_loads_with_the_same_ids(tmp_path):
-    from jaxserve.tokenizer import train_tokenizer
+    from jaxserve.text.sentencepiece_tokenizer import train_tokenizer
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(CORPUS) * 3, encoding="utf-8")
@@ -359,7 +373,7 @@ def test_sentencepiece_checkpoint_still_loads_with_the_same_ids(tmp_path):
     d.mkdir()
     (d / "tokenizer.model").write_bytes(model.read_bytes())
     t = load_tokenizer(d)
-    assert isinstance(t, Tokenizer) and (t.bos_id, t.eos_ids) == (1, (2,))
+    assert isinstance(t, SentencePieceTokenizer) and (t.bos_id, t.eos_ids) == (1, (2,))
     assert t.chat_template is None
     (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert load_tokenizer(d).eos_ids == (2, 7)

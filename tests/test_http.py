@@ -318,8 +318,8 @@ def test_disconnect_while_waiting_for_a_non_streamed_reply_frees_every_kv_block(
 
 
 def test_embedded_model_has_a_chat_template():
-    from jaxserve.chat import render_chat
-    from jaxserve.tokenizer import chat_template_of
+    from jaxserve.text.chat import render_chat
+    from jaxserve.text.load import chat_template_of
 
     template = chat_template_of(REPO / "checkpoints" / "tiny")
     assert render_chat(template, CHAT) == ("### system:\nAnswer in code.\n### user:\nimport os\n"

@@ -7,12 +7,15 @@ short multilingual block, so whitespace-heavy code and byte fallback
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
-from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer, train_tokenizer
+from jaxserve.text.base import IncrementalDetokenizer
+from jaxserve.text.sentencepiece_tokenizer import SentencePieceTokenizer, train_tokenizer
 
 STDLIB = Path(os.__file__).parent
 # Fixed and sorted so the trained model is the same on every run; files that a
@@ -50,11 +53,11 @@ def model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(model_path) -> Tokenizer:
-    return Tokenizer(model_path)
+def tok(model_path) -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(model_path)
 
 
-def byte_ids(tok: Tokenizer, s: str) -> list[int]:
+def byte_ids(tok: SentencePieceTokenizer, s: str) -> list[int]:
     """The byte-fallback token ids spelling `s`, one token per UTF-8 byte."""
     return [tok._sp.PieceToId(f"<0x{b:02X}>") for b in s.encode("utf-8")]
 
@@ -83,7 +86,8 @@ def test_trained_model_has_requested_vocab_and_ids(model_path, tok):
 def test_training_is_deterministic(model_path, tok, tmp_path):
     extra = tmp_path / "multilingual.txt"
     extra.write_text(MULTILINGUAL * 3, encoding="utf-8")
-    again = Tokenizer(train_tokenizer([*TRAIN_FILES, extra], tmp_path / "again", VOCAB_SIZE))
+    again = SentencePieceTokenizer(
+        train_tokenizer([*TRAIN_FILES, extra], tmp_path / "again", VOCAB_SIZE))
     # (The files themselves differ: they record the input paths and prefix.)
     vocab = [(tok._sp.IdToPiece(i), tok._sp.GetScore(i)) for i in range(tok.vocab_size)]
     assert [(again._sp.IdToPiece(i), again._sp.GetScore(i)) for i in range(again.vocab_size)] == vocab
@@ -144,7 +148,7 @@ def test_bos_is_prepended_according_to_add_bos(model_path, tok):
     plain = tok.encode("x = 1", add_bos=False)
     assert plain[0] != tok.bos_id
     assert tok.encode("x = 1") == [tok.bos_id, *plain]
-    no_bos = Tokenizer(model_path, add_bos=False)
+    no_bos = SentencePieceTokenizer(model_path, add_bos=False)
     assert no_bos.add_bos is False
     assert no_bos.encode("x = 1") == plain
     assert no_bos.encode("x = 1", add_bos=True) == [1, *plain]
@@ -153,7 +157,7 @@ def test_bos_is_prepended_according_to_add_bos(model_path, tok):
 def test_config_bos_and_eos_ids_override_the_model(model_path, tok):
     # Like a chat model whose end-of-turn marker is an ordinary piece.
     self_id, colon_id = tok.encode("self", add_bos=False)[-1], tok.encode(":", add_bos=False)[-1]
-    t = Tokenizer(model_path, bos_token_id=colon_id, eos_token_ids=[2, self_id])
+    t = SentencePieceTokenizer(model_path, bos_token_id=colon_id, eos_token_ids=[2, self_id])
     assert t.bos_id == colon_id
     assert t.eos_ids == (2, self_id)
     assert t.encode("x")[0] == colon_id
@@ -166,7 +170,7 @@ def test_config_bos_and_eos_ids_override_the_model(model_path, tok):
 
 
 def test_eos_ids_empty_list_from_config_means_no_eos(model_path):
-    assert Tokenizer(model_path, eos_token_ids=[]).eos_ids == ()
+    assert SentencePieceTokenizer(model_path, eos_token_ids=[]).eos_ids == ()
 
 
 def test_bos_id_is_none_when_neither_model_nor_config_has_one(tmp_path):
@@ -174,10 +178,10 @@ def test_bos_id_is_none_when_neither_model_nor_config_has_one(tmp_path):
         input=str(TRAIN_FILES[0]), model_prefix=str(tmp_path / "nobos"), vocab_size=500,
         model_type="bpe", byte_fallback=True, bos_id=-1, eos_id=1, unk_id=0, minloglevel=2,
     )
-    t = Tokenizer(tmp_path / "nobos.model")
+    t = SentencePieceTokenizer(tmp_path / "nobos.model")
     assert t.bos_id is None and t.eos_ids == (1,)
     assert t.encode("x") == t.encode("x", add_bos=False)
-    assert Tokenizer(tmp_path / "nobos.model", bos_token_id=1).encode("x")[0] == 1
+    assert SentencePieceTokenizer(tmp_path / "nobos.model", bos_token_id=1).encode("x")[0] == 1
 
 
 def test_decode_skips_special_tokens_unless_asked(tok):
@@ -215,19 +219,19 @@ def test_encode_rejects_non_str_naming_the_type(tok, bad):
 def test_missing_model_path_raises_naming_the_path(tmp_path):
     missing = tmp_path / "does_not_exist.model"
     with pytest.raises(FileNotFoundError, match="does_not_exist.model"):
-        Tokenizer(missing)
+        SentencePieceTokenizer(missing)
 
 
 def test_unreadable_model_file_raises_naming_the_path(tmp_path):
     bad = tmp_path / "garbage.model"
     bad.write_bytes(b"this is not a sentencepiece model")
     with pytest.raises(ValueError, match="garbage.model"):
-        Tokenizer(bad)
+        SentencePieceTokenizer(bad)
 
 
 def test_config_id_out_of_range_is_rejected(model_path):
     with pytest.raises(ValueError, match="99999"):
-        Tokenizer(model_path, eos_token_ids=[2, 99999])
+        SentencePieceTokenizer(model_path, eos_token_ids=[2, 99999])
 
 
 # -- incremental detokenizer ------------------------------------------------------
@@ -300,7 +304,7 @@ def test_incremental_invalid_byte_runs_are_not_held_forever(tok):
     deltas = [det.push([i]) for i in ids]
     assert deltas[1] == REPLACEMENT  # released one token later, not at flush
     assert "".join(deltas) + det.flush() == tok.decode(ids)
-    assert len(det._window) <= 8  # bounded context
+    assert len(det._stream.window) <= 8  # bounded context
 
 
 def test_incremental_prompt_context_gives_first_token_its_leading_space(tok):
@@ -367,7 +371,26 @@ def test_incremental_window_stays_small_over_a_long_generation(tok):
     out = []
     for i in ids:
         out.append(det.push([i]))
-        assert len(det._window) <= 8
+        assert len(det._stream.window) <= 8
     # The prompt gives the first piece's dummy-prefix "▁" a left context, so
     # it stays a space: the generated text is " " + src.
     assert "".join(out) + det.flush() == " " + src == tok.decode(prompt + ids)[len("prompt") :]
+
+
+@pytest.mark.parametrize("module, loads", [
+    ("jaxserve.text.base", ["jaxserve.text.base"]),
+    ("jaxserve.text.chat", ["jaxserve.text.chat"]),
+    ("jaxserve.text.sentencepiece_tokenizer",
+     ["jaxserve.text.base", "jaxserve.text.sentencepiece_tokenizer", "sentencepiece"]),
+    ("jaxserve.text.hf_tokenizer", ["jaxserve.text.base", "jaxserve.text.hf_tokenizer",
+                                    "tokenizers"]),
+])
+def test_text_modules_import_only_what_is_below_them(module, loads):
+    # The backends sit under the base, which imports neither; only jaxserve.text.load picks
+    # one. No text module loads jax (the HTTP front end runs them without an accelerator).
+    probe = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+             "print(sorted(m for m in sys.modules if m.startswith('jaxserve.text.') or "
+             "m in ('jax', 'sentencepiece', 'tokenizers')))")
+    out = subprocess.run([sys.executable, "-c", probe, module], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == repr(sorted(loads))

@@ -66,7 +66,7 @@ def train_tiny():
 def test_training_reduces_loss_and_writes_a_restorable_checkpoint(train_tiny, tmp_path):
     from jaxserve.checkpoint import flat_params, restore_model
     from jaxserve.sharding import Layout
-    from jaxserve.tokenizer import Tokenizer
+    from jaxserve.text.sentencepiece_tokenizer import SentencePieceTokenizer
 
     files = train_tiny.stdlib_files(max_total_bytes=150_000)
     assert files == sorted(files, key=lambda p: p.name) and len(files) >= 2
@@ -91,8 +91,8 @@ def test_training_reduces_loss_and_writes_a_restorable_checkpoint(train_tiny, tm
         np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(trained[name]),
                                       err_msg=name)
 
-    tok = Tokenizer(out / "tokenizer.model", bos_token_id=config.bos_token_id,
-                    eos_token_ids=config.eos_token_ids)
+    tok = SentencePieceTokenizer(out / "tokenizer.model", bos_token_id=config.bos_token_id,
+                                 eos_token_ids=config.eos_token_ids)
     assert tok.vocab_size == 512 and tok.bos_id == 1 and tok.eos_ids == (2,)
     assert tok.decode(tok.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
 

@@ -194,7 +194,7 @@ def _message_text(content, i: int):
 
 
 def _chat_prompt(body: dict, llm) -> tuple[list[int], str]:
-    from jaxserve.chat import validate_conversation
+    from jaxserve.text.chat import validate_conversation
 
     messages = body.get("messages")
     if messages is None:

@@ -8,7 +8,8 @@ does not escape HTML, the ``raise_exception`` and ``strftime_now`` globals, and 
 tokens (``bos_token``, ``eos_token``, ...). The rendered text already holds whatever BOS the
 template writes, so it is tokenized without adding special tokens (transformers' convention).
 
-Never imports jax (the HTTP front end and tests use it without an accelerator).
+Never imports jax or anything else from jaxserve (the HTTP front end and tests use it without an
+accelerator).
 """
 
 from __future__ import annotations

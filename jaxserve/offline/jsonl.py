@@ -1,31 +1,20 @@
-"""Offline batch generation over JSONL files, resumable.
+"""The resumable JSONL file handling every offline job shares (generation and scoring).
 
-Input: one JSON object per line: `id` (string or integer, unique), `prompt` (text or a list of
-token ids), and optionally any SamplingParams field (`max_tokens`, `temperature`, ...).
-Output: one JSON object per finished request: `id`, `text`, `token_ids`, `finish_reason`,
-written and flushed as each request finishes, so a killed job loses only what was in flight.
-Rerunning with the same output file skips ids already there.
-
-An entry point (used by `jaxserve generate --input` and scripts/generate_batch.py): it validates
-the whole input before generating anything, and hands the rest to `LLM`. `read_jsonl`,
-`done_ids` and `append_records` serve every resumable JSONL job (see also batch_score.py).
+Input: one JSON object per line with a unique `id` (string or integer) and a `prompt` (text or a
+list of token ids); the job parses the other fields. Output: one JSON object per finished item,
+`{"id": ..., **record}`, written and flushed as each finishes, so a killed job loses only what
+was in flight; rerunning with the same output file skips ids already there.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
-from jaxserve.sampling_params import SamplingParams
+__all__ = ["append_records", "done_ids", "read_jsonl", "run_resumable"]
 
-
-@dataclasses.dataclass
-class BatchItem:
-    id: str | int
-    prompt: str | list[int]
-    params: SamplingParams
+Item = TypeVar("Item")  # a job's parsed line; it has an `id`
 
 
 def read_jsonl(path: Path, parse_rest: Callable[[dict], Any]
@@ -63,11 +52,6 @@ def read_jsonl(path: Path, parse_rest: Callable[[dict], Any]
     return items
 
 
-def read_items(path: Path, defaults: dict[str, Any]) -> list[BatchItem]:
-    return [BatchItem(item_id, prompt, params) for _, item_id, prompt, params in
-            read_jsonl(path, lambda fields: SamplingParams.from_dict({**defaults, **fields}))]
-
-
 def done_ids(output: Path) -> set:
     """Ids already written; a torn last line (killed mid-write) is ignored and rewritten."""
     done = set()
@@ -98,27 +82,14 @@ def append_records(output_path: Path, ids: list, records: Iterable[tuple[int, di
             out.flush()
 
 
-def run_batch(llm, input_path: Path, output_path: Path, defaults: dict[str, Any],
-              progress: bool = True) -> tuple[int, int]:
-    """Generate every item not yet in the output; returns (generated, skipped)."""
-    items = read_items(Path(input_path), defaults)
+def run_resumable(items: Sequence[Item], output_path: Path,
+                  records: Callable[[list[Item]], Iterable[tuple[int, dict]]]) -> tuple[int, int]:
+    """Run a job over the items whose ids are not in the output yet: `records(todo)` yields
+    (index into todo, record) as each finishes, appended at once. Returns (done now, skipped);
+    `records` is not called when nothing is left to do."""
     output_path = Path(output_path)
     done = done_ids(output_path)
     todo = [item for item in items if item.id not in done]
-    if not todo:
-        return 0, len(items)
-    results = llm.generate_stream([i.prompt for i in todo], [i.params for i in todo],
-                                  use_tqdm=progress)
-    append_records(output_path, [i.id for i in todo],
-                   ((index, _record(result)) for index, result in results))
+    if todo:
+        append_records(output_path, [item.id for item in todo], records(todo))
     return len(todo), len(items) - len(todo)
-
-
-def _record(result) -> dict:
-    completion = result.outputs[0]
-    record = {"text": completion.text, "token_ids": completion.token_ids,
-              "finish_reason": completion.finish_reason}
-    if len(result.outputs) > 1:
-        record["n"] = [{"text": c.text, "token_ids": c.token_ids,
-                        "finish_reason": c.finish_reason} for c in result.outputs]
-    return record

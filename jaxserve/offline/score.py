@@ -1,4 +1,4 @@
-"""Offline batch scoring over JSONL files, resumable like batch generation (jaxserve/batch.py).
+"""Offline batch scoring over JSONL files, resumable like batch generation (`generate.py`).
 
 Input: one JSON object per line: `id` (string or integer, unique), `prompt` (text or a list of
 token ids), `candidates` (a list of continuations, each text or a list of token ids; may be
@@ -9,7 +9,8 @@ input order) and `top` ([{"token_id", "logprob", "text"}], most likely first). R
 same output file skips ids already there.
 
 An entry point (used by `jaxserve score`): it validates the whole input, first alone and then
-against the model, before scoring anything, and hands the rest to `LLM.score_jobs`.
+against the model, before scoring anything, and hands the rest to `LLM.score_jobs`. The file
+handling is `jaxserve.offline.jsonl`'s, shared with the generation job.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from jaxserve.batch import append_records, done_ids, read_jsonl
+from jaxserve.offline.jsonl import read_jsonl, run_resumable
+
+__all__ = ["ScoreItem", "read_score_items", "run_score_batch"]
 
 
 @dataclasses.dataclass
@@ -54,17 +57,12 @@ def read_score_items(path: Path, top_n: int = 0) -> list[ScoreItem]:
 def run_score_batch(llm, input_path: Path, output_path: Path, top_n: int = 0,
                     progress: bool = True) -> tuple[int, int]:
     """Score every item not yet in the output; returns (scored, skipped)."""
-    items = read_score_items(Path(input_path), top_n)
-    output_path = Path(output_path)
-    done = done_ids(output_path)
-    todo = [item for item in items if item.id not in done]
-    if not todo:
-        return 0, len(items)
-    jobs = [llm.prepare_score(i.prompt, i.candidates, i.top_n, f"{i.where}: prompt",
-                              f"{i.where}: candidates[{{}}]") for i in todo]
-    append_records(output_path, [i.id for i in todo],
-                   ((index, _record(out)) for index, out in llm.score_jobs(jobs, progress)))
-    return len(todo), len(items) - len(todo)
+    def records(todo: list[ScoreItem]):
+        jobs = [llm.prepare_score(i.prompt, i.candidates, i.top_n, f"{i.where}: prompt",
+                                  f"{i.where}: candidates[{{}}]") for i in todo]
+        return ((index, _record(out)) for index, out in llm.score_jobs(jobs, progress))
+
+    return run_resumable(read_score_items(Path(input_path), top_n), output_path, records)
 
 
 def _record(out) -> dict:

@@ -381,15 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 4 MiB)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step shape before reporting SERVING")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (HTTP header, gRPC metadata) on "
-                   "every request (default: $JAXSERVE_API_KEY, else none)")
-    p.add_argument("--auth-health", action="store_true",
-                   help="health checks need the key too (default: open)")
-    p.add_argument("--auth-metrics", action="store_true",
-                   help="Prometheus metrics need the key too (default: open)")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help="serve a non-loopback --host without an API key")
+    auth = p.add_argument_group("authentication")
+    auth.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' (HTTP header, gRPC metadata) "
+                      "on every request (default: $JAXSERVE_API_KEY, else none)")
+    for flag, what in (("--auth-health", "health checks need the key too (default: open)"),
+                       ("--auth-metrics", "Prometheus metrics need the key too (default: open)"),
+                       ("--allow-unauthenticated",
+                        "serve a non-loopback --host without an API key")):
+        auth.add_argument(flag, action="store_true", help=what)
     _add_profile_args(p)
     # for tests: hold the LOADING phase / slow every engine step down
     p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)

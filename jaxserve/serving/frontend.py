@@ -1,8 +1,9 @@
 """What every front end (server.py: gRPC, http.py: OpenAI-compatible HTTP) shares: the served
 engine's life cycle, its health, the requests in flight, drain and abort.
 
-Neither front end owns this module; each takes a `ServedEngine` and talks to it only through the
-names below. Whoever composes several front ends (serving/serve.py) hands each the same one, so
+Neither front end owns this module; each talks to a `ServedEngine` only through the names
+below. The gRPC `Server` makes one (`server.engine`) so that it can stand alone; whoever composes
+several front ends (serving/serve.py) hands that same engine to the others (`HTTPFrontEnd`), so
 they share one EngineLoop, one queue, one set of metrics and one drain.
 
 Life cycle (`Phase`): LOADING (ports bound, model loading) -> attach(llm) -> SERVING ->
@@ -56,16 +57,16 @@ class ModelInfo:
     Read once at attach, before the EngineLoop owns the engine."""
 
     model: str  # the checkpoint directory's name: the model id clients send
-    family: str
+    family: str  # the model family of its config ("llama", ...)
     vocab_size: int
-    max_model_len: int
-    mesh: dict[str, int]
-    rules: str
-    dtype: str
+    max_model_len: int  # prompt + output tokens of one sequence
+    mesh: dict[str, int]  # mesh axis -> devices
+    rules: str  # the sharding rules' name
+    dtype: str  # of the KV cache
     num_params: int
-    max_num_seqs: int
-    block_size: int
-    kv_blocks: int
+    max_num_seqs: int  # sequences decoded at once, per DP replica
+    block_size: int  # tokens per KV block
+    kv_blocks: int  # KV blocks in the pool
 
     @classmethod
     def of(cls, llm) -> ModelInfo:

@@ -217,7 +217,7 @@ def cmd_score(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from jaxserve.serving.server import serve
+    from jaxserve.serving.serve import serve
 
     _profile_window(args.jax_profile_steps)
     served = []
@@ -237,12 +237,13 @@ def cmd_serve(args) -> int:
 def cmd_client(args) -> int:
     import grpc
 
+    from jaxserve.serving.auth import api_key_from
     from jaxserve.serving.client import Client
 
     sampling = {field: getattr(args, flag[2:].replace("-", "_"))
                 for flag, (field, _) in SAMPLING_FLAGS.items()}
     sampling.update(stop=args.stop, ignore_eos=args.ignore_eos or None)
-    with Client(args.target) as client:
+    with Client(args.target, api_key=api_key_from(args.api_key)) as client:
         try:
             sys.stdout.write(args.prompt)  # like `generate`: prompt + completion
             for response in client.generate(args.prompt, timeout=args.timeout, **sampling):
@@ -380,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 4 MiB)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every step shape before reporting SERVING")
+    auth = p.add_argument_group("authentication")
+    auth.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' (HTTP header, gRPC metadata) "
+                      "on every request (default: $JAXSERVE_API_KEY, else none)")
+    for flag, what in (("--auth-health", "health checks need the key too (default: open)"),
+                       ("--auth-metrics", "Prometheus metrics need the key too (default: open)"),
+                       ("--allow-unauthenticated",
+                        "serve a non-loopback --host without an API key")):
+        auth.add_argument(flag, action="store_true", help=what)
     _add_profile_args(p)
     # for tests: hold the LOADING phase / slow every engine step down
     p.add_argument("--load-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -394,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--api-key", default=None,
+                   help="the server's API key (default: $JAXSERVE_API_KEY)")
     p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("plan", help="rank layouts (replicas x TP x EP, prefill/decode splits) "

@@ -1,5 +1,6 @@
-"""Helpers for tests/test_serving.py: a fixture model with a tokenizer, a `jaxserve serve`
-subprocess with its output pumped into queues, metric scraping and small waits."""
+"""Helpers for the serving tests (test_serving, test_http, test_auth): a fixture model with a
+tokenizer, a `jaxserve serve` subprocess with its output pumped into queues, metric scraping and
+small waits."""
 
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
-def scrape(metrics_port: int) -> dict[str, float]:
+def scrape(metrics_port: int, headers: dict[str, str] | None = None) -> dict[str, float]:
     """Every sample of the metrics endpoint: 'name{label="v"}' (or 'name') -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+    request = urllib.request.Request(f"http://127.0.0.1:{metrics_port}/metrics",
+                                     headers=headers or {})
+    with urllib.request.urlopen(request, timeout=5) as r:
         text = r.read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
@@ -58,12 +61,13 @@ def scrape(metrics_port: int) -> dict[str, float]:
 
 
 class ServerProcess:
-    """`python -m jaxserve.cli serve ...` with stdout / stderr lines collected by threads."""
+    """`python -m jaxserve.cli serve ...` with stdout / stderr lines collected by threads;
+    `env` adds environment variables."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "jaxserve.cli", "serve", *args],
                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env={**os.environ, **(env or {})})
         self.lines = {"stdout": queue.Queue(), "stderr": queue.Queue()}
         self.seen = {"stdout": [], "stderr": []}
         for name in self.lines:

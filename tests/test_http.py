@@ -2,9 +2,9 @@
 127.0.0.1: parity with offline generate / chat, streaming, n, logprobs, stop, OpenAI-shaped
 errors with their status, disconnect freeing KV, one engine behind gRPC and HTTP, SIGTERM drain.
 
-One in-process `Server` (gRPC port 0) with an `HTTPFrontEnd` over a small random Llama with a
-trained tokenizer and the embedded model's chat template; offline references are computed on the
-same LLM before the server takes its engine.
+One in-process `Server` (gRPC port 0) with an `HTTPFrontEnd` on its engine, over a small random
+Llama with a trained tokenizer and the embedded model's chat template; offline references are
+computed on the same LLM before the server takes its engine.
 """
 
 import json
@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.serving.client import Client
+from jaxserve.serving.frontend import ServedEngine
 from jaxserve.serving.http import HTTPFrontEnd
 from jaxserve.serving.server import Server
 from tests.serving_helpers import REPO, ServerProcess, make_model_dir, wait_until
@@ -48,7 +49,8 @@ def served(model_dir):
     logprobs = llm.generate([PROMPTS[1]], SamplingParams(**GREEDY, logprobs=3),
                             use_tqdm=False)[0].outputs[0]
     server = Server("127.0.0.1", 0, max_queue=64, max_workers=32).start()
-    http = HTTPFrontEnd(server, "127.0.0.1", 0, max_body_bytes=MAX_BODY).start()
+    http = HTTPFrontEnd(server.engine, "127.0.0.1", 0, max_workers=32,
+                        max_body_bytes=MAX_BODY).start()
     server.attach(llm)
     base = f"http://127.0.0.1:{http.port}"
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
@@ -263,7 +265,7 @@ def test_invalid_json_oversized_body_and_unknown_route(served):
 
 
 def test_queue_full_is_429(served):
-    loop = served.server.loop
+    loop = served.server.engine.loop
     saved, loop.max_queue = loop.max_queue, 0
     try:
         with pytest.raises(openai.RateLimitError) as info:
@@ -297,7 +299,7 @@ def test_disconnect_mid_stream_frees_every_kv_block(served):
                 assert served.llm.engine.kv_blocks_used > 0
             # leaving the block closes the connection mid-stream
         wait_until(lambda: served.llm.engine.kv_blocks_used == 0 and
-                   not served.server._active, 1.0, "every KV block to be free")
+                   not served.server.engine.in_flight, 1.0, "every KV block to be free")
         assert not served.llm.engine.requests
     finally:
         served.server.step_delay = 0.0
@@ -311,7 +313,7 @@ def test_disconnect_while_waiting_for_a_non_streamed_reply_frees_every_kv_block(
             httpx.post(f"{served.base}/v1/completions", json=body, timeout=httpx.Timeout(
                 30, read=0.5))
         wait_until(lambda: served.llm.engine.kv_blocks_used == 0 and
-                   not served.server._active, 1.0, "every KV block to be free")
+                   not served.server.engine.in_flight, 1.0, "every KV block to be free")
         assert not served.llm.engine.requests
     finally:
         served.server.step_delay = 0.0
@@ -333,10 +335,10 @@ def test_engine_failure_gives_500_then_503(model_dir, monkeypatch):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(llm.engine, "step", broken_step)
-    server = Server("127.0.0.1", None).start()
-    http = HTTPFrontEnd(server, "127.0.0.1", 0).start()
+    engine = ServedEngine()
+    http = HTTPFrontEnd(engine, "127.0.0.1", 0).start()
     try:
-        server.attach(llm)
+        engine.attach(llm)
         base = f"http://127.0.0.1:{http.port}"
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "def f():"}, timeout=30)
         assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
@@ -345,7 +347,7 @@ def test_engine_failure_gives_500_then_503(model_dir, monkeypatch):
         assert r.status_code == 503
     finally:
         http.stop()
-        server.stop()
+        engine.stop()
 
 
 def test_no_grpc_needs_http_port(capsys):
@@ -356,8 +358,8 @@ def test_no_grpc_needs_http_port(capsys):
 
 
 def test_loading_server_answers_503():
-    server = Server("127.0.0.1", None).start()
-    http = HTTPFrontEnd(server, "127.0.0.1", 0).start()
+    engine = ServedEngine()
+    http = HTTPFrontEnd(engine, "127.0.0.1", 0).start()
     try:
         base = f"http://127.0.0.1:{http.port}"
         assert httpx.get(f"{base}/health").status_code == 503
@@ -366,7 +368,7 @@ def test_loading_server_answers_503():
         assert httpx.get(f"{base}/v1/models").status_code == 503
     finally:
         http.stop()
-        server.stop()
+        engine.stop()
 
 
 # ---- the `jaxserve serve --no-grpc --http-port 0` process ----

@@ -9,6 +9,8 @@
         c.score("The capital of France is", [" Paris", [3, 4]], top_n=5)  # -> ScoreResponse
         c.model_info(), c.health(), c.abort("some-request-id")
 
+    Client("10.0.0.5:50051", api_key="KEY")  # every call carries `authorization: Bearer KEY`
+
 Errors surface as grpc.RpcError (code() / details()). This module must never use the engine or
 jax itself: it needs only grpc and the generated stubs (importing the `jaxserve` package still
 imports jax, through jaxserve/__init__.py).
@@ -16,6 +18,7 @@ imports jax, through jaxserve/__init__.py).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -75,9 +78,42 @@ def make_score_request(prompt: str | bytes | Sequence[int],
     return _set_text_or_ids(request, prompt)
 
 
+class _CallDetails(collections.namedtuple("_CallDetails", ["method", "timeout", "metadata",
+                                                           "credentials", "wait_for_ready",
+                                                           "compression"]),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to the metadata of every call."""
+
+    def __init__(self, api_key: str):
+        self.header = ("authorization", f"Bearer {api_key}")
+
+    def _with_key(self, details):
+        return _CallDetails(details.method, details.timeout,
+                            [*(details.metadata or ()), self.header], details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_key(details), request_iterator)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
 class Client:
-    def __init__(self, target: str, options: Sequence[tuple[str, object]] = ()):
+    def __init__(self, target: str, options: Sequence[tuple[str, object]] = (),
+                 api_key: str | None = None):
         self.channel = grpc.insecure_channel(target, options=list(options))
+        if api_key is not None:
+            self.channel = grpc.intercept_channel(self.channel, _BearerKey(api_key))
         self.stub = pb_grpc.JaxServeStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 

@@ -10,6 +10,7 @@ import grpc.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from jaxserve.sampling_params import SamplingParams
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from jaxserve.engine.loop import Delta, Final
     from jaxserve.engine.scoring import ScoreJob
     from jaxserve.outputs import ScoreOutput
+    from jaxserve.serving.frontend import ModelInfo
 
 MAX_REQUEST_ID_CHARS = 256
 
@@ -153,12 +155,6 @@ def final_responses(request_id: str, event: Final) -> list[pb.GenerateResponse]:
     return out
 
 
-def model_info(llm) -> pb.ModelInfo:
-    """What GetModelInfo returns; read once at load, before the EngineLoop owns the engine."""
-    config = llm.config
-    return pb.ModelInfo(
-        model=llm.model_dir.name, family=config.family, vocab_size=config.vocab_size,
-        max_model_len=llm.max_model_len, mesh=dict(llm.layout.mesh.shape),
-        rules=llm.layout.rules.name, dtype=llm.runner.kv.dtype.name,
-        num_params=config.num_params(), max_num_seqs=llm.engine.config.max_num_seqs,
-        block_size=llm.runner.block_size, kv_blocks=llm.engine.kv_blocks_total)
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    """What GetModelInfo returns."""
+    return pb.ModelInfo(**dataclasses.asdict(info))

@@ -1,13 +1,17 @@
 """The OpenAI-compatible HTTP front end of `jaxserve serve --http-port`: a FastAPI app run by
-uvicorn on its own thread, over the same `Server` (phase, EngineLoop, metrics, drain) as gRPC.
+uvicorn on its own thread, over a `ServedEngine` (serving/frontend.py: phase, EngineLoop,
+metrics, drain), the same one as the gRPC front end's when both run.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent
 events ending with `data: [DONE]`), GET /v1/models, GET /health (200 serving, 503 otherwise),
-GET /metrics (the gRPC server's Prometheus registry).
+GET /metrics (the engine's Prometheus registry). With an API key (serving/auth.py) a route
+without `Authorization: Bearer KEY` answers 401 before its body is read; /health and /metrics
+only when the key protects them.
 
 Requests are parsed by hand from the JSON body (not by pydantic models) so that every error is
 OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, and names the field: 400 bad
-field / JSON / type, 404 unknown model, 413 body over `max_message_bytes`, 429 queue full, 503
+field / JSON / type, 401 API key missing or wrong, 404 unknown model, 413 body over
+`max_body_bytes`, 429 queue full, 503
 loading / draining / stopped, 500 engine failure. Sampling fields become `SamplingParams`, whose
 construction is the one validation path (as for gRPC). Unknown fields are ignored (clients send
 extras); fields whose meaning jaxserve cannot honour (echo, suffix, logit_bias, tools, best_of
@@ -15,10 +19,10 @@ extras); fields whose meaning jaxserve cannot honour (echo, suffix, logit_bias, 
 Extensions as in vLLM: top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
 stop_token_ids, skip_special_tokens, and `return_token_ids: true` (each choice gets `token_ids`).
 
-Each request is registered in `Server._active` so `Server.drain` waits for it (SIGTERM), and a
-client that disconnects (streamed or not) has its request aborted: its KV blocks are free within
-one engine step. Like server.py, this module never touches the Engine: only EngineLoop.submit /
-abort.
+Each request is registered with `ServedEngine.start_request` so that drain waits for it (SIGTERM),
+and a client that disconnects (streamed or not) has its request aborted: its KV blocks are free
+within one engine step. Like server.py, this module never touches the Engine: only
+EngineLoop.submit / abort.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.engine.loop import Delta, Failure, Final, NotAccepting, QueueFull
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.serving.auth import Auth, Endpoint
+from jaxserve.serving.frontend import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS, NotServing,
+                                       Phase, ServedEngine)
 
 log = logging.getLogger("jaxserve.serving")
 
@@ -55,10 +62,12 @@ SAMPLING_FIELDS = {
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = \
             status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -279,8 +288,8 @@ class _Handler:
     """One request: parse, submit, relay."""
 
     def __init__(self, front: HTTPFrontEnd, request: Request, body: dict, chat: bool):
-        self.front, self.server, self.request, self.chat = front, front.server, request, chat
-        self.llm = self.server.llm
+        self.front, self.engine, self.request, self.chat = front, front.engine, request, chat
+        self.llm = self.engine.llm
         _check_unsupported(body, chat)
         self.stream, self.include_usage = _stream_options(body)
         self.params, self.names = _sampling(body, chat)
@@ -300,8 +309,7 @@ class _Handler:
 
     async def submit(self):
         loop = self.front.serving_loop()
-        with self.server._lock:
-            self.server._active.add(self.request_id)
+        self.engine.start_request(self.request_id)  # a fresh uuid: never already in flight
         try:
             # the engine thread accepts within one step; the server's text is the prompt text
             # only for completions (as gRPC), the rendered prompt for chat
@@ -309,13 +317,12 @@ class _Handler:
                                                      self.prompt_ids, self.params,
                                                      self.prompt_text)
         except BaseException as e:
-            with self.server._lock:
-                self.server._active.discard(self.request_id)
+            self.engine.end_request(self.request_id)
             if isinstance(e, QueueFull):
                 raise ApiError(429, f"queue full: {e}", "rate_limit_error",
                                code="queue_full") from None
             if isinstance(e, NotAccepting):
-                self.server.check_engine()
+                self.engine.check_engine()
                 raise ApiError(503, f"not accepting requests: {e}", "service_unavailable"
                                ) from None
             if isinstance(e, (ValueError, TypeError)):
@@ -347,7 +354,7 @@ class _Handler:
                     if isinstance(event.error, NotAccepting):
                         raise ApiError(503, f"server stopped: {event.error}",
                                        "service_unavailable")
-                    self.server._mark_failed()
+                    self.engine.mark_failed()
                     raise ApiError(500, f"engine failed: {event.error!r}", "server_error")
                 if isinstance(event, Final):
                     finals.append(event)
@@ -355,10 +362,9 @@ class _Handler:
             settled = True
         finally:
             if not settled:
-                self.server._abort_collecting(self.request_id, stream, finals)
-            with self.server._lock:
-                self.server._active.discard(self.request_id)
-            self.server.metrics.request_finished(finals)
+                self.engine.abort_collecting(self.request_id, stream, finals)
+            self.engine.end_request(self.request_id)
+            self.engine.metrics.request_finished(finals)
 
     def _head(self) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -452,34 +458,47 @@ class _Handler:
 
 
 class HTTPFrontEnd:
-    """The FastAPI app over a `Server`, served by uvicorn on a thread: start() / stop()."""
+    """The FastAPI app over a `ServedEngine`, served by uvicorn on a thread: start() / stop()."""
 
-    def __init__(self, server, host: str = "127.0.0.1", port: int = 0,
-                 max_body_bytes: int | None = None):
-        self.server, self.host, self.requested_port = server, host, port
-        self.max_body_bytes = max_body_bytes or server.max_message_bytes
+    def __init__(self, engine: ServedEngine, host: str = "127.0.0.1", port: int = 0, *,
+                 auth: Auth = Auth(), max_workers: int = DEFAULT_MAX_WORKERS,
+                 max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.engine, self.host, self.requested_port = engine, host, port
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
         self.port: int | None = None
         self.app = self._build_app()
         self._uvicorn = None
         self._thread: threading.Thread | None = None
         # blocking waits on the EngineLoop (submit, the next stream event) run here, one thread
         # per request at most: asyncio's default pool (cores + 4 threads) would queue streams
-        self._pool = ThreadPoolExecutor(server.max_workers, thread_name_prefix="jaxserve-http")
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="jaxserve-http")
 
     async def in_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ---- helpers used by handlers ----
     def model_id(self) -> str:
-        return self.server.info.model if self.server.info is not None else ""
+        return self.engine.info.model if self.engine.info is not None else ""
 
     def serving_loop(self):
-        from jaxserve.serving.server import Phase
+        try:
+            return self.engine.serving_loop()
+        except NotServing as e:
+            raise ApiError(503, str(e), "service_unavailable") from None
 
-        self.server.check_engine()
-        if self.server.phase is not Phase.SERVING or self.server.loop is None:
-            raise ApiError(503, f"server is {self.server.phase.value}", "service_unavailable")
-        return self.server.loop
+    def _key_for(self, endpoint: Endpoint) -> list:
+        """The route dependency that answers 401 unless the request carries the API key."""
+        if not self.auth.protects(endpoint):
+            return []
+
+        async def check_key(request: Request) -> None:
+            refusal = self.auth.refusal(endpoint, request.headers.get("authorization"))
+            if refusal is not None:
+                raise ApiError(401, refusal, code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+        return [Depends(check_key)]
 
     async def _body(self, request: Request) -> dict:
         limit = self.max_body_bytes
@@ -523,13 +542,12 @@ class HTTPFrontEnd:
     def _build_app(self) -> FastAPI:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        from jaxserve.serving.server import Phase
-
+        api = self._key_for(Endpoint.API)
         app = FastAPI(title="jaxserve", docs_url=None, redoc_url=None, openapi_url=None)
 
         @app.exception_handler(ApiError)
         async def api_error(request, e: ApiError):
-            return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(request, e: StarletteHTTPException):
@@ -537,34 +555,34 @@ class HTTPFrontEnd:
             return JSONResponse(ApiError(e.status_code, str(e.detail), kind).body(),
                                 status_code=e.status_code)
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", dependencies=api)
         async def completions(request: Request):
             return await self._generate(request, chat=False)
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", dependencies=api)
         async def chat_completions(request: Request):
             return await self._generate(request, chat=True)
 
-        @app.get("/v1/models")
+        @app.get("/v1/models", dependencies=api)
         async def models():
-            if self.server.info is None:
-                raise ApiError(503, f"server is {self.server.phase.value}",
+            if self.engine.info is None:
+                raise ApiError(503, f"server is {self.engine.phase.value}",
                                "service_unavailable")
-            info = self.server.info
+            info = self.engine.info
             return {"object": "list", "data": [{
                 "id": info.model, "object": "model", "created": 0, "owned_by": "jaxserve",
                 "max_model_len": info.max_model_len}]}
 
-        @app.get("/health")
+        @app.get("/health", dependencies=self._key_for(Endpoint.HEALTH))
         async def health():
-            self.server.check_engine()
-            phase = self.server.phase
+            self.engine.check_engine()
+            phase = self.engine.phase
             return JSONResponse({"status": phase.value},
                                 status_code=200 if phase is Phase.SERVING else 503)
 
-        @app.get("/metrics")
+        @app.get("/metrics", dependencies=self._key_for(Endpoint.METRICS))
         async def metrics():
-            return PlainTextResponse(generate_latest(self.server.metrics.registry),
+            return PlainTextResponse(generate_latest(self.engine.metrics.registry),
                                      media_type=CONTENT_TYPE_LATEST)
 
         return app

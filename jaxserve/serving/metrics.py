@@ -5,15 +5,23 @@ commands that change the engine while it is idle) sets the gauges and the token 
 counters from `engine.stats()`; `request_finished` (handler threads) counts finished sequences and
 observes the latency histograms from the request's RequestMetrics. Neither may raise: a metrics
 bug must never fail the engine loop or a request, so errors are logged and dropped.
+
+`start_metrics_server` serves a registry on its own port (prometheus_client's WSGI app, any path),
+behind the API key when the `Auth` protects metrics.
 """
 
 from __future__ import annotations
 
 import logging
-
+import socket
+import threading
 from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from jaxserve.serving.auth import Auth, Endpoint
 
 if TYPE_CHECKING:
     from jaxserve.engine.loop import Final
@@ -119,3 +127,33 @@ class ServingMetrics:
                 self.tpot.observe((m.e2e_latency - m.ttft) / (completion - 1))
         except Exception:
             log.exception("metrics: request_finished failed")
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # no line per scrape
+        pass
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int,
+                         auth: Auth = Auth()):
+    """Serve `registry` on http://host:port/ on a daemon thread; returns the WSGI server (its
+    `server_port`, `shutdown()`, `server_close()`). OSError if the port cannot be bound."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        refusal = auth.refusal(Endpoint.METRICS, environ.get("HTTP_AUTHORIZATION"))
+        if refusal is None:
+            return metrics_app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("WWW-Authenticate", "Bearer")])
+        return [refusal.encode() + b"\n"]
+
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(address[0], port, app, Server, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="jaxserve-metrics", daemon=True).start()
+    return httpd

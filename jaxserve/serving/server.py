@@ -1,38 +1,30 @@
-"""The gRPC server of `jaxserve serve`: jaxserve.v1.JaxServe, grpc.health.v1, reflection, metrics.
+"""The gRPC front end of `jaxserve serve`: jaxserve.v1.JaxServe, grpc.health.v1, reflection, and
+the Prometheus metrics port, over a `ServedEngine` (serving/frontend.py).
 
-Life cycle (`Server`): start() binds the port and answers health (NOT_SERVING) before the model
-is loaded; attach(llm) starts an EngineLoop and turns health SERVING; drain(timeout) turns health
-NOT_SERVING, refuses new requests with UNAVAILABLE, lets requests in flight finish for up to
-`timeout` seconds and then aborts them (their streams end with Final messages whose
-finish_reason is "abort", status OK); stop() closes everything. `serve(args, make_llm)` runs that
-for the CLI and drains on SIGTERM / SIGINT.
+Life cycle (`Server`): start() binds the ports and answers health (NOT_SERVING) before the model
+is loaded; attach(llm) starts the engine's EngineLoop and health turns SERVING; drain(timeout)
+turns health NOT_SERVING, refuses new requests with UNAVAILABLE, lets requests in flight finish
+for up to `timeout` seconds and then aborts them (their streams end with Final messages whose
+finish_reason is "abort", status OK); stop() closes everything. The phases, the requests in
+flight, drain and abort are the ServedEngine's (`server.engine`): other front ends (http.py) are
+handed that same engine by whoever composes them (serving/serve.py). With port None the Server
+binds no gRPC port and only serves the metrics port, if any.
 
 Each Generate call runs on a gRPC handler thread: validate (convert.parse_generate), submit to
 the EngineLoop, then relay the request's stream, polling it briefly so that a client that
 cancels or passes its deadline is noticed and its request aborted (KV blocks freed within one
 engine step). A Score call is the same with one answer: validate (convert.parse_score), queue
 the run on the EngineLoop (which interleaves its steps with generation), wait for it. Status
-codes are listed in jaxserve.proto.
+codes are listed in jaxserve.proto. With an API key (serving/auth.py) an interceptor answers a
+call without `authorization: Bearer KEY` metadata with UNAUTHENTICATED before any handler runs.
 
 What this module must never do: touch the Engine directly (only EngineLoop.submit / abort /
-drain / stop, plus the on_step metrics hook that EngineLoop runs on its own thread), or block
-the engine thread.
-
-The OpenAI-compatible HTTP front end (serving/http.py, `--http-port`) runs over the same Server
-(phase, EngineLoop, metrics, `_active` for drain); with `--no-grpc` the Server binds no gRPC
-port (port None) and only HTTP serves.
+score, through the ServedEngine), or block the engine thread.
 """
 
 from __future__ import annotations
 
-import enum
-import math
-import logging
 import queue
-import signal
-import sys
-import threading
-import time
 import uuid
 from concurrent import futures
 
@@ -40,63 +32,90 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxserve.engine.loop import (Delta, EngineLoop, Failure, Final, LoopState, NotAccepting,
-                                  QueueFull, ScoreAborted)
+from jaxserve.engine.loop import (Delta, EngineLoop, Failure, Final, NotAccepting, QueueFull,
+                                  ScoreAborted)
 from jaxserve.serving import convert
 from jaxserve.serving import jaxserve_pb2 as pb
 from jaxserve.serving import jaxserve_pb2_grpc as pb_grpc
-from jaxserve.serving.metrics import ServingMetrics
-
-log = logging.getLogger("jaxserve.serving")
+from jaxserve.serving.auth import Auth, Endpoint
+from jaxserve.serving.frontend import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS, NotServing,
+                                       Phase, ServedEngine)
+from jaxserve.serving.metrics import start_metrics_server
 
 SERVICE = pb.DESCRIPTOR.services_by_name["JaxServe"].full_name  # "jaxserve.v1.JaxServe"
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 POLL_S = 0.05  # how often a waiting handler checks that its client is still there
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 2**20
 Code = grpc.StatusCode
+_HANDLER_KINDS = {  # (request streaming, response streaming) -> how to make such a handler
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
-class Phase(enum.Enum):
-    LOADING = "loading"
-    SERVING = "serving"
-    DRAINING = "draining"
-    FAILED = "failed"
-    STOPPED = "stopped"
+class KeyCheck(grpc.ServerInterceptor):
+    """UNAUTHENTICATED for a call whose `authorization` metadata `auth` refuses (health checks
+    only when `auth` protects health)."""
+
+    def __init__(self, auth: Auth):
+        self.auth = auth
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:  # no such method: grpc answers UNIMPLEMENTED
+            return None
+        endpoint = Endpoint.HEALTH if details.method.startswith(f"/{HEALTH_SERVICE}/") \
+            else Endpoint.API
+        value = next((v for k, v in details.invocation_metadata or () if k == "authorization"),
+                     None)
+        refusal = self.auth.refusal(endpoint, value)
+        if refusal is None:
+            return handler
+
+        def refuse(request, context):
+            context.abort(Code.UNAUTHENTICATED, refusal)
+
+        make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+        return make(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
 
 class Server(pb_grpc.JaxServeServicer):
     def __init__(self, host: str = "127.0.0.1", port: int | None = 0, *,
-                 metrics_port: int | None = None,
-                 max_queue: int = 256, max_workers: int = 64,
+                 metrics_port: int | None = None, auth: Auth = Auth(),
+                 max_queue: int = 256, max_workers: int = DEFAULT_MAX_WORKERS,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, step_delay: float = 0.0):
         self.host, self.requested_port = host, port
         self.port: int | None = None
         self.metrics_port = metrics_port
-        self.max_queue, self.max_workers = max_queue, max_workers
+        self.auth = auth
+        self.max_workers = max_workers
         self.max_message_bytes = max_message_bytes
-        self.step_delay = step_delay  # tests only: sleep after each engine step
-        self.phase = Phase.LOADING
-        self.llm = None
-        self.loop: EngineLoop | None = None
-        self.info: pb.ModelInfo | None = None
-        self.metrics = ServingMetrics()
+        self.engine = ServedEngine(max_queue, step_delay)
+        self.engine.on_phase(self._on_phase)
         self.health = health.HealthServicer()
-        self._active: set[str] = set()  # request ids with a Generate handler running
-        self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
         self._httpd = None
+
+    @property
+    def step_delay(self) -> float:  # tests only: sleep after each engine step
+        return self.engine.step_delay
+
+    @step_delay.setter
+    def step_delay(self, seconds: float) -> None:
+        self.engine.step_delay = seconds
 
     # ---- life cycle ----
     def start(self) -> Server:
         """Bind; serve health, reflection, metrics. Generate is UNAVAILABLE until attach().
-        With port None there is no gRPC port (the HTTP front end alone uses this Server)."""
+        With port None there is no gRPC port (another front end serves the engine)."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.requested_port is not None:
             self._start_grpc()
         if self.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            self._httpd, _ = start_http_server(self.metrics_port, addr=self.host,
-                                               registry=self.metrics.registry)
+            self._httpd = start_metrics_server(self.engine.metrics.registry, self.host,
+                                               self.metrics_port, self.auth)
             self.metrics_port = self._httpd.server_port
         return self
 
@@ -105,6 +124,7 @@ class Server(pb_grpc.JaxServeServicer):
             futures.ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxserve-rpc"),
             options=[("grpc.max_receive_message_length", self.max_message_bytes),
                      ("grpc.so_reuseport", 0)],
+            interceptors=[KeyCheck(self.auth)] if self.auth.api_key is not None else [],
             maximum_concurrent_rpcs=self.max_workers)
         lenient = convert.lenient
         handlers = {
@@ -122,59 +142,23 @@ class Server(pb_grpc.JaxServeServicer):
                                                                                   handlers)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
-            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], self._grpc)
+            [SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], self._grpc)
         self.port = self._grpc.add_insecure_port(f"{self.host}:{self.requested_port}")
         self._grpc.start()
 
     def attach(self, llm) -> None:
         """The model is loaded: start its EngineLoop and serve."""
-        self.llm, self.info = llm, convert.model_info(llm)
-        self.metrics.start_from(llm.stats())  # before the loop owns the engine
-        self.loop = EngineLoop(llm.engine, max_queue=self.max_queue, on_step=self._on_step)
-        with self._lock:
-            if self.phase is not Phase.LOADING:  # drained while loading
-                return
-            self.phase = Phase.SERVING
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
-
-    def check_engine(self) -> bool:
-        """False (and health NOT_SERVING) once the engine loop has failed."""
-        if self.loop is not None and self.loop.state is LoopState.FAILED:
-            self._mark_failed()
-            return False
-        return True
+        self.engine.attach(llm)
 
     def drain(self, timeout: float) -> int:
         """Stop taking requests, wait up to `timeout` s for those in flight, abort the rest.
         Returns how many were aborted."""
-        with self._lock:
-            if self.phase in (Phase.LOADING, Phase.SERVING):
-                self.phase = Phase.DRAINING
-        self.health.enter_graceful_shutdown()
-        if self.loop is None:
-            return 0
-        self.loop.drain()
-        deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.02)
-        with self._lock:
-            left = list(self._active)
-        for request_id in left:
-            log.info("shutdown timeout: aborting %s", request_id)
-            self._abort(request_id)
-        deadline = time.monotonic() + 5.0  # let the handlers send their final messages
-        while self._active and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return len(left)
+        return self.engine.drain(timeout)
 
     def stop(self, grace: float = 1.0) -> None:
-        with self._lock:
-            self.phase = Phase.STOPPED
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
-        if self.loop is not None:
-            self.loop.stop()
+        self.engine.stop()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -183,7 +167,7 @@ class Server(pb_grpc.JaxServeServicer):
     def Generate(self, request, context):
         loop, request_id = self._accept(request, context, "req")
         try:
-            prompt_ids, text, params = convert.parse_generate(request, self.llm)
+            prompt_ids, text, params = convert.parse_generate(request, self.engine.llm)
         except (ValueError, TypeError) as e:
             context.abort(Code.INVALID_ARGUMENT, str(e))
         self._activate(request_id, context)
@@ -191,15 +175,14 @@ class Server(pb_grpc.JaxServeServicer):
             stream = self._queue(context, loop.submit, request_id, prompt_ids, params, text)
             yield from self._relay(request_id, stream, params.logprobs, context)
         finally:
-            with self._lock:
-                self._active.discard(request_id)
+            self.engine.end_request(request_id)
 
     def Score(self, request, context):
         """Validate, queue the scoring run on the EngineLoop, wait for it (noticing a client
         that leaves: its run is aborted and its KV blocks freed within one engine step)."""
         loop, request_id = self._accept(request, context, "score")
         try:
-            job = convert.parse_score(request, self.llm)
+            job = convert.parse_score(request, self.engine.llm)
         except (ValueError, TypeError) as e:
             context.abort(Code.INVALID_ARGUMENT, str(e))
         self._activate(request_id, context)
@@ -211,19 +194,19 @@ class Server(pb_grpc.JaxServeServicer):
                     break
                 except TimeoutError:
                     if not context.is_active():  # cancelled or past its deadline
-                        self._abort(request_id)
+                        self.engine.abort(request_id)
                         return pb.ScoreResponse()
                 except ScoreAborted as e:
                     context.abort(Code.ABORTED, str(e))
                 except NotAccepting as e:
                     context.abort(Code.UNAVAILABLE, f"server stopped: {e}")
                 except Exception as e:  # the engine failed (health follows), or the run did
-                    self.check_engine()
+                    self.engine.check_engine()
                     context.abort(Code.INTERNAL, f"scoring failed: {e!r}")
-            return convert.score_response(request_id, self.llm.score_output(job, run.scores[0]))
+            output = self.engine.llm.score_output(job, run.scores[0])
+            return convert.score_response(request_id, output)
         finally:
-            with self._lock:
-                self._active.discard(request_id)
+            self.engine.end_request(request_id)
 
     def _relay(self, request_id, stream, num_logprobs, context):
         """Stream events -> responses until every sequence has its Final."""
@@ -246,47 +229,48 @@ class Server(pb_grpc.JaxServeServicer):
                     settled = True
                     if isinstance(event.error, NotAccepting):  # the loop was stopped
                         context.abort(Code.UNAVAILABLE, f"server stopped: {event.error}")
-                    self._mark_failed()
+                    self.engine.mark_failed()
                     context.abort(Code.INTERNAL, f"engine failed: {event.error!r}")
             settled = True
         finally:  # also on GeneratorExit, when grpc drops a cancelled call
             if not settled:
-                self._abort_collecting(request_id, stream, finals)
-            self.metrics.request_finished(finals)
+                self.engine.abort_collecting(request_id, stream, finals)
+            self.engine.metrics.request_finished(finals)
 
     def Abort(self, request, context):
         if isinstance(request, convert.Malformed):
             context.abort(Code.INVALID_ARGUMENT, request.message)
         if not request.request_id:
             context.abort(Code.INVALID_ARGUMENT, "request_id is empty")
-        if self.loop is None or self.phase is Phase.STOPPED:
-            context.abort(Code.UNAVAILABLE, f"server is {self.phase.value}")
-        if not self._abort(request.request_id):
+        engine = self.engine
+        if engine.loop is None or engine.phase is Phase.STOPPED:
+            context.abort(Code.UNAVAILABLE, f"server is {engine.phase.value}")
+        if not engine.abort(request.request_id):
             context.abort(Code.NOT_FOUND, f"request_id {request.request_id!r} is not in flight")
         return pb.AbortResponse()
 
     def GetModelInfo(self, request, context):
-        if self.info is None:
-            context.abort(Code.UNAVAILABLE, f"server is {self.phase.value}")
-        return self.info
+        if self.engine.info is None:
+            context.abort(Code.UNAVAILABLE, f"server is {self.engine.phase.value}")
+        return convert.model_info(self.engine.info)
 
     # ---- helpers ----
     def _accept(self, request, context, kind: str) -> tuple[EngineLoop, str]:
         """The loop to hand a well-formed request to, and the request's id (one is made up)."""
         if isinstance(request, convert.Malformed):
             context.abort(Code.INVALID_ARGUMENT, request.message)
-        loop = self._serving_loop(context)
+        try:
+            loop = self.engine.serving_loop()
+        except NotServing as e:
+            context.abort(Code.UNAVAILABLE, str(e))
         try:
             return loop, convert.request_id_of(request) or f"{kind}-{uuid.uuid4().hex}"
         except ValueError as e:
             context.abort(Code.INVALID_ARGUMENT, str(e))
 
     def _activate(self, request_id: str, context) -> None:
-        with self._lock:
-            if request_id in self._active:
-                context.abort(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in "
-                                                   "flight")
-            self._active.add(request_id)
+        if not self.engine.start_request(request_id):
+            context.abort(Code.ALREADY_EXISTS, f"request_id {request_id!r} is already in flight")
 
     def _queue(self, context, submit, *args):
         """Hand work to the loop (`submit` or `score`), its refusals as status codes."""
@@ -295,120 +279,19 @@ class Server(pb_grpc.JaxServeServicer):
         except QueueFull as e:
             context.abort(Code.RESOURCE_EXHAUSTED, f"queue full: {e}")
         except NotAccepting as e:
-            self.check_engine()
+            self.engine.check_engine()
             context.abort(Code.UNAVAILABLE, f"not accepting requests: {e}")
         except (ValueError, TypeError) as e:
             context.abort(Code.INVALID_ARGUMENT, str(e))
 
-    def _serving_loop(self, context) -> EngineLoop:
-        self.check_engine()
-        if self.phase is not Phase.SERVING or self.loop is None:
-            context.abort(Code.UNAVAILABLE, f"server is {self.phase.value}")
-        return self.loop
-
-    def _abort_collecting(self, request_id: str, stream, finals: list) -> None:
-        """Abort a request whose client is gone; add the Finals the abort queued to `finals`."""
-        if self._abort(request_id):
-            while True:  # abort() has queued the Finals by the time it returns
-                try:
-                    event = stream.events.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(event, Final):
-                    finals.append(event)
-
-    def _abort(self, request_id: str) -> bool:
-        loop = self.loop
-        if loop is None or loop.state is LoopState.STOPPED:  # its thread is gone
-            return False
-        return loop.abort(request_id)
-
-    def _on_step(self, loop, step_s: float) -> None:
-        self.metrics.on_step(loop, step_s)
-        if self.step_delay:
-            time.sleep(self.step_delay)
-
-    def _mark_failed(self) -> None:
-        with self._lock:
-            if self.phase in (Phase.SERVING, Phase.LOADING):
-                self.phase = Phase.FAILED
-                log.error("the engine failed: %r; health is NOT_SERVING",
-                          self.loop.error if self.loop else None)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    def _on_phase(self, phase: Phase) -> None:
+        if phase is Phase.SERVING:
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        elif phase is Phase.DRAINING:
+            self.health.enter_graceful_shutdown()
+        else:
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set_health(self, status) -> None:
         for service in ("", SERVICE):
             self.health.set(service, status)
-
-
-def _decoding_streams(args) -> int:
-    """Streams the engine can decode at once (known before the model loads): per DP replica
-    `max_num_seqs`, times at most every device of the mesh being a replica."""
-    from jaxserve.engine.engine import EngineConfig
-    from jaxserve.sharding import parse_mesh
-
-    per_replica = args.max_num_seqs or EngineConfig().max_num_seqs
-    devices = math.prod(parse_mesh(args.mesh).values()) if args.mesh else 1
-    return per_replica * devices
-
-
-def serve(args, make_llm, on_ready=None) -> int:
-    """`jaxserve serve`: start, load, serve until SIGTERM/SIGINT, drain, exit 0. `on_ready(llm)`
-    runs once the model is loaded (and warmed up), before the engine thread owns it."""
-    grpc_port = None if getattr(args, "no_grpc", False) else args.port
-    http_port = getattr(args, "http_port", None)
-    if grpc_port is None and http_port is None:
-        raise ValueError("--no-grpc needs --http-port")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False  # absl may have configured the root logger too
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    server = Server(args.host, grpc_port, metrics_port=args.metrics_port,
-                    max_queue=args.max_queue,
-                    max_workers=_decoding_streams(args) + args.max_queue + 16,
-                    max_message_bytes=args.max_message_bytes, step_delay=args.step_delay)
-    try:
-        server.start()
-    except RuntimeError as e:  # grpc could not bind
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e}") from None
-    http = None
-    try:
-        if http_port is not None:
-            from jaxserve.serving.http import HTTPFrontEnd
-
-            try:
-                http = HTTPFrontEnd(server, args.host, http_port).start()
-            except OSError as e:
-                raise ValueError(f"cannot listen on {args.host}:{http_port} (HTTP): {e}"
-                                 ) from None
-        where = f"{args.host}:{server.port}" if grpc_port is not None else \
-            f"{args.host} (gRPC off)"
-        metrics = f"metrics on :{server.metrics_port}" if server.metrics_port else "metrics off"
-        extra = f" (HTTP on :{http.port})" if http is not None else ""
-        print(f"jaxserve: listening on {where} ({metrics}){extra}, loading {args.model}",
-              file=sys.stderr, flush=True)
-        if args.load_delay:
-            stop.wait(args.load_delay)
-        if not stop.is_set():
-            llm = make_llm(args)
-            if args.warmup:
-                llm.warmup()
-            if on_ready is not None:
-                on_ready(llm)
-            server.attach(llm)
-        if not stop.is_set():
-            print(f"jaxserve serving on {where} ({metrics}){extra}", flush=True)
-            while not stop.wait(0.2):
-                server.check_engine()
-        aborted = server.drain(args.shutdown_timeout)
-        print(f"jaxserve: drained ({aborted} request(s) aborted at the shutdown timeout)",
-              file=sys.stderr, flush=True)
-    finally:
-        if http is not None:
-            http.stop()
-        server.stop()
-    return 0

@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 from jaxserve.package_data import embedded_model
+from jaxserve.settings import Settings
 
 
 def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """One flag per setting of the tree (jaxserve/settings.py), or of the settings `names`:
     flag, help and default come from the field, so a new setting is a new flag. Values are
     checked when the tree is built (`_settings`), so a bad one is the error `LLM` gives."""
-    from jaxserve.settings import Settings
-
     for leaf in Settings.leaves():
         if names is not None and leaf.name not in names:
             continue
@@ -32,8 +31,6 @@ def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None
 
 def _settings(args):
     """The settings tree from the parsed flags, validated."""
-    from jaxserve.settings import Settings
-
     return Settings().replace(**{leaf.name: getattr(args, leaf.name)
                                  for leaf in Settings.leaves() if hasattr(args, leaf.name)})
 
@@ -61,7 +58,8 @@ def cmd_shard_info(args) -> int:
     settings = _settings(args)
     base = ModelConfig.load(Path(args.model) / CONFIG_FILE)
     dtype = parse_dtype(settings.dtype, default=base.dtype)
-    layout = Layout.create(settings.parallel.mesh, settings.parallel.rules, abstract=True)  # planning needs no devices
+    # planning needs no devices
+    layout = Layout.create(settings.parallel.mesh, settings.parallel.rules, abstract=True)
     config = fit_to_layout(base, layout)  # the shapes the devices will hold
     itemsize = jnp.dtype(dtype).itemsize
     rows, total = [], 0

@@ -1,7 +1,7 @@
 """The public Python surface: `LLM` (vLLM-like). Validates what users give, hands it to the engine.
 
     from jaxserve import LLM, SamplingParams
-    llm = LLM("checkpoints/tiny", mesh="tp=2", rules="tp", dtype="float32")
+    llm = LLM("path/to/checkpoint", mesh="tp=2", rules="tp", dtype="float32")
     llm.generate(["def main():"], SamplingParams(temperature=0, max_tokens=32))
     llm.score(["The capital of France is"], [" Paris", " Lyon"], top_n=5)  # -> [ScoreOutput]
     llm.logits([[1, 2, 3]])  # -> [np.ndarray of shape [3, vocab]]
@@ -22,8 +22,7 @@ import jax
 import numpy as np
 
 from jaxserve.checkpoint import restore_model
-from jaxserve.engine.engine import Engine, EngineConfig
-from jaxserve.engine.output_processor import check_mode as check_output_processing
+from jaxserve.engine.engine import Engine
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
@@ -32,7 +31,7 @@ from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
-from jaxserve.runtime.step_sampling import DEFAULT_SAMPLING, check_mode as check_sampling
+from jaxserve.settings import CacheSettings, Settings
 from jaxserve.sharding import Layout, replicas_of
 
 
@@ -40,25 +39,19 @@ MAX_TOP_N = MAX_LOGPROBS  # top tokens `score` returns per prompt (computed on d
 
 
 class LLM:
-    def __init__(self, model_dir: str | Path, mesh: str | None = None, rules: str = "tp",
-                 dtype: str | None = None, *, block_size: int = 16, kv_blocks: int | None = None,
-                 kv_memory_fraction: float | None = None, max_model_len: int | None = None,
-                 max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-                 max_prefill_chunk: int = 256, max_prefill_rows: int = 8,
-                 max_steps_in_flight: int = 2, moe_strategy: str = "auto",
-                 moe_auto_threshold: int | None = None, enable_prefix_caching: bool = True,
-                 routing="prefix", sampling: str = DEFAULT_SAMPLING,
-                 output_processing: str = "inline"):
-        """Load a jaxserve checkpoint onto a mesh.
+    def __init__(self, model_dir: str | Path, settings: Settings | None = None, **overrides):
+        """Load a jaxserve checkpoint onto a mesh, with the engine `settings`
+        (jaxserve/settings.py: cache, scheduler, parallel, sampling; defaults when None) and
+        any of them overridden by name, e.g. `LLM(model_dir, mesh="tp=2", max_num_seqs=8)`.
 
-        mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
-        a YAML path. dtype: parameter/compute dtype (default: the checkpoint's).
-        KV pool: `kv_blocks` blocks of `block_size` tokens per DP replica, or
+        mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a built-in name
+        (jaxserve/sharding_rules/) or a YAML path. dtype: parameter/compute dtype (default: the
+        checkpoint's). KV pool: `kv_blocks` blocks of `block_size` tokens per DP replica, or
         `kv_memory_fraction` of each device's free memory; by default room for max_num_seqs
         full-length sequences per replica, capped by what memory allows (see
         jaxserve/engine/sizing.py). max_model_len: longest sequence served (default: the model's
-        limit, lowered to what the pool holds). The max_* settings bound a step per DP replica
-        (see EngineConfig); max_steps_in_flight bounds asynchronous dispatch.
+        limit, lowered to what the pool holds). The max_* settings bound a step per DP replica;
+        max_steps_in_flight bounds asynchronous dispatch.
         enable_prefix_caching: reuse the KV of prompt prefixes computed before (see
         jaxserve/engine/block_pool.py). routing: which DP replica a new sequence joins,
         "prefix" (the one caching its longest prefix unless it is overloaded), "least_loaded",
@@ -68,59 +61,56 @@ class LLM:
         "thread" (detokenization and stop strings beside the next step; see
         jaxserve/engine/output_processor.py).
         """
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if settings is None:
+            settings = Settings()
+        if not isinstance(settings, Settings):
+            raise TypeError(f"settings must be a jaxserve.settings.Settings, got "
+                            f"{type(settings).__name__}")
+        settings = settings.replace(**overrides)
         self.model_dir = Path(model_dir)
-        check_sampling(sampling)
-        check_output_processing(output_processing)
-        moe = MoEExecution(moe_strategy, DEFAULT_AUTO_THRESHOLD if moe_auto_threshold is None
-                           else moe_auto_threshold)
-        self.layout = Layout.create(mesh, rules)
-        self.config, graphdef, params = restore_model(self.model_dir, self.layout, dtype)
+        cache, parallel = settings.cache, settings.parallel
+        moe = MoEExecution(parallel.moe_strategy, DEFAULT_AUTO_THRESHOLD
+                           if parallel.moe_auto_threshold is None else parallel.moe_auto_threshold)
+        self.layout = Layout.create(parallel.mesh, parallel.rules)
+        self.config, graphdef, params = restore_model(self.model_dir, self.layout, settings.dtype)
         limit = self.config.max_position_embeddings
-        if max_model_len is not None and not (isinstance(max_model_len, int)
-                                              and 1 <= max_model_len <= limit):
+        max_model_len = settings.scheduler.max_model_len
+        if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
-        engine_config = EngineConfig(max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens,
-                                     max_prefill_chunk=max_prefill_chunk,
-                                     max_prefill_rows=max_prefill_rows,
-                                     max_steps_in_flight=max_steps_in_flight,
-                                     output_processing=output_processing)
         kv_dtype = jax.tree.leaves(params)[0].dtype
         self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(self.config, kv_dtype)
         self.num_replicas = replicas_of(self.layout)
-        kv_blocks = self._kv_pool_blocks(kv_blocks, kv_memory_fraction, block_size,
-                                         max_num_seqs, max_model_len is not None)
-        kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, block_size,
+        kv_blocks = self._kv_pool_blocks(cache, settings.scheduler.max_num_seqs,
+                                         max_model_len is not None)
+        kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, cache.block_size,
                            self.layout)
-        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe, sampling)
+        self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe,
+                                  settings.sampling.mode)
+        # The engine's settings as they are resolved: max_model_len known, the pool sized.
+        self.settings = settings.replace(max_model_len=self.max_model_len, kv_blocks=kv_blocks,
+                                         kv_memory_fraction=None)
         from jaxserve.text.load import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
         # What writes the KV: equal prefix cache hashes must mean equal KV.
         identity = "|".join(map(str, (self.model_dir.resolve(), self.config, kv_dtype,
                                       self.layout.rules.source)))
-        self.engine = Engine(self.runner, self.config, self.max_model_len, engine_config,
-                             self.tokenizer, enable_prefix_caching=enable_prefix_caching,
-                             routing=routing, cache_identity=identity)
+        self.engine = Engine(self.runner, self.config, self.settings, self.tokenizer,
+                             cache_identity=identity)
         self._request_ids = itertools.count()
 
-    def _kv_pool_blocks(self, kv_blocks, fraction, block_size, max_num_seqs,
+    def _kv_pool_blocks(self, cache: CacheSettings, max_num_seqs: int,
                         max_model_len_given: bool) -> int:
         """Blocks in each DP replica's shard of the pool (see `jaxserve.engine.sizing`)."""
-        if kv_blocks is not None and fraction is not None:
-            raise ValueError("give kv_blocks or kv_memory_fraction, not both")
-        if kv_blocks is not None:
-            if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks < 2:
-                raise ValueError(f"kv_blocks must be an integer >= 2, got {kv_blocks!r}")
-            return kv_blocks
-        per_block = sizing.bytes_per_block_per_device(self.cache_spec, block_size, self.layout)
-        budget = sizing.kv_budget_bytes(self.layout, fraction)
+        if cache.kv_blocks is not None:
+            return cache.kv_blocks
+        per_block = sizing.bytes_per_block_per_device(self.cache_spec, cache.block_size,
+                                                      self.layout)
+        budget = sizing.kv_budget_bytes(self.layout, cache.kv_memory_fraction)
         blocks, self.max_model_len = sizing.pool_blocks(
-            budget, per_block, block_size, max_num_seqs, self.max_model_len,
+            budget, per_block, cache.block_size, max_num_seqs, self.max_model_len,
             max_model_len_given)
         return blocks
 

@@ -7,14 +7,35 @@ import math
 import sys
 from pathlib import Path
 
+from jaxserve.package_data import embedded_model
+from jaxserve.settings import Settings
 
-def _add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. 'tp=4' or 'dp=2,tp=2' "
-                   "(default: one device)")
-    p.add_argument("--rules", default="tp", help="sharding rules: a name in sharding_rules/ or a "
-                   "YAML path (default: tp)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="parameter dtype (default: the checkpoint's)")
+
+def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One flag per setting of the tree (jaxserve/settings.py), or of the settings `names`:
+    flag, help and default come from the field, so a new setting is a new flag. Values are
+    checked when the tree is built (`_settings`), so a bad one is the error `LLM` gives."""
+    for leaf in Settings.leaves():
+        if names is not None and leaf.name not in names:
+            continue
+        meta = leaf.field.metadata
+        if meta["type"] is bool:  # on by default: the flag turns it off
+            p.add_argument(leaf.flag, dest=leaf.name, action="store_false",
+                           default=leaf.default, help=meta["help"])
+            continue
+        stated = meta["default_help"] or leaf.default
+        p.add_argument(leaf.flag, dest=leaf.name, type=meta["type"], default=leaf.default,
+                       metavar="{" + ",".join(meta["choices"]) + "}" if meta["choices"] else None,
+                       help=f"{meta['help']} (default: {stated})")
+
+
+def _settings(args):
+    """The settings tree from the parsed flags, validated."""
+    return Settings().replace(**{leaf.name: getattr(args, leaf.name)
+                                 for leaf in Settings.leaves() if hasattr(args, leaf.name)})
+
+
+MESH_FLAGS = ("mesh", "rules", "dtype")
 
 
 def cmd_convert(args) -> int:
@@ -34,9 +55,11 @@ def cmd_shard_info(args) -> int:
     from jaxserve.placement import fit_to_layout
     from jaxserve.sharding import Layout
 
+    settings = _settings(args)
     base = ModelConfig.load(Path(args.model) / CONFIG_FILE)
-    dtype = parse_dtype(args.dtype, default=base.dtype)
-    layout = Layout.create(args.mesh, args.rules, abstract=True)  # planning needs no devices
+    dtype = parse_dtype(settings.dtype, default=base.dtype)
+    # planning needs no devices
+    layout = Layout.create(settings.parallel.mesh, settings.parallel.rules, abstract=True)
     config = fit_to_layout(base, layout)  # the shapes the devices will hold
     itemsize = jnp.dtype(dtype).itemsize
     rows, total = [], 0
@@ -61,7 +84,6 @@ def cmd_shard_info(args) -> int:
     return 0
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
 SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type)
     "--max-tokens": ("max_tokens", int), "--temperature": ("temperature", float),
     "--top-p": ("top_p", float), "--top-k": ("top_k", int), "--min-p": ("min_p", float),
@@ -72,42 +94,9 @@ SAMPLING_FLAGS = {  # flag -> (SamplingParams field, type)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
+    p.add_argument("--model", default=str(embedded_model()),
                    help="jaxserve checkpoint directory (default: the embedded tiny model)")
-    _add_mesh_args(p)
-    # Engine settings default to None: `LLM` owns every default (one place decides each).
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="longest sequence (default: the model's, lowered to what the KV pool holds)")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="sequences decoding at once per DP replica (default 32)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step per DP replica (default 512)")
-    p.add_argument("--block-size", type=int, default=None, help="KV block size (default 16)")
-    p.add_argument("--kv-blocks", type=int, default=None,
-                   help="KV blocks per DP replica (default: from memory)")
-    p.add_argument("--kv-memory-fraction", type=float, default=None,
-                   help="fraction of device memory for the KV pool (default: see README)")
-    p.add_argument("--max-steps-in-flight", type=int, default=None,
-                   help="steps dispatched ahead of readback (default 2)")
-    p.add_argument("--moe-strategy", default=None,
-                   choices=["dense", "alltoall", "allgather", "auto"],
-                   help="how a MoE model's experts run on a mesh (default auto: allgather for "
-                   "steps above --moe-auto-threshold tokens, else alltoall)")
-    p.add_argument("--moe-auto-threshold", type=int, default=None,
-                   help="tokens per step above which auto gathers expert weights")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   default=None, help="compute every prompt in full (default: reuse the KV of "
-                   "cached prompt prefixes)")
-    p.add_argument("--routing", default=None,
-                   help="which DP replica a new sequence joins: prefix (default: the one "
-                   "caching its longest prefix, unless it is overloaded), least_loaded or "
-                   "round_robin")
-    p.add_argument("--sampling", default=None, choices=["sequence_parallel", "replicated"],
-                   help="under tensor parallelism: each device samples its own rows "
-                   "(sequence_parallel, the default) or every row (replicated)")
-    p.add_argument("--output-processing", default=None, choices=["inline", "thread"],
-                   help="detokenization, stop strings and streaming on the engine thread "
-                   "(inline, the default) or on a worker thread beside the next step")
+    _add_setting_flags(p)
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -119,12 +108,6 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jax-profile-steps", default="10:20", metavar="FIRST:COUNT",
                    help="the window --jax-profile captures: COUNT steps from step FIRST "
                    "(default 10:20)")
-
-
-ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
-                "moe_auto_threshold", "enable_prefix_caching", "routing", "sampling",
-                "output_processing")
 
 
 def _profile_window(text: str) -> tuple[int, int]:
@@ -159,9 +142,7 @@ def _finish_profiling(llm, args) -> None:
 def _make_llm(args):
     from jaxserve import LLM
 
-    settings = {name: getattr(args, name) for name in ENGINE_FLAGS
-                if getattr(args, name) is not None}
-    return LLM(args.model, mesh=args.mesh, rules=args.rules, dtype=args.dtype, **settings)
+    return LLM(args.model, settings=_settings(args))
 
 
 def _sampling_defaults(args) -> dict:
@@ -327,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("shard-info", help="show how each parameter is partitioned")
     p.add_argument("--model", required=True, help="jaxserve checkpoint directory")
-    _add_mesh_args(p)
+    _add_setting_flags(p, MESH_FLAGS)
     p.set_defaults(func=cmd_shard_info)
 
     p = sub.add_parser("generate", help="generate text: one prompt, or a JSONL batch (resumable)")

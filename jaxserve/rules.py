@@ -1,10 +1,11 @@
 """Rules files and mesh shapes: which mesh axes split each logical axis, without devices.
 
-A rules file (`sharding_rules/NAME.yaml`) maps the logical axis names models use to mesh axes
-(`dp`, `tp`, `ep`); the user gives the mesh shape (`dp=2,tp=4`). `MeshRules` joins the two and
-says, for a tensor's logical axes and shape, which mesh axes split each dimension: the one
-mapping that `jaxserve.sharding.Layout` turns into `PartitionSpec`s on real (or abstract)
-meshes and that the performance model (`jaxserve.perf`) reads to size what each device holds.
+A rules file (built in as `jaxserve/sharding_rules/NAME.yaml`, or a YAML path) maps the logical
+axis names models use to mesh axes (`dp`, `tp`, `ep`); the user gives the mesh shape
+(`dp=2,tp=4`). `MeshRules` joins the two and says, for a tensor's logical axes and shape, which
+mesh axes split each dimension: the one mapping that `jaxserve.sharding.Layout` turns into
+`PartitionSpec`s on real (or abstract) meshes and that the performance model (`jaxserve.perf`)
+reads to size what each device holds.
 This module must never import jax: planning tools read it on machines without accelerators.
 """
 
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from jaxserve.package_data import rules_dir
 
 LOGICAL_AXES = (
     "batch",      # sequences in a step
@@ -32,7 +35,7 @@ LOGICAL_AXES = (
     "latent",
 )
 MESH_AXES = ("dp", "tp", "ep")
-RULES_DIR = Path(__file__).resolve().parent.parent / "sharding_rules"
+RULES_DIR = rules_dir()  # the built-in rules, shipped inside the package
 
 
 class ShardingError(ValueError):
@@ -83,7 +86,8 @@ class Rules:
 
 
 def load_rules(name_or_path: str | Path) -> Rules:
-    """Load `sharding_rules/NAME.yaml`, or a YAML file given by path."""
+    """Load a built-in rules file by name (`jaxserve/sharding_rules/NAME.yaml`), or a YAML file
+    given by path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RULES_DIR / f"{name_or_path}.yaml"

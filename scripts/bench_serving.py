@@ -99,8 +99,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxserve.package_data import embedded_model
+
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO / "checkpoints" / "tiny"
+DEFAULT_MODEL = embedded_model()
 SERVING_LINE = re.compile(r"jaxserve serving on (\S+):(\d+)")
 SLO_METRICS = ("ttft", "tpot", "e2el")
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -613,7 +615,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--launch", action="store_true",
                        help="start `python -m jaxserve.cli serve --port 0` for the run")
     p.add_argument("--model", default=None, help="with --launch: the server's --model "
-                   f"(default {DEFAULT_MODEL.relative_to(REPO)}); also where --vocab-size "
+                   "(default: the embedded model); also where --vocab-size "
                    "is read from")
     p.add_argument("--server-args", action="append", default=None,
                    help="with --launch: more server flags, one shell-quoted string, e.g. "

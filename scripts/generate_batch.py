@@ -1,7 +1,7 @@
 """Batch generation over a JSONL file: the documented offline workflow.
 
     python scripts/generate_batch.py --input prompts.jsonl --output out.jsonl \\
-        [--model checkpoints/tiny] [--mesh tp=2 --rules tp] [--max-tokens 128 --temperature 0]
+        [--model DIR] [--mesh tp=2 --rules tp] [--max-tokens 128 --temperature 0]
 
 Each input line: {"id": ..., "prompt": "text or [token ids]", optional SamplingParams fields}.
 Each output line: {"id", "text", "token_ids", "finish_reason"}, appended as requests finish.

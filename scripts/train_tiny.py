@@ -1,6 +1,6 @@
-"""Train the tiny demo checkpoint `checkpoints/tiny/`: a small Llama that writes Python.
+"""Train the embedded model, `jaxserve/checkpoints/tiny/`: a small Llama that writes Python.
 
-    python scripts/train_tiny.py                      # -> checkpoints/tiny (the committed one)
+    python scripts/train_tiny.py                      # -> jaxserve/checkpoints/tiny
     python scripts/train_tiny.py --out /tmp/tiny --steps 200
 
 Corpus: this Python's own standard library, top-level `*.py` files only, sorted by name, files
@@ -48,7 +48,8 @@ from jaxserve.text.base import Tokenizer  # noqa: E402
 from jaxserve.text.sentencepiece_tokenizer import (  # noqa: E402
     SentencePieceTokenizer, train_tokenizer)
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+# the embedded model, in the source tree (shipped as package data: jaxserve/package_data.py)
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "jaxserve" / "checkpoints" / "tiny"
 VOCAB_SIZE = 2048  # a multiple of 8, so the vocab axis splits over tp=8
 # Small on purpose: in a few minutes of 2-core CPU a 1M-parameter model that sees more tokens
 # beats 2-3.3M-parameter ones (hidden 192/256) that see fewer (held-out loss 3.95 vs 4.23 at equal

@@ -25,7 +25,7 @@ TOKENIZER_TEXTS = ("argparse.py", "dataclasses.py", "textwrap.py", "string.py")
 
 def make_model_dir(converted: Path, out: Path) -> Path:
     """A copy of a converted random HF Llama (vocab 512) plus a sentencepiece tokenizer of the same
-    vocabulary size, so text prompts work. (checkpoints/tiny is larger and slower to compile.)"""
+    vocabulary size, so text prompts work. (the embedded model is larger and slower to compile.)"""
     from jaxserve.text.sentencepiece_tokenizer import train_tokenizer
 
     shutil.copytree(converted, out)

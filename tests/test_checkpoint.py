@@ -13,6 +13,7 @@ from jaxserve.checkpoint import (CheckpointError, convert_hf, flat_params, resto
                                  save_params)
 from jaxserve.cli import main as cli_main
 from jaxserve.sharding import Layout
+from jaxserve.package_data import embedded_model
 
 PROMPT = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
 
@@ -72,8 +73,7 @@ def test_sharded_hf_checkpoint_converts_like_a_single_file(hf_model_dir, tmp_pat
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     model.save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    shutil.copyfile(Path(__file__).resolve().parent.parent / "checkpoints/tiny/tokenizer.model",
-                    sharded / "tokenizer.model")
+    shutil.copyfile(embedded_model() / "tokenizer.model", sharded / "tokenizer.model")
     convert_hf(sharded, tmp_path / "out")
     assert (tmp_path / "out/tokenizer.model").read_bytes() == \
         (sharded / "tokenizer.model").read_bytes()

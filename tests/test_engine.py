@@ -191,9 +191,9 @@ def _shared_llm(model_dir):
 
 
 def test_stop_strings_end_generation_and_are_trimmed_from_the_text():
-    from pathlib import Path
-    llm = LLM(Path(__file__).resolve().parent.parent / "checkpoints" / "tiny", max_model_len=256,
-              max_num_seqs=4)
+    from jaxserve.package_data import embedded_model
+
+    llm = LLM(embedded_model(), max_model_len=256, max_num_seqs=4)
     params = dict(temperature=0, max_tokens=40, ignore_eos=True)
     free = llm.generate(["def main("], SamplingParams(**params), use_tqdm=False)[0].outputs[0]
     assert len(free.text) > 20

@@ -19,11 +19,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.package_data import embedded_model
 from jaxserve.serving.client import Client
 from jaxserve.serving.frontend import ServedEngine
 from jaxserve.serving.http import HTTPFrontEnd
 from jaxserve.serving.server import Server
-from tests.serving_helpers import REPO, ServerProcess, make_model_dir, wait_until
+from tests.serving_helpers import ServerProcess, make_model_dir, wait_until
 
 ENGINE = dict(max_model_len=128, block_size=8, max_num_seqs=8, max_num_batched_tokens=64,
               max_prefill_chunk=32)
@@ -36,7 +37,7 @@ MAX_BODY = 64 * 1024
 @pytest.fixture(scope="module")
 def model_dir(hf_model_dir, tmp_path_factory):
     d = make_model_dir(hf_model_dir("llama")[1], tmp_path_factory.mktemp("http") / "model")
-    shutil.copy(REPO / "checkpoints" / "tiny" / "chat_template.jinja", d)
+    shutil.copy(embedded_model() / "chat_template.jinja", d)
     return d
 
 
@@ -323,7 +324,7 @@ def test_embedded_model_has_a_chat_template():
     from jaxserve.text.chat import render_chat
     from jaxserve.text.load import chat_template_of
 
-    template = chat_template_of(REPO / "checkpoints" / "tiny")
+    template = chat_template_of(embedded_model())
     assert render_chat(template, CHAT) == ("### system:\nAnswer in code.\n### user:\nimport os\n"
                                            "### assistant:\n")
 

@@ -8,15 +8,15 @@ the engine thread, right after readback, as before).
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.engine.loop import Delta, EngineLoop, Failure, Final
 from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.package_data import embedded_model
 
-TINY = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+TINY = embedded_model()
 # no prefix caching: each mode's run must compute what the other's did, not reuse its KV
 ENGINE = dict(max_model_len=128, block_size=8, max_num_batched_tokens=64, max_num_seqs=8,
               enable_prefix_caching=False)

@@ -1,4 +1,5 @@
-"""scripts/train_tiny.py and the checkpoint it produced, checkpoints/tiny/.
+"""scripts/train_tiny.py and the checkpoint it produced, the embedded model
+(jaxserve/checkpoints/tiny/).
 
 The training recipe runs end to end on a very small setup (a few stdlib files, a 1-layer model,
 a handful of steps): the loss must fall, the checkpoint it writes must restore and its tokenizer
@@ -16,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxserve.package_data import embedded_model
+
 REPO = Path(__file__).resolve().parent.parent
-COMMITTED = REPO / "checkpoints" / "tiny"
+COMMITTED = embedded_model()
 MAX_BYTES = 30 * 2**20
 
 SNIPPET = '''import os
@@ -108,7 +111,7 @@ def test_committed_checkpoint_learned_python():
 
     assert (COMMITTED / "config.json").is_file() and (COMMITTED / "tokenizer.model").is_file()
     size = sum(f.stat().st_size for f in COMMITTED.rglob("*") if f.is_file())
-    assert size <= MAX_BYTES, f"checkpoints/tiny is {size / 2**20:.1f} MiB"
+    assert size <= MAX_BYTES, f"the embedded model is {size / 2**20:.1f} MiB"
 
     config, _, _ = restore_model(COMMITTED, Layout.create(None, "tp"))
     assert config.vocab_size % 8 == 0 and config.bos_token_id == 1 and config.eos_token_ids == (2,)

@@ -42,34 +42,11 @@ from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
-from jaxserve.engine.output_processor import OutputProcessor, check_mode as check_output_mode
+from jaxserve.engine.output_processor import OutputProcessor
 from jaxserve.engine.timeline import Timeline
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Limits of one step, per DP replica (a replica is one shard of the KV pool)."""
-
-    max_num_seqs: int = 32  # sequences decoding at once (device slots)
-    max_num_batched_tokens: int = 512  # tokens per step, prefill chunks plus decodes
-    max_prefill_chunk: int = 256  # longest prefill chunk of one sequence in one step
-    max_prefill_rows: int = 8  # sequences prefilled in one step
-    max_steps_in_flight: int = 2
-    output_processing: str = "inline"  # where text is made: see output_processor.py
-
-    def __post_init__(self):
-        check_output_mode(self.output_processing)
-        for f in dataclasses.fields(self):
-            if f.name == "output_processing":
-                continue
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
-        if self.max_num_batched_tokens < QUERY_TILE:
-            raise ValueError(f"max_num_batched_tokens must be at least {QUERY_TILE} (one prefill "
-                             f"query tile), got {self.max_num_batched_tokens}")
+from jaxserve.settings import Settings
 
 
 @dataclasses.dataclass
@@ -79,47 +56,45 @@ class _InFlight:
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, config: ModelConfig, max_model_len: int,
-                 engine_config: EngineConfig, tokenizer=None, *,
-                 enable_prefix_caching: bool = True, routing="prefix", cache_identity: str = ""):
-        """routing: a policy name or object (jaxserve/engine/router.py). cache_identity names
-        what writes the KV (model, dtype, layout): it seeds every prefix cache hash."""
+    def __init__(self, runner: ModelRunner, config: ModelConfig, settings: Settings,
+                 tokenizer=None, *, cache_identity: str = ""):
+        """settings: resolved (`LLM.settings`: max_model_len known); the limits of a step are
+        its scheduler section, `self.config`. cache_identity names what writes the KV (model,
+        dtype, layout): it seeds every prefix cache hash."""
+        limits = settings.scheduler
+        if limits.max_model_len is None:
+            raise ValueError("the engine needs max_model_len resolved (see LLM)")
         self.runner = runner
         self.model_config = config
-        self.max_model_len = max_model_len
-        self.config = engine_config
+        self.settings = settings
+        self.config = limits
+        self.max_model_len = limits.max_model_len
         self.tokenizer = tokenizer
         self.eos_ids = tuple(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
-        replicas, seqs = runner.num_replicas, engine_config.max_num_seqs
+        replicas, seqs = runner.num_replicas, limits.max_num_seqs
         runner.init_slots(replicas * seqs)
         self.trash_slot = replicas * seqs
-        if not isinstance(enable_prefix_caching, bool):
-            raise TypeError(f"enable_prefix_caching must be True or False, got "
-                            f"{enable_prefix_caching!r}")
-        self.router = make_policy(routing, config, engine_config.max_num_batched_tokens)
+        self.router = make_policy(limits.routing, config, limits.max_num_batched_tokens)
         # Each DP replica owns its shard of the pool (local block ids), its own prefix cache
         # and its own slots.
         self.pools = [BlockPool(runner.blocks_per_replica, runner.block_size,
-                                enable_prefix_caching) for _ in range(replicas)]
-        self.scheduler = Scheduler(self.pools,
+                                settings.cache.enable_prefix_caching) for _ in range(replicas)]
+        self.scheduler = Scheduler(limits, self.pools,
                                    [IdPool(range(r * seqs, (r + 1) * seqs))
                                     for r in range(replicas)],
-                                   engine_config.max_num_batched_tokens,
-                                   engine_config.max_prefill_chunk,
-                                   engine_config.max_prefill_rows, QUERY_TILE, self.router,
-                                   config, identity_hash(cache_identity))
-        self.max_blocks_per_seq = math.ceil(max_model_len / runner.block_size)
-        self.builder = StepBuilder(replicas, seqs, engine_config.max_num_batched_tokens,
-                                   engine_config.max_prefill_rows, runner.block_size,
-                                   self.max_blocks_per_seq, self.trash_slot, config.vocab_rows,
-                                   self.eos_ids)
+                                   tile=QUERY_TILE, router=self.router, model_config=config,
+                                   root_hash=identity_hash(cache_identity))
+        self.max_blocks_per_seq = math.ceil(self.max_model_len / runner.block_size)
+        self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
+                                   trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
+                                   eos_ids=self.eos_ids)
         self.requests: dict[str, Request] = {}
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
         self.counters = collections.Counter()
         self.timers = collections.Counter()
         self.timeline = Timeline()
-        self.output = OutputProcessor(self, engine_config.output_processing)
+        self.output = OutputProcessor(self, settings.sampling.output_processing)
         self.flops = FlopsAccount(config, runner)
 
     # ---- requests ----

@@ -37,6 +37,7 @@ from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.block_pool import BlockHash, BlockPool, chain_hashes
 from jaxserve.engine.router import ReplicaView, RoutingPolicy, remaining_flops
 from jaxserve.engine.sequence import Sequence, Status
+from jaxserve.settings import SchedulerSettings
 
 
 @dataclasses.dataclass
@@ -64,15 +65,15 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, pools: list[BlockPool], slots: list[IdPool],
-                 max_num_batched_tokens: int, max_prefill_chunk: int, max_prefill_rows: int,
-                 tile: int, router: RoutingPolicy, model_config: ModelConfig,
+    def __init__(self, limits: SchedulerSettings, pools: list[BlockPool], slots: list[IdPool],
+                 *, tile: int, router: RoutingPolicy, model_config: ModelConfig,
                  root_hash: BlockHash):
+        """limits: the step's token budget, chunk and prefill rows, per DP replica."""
         self.pools = pools  # one per DP replica (local block ids)
         self.slots = slots  # one slot pool per DP replica
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_prefill_chunk = max_prefill_chunk
-        self.max_prefill_rows = max_prefill_rows
+        self.max_num_batched_tokens = limits.max_num_batched_tokens
+        self.max_prefill_chunk = limits.max_prefill_chunk
+        self.max_prefill_rows = limits.max_prefill_rows
         self.tile = tile
         self.router = router
         self.model_config = model_config

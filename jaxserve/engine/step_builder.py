@@ -18,6 +18,7 @@ model: it builds numpy arrays, and the runner dispatches them.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from jaxserve.engine.sequence import Sequence
 from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ScoreInputs, StepInputs, bucket
 from jaxserve.runtime.sampling import SamplingInputs
+from jaxserve.settings import SchedulerSettings
 
 QUERY_TILE = 16  # prefill tokens per attention row
 SMALL_MIXED_DECODES = 8
@@ -49,16 +51,17 @@ class StepLayout:
 
 
 class StepBuilder:
-    def __init__(self, num_replicas: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_prefill_rows: int, block_size: int, max_blocks_per_seq: int,
+    def __init__(self, limits: SchedulerSettings, num_replicas: int, *, block_size: int,
                  trash_slot: int, vocab_rows: int, eos_ids: tuple[int, ...]):
+        """limits: resolved (max_model_len known), per DP replica."""
+        max_num_seqs, max_num_batched_tokens = limits.max_num_seqs, limits.max_num_batched_tokens
         self.num_replicas = num_replicas
         self.block_size = block_size
-        self.width = table_width(max_blocks_per_seq, block_size)
+        self.width = table_width(math.ceil(limits.max_model_len / block_size), block_size)
         self.trash_slot = trash_slot
         self.vocab_rows = vocab_rows
         self.eos_ids = eos_ids
-        self.max_prefill_rows = max_prefill_rows
+        self.max_prefill_rows = limits.max_prefill_rows
         # 2 and 3 decodes pad to 4, a prefill of one tile to two: the weight products cost the
         # same at those sizes, and each bucket dropped is a program less to compile.
         self.decode_buckets = [1] + powers_of_two(max_num_seqs, start=4)

@@ -31,11 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxserve.package_data import embedded_model
 from jaxserve.perf.profiles import Hardware, HostOverhead, Link
 
 ROWS = (1, 8, 32, 128, 512)
 WIDTHS = (512, 1024, 2048)  # hidden widths of the decoder layers measured
-TINY_MODEL = Path(__file__).resolve().parent.parent.parent / "checkpoints" / "tiny"
+TINY_MODEL = embedded_model()
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:

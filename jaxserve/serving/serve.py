@@ -23,10 +23,10 @@ log = logging.getLogger("jaxserve.serving")
 def _decoding_streams(args) -> int:
     """Streams the engine can decode at once (known before the model loads): per DP replica
     `max_num_seqs`, times at most every device of the mesh being a replica."""
-    from jaxserve.engine.engine import EngineConfig
+    from jaxserve.settings import SchedulerSettings
     from jaxserve.sharding import parse_mesh
 
-    per_replica = args.max_num_seqs or EngineConfig().max_num_seqs
+    per_replica = args.max_num_seqs or SchedulerSettings().max_num_seqs
     devices = math.prod(parse_mesh(args.mesh).values()) if args.mesh else 1
     return per_replica * devices
 

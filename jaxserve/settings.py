@@ -1,0 +1,265 @@
+"""The engine's settings: one tree of frozen dataclasses, validated once, when it is built.
+
+    Settings
+      cache       CacheSettings      KV pool: block size, how many blocks, prefix caching
+      scheduler   SchedulerSettings  limits of one step per DP replica, steps in flight, routing
+      parallel    ParallelSettings   mesh, sharding rules, how MoE experts run on the mesh
+      sampling    SamplingSettings   where sampling and text making run
+      dtype                          parameter / compute dtype (the checkpoint's by default)
+      speculative, precision, disaggregation, distributed
+                                     where those features' sections go; None until they exist
+
+`LLM(model_dir, settings=..., **overrides)` takes the tree and flat overrides by field name
+(`LLM(model, max_num_seqs=8)`, as vLLM does); `Settings.replace` is that override. The engine
+takes the tree, the scheduler and step builder their section. Each field's metadata carries its
+help text (and, where it differs from the field name, its user-facing name and flag): the CLI's
+engine flags are generated from it (jaxserve/cli.py), so a new field is a new flag, and a bad
+value is the same error from the CLI as from `LLM`.
+
+Mode vocabularies are named here, for users; the modules that implement the modes keep their own
+copies (tests/test_settings.py checks they agree). Checks that need the model or the devices
+(max_model_len against the model's limit, the mesh against the devices there are, the rules
+file's contents) run where those are known.
+
+This module must never import jax: the CLI builds its parser from it before jax loads
+(`jaxserve calibrate` sets XLA_FLAGS first), and planning tools read it without accelerators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Iterator
+
+from jaxserve.rules import parse_mesh
+
+SAMPLING_MODES = ("sequence_parallel", "replicated")  # jaxserve/runtime/step_sampling.py
+OUTPUT_PROCESSING_MODES = ("inline", "thread")  # jaxserve/engine/output_processor.py
+MOE_STRATEGIES = ("dense", "alltoall", "allgather", "auto")  # jaxserve/ops/moe.py
+ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")  # jaxserve/engine/router.py
+DTYPES = ("float32", "bfloat16", "float16")
+PREFILL_QUERY_TILE = 16  # prefill tokens per attention row (engine/step_builder.QUERY_TILE)
+
+
+def setting(default: Any, help: str, *, type: type = int, name: str | None = None,
+            choices: tuple[str, ...] | None = None, default_help: str | None = None,
+            flag: str | None = None) -> Any:
+    """A settings field. `name`: what users call it (keyword, flag, errors; default: the
+    field's name); `flag`: its CLI flag (default --NAME with dashes); `default_help`: how the
+    help text states the default (default: the value)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "type": type, "name": name, "choices": choices,
+        "default_help": default_help, "flag": flag})
+
+
+def _positive_int(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSettings:
+    """The paged KV pool, per DP replica (a replica is one shard of the pool)."""
+
+    block_size: int = setting(16, "KV block size in tokens")
+    kv_blocks: int | None = setting(None, "KV blocks per DP replica",
+                                    default_help="from memory")
+    kv_memory_fraction: float | None = setting(
+        None, "fraction of device memory for the KV pool", type=float,
+        default_help="see README")
+    enable_prefix_caching: bool = setting(
+        True, "compute every prompt in full (default: reuse the KV of cached prompt prefixes)",
+        type=bool, flag="--no-prefix-caching")
+
+    def __post_init__(self):
+        _positive_int("block_size", self.block_size)
+        if self.kv_blocks is not None and self.kv_memory_fraction is not None:
+            raise ValueError("give kv_blocks or kv_memory_fraction, not both")
+        if self.kv_blocks is not None:
+            if isinstance(self.kv_blocks, bool) or not isinstance(self.kv_blocks, int) \
+                    or self.kv_blocks < 2:
+                raise ValueError(f"kv_blocks must be an integer >= 2, got {self.kv_blocks!r}")
+        f = self.kv_memory_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                              or not 0 < f < 1):
+            raise ValueError(f"kv_memory_fraction must be in (0, 1), got {f!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be True or False, got "
+                            f"{self.enable_prefix_caching!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSettings:
+    """Limits of one step, per DP replica, and how sequences are placed on replicas."""
+
+    max_model_len: int | None = setting(
+        None, "longest sequence", default_help="the model's, lowered to what the KV pool holds")
+    max_num_seqs: int = setting(32, "sequences decoding at once per DP replica (device slots)")
+    max_num_batched_tokens: int = setting(
+        512, "tokens per step per DP replica, prefill chunks plus decodes")
+    max_prefill_chunk: int = setting(256, "longest prefill chunk of one sequence in one step")
+    max_prefill_rows: int = setting(8, "sequences prefilled in one step per DP replica")
+    max_steps_in_flight: int = setting(2, "steps dispatched ahead of readback")
+    routing: Any = setting(
+        "prefix", "which DP replica a new sequence joins: prefix (the one caching its longest "
+        "prefix, unless it is overloaded), least_loaded or round_robin (LLM also takes a "
+        "policy object: jaxserve/engine/router.py)", type=str, choices=ROUTING_POLICIES)
+
+    def __post_init__(self):
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
+                     "max_prefill_rows", "max_steps_in_flight"):
+            _positive_int(name, getattr(self, name))
+        if self.max_num_batched_tokens < PREFILL_QUERY_TILE:
+            raise ValueError(f"max_num_batched_tokens must be at least {PREFILL_QUERY_TILE} (one "
+                             f"prefill query tile), got {self.max_num_batched_tokens}")
+        routing = self.routing
+        if isinstance(routing, str):
+            if routing not in ROUTING_POLICIES:
+                raise ValueError(f"routing must be one of {list(ROUTING_POLICIES)} or a policy "
+                                 f"object, got {routing!r}")
+        elif not callable(getattr(routing, "choose", None)) or not isinstance(
+                getattr(routing, "name", None), str):
+            raise TypeError(f"routing must be one of {list(ROUTING_POLICIES)} or an object with "
+                            f"a `name` and a `choose(replicas)` method, got "
+                            f"{type(routing).__name__}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSettings:
+    """The device mesh, the rules that map logical axes onto it, and MoE execution."""
+
+    mesh: str | None = setting(None, "device mesh, e.g. 'tp=4' or 'dp=2,tp=2'", type=str,
+                               default_help="one device")
+    rules: str | os.PathLike = setting("tp", "sharding rules: a built-in name (jaxserve/sharding_rules/) or "
+                         "a YAML path", type=str)
+    moe_strategy: str = setting(
+        "auto", "how a MoE model's experts run on a mesh (auto: allgather for steps above "
+        "--moe-auto-threshold tokens, else alltoall)", type=str, choices=MOE_STRATEGIES)
+    moe_auto_threshold: int | None = setting(
+        None, "tokens per step above which auto gathers expert weights",
+        default_help="the measured crossover, jaxserve/ops/moe.py")
+
+    def __post_init__(self):
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
+        if not isinstance(self.rules, (str, os.PathLike)) or not str(self.rules):
+            raise ValueError(f"rules must be a rules name or a YAML path, got {self.rules!r}")
+        _one_of("moe_strategy", self.moe_strategy, MOE_STRATEGIES)
+        if self.moe_auto_threshold is not None:
+            t = self.moe_auto_threshold
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"moe_auto_threshold must be a non-negative integer (tokens "
+                                 f"per step), got {t!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """Where tokens are sampled and where they become text."""
+
+    mode: str = setting(
+        "sequence_parallel", "under tensor parallelism: each device samples its own rows "
+        "(sequence_parallel) or every row (replicated)", type=str, name="sampling",
+        choices=SAMPLING_MODES)
+    output_processing: str = setting(
+        "inline", "detokenization, stop strings and streaming on the engine thread (inline) "
+        "or on a worker thread beside the next step (thread)", type=str,
+        choices=OUTPUT_PROCESSING_MODES)
+
+    def __post_init__(self):
+        _one_of("sampling", self.mode, SAMPLING_MODES)
+        _one_of("output_processing", self.output_processing, OUTPUT_PROCESSING_MODES)
+
+
+SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,
+            "parallel": ParallelSettings, "sampling": SamplingSettings}
+# Sections the next features fill in; each stays None (off) until its feature exists.
+FUTURE_SECTIONS = ("speculative", "precision", "disaggregation", "distributed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One setting as users see it: its name (keyword, flag stem, errors), where it lives in
+    the tree, and its field (default, metadata)."""
+
+    name: str
+    section: str | None  # None: a field of the root
+    field: dataclasses.Field
+
+    @property
+    def flag(self) -> str:
+        return self.field.metadata["flag"] or "--" + self.name.replace("_", "-")
+
+    @property
+    def default(self) -> Any:
+        return self.field.default
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)
+    scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
+    parallel: ParallelSettings = dataclasses.field(default_factory=ParallelSettings)
+    sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
+    dtype: str | None = setting(None, "parameter dtype", type=str, choices=DTYPES,
+                                default_help="the checkpoint's")
+    speculative: Any = None  # a draft model or n-gram proposer and its token budget
+    precision: Any = None  # weight / KV / compute formats (dtype moves here)
+    disaggregation: Any = None  # prefill and decode engines and the handoff between them
+    distributed: Any = None  # multi-host: leader, followers, process-local inputs
+
+    def __post_init__(self):
+        for name, kind in SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"settings.{name} must be a {kind.__name__}, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if self.dtype is not None:
+            _one_of("dtype", self.dtype, DTYPES)
+        for name in FUTURE_SECTIONS:
+            if getattr(self, name) is not None:
+                raise ValueError(f"settings.{name}: not supported yet (leave it None), got "
+                                 f"{getattr(self, name)!r}")
+
+    @staticmethod
+    def leaves() -> Iterator[Leaf]:
+        """Every setting a user can override, section by section."""
+        for section, kind in SECTIONS.items():
+            for f in dataclasses.fields(kind):
+                yield Leaf(f.metadata["name"] or f.name, section, f)
+        for f in dataclasses.fields(Settings):
+            if "help" in f.metadata:
+                yield Leaf(f.metadata["name"] or f.name, None, f)
+
+    def replace(self, **overrides: Any) -> Settings:
+        """A copy with settings replaced by their names (`max_num_seqs=8`), validated."""
+        leaves = {leaf.name: leaf for leaf in self.leaves()}
+        unknown = [name for name in overrides if name not in leaves]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], leaves, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown setting {unknown[0]!r}{hint}; settings are "
+                            f"{', '.join(leaves)}")
+        by_section: dict[str | None, dict[str, Any]] = {}
+        for name, value in overrides.items():
+            leaf = leaves[name]
+            by_section.setdefault(leaf.section, {})[leaf.field.name] = value
+        root = by_section.pop(None, {})
+        for section, values in by_section.items():
+            root[section] = dataclasses.replace(getattr(self, section), **values)
+        return dataclasses.replace(self, **root)
+
+    def get(self, name: str) -> Any:
+        """A setting's value by its name."""
+        leaf = next((leaf for leaf in self.leaves() if leaf.name == name), None)
+        if leaf is None:
+            raise KeyError(f"unknown setting {name!r}")
+        holder = self if leaf.section is None else getattr(self, leaf.section)
+        return getattr(holder, leaf.field.name)

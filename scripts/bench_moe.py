@@ -1,9 +1,6 @@
 """MoE strategies side by side: dense vs alltoall vs allgather prefill throughput across tokens
-per step, on simulated devices and on one; the crossover; decode at small batch
-(`jaxserve.bench.moe`, --help).
-
-    python scripts/bench_moe.py --json benchmarks/moe.json          # defaults (a few minutes)
-    python scripts/bench_moe.py --quick                              # tiny sizes (seconds)
+per step, the crossover, decode at small batch. The benchmark is `jaxserve.bench.moe`; `--help`
+lists the flags, with examples.
 """
 
 from jaxserve.bench import moe

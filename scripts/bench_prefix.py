@@ -1,9 +1,6 @@
 """Prefix caching benchmark: a shared-prefix workload with and without the prefix cache, and
-prefix-aware against round-robin routing over two DP replicas (`jaxserve.bench.prefix`, --help).
-
-    python scripts/bench_prefix.py --json benchmarks/bench_prefix-DATE-cpu.json   # ~6 minutes
-    python scripts/bench_prefix.py --requests 256                 # twice the requests (~11 min)
-    python scripts/bench_prefix.py --quick                        # a small workload (~1.5 min)
+prefix-aware against round-robin routing over two DP replicas. The benchmark is
+`jaxserve.bench.prefix`; `--help` lists the flags, with examples.
 """
 
 from jaxserve.bench import prefix

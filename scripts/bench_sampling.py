@@ -1,8 +1,6 @@
 """Replicated vs sequence-parallel sampling, side by side: the decode step's time and the bytes
-its collectives move at each TP degree (`jaxserve.bench.sampling`, --help).
-
-    python scripts/bench_sampling.py --json benchmarks/sampling.json     # tp = 1, 2, 4, 8
-    python scripts/bench_sampling.py --degrees 1,2 --batch 8 --repeats 1  # quick
+its collectives move at each TP degree. The benchmark is `jaxserve.bench.sampling`; `--help`
+lists the flags, with examples.
 """
 
 from jaxserve.bench import sampling

@@ -1,10 +1,6 @@
 """The TP-degree sweep: every split of G devices into r replicas x t-way tensor parallelism on
-the same workload; Amdahl's p and the best degree t_e (`jaxserve.bench.tp_sweep`, --help).
-
-    python scripts/tp_sweep.py --devices 8 --csv sweep.csv --png sweep.png
-    python scripts/tp_sweep.py --devices 8 --sampling sequence_parallel,replicated --json s.json
-    python scripts/tp_sweep.py --devices 4 --model checkpoints/my-model --device-memory-mib 40000
-    python scripts/tp_sweep.py --devices 8 --quick          # tiny model and workload (seconds)
+the same workload; Amdahl's p and the best degree t_e. The benchmark is `jaxserve.bench.tp_sweep`;
+`--help` lists the flags, with examples.
 """
 
 from jaxserve.bench import tp_sweep

@@ -1,9 +1,5 @@
-"""Validate the performance model on this machine: predicted next to measured, in one run
-(`jaxserve.bench.validate_perf`, --help).
-
-    python scripts/validate_perf.py --calibrate jaxserve/perf/hardware/cpu-local.yaml \
-        --json benchmarks/validate_perf-cpu.json
-    python scripts/validate_perf.py --profile /tmp/cpu.yaml        # an existing profile
+"""Validate the performance model on this machine: predicted next to measured, in one run. The
+benchmark is `jaxserve.bench.validate_perf`; `--help` lists the flags, with examples.
 """
 
 from jaxserve.bench import validate_perf

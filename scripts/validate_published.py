@@ -1,7 +1,6 @@
-"""Validate the performance model against published measurements: predicted next to published
-(`jaxserve.bench.validate_published`, --help). Needs no jax and no device.
-
-    python scripts/validate_published.py [--json benchmarks/validate_published.json]
+"""Validate the performance model against published measurements: predicted next to published.
+Needs no jax and no device. The table is `jaxserve.bench.validate_published`; `--help` lists
+the flags, with examples.
 """
 
 from jaxserve.bench import validate_published

@@ -56,6 +56,11 @@ def machine_info() -> dict:
     return info
 
 
+def cpu_line(info: dict) -> str:
+    """The run's first words about its machine, from `machine_info()`."""
+    return f"CPU: {info['cpu_model']} ({info['cpus_usable']} usable), jax {info['jax']}"
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)

@@ -87,17 +87,16 @@ compile during the untimed warm-up calls). Prints a table per part and which par
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from jaxserve.bench.machine import CpuWatch, load_gate, machine_info
+from jaxserve.bench.machine import CpuWatch, cpu_line, load_gate, machine_info
 from jaxserve.bench.models import DEFAULT_MODEL_DIR, ensure_current_checkpoint, model_dirs
 from jaxserve.bench.offline_parts import PART_FUNCS, Context
-from jaxserve.bench.report import json_default, settings, write_json
+from jaxserve.bench.report import json_default, local_time, settings, write_json
 
 PARTS = ("machine", "decode", "equal", "mixed", "long", "bf16")
 OTHERS_FLAG_CORES = 0.2  # other processes' average CPU use that flags a part as LOADED
@@ -174,11 +173,10 @@ def main(argv=None) -> dict:
     ctx = Context(args, hf_dir, ours_dir)
     ctx.flag = "LOADED" if gate["loaded_at_start"] else ""
     info = machine_info()
-    print(f"CPU: {info['cpu_model']} ({info['cpus_usable']} usable), jax {info['jax']} "
-          f"({info['jax_backend']}), torch {info.get('torch')}, transformers "
-          f"{info.get('transformers')}; load average {gate['loadavg_start'][0]:.2f}; "
+    print(f"{cpu_line(info)} ({info['jax_backend']}), torch {info.get('torch')}, "
+          f"transformers {info.get('transformers')}; load average {gate['loadavg_start'][0]:.2f}; "
           f"model {ours_dir.parent}; parts: {','.join(args.parts)}", flush=True)
-    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    results = {"date": local_time(),
                "machine": {**info, **gate},
                "model_dir": str(ours_dir.parent), "reconverted_checkpoint": reconverted,
                "settings": settings(args),

@@ -34,7 +34,6 @@ The model is the 55M random Llama of `scripts/random_model.py --preset 55m` (flo
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -43,9 +42,9 @@ from pathlib import Path
 
 
 from jaxserve.bench.floors import jax_dot
-from jaxserve.bench.machine import machine_info
+from jaxserve.bench.machine import cpu_line, machine_info
 from jaxserve.bench.models import DEFAULT_MODEL_DIR, model_dirs
-from jaxserve.bench.report import json_default, settings, write_json
+from jaxserve.bench.report import json_default, local_time, settings, write_json
 from jaxserve.bench.steps import track_placements
 from jaxserve.bench.workloads import shared_prefix_prompts
 
@@ -112,10 +111,9 @@ def run_workload(llm, prompts, max_tokens: int) -> dict:
                                                 ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - t0
     after = llm.stats()
-    grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("prefill_tokens", "prefix_cache_queries",
-                                              "prefix_cache_hits", "true_flops", "executed_flops",
-                                              "generated_tokens",
-                                              "preemptions")}
+    grew = {k: after.get(k, 0) - before.get(k, 0)
+            for k in ("prefill_tokens", "prefix_cache_queries", "prefix_cache_hits", "true_flops",
+                      "executed_flops", "generated_tokens", "preemptions")}
     ttft = sorted(o.metrics.ttft for o in outs)
     return {"wall_s": wall, **grew,
             "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / wall,
@@ -202,11 +200,10 @@ def main(argv=None) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     prompts = workload(args, config["vocab_size"])
     info = machine_info()
-    print(f"CPU: {info['cpu_model']} ({info['cpus_usable']} usable), jax {info['jax']}; load "
-          f"average {os.getloadavg()[0]:.2f}; model {root}; {len(prompts)} requests: "
-          f"{args.prefixes} prefixes of {args.prefix_len}, suffixes {args.suffix_min}.."
-          f"{args.suffix_max}, {args.max_tokens} output tokens", flush=True)
-    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    print(f"{cpu_line(info)}; load average {os.getloadavg()[0]:.2f}; model {root}; "
+          f"{len(prompts)} requests: {args.prefixes} prefixes of {args.prefix_len}, suffixes "
+          f"{args.suffix_min}..{args.suffix_max}, {args.max_tokens} output tokens", flush=True)
+    results = {"date": local_time(),
                "machine": {**info, "loadavg_start": os.getloadavg()},
                "settings": settings(args),
                "prompt_tokens": sum(map(len, prompts)), "parts": {}}

@@ -3,6 +3,7 @@ number formatting, and JSON result files (numpy values written as plain numbers)
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def write_json(path: Path, results, indent: int = 1, default=str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=indent, default=default) + "\n")
     print(f"wrote {path}")
+
+
+def local_time() -> str:
+    """Now, in this machine's time zone, to the second (a result file's date)."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def settings(args) -> dict:

@@ -21,14 +21,13 @@ step, not what t real devices would take.
 from __future__ import annotations
 
 import argparse
-import datetime
-import re
 import tempfile
 from pathlib import Path
 
+from jaxserve.bench.hlo import collectives
 from jaxserve.bench.machine import CpuWatch, machine_info
 from jaxserve.bench.models import save_random_model
-from jaxserve.bench.report import write_json
+from jaxserve.bench.report import local_time, write_json
 from jaxserve.bench.steps import decode_step_inputs
 from jaxserve.bench.timing import readback_loop
 from jaxserve.bench.tp_sweep import PRESETS
@@ -68,17 +67,8 @@ def step_inputs(llm, batch: int, params_kind: str):
 
 def gathered_bytes(hlo: str) -> dict[str, int]:
     """Bytes produced per device by the step's all-gathers and all-to-alls."""
-    itemsize = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1}
-    out = {"all-gather": 0, "all-to-all": 0}
-    for line in hlo.splitlines():
-        m = re.search(r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-to-all)(-start)?\(", line)
-        if m:
-            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
-                size = 1
-                for d in filter(None, dims.split(",")):
-                    size *= int(d)
-                out[m.group(2)] += size * itemsize.get(dtype, 4)
-    return out
+    found = collectives(hlo)
+    return {op: found.get(op, (0, 0))[1] for op in ("all-gather", "all-to-all")}
 
 
 def main(argv=None) -> dict:
@@ -125,7 +115,7 @@ def main(argv=None) -> dict:
                     raise SystemExit(f"tp={t} {kind}: the modes sampled different tokens")
             del llm
             jax.clear_caches()
-    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    results = {"date": local_time(),
                "machine": machine_info(), "load": load.result, "rows": rows,
                "simulated": jax.default_backend() == "cpu", "batch": args.batch}
     print_table(results)

@@ -121,58 +121,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     where.add_argument("--target", help="HOST:PORT of a running jaxserve gRPC server")
     where.add_argument("--launch", action="store_true",
                        help="start `python -m jaxserve.cli serve --port 0` for the run")
-    server = p.add_argument_group("the server")
-    server.add_argument("--model", default=None, help="with --launch: the server's --model "
-                        f"(default {DEFAULT_MODEL.relative_to(SOURCE_ROOT)}); also where "
-                        "--vocab-size is read from")
-    server.add_argument("--server-args", action="append", default=None,
-                        help="with --launch: more server flags, one shell-quoted string, e.g. "
-                        "'--max-num-seqs 16'; repeat to compare configurations side by side")
-    server.add_argument("--profile-out", type=Path, default=None, metavar="FILE.json",
-                        help="with --launch: the server writes its step timeline here (Chrome "
-                        "trace); its Amdahl summary joins the results")
-    server.add_argument("--no-server-warmup", dest="server_warmup", action="store_false",
-                        help="with --launch: do not pass --warmup (compile before serving)")
-    server.add_argument("--launch-timeout", type=float, default=900.0,
-                        help="seconds to wait for the server's 'serving on' line")
-    server.add_argument("--server-log", type=Path, default=None, help="with --launch: save its "
-                        "output here")
-    requests = p.add_argument_group("the requests")
-    requests.add_argument("--dataset", choices=["random", "jsonl"], default="random")
-    requests.add_argument("--dataset-path", type=Path, default=None,
-                          help="the --dataset jsonl file")
-    requests.add_argument("--num-prompts", type=int, default=100)
-    requests.add_argument("--input-len", type=int, default=1024, help="random: prompt tokens")
-    requests.add_argument("--output-len", type=int, default=128,
-                          help="random: tokens generated; jsonl: max_tokens when a line has none")
-    requests.add_argument("--range-ratio", type=float, default=0.0,
-                          help="random: lengths uniform in [L(1-r), L(1+r)]")
-    requests.add_argument("--vocab-size", type=int, default=None,
-                          help="random: token ids < this (default: the model's config.json)")
-    requests.add_argument("--min-token-id", type=int, default=3,
-                          help="random: smallest token id drawn (default 3: skips unk/bos/eos)")
-    requests.add_argument("--ignore-eos", action="store_true",
-                          help="jsonl: ask for ignore_eos (random always does)")
-    requests.add_argument("--temperature", type=float, default=0.0)
-    arrivals = p.add_argument_group("arrivals")
-    arrivals.add_argument("--request-rate", type=_rate, default=float("inf"),
-                          help="requests/s (Poisson with burstiness 1); inf sends all at once")
-    arrivals.add_argument("--burstiness", type=float, default=1.0,
-                          help="Gamma shape of the inter-arrival times (1 = Poisson)")
-    arrivals.add_argument("--seed", type=int, default=0)
-    arrivals.add_argument("--max-concurrency", type=_concurrencies, default=None,
-                          help="most requests in flight at once; a comma-separated list runs each")
-    arrivals.add_argument("--max-workers", type=int, default=1024,
-                          help="cap on client threads (one per in-flight request)")
-    arrivals.add_argument("--warmup-requests", type=int, default=1,
-                          help="requests sent one at a time before the timed run (not measured)")
-    report = p.add_argument_group("the report")
-    report.add_argument("--percentiles", default="99",
-                        help="comma-separated percentiles to report besides the median")
-    report.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
-                        help="SLOs, e.g. ttft:500 tpot:50 e2el:2000")
-    report.add_argument("--result-json", type=Path, default=None)
-    report.add_argument("--no-progress", action="store_true")
+    p.add_argument("--model", default=None, help="with --launch: the server's --model "
+                   f"(default {DEFAULT_MODEL.relative_to(SOURCE_ROOT)}); also where --vocab-size "
+                   "is read from")
+    p.add_argument("--server-args", action="append", default=None,
+                   help="with --launch: more server flags, one shell-quoted string, e.g. "
+                   "'--max-num-seqs 16'; repeat to compare configurations side by side")
+    p.add_argument("--profile-out", type=Path, default=None, metavar="FILE.json",
+                   help="with --launch: the server writes its step timeline here (Chrome "
+                   "trace); its Amdahl summary joins the results")
+    p.add_argument("--no-server-warmup", dest="server_warmup", action="store_false",
+                   help="with --launch: do not pass --warmup (compile before serving)")
+    p.add_argument("--launch-timeout", type=float, default=900.0,
+                   help="seconds to wait for the server's 'serving on' line")
+    p.add_argument("--server-log", type=Path, default=None, help="with --launch: save its "
+                   "output here")
+    p.add_argument("--dataset", choices=["random", "jsonl"], default="random")
+    p.add_argument("--dataset-path", type=Path, default=None, help="the --dataset jsonl file")
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=1024, help="random: prompt tokens")
+    p.add_argument("--output-len", type=int, default=128,
+                   help="random: tokens generated; jsonl: max_tokens when a line has none")
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="random: lengths uniform in [L(1-r), L(1+r)]")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="random: token ids < this (default: the model's config.json)")
+    p.add_argument("--min-token-id", type=int, default=3,
+                   help="random: smallest token id drawn (default 3: skips unk/bos/eos)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="jsonl: ask for ignore_eos (random always does)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--request-rate", type=_rate, default=float("inf"), metavar="REQ/S",
+                   help="requests/s (Poisson with burstiness 1); inf sends all at once")
+    p.add_argument("--burstiness", type=float, default=1.0, metavar="B",
+                   help="Gamma shape of the inter-arrival times (1 = Poisson)")
+    p.add_argument("--max-concurrency", type=_concurrencies, default=None, metavar="C[,C...]",
+                   help="most requests in flight at once; a comma-separated list runs each")
+    p.add_argument("--max-workers", type=int, default=1024,
+                   help="cap on client threads (one per in-flight request)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-requests", type=int, default=1,
+                   help="requests sent one at a time before the timed run (not measured)")
+    p.add_argument("--percentiles", default="99",
+                   help="comma-separated percentiles to report besides the median")
+    p.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs, e.g. ttft:500 tpot:50 e2el:2000")
+    p.add_argument("--result-json", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.dataset == "jsonl" and args.dataset_path is None:
         p.error("--dataset jsonl needs --dataset-path")

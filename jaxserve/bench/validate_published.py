@@ -32,25 +32,26 @@ from jaxserve.perf.workload import Workload
 
 TARGET = 0.25
 
-# Architectures from the models' published config.json files.
+
+def published_config(family: str, vocab: int, hidden: int, mlp: int, layers: int, heads: int,
+                     kv_heads: int, max_positions: int, **moe) -> ModelConfig:
+    """A model as its config.json publishes it (head_dim = hidden / heads for all of these)."""
+    return ModelConfig(family=family, vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=mlp, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=hidden // heads,
+                       max_position_embeddings=max_positions, **moe)
+
+
+# Architectures from the models' published config.json files: family, vocab, hidden, mlp,
+# layers, heads, kv heads, max positions.
 MODELS = {
-    "Llama-2-7B": ModelConfig(family="llama", vocab_size=32000, hidden_size=4096,
-                              intermediate_size=11008, num_layers=32, num_heads=32,
-                              num_kv_heads=32, head_dim=128, max_position_embeddings=4096),
-    "Llama-2-70B": ModelConfig(family="llama", vocab_size=32000, hidden_size=8192,
-                               intermediate_size=28672, num_layers=80, num_heads=64,
-                               num_kv_heads=8, head_dim=128, max_position_embeddings=4096),
-    "Llama-3.1-8B": ModelConfig(family="llama", vocab_size=128256, hidden_size=4096,
-                                intermediate_size=14336, num_layers=32, num_heads=32,
-                                num_kv_heads=8, head_dim=128, max_position_embeddings=131072),
-    "Llama-3-70B": ModelConfig(family="llama", vocab_size=128256, hidden_size=8192,
-                               intermediate_size=28672, num_layers=80, num_heads=64,
-                               num_kv_heads=8, head_dim=128, max_position_embeddings=8192),
-    "Mixtral-8x7B": ModelConfig(family="mixtral", vocab_size=32000, hidden_size=4096,
-                                intermediate_size=14336, num_layers=32, num_heads=32,
-                                num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
-                                num_experts=8, num_experts_per_tok=2,
-                                moe_intermediate_size=14336, norm_topk_prob=True),
+    "Llama-2-7B": published_config("llama", 32000, 4096, 11008, 32, 32, 32, 4096),
+    "Llama-2-70B": published_config("llama", 32000, 8192, 28672, 80, 64, 8, 4096),
+    "Llama-3.1-8B": published_config("llama", 128256, 4096, 14336, 32, 32, 8, 131072),
+    "Llama-3-70B": published_config("llama", 128256, 8192, 28672, 80, 64, 8, 8192),
+    "Mixtral-8x7B": published_config("mixtral", 32000, 4096, 14336, 32, 32, 8, 32768,
+                                     num_experts=8, num_experts_per_tok=2,
+                                     moe_intermediate_size=14336, norm_topk_prob=True),
 }
 MODELS["Llama-3.3-70B"] = MODELS["Llama-3-70B"]
 

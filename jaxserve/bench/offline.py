@@ -161,7 +161,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-
 def main(argv=None) -> dict:
     """Run the parts `argv` asks for; the results (exits 1 when a part failed)."""
     args = parse_args(argv)

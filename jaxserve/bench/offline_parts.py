@@ -32,6 +32,9 @@ P, N = 128, 128  # the equal workload; the decode part's context is P + N // 2
 # ---- shared state of a run ----
 
 class Context:
+    """What the parts of one run share: the arguments, the model directories, the results so
+    far, and what is loaded or measured once (the default engine, HF, the machine's floors)."""
+
     def __init__(self, args, hf_dir: Path, ours_dir: Path):
         self.args, self.hf_dir, self.ours_dir = args, hf_dir, ours_dir
         self.results: dict = {}
@@ -84,7 +87,6 @@ class Context:
             c = json.load(f)
         return {k: c[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
                                   "num_layers", "num_heads", "num_kv_heads", "head_dim")}
-
 
 
 # ---- part: machine ----
@@ -156,7 +158,6 @@ def part_decode(ctx: Context) -> dict:
 def jax_leaf_itemsize(tree) -> int:
     import jax
     return jax.tree.leaves(tree)[0].dtype.itemsize
-
 
 
 # ---- part: equal ----
@@ -346,7 +347,6 @@ def part_long(ctx: Context) -> dict:
             "equal_within_noise": ok, "runs": dict(runs)}
 
 
-
 # ---- part: bf16 ----
 
 def part_bf16(ctx: Context) -> dict:
@@ -386,7 +386,6 @@ def part_bf16(ctx: Context) -> dict:
                  f"{fmt(a)} / {fmt(c)}; {fmt(c / a, '.2f', 'x')}"))
     print_table("bfloat16 vs float32 (default engines)", rows, ctx.flag)
     return {"bfloat16_engine": info, **out}
-
 
 
 PART_FUNCS = {"machine": part_machine, "decode": part_decode, "equal": part_equal,

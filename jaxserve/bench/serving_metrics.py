@@ -51,7 +51,6 @@ class RequestRecord:
         return (self.e2el - self.ttft) / (self.output_tokens - 1)
 
 
-
 def record_from_events(t0: float, events: Iterable[tuple[float, int]], prompt_len: int = 0,
                        send_time: float = 0.0) -> RequestRecord:
     """A request's record from its stream events (timestamp, new tokens) and send time t0.

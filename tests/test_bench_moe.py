@@ -1,10 +1,9 @@
-"""scripts/bench_moe.py end to end at its smoke size on 2 simulated devices, and its crossover."""
+"""The MoE benchmark (jaxserve.bench.moe, scripts/bench_moe.py) end to end at its smoke size on
+2 simulated devices, and its crossover."""
 
 import json
 
-from tests.scripts import load_script
-
-bm = load_script("bench_moe")
+from jaxserve.bench import moe as bm
 
 
 def test_crossover_is_the_first_size_where_allgather_wins():

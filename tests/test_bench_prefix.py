@@ -1,18 +1,11 @@
-"""Fast test of scripts/bench_prefix.py: the seeded workload, argument checks, and both parts end
-to end on the tiny model at a tiny size."""
+"""Fast test of the prefix caching benchmark (jaxserve.bench.prefix, scripts/bench_prefix.py):
+the seeded workload, argument checks, and both parts end to end on the tiny model at a tiny size."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench_prefix.py"
-_spec = importlib.util.spec_from_file_location("bench_prefix", _PATH)
-bp = importlib.util.module_from_spec(_spec)
-sys.modules["bench_prefix"] = bp
-_spec.loader.exec_module(bp)
+from jaxserve.bench import prefix as bp
 
 TINY = ["--prefixes", "2", "--prefix-len", "24", "--requests", "6", "--suffix-min", "2",
         "--suffix-max", "9", "--max-tokens", "3", "--no-warmup"]

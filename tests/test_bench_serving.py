@@ -1,21 +1,16 @@
-"""Fast tests of scripts/bench_serving.py without a server: the metric math against
-hand-computed examples, the arrival process, the datasets, and the run loop with a fake stream."""
+"""Fast tests of the serving benchmark (jaxserve.bench.serving*) without a server: the metric math
+against hand-computed examples, the arrival process, the datasets, and the run loop with a fake
+stream."""
 
-import importlib.util
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench_serving.py"
-_spec = importlib.util.spec_from_file_location("bench_serving", _PATH)
-bs = importlib.util.module_from_spec(_spec)
-sys.modules["bench_serving"] = bs  # dataclasses need the module registered
-_spec.loader.exec_module(bs)
+from jaxserve.bench import serving, serving_client
+from jaxserve.bench import serving_metrics as bs
 
 
 def rec(ttft, e2el, tokens, itl=(), prompt_len=10, success=True):
@@ -216,7 +211,7 @@ def failing_stream(target, request, usage=None):
 def test_run_benchmark_with_fake_stream():
     reqs = [bs.BenchRequest(max_tokens=n, prompt_token_ids=[5] * 4, prompt_len=4)
             for n in (4, 3, 5, 6)]
-    records, duration = bs.run_benchmark("fake", reqs, request_rate=math.inf,
+    records, duration = serving_client.run_benchmark("fake", reqs, request_rate=math.inf,
                                          stream_fn=failing_stream)
     assert [r.success for r in records] == [True, False, True, True]
     assert "rpc failed" in records[1].error
@@ -234,7 +229,7 @@ def test_run_benchmark_schedule_and_concurrency():
     reqs = [bs.BenchRequest(max_tokens=2, prompt_token_ids=[5], prompt_len=1)
             for _ in range(6)]
     # rate 50/s: sends spread over ~0.1 s; concurrency 1 serialises the requests
-    records, duration = bs.run_benchmark("fake", reqs, request_rate=50.0, seed=0,
+    records, duration = serving_client.run_benchmark("fake", reqs, request_rate=50.0, seed=0,
                                          max_concurrency=1, stream_fn=fake_stream)
     assert all(r.success for r in records)
     sends = [r.send_time for r in records]
@@ -246,16 +241,16 @@ def test_run_benchmark_schedule_and_concurrency():
 
 
 def test_parse_args():
-    a = bs.parse_args(["--target", "h:1", "--goodput", "ttft:500", "tpot:50",
+    a = serving.parse_args(["--target", "h:1", "--goodput", "ttft:500", "tpot:50",
                        "--percentiles", "90,99", "--request-rate", "inf"])
     assert a.slos == {"ttft": 500.0, "tpot": 50.0} and a.percentile_list == [90.0, 99.0]
     assert math.isinf(a.request_rate)
     with pytest.raises(SystemExit):
-        bs.parse_args(["--target", "h:1", "--launch"])
+        serving.parse_args(["--target", "h:1", "--launch"])
     with pytest.raises(SystemExit):
-        bs.parse_args(["--target", "h:1", "--dataset", "jsonl"])
+        serving.parse_args(["--target", "h:1", "--dataset", "jsonl"])
     with pytest.raises(SystemExit):
-        bs.parse_args(["--target", "h:1", "--burstiness", "0"])
+        serving.parse_args(["--target", "h:1", "--burstiness", "0"])
 
 
 def test_rpc_errors_are_one_line():
@@ -268,5 +263,6 @@ def test_rpc_errors_are_one_line():
         def details(self):
             return "the wait queue is full"
 
-    assert bs._describe(FakeRpcError("x\ny")) == "RESOURCE_EXHAUSTED: the wait queue is full"
-    assert bs._describe(ValueError("bad\nthing")) == "ValueError: bad"
+    assert (serving_client.describe_error(FakeRpcError("x\ny"))
+            == "RESOURCE_EXHAUSTED: the wait queue is full")
+    assert serving_client.describe_error(ValueError("bad\nthing")) == "ValueError: bad"

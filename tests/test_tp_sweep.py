@@ -1,14 +1,13 @@
-"""scripts/tp_sweep.py end to end on the 8 simulated devices (quick model and workload), and
-its pieces: the splits, the Amdahl fit, predicted columns."""
+"""The TP sweep (jaxserve.bench.tp_sweep, scripts/tp_sweep.py) end to end on the 8 simulated
+devices (quick model and workload), and its pieces: the splits, the Amdahl fit, predicted
+columns."""
 
 import csv
 import json
 
 import pytest
 
-from tests.scripts import load_script
-
-sweep = load_script("tp_sweep")
+from jaxserve.bench import tp_sweep as sweep
 
 
 def test_the_fit_recovers_amdahls_p():

@@ -1,5 +1,5 @@
-"""scripts/train_tiny.py and the checkpoint it produced, the embedded model
-(jaxserve/checkpoints/tiny/).
+"""The training recipe (jaxserve.bench.training, scripts/train_tiny.py) and the checkpoint it
+produced, the embedded model (jaxserve/checkpoints/tiny/).
 
 The training recipe runs end to end on a very small setup (a few stdlib files, a 1-layer model,
 a handful of steps): the loss must fall, the checkpoint it writes must restore and its tokenizer
@@ -9,9 +9,7 @@ than chance -- proof that it learned something and was not left at its random in
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,29 +54,20 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.fixture(scope="module")
-def train_tiny():
-    spec = importlib.util.spec_from_file_location("train_tiny", REPO / "scripts" / "train_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-
-
-def test_training_reduces_loss_and_writes_a_restorable_checkpoint(train_tiny, tmp_path):
+def test_training_reduces_loss_and_writes_a_restorable_checkpoint(tmp_path):
+    from jaxserve.bench import training
     from jaxserve.checkpoint import flat_params, restore_model
     from jaxserve.sharding import Layout
     from jaxserve.text.sentencepiece_tokenizer import SentencePieceTokenizer
 
-    files = train_tiny.stdlib_files(max_total_bytes=150_000)
+    files = training.stdlib_files(max_total_bytes=150_000)
     assert files == sorted(files, key=lambda p: p.name) and len(files) >= 2
-    tc = train_tiny.TrainConfig(steps=30, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=5,
+    tc = training.TrainConfig(steps=30, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=5,
                                 log_every=10)
     model = dict(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                  num_kv_heads=2, head_dim=16)
     out = tmp_path / "ckpt"
-    result = train_tiny.train(out, train_config=tc, vocab_size=512, model_overrides=model,
+    result = training.train(out, train_config=tc, vocab_size=512, model_overrides=model,
                               files=files, samples=False, log=lambda line: None)
 
     losses = result["losses"]
@@ -99,7 +88,7 @@ def test_training_reduces_loss_and_writes_a_restorable_checkpoint(train_tiny, tm
     assert tok.vocab_size == 512 and tok.bos_id == 1 and tok.eos_ids == (2,)
     assert tok.decode(tok.encode("def f(x):\n    return x\n")) == "def f(x):\n    return x\n"
 
-    text = train_tiny.generate(result["graphdef"], result["params"], tok, "def ", max_new=3,
+    text = training.generate(result["graphdef"], result["params"], tok, "def ", max_new=3,
                                length=32)
     assert text.startswith("def ")
 

@@ -124,16 +124,7 @@ class Workload:
 
     @classmethod
     def load(cls, path: str | Path) -> Workload:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"workload file not found: {path}")
-        text = path.read_text()
-        try:
-            doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise WorkloadError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}"
-                                f": {e}") from None
-        return cls.from_dict(doc, str(path))
+        return cls.from_dict(read_document(Path(path)), str(path))
 
     # ---- what the model needs ----
     @property
@@ -172,3 +163,15 @@ class Workload:
             d[name] = {"values_weights": [list(p) for p in getattr(self, name).points],
                        "mean": getattr(self, name).mean()}
         return d
+
+
+def read_document(path: Path) -> Any:
+    """A workload file's contents: JSON by its suffix, YAML otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"workload file not found: {path}")
+    text = path.read_text()
+    try:
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise WorkloadError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}"
+                            f": {e}") from None

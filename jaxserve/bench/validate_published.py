@@ -1,0 +1,170 @@
+"""Validate the performance model against published measurements: predicted next to published.
+
+    python scripts/validate_published.py [--json benchmarks/validate_published.json]
+
+Each row is a measurement a vendor or engine project published with its configuration (model,
+devices, tensor parallelism, precision, batch or concurrency, prompt and output lengths); the
+model predicts the same quantity from the built-in hardware profile and the model's published
+config.json fields. Nothing here needs jax or a device. Kinds of rows:
+
+  ttft        first-token latency of one prompt at batch 1: one prefill step.
+  static      a static batch (all prompts prefilled in one step, then decode steps) as
+              benchmark tools without in-flight batching run it: output tokens/s per GPU =
+              batch x output / (prefill + (output - 1) decode steps at the mean context).
+  e2e         end-to-end latency of a static batch (the same steps), ms.
+  itl, ttft_c inter-token latency and first-token latency of a serving engine at a fixed
+              concurrency (`jaxserve.perf.serving.colocated` with that concurrency).
+The target is |error| <= 25 %; every miss is explained in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxserve.config import ModelConfig
+from jaxserve.perf.precision import Precision
+from jaxserve.perf.profiles import load_hardware
+from jaxserve.perf.serving import colocated
+from jaxserve.perf.step import Chunk, Deployment, decode_chunk
+from jaxserve.perf.workload import Workload
+
+TARGET = 0.25
+
+
+def published_config(family: str, vocab: int, hidden: int, mlp: int, layers: int, heads: int,
+                     kv_heads: int, max_positions: int, **moe) -> ModelConfig:
+    """A model as its config.json publishes it (head_dim = hidden / heads for all of these)."""
+    return ModelConfig(family=family, vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=mlp, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=hidden // heads,
+                       max_position_embeddings=max_positions, **moe)
+
+
+# Architectures from the models' published config.json files: family, vocab, hidden, mlp,
+# layers, heads, kv heads, max positions.
+MODELS = {
+    "Llama-2-7B": published_config("llama", 32000, 4096, 11008, 32, 32, 32, 4096),
+    "Llama-2-70B": published_config("llama", 32000, 8192, 28672, 80, 64, 8, 4096),
+    "Llama-3.1-8B": published_config("llama", 128256, 4096, 14336, 32, 32, 8, 131072),
+    "Llama-3-70B": published_config("llama", 128256, 8192, 28672, 80, 64, 8, 8192),
+    "Mixtral-8x7B": published_config("mixtral", 32000, 4096, 14336, 32, 32, 8, 32768,
+                                     num_experts=8, num_experts_per_tok=2,
+                                     moe_intermediate_size=14336, norm_topk_prob=True),
+}
+MODELS["Llama-3.3-70B"] = MODELS["Llama-3-70B"]
+
+TRT = ("TensorRT-LLM docs/source/performance.md (NVIDIA/TensorRT-LLM): first-token latency "
+       "from v0.5, throughput from v0.6.1 (gptSessionBenchmark, static batches)")
+NIM = ("NVIDIA NIM for LLMs benchmarking docs, 'Performance': Llama-3.3-70B-Instruct, NIM 1.8.0, "
+       "2 x H100 80GB SXM, FP8, TP2")
+VLLM = ("vLLM nightly performance benchmark (buildkite vllm/performance-benchmark, build 9515): "
+        "latency tests on H200, input 32, output 128, batch 8, bf16")
+
+SOURCES = {"TRT": TRT, "NIM": NIM, "VLLM": VLLM}
+# One published measurement a line: source, model, hardware, tp, precision, kind, setting
+# (NAME=VALUE,...), the published value.
+PUBLISHED = """
+TRT   Llama-2-7B     h100       1  float8    ttft    prompt=128                            7.0
+TRT   Llama-2-7B     h100       1  float8    ttft    prompt=2048                          36.0
+TRT   Llama-2-70B    h100       4  float8    ttft    prompt=128                           26.0
+TRT   Llama-2-70B    h100       4  float8    ttft    prompt=2048                         109.0
+TRT   Llama-2-7B     a100-80gb  1  float16   ttft    prompt=128                           16.0
+TRT   Llama-2-7B     a100-80gb  1  float16   ttft    prompt=2048                         133.0
+TRT   Llama-2-70B    a100-80gb  4  float16   ttft    prompt=128                           47.0
+TRT   Llama-2-70B    a100-80gb  4  float16   ttft    prompt=2048                         377.0
+TRT   Llama-2-7B     h100       1  float8    static  batch=768,prompt=128,output=128   19694.0
+TRT   Llama-2-7B     h100       1  float8    static  batch=112,prompt=128,output=2048   6818.0
+TRT   Llama-2-7B     h100       1  float8    static  batch=80,prompt=2048,output=128    2244.0
+TRT   Llama-2-7B     h100       1  float8    static  batch=48,prompt=2048,output=2048   2740.0
+TRT   Llama-2-70B    h100       2  float8    static  batch=1024,prompt=128,output=128   2657.0
+TRT   Llama-2-70B    h100       4  float8    static  batch=480,prompt=128,output=2048   1486.0
+TRT   Llama-2-70B    h100       2  float8    static  batch=96,prompt=2048,output=128     306.0
+TRT   Llama-2-70B    h100       2  float8    static  batch=64,prompt=2048,output=2048    547.0
+NIM   Llama-3.3-70B  h100       2  float8    ttft_c  concurrency=1,prompt=500,output=2000  47.77
+NIM   Llama-3.3-70B  h100       2  float8    itl     concurrency=1,prompt=500,output=2000  18.91
+NIM   Llama-3.3-70B  h100       2  float8    ttft_c  concurrency=1,prompt=5000,output=500 406.77
+NIM   Llama-3.3-70B  h100       2  float8    itl     concurrency=1,prompt=5000,output=500  18.58
+NIM   Llama-3.3-70B  h100       2  float8    itl     concurrency=25,prompt=5000,output=500 38.75
+NIM   Llama-3.3-70B  h100       2  float8    itl     concurrency=50,prompt=5000,output=500 59.73
+VLLM  Llama-3.1-8B   h200       1  bfloat16  e2e     batch=8,prompt=32,output=128          833.4
+VLLM  Llama-3-70B    h200       4  bfloat16  e2e     batch=8,prompt=32,output=128         2077.5
+VLLM  Mixtral-8x7B   h200       2  bfloat16  e2e     batch=8,prompt=32,output=128         1917.4
+"""
+
+
+def published_rows(table: str = PUBLISHED) -> list[tuple]:
+    """(source, model, hardware, tp, precision, kind, setting, published value) per line."""
+    rows = []
+    for line in table.strip().splitlines():
+        source, model, hardware, tp, precision, kind, setting, value = line.split()
+        pairs = (item.split("=") for item in setting.split(","))
+        rows.append((SOURCES[source], model, hardware, int(tp), precision, kind,
+                     {k: int(v) for k, v in pairs}, float(value)))
+    return rows
+
+
+ROWS = published_rows()
+UNITS = {"ttft": "ms", "static": "tok/s/GPU", "e2e": "ms", "itl": "ms", "ttft_c": "ms"}
+WHAT = {"ttft": "first-token latency, batch 1", "static": "throughput, static batch",
+        "e2e": "end-to-end latency, static batch", "itl": "inter-token latency",
+        "ttft_c": "first-token latency"}
+
+
+def static_seconds(d: Deployment, batch: int, prompt: int, output: int) -> float:
+    """Prefill of the whole batch in one step, then output - 1 decode steps (the decode step
+    is linear in its context, so the mean context stands for all of them)."""
+    prefill = d.step([Chunk(0, prompt, batch)]).total_s
+    decode = d.step([decode_chunk(prompt + output / 2, batch)]).total_s
+    return prefill + (output - 1) * decode
+
+
+def predict(model, hardware, tp, precision, kind, setting) -> float:
+    config = MODELS[model]
+    # TP engines split each expert's width as well (the tp_ep rules at ep=1)
+    mesh, rules = (f"tp={tp},ep=1", "tp_ep") if config.is_moe else (f"tp={tp}", "tp")
+    d = Deployment(config, mesh, rules, load_hardware(hardware), Precision.parse(precision))
+    if kind == "ttft":
+        return d.step([Chunk(0, setting["prompt"])]).total_s * 1e3
+    if kind in ("static", "e2e"):
+        seconds = static_seconds(d, setting["batch"], setting["prompt"], setting["output"])
+        if kind == "e2e":
+            return seconds * 1e3
+        return setting["batch"] * setting["output"] / seconds / tp
+    w = Workload.from_dict({"prompt_len": setting["prompt"], "output_len": setting["output"],
+                            "concurrency": setting["concurrency"], "max_num_seqs": 256,
+                            "max_num_batched_tokens": 8192})
+    op = colocated(d, w)
+    return (op.tpot_s if kind == "itl" else op.ttft_s) * 1e3
+
+
+def number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    out = []
+    print("| source | model | hardware | TP | precision | quantity | setting | published | "
+          "predicted | error |\n|---|---|---|---:|---|---|---|---:|---:|---:|")
+    for source, model, hw, tp, precision, kind, setting, published in ROWS:
+        predicted = predict(model, hw, tp, precision, kind, setting)
+        err = predicted / published - 1
+        out.append(dict(source=source, model=model, hardware=hw, tp=tp, precision=precision,
+                        quantity=WHAT[kind], unit=UNITS[kind], setting=setting,
+                        published=published, predicted=predicted, error=err))
+        short = source.split(" (")[0].split(",")[0].split(" docs")[0]
+        print(f"| {short} | {model} | {hw} | {tp} | {precision} | {WHAT[kind]} ({UNITS[kind]}) | "
+              + ", ".join(f"{k} {v}" for k, v in setting.items())
+              + f" | {number(published)} | {number(predicted)} | {err:+.0%} |")
+    within = sum(abs(r["error"]) <= TARGET for r in out)
+    print(f"\n{within} of {len(out)} rows within {TARGET:.0%}")
+    if args.json:
+        args.json.write_text(json.dumps({"sources": sorted({r[0] for r in ROWS}), "rows": out},
+                                        indent=2) + "\n")
+    return out
+

@@ -105,16 +105,29 @@ def dp8(hf_model_dir):
     return LLM(hf_model_dir("llama")[1], mesh="dp=8", rules="dp", **ENGINE)
 
 
-def test_dp8_decode_step_moves_no_slot_state_between_replicas(dp8):
-    """Each replica's penalty and min-token state stays on it: the compiled dp=8 decode step
-    has no collective over a [slots, vocab] array (replicated state is all-reduced there)."""
-    vocab = dp8.config.vocab_rows
+def _assert_no_slot_state_moves(llm, replicas):
+    """No collective of the compiled decode step carries a [slots, vocab] array (replicated
+    state is all-reduced there), and each device holds its own replica's slots only."""
+    vocab = llm.config.vocab_rows
     for decodes in (1, ENGINE["max_num_seqs"]):
-        hlo = dp8.runner.compiled_step(dp8.engine.builder.idle(decodes, 0)).as_text()
+        hlo = llm.runner.compiled_step(llm.engine.builder.idle(decodes, 0)).as_text()
         moved = [(op, shape) for op, shape in _collective_shapes(hlo) if f",{vocab}]" in shape]
         assert not moved, moved
-    per_device = {s.data.shape for s in dp8.runner.slot_state.output_counts.addressable_shards}
-    assert per_device == {(ENGINE["max_num_seqs"] + 1, vocab)}  # its own slots + a trash row
+    counts = llm.runner.slot_state.output_counts
+    assert counts.shape == (replicas * (ENGINE["max_num_seqs"] + 1), vocab)
+    # per device: its replica's slots and a trash row of its own
+    assert {s.data.shape for s in counts.addressable_shards} == \
+        {(ENGINE["max_num_seqs"] + 1, vocab)}
+
+
+def test_dp8_decode_step_moves_no_slot_state_between_replicas(dp8):
+    _assert_no_slot_state_moves(dp8, 8)
+
+
+def test_ep4_decode_step_moves_no_slot_state_between_replicas(hf_model_dir):
+    """Expert parallelism runs attention data-parallel: each device along ep is a replica."""
+    _assert_no_slot_state_moves(LLM(hf_model_dir("qwen3_moe")[1], mesh="ep=4", rules="ep",
+                                    **ENGINE), 4)
 
 
 def test_dp8_penalised_tokens_match_one_device(hf_model_dir, dp8):

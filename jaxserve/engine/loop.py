@@ -149,8 +149,9 @@ class EngineLoop:
         self.state = LoopState.SERVING
         self.error: BaseException | None = None
         self._commands: queue.Queue[Command] = queue.Queue()
-        self._handlers: dict[type, Callable] = {Submit: self._submit, SubmitScore: self._score,
-                                                Abort: self._abort}
+        self._handlers: dict[type, Callable] = {Submit: self._handle_submit,
+                                                SubmitScore: self._handle_score,
+                                                Abort: self._handle_abort}
         self._streams: dict[str, RequestStream] = {}
         self._cursors: dict[int, _SeqCursor] = {}
         self._pending = 0  # submitted, not yet accepted by the engine thread
@@ -276,7 +277,7 @@ class EngineLoop:
             return False
         return True
 
-    def _submit(self, command: Submit) -> None:
+    def _handle_submit(self, command: Submit) -> None:
         if not self._accepted(command.future):
             return
         try:
@@ -292,7 +293,7 @@ class EngineLoop:
                 self._cursors[id(seq)] = _SeqCursor()
         command.future.set_result(stream)
 
-    def _score(self, command: SubmitScore) -> None:
+    def _handle_score(self, command: SubmitScore) -> None:
         if not self._accepted(command.future):
             return
         if command.run_id in self._scoring:
@@ -301,7 +302,7 @@ class EngineLoop:
         else:
             self._scoring[command.run_id] = (ScoreRun(self.engine, command.jobs), command.future)
 
-    def _abort(self, command: Abort) -> None:
+    def _handle_abort(self, command: Abort) -> None:
         request = self.engine.abort(command.request_id)
         if request is not None:
             self._close(request, "abort")

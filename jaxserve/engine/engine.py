@@ -4,14 +4,15 @@ One engine step is: ask the scheduler for a plan (tokens per sequence), let the 
 the step's arrays (numpy), dispatch the ONE program that runs the step's prefill chunks and decodes
 together (it returns at once: JAX dispatch is asynchronous), and then read
 back the *oldest* step in flight, so the device computes step n+1 while the host turns step n's
-tokens into text, checks stop conditions and frees finished sequences. The stages return and
-the engine applies: the scheduler applies the tokens (`Scheduler.update`: outputs, the stops a
-token id decides, freed slots and blocks) and says what it did; the output processor returns
-the text part's late stops and finished requests (`Processed`), which the engine hands to the
-scheduler and to its own request table and counters. The sampled token of
+tokens into text, checks stop conditions and frees finished sequences. The sampled token of
 each sequence stays on the device (`SlotState.last_token`), so dispatching n+1 never waits for
 n's readback. A sequence that stops at step n has been given one extra token in n+1; that token
 is dropped on readback (vLLM's async scheduling makes the same trade).
+
+Stages return, the engine applies: the scheduler applies a step's tokens (`Scheduler.update`:
+outputs, the stops a token id decides, freed slots and blocks) and says what it did; the output
+processor returns the text part's late stops and finished requests (`Processed`), which the
+engine hands to the scheduler and applies to its own request table and counters.
 
 `max_steps_in_flight` bounds the steps dispatched and not yet read back. On simulated CPU
 devices many collective-bearing programs in flight can starve XLA's rendezvous threads (see

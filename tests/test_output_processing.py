@@ -6,14 +6,19 @@ Oracle: the same engine with output_processing="inline" (detokenization and stop
 the engine thread, right after readback, as before).
 """
 
+import ast
 import threading
 import time
 
+import numpy as np
 import pytest
 
+import jaxserve.engine.output_processor as output_processor
 from jaxserve import LLM, SamplingParams
 from jaxserve.engine.loop import Delta, EngineLoop, Failure, Final
-from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.engine.output_processor import LateStop, OutputProcessor
+from jaxserve.engine.sequence import Request, SampledToken, TokenStop
+from jaxserve.engine.timeline import Timeline
 from jaxserve.package_data import embedded_model
 
 TINY = embedded_model()
@@ -143,3 +148,57 @@ def test_a_stop_string_found_late_drops_every_token_after_it(llm, monkeypatch):
     assert after["discarded_tokens"] - before["discarded_tokens"] > inline_discarded
     assert llm.engine.kv_blocks_used == 0
     llm.engine.output.set_mode("inline")
+
+
+def applied(llm, request, text):
+    """`text`'s tokens as the scheduler hands them over: appended, none stopped by its id."""
+    seq = request.sequences[0]
+    seq.detokenizer = llm.tokenizer.incremental(request.prompt_ids, skip_special_tokens=True)
+    ids = llm.tokenizer.encode(text, add_bos=False)
+    seq.output_ids = list(ids)
+    return ids, [SampledToken(seq, row, token, row + 1, None) for row, token in enumerate(ids)]
+
+
+@pytest.mark.parametrize("mode", ["inline", "thread"])
+def test_the_text_part_returns_its_late_stops_and_finished_requests(llm, mode):
+    """Given only a timeline, the processor turns applied tokens into text and returns what the
+    owner must apply: the stop string's sequence keeps the tokens up to the one that completes
+    it, and the request is done."""
+    processor = OutputProcessor(Timeline(), mode)
+    prompt = llm.tokenizer.encode("def main():")
+    request = Request("r", prompt, SamplingParams(temperature=0, max_tokens=40, stop=["):"]),
+                      [0], 128)
+    ids, sampled = applied(llm, request, "print(x): return y")
+    keep = next(k for k in range(1, len(ids) + 1) if "):" in llm.tokenizer.decode(ids[:k]))
+    arrays = {"tokens": np.array(ids, np.int32)}
+    processed = processor.process(arrays, sampled)
+    if mode == "thread":
+        assert processed.late_stops == [] and processed.done == []
+        processor.wait()
+        processed = processor.collect()
+    processor.close()
+    seq = request.sequences[0]
+    assert processed.late_stops == [LateStop(seq, keep)] and processed.done == [request]
+    assert (seq.text.strip(), seq.finish_reason, seq.stop_reason) == ("print(x", "stop", "):")
+    assert seq.output_ids == ids  # truncating is the owner's job
+    assert processor.collect().done == []  # each decision is returned once
+
+
+def test_a_stop_by_token_id_finishes_the_text_without_a_late_stop(llm):
+    processor = OutputProcessor(Timeline())
+    request = Request("r", [1, 5], SamplingParams(temperature=0, max_tokens=3), [0], 128)
+    ids, sampled = applied(llm, request, " a b c")
+    sampled[-1] = SampledToken(request.sequences[0], len(ids) - 1, ids[-1], len(ids),
+                               TokenStop("length", text_stop_wins=True))
+    processed = processor.process({"tokens": np.array(ids, np.int32)}, sampled)
+    assert processed.late_stops == [] and processed.done == [request]
+    assert request.sequences[0].finish_reason == "length"
+    assert request.sequences[0].text.strip() == llm.tokenizer.decode(ids).strip() == "a b c"
+
+
+def test_the_output_processor_imports_neither_the_engine_nor_the_scheduler():
+    tree = ast.parse(Path(output_processor.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+    assert not imported & {"jaxserve.engine.engine", "jaxserve.engine.scheduler"}, imported

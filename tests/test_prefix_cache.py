@@ -160,7 +160,7 @@ def test_slot_state_comes_from_the_prompt_ids_after_a_hit(cached):
     engine.step()
     seq = request.sequences[0]
     assert request.cached_prompt_tokens == 4 * BS and seq.slot is not None
-    mask = np.asarray(cached.runner.slot_state.prompt_mask[seq.slot])
+    mask = np.asarray(cached.runner.read_slot(seq.slot)["prompt_mask"])
     np.testing.assert_array_equal(np.flatnonzero(mask), sorted(set(prompt)))
     while engine.has_unfinished():
         engine.step()

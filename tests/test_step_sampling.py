@@ -88,3 +88,57 @@ def test_an_unknown_sampling_mode_is_refused_by_name(hf_model_dir):
         LLM(hf_model_dir("llama")[1], sampling="gather_all")
     with pytest.raises(ValueError, match="'process'"):
         LLM(hf_model_dir("llama")[1], output_processing="process")
+
+
+COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-reduce|all-gather|all-to-all|reduce-scatter|"
+                        r"collective-permute)(-start)?\(")
+
+
+def _collective_shapes(hlo: str) -> list[tuple[str, str]]:
+    """(collective, result shape) of every collective in a compiled program's text."""
+    return [(m.group(2), m.group(1)) for line in hlo.splitlines()
+            if (m := COLLECTIVE.search(line))]
+
+
+@pytest.fixture(scope="module")
+def dp8(hf_model_dir):
+    return LLM(hf_model_dir("llama")[1], mesh="dp=8", rules="dp", **ENGINE)
+
+
+def _assert_no_slot_state_moves(llm, replicas):
+    """No collective of the compiled decode step carries a [slots, vocab] array (replicated
+    state is all-reduced there), and each device holds its own replica's slots only."""
+    vocab = llm.config.vocab_rows
+    for decodes in (1, ENGINE["max_num_seqs"]):
+        hlo = llm.runner.compiled_step(llm.engine.builder.idle(decodes, 0)).as_text()
+        moved = [(op, shape) for op, shape in _collective_shapes(hlo) if f",{vocab}]" in shape]
+        assert not moved, moved
+    counts = llm.runner.slot_state.output_counts
+    assert counts.shape == (replicas * (ENGINE["max_num_seqs"] + 1), vocab)
+    # per device: its replica's slots and a trash row of its own
+    assert {s.data.shape for s in counts.addressable_shards} == \
+        {(ENGINE["max_num_seqs"] + 1, vocab)}
+
+
+def test_dp8_decode_step_moves_no_slot_state_between_replicas(dp8):
+    _assert_no_slot_state_moves(dp8, 8)
+
+
+def test_ep4_decode_step_moves_no_slot_state_between_replicas(hf_model_dir):
+    """Expert parallelism runs attention data-parallel: each device along ep is a replica."""
+    _assert_no_slot_state_moves(LLM(hf_model_dir("qwen3_moe")[1], mesh="ep=4", rules="ep",
+                                    **ENGINE), 4)
+
+
+def test_dp8_penalised_tokens_match_one_device(hf_model_dir, dp8):
+    """Penalties, min_tokens and n > 1 with each replica's slots on it: the tokens of one
+    device (logprobs to rounding: a replica's batch vectorizes differently)."""
+    got, want = outputs(dp8), outputs(LLM(hf_model_dir("llama")[1], **ENGINE))
+    assert [[(ids, reason) for ids, _, _, reason in req] for req in got] == \
+        [[(ids, reason) for ids, _, _, reason in req] for req in want]
+    for got_req, want_req in zip(got, want):
+        for (_, got_lps, got_cum, _), (_, want_lps, want_cum, _) in zip(got_req, want_req):
+            assert (got_lps is None) == (want_lps is None)
+            for a, b in zip(got_lps or [], want_lps or []):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose(list(a.values()), list(b.values()), atol=1e-4)

@@ -9,6 +9,11 @@ each sequence stays on the device (`SlotState.last_token`), so dispatching n+1 n
 n's readback. A sequence that stops at step n has been given one extra token in n+1; that token
 is dropped on readback (vLLM's async scheduling makes the same trade).
 
+Stages return, the engine applies: the scheduler applies a step's tokens (`Scheduler.update`:
+outputs, the stops a token id decides, freed slots and blocks) and says what it did; the output
+processor returns the text part's late stops and finished requests (`Processed`), which the
+engine hands to the scheduler and applies to its own request table and counters.
+
 `max_steps_in_flight` bounds the steps dispatched and not yet read back. On simulated CPU
 devices many collective-bearing programs in flight can starve XLA's rendezvous threads (see
 ../shared/PLATFORM.md), so the bound is a setting; 2 keeps one step of overlap.
@@ -42,7 +47,7 @@ from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
-from jaxserve.engine.output_processor import OutputProcessor
+from jaxserve.engine.output_processor import OutputProcessor, Processed
 from jaxserve.engine.timeline import Timeline
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
@@ -94,7 +99,7 @@ class Engine:
         self.counters = collections.Counter()
         self.timers = collections.Counter()
         self.timeline = Timeline()
-        self.output = OutputProcessor(self, settings.sampling.output_processing)
+        self.output = OutputProcessor(self.timeline, settings.sampling.output_processing)
         self.flops = FlopsAccount(config, runner)
 
     # ---- requests ----
@@ -156,7 +161,7 @@ class Engine:
     # ---- the loop ----
     def step(self) -> list[Request]:
         """One iteration: plan + dispatch a step, read back the oldest. Returns finished requests."""
-        finished: list[Request] = self.output.collect()
+        finished = self._apply(self.output.collect())
         t0 = self.timeline.lap("other")
         plan = self.scheduler.schedule(can_preempt=not self.inflight)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
@@ -176,7 +181,7 @@ class Engine:
             finished += self._read_back(self.inflight.popleft())
         elif plan.empty and self.output.busy:  # nothing to run until the text part catches up
             self.output.wait()
-            finished += self.output.collect()
+            finished += self._apply(self.output.collect())
         return finished
 
     def drain(self) -> list[Request]:
@@ -219,9 +224,35 @@ class Engine:
         arrays = self._fetch(step.outputs, step.layout.wants_logprobs)
         t1 = self.timeline.lap("readback")
         self.timers["readback_wait_s"] += t1 - t0
-        finished = self.output.read_back(step.layout.sample_rows, arrays, t1)
+        update = self.scheduler.update(step.layout.sample_rows, arrays["tokens"], self.eos_ids)
+        self._count(update.generated, update.discarded)
+        for sampled in update.sampled:
+            metrics = sampled.seq.request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = t1
+        finished = self._apply(self.output.process(arrays, update.sampled))
         self.timers["process_s"] += self.timeline.lap("process") - t1
         return finished
+
+    def _apply(self, processed: Processed) -> list[Request]:
+        """Apply what the output processor decided: drop the tokens after late stops (freeing
+        those sequences), and hand back the finished requests that were not aborted."""
+        for stop in processed.late_stops:
+            late = self.scheduler.stop_late(stop.seq, stop.num_outputs)
+            self._count(-late, late)
+        finished = []
+        for request in processed.done:
+            if self.requests.get(request.request_id) is request:  # not aborted
+                request.metrics.finished_time = time.perf_counter()
+                del self.requests[request.request_id]
+                finished.append(request)
+        return finished
+
+    def _count(self, generated: int, discarded: int) -> None:
+        if generated:
+            self.counters["generated_tokens"] += generated
+        if discarded:
+            self.counters["discarded_tokens"] += discarded
 
     @staticmethod
     def _fetch(out: StepOutputs, wants_logprobs: bool) -> dict[str, np.ndarray]:

@@ -2,7 +2,8 @@
 
 Threads: one *engine thread* owns the `Engine` and is the only one that touches it (the engine is
 not thread-safe, and device dispatch from one thread keeps the step order deterministic). Server
-handler threads talk to it through a command queue and read results from per-request
+handler threads talk to it through a queue of commands (`Submit`, `SubmitScore`, `Abort`,
+`Stop`: small dataclasses, each handled by one method) and read results from per-request
 `RequestStream` queues. Submitting waits for the engine thread to accept the request, so
 validation errors reach the caller synchronously; the wait is at most one engine step.
 
@@ -96,6 +97,38 @@ class RequestStream:
         return self.events.get(timeout=timeout)
 
 
+# ---- commands: handler threads -> the engine thread ----
+
+@dataclasses.dataclass(frozen=True)
+class Submit:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    future: Future  # -> the request's RequestStream
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitScore:
+    run_id: str
+    jobs: list[ScoreJob]
+    future: Future  # -> the finished ScoreRun
+
+
+@dataclasses.dataclass(frozen=True)
+class Abort:
+    request_id: str  # a request's or a scoring run's id
+    future: Future  # -> whether something was aborted
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    future: None = None  # nobody waits: `stop` joins the thread
+
+
+Command = Submit | SubmitScore | Abort | Stop
+
+
 class _SeqCursor:
     """How much of a sequence was already streamed."""
 
@@ -115,7 +148,10 @@ class EngineLoop:
         self.on_step = on_step
         self.state = LoopState.SERVING
         self.error: BaseException | None = None
-        self._commands: queue.Queue = queue.Queue()
+        self._commands: queue.Queue[Command] = queue.Queue()
+        self._handlers: dict[type, Callable] = {Submit: self._handle_submit,
+                                                SubmitScore: self._handle_score,
+                                                Abort: self._handle_abort}
         self._streams: dict[str, RequestStream] = {}
         self._cursors: dict[int, _SeqCursor] = {}
         self._pending = 0  # submitted, not yet accepted by the engine thread
@@ -130,7 +166,7 @@ class EngineLoop:
                prompt: str | None = None) -> RequestStream:
         self._admit()
         future: Future = Future()
-        self._commands.put(("add", (request_id, prompt_ids, params, prompt), future))
+        self._commands.put(Submit(request_id, prompt_ids, params, prompt, future))
         return future.result()
 
     def score(self, run_id: str, jobs: list[ScoreJob]) -> Future:
@@ -139,7 +175,7 @@ class EngineLoop:
         `abort(run_id)` stops it."""
         self._admit()
         future: Future = Future()
-        self._commands.put(("score", (run_id, jobs), future))
+        self._commands.put(SubmitScore(run_id, jobs, future))
         return future
 
     def _admit(self) -> None:
@@ -153,7 +189,7 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> bool:
         future: Future = Future()
-        self._commands.put(("abort", request_id, future))
+        self._commands.put(Abort(request_id, future))
         return future.result()
 
     def drain(self) -> None:
@@ -163,7 +199,7 @@ class EngineLoop:
                 self.state = LoopState.DRAINING
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._commands.put(("stop", None, None))
+        self._commands.put(Stop())
         self._thread.join(timeout)
 
     # ---- the engine thread ----
@@ -187,11 +223,11 @@ class EngineLoop:
                 timeline.lap("idle")
             handled = False
             while command is not None:
-                if command[0] == "stop":
+                if isinstance(command, Stop):
                     self._fail_all(NotAccepting("the server stopped"), LoopState.STOPPED)
                     self.engine.output.close()
                     return
-                self._handle(*command)
+                self._handlers[type(command)](command)
                 handled = True
                 try:
                     command = self._commands.get_nowait()
@@ -231,43 +267,51 @@ class EngineLoop:
             del self._scoring[run_id]
             future.set_result(run)
 
-    def _handle(self, kind: str, payload, future: Future) -> None:
-        if kind in ("add", "score"):
-            with self._lock:
-                self._pending -= 1
-            if self.state is LoopState.FAILED:
-                future.set_exception(NotAccepting("the engine failed"))
-                return
-        if kind == "score":
-            run_id, jobs = payload
-            if run_id in self._scoring:
-                future.set_exception(ValueError(f"run id {run_id!r} is already in use"))
-            else:
-                self._scoring[run_id] = (ScoreRun(self.engine, jobs), future)
+    def _accepted(self, future: Future) -> bool:
+        """A submission reached the engine thread; False (and the future failed) when the
+        engine failed meanwhile."""
+        with self._lock:
+            self._pending -= 1
+        if self.state is LoopState.FAILED:
+            future.set_exception(NotAccepting("the engine failed"))
+            return False
+        return True
+
+    def _handle_submit(self, command: Submit) -> None:
+        if not self._accepted(command.future):
             return
-        if kind == "add":
-            request_id, prompt_ids, params, prompt = payload
-            try:
-                request = self.engine.add_request(request_id, prompt_ids, params, prompt)
-            except Exception as e:  # validation: the caller reports it
-                future.set_exception(e)
-                return
-            stream = RequestStream(request_id, len(request.sequences))
-            with self._streams_lock:
-                self._streams[request_id] = stream
-                for seq in request.sequences:
-                    self._cursors[id(seq)] = _SeqCursor()
-            future.set_result(stream)
-        elif kind == "abort":
-            request = self.engine.abort(payload)
-            if request is not None:
-                self._close(request, "abort")
-            scoring = self._scoring.pop(payload, None)
-            if scoring is not None:
-                run, run_future = scoring
-                run.release()
-                run_future.set_exception(ScoreAborted(f"scoring {payload!r} was aborted"))
-            future.set_result(request is not None or scoring is not None)
+        try:
+            request = self.engine.add_request(command.request_id, command.prompt_ids,
+                                              command.params, command.prompt)
+        except Exception as e:  # validation: the caller reports it
+            command.future.set_exception(e)
+            return
+        stream = RequestStream(command.request_id, len(request.sequences))
+        with self._streams_lock:
+            self._streams[command.request_id] = stream
+            for seq in request.sequences:
+                self._cursors[id(seq)] = _SeqCursor()
+        command.future.set_result(stream)
+
+    def _handle_score(self, command: SubmitScore) -> None:
+        if not self._accepted(command.future):
+            return
+        if command.run_id in self._scoring:
+            command.future.set_exception(ValueError(f"run id {command.run_id!r} is already in "
+                                                    f"use"))
+        else:
+            self._scoring[command.run_id] = (ScoreRun(self.engine, command.jobs), command.future)
+
+    def _handle_abort(self, command: Abort) -> None:
+        request = self.engine.abort(command.request_id)
+        if request is not None:
+            self._close(request, "abort")
+        scoring = self._scoring.pop(command.request_id, None)
+        if scoring is not None:
+            run, run_future = scoring
+            run.release()
+            run_future.set_exception(ScoreAborted(f"scoring {command.request_id!r} was aborted"))
+        command.future.set_result(request is not None or scoring is not None)
 
     def _publish(self, updated: list[Sequence]) -> None:
         """Deltas of the sequences that got new text (the output processor's hook)."""
@@ -314,7 +358,7 @@ class EngineLoop:
         self._scoring.clear()
         while True:  # requests that never reached the engine
             try:
-                _, _, future = self._commands.get_nowait()
+                future = self._commands.get_nowait().future
             except queue.Empty:
                 break
             if future is not None and not future.done():

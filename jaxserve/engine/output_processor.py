@@ -1,12 +1,13 @@
-"""Output processing: read-back tokens -> each sequence's outputs, stop checks, streaming.
+"""Output processing: applied tokens -> each sequence's text, logprobs, stop strings, streaming.
 
-Two parts, split by what the scheduler needs to know at once:
+A read-back step is handled in two parts, split by what the scheduler needs to know at once:
 
-- the *token part*, on the engine thread right after readback: append the token id and apply
-  the stops a token id decides (EOS, stop_token_ids, max_tokens, the context is full). Those
-  free the sequence's slot and blocks before the next step is planned.
-- the *text part*: logprobs, detokenization, stop strings, streaming updates. Where it runs is
-  `OutputProcessor.mode`:
+- the *token part* is the scheduler's (`Scheduler.update`), on the engine thread right after
+  readback: append the token id and apply the stops a token id decides (EOS, stop_token_ids,
+  max_tokens, the context is full). Those free the sequence's slot and blocks before the next
+  step is planned. It hands this processor the tokens it applied (`SampledToken`).
+- the *text part*, here: logprobs, detokenization, stop strings, streaming updates. Where it
+  runs is `OutputProcessor.mode`:
     "inline"  right after the token part, on the engine thread: the next step's dispatch waits
               for it (with many streams, it is on the critical path);
     "thread"  on a worker thread, while the engine thread plans and dispatches the next step.
@@ -14,10 +15,13 @@ Two parts, split by what the scheduler needs to know at once:
               it releases it while it waits on the device, which is when the worker runs. The
               worker hands the GIL back every few sequences so it never delays a dispatch long.
 
-A stop string found by the text part in thread mode finishes its sequence late: the engine
-thread learns it at its next `collect`, drops the tokens sampled after the stop (as it always
-drops the token a step in flight samples after any stop: vLLM's async-scheduling trade) and
-frees the slot then. Outputs are token for token the same in both modes.
+The processor never touches the engine, the scheduler or their counters: it returns what it
+decided (`Processed`: stops the token part let run, requests whose every sequence finished)
+and the engine applies it. A stop string found by the text part in thread mode finishes its
+sequence late: the engine learns it at its next `collect`, has the scheduler drop the tokens
+sampled after the stop (as it always drops the token a step in flight samples after any stop:
+vLLM's async-scheduling trade) and free the slot then. Outputs are token for token the same in
+both modes.
 
 Ownership in thread mode: the engine thread owns `output_ids` (it appends and truncates) and
 `status`; the text part owns `text`, `logprobs`, `cumulative_logprob`, the detokenizer,
@@ -28,25 +32,49 @@ final when the caller sees it; streaming deltas carry only tokens the text part 
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
-from jaxserve.engine.sequence import Request, Sequence, Status
-
-if TYPE_CHECKING:
-    from jaxserve.engine.engine import Engine
+from jaxserve.engine.sequence import Request, SampledToken, Sequence
+from jaxserve.engine.timeline import Timeline
 
 OUTPUT_PROCESSING = ("inline", "thread")
 YIELD_EVERY = 8  # sequences the worker processes between handing the GIL back
 POLL_EVERY = 16  # sequences the inline text part processes between device polls
 
-# (sequence, row of the step's outputs, token, its 1-based index among the outputs, and the
-# token part's verdict: None, or (finish reason, stop reason, whether stop strings still win))
-Item = tuple[Sequence, int, int, int, "tuple[str, object, bool] | None"]
+
+@dataclasses.dataclass(frozen=True)
+class LateStop:
+    """A stop string ended `seq` at its `num_outputs`-th token, which the token part had let
+    run: the tokens after it must go, and its slot and blocks."""
+
+    seq: Sequence
+    num_outputs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDone:
+    """Every sequence of the request has its final text and finish reason."""
+
+    request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+@dataclasses.dataclass
+class Processed:
+    """What the text part decided since the last `collect`, for the engine to apply."""
+
+    late_stops: list[LateStop] = dataclasses.field(default_factory=list)
+    done: list[Request] = dataclasses.field(default_factory=list)
 
 
 def check_mode(mode: str) -> str:
@@ -57,8 +85,8 @@ def check_mode(mode: str) -> str:
 
 
 class OutputProcessor:
-    def __init__(self, engine: Engine, mode: str = "inline"):
-        self.engine = engine
+    def __init__(self, timeline: Timeline, mode: str = "inline"):
+        self.timeline = timeline  # device polls (inline) and the worker's spans
         self.mode = check_mode(mode)
         # Called with the sequences that got new text, from wherever the text part runs (a
         # streaming server publishes deltas from it).
@@ -73,45 +101,32 @@ class OutputProcessor:
         self.mode = check_mode(mode)
 
     # ---- engine thread ----
-    def read_back(self, rows: list[tuple[int, Sequence]], arrays: dict[str, np.ndarray],
-                  now: float) -> list[Request]:
-        """Apply one step's read-back tokens; returns the requests that finished (inline mode;
-        thread mode hands them back from `collect`)."""
-        items = self._token_part(rows, arrays, now)
+    def process(self, arrays: dict[str, np.ndarray], sampled: list[SampledToken]) -> Processed:
+        """The text of one step's applied tokens (`arrays`: the step's read-back outputs).
+        Inline, returns what it decided; thread mode hands the work over and returns nothing
+        yet (`collect` returns it later)."""
         if self.mode == "inline":
-            self._text_part(arrays, items, poll=self.engine.timeline.poll)
+            self._text_part(arrays, sampled, poll=self.timeline.poll)
             return self.collect()
-        if items:
+        if sampled:
             self._ensure_worker()
-            self._work.put((arrays, items))
-        return []
+            self._work.put((arrays, sampled))
+        return Processed()
 
-    def collect(self) -> list[Request]:
-        """Apply what the text part decided since the last call: late stops (drop the tokens
-        after them, free the slot) and finished requests, which are returned."""
-        engine, finished = self.engine, []
+    def collect(self) -> Processed:
+        """What the text part decided since the last call (raises if it failed)."""
+        out = Processed()
         while True:
             try:
-                kind, payload = self._events.get_nowait()
+                event = self._events.get_nowait()
             except queue.Empty:
-                return finished
-            if kind == "error":
-                raise RuntimeError("output processing failed") from payload
-            if kind == "stop":
-                seq, n = payload
-                late = len(seq.output_ids) - n
-                if late > 0:
-                    del seq.output_ids[n:]
-                    engine.counters["generated_tokens"] -= late
-                    engine.counters["discarded_tokens"] += late
-                if seq.status is not Status.FINISHED:
-                    engine.scheduler.finish(seq)
+                return out
+            if isinstance(event, _Failed):
+                raise RuntimeError("output processing failed") from event.error
+            if isinstance(event, LateStop):
+                out.late_stops.append(event)
             else:
-                request = payload
-                if engine.requests.get(request.request_id) is request:  # not aborted
-                    request.metrics.finished_time = time.perf_counter()
-                    del engine.requests[request.request_id]
-                    finished.append(request)
+                out.done.append(event.request)
 
     @property
     def busy(self) -> bool:
@@ -129,62 +144,25 @@ class OutputProcessor:
             self._worker.join()
             self._worker = self._work = None
 
-    def _token_part(self, rows, arrays, now) -> list[Item]:
-        engine = self.engine
-        tokens = arrays["tokens"].tolist()
-        items: list[Item] = []
-        for r, seq in rows:
-            if seq.status is Status.FINISHED:  # stopped while this step was in flight
-                engine.counters["discarded_tokens"] += 1
-                continue
-            token = tokens[r]
-            seq.output_ids.append(token)
-            engine.scheduler.name_blocks(seq)  # its full blocks join the prefix cache
-            n = len(seq.output_ids)
-            engine.counters["generated_tokens"] += 1
-            metrics = seq.request.metrics
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
-            verdict = self._token_verdict(seq, token, n)
-            if verdict is not None:
-                engine.scheduler.finish(seq)
-            items.append((seq, r, token, n, verdict))
-        return items
-
-    def _token_verdict(self, seq: Sequence, token: int, n: int):
-        """The stops a token id decides, in the order they take effect: (finish reason, stop
-        reason, whether a stop string in this token's text still wins)."""
-        params = seq.params
-        if token in self.engine.eos_ids and not params.ignore_eos and n > params.min_tokens - 1:
-            return ("stop", None, False)
-        if token in params.stop_token_ids and n > params.min_tokens - 1:
-            return ("stop", token, False)
-        if (params.max_tokens is not None and n >= params.max_tokens) or \
-                len(seq.request.prompt_ids) + n >= self.engine.max_model_len:
-            return ("length", None, True)
-        return None
-
     # ---- the text part (engine thread inline, else the worker) ----
-    def _text_part(self, arrays, items: list[Item], poll=None, pause=None) -> None:
+    def _text_part(self, arrays, sampled: list[SampledToken], poll=None, pause=None) -> None:
         updated = []
-        for i, item in enumerate(items):
+        for i, item in enumerate(sampled):
             if self._text(arrays, item):
-                updated.append(item[0])
+                updated.append(item.seq)
             if poll is not None and i % POLL_EVERY == POLL_EVERY - 1:
                 poll()
             if pause is not None and i % YIELD_EVERY == YIELD_EVERY - 1:
                 pause()
         if updated and self.on_updates is not None:
             self.on_updates(updated)
-        for seq in updated:
-            request = seq.request
-            if seq.finish_reason is not None and all(s.finish_reason is not None
-                                                     for s in request.sequences):
-                self._events.put(("done", request))
+        for request in dict.fromkeys(seq.request for seq in updated):  # each once, in order
+            if all(s.finish_reason is not None for s in request.sequences):
+                self._events.put(RequestDone(request))
 
-    def _text(self, arrays, item: Item) -> bool:
+    def _text(self, arrays, item: SampledToken) -> bool:
         """One token's text; returns whether the sequence changed."""
-        seq, row, token, n, verdict = item
+        seq, row, token, n, stop = item.seq, item.row, item.token, item.index, item.stop
         if seq.finish_reason is not None:  # sampled after a stop the engine has not applied
             return False
         params = seq.params
@@ -200,20 +178,20 @@ class OutputProcessor:
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.push([token])
         seq.num_processed = n
-        if verdict is not None and not verdict[2]:
-            return self._finish(seq, verdict[0], verdict[1])
+        if stop is not None and not stop.text_stop_wins:
+            return self._finish(seq, stop.finish_reason, stop.stop_reason)
         if params.stop and n >= params.min_tokens:
             longest = max(len(s) for s in params.stop)
             start = max(0, text_before - longest + 1)
             hits = [(i, s) for s in params.stop if (i := seq.text.find(s, start)) >= 0]
             if hits:
-                index, stop = min(hits)
+                index, stop_string = min(hits)
                 seq.text = seq.text[:index]
-                if verdict is None:  # the token part let it run: the engine must stop it
-                    self._events.put(("stop", (seq, n)))
-                return self._finish(seq, "stop", stop, flush=False)
-        if verdict is not None:
-            return self._finish(seq, verdict[0], verdict[1])
+                if stop is None:  # the token part let it run: the engine must stop it
+                    self._events.put(LateStop(seq, n))
+                return self._finish(seq, "stop", stop_string, flush=False)
+        if stop is not None:
+            return self._finish(seq, stop.finish_reason, stop.stop_reason)
         return True
 
     @staticmethod
@@ -233,7 +211,7 @@ class OutputProcessor:
             self._worker.start()
 
     def _run(self) -> None:
-        timeline = self.engine.timeline
+        timeline = self.timeline
         while True:
             job = self._work.get()
             try:
@@ -244,7 +222,7 @@ class OutputProcessor:
                 timeline.span("output thread", "process", t0, timeline.clock(),
                               tokens=len(job[1]))
             except BaseException as e:  # noqa: BLE001  handed to the engine thread
-                self._events.put(("error", e))
+                self._events.put(_Failed(e))
             finally:
                 self._work.task_done()
 

@@ -22,6 +22,12 @@ Policy (first come, first served), with one token budget per DP replica:
    with the prompt's full blocks as a prefix cache hit.
 Requests are validated on arrival to fit the pool alone, so preemption always makes progress.
 
+The other half, `update`, applies a step's read-back tokens: each is appended to its sequence,
+whose full blocks join the prefix cache, and the stops a token id decides (EOS, stop token ids,
+max_tokens, a full context) finish the sequence and free its slot and blocks before the next
+step is planned. Stops found in the text (stop strings) are the output processor's; it returns
+them and the engine applies them here (`stop_late`).
+
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
 the engine says nothing is in flight (`can_preempt`); otherwise it reports `needs_preemption` and
 the engine drains first. Decisions depend only on the queue contents: deterministic.
@@ -36,7 +42,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.block_pool import BlockHash, BlockPool, chain_hashes
 from jaxserve.engine.router import ReplicaView, RoutingPolicy, remaining_flops
-from jaxserve.engine.sequence import Sequence, Status
+from jaxserve.engine.sequence import SampledToken, Sequence, Status, TokenStop
 from jaxserve.settings import SchedulerSettings
 
 
@@ -62,6 +68,15 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not self.prefills and not self.decodes
+
+
+@dataclasses.dataclass
+class StepUpdate:
+    """What applying one step's tokens did (`Scheduler.update`)."""
+
+    sampled: list[SampledToken]  # tokens appended, in sample-row order
+    generated: int = 0  # tokens appended to outputs
+    discarded: int = 0  # tokens of sequences that stopped while the step was in flight
 
 
 class Scheduler:
@@ -356,3 +371,50 @@ class Scheduler:
         for seq in plan.decodes:
             seq.num_computed = seq.total_len
             seq.num_scheduled_outputs += 1
+
+    # ---- applying a step's results ----
+    def update(self, rows: list[tuple[int, Sequence]], tokens,
+               eos_ids: tuple[int, ...]) -> StepUpdate:
+        """Apply one step's read-back tokens (tokens i32[rows]; `rows` pairs a row with the
+        sequence it sampled for): append them, name full blocks, finish the sequences a token
+        id stops. A sequence that stopped while the step was in flight drops its token."""
+        tokens = tokens.tolist()
+        update = StepUpdate([])
+        for r, seq in rows:
+            if seq.status is Status.FINISHED:
+                update.discarded += 1
+                continue
+            token = tokens[r]
+            seq.output_ids.append(token)
+            self.name_blocks(seq)  # its full blocks join the prefix cache
+            n = len(seq.output_ids)
+            update.generated += 1
+            stop = self._token_stop(seq, token, n, eos_ids)
+            if stop is not None:
+                self.finish(seq)
+            update.sampled.append(SampledToken(seq, r, token, n, stop))
+        return update
+
+    @staticmethod
+    def _token_stop(seq: Sequence, token: int, n: int,
+                    eos_ids: tuple[int, ...]) -> TokenStop | None:
+        """The stops the sequence's n-th output token decides, in the order they take effect."""
+        params = seq.params
+        if token in eos_ids and not params.ignore_eos and n > params.min_tokens - 1:
+            return TokenStop("stop")
+        if token in params.stop_token_ids and n > params.min_tokens - 1:
+            return TokenStop("stop", token)
+        if (params.max_tokens is not None and n >= params.max_tokens) or \
+                len(seq.request.prompt_ids) + n >= seq.request.max_model_len:
+            return TokenStop("length", text_stop_wins=True)
+        return None
+
+    def stop_late(self, seq: Sequence, num_outputs: int) -> int:
+        """A stop string ended the sequence at its num_outputs-th token after later tokens were
+        appended: drop those and finish it (if nothing did yet). Returns how many were
+        dropped."""
+        late = max(0, len(seq.output_ids) - num_outputs)
+        del seq.output_ids[num_outputs:]
+        if seq.status is not Status.FINISHED:
+            self.finish(seq)
+        return late

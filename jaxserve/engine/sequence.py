@@ -13,6 +13,7 @@ whatever prefix its replica still caches). Two counters matter:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 
@@ -114,3 +115,25 @@ class Request:
                              outputs=[s.completion() for s in self.sequences],
                              finished=self.finished, metrics=self.metrics,
                              num_cached_tokens=self.cached_prompt_tokens or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStop:
+    """A stop that a sampled token's id decides (EOS, a stop token, max_tokens, a full
+    context): the finish reason, the stop reason, and whether a stop string found in that
+    token's text still wins over it (it does over a length stop, not over a stop token)."""
+
+    finish_reason: str
+    stop_reason: int | None = None
+    text_stop_wins: bool = False
+
+
+@dataclasses.dataclass
+class SampledToken:
+    """One sample row's token, applied to its sequence (see Scheduler.update)."""
+
+    seq: Sequence
+    row: int  # in the step's outputs
+    token: int
+    index: int  # 1-based, among the sequence's outputs
+    stop: TokenStop | None  # the sequence is finished by this token's id

@@ -27,7 +27,7 @@ from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.ops.cost import uncounted_flops
 from jaxserve.ops.moe import MoEExecution, moe_execution
-from jaxserve.runtime import sampling, step_sampling
+from jaxserve.runtime import sampling, slots, step_sampling
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout, replicas_of
 
@@ -217,13 +217,22 @@ class ModelRunner:
         self._flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
+        """State for `num_slots` slots (global ids; each DP replica owns an equal share) and
+        the trash slot, id `num_slots`."""
+        self.num_slots = num_slots
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
+
+    def read_slot(self, slot: int) -> dict[str, np.ndarray]:
+        """One slot's state (its global id), read back: last_token, output_counts, prompt_mask."""
+        row = slots.shard_row(slot, self.num_slots // self.num_replicas)
+        return {f.name: np.asarray(getattr(self.slot_state, f.name)[row])
+                for f in dataclasses.fields(self.slot_state)}
 
     # ---- programs beside the step: slot state from the host, copies between blocks ----
     def _aux_program(self, kind: str):
         if kind not in self._programs:
             if kind == "set_slots":
-                fn = jax.jit(_set_slots, donate_argnums=(0,),
+                fn = jax.jit(functools.partial(_set_slots, self.layout), donate_argnums=(0,),
                              in_shardings=(_shardings(self.slot_state),
                                            self.layout.replicated()),
                              out_shardings=_shardings(self.slot_state))
@@ -261,7 +270,7 @@ class ModelRunner:
         """Compile `set_slots` for `set_rows` rows and `copy_blocks` for `copies` pairs per
         replica ahead of use; returns how many were new."""
         before = self.compilations
-        vocab, trash = self.config.vocab_rows, self.slot_state.last_token.shape[0] - 1
+        vocab, trash = self.config.vocab_rows, self.num_slots
         rows = SlotRows(np.full((set_rows,), trash, np.int32),
                         np.zeros((set_rows, vocab), np.bool_), np.zeros((set_rows, vocab), np.int32))
         self._aux_executable("set_slots", self.slot_state, rows)
@@ -302,22 +311,27 @@ class SlotState:
     """Per-sequence state that lives on the device between steps, indexed by slot.
 
     Keeping the last sampled token here lets step n+1 be dispatched before step n's tokens are read
-    back. Row `num_slots` is a trash row that padding rows write to. A slot's prompt mask and
+    back. The rows are split over the DP replicas, each replica's shard its own slots and a trash
+    row that padding rows write to, so the state never crosses replicas (jaxserve/runtime/
+    slots.py turns the engine's global slot ids into rows of a shard). A slot's prompt mask and
     output counts are set from the host's token ids when a sequence with penalties takes the slot
     (`ModelRunner.set_slots`), not from the prefill chunks that run: a sequence that starts
     after a prefix cache hit, or shares its prompt with siblings, computes only part of it.
     """
 
-    last_token: jax.Array  # i32[slots + 1]
-    output_counts: jax.Array  # i32[slots + 1, vocab]: how often each token was generated
-    prompt_mask: jax.Array  # bool[slots + 1, vocab]: tokens in the prompt
+    last_token: jax.Array  # i32[replicas x (slots + 1)]
+    output_counts: jax.Array  # i32[replicas x (slots + 1), vocab]: times each token was generated
+    prompt_mask: jax.Array  # bool[replicas x (slots + 1), vocab]: tokens in the prompt
 
     @classmethod
     def create(cls, num_slots: int, vocab: int, layout: Layout) -> SlotState:
-        make = jax.jit(lambda: cls(jnp.zeros((num_slots + 1,), jnp.int32),
-                                   jnp.zeros((num_slots + 1, vocab), jnp.int32),
-                                   jnp.zeros((num_slots + 1, vocab), jnp.bool_)),
-                       out_shardings=layout.replicated())
+        rows = replicas_of(layout) * slots.rows_per_replica(num_slots, replicas_of(layout))
+        make = jax.jit(lambda: cls(jnp.zeros((rows,), jnp.int32),
+                                   jnp.zeros((rows, vocab), jnp.int32),
+                                   jnp.zeros((rows, vocab), jnp.bool_)),
+                       out_shardings=cls(slots.slot_sharding(layout, (rows,)),
+                                         slots.slot_sharding(layout, (rows, vocab)),
+                                         slots.slot_sharding(layout, (rows, vocab))))
         return make()
 
 
@@ -331,10 +345,11 @@ class SlotRows:
     output_counts: jax.Array  # i32[k, vocab]
 
 
-def _set_slots(state: SlotState, rows: SlotRows) -> SlotState:
-    return SlotState(last_token=state.last_token,
-                     output_counts=state.output_counts.at[rows.slots].set(rows.output_counts),
-                     prompt_mask=state.prompt_mask.at[rows.slots].set(rows.prompt_mask))
+def _set_slots(layout: Layout, state: SlotState, rows: SlotRows) -> SlotState:
+    prompt_mask, output_counts = slots.set_rows(layout, state.prompt_mask, state.output_counts,
+                                                rows.slots, rows.prompt_mask, rows.output_counts)
+    return SlotState(last_token=state.last_token, output_counts=output_counts,
+                     prompt_mask=prompt_mask)
 
 
 @jax.tree_util.register_dataclass
@@ -401,9 +416,7 @@ def _forward(graphdef, param_treedef, setting, param_leaves, kv, inputs):
 def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
           inputs: StepInputs, *, sampling_mode: str):
     layout = setting[0]
-    from_slot = inputs.token_slot >= 0
-    tokens = jnp.where(from_slot, state.last_token[jnp.maximum(inputs.token_slot, 0)],
-                       inputs.tokens)
+    tokens = slots.slot_tokens(layout, state.last_token, inputs.token_slot, inputs.tokens)
     model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens,
                                 inputs.metadata)
     with layout.activate():
@@ -412,10 +425,10 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     next_tokens, chosen, top_ids, top_lps = step_sampling.sample_rows(
         sampling_mode, layout, logits, state.prompt_mask, state.output_counts, inputs.slot_ids,
         inputs.suppressed, inputs.want_logprobs, inputs.sampling, MAX_LOGPROBS)
-    trash = state.last_token.shape[0] - 1
-    target = jnp.where(inputs.sample, inputs.slot_ids, trash)
-    state = SlotState(last_token=state.last_token.at[target].set(next_tokens),
-                      output_counts=state.output_counts.at[target, next_tokens].add(1),
+    last_token, output_counts = slots.record_samples(layout, state.last_token,
+                                                     state.output_counts, inputs.slot_ids,
+                                                     inputs.sample, next_tokens)
+    state = SlotState(last_token=last_token, output_counts=output_counts,
                       prompt_mask=state.prompt_mask)
     return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
 

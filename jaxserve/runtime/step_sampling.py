@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxserve.runtime import sampling
+from jaxserve.runtime import sampling, slots
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout
 
@@ -58,8 +58,9 @@ def sample_rows(mode: str, layout: Layout, logits, prompt_mask, output_counts, s
                 suppressed, want_logprobs, inputs: SamplingInputs, num_top: int):
     """Penalties, suppressed tokens, the draw and logprobs of every sample row.
 
-    logits f32[rows, vocab_rows]; prompt_mask / output_counts [slots + 1, vocab_rows] (the last
-    slot is the trash slot); slot_ids, want_logprobs, inputs: per row; suppressed
+    logits f32[rows, vocab_rows]; prompt_mask / output_counts [replicas x (slots + 1),
+    vocab_rows], split over the replicas (each shard's last row is its trash row: see slots.py);
+    slot_ids (global ids), want_logprobs, inputs: per row; suppressed
     i32[rows, S] (vocab_rows = none). Returns (tokens i32[rows], chosen logprob f32[rows],
     top ids i32[rows, num_top], top logprobs f32[rows, num_top]).
     """
@@ -73,17 +74,24 @@ def _sample_rows(mode, layout, num_top, *args):
         return _sample(*args, num_top=num_top)
     axes = layout.sampling_row_axes()
     rows = layout.partition(("batch",))
-    whole = jax.sharding.PartitionSpec()
     if mode == "replicated" or not axes:  # (no axes: the vocabulary is whole already)
         per_device = functools.partial(_sample_all_rows, axes, num_top)
     else:
         per_device = functools.partial(_sample_own_rows, axes, layout.axis_size(axes), num_top)
     # The logits come in as the LM head left them (each device a slice of the vocabulary), so
-    # the one collective on them is the mode's own, written below.
-    return jax.shard_map(per_device, mesh=layout.mesh,
-                         in_specs=(layout.partition(("batch", "vocab")), whole, whole, rows,
-                                   rows, rows, rows),
-                         out_specs=(rows,) * 4, check_vma=False)(*args)
+    # the one collective on them is the mode's own, written below. The slot state comes in as
+    # each replica's own shard (see slots.py): it never moves.
+    with layout.activate():
+        return jax.shard_map(functools.partial(_own_slots, per_device), mesh=layout.mesh,
+                             in_specs=(layout.partition(("batch", "vocab")), rows, rows, rows,
+                                       rows, rows, rows),
+                             out_specs=(rows,) * 4, check_vma=False)(*args)
+
+
+def _own_slots(per_device, logits, prompt_mask, output_counts, slot_ids, *rest):
+    """Per device: the rows' global slot ids turned into rows of its replica's slot shard."""
+    return per_device(logits, prompt_mask, output_counts,
+                      slots.local_rows(slot_ids, prompt_mask.shape[0]), *rest)
 
 
 def _sample(logits, prompt_mask, output_counts, slot_ids, suppressed, want_logprobs,

@@ -48,7 +48,7 @@ class LLM:
                  max_steps_in_flight: int = 2, moe_strategy: str = "auto",
                  moe_auto_threshold: int | None = None, enable_prefix_caching: bool = True,
                  routing="prefix", sampling: str = DEFAULT_SAMPLING,
-                 output_processing: str = "inline"):
+                 output_processing: str = "auto"):
         """Load a jaxserve checkpoint onto a mesh.
 
         mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
@@ -64,9 +64,9 @@ class LLM:
         "prefix" (the one caching its longest prefix unless it is overloaded), "least_loaded",
         "round_robin" or a policy object (see jaxserve/engine/router.py).
         sampling: "sequence_parallel" (each device samples its own rows; see
-        jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline" or
-        "thread" (detokenization and stop strings beside the next step; see
-        jaxserve/engine/output_processor.py).
+        jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline",
+        "thread" (detokenization and stop strings beside the next step) or "auto" (inline on
+        cpu, thread on gpu/tpu; see jaxserve/engine/output_processor.py).
         """
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")

@@ -105,9 +105,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default=None, choices=["sequence_parallel", "replicated"],
                    help="under tensor parallelism: each device samples its own rows "
                    "(sequence_parallel, the default) or every row (replicated)")
-    p.add_argument("--output-processing", default=None, choices=["inline", "thread"],
+    p.add_argument("--output-processing", default=None, choices=["auto", "inline", "thread"],
                    help="detokenization, stop strings and streaming on the engine thread "
-                   "(inline, the default) or on a worker thread beside the next step")
+                   "(inline) or on a worker thread beside the next step (thread); auto, the "
+                   "default: inline on cpu, thread on gpu/tpu")
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:

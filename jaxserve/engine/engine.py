@@ -42,7 +42,8 @@ from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
-from jaxserve.engine.output_processor import OutputProcessor, check_mode as check_output_mode
+from jaxserve.engine.output_processor import (DEFAULT_OUTPUT_PROCESSING, OutputProcessor,
+                                              check_mode as check_output_mode)
 from jaxserve.engine.timeline import Timeline
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
@@ -57,7 +58,7 @@ class EngineConfig:
     max_prefill_chunk: int = 256  # longest prefill chunk of one sequence in one step
     max_prefill_rows: int = 8  # sequences prefilled in one step
     max_steps_in_flight: int = 2
-    output_processing: str = "inline"  # where text is made: see output_processor.py
+    output_processing: str = DEFAULT_OUTPUT_PROCESSING  # where text is made: output_processor.py
 
     def __post_init__(self):
         check_output_mode(self.output_processing)

@@ -6,7 +6,7 @@ Two parts, split by what the scheduler needs to know at once:
   the stops a token id decides (EOS, stop_token_ids, max_tokens, the context is full). Those
   free the sequence's slot and blocks before the next step is planned.
 - the *text part*: logprobs, detokenization, stop strings, streaming updates. Where it runs is
-  `OutputProcessor.mode`:
+  `OutputProcessor.mode` (the setting "auto", the default, resolves by platform: `check_mode`):
     "inline"  right after the token part, on the engine thread: the next step's dispatch waits
               for it (with many streams, it is on the critical path);
     "thread"  on a worker thread, while the engine thread plans and dispatches the next step.
@@ -40,7 +40,8 @@ from jaxserve.engine.sequence import Request, Sequence, Status
 if TYPE_CHECKING:
     from jaxserve.engine.engine import Engine
 
-OUTPUT_PROCESSING = ("inline", "thread")
+OUTPUT_PROCESSING = ("auto", "inline", "thread")
+DEFAULT_OUTPUT_PROCESSING = "auto"
 YIELD_EVERY = 8  # sequences the worker processes between handing the GIL back
 POLL_EVERY = 16  # sequences the inline text part processes between device polls
 
@@ -49,15 +50,29 @@ POLL_EVERY = 16  # sequences the inline text part processes between device polls
 Item = tuple[Sequence, int, int, int, "tuple[str, object, bool] | None"]
 
 
-def check_mode(mode: str) -> str:
+def check_mode(mode: str, platform: str | None = None) -> str:
+    """The mode text is processed in, "inline" or "thread"; "auto" (the default) picks by the
+    platform XLA computes on (`platform`, else JAX's default backend): "inline" on cpu, "thread"
+    on accelerators. Why: on cpu the worker's Python competes with XLA's compute threads for the
+    same cores, and the step loses more than the engine thread gains (BENCHMARKS.md: -8% output
+    tokens/s on 2 cores); on a gpu or tpu the host cores idle while the device computes, so the
+    text part fits into the engine thread's device waits and comes off its critical path. The
+    accelerator half is reasoned from the cpu timeline (host-only time per step falls when the
+    text part moves off the engine thread), not measured on an accelerator."""
     if mode not in OUTPUT_PROCESSING:
         raise ValueError(f"output_processing must be one of {', '.join(OUTPUT_PROCESSING)}, "
                          f"got {mode!r}")
-    return mode
+    if mode != "auto":
+        return mode
+    if platform is None:
+        import jax  # only to resolve "auto": validating a name needs no devices
+
+        platform = jax.default_backend()
+    return "inline" if platform == "cpu" else "thread"
 
 
 class OutputProcessor:
-    def __init__(self, engine: Engine, mode: str = "inline"):
+    def __init__(self, engine: Engine, mode: str = DEFAULT_OUTPUT_PROCESSING):
         self.engine = engine
         self.mode = check_mode(mode)
         # Called with the sequences that got new text, from wherever the text part runs (a

@@ -274,8 +274,9 @@ class LLM:
     # ---- scoring ----
     def score(self, prompts, candidates=None, top_n: int = 0, use_tqdm: bool = False
               ) -> list[ScoreOutput]:
-        """Score continuations with one prefill pass per prompt; nothing is sampled and no KV is
-        kept (see jaxserve/engine/scoring.py). Outputs in input order.
+        """Score continuations with one prefill pass per prompt; nothing is sampled, no KV block
+        stays held, and prompts reuse (and leave) cached prefixes like `generate` (see
+        jaxserve/engine/scoring.py). Outputs in input order.
 
         prompts: a string or token-id list, or a list of them (text is encoded as `generate`
         encodes it). candidates: None, one list of candidates for every prompt, or one list per

@@ -57,9 +57,9 @@ class LLM:
         "prefix" (the one caching its longest prefix unless it is overloaded), "least_loaded",
         "round_robin" or a policy object (see jaxserve/engine/router.py).
         sampling: "sequence_parallel" (each device samples its own rows; see
-        jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline" or
-        "thread" (detokenization and stop strings beside the next step; see
-        jaxserve/engine/output_processor.py).
+        jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline",
+        "thread" (detokenization and stop strings beside the next step) or "auto" (inline on
+        cpu, thread on gpu/tpu; see jaxserve/engine/output_processor.py).
         """
         if settings is None:
             settings = Settings()
@@ -264,8 +264,9 @@ class LLM:
     # ---- scoring ----
     def score(self, prompts, candidates=None, top_n: int = 0, use_tqdm: bool = False
               ) -> list[ScoreOutput]:
-        """Score continuations with one prefill pass per prompt; nothing is sampled and no KV is
-        kept (see jaxserve/engine/scoring.py). Outputs in input order.
+        """Score continuations with one prefill pass per prompt; nothing is sampled, no KV block
+        stays held, and prompts reuse (and leave) cached prefixes like `generate` (see
+        jaxserve/engine/scoring.py). Outputs in input order.
 
         prompts: a string or token-id list, or a list of them (text is encoded as `generate`
         encodes it). candidates: None, one list of candidates for every prompt, or one list per

@@ -34,8 +34,9 @@ from typing import Any, Iterator
 
 from jaxserve.rules import parse_mesh
 
+# The mode names users see, defined once; the modules that implement them import these.
 SAMPLING_MODES = ("sequence_parallel", "replicated")  # jaxserve/runtime/step_sampling.py
-OUTPUT_PROCESSING_MODES = ("inline", "thread")  # jaxserve/engine/output_processor.py
+OUTPUT_PROCESSING_MODES = ("auto", "inline", "thread")  # jaxserve/engine/output_processor.py
 MOE_STRATEGIES = ("dense", "alltoall", "allgather", "auto")  # jaxserve/ops/moe.py
 ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")  # jaxserve/engine/router.py
 DTYPES = ("float32", "bfloat16", "float16")
@@ -170,8 +171,9 @@ class SamplingSettings:
         "(sequence_parallel) or every row (replicated)", type=str, name="sampling",
         choices=SAMPLING_MODES)
     output_processing: str = setting(
-        "inline", "detokenization, stop strings and streaming on the engine thread (inline) "
-        "or on a worker thread beside the next step (thread)", type=str,
+        "auto", "detokenization, stop strings and streaming on the engine thread (inline) "
+        "or on a worker thread beside the next step (thread); auto: inline on cpu, thread on "
+        "gpu/tpu", type=str,
         choices=OUTPUT_PROCESSING_MODES)
 
     def __post_init__(self):

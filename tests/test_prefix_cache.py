@@ -317,3 +317,52 @@ def test_block_copies_update_the_pool_in_place(model_dir):
 def test_prefix_cache_settings_are_validated(model_dir, kwargs, error):
     with pytest.raises((ValueError, TypeError), match=error):
         LLM(model_dir, **ENGINE, **kwargs)
+
+
+# ---- scoring (prefill-only) through the same cache ----
+
+def score_workload(seed, n=12):
+    """Score jobs over two shared system prompts (24 and 43 tokens), suffixes of 1..12 ids."""
+    rng = np.random.default_rng(seed)
+    systems = [tokens(rng, 24), tokens(rng, 43)]
+    prompts = [systems[i % 2] + tokens(rng, int(rng.integers(1, 13))) for i in range(n)]
+    return prompts, [[5, 6, 7], tokens(rng, 11), [9]]
+
+
+def assert_same_scores(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert [t.token_id for t in g.top] == [t.token_id for t in w.top]
+        for a, b in zip(g.candidates, w.candidates, strict=True):
+            np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-5)
+
+
+def test_scores_equal_with_and_without_prefix_caching(cached, uncached):
+    prompts, candidates = score_workload(30)
+    want = uncached.score(prompts, candidates, top_n=2)
+    off = uncached.stats()
+    assert off.get("score_prefix_cache_hits", 0) == 0 and off["kv_blocks_cached"] == 0
+    before = cached.stats()
+    got = cached.score(prompts, candidates, top_n=2)
+    again = cached.score(prompts[:4], candidates, top_n=2)
+    after = cached.stats()
+    assert_same_scores(got, want)
+    assert_same_scores(again, want[:4])
+    hits = after["score_prefix_cache_hits"] - before["score_prefix_cache_hits"]
+    # first call: every job but the first of each system prompt hits it in whole blocks
+    # (24 and 40 tokens); the second call hits every prefix of the first
+    assert hits == 5 * 24 + 5 * 40 + sum((len(p) - 1) // BS * BS for p in prompts[:4])
+    check_pools(cached)
+    check_pools(uncached)
+
+
+def test_scoring_under_a_small_pool_evicts_and_leaks_no_block(model_dir, uncached):
+    llm = LLM(model_dir, **{**ENGINE, "kv_blocks": 1 + 12})  # 96 tokens: a few jobs at a time
+    for seed in (31, 32, 33):
+        prompts, candidates = score_workload(seed, n=8)
+        assert_same_scores(llm.score(prompts, candidates, top_n=1),
+                           uncached.score(prompts, candidates, top_n=1))
+        check_pools(llm)
+    stats = llm.stats()
+    assert sum(p.num_evictions for p in llm.engine.pools) > 0
+    assert stats["score_prefix_cache_hits"] > 0
+    assert stats["kv_blocks_used"] == 0 and 0 < stats["kv_blocks_cached"] <= 12

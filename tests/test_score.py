@@ -132,6 +132,116 @@ def test_score_refuses_while_requests_run(llama):
     assert llm.engine.kv_blocks_used == 0
 
 
+# ---- the prefix cache: scoring looks up and leaves its full blocks cached ----
+
+BS = SMALL["block_size"]
+SCORE_COUNTERS = ("score_prefix_cache_queries", "score_prefix_cache_hits", "score_prefill_tokens")
+
+
+def random_ids(rng, n):
+    return rng.integers(3, 512, size=n).tolist()
+
+
+def counted(llm, run):
+    """run()'s result and how much it moved the scoring counters."""
+    before = llm.stats()
+    result = run()
+    after = llm.stats()
+    return result, {k.split("_")[-1]: after.get(k, 0) - before.get(k, 0) for k in SCORE_COUNTERS}
+
+
+def branch_tokens(prompt, candidates):
+    """Tokens a job's branches compute: the prompt after its prefix, each candidate but its last."""
+    b = (len(prompt) - 1) // BS * BS
+    return sum(len(prompt) - b + len(c) - 1 for c in candidates)
+
+
+def assert_pools_clean(llm):
+    for pool in llm.engine.pools:
+        pool.check()
+    assert llm.engine.kv_blocks_used == 0
+
+
+def test_a_second_score_of_a_prompt_computes_only_its_branches(llama):
+    hf_dir, llm = llama
+    prompt = random_ids(np.random.default_rng(20), 23)  # prefix: 5 blocks (20 tokens)
+    candidates = [[5], [7, 8, 9, 10, 11, 12], [100, 3]]
+    first, one = counted(llm, lambda: llm.score([prompt], candidates, top_n=3))
+    second, two = counted(llm, lambda: llm.score([prompt], candidates, top_n=3))
+    assert one == dict(queries=23, hits=0, tokens=20 + branch_tokens(prompt, candidates))
+    assert two == dict(queries=23, hits=20, tokens=branch_tokens(prompt, candidates))
+    assert_scores_match_hf(hf_dir, [prompt], candidates, second, top_n=3)
+    for a, b in zip(first[0].candidates, second[0].candidates):
+        np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, rtol=0, atol=1e-6)
+    assert [t.token_id for t in first[0].top] == [t.token_id for t in second[0].top]
+    assert_pools_clean(llm)
+
+
+def test_jobs_of_one_call_sharing_a_prefix_compute_it_once(llama):
+    hf_dir, llm = llama
+    rng = np.random.default_rng(21)
+    system = random_ids(rng, 4 * BS)
+    prompts = [system + random_ids(rng, 3) for _ in range(4)]  # each prefix: the system prompt
+    outputs, moved = counted(llm, lambda: llm.score(prompts, CANDIDATES[:2]))
+    assert moved["hits"] == 3 * 4 * BS
+    assert moved["tokens"] == 4 * BS + sum(branch_tokens(p, CANDIDATES[:2]) for p in prompts)
+    assert_scores_match_hf(hf_dir, prompts, CANDIDATES[:2], outputs, top_n=0)
+    assert_pools_clean(llm)
+
+
+def test_scoring_and_generation_hit_each_others_blocks(llama):
+    hf_dir, llm = llama
+    rng = np.random.default_rng(22)
+    prompt = random_ids(rng, 26)  # generation names 6 full blocks; the score prefix needs 6
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate([prompt], greedy, use_tqdm=False)
+    outputs, moved = counted(llm, lambda: llm.score([prompt], CANDIDATES, top_n=2))
+    assert moved["hits"] == 24
+    assert_scores_match_hf(hf_dir, [prompt], CANDIDATES, outputs, top_n=2)
+    # the branch of candidate 1 computed positions 24..30: its full block 24..27 is cached
+    extended = prompt + CANDIDATES[1]
+    out = llm.generate([extended], greedy, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 28
+    ref = np.argmax(hf_log_softmax(hf_dir, extended + out.outputs[0].token_ids[:-1])[0], -1)
+    assert out.outputs[0].token_ids == ref[len(extended) - 1:].tolist()
+    assert_pools_clean(llm)
+
+
+def test_dp2_routes_score_jobs_to_the_replica_holding_their_prefix(hf_model_dir):
+    from jaxserve.engine.scoring import ScoreRun
+
+    hf_dir, model_dir = hf_model_dir("llama")
+    llm = LLM(model_dir, mesh="dp=2", rules="dp", **SMALL)
+    rng = np.random.default_rng(23)
+    a, b, c = (random_ids(rng, 4 * BS) for _ in range(3))
+
+    def run(prompts):
+        jobs = [llm.prepare_score(p, CANDIDATES[:2], 1) for p in prompts]
+        scoring = ScoreRun(llm.engine, jobs)
+        try:
+            while not scoring.done:
+                assert scoring.step() is not None
+        finally:
+            scoring.release()
+        return scoring.replica_of, [llm.score_output(j, s) for j, s in zip(jobs, scoring.scores)]
+
+    # Within a run: same-prefix jobs gather where the first of them went (least-loaded routing
+    # would alternate them).
+    prompts = [p + random_ids(rng, 2) for p in (a, a, b, b, a, a, b, b)]
+    (replicas, outputs), moved = counted(llm, lambda: run(prompts))
+    assert replicas == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert moved["hits"] == 6 * 4 * BS
+    assert_scores_match_hf(hf_dir, prompts, CANDIDATES[:2], outputs, top_n=1)
+    # Across runs: the replica holding the prefix from an earlier call takes its jobs.
+    (replicas, _), _ = counted(llm, lambda: run([b + [7], c + [7]]))
+    assert replicas == [1, 0]
+    prompts = [c + random_ids(rng, 3), c + random_ids(rng, 1)]
+    (replicas, outputs), moved = counted(llm, lambda: run(prompts))
+    assert replicas == [0, 0] and moved["hits"] == 2 * 4 * BS
+    assert_scores_match_hf(hf_dir, prompts, CANDIDATES[:2], outputs, top_n=1)
+    assert_pools_clean(llm)
+
+
 @pytest.mark.parametrize("prompts,candidates,top_n,message", [
     ([[1, 2]], [[3], []], 0, "candidate 1 is empty"),
     ([[1, 2]], [[3], [4, 512]], 0, r"candidate 1: token id 512 at index 1 is not in \[0, 512\)"),

@@ -132,6 +132,7 @@ def test_the_mode_vocabularies_are_those_the_engine_implements():
     assert settings.SAMPLING_MODES == step_sampling.SAMPLING_MODES
     assert SamplingSettings().mode == step_sampling.DEFAULT_SAMPLING
     assert settings.OUTPUT_PROCESSING_MODES == output_processor.OUTPUT_PROCESSING
+    assert SamplingSettings().output_processing == output_processor.DEFAULT_OUTPUT_PROCESSING
     assert settings.MOE_STRATEGIES == moe.STRATEGIES
     assert settings.ROUTING_POLICIES == router.POLICIES
     assert settings.PREFILL_QUERY_TILE == QUERY_TILE

@@ -287,11 +287,12 @@ class Engine:
         `prefix_cache_queries` looked up in the prefix cache at admission, `prefix_cache_hits`
         found there; `forked_sequences` took their prompt from a sibling (n > 1).
         `replica_load_flops`: per DP replica, the true FLOPs of the admitted work not yet
-        done."""
+        done. `score_*`: the same for scoring runs (jaxserve/engine/scoring.py)."""
         scheduler = self.scheduler
         return {
             "compilations": self.runner.compilations,
-            "prefill_tokens": 0, "generated_tokens": 0,
+            "prefill_tokens": 0, "generated_tokens": 0, "score_prefill_tokens": 0,
+            "score_prefix_cache_queries": 0, "score_prefix_cache_hits": 0,
             **self.counters,
             "prefix_caching": self.pools[0].caching,
             "prefix_cache_queries": scheduler.counters["prefix_cache_queries"],

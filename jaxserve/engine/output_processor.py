@@ -7,7 +7,8 @@ A read-back step is handled in two parts, split by what the scheduler needs to k
   max_tokens, the context is full). Those free the sequence's slot and blocks before the next
   step is planned. It hands this processor the tokens it applied (`SampledToken`).
 - the *text part*, here: logprobs, detokenization, stop strings, streaming updates. Where it
-  runs is `OutputProcessor.mode`:
+  runs is `OutputProcessor.mode` (the setting "auto", the default, resolves by platform:
+  `check_mode`):
     "inline"  right after the token part, on the engine thread: the next step's dispatch waits
               for it (with many streams, it is on the critical path);
     "thread"  on a worker thread, while the engine thread plans and dispatches the next step.
@@ -42,8 +43,10 @@ import numpy as np
 
 from jaxserve.engine.sequence import Request, SampledToken, Sequence
 from jaxserve.engine.timeline import Timeline
+from jaxserve.settings import OUTPUT_PROCESSING_MODES
 
-OUTPUT_PROCESSING = ("inline", "thread")
+OUTPUT_PROCESSING = OUTPUT_PROCESSING_MODES
+DEFAULT_OUTPUT_PROCESSING = "auto"
 YIELD_EVERY = 8  # sequences the worker processes between handing the GIL back
 POLL_EVERY = 16  # sequences the inline text part processes between device polls
 
@@ -77,15 +80,29 @@ class Processed:
     done: list[Request] = dataclasses.field(default_factory=list)
 
 
-def check_mode(mode: str) -> str:
+def check_mode(mode: str, platform: str | None = None) -> str:
+    """The mode text is processed in, "inline" or "thread"; "auto" (the default) picks by the
+    platform XLA computes on (`platform`, else JAX's default backend): "inline" on cpu, "thread"
+    on accelerators. Why: on cpu the worker's Python competes with XLA's compute threads for the
+    same cores, and the step loses more than the engine thread gains (BENCHMARKS.md: -8% output
+    tokens/s on 2 cores); on a gpu or tpu the host cores idle while the device computes, so the
+    text part fits into the engine thread's device waits and comes off its critical path. The
+    accelerator half is reasoned from the cpu timeline (host-only time per step falls when the
+    text part moves off the engine thread), not measured on an accelerator."""
     if mode not in OUTPUT_PROCESSING:
         raise ValueError(f"output_processing must be one of {', '.join(OUTPUT_PROCESSING)}, "
                          f"got {mode!r}")
-    return mode
+    if mode != "auto":
+        return mode
+    if platform is None:
+        import jax  # only to resolve "auto": validating a name needs no devices
+
+        platform = jax.default_backend()
+    return "inline" if platform == "cpu" else "thread"
 
 
 class OutputProcessor:
-    def __init__(self, timeline: Timeline, mode: str = "inline"):
+    def __init__(self, timeline: Timeline, mode: str = DEFAULT_OUTPUT_PROCESSING):
         self.timeline = timeline  # device polls (inline) and the worker's spans
         self.mode = check_mode(mode)
         # Called with the sequences that got new text, from wherever the text part runs (a

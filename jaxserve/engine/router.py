@@ -28,7 +28,9 @@ Policies (pass one to `LLM(routing=...)`, by name or as an instance):
 - `RoundRobin` ("round_robin"): replicas with a free slot in turn.
 
 A policy is any object with `name` and `choose(replicas) -> replica id`; it must be
-deterministic (multi-host runs take the same decision on every host).
+deterministic (multi-host runs take the same decision on every host). Scoring jobs are routed by
+the same policy when their run is made (jaxserve/engine/scoring.py): their views count the
+prompt's cached blocks and the run's own queued jobs. `choose_replica` checks every choice.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Protocol, Sequence
 
 from jaxserve import flops
 from jaxserve.config import ModelConfig
+from jaxserve.settings import ROUTING_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,7 @@ class RoundRobin:
         return pick
 
 
-POLICIES = ("prefix", "least_loaded", "round_robin")
+POLICIES = ROUTING_POLICIES
 DEFAULT_THRESHOLD_STEPS = 4
 
 
@@ -137,3 +140,12 @@ def remaining_flops(config: ModelConfig, start: int, prompt_len: int, max_tokens
     output token is never fed back, so the tokens to compute end at prompt + max_tokens - 1."""
     end = max(start, prompt_len + max_tokens - 1)
     return flops.chunk_flops(config, start, end, max(0, max_tokens - sampled))
+
+
+def choose_replica(policy: RoutingPolicy, replicas: Sequence[ReplicaView]) -> int:
+    """The policy's choice, checked: a replica id among `replicas`."""
+    replica = policy.choose(replicas)
+    if not (isinstance(replica, int) and 0 <= replica < len(replicas)):
+        raise ValueError(f"routing policy {policy.name!r} chose replica {replica!r}; there are "
+                         f"{len(replicas)}")
+    return replica

@@ -41,7 +41,8 @@ import dataclasses
 from jaxserve.config import ModelConfig
 from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.block_pool import BlockHash, BlockPool, chain_hashes
-from jaxserve.engine.router import ReplicaView, RoutingPolicy, remaining_flops
+from jaxserve.engine.router import (ReplicaView, RoutingPolicy, choose_replica,
+                                    remaining_flops)
 from jaxserve.engine.sequence import SampledToken, Sequence, Status, TokenStop
 from jaxserve.settings import SchedulerSettings
 
@@ -245,10 +246,7 @@ class Scheduler:
             views.append(ReplicaView(r, (len(hits[r]) + coming[r]) * bs,
                                      loads[r] if loads else 0, self.pools[r].num_free,
                                      self.slots[r].num_free))
-        replica = self.router.choose(views) if len(views) > 1 else 0
-        if not (isinstance(replica, int) and 0 <= replica < self.num_replicas):
-            raise ValueError(f"routing policy {self.router.name!r} chose replica {replica!r}; "
-                             f"there are {self.num_replicas}")
+        replica = choose_replica(self.router, views) if len(views) > 1 else 0
         if replica in closed or coming[replica] or not self.slots[replica].num_free:
             return None
         pool, hit = self.pools[replica], hits[replica]

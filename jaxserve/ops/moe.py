@@ -38,11 +38,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.ops.cost import note_loop
+from jaxserve.settings import MOE_STRATEGIES
 from jaxserve.sharding import (all_gather_logical, all_to_all_logical, axis_index_logical,
                                axis_size_logical, psum_logical, ragged_all_to_all_logical,
                                shard_map_logical)
 
-STRATEGIES = ("dense", "alltoall", "allgather", "auto")
+STRATEGIES = MOE_STRATEGIES
 # Tokens per step above which `auto` gathers expert weights instead of exchanging tokens: the
 # crossover measured by scripts/bench_moe.py (BENCHMARKS.md). Set per engine with
 # `moe_auto_threshold`.

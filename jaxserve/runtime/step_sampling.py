@@ -34,9 +34,9 @@ import jax.numpy as jnp
 
 from jaxserve.runtime import sampling, slots
 from jaxserve.runtime.sampling import SamplingInputs
+from jaxserve.settings import SAMPLING_MODES
 from jaxserve.sharding import Layout
 
-SAMPLING_MODES = ("sequence_parallel", "replicated")
 DEFAULT_SAMPLING = "sequence_parallel"
 # XLA:CPU vectorizes a reduction over a small vocabulary across rows, 8 at a time, and a row's
 # rounding then depends on whether it falls in such a group: both modes sample over rows padded

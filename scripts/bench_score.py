@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 from jaxserve.bench import score_prefix
-from jaxserve.cli import DEFAULT_MODEL
+from jaxserve.package_data import embedded_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+    p.add_argument("--model", type=Path, default=embedded_model(),
                    help="a jaxserve checkpoint directory (default: the embedded model)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--prefixes", type=int, default=4, help="shared system prompts")

@@ -19,10 +19,10 @@ def test_an_explicit_mode_wins_on_every_platform(mode):
 
 def test_the_default_is_auto_and_an_engine_on_cpu_processes_inline():
     from jaxserve import LLM
-    from jaxserve.cli import DEFAULT_MODEL
+    from jaxserve.package_data import embedded_model
 
     assert DEFAULT_OUTPUT_PROCESSING == "auto" and check_mode("auto") == "inline"
-    assert LLM(DEFAULT_MODEL, max_model_len=64).engine.output.mode == "inline"
+    assert LLM(embedded_model(), max_model_len=64).engine.output.mode == "inline"
 
 
 def test_an_unknown_mode_is_refused_by_name():

@@ -9,6 +9,7 @@ the engine thread, right after readback, as before).
 import ast
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest

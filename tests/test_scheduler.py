@@ -6,8 +6,6 @@ Oracle: the stop rules as the sampling parameters state them (EOS once min_token
 unless ignore_eos, stop_token_ids, max_tokens, a full context).
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -18,8 +16,10 @@ from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.engine.sequence import Request, Status, TokenStop
+from jaxserve.package_data import embedded_model
+from jaxserve.settings import SchedulerSettings
 
-TINY = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+TINY = embedded_model()
 EOS = (2,)
 BLOCK = 4
 MAX_MODEL_LEN = 32
@@ -28,8 +28,11 @@ MAX_MODEL_LEN = 32
 @pytest.fixture
 def scheduler():
     config = ModelConfig.load(TINY / "config.json")
-    return Scheduler([BlockPool(16, BLOCK, True)], [IdPool(range(4))], 64, 32, 4, 16,
-                     make_policy("prefix", config, 64), config, identity_hash("test"))
+    limits = SchedulerSettings(max_num_batched_tokens=64, max_prefill_chunk=32,
+                               max_prefill_rows=4)
+    return Scheduler(limits, [BlockPool(16, BLOCK, True)], [IdPool(range(4))], tile=16,
+                     router=make_policy("prefix", config, 64), model_config=config,
+                     root_hash=identity_hash("test"))
 
 
 def running(scheduler, params, prompt=(5, 6, 7, 8, 9), request_id="r"):

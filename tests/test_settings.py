@@ -74,7 +74,7 @@ BAD = [  # setting, as typed on the command line, as given to LLM, a word the er
     ("moe_auto_threshold", "-1", -1, "moe_auto_threshold must be a non-negative integer"),
     ("sampling", "fast", "fast", "sampling must be one of sequence_parallel, replicated, "
      "got 'fast'"),
-    ("output_processing", "later", "later", "output_processing must be one of inline, thread"),
+    ("output_processing", "later", "later", "output_processing must be one of auto, inline, thread"),
     ("moe_strategy", "sparse", "sparse", "moe_strategy must be one of dense, alltoall"),
     ("routing", "nearest", "nearest", "routing must be one of ['prefix', 'least_loaded', "
      "'round_robin'] or a policy object, got 'nearest'"),

@@ -15,8 +15,9 @@ processor returns the text part's late stops and finished requests (`Processed`)
 engine hands to the scheduler and applies to its own request table and counters.
 
 `max_steps_in_flight` bounds the steps dispatched and not yet read back. On simulated CPU
-devices many collective-bearing programs in flight can starve XLA's rendezvous threads (see
-../shared/PLATFORM.md), so the bound is a setting; 2 keeps one step of overlap.
+devices many collective-bearing programs in flight can starve XLA's rendezvous threads (on 2
+cores, an unbounded decode loop aborted with "Termination timeout for all reduce"; jax-ml/jax#31818),
+so the bound is a setting; 2 keeps one step of overlap.
 
 Everything the host does is timed per phase (`stats()`), and step by step in `timeline`
 (jaxserve/engine/timeline.py: host phases, device occupancy, idle gaps): that is the

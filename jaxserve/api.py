@@ -24,6 +24,7 @@ import numpy as np
 from jaxserve.checkpoint import restore_model
 from jaxserve.engine.engine import Engine, EngineConfig
 from jaxserve.engine.output_processor import check_mode as check_output_processing
+from jaxserve.engine.warmup import resolve_mode as resolve_compilation
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
@@ -31,6 +32,7 @@ from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
 from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
+from jaxserve.runtime import compile_cache
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.runtime.step_sampling import DEFAULT_SAMPLING, check_mode as check_sampling
 from jaxserve.sharding import Layout, replicas_of
@@ -48,7 +50,8 @@ class LLM:
                  max_steps_in_flight: int = 2, moe_strategy: str = "auto",
                  moe_auto_threshold: int | None = None, enable_prefix_caching: bool = True,
                  routing="prefix", sampling: str = DEFAULT_SAMPLING,
-                 output_processing: str = "inline"):
+                 output_processing: str = "inline", compilation: str | None = None,
+                 compilation_cache: str | Path | None = None):
         """Load a jaxserve checkpoint onto a mesh.
 
         mesh: e.g. "tp=4" or "dp=2,tp=2"; None = one device. rules: a name in sharding_rules/ or
@@ -67,11 +70,19 @@ class LLM:
         jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline" or
         "thread" (detokenization and stop strings beside the next step; see
         jaxserve/engine/output_processor.py).
+        compilation: when step programs compile: "background" (the default: what the first
+        requests need now, the rest on a thread while requests run), "upfront" (all now) or
+        "on_use" (each when a step first needs it); None = $JAXSERVE_COMPILATION or the default
+        (see jaxserve/engine/warmup.py). compilation_cache: where compiled programs are kept
+        between runs, a directory or "off" (default: $JAXSERVE_COMPILATION_CACHE, else
+        ~/.cache/jaxserve/xla; see jaxserve/runtime/compile_cache.py).
         """
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.model_dir = Path(model_dir)
         check_sampling(sampling)
+        compilation = resolve_compilation(compilation)
+        self.compilation_cache = compile_cache.use(compilation_cache)
         check_output_processing(output_processing)
         moe = MoEExecution(moe_strategy, DEFAULT_AUTO_THRESHOLD if moe_auto_threshold is None
                            else moe_auto_threshold)
@@ -105,7 +116,7 @@ class LLM:
                                       self.layout.rules.source)))
         self.engine = Engine(self.runner, self.config, self.max_model_len, engine_config,
                              self.tokenizer, enable_prefix_caching=enable_prefix_caching,
-                             routing=routing, cache_identity=identity)
+                             routing=routing, cache_identity=identity, compilation=compilation)
         self._request_ids = itertools.count()
 
     def _kv_pool_blocks(self, kv_blocks, fraction, block_size, max_num_seqs,
@@ -258,7 +269,8 @@ class LLM:
         return [results[i] for i in range(len(results))]
 
     def warmup(self) -> int:
-        """Compile every step shape up front; returns the number of programs compiled."""
+        """Compile every step shape now (a background warm-up in progress is finished here);
+        returns the number of programs compiled."""
         compiled = self.engine.warmup()
         self.engine.timeline.lap("idle")  # compiling is not step work
         return compiled

@@ -108,6 +108,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-processing", default=None, choices=["inline", "thread"],
                    help="detokenization, stop strings and streaming on the engine thread "
                    "(inline, the default) or on a worker thread beside the next step")
+    p.add_argument("--compilation", default=None, choices=["background", "upfront", "on_use"],
+                   help="when step programs compile: the first requests' now and the rest "
+                   "on a thread beside them (background, the default; $JAXSERVE_COMPILATION), "
+                   "all before starting (upfront) or each when first needed (on_use)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                   help="where compiled programs are kept between runs (default: "
+                   "$JAXSERVE_COMPILATION_CACHE, else ~/.cache/jaxserve/xla); off: nowhere")
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -124,7 +131,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
 ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                 "kv_blocks", "kv_memory_fraction", "max_steps_in_flight", "moe_strategy",
                 "moe_auto_threshold", "enable_prefix_caching", "routing", "sampling",
-                "output_processing")
+                "output_processing", "compilation", "compilation_cache")
 
 
 def _profile_window(text: str) -> tuple[int, int]:

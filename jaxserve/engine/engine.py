@@ -44,6 +44,7 @@ from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, check_mode as check_output_mode
 from jaxserve.engine.timeline import Timeline
+from jaxserve.engine.warmup import ShapeCompiler, resolve_mode as resolve_compilation
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
 
@@ -81,9 +82,13 @@ class _InFlight:
 class Engine:
     def __init__(self, runner: ModelRunner, config: ModelConfig, max_model_len: int,
                  engine_config: EngineConfig, tokenizer=None, *,
-                 enable_prefix_caching: bool = True, routing="prefix", cache_identity: str = ""):
+                 enable_prefix_caching: bool = True, routing="prefix", cache_identity: str = "",
+                 compilation: str | None = None):
         """routing: a policy name or object (jaxserve/engine/router.py). cache_identity names
-        what writes the KV (model, dtype, layout): it seeds every prefix cache hash."""
+        what writes the KV (model, dtype, layout): it seeds every prefix cache hash.
+        compilation: when step programs compile, "background", "upfront" or "on_use" (None:
+        $JAXSERVE_COMPILATION or background; see jaxserve/engine/warmup.py). The constructor
+        returns once the programs the mode compiles first are compiled."""
         self.runner = runner
         self.model_config = config
         self.max_model_len = max_model_len
@@ -121,6 +126,11 @@ class Engine:
         self.timeline = Timeline()
         self.output = OutputProcessor(self, engine_config.output_processing)
         self.flops = FlopsAccount(config, runner)
+        self.compiler = ShapeCompiler(runner, self.builder, resolve_compilation(compilation),
+                                      engine_config.max_prefill_chunk,
+                                      (self.builder.max_admissions,
+                                       engine_config.max_prefill_rows))
+        self.compiler.start()
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -213,7 +223,7 @@ class Engine:
 
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
-        layout = self.builder.build(plan)
+        layout = self.builder.build(plan, self.compiler.shape_for)
         now = self.timeline.lap("build")
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
@@ -258,11 +268,9 @@ class Engine:
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:
-        """Compile every step shape the engine can use; returns how many were compiled."""
-        shapes = [self.builder.idle(d, p) for d, p in self.builder.shapes()]
-        return (self.runner.compile_steps(shapes, threads=os.cpu_count() or 1)
-                + self.runner.compile_side_programs(self.builder.max_admissions,
-                                                    self.config.max_prefill_rows))
+        """Compile every step shape the engine can use now (a background warm-up stops and
+        this finishes it); returns how many were compiled."""
+        return self.compiler.compile_all(threads=os.cpu_count() or 1)
 
     @property
     def kv_blocks_used(self) -> int:
@@ -301,4 +309,5 @@ class Engine:
             "kv_blocks_total": self.kv_blocks_total,
             **{k: round(v, 6) for k, v in self.timers.items()},
             **self.flops.stats(sum(self.timers.values()), peak_flops),
+            **self.compiler.stats(),
         }

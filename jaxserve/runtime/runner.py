@@ -220,15 +220,18 @@ class ModelRunner:
             self.param_leaves, self.kv, self.slot_state, inputs)
         return outputs
 
-    def _forward_program(self):
-        return self._jitted("forward", lambda: jax.jit(
-            functools.partial(_forward, self.graphdef, self._param_treedef,
-                              (self.layout, self.moe)),
+    def _prefill_program(self, kind: str, fn, out_sharding: Callable[[], Any]):
+        """A program (params, KV pool, inputs) -> (outputs, KV pool), the pool donated."""
+        return self._jitted(kind, lambda: jax.jit(
+            functools.partial(fn, self.graphdef, self._param_treedef, (self.layout, self.moe)),
             donate_argnums=(1,),
             in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                           self._input_sharding()),
-            out_shardings=(self.layout.sharding(("batch", "vocab"), (
-                self.num_replicas, self.config.vocab_rows), "logits"), self.kv.shardings())))
+            out_shardings=(out_sharding(), self.kv.shardings())))
+
+    def _forward_program(self):
+        return self._prefill_program("forward", _forward, lambda: self.layout.sharding(
+            ("batch", "vocab"), (self.num_replicas, self.config.vocab_rows), "logits"))
 
     def forward(self, tokens: np.ndarray, metadata: AttentionMetadata) -> jax.Array:
         """Logits of every token of a prefill-only step (the `LLM.logits` program): float32
@@ -238,13 +241,7 @@ class ModelRunner:
         return logits
 
     def _score_program(self):
-        return self._jitted("score", lambda: jax.jit(
-            functools.partial(_score, self.graphdef, self._param_treedef,
-                              (self.layout, self.moe)),
-            donate_argnums=(1,),
-            in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
-                          self._input_sharding()),
-            out_shardings=(self.layout.replicated(), self.kv.shardings())))
+        return self._prefill_program("score", _score, self.layout.replicated)
 
     def score(self, inputs: ScoreInputs) -> ScoreOutputs:
         """Dispatch one prefill-only scoring step (see jaxserve/engine/scoring.py); returns

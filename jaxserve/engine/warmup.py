@@ -4,14 +4,15 @@ A step runs in one of a few bucketed shapes (jaxserve/engine/step_builder.py), e
 compile (seconds each on a CPU). The mode (`LLM(compilation=...)`, `--compilation`, or
 `$JAXSERVE_COMPILATION` when neither says) decides when:
 
-- "background" (the default): before the engine takes requests, the shapes its first requests
-  need -- the smallest decode bucket, and a prefill shape that holds one `max_prefill_chunk`
-  with a few decodes beside it -- and then, on a thread, the rest: the largest shape first
-  (every step fits in it, so from then on no step waits), the side programs (penalties, `n > 1`
-  copies), the decode buckets, the prefill buckets. Until a step's own bucket is compiled the
-  step runs in the cheapest compiled shape that holds it (`StepBuilder.covering`: a step after
-  a prefix cache hit, whose bucket is smaller than the full prompt's, runs in the full prompt's);
-  only a step that no compiled shape holds waits (`steps_waiting_for_compile`).
+- "background" (the default): before the engine takes requests, ONE shape that holds every
+  step of the first requests -- a prefill of one `max_prefill_chunk` with a few decodes beside
+  it (one compile: a start is seconds, not one compile per bucket) -- and then, on a thread, the
+  rest: the largest shape (every step fits in it, so from then on no step waits), the side
+  programs (penalties, `n > 1` copies), the decode buckets (smallest first: a lone request's
+  decodes), the prefill buckets. Until a step's own bucket is compiled the step
+  runs in the cheapest compiled shape that holds it (`StepBuilder.covering`: a step after a
+  prefix cache hit, whose bucket is smaller than the full prompt's, runs in a larger one); only
+  a step that no compiled shape holds waits (`steps_waiting_for_compile`).
 - "upfront": every program before the engine takes requests (what `LLM.warmup()` does).
 - "on_use": each program the first time a step needs it; that step waits.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
 import threading
 import time
@@ -71,10 +73,9 @@ class ShapeCompiler:
         self.builder = builder
         self.mode = check_mode(mode)
         self.side_programs = side_programs
-        decodes = builder.decode_buckets
-        self.first = [(decodes[0], 0), builder.shape_for(
-            min(SMALL_MIXED_DECODES, decodes[-1]),
-            min(first_prefill_tokens, builder.prefill_buckets[-1]))]
+        self.first = [builder.shape_for(min(SMALL_MIXED_DECODES, builder.decode_buckets[-1]),
+                                        min(first_prefill_tokens, builder.prefill_buckets[-1]))]
+        self.largest = max(builder.shapes(), key=lambda s: (s[1], s[0]))  # every step fits
         self.counters: collections.Counter[str] = collections.Counter()
         self.background_s: float | None = None  # how long the thread took, once it is done
         self.error: BaseException | None = None
@@ -84,11 +85,11 @@ class ShapeCompiler:
 
     # ---- the order ----
     def background_order(self) -> list[tuple[int, int]]:
-        """The shapes the thread compiles, in order (the side programs go after the first)."""
+        """The shapes the thread compiles, in order (the side programs go after the largest)."""
         shapes = self.builder.shapes()
-        largest = max(shapes, key=lambda s: (s[1], s[0]))
-        rest = sorted((s for s in shapes if s != largest), key=lambda s: (s[1] > 0, s[1], s[0]))
-        return [s for s in [largest] + rest if s not in self.first]
+        rest = sorted(shapes, key=lambda s: (s[1] > 0, s[1], s[0]))
+        order = list(dict.fromkeys([self.largest] + rest))
+        return [s for s in order if s not in self.first]
 
     def _step_inputs(self, shape: tuple[int, int]) -> StepInputs:
         if shape not in self._inputs:
@@ -115,12 +116,15 @@ class ShapeCompiler:
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
-            for i, shape in enumerate(self.background_order()):
+            order = self.background_order()
+            jobs = [functools.partial(self.runner.compile_steps, [self._step_inputs(s)], 1)
+                    for s in order]
+            jobs.insert(order.index(self.largest) + 1 if self.largest in order else 0,
+                        functools.partial(self.runner.compile_side_programs, *self.side_programs))
+            for job in jobs:
                 if self._stop.is_set():
                     return
-                self.runner.compile_steps([self._step_inputs(shape)], threads=1)
-                if i == 0 and not self._stop.is_set():
-                    self.runner.compile_side_programs(*self.side_programs)
+                job()
             self.background_s = time.perf_counter() - t0
         except BaseException as e:  # steps compile what is missing themselves, and raise it
             self.error = e

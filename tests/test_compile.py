@@ -154,7 +154,7 @@ def test_a_step_after_a_prefix_cache_hit_runs_in_a_shape_the_warm_up_compiled_fi
     assert compiler.shape_for(32, 0) == (32, 0)  # nothing holds it: it waits for its compile
     assert compiler.counters["steps_waiting_for_compile"] == 1
     order = compiler.background_order()
-    assert order[:2] == [(32, 512), (1, 0)]  # the shape every step fits, then a lone decode
+    assert order[:2] == [(1, 0), (32, 512)]  # a lone decode, then the shape every step fits
     assert sorted(order + compiler.first) == sorted(b.shapes())
 
 

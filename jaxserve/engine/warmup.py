@@ -7,9 +7,10 @@ compile (seconds each on a CPU). The mode (`LLM(compilation=...)`, `--compilatio
 - "background" (the default): before the engine takes requests, ONE shape that holds every
   step of the first requests -- a prefill of one `max_prefill_chunk` with a few decodes beside
   it (one compile: a start is seconds, not one compile per bucket) -- and then, on a thread, the
-  rest: the largest shape (every step fits in it, so from then on no step waits), the side
-  programs (penalties, `n > 1` copies), the decode buckets (smallest first: a lone request's
-  decodes), the prefill buckets. Until a step's own bucket is compiled the step
+  rest: the smallest decode bucket (a lone request's decodes: in the first shape each costs up
+  to 20 times more on a 55M model), the largest shape (every step fits in it, so from then on
+  no step waits), the side programs (penalties, `n > 1` copies), the other decode buckets, the
+  prefill buckets. Until a step's own bucket is compiled the step
   runs in the cheapest compiled shape that holds it (`StepBuilder.covering`: a step after a
   prefix cache hit, whose bucket is smaller than the full prompt's, runs in a larger one); only
   a step that no compiled shape holds waits (`steps_waiting_for_compile`).
@@ -87,8 +88,9 @@ class ShapeCompiler:
     def background_order(self) -> list[tuple[int, int]]:
         """The shapes the thread compiles, in order (the side programs go after the largest)."""
         shapes = self.builder.shapes()
+        lone_decode = (self.builder.decode_buckets[0], 0)
         rest = sorted(shapes, key=lambda s: (s[1] > 0, s[1], s[0]))
-        order = list(dict.fromkeys([self.largest] + rest))
+        order = list(dict.fromkeys([lone_decode, self.largest] + rest))
         return [s for s in order if s not in self.first]
 
     def _step_inputs(self, shape: tuple[int, int]) -> StepInputs:

@@ -30,6 +30,7 @@ from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
 from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
+from jaxserve.runtime import compile_cache
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.settings import CacheSettings, Settings
 from jaxserve.sharding import Layout, replicas_of
@@ -60,6 +61,12 @@ class LLM:
         jaxserve/runtime/step_sampling.py) or "replicated". output_processing: "inline",
         "thread" (detokenization and stop strings beside the next step) or "auto" (inline on
         cpu, thread on gpu/tpu; see jaxserve/engine/output_processor.py).
+        compilation: when step programs compile: "background" (the default: what the first
+        requests need now, the rest on a thread while requests run), "upfront" (all now) or
+        "on_use" (each when a step first needs it); None = $JAXSERVE_COMPILATION or the default
+        (see jaxserve/engine/warmup.py). compilation_cache: where compiled programs are kept
+        between runs, a directory or "off" (default: $JAXSERVE_COMPILATION_CACHE, else
+        ~/.cache/jaxserve/xla; see jaxserve/runtime/compile_cache.py).
         """
         if settings is None:
             settings = Settings()
@@ -72,6 +79,7 @@ class LLM:
         moe = MoEExecution(parallel.moe_strategy, DEFAULT_AUTO_THRESHOLD
                            if parallel.moe_auto_threshold is None else parallel.moe_auto_threshold)
         self.layout = Layout.create(parallel.mesh, parallel.rules)
+        self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
         self.config, graphdef, params = restore_model(self.model_dir, self.layout, settings.dtype)
         limit = self.config.max_position_embeddings
         max_model_len = settings.scheduler.max_model_len
@@ -248,7 +256,8 @@ class LLM:
         return [results[i] for i in range(len(results))]
 
     def warmup(self) -> int:
-        """Compile every step shape up front; returns the number of programs compiled."""
+        """Compile every step shape now (a background warm-up in progress is finished here);
+        returns the number of programs compiled."""
         compiled = self.engine.warmup()
         self.engine.timeline.lap("idle")  # compiling is not step work
         return compiled

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -167,6 +168,10 @@ def cmd_generate(args) -> int:
     if args.input is not None:
         read_items(Path(args.input), defaults)  # reject a bad file before loading the model
     _profile_window(args.jax_profile_steps)
+    if args.prompt is not None and args.compilation is None:
+        # One batch, then exit: a background warm-up would compile shapes this run never
+        # uses and make the exit wait for its compile in progress.
+        args.compilation = os.environ.get("JAXSERVE_COMPILATION") or "on_use"
     llm = _make_llm(args)
     _start_profiling(llm, args)
     try:
@@ -276,8 +281,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    import os
-
     if args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
     flags = os.environ.get("XLA_FLAGS", "")

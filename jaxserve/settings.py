@@ -5,6 +5,7 @@
       scheduler   SchedulerSettings  limits of one step per DP replica, steps in flight, routing
       parallel    ParallelSettings   mesh, sharding rules, how MoE experts run on the mesh
       sampling    SamplingSettings   where sampling and text making run
+      compile     CompileSettings    when step programs compile, where compiled ones are kept
       dtype                          parameter / compute dtype (the checkpoint's by default)
       speculative, precision, disaggregation, distributed
                                      where those features' sections go; None until they exist
@@ -39,6 +40,7 @@ SAMPLING_MODES = ("sequence_parallel", "replicated")  # jaxserve/runtime/step_sa
 OUTPUT_PROCESSING_MODES = ("auto", "inline", "thread")  # jaxserve/engine/output_processor.py
 MOE_STRATEGIES = ("dense", "alltoall", "allgather", "auto")  # jaxserve/ops/moe.py
 ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")  # jaxserve/engine/router.py
+COMPILATION_MODES = ("background", "upfront", "on_use")  # jaxserve/engine/warmup.py
 DTYPES = ("float32", "bfloat16", "float16")
 PREFILL_QUERY_TILE = 16  # prefill tokens per attention row (engine/step_builder.QUERY_TILE)
 
@@ -181,8 +183,34 @@ class SamplingSettings:
         _one_of("output_processing", self.output_processing, OUTPUT_PROCESSING_MODES)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileSettings:
+    """When the step programs compile and where compiled programs persist between runs."""
+
+    compilation: str | None = setting(
+        None, "when step programs compile: the first requests' now and the rest on a thread "
+        "beside them (background), all before starting (upfront) or each when first needed "
+        "(on_use)", type=str, choices=COMPILATION_MODES,
+        default_help="$JAXSERVE_COMPILATION, else background; generate --prompt: on_use")
+    compilation_cache: str | None = setting(
+        None, "where compiled programs are kept between runs, a directory or off", type=str,
+        default_help="$JAXSERVE_COMPILATION_CACHE, else ~/.cache/jaxserve/xla")
+
+    def __post_init__(self):
+        if self.compilation is not None:
+            _one_of("compilation", self.compilation, COMPILATION_MODES)
+        if self.compilation_cache is not None:
+            if not isinstance(self.compilation_cache, (str, os.PathLike)):
+                raise TypeError(f"compilation_cache must be a directory or 'off', got "
+                                f"{self.compilation_cache!r}")
+            if not str(self.compilation_cache):
+                raise ValueError("compilation_cache is empty: give a directory or 'off'")
+            object.__setattr__(self, "compilation_cache", str(self.compilation_cache))
+
+
 SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,
-            "parallel": ParallelSettings, "sampling": SamplingSettings}
+            "parallel": ParallelSettings, "sampling": SamplingSettings,
+            "compile": CompileSettings}
 # Sections the next features fill in; each stays None (off) until its feature exists.
 FUTURE_SECTIONS = ("speculative", "precision", "disaggregation", "distributed")
 
@@ -211,6 +239,7 @@ class Settings:
     scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
     parallel: ParallelSettings = dataclasses.field(default_factory=ParallelSettings)
     sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
+    compile: CompileSettings = dataclasses.field(default_factory=CompileSettings)
     dtype: str | None = setting(None, "parameter dtype", type=str, choices=DTYPES,
                                 default_help="the checkpoint's")
     speculative: Any = None  # a draft model or n-gram proposer and its token budget

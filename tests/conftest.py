@@ -4,11 +4,22 @@ Every fixture model is a random HF transformers model saved with `save_pretraine
 with our converter, so each test compares jaxserve against the reference implementation.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiled programs go to a cache of this run's own, never the user's (CLI and server
+# subprocesses inherit it). Engines compile each program when a step first needs it: a
+# background warm-up for every engine the suite builds would multiply its compile time.
+# tests/test_compile.py tests the defaults themselves.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxserve-test-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAXSERVE_COMPILATION_CACHE"] = _XLA_CACHE
+os.environ["JAXSERVE_COMPILATION"] = "on_use"
 
 import pytest  # noqa: E402
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from jaxserve import LLM, SamplingParams
+from jaxserve.runtime import compile_cache
 from tests.hf_models import _load, hf_logits
 
 LENGTHS = [5, 17, 40, 64, 90, 120, 150, 200]
@@ -34,7 +35,8 @@ def test_no_compilation_after_warmup_for_any_request_mix(llama):
     _, model_dir = llama
     llm = _shared_llm(model_dir)  # first user of the shared engine: later tests reuse programs
     assert llm.warmup() > 0
-    compiled = llm.stats()["compilations"]
+    compiled, xla = llm.stats()["compilations"], compile_cache.xla_compiles()
+    waited = llm.stats()["steps_waiting_for_compile"]
     rng = np.random.default_rng(3)
     for round_ in range(3):
         n = int(rng.integers(1, 12))
@@ -43,7 +45,10 @@ def test_no_compilation_after_warmup_for_any_request_mix(llama):
                                  max_tokens=int(rng.integers(1, 40)), logprobs=int(rng.integers(0, 3)),
                                  seed=round_) for _ in batch]
         llm.generate(batch, params, use_tqdm=False)
+        llm.generate(batch[:1], params[:1], use_tqdm=False)  # a prefix cache hit: fewer tokens
     assert llm.stats()["compilations"] == compiled
+    assert compile_cache.xla_compiles() == xla
+    assert llm.stats()["steps_waiting_for_compile"] == waited
 
 
 @pytest.mark.parametrize("mesh", [None, "tp=2"])

@@ -23,7 +23,7 @@ def sample(leaf) -> tuple[list[str], object]:
     if meta["choices"]:
         value = next(c for c in meta["choices"] if c != leaf.default)
         return [leaf.flag, value], value
-    value = {"mesh": "dp=2,tp=2", "rules": "dp_tp"}.get(leaf.name)
+    value = {"mesh": "dp=2,tp=2", "rules": "dp_tp", "compilation_cache": "off"}.get(leaf.name)
     if value is None:
         value = 0.5 if meta["type"] is float else 2 * (leaf.default or 16)
     return [leaf.flag, str(value)], value
@@ -38,7 +38,8 @@ def test_leaves_have_unique_names_and_flags_and_help():
         "block_size", "kv_blocks", "kv_memory_fraction", "enable_prefix_caching",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
         "max_prefill_rows", "max_steps_in_flight", "routing", "mesh", "rules", "moe_strategy",
-        "moe_auto_threshold", "sampling", "output_processing", "dtype"}
+        "moe_auto_threshold", "sampling", "output_processing", "compilation",
+        "compilation_cache", "dtype"}
     room = Settings()
     assert (room.speculative, room.precision, room.disaggregation, room.distributed) == \
         (None,) * 4
@@ -81,6 +82,9 @@ BAD = [  # setting, as typed on the command line, as given to LLM, a word the er
     ("mesh", "tp=3x", "tp=3x", "mesh 'tp=3x'"),
     ("dtype", "float64", "float64", "dtype must be one of float32, bfloat16, float16, got "
      "'float64'"),
+    ("compilation", "soon", "soon", "compilation must be one of background, upfront, on_use, "
+     "got 'soon'"),
+    ("compilation_cache", "", "", "compilation_cache is empty: give a directory or 'off'"),
 ]
 
 

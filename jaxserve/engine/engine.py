@@ -50,6 +50,7 @@ from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, Processed
 from jaxserve.engine.timeline import Timeline
+from jaxserve.engine.warmup import ShapeCompiler, resolve_mode as resolve_compilation
 from jaxserve.runtime.runner import MAX_SUPPRESSED, ModelRunner, StepOutputs
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.settings import Settings
@@ -66,7 +67,9 @@ class Engine:
                  tokenizer=None, *, cache_identity: str = ""):
         """settings: resolved (`LLM.settings`: max_model_len known); the limits of a step are
         its scheduler section, `self.config`. cache_identity names what writes the KV (model,
-        dtype, layout): it seeds every prefix cache hash."""
+        dtype, layout): it seeds every prefix cache hash. The constructor returns once the
+        programs `settings.compile.compilation` compiles first are compiled (see
+        jaxserve/engine/warmup.py)."""
         limits = settings.scheduler
         if limits.max_model_len is None:
             raise ValueError("the engine needs max_model_len resolved (see LLM)")
@@ -102,6 +105,12 @@ class Engine:
         self.timeline = Timeline()
         self.output = OutputProcessor(self.timeline, settings.sampling.output_processing)
         self.flops = FlopsAccount(config, runner)
+        self.compiler = ShapeCompiler(runner, self.builder,
+                                      resolve_compilation(settings.compile.compilation),
+                                      limits.max_prefill_chunk,
+                                      (self.builder.max_admissions,
+                                       limits.max_prefill_rows))
+        self.compiler.start()
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -194,7 +203,7 @@ class Engine:
 
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
-        layout = self.builder.build(plan)
+        layout = self.builder.build(plan, self.compiler.shape_for)
         now = self.timeline.lap("build")
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
@@ -265,11 +274,9 @@ class Engine:
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:
-        """Compile every step shape the engine can use; returns how many were compiled."""
-        shapes = [self.builder.idle(d, p) for d, p in self.builder.shapes()]
-        return (self.runner.compile_steps(shapes, threads=os.cpu_count() or 1)
-                + self.runner.compile_side_programs(self.builder.max_admissions,
-                                                    self.config.max_prefill_rows))
+        """Compile every step shape the engine can use now (a background warm-up stops and
+        this finishes it); returns how many were compiled."""
+        return self.compiler.compile_all(threads=os.cpu_count() or 1)
 
     @property
     def kv_blocks_used(self) -> int:
@@ -309,4 +316,5 @@ class Engine:
             "kv_blocks_total": self.kv_blocks_total,
             **{k: round(v, 6) for k, v in self.timers.items()},
             **self.flops.stats(sum(self.timers.values()), peak_flops),
+            **self.compiler.stats(),
         }

@@ -11,14 +11,19 @@ each rounded up to a bucket, so a handful of programs serve every mix:
   decode_rows in a coarser set (0, a small bucket, max_num_seqs): a few padded decode rows cost
   little next to a prefill chunk, and each extra bucket is a program to compile.
 
-`shapes()` lists them all; `Engine.warmup` compiles exactly those. This module never calls a
-model: it builds numpy arrays, and the runner dispatches them.
+`shapes()` lists them all; `Engine.warmup` compiles exactly those (jaxserve/engine/warmup.py
+decides in which order). A step may also run in a larger shape than its bucket (`covering`):
+padding rows write only the null blocks and the trash slot, so while the warm-up compiles the
+rest, a step whose bucket is not compiled yet runs in a compiled shape that holds it instead of
+waiting. This module never
+calls a model: it builds numpy arrays, and the runner dispatches them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -81,13 +86,23 @@ class StepBuilder:
         return (next(b for b in self.mixed_decode_buckets if b >= decodes),
                 next(b for b in self.prefill_buckets if b >= prefill_tokens))
 
+    def covering(self, decodes: int, prefill_tokens: int) -> list[tuple[int, int]]:
+        """Every shape a step of `decodes` decodes and `prefill_tokens` prefill tokens (per
+        replica) fits in, the cheapest (fewest tokens, then fewest sample rows) first: its own
+        bucket, then larger ones. A decode-only step fits a shape with prefill tokens too."""
+        fits = [(d, p) for d, p in self.shapes() if d >= decodes and p >= prefill_tokens]
+        return sorted(fits, key=lambda s: (s[0] + s[1], self.sample_rows_per_replica(*s)))
+
     def sample_rows_per_replica(self, decode_rows: int, prefill_tokens: int) -> int:
         """One row per decode; a step with prefill has max_prefill_rows more, one per chunk
         that ends a prefill and one per sibling forked from it (see scheduler.py)."""
         return decode_rows + (self.max_prefill_rows if prefill_tokens else 0)
 
     # ---- a planned step ----
-    def build(self, plan: StepPlan) -> StepLayout:
+    def build(self, plan: StepPlan,
+              shape_for: Callable[[int, int], tuple[int, int]] | None = None) -> StepLayout:
+        """The step's arrays, in the shape `shape_for(decodes, prefill_tokens)` picks (one that
+        holds them; default: their bucket, `self.shape_for`)."""
         n = self.num_replicas
         decodes = [[] for _ in range(n)]
         chunks = [[] for _ in range(n)]
@@ -97,7 +112,8 @@ class StepBuilder:
             chunks[chunk.seq.replica].append(chunk)
         prefill_tokens = max(sum(-(-c.length // QUERY_TILE) * QUERY_TILE for c in cs)
                              for cs in chunks)
-        d_rows, p_tokens = self.shape_for(max(len(d) for d in decodes), prefill_tokens)
+        d_rows, p_tokens = (shape_for or self.shape_for)(max(len(d) for d in decodes),
+                                                         prefill_tokens)
         rows = [([ChunkRow(s.total_len - 1, 1, s.blocks) for s in decodes[r]],
                  [ChunkRow(c.start, c.length, c.seq.blocks) for c in chunks[r]])
                 for r in range(n)]

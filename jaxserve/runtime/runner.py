@@ -5,6 +5,11 @@ programs here are pure functions of the state, jitted once per input shape bucke
 sharding pinned and the KV cache donated so its pages are updated in place. The runner owns the
 device-side KV pool; which blocks belong to which sequence is the caller's business (the engine's
 block allocator). It never sees a request object.
+
+Programs may be compiled from several threads at once (a warm-up thread beside the one that
+dispatches steps): each shape is compiled once, a caller that needs a shape another thread is
+compiling waits for that compile, and programs are lowered from abstract arguments (shapes and
+shardings), never from the live KV pool, which a step in flight may have donated.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +42,12 @@ def _shardings(tree):
     return jax.tree.map(lambda a: a.sharding, tree)
 
 
+def _abstract(tree):
+    """Shapes, dtypes and shardings only: what a program is lowered from."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        tree)
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     """Round up to a power of two (at least `minimum`): bounds the number of compiled shapes."""
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -54,9 +66,14 @@ class ModelRunner:
         self.param_leaves, self._param_treedef = jax.tree.flatten(params)
         self.layout = layout
         self.kv = kv
-        self.compilations = 0
+        self._abstract_params = _abstract(self.param_leaves)
+        self._abstract_kv = _abstract(kv)
+        self.compilations = 0  # programs compiled (or loaded from the persistent cache)
         self._programs: dict[Any, Any] = {}  # kind -> the jitted function
         self._compiled: dict[tuple, Any] = {}  # shape key -> its compiled program
+        self._building: dict[tuple, concurrent.futures.Future] = {}  # shape key -> its compile
+        self._generation = 0  # bumped when the programs change: older compiles are dropped
+        self._lock = threading.RLock()
         self._flops: dict[tuple, int] = {}  # shape key -> FLOPs the program executes
         self._loop_flops: dict[tuple, int] = {}  # shape key -> loop FLOPs XLA does not count
 
@@ -92,37 +109,72 @@ class ModelRunner:
         return (kind, inputs.tokens.shape, inputs.metadata.block_tables.shape,
                 inputs.metadata.decode_rows, rows)
 
+    def _jitted(self, kind: str, make: Callable[[], Any]):
+        """The jitted function of this kind, made once (threads may ask for it at once)."""
+        with self._lock:
+            if kind not in self._programs:
+                self._programs[kind] = make()
+            return self._programs[kind]
+
     def _step_program(self):
-        if "step" not in self._programs:
-            self._programs["step"] = jax.jit(
-                functools.partial(_step, self.graphdef, self._param_treedef,
-                                  (self.layout, self.moe), sampling_mode=self.sampling),
-                donate_argnums=(1, 2),
-                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
-                              _shardings(self.slot_state), self._input_sharding()),
-                out_shardings=(self.layout.replicated(), self.kv.shardings(),
-                               _shardings(self.slot_state)))
-        return self._programs["step"]
+        return self._jitted("step", lambda: jax.jit(
+            functools.partial(_step, self.graphdef, self._param_treedef,
+                              (self.layout, self.moe), sampling_mode=self.sampling),
+            donate_argnums=(1, 2),
+            in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
+                          _shardings(self.slot_state), self._input_sharding()),
+            out_shardings=(self.layout.replicated(), self.kv.shardings(),
+                           _shardings(self.slot_state))))
 
     def _executable(self, kind: str, inputs):
         """The compiled program for these inputs' shapes (compiled now if it is new)."""
         key = self._shape_key(kind, inputs)
         executable = self._compiled.get(key)
-        if executable is None:
-            executable = self._compile(kind, inputs)
-            self._compiled[key] = executable
-            self.compilations += 1
+        if executable is not None:
+            return executable
+        return self._compile_once(key, lambda: self._compile(kind, inputs))
+
+    def _compile_once(self, key: tuple, compile_program: Callable[[], Any]):
+        """The program under `key`: compiled here, or waited for if another thread is compiling
+        it. A compile that started before the programs changed (`set_moe`) is not kept."""
+        with self._lock:
+            executable = self._compiled.get(key)
+            if executable is not None:
+                return executable
+            building = self._building.get(key)
+            if building is None:
+                building = self._building[key] = concurrent.futures.Future()
+                generation, mine = self._generation, True
+            else:
+                mine = False
+        if not mine:
+            return building.result()
+        try:
+            executable = compile_program()
+        except BaseException as e:
+            with self._lock:
+                self._building.pop(key, None)
+            building.set_exception(e)
+            raise
+        with self._lock:
+            if self._building.get(key) is building:
+                del self._building[key]
+            if generation == self._generation:
+                self._compiled[key] = executable
+                self.compilations += 1
+        building.set_result(executable)
         return executable
 
     def _compile(self, kind: str, inputs):
+        kv = self._abstract_kv
         with uncounted_flops() as loop_flops:
             if kind == "step":
-                lowered = self._step_program().lower(self.param_leaves, self.kv,
-                                                     self.slot_state, inputs)
+                lowered = self._step_program().lower(self._abstract_params, kv,
+                                                     self._abstract_slots, inputs)
             else:
                 program = self._forward_program() if kind == "forward" else \
                     self._score_program()
-                lowered = program.lower(self.param_leaves, self.kv, inputs)
+                lowered = program.lower(self._abstract_params, kv, inputs)
         self._loop_flops[self._shape_key(kind, inputs)] = loop_flops[0]
         return lowered.compile()
 
@@ -135,12 +187,15 @@ class ModelRunner:
             key = self._shape_key("step", inputs)
             if key not in self._compiled:
                 todo[key] = inputs
+        before = self.compilations
         with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-            compiled = list(pool.map(lambda inputs: self._compile("step", inputs),
-                                     todo.values()))
-        self._compiled.update(zip(todo, compiled))
-        self.compilations += len(todo)
-        return len(todo)
+            list(pool.map(lambda inputs: self._executable("step", inputs), todo.values()))
+        return self.compilations - before
+
+    def has_step(self, inputs: StepInputs) -> bool:
+        """Whether the step program for these inputs' shapes is compiled (a dispatch would not
+        wait for a compile)."""
+        return self._shape_key("step", inputs) in self._compiled
 
     def compiled_step(self, inputs: StepInputs):
         """The compiled step program for these inputs' shapes (`memory_analysis()`, `as_text()`
@@ -165,17 +220,18 @@ class ModelRunner:
             self.param_leaves, self.kv, self.slot_state, inputs)
         return outputs
 
+    def _prefill_program(self, kind: str, fn, out_sharding: Callable[[], Any]):
+        """A program (params, KV pool, inputs) -> (outputs, KV pool), the pool donated."""
+        return self._jitted(kind, lambda: jax.jit(
+            functools.partial(fn, self.graphdef, self._param_treedef, (self.layout, self.moe)),
+            donate_argnums=(1,),
+            in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
+                          self._input_sharding()),
+            out_shardings=(out_sharding(), self.kv.shardings())))
+
     def _forward_program(self):
-        if "forward" not in self._programs:
-            self._programs["forward"] = jax.jit(
-                functools.partial(_forward, self.graphdef, self._param_treedef,
-                                  (self.layout, self.moe)),
-                donate_argnums=(1,),
-                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
-                              self._input_sharding()),
-                out_shardings=(self.layout.sharding(("batch", "vocab"), (
-                    self.num_replicas, self.config.vocab_rows), "logits"), self.kv.shardings()))
-        return self._programs["forward"]
+        return self._prefill_program("forward", _forward, lambda: self.layout.sharding(
+            ("batch", "vocab"), (self.num_replicas, self.config.vocab_rows), "logits"))
 
     def forward(self, tokens: np.ndarray, metadata: AttentionMetadata) -> jax.Array:
         """Logits of every token of a prefill-only step (the `LLM.logits` program): float32
@@ -185,15 +241,7 @@ class ModelRunner:
         return logits
 
     def _score_program(self):
-        if "score" not in self._programs:
-            self._programs["score"] = jax.jit(
-                functools.partial(_score, self.graphdef, self._param_treedef,
-                                  (self.layout, self.moe)),
-                donate_argnums=(1,),
-                in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
-                              self._input_sharding()),
-                out_shardings=(self.layout.replicated(), self.kv.shardings()))
-        return self._programs["score"]
+        return self._prefill_program("score", _score, self.layout.replicated)
 
     def score(self, inputs: ScoreInputs) -> ScoreOutputs:
         """Dispatch one prefill-only scoring step (see jaxserve/engine/scoring.py); returns
@@ -203,24 +251,32 @@ class ModelRunner:
 
     def set_moe(self, moe: MoEExecution) -> None:
         """Run MoE layers another way from now on (the programs compiled so far are dropped)."""
-        self.moe = moe
-        self._programs.clear()
-        self._compiled.clear()
-        self._flops.clear()
-        self._loop_flops.clear()
+        with self._lock:
+            self.moe = moe
+            self._drop_programs()
 
     def set_sampling(self, mode: str) -> None:
         """Sample another way from now on (the programs compiled so far are dropped)."""
-        self.sampling = step_sampling.check_mode(mode)
+        with self._lock:
+            self.sampling = step_sampling.check_mode(mode)
+            self._drop_programs()
+
+    def _drop_programs(self) -> None:
+        self._generation += 1
         self._programs.clear()
         self._compiled.clear()
+        self._building.clear()
         self._flops.clear()
+        self._loop_flops.clear()
 
     def init_slots(self, num_slots: int) -> None:
         """State for `num_slots` slots (global ids; each DP replica owns an equal share) and
         the trash slot, id `num_slots`."""
         self.num_slots = num_slots
         self.slot_state = SlotState.create(num_slots, self.config.vocab_rows, self.layout)
+        # What programs are lowered from: the live arrays' shapes and shardings, which never
+        # change (the arrays do: each step donates the pool and the slot state).
+        self._abstract_slots = _abstract(self.slot_state)
 
     def read_slot(self, slot: int) -> dict[str, np.ndarray]:
         """One slot's state (its global id), read back: last_token, output_counts, prompt_mask."""
@@ -230,25 +286,21 @@ class ModelRunner:
 
     # ---- programs beside the step: slot state from the host, copies between blocks ----
     def _aux_program(self, kind: str):
-        if kind not in self._programs:
-            if kind == "set_slots":
-                fn = jax.jit(functools.partial(_set_slots, self.layout), donate_argnums=(0,),
-                             in_shardings=(_shardings(self.slot_state),
-                                           self.layout.replicated()),
-                             out_shardings=_shardings(self.slot_state))
-            else:
-                fn = jax.jit(self._copy_blocks_per_replica, donate_argnums=(0,),
-                             in_shardings=(self.kv.shardings(), self._sharding("batch", 3,
-                                                                               "block copies")),
-                             out_shardings=self.kv.shardings())
-            self._programs[kind] = fn
-        return self._programs[kind]
+        if kind == "set_slots":
+            return self._jitted(kind, lambda: jax.jit(
+                functools.partial(_set_slots, self.layout), donate_argnums=(0,),
+                in_shardings=(_shardings(self.slot_state), self.layout.replicated()),
+                out_shardings=_shardings(self.slot_state)))
+        return self._jitted(kind, lambda: jax.jit(
+            self._copy_blocks_per_replica, donate_argnums=(0,),
+            in_shardings=(self.kv.shardings(), self._sharding("batch", 3, "block copies")),
+            out_shardings=self.kv.shardings()))
 
     def _copy_blocks_per_replica(self, kv: KVPool, pairs: jax.Array) -> KVPool:
         """pairs i32[replicas, copies, 2]: (source, destination) ids local to each replica's
         shard. Each device copies within its own shard: no block crosses devices."""
-        specs = jax.tree.map(lambda a: a.sharding.spec, self.kv)
-        pool_spec = jax.tree.leaves(self.kv)[0].sharding.spec
+        specs = jax.tree.map(lambda a: a.sharding.spec, self._abstract_kv)
+        pool_spec = jax.tree.leaves(self._abstract_kv)[0].sharding.spec
         blocks_axes = pool_spec[0] if len(pool_spec) else None  # how kv_blocks is split
 
         def local(kv, pairs):
@@ -257,14 +309,14 @@ class ModelRunner:
         return jax.shard_map(local, mesh=self.layout.mesh, in_specs=(specs, P(blocks_axes)),
                              out_specs=specs, check_vma=False)(kv, pairs)
 
-    def _aux_executable(self, kind: str, state, arg):
+    def _aux_executable(self, kind: str, arg):
         key = (kind,) + tuple(np.shape(leaf) for leaf in jax.tree.leaves(arg))
         executable = self._compiled.get(key)
-        if executable is None:
-            executable = self._aux_program(kind).lower(state, arg).compile()
-            self._compiled[key] = executable
-            self.compilations += 1
-        return executable
+        if executable is not None:
+            return executable
+        state = self._abstract_slots if kind == "set_slots" else self._abstract_kv
+        return self._compile_once(key, lambda: self._aux_program(kind).lower(
+            state, arg).compile())
 
     def compile_side_programs(self, set_rows: int, copies: int) -> int:
         """Compile `set_slots` for `set_rows` rows and `copy_blocks` for `copies` pairs per
@@ -273,9 +325,8 @@ class ModelRunner:
         vocab, trash = self.config.vocab_rows, self.num_slots
         rows = SlotRows(np.full((set_rows,), trash, np.int32),
                         np.zeros((set_rows, vocab), np.bool_), np.zeros((set_rows, vocab), np.int32))
-        self._aux_executable("set_slots", self.slot_state, rows)
-        self._aux_executable("copy_blocks", self.kv,
-                             np.zeros((self.num_replicas, copies, 2), np.int32))
+        self._aux_executable("set_slots", rows)
+        self._aux_executable("copy_blocks", np.zeros((self.num_replicas, copies, 2), np.int32))
         return self.compilations - before
 
     def set_slots(self, slots: np.ndarray, prompt_mask: np.ndarray,
@@ -283,13 +334,13 @@ class ModelRunner:
         """Slots i32[k] start with prompt_mask bool[k, vocab_rows] and output_counts
         i32[k, vocab_rows] (padding rows name the trash slot)."""
         rows = SlotRows(slots, prompt_mask, output_counts)
-        self.slot_state = self._aux_executable("set_slots", self.slot_state, rows)(
+        self.slot_state = self._aux_executable("set_slots", rows)(
             self.slot_state, rows)
 
     def copy_blocks(self, pairs: np.ndarray) -> None:
         """Copy KV blocks within each replica's shard: pairs i32[replicas, copies, 2] of local
         (source, destination) ids; (0, 0) pairs are padding. Ordered after the steps before."""
-        self.kv = self._aux_executable("copy_blocks", self.kv, pairs)(self.kv, pairs)
+        self.kv = self._aux_executable("copy_blocks", pairs)(self.kv, pairs)
 
     def gather_blocks(self, block_ids) -> dict[str, np.ndarray]:
         """One sequence's blocks out of the pool (ids over the whole pool), bitwise."""

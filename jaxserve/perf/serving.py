@@ -105,16 +105,22 @@ def colocated(d: Deployment, w: Workload, engines: int = 1) -> Operating:
         if b_max / step(b_max).total_s < need:
             saturated = True
         else:
-            lo, hi = 0.0, b_max
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if mid / step(mid).total_s < need else (lo, mid)
-            b_max, limited_by = hi, "rate"
+            b_max, limited_by = _batch_for_rate(step, b_max, need), "rate"
     s = step(b_max)
     tokens = replicas * b_max / s.total_s
     ttft = _ttft(d, w, b_max, w.max_num_batched_tokens - b_max)
     return Operating(b_max, s, s.total_s, ttft, tokens / engines,
                      tokens / engines / w.mean_output, limited_by, saturated)
+
+
+def _batch_for_rate(step, b_max: float, need: float) -> float:
+    """The smallest batch in (0, b_max] whose tokens per second (batch / step time) reach
+    `need`, by bisection (tokens per second grow with the batch)."""
+    lo, hi = 0.0, b_max
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mid / step(mid).total_s < need else (lo, mid)
+    return hi
 
 
 def prefill_role(d: Deployment, w: Workload) -> Operating:
@@ -143,11 +149,7 @@ def decode_role(d: Deployment, w: Workload, rate_per_engine: float | None = None
     if rate_per_engine is not None:
         need = rate_per_engine / d.replicas * w.mean_output
         if b / step(b).total_s >= need:
-            lo, hi = 0.0, b
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if mid / step(mid).total_s < need else (lo, mid)
-            b, limited_by = hi, "rate"
+            b, limited_by = _batch_for_rate(step, b, need), "rate"
     s = step(b)
     tokens = d.replicas * b / s.total_s
     return Operating(b, s, s.total_s, 0.0, tokens, tokens / w.mean_output, limited_by)

@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
         weight_bytes = config.num_params() * itemsize
         meshes = [(None, "tp", 1), (f"ep={args.devices}", "ep", args.devices)]
         for mesh, rules, devices in meshes:
-            llm = LLM(Path(tmp) / "moe", mesh=mesh, rules=rules)
+            llm = LLM(Path(tmp) / "moe", mesh=mesh, rules=rules, compilation="on_use")
             for strategy in STRATEGIES:
                 llm.runner.set_moe(MoEExecution(strategy))
                 for t in args.tokens:

@@ -209,10 +209,12 @@ def run_split(model_dir: Path, config, split: dict, args, memory_bytes: float, s
                           f"{max(0, row['kv_blocks_per_replica'] - 1)} blocks per replica; one "
                           f"sequence needs {per_seq}")
         return row
+    # The warm-up run compiles what the run uses; no background compiles beside the timings.
     llm = LLM(model_dir, mesh=split["mesh"], rules=split["rules"], dtype="float32",
               max_model_len=seq_len, block_size=args.block_size,
               kv_blocks=row["kv_blocks_per_replica"], max_num_seqs=args.max_num_seqs,
-              sampling=sampling, output_processing=args.output_processing)
+              sampling=sampling, output_processing=args.output_processing,
+              compilation="on_use")
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(warmup_prompts, params, use_tqdm=False)  # compiles every shape the run uses
     before = llm.stats()

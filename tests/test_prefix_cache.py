@@ -296,7 +296,7 @@ def test_block_copies_update_the_pool_in_place(model_dir):
     runner = llm.runner
     pairs = np.zeros((1, 8, 2), np.int32)  # max_prefill_rows copies per replica
     pairs[0, 0] = 3, 7
-    temp = runner._aux_executable("copy_blocks", runner.kv, pairs).memory_analysis()
+    temp = runner._aux_executable("copy_blocks", pairs).memory_analysis()
     assert temp.temp_size_in_bytes < runner.kv.nbytes() / 20
     blocks = {name: np.random.default_rng(0).standard_normal(a.shape).astype(a.dtype)
               for name, a in runner.gather_blocks([3]).items()}

@@ -121,6 +121,61 @@ def test_the_ring_keeps_the_latest_steps():
     assert len(timeline.spans) == 8 and timeline.totals["schedule"] == 49
 
 
+def run_six_second_steps(timeline, clock, count, start=0.0):
+    """`count` steps of schedule 1 s, dispatch 1 s (queued at its end), wait 3 s (seen done at
+    its end), process 1 s: four spans and 6 s a step, the device busy 3 s of them."""
+    t = start
+    for _ in range(count):
+        probe = Probe()
+        for seconds, phase in ((1, "schedule"), (1, "dispatch"), (3, "wait"), (1, "process")):
+            if phase == "wait":
+                probe.ready = True
+            t += seconds
+            clock.now = t
+            timeline.lap(phase)
+            if phase == "dispatch":
+                timeline.dispatched(probe)
+    return t
+
+
+def test_a_wrapped_ring_divides_the_windows_seconds_by_the_windows_steps():
+    """10 steps into a ring of 8 spans (and 8 device steps): the window is the last 2 steps,
+    [48, 60] s. By hand: 2 steps dispatched at 50 and 56, busy [50, 53] and [56, 59], so device
+    3000 ms/step, host only 3000 ms/step, schedule 1000 ms/step, wait 3000 ms/step, exposed
+    schedule/dispatch/process 1000 ms/step each (nothing queued over [48, 50], [53, 56],
+    [59, 60]). The summary before this test divided the window's seconds by the 8 steps the
+    device ring kept: 250 ms/step of schedule; it fails there."""
+    clock = FakeClock()
+    timeline = Timeline(capacity=8, clock=clock)
+    run_six_second_steps(timeline, clock, 10)
+    s = timeline.summary()
+    assert s["steps"] == 2 and s["wall_s"] == 12 and s["busy_wall_s"] == 12
+    assert s["device_s"] == 6 and s["host_only_s"] == 6
+    assert s["device_ms_per_step"] == 3000 and s["host_only_ms_per_step"] == 3000
+    phases = s["phases"]
+    assert {name: row["ms_per_step"] for name, row in phases.items()} == {
+        "schedule": 1000, "dispatch": 1000, "wait": 3000, "process": 1000}
+    assert {name: row["exposed_ms_per_step"] for name, row in phases.items()} == {
+        "schedule": 1000, "dispatch": 1000, "wait": 0, "process": 1000}
+
+
+def test_idle_spans_that_fill_the_ring_leave_no_steps_in_the_window():
+    """A server idle after 3 steps: 8 idle laps push every step's spans out of a ring of 8.
+    The window [18, 26] s holds no step, so there are no per-step figures (the summary before
+    this test counted the 3 steps the device ring kept and reported idle-window seconds per
+    step; it fails there)."""
+    clock = FakeClock()
+    timeline = Timeline(capacity=8, clock=clock)
+    t = run_six_second_steps(timeline, clock, 3)
+    for _ in range(8):
+        t += 1
+        clock.now = t
+        timeline.lap("idle")
+    s = timeline.summary()
+    assert s["steps"] == 0 and s["idle_s"] == 8 and s["device_s"] == 0
+    assert format_amdahl(s) == "no steps recorded"
+
+
 def assert_trace_events(trace):
     trace = json.loads(json.dumps(trace))  # plain JSON, nothing Python-only
     events = trace["traceEvents"]

@@ -4,11 +4,13 @@ no prediction may beat, and `jaxserve plan` / `calibrate` end to end."""
 import dataclasses
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from jaxserve import flops
 from jaxserve.cli import main
@@ -16,8 +18,8 @@ from jaxserve.config import ModelConfig
 from jaxserve.perf import collectives
 from jaxserve.perf.plan import SLO, PlanError, load_model_config, plan
 from jaxserve.perf.precision import Precision
-from jaxserve.perf.profiles import (HostOverhead, Link, ProfileError, builtin_profiles,
-                                    load_hardware)
+from jaxserve.perf.profiles import (HARDWARE_DIR, HostOverhead, Link, ProfileError,
+                                    builtin_profiles, load_hardware)
 from jaxserve.perf.serving import colocated
 from jaxserve.perf.shapes import parameters
 from jaxserve.perf.step import Chunk, Deployment, decode_chunk
@@ -350,8 +352,18 @@ def test_bad_inputs_are_named(tmp_path):
     bad.write_text("name: x\npeak_flops: {bfloat16: fast}\n")
     with pytest.raises(ProfileError, match="missing field"):
         load_hardware(bad)
+    h100 = (HARDWARE_DIR / "h100.yaml").read_text()
+    bad.write_text(h100.replace("efficiency: 0.8}  # NVLink", "efficiency: 0.8, unknown: 5}  # NVLink"))
+    with pytest.raises(ProfileError, match=r"intra_host\.unknown must be text .*, got 5"):
+        load_hardware(bad)
     with pytest.raises(WorkloadError, match=r"unknown field\(s\) \['prompt'\]"):
         Workload.from_dict({"prompt": 5})
+    with pytest.raises(WorkloadError, match=r"prompt_len: uniform takes a list \[lo, hi\], got 5"):
+        Workload.from_dict({"prompt_len": {"uniform": 5}})
+    with pytest.raises(WorkloadError, match=r"uniform takes a list \[lo, hi\], got \[1, 2, 3\]"):
+        Workload.from_dict({"output_len": {"uniform": [1, 2, 3]}})
+    with pytest.raises(WorkloadError, match=r"prompt_len: values takes a list \[x, \.\.\.\], got 5"):
+        Workload.from_dict({"prompt_len": {"values": 5}})
     with pytest.raises(WorkloadError, match="positive integers, got -3"):
         Workload.from_dict({"output_len": -3})
     with pytest.raises(WorkloadError, match="concurrency or rate, not both"):
@@ -384,6 +396,8 @@ def test_calibrate_writes_a_profile_plan_can_read(tmp_path, capsys):
     assert all(0 < f <= 1 for classes in hw.matmul_efficiency.values()
                for curve in classes.values() for _, f in curve)
     assert hw.host.per_step_s >= 0 and hw.intra_host.bandwidth > 0
+    # one host of 8 simulated devices: nothing timed the link between hosts
+    assert hw.inter_host.unknown == "one host: the within-host link stands in"
     assert main(["plan", "--model", str(write_config(tmp_path, "tiny", {
         "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2}))
@@ -398,6 +412,39 @@ def cited_numbers(sources) -> list[float]:
 
 def cited(value: float, numbers: list[float]) -> bool:
     return any(abs(value - n) <= 0.005 * n for n in numbers if n > 0)
+
+
+def test_calibrate_on_one_device_flags_its_links_and_plan_says_so(tmp_path, capsys):
+    """One device has no link to time: calibrate writes stand-ins marked unknown (and warns),
+    and a plan over more than one device on that profile prints a warning per link it uses;
+    a published profile prints none."""
+    out = tmp_path / "one.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-m", "jaxserve.cli", "calibrate", "--quick",
+                             "--devices", "1", "--out", str(out)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "warning: the intra_host link was not measured (one device" in result.stderr
+    written = yaml.safe_load(out.read_text())
+    for name in ("intra_host", "inter_host"):
+        assert written[name]["unknown"].startswith("one device: its memory bandwidth"), written
+    hw = load_hardware(out)
+    assert hw.devices_per_host == 1 and hw.intra_host.latency == 0
+    model = write_config(tmp_path, "tiny", {
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2})
+    plan_json = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(model), "--devices", "2", "--hardware", str(out),
+                 "--precision", "float32", "--json", str(plan_json)]) == 0
+    table = capsys.readouterr().out
+    warnings = json.loads(plan_json.read_text())["warnings"]
+    assert [w.split(" link ")[0] for w in warnings] == [
+        f"warning: {hw.name}: the intra_host", f"warning: {hw.name}: the inter_host"]
+    assert all(w in table for w in warnings)
+    assert main(["plan", "--model", str(model), "--devices", "2", "--hardware", "h100",
+                 "--json", str(plan_json)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads(plan_json.read_text())["warnings"] == []
 
 
 @pytest.mark.parametrize("name", builtin_profiles())

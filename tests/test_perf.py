@@ -287,9 +287,10 @@ def test_plan_runs_end_to_end_on_hf_config_json(tmp_path, capsys):
 
 
 def test_t_e_falls_as_the_host_term_grows_on_an_idealised_device(tmp_path, capsys):
-    """Albireo's t_e, on an idealised device only (see the h100 test below): more TP frees memory for KV (bigger batches, fewer weight reads per
-    token) until the host's per-sequence time, which no TP degree shrinks, outweighs it. On a
-    device where only memory and the host matter (compute and links free), per-device
+    """Albireo's t_e, on an idealised device only (the h100 test below shows it does not hold
+    there): more TP frees memory for KV (bigger batches, fewer weight reads per token) until
+    the host's per-sequence time, which no TP degree shrinks, outweighs it. On a device where
+    only memory and the host matter (compute and links free), per-device
     throughput is 1 / (t h + (W / B(t) + K) / bandwidth) with B(t) = (t M - W) / K, whose best
     t falls as the serial term h grows."""
     from jaxserve.perf.profiles import save_hardware
@@ -353,7 +354,8 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ProfileError, match="missing field"):
         load_hardware(bad)
     h100 = (HARDWARE_DIR / "h100.yaml").read_text()
-    bad.write_text(h100.replace("efficiency: 0.8}  # NVLink", "efficiency: 0.8, unknown: 5}  # NVLink"))
+    bad.write_text(h100.replace("efficiency: 0.8}  # NVLink",
+                                "efficiency: 0.8, unknown: 5}  # NVLink"))
     with pytest.raises(ProfileError, match=r"intra_host\.unknown must be text .*, got 5"):
         load_hardware(bad)
     with pytest.raises(WorkloadError, match=r"unknown field\(s\) \['prompt'\]"):
@@ -362,7 +364,7 @@ def test_bad_inputs_are_named(tmp_path):
         Workload.from_dict({"prompt_len": {"uniform": 5}})
     with pytest.raises(WorkloadError, match=r"uniform takes a list \[lo, hi\], got \[1, 2, 3\]"):
         Workload.from_dict({"output_len": {"uniform": [1, 2, 3]}})
-    with pytest.raises(WorkloadError, match=r"prompt_len: values takes a list \[x, \.\.\.\], got 5"):
+    with pytest.raises(WorkloadError, match=r"prompt_len: values takes a list \[x, .*\], got 5"):
         Workload.from_dict({"prompt_len": {"values": 5}})
     with pytest.raises(WorkloadError, match="positive integers, got -3"):
         Workload.from_dict({"output_len": -3})

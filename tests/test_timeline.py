@@ -159,22 +159,30 @@ def test_a_wrapped_ring_divides_the_windows_seconds_by_the_windows_steps():
         "schedule": 1000, "dispatch": 1000, "wait": 0, "process": 1000}
 
 
-def test_idle_spans_that_fill_the_ring_leave_no_steps_in_the_window():
-    """A server idle after 3 steps: 8 idle laps push every step's spans out of a ring of 8.
-    The window [18, 26] s holds no step, so there are no per-step figures (the summary before
-    this test counted the 3 steps the device ring kept and reported idle-window seconds per
-    step; it fails there)."""
+def test_a_serving_loops_idle_stretch_keeps_the_steps_in_the_ring():
+    """3 steps (18 s), then the serve loop waiting for requests: 1000 times `other` (0.5 s,
+    its bookkeeping) and `idle` (0.5 s, the wait). The stretch is one idle span after one
+    `other`, so a ring of 16 spans still holds the steps' 12: by hand, 3 steps, schedule
+    1000 ms/step, idle 999.5 s (the `other` laps between idle ones are part of it), busy wall
+    18.5 s. The timeline before this
+    test kept a span per lap (2000 for the stretch), leaving no step in the ring; it fails
+    there."""
     clock = FakeClock()
-    timeline = Timeline(capacity=8, clock=clock)
+    timeline = Timeline(capacity=16, clock=clock)
     t = run_six_second_steps(timeline, clock, 3)
-    for _ in range(8):
-        t += 1
-        clock.now = t
-        timeline.lap("idle")
+    for _ in range(1000):
+        for phase in ("other", "idle"):
+            t += 0.5
+            clock.now = t
+            timeline.lap(phase)
     s = timeline.summary()
-    assert s["steps"] == 0 and s["idle_s"] == 8 and s["device_s"] == 0
-    assert format_amdahl(s) == "no steps recorded"
-
+    assert s["steps"] == 3 and s["idle_s"] == pytest.approx(999.5)
+    assert s["busy_wall_s"] == pytest.approx(18.5) and s["device_s"] == 9
+    assert s["phases"]["schedule"]["ms_per_step"] == 1000
+    # the first `other` after the steps is the caller's work, the rest of the stretch idle
+    assert s["phases"]["other"]["seconds"] == 0.5 and len(timeline.spans) == 14
+    assert timeline.totals["idle"] == pytest.approx(999.5)
+    assert timeline.totals["other"] == pytest.approx(0.5)
 
 def assert_trace_events(trace):
     trace = json.loads(json.dumps(trace))  # plain JSON, nothing Python-only

@@ -74,9 +74,21 @@ class Timeline:
 
     # ---- recording (engine thread) ----
     def lap(self, phase: str) -> float:
-        """Close the span since the last lap as `phase`; returns now."""
+        """Close the span since the last lap as `phase`; returns now. A stretch of idle laps
+        is kept as one span (the serve loop laps `other` and `idle` each time it waits for a
+        request: an `other` between two idle spans is part of the stretch), so waiting does
+        not push the steps out of the ring."""
         now = self.clock()
-        self.spans.append((phase, self._last, now))
+        spans = self.spans
+        if phase == "idle" and spans and spans[-1][0] == "other" and len(spans) > 1 \
+                and spans[-2][0] == "idle":
+            _, start, end = spans.pop()
+            self.totals["other"] -= end - start
+            self.totals["idle"] += end - start
+        if phase == "idle" and spans and spans[-1][0] == "idle":
+            spans[-1] = ("idle", spans[-1][1], now)
+        else:
+            spans.append((phase, self._last, now))
         self.totals[phase] += now - self._last
         self._last = now
         if self.pending:

@@ -394,7 +394,11 @@ def test_calibrate_writes_a_profile_plan_can_read(tmp_path, capsys):
     assert main(["calibrate", "--quick", "--out", str(out)]) == 0
     hw = load_hardware(out)
     assert hw.shared_compute and hw.devices_per_host == 8  # the test's simulated devices
-    assert hw.peak_flops["float32"] > 0 and hw.memory_bandwidth > 0
+    matmul = hw.measured["matmul_float32"]  # the peak is the fastest product it timed
+    assert hw.peak_flops["float32"] == max(matmul["square_flops_per_s"], *(
+        x for by_rows in matmul["flops_per_s_by_width_and_rows"].values()
+        for x in by_rows.values()))
+    assert hw.memory_bandwidth == hw.measured["read_bytes_per_s"]
     assert all(0 < f <= 1 for classes in hw.matmul_efficiency.values()
                for curve in classes.values() for _, f in curve)
     assert hw.host.per_step_s >= 0 and hw.intra_host.bandwidth > 0

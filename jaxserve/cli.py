@@ -190,10 +190,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from jaxserve.offline.score import read_score_items, run_score_batch
+    from jaxserve.offline.score import check_top_n, read_score_items, run_score_batch
 
-    if args.top_n < 0:
-        raise ValueError(f"--top-n must be >= 0, got {args.top_n}")
+    check_top_n(args.top_n, what="--top-n")
     read_score_items(Path(args.input), args.top_n)  # reject a bad file before loading the model
     llm = _make_llm(args)
     scored, skipped = run_score_batch(llm, Path(args.input), Path(args.output), args.top_n,
@@ -293,7 +292,12 @@ def cmd_calibrate(args) -> int:
     hardware = calibrate(args.name, quick=args.quick,
                          progress=lambda line: print(line, file=sys.stderr))
     save_hardware(hardware, args.out, "# Written by `jaxserve calibrate`: measured on this "
-                  "machine (see `measured`).")
+                  "machine (see `measured`), except links marked `unknown`.")
+    for name in ("intra_host", "inter_host"):
+        if getattr(hardware, name).unknown is not None:
+            print(f"warning: the {name} link was not measured ({getattr(hardware, name).unknown}"
+                  f"): written as a stand-in marked `unknown`; put a measured or published "
+                  f"figure in {args.out}", file=sys.stderr)
     print(f"wrote {args.out}")
     return 0
 

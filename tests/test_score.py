@@ -518,3 +518,28 @@ def test_cli_rejects_a_bad_line_by_line_and_field(served, tmp_path, line, messag
     assert result.returncode == 2
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_top_n_above_the_limit_is_refused_before_loading_naming_file_line_and_value(
+        tmp_path):
+    """The up-front check (no model is loaded: the model path does not exist, so a check made
+    only after loading would fail on the model instead) names the line, or the flag."""
+    from jaxserve.offline.score import MAX_TOP_N, read_score_items
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text(json.dumps({"id": 0, "prompt": "x", "top_n": 3}) + "\n"
+                      + json.dumps({"id": 1, "prompt": "x", "top_n": MAX_TOP_N + 1}) + "\n")
+    message = rf"in\.jsonl:2: top_n must be at most {MAX_TOP_N} .*, got {MAX_TOP_N + 1}"
+    with pytest.raises(ValueError, match=message):
+        read_score_items(inputs)
+    missing = tmp_path / "no-such-model"
+    result = jaxserve_score("--input", inputs, "--output", tmp_path / "out.jsonl",
+                            "--model", missing)
+    assert result.returncode == 2 and re.search(message, result.stderr), result.stderr
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"id": 0, "prompt": "x"}) + "\n")
+    result = jaxserve_score("--input", good, "--output", tmp_path / "out.jsonl",
+                            "--model", missing, "--top-n", 50)
+    assert result.returncode == 2, result.stderr
+    assert f"--top-n must be at most {MAX_TOP_N}" in result.stderr and "got 50" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()

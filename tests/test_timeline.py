@@ -121,6 +121,69 @@ def test_the_ring_keeps_the_latest_steps():
     assert len(timeline.spans) == 8 and timeline.totals["schedule"] == 49
 
 
+def run_six_second_steps(timeline, clock, count, start=0.0):
+    """`count` steps of schedule 1 s, dispatch 1 s (queued at its end), wait 3 s (seen done at
+    its end), process 1 s: four spans and 6 s a step, the device busy 3 s of them."""
+    t = start
+    for _ in range(count):
+        probe = Probe()
+        for seconds, phase in ((1, "schedule"), (1, "dispatch"), (3, "wait"), (1, "process")):
+            if phase == "wait":
+                probe.ready = True
+            t += seconds
+            clock.now = t
+            timeline.lap(phase)
+            if phase == "dispatch":
+                timeline.dispatched(probe)
+    return t
+
+
+def test_a_wrapped_ring_divides_the_windows_seconds_by_the_windows_steps():
+    """10 steps into a ring of 8 spans (and 8 device steps): the window is the last 2 steps,
+    [48, 60] s. By hand: 2 steps dispatched at 50 and 56, busy [50, 53] and [56, 59], so device
+    3000 ms/step, host only 3000 ms/step, schedule 1000 ms/step, wait 3000 ms/step, exposed
+    schedule/dispatch/process 1000 ms/step each (nothing queued over [48, 50], [53, 56],
+    [59, 60]). The summary before this test divided the window's seconds by the 8 steps the
+    device ring kept: 250 ms/step of schedule; it fails there."""
+    clock = FakeClock()
+    timeline = Timeline(capacity=8, clock=clock)
+    run_six_second_steps(timeline, clock, 10)
+    s = timeline.summary()
+    assert s["steps"] == 2 and s["wall_s"] == 12 and s["busy_wall_s"] == 12
+    assert s["device_s"] == 6 and s["host_only_s"] == 6
+    assert s["device_ms_per_step"] == 3000 and s["host_only_ms_per_step"] == 3000
+    phases = s["phases"]
+    assert {name: row["ms_per_step"] for name, row in phases.items()} == {
+        "schedule": 1000, "dispatch": 1000, "wait": 3000, "process": 1000}
+    assert {name: row["exposed_ms_per_step"] for name, row in phases.items()} == {
+        "schedule": 1000, "dispatch": 1000, "wait": 0, "process": 1000}
+
+
+def test_a_serving_loops_idle_stretch_keeps_the_steps_in_the_ring():
+    """3 steps (18 s), then the serve loop waiting for requests: 1000 times `other` (0.5 s,
+    its bookkeeping) and `idle` (0.5 s, the wait). The stretch is one idle span after one
+    `other`, so a ring of 16 spans still holds the steps' 12: by hand, 3 steps, schedule
+    1000 ms/step, idle 999.5 s (the `other` laps between idle ones are part of it), busy wall
+    18.5 s. The timeline before this
+    test kept a span per lap (2000 for the stretch), leaving no step in the ring; it fails
+    there."""
+    clock = FakeClock()
+    timeline = Timeline(capacity=16, clock=clock)
+    t = run_six_second_steps(timeline, clock, 3)
+    for _ in range(1000):
+        for phase in ("other", "idle"):
+            t += 0.5
+            clock.now = t
+            timeline.lap(phase)
+    s = timeline.summary()
+    assert s["steps"] == 3 and s["idle_s"] == pytest.approx(999.5)
+    assert s["busy_wall_s"] == pytest.approx(18.5) and s["device_s"] == 9
+    assert s["phases"]["schedule"]["ms_per_step"] == 1000
+    # the first `other` after the steps is the caller's work, the rest of the stretch idle
+    assert s["phases"]["other"]["seconds"] == 0.5 and len(timeline.spans) == 14
+    assert timeline.totals["idle"] == pytest.approx(999.5)
+    assert timeline.totals["other"] == pytest.approx(0.5)
+
 def assert_trace_events(trace):
     trace = json.loads(json.dumps(trace))  # plain JSON, nothing Python-only
     events = trace["traceEvents"]

@@ -29,7 +29,8 @@ nothing queued). Each split runs under every --sampling mode given.
 
 Amdahl. Per sampling mode, step time T(t) = a + b / t is fitted by least squares over the
 splits; p = b / (a + b) is the parallel fraction, S(t) = 1 / ((1 - p) + p / t). t_e is the t of
-the split with the best cluster throughput.
+the split with the best cluster throughput. (The DP splits' steps no longer all-reduce the
+penalty state, which is split per replica, so neither the fit nor the model has such a term.)
 
 Predictions. --predict HARDWARE runs the performance model (jaxserve.perf: a hardware profile
 name such as cpu-local or h100, or a YAML path) on every split for the same workload (every

@@ -74,9 +74,21 @@ class Timeline:
 
     # ---- recording (engine thread) ----
     def lap(self, phase: str) -> float:
-        """Close the span since the last lap as `phase`; returns now."""
+        """Close the span since the last lap as `phase`; returns now. A stretch of idle laps
+        is kept as one span (the serve loop laps `other` and `idle` each time it waits for a
+        request: an `other` between two idle spans is part of the stretch), so waiting does
+        not push the steps out of the ring."""
         now = self.clock()
-        self.spans.append((phase, self._last, now))
+        spans = self.spans
+        if phase == "idle" and spans and spans[-1][0] == "other" and len(spans) > 1 \
+                and spans[-2][0] == "idle":
+            _, start, end = spans.pop()
+            self.totals["other"] -= end - start
+            self.totals["idle"] += end - start
+        if phase == "idle" and spans and spans[-1][0] == "idle":
+            spans[-1] = ("idle", spans[-1][1], now)
+        else:
+            spans.append((phase, self._last, now))
         self.totals[phase] += now - self._last
         self._last = now
         if self.pending:
@@ -139,28 +151,39 @@ class Timeline:
             previous_done = max(start, step.done)
         return busy, gaps
 
+    def _window(self) -> tuple[float, float]:
+        """The time the ring still covers: from the oldest kept host span (or, once the device
+        ring has dropped steps, the oldest kept step's dispatch, if later) to the newest span.
+        Phases, steps and device time are all counted over this one window."""
+        lo, hi = self.spans[0][1], self.spans[-1][2]
+        if self.devices and self.devices[0].step > 1:  # older steps were dropped
+            lo = max(lo, self.devices[0].dispatched)
+        return lo, hi
+
     def summary(self) -> dict[str, Any]:
         """The Amdahl table over the window: per phase, seconds, ms per step, the part spent
         while the device had nothing queued (exposed: on the critical path), and its share of
-        the busy wall time (idle excluded); then device time and the host-only fraction."""
-        spans = list(self.spans)
-        busy, gaps = self._device_intervals()
-        if not spans:
+        the busy wall time (idle excluded); then device time and the host-only fraction. The
+        steps are those dispatched inside the window, so once the ring wraps the per-step
+        figures still divide the window's seconds by the window's steps."""
+        if not self.spans:
             return {"steps": 0, "wall_s": 0.0, "phases": {}}
-        # the device intervals inside the host window
-        lo, hi = spans[0][1], spans[-1][2]
+        lo, hi = self._window()
+        spans = [(p, max(s, lo), e) for p, s, e in self.spans if e > lo]
+        busy, gaps = self._device_intervals()
+        in_window = [step for _, _, step in busy if step.dispatched >= lo]
         busy_s = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e, _ in busy)
-        # The device had nothing queued from the window's start to the first dispatch, and
-        # from the last step seen done to the next dispatch (or the end); a step still in
-        # flight at the end keeps it busy from its dispatch on.
+        # The device had nothing queued from the window's start to the first dispatch (when
+        # no kept step precedes it), and from the last step seen done to the next dispatch
+        # (or the end); a step still in flight at the end keeps it busy from its dispatch on.
         first = next(iter(self.devices), None)
         edge_gaps = [(lo, first.dispatched if first is not None else hi)]
         still = [s for s in self.devices if s.done is None]
         if busy:
             last_done = busy[-1][1]
-            edge_gaps.append((last_done, still[0].dispatched if still else hi))
+            edge_gaps.append((max(lo, last_done), still[0].dispatched if still else hi))
         if still:
-            busy_s += max(0.0, hi - max(still[0].dispatched, busy[-1][1] if busy else lo))
+            busy_s += max(0.0, hi - max(still[0].dispatched, busy[-1][1] if busy else lo, lo))
         idle_device = sorted(gaps + [g for g in edge_gaps if g[1] > g[0]])
         phases: dict[str, dict[str, float]] = {}
         for name in PHASES:
@@ -172,14 +195,14 @@ class Timeline:
         idle = phases.get("idle", {}).get("seconds", 0.0)
         wall = hi - lo
         busy_wall = wall - idle
-        steps = max(1, len(busy))
+        steps = max(1, len(in_window))
         for name, row in phases.items():
             row["ms_per_step"] = 1e3 * row["seconds"] / steps
             row["exposed_ms_per_step"] = 1e3 * row["exposed_s"] / steps
             row["share"] = row["seconds"] / busy_wall if busy_wall > 0 and name != "idle" else 0.0
         host_only = max(0.0, busy_wall - busy_s)
         return {
-            "steps": len(busy), "wall_s": wall, "busy_wall_s": busy_wall, "idle_s": idle,
+            "steps": len(in_window), "wall_s": wall, "busy_wall_s": busy_wall, "idle_s": idle,
             "device_s": busy_s, "host_only_s": host_only,
             "device_fraction": busy_s / busy_wall if busy_wall > 0 else 0.0,
             "host_only_fraction": host_only / busy_wall if busy_wall > 0 else 0.0,

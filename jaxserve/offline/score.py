@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from jaxserve.api import MAX_TOP_N
 from jaxserve.offline.jsonl import read_jsonl, run_resumable
 
-__all__ = ["ScoreItem", "read_score_items", "run_score_batch"]
+__all__ = ["MAX_TOP_N", "ScoreItem", "check_top_n", "read_score_items", "run_score_batch"]
 
 
 @dataclasses.dataclass
@@ -44,9 +45,18 @@ def _score_fields(fields: dict, top_n: int) -> tuple[list, int]:
         if not (isinstance(candidate, str) or isinstance(candidate, list)):
             raise ValueError(f"candidates[{j}] must be text or a list of token ids, got "
                              f"{candidate!r}")
-    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
-        raise ValueError(f"top_n must be a non-negative integer, got {top_n!r}")
+    check_top_n(top_n)
     return candidates, top_n
+
+
+def check_top_n(top_n, limit: int = MAX_TOP_N, what: str = "top_n") -> None:
+    """`top_n` is an integer in [0, limit]: the top tokens are computed on device, at most
+    MAX_TOP_N of them (and no more than the model's vocabulary)."""
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {top_n!r}")
+    if top_n > limit:
+        raise ValueError(f"{what} must be at most {limit} (the most top tokens scoring returns"
+                         f"{' for this vocabulary' if limit < MAX_TOP_N else ''}), got {top_n}")
 
 
 def read_score_items(path: Path, top_n: int = 0) -> list[ScoreItem]:
@@ -58,6 +68,12 @@ def run_score_batch(llm, input_path: Path, output_path: Path, top_n: int = 0,
                     progress: bool = True) -> tuple[int, int]:
     """Score every item not yet in the output; returns (scored, skipped)."""
     def records(todo: list[ScoreItem]):
+        limit = min(MAX_TOP_N, llm.config.vocab_size)
+        for i in todo:  # the vocabulary is known once the model is loaded
+            try:
+                check_top_n(i.top_n, limit)
+            except ValueError as e:
+                raise ValueError(f"{i.where}: {e}") from None
         jobs = [llm.prepare_score(i.prompt, i.candidates, i.top_n, f"{i.where}: prompt",
                                   f"{i.where}: candidates[{{}}]") for i in todo]
         return ((index, _record(out)) for index, out in llm.score_jobs(jobs, progress))

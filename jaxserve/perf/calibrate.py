@@ -174,9 +174,12 @@ def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
         per_call[rows * width * 4] = max(t_with - t_without, 1e-7) / layers
     (s1, t1), (s2, t2) = sorted(per_call.items())
     # ring all-reduce over 2 devices: nbytes / bandwidth + 2 latency (collectives.py)
-    bandwidth = (s2 - s1) / (t2 - t1) if t2 > 1.05 * t1 else memory_bandwidth
+    grew = t2 > 1.05 * t1
+    bandwidth = (s2 - s1) / (t2 - t1) if grew else memory_bandwidth
     latency = max((t1 - s1 / bandwidth) / 2, 0.0)
-    return Link(bandwidth, latency, 1.0)
+    return Link(bandwidth, latency, 1.0, None if grew else
+                "the all-reduce time did not grow with its size: the memory bandwidth stands "
+                "in for the link's (latency measured)")
 
 
 def host_overhead(model_dir: Path, batches: tuple[int, int], new_tokens: int) -> tuple[
@@ -266,14 +269,20 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
                     jax=jax.__version__, devices=len(devices), platform=platform_name,
                     quick=quick)
     simulated = platform_name == "cpu" and len(devices) > 1
-    link = link or Link(bandwidth, 0.0, 1.0)
+    # A link calibrate had nothing to time is written as a stand-in, flagged unknown
+    between_hosts = "one host: the within-host link stands in"
+    if link is None:
+        link = Link(bandwidth, 0.0, 1.0, "one device: its memory bandwidth with zero latency "
+                                         "stands in")
+        between_hosts = link.unknown
+    inter_host = Link(link.bandwidth, link.latency, link.efficiency, between_hosts)
     return Hardware(
         name=name, description=f"{platform_name} on this machine ({cpu_model()}), "
         f"{len(devices)} device(s), measured by jaxserve calibrate",
         peak_flops=peak, matmul_efficiency=curves, memory_bandwidth=bandwidth,
         memory_capacity=_memory_available() / len(devices) if platform_name == "cpu"
         else float(devices[0].memory_stats().get("bytes_limit", 0)),
-        intra_host=link, inter_host=link, host=host, devices_per_host=len(devices),
+        intra_host=link, inter_host=inter_host, host=host, devices_per_host=len(devices),
         bandwidth_efficiency=1.0, attention_efficiency=min(kv / bandwidth, 1.0),
         attention_query_block=16, layer_overhead_s=per_layer,
         memory_fraction=0.25 if platform_name == "cpu" else 0.9,

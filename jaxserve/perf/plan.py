@@ -117,7 +117,8 @@ class Plan:
                 "decode_precision": str(self.decode_precision),
                 "workload": self.workload.to_dict(), "slo": dataclasses.asdict(self.slo),
                 "t_e": self.t_e, "throughput_by_tp": self.throughput_by_tp,
-                "layouts": [c.to_dict() for c in self.candidates], "skipped": self.skipped}
+                "layouts": [c.to_dict() for c in self.candidates], "skipped": self.skipped,
+                "warnings": self.hardware.unknown_links(self.devices)}
 
     def table(self, top: int = 15) -> str:
         head = ("#", "layout", "dev", "batch", "TTFT ms", "TPOT ms", "out tok/s", "tok/s/dev",
@@ -145,6 +146,7 @@ class Plan:
                  + (f", {w.concurrency:g} in flight" if w.concurrency else "")
                  + f"; max_num_seqs {w.max_num_seqs}, max_num_batched_tokens "
                  f"{w.max_num_batched_tokens}"]
+        intro += self.hardware.unknown_links(self.devices)
         if self.t_e is not None:
             by_tp = ", ".join(f"TP {t}: {v:,.0f}" for t, v in sorted(self.throughput_by_tp.items()))
             intro.append(f"t_e = {self.t_e} (TP degree of the best colocated layout; output "

@@ -44,6 +44,9 @@ class Link:
     bandwidth: float
     latency: float
     efficiency: float = 1.0
+    # None: a published or measured figure; else why it is neither (a stand-in `calibrate`
+    # wrote because it had no such link to time): plans that use the link say so
+    unknown: str | None = None
 
     @property
     def rate(self) -> float:
@@ -104,6 +107,16 @@ class Hardware:
             nearest = next(iter(classes))
         return self.peak_flops[dtype] * _log_interpolate(classes[nearest], max(rows, 1.0))
 
+    def unknown_links(self, devices: int) -> list[str]:
+        """A warning per link that a deployment over `devices` uses but the profile does not
+        know (the within-host link past one device, the between-hosts one past one host)."""
+        used = [("intra_host", self.intra_host, devices > 1),
+                ("inter_host", self.inter_host, devices > self.devices_per_host)]
+        return [f"warning: {self.name}: the {name} link is a stand-in, not a measured or "
+                f"published figure ({link.unknown}); layouts that use it may be optimistic"
+                for name, link, uses in used
+                if uses and link.unknown is not None]
+
     @property
     def stream_rate(self) -> float:
         """Bytes/s reading weights."""
@@ -121,6 +134,9 @@ class Hardware:
                     {w: {r: f for r, f in curve} for w, curve in classes.items()})
             for dtype, classes in self.matmul_efficiency.items()}
         d["sources"] = list(self.sources)
+        for name in ("intra_host", "inter_host"):
+            if d[name]["unknown"] is None:
+                del d[name]["unknown"]
         if d["measured"] is None:
             del d["measured"]
         return d
@@ -189,12 +205,17 @@ def parse_hardware(doc: Any, source: str) -> Hardware:
 
     def link(value, what):
         value = mapping(value, what)
-        extra = sorted(set(value) - {"bandwidth", "latency", "efficiency"})
+        extra = sorted(set(value) - {"bandwidth", "latency", "efficiency", "unknown"})
         if extra:
             raise ProfileError(f"{source}: {what}: unknown field(s) {extra}")
+        unknown = value.get("unknown")
+        if unknown is not None and not isinstance(unknown, str):
+            raise ProfileError(f"{source}: {what}.unknown must be text (why the figure is "
+                               f"not known), got {unknown!r}")
         return Link(number(value.get("bandwidth"), f"{what}.bandwidth"),
                     number(value.get("latency"), f"{what}.latency", strict=False),
-                    number(value.get("efficiency", 1.0), f"{what}.efficiency", high=1.0))
+                    number(value.get("efficiency", 1.0), f"{what}.efficiency", high=1.0),
+                    unknown)
 
     peak = {canonical_dtype(k, "peak_flops key"): number(v, f"peak_flops.{k}")
             for k, v in mapping(doc["peak_flops"], "peak_flops").items()}

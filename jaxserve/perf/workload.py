@@ -47,13 +47,19 @@ class Lengths:
             return int(x)
 
         if isinstance(value, dict) and set(value) == {"uniform"}:
-            lo, hi = (positive(x) for x in value["uniform"])
+            bounds = value["uniform"]
+            if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+                raise WorkloadError(f"{what}: uniform takes a list [lo, hi], got {bounds!r}")
+            lo, hi = (positive(x) for x in bounds)
             if hi < lo:
                 raise WorkloadError(f"{what}: uniform range [{lo}, {hi}] is empty")
             n = min(UNIFORM_POINTS, hi - lo + 1)
             xs = [lo + round(i * (hi - lo) / max(n - 1, 1)) for i in range(n)]
             return cls(tuple((x, 1 / n) for x in xs))
         if isinstance(value, dict) and set(value) == {"values"}:
+            if not isinstance(value["values"], (list, tuple)):
+                raise WorkloadError(f"{what}: values takes a list [x, ...], got "
+                                    f"{value['values']!r}")
             xs = [positive(x) for x in value["values"]]
             if not xs:
                 raise WorkloadError(f"{what}: values is empty")

@@ -248,9 +248,8 @@ def test_auto_threshold_is_the_models_crossover_and_plan_predicts_the_engine(
     model_dir = tmp_path / "jaxserve"
     convert_hf(hf_dir, model_dir, dtype="float32")
     llm = LLM(model_dir, mesh=mesh, rules=rules, compilation="on_use", **SMALL)
-    assert llm.runner.moe.token_exchange() == "fixed"  # XLA:CPU: so the model counts that
-    d = Deployment(llm.config, mesh, rules, load_hardware("cpu-local"), Precision("float32"),
-                   moe_exchange="fixed")
+    d = Deployment(llm.config, mesh, rules, load_hardware("cpu-local"), Precision("float32"))
+    assert llm.runner.moe.token_exchange() == d.moe_exchange == "fixed"  # XLA:CPU's exchange
     crossover = d.moe_crossover_tokens()
     assert llm.runner.moe.auto_threshold == crossover
     assert "crossover" in llm.moe_threshold_source and "cpu-local" in llm.moe_threshold_source

@@ -45,7 +45,5 @@ def auto_threshold(config: ModelConfig, mesh: MeshRules, dtype: str, platform: s
     if name is None:
         return fallback, (f"no hardware profile for {platform} device {device_kind!r}: the "
                           f"default {fallback}")
-    exchange = "fixed" if platform == "cpu" else "ragged"  # as MoEExecution.token_exchange
-    d = Deployment(config, mesh.shape, mesh.rules, load_hardware(name), Precision(dtype),
-                   moe_exchange=exchange)
+    d = Deployment(config, mesh.shape, mesh.rules, load_hardware(name), Precision(dtype))
     return d.moe_crossover_tokens(), f"the performance model's crossover on profile {name!r}"

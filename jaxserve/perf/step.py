@@ -154,16 +154,17 @@ class Deployment:
     def __init__(self, config: ModelConfig, mesh: str | dict[str, int] | None,
                  rules: str | Rules, hardware: Hardware, precision: Precision | None = None,
                  moe_strategy: str = "auto", moe_auto_threshold: int | None = None,
-                 moe_exchange: str = "ragged"):
+                 moe_exchange: str | None = None):
         if moe_strategy not in MOE_STRATEGIES:
             raise ValueError(f"moe_strategy must be one of {', '.join(MOE_STRATEGIES)} (the "
                              f"dense strategy is a reference, not modelled), got {moe_strategy!r}")
-        if moe_exchange not in MOE_EXCHANGES:
+        if moe_exchange not in (None, *MOE_EXCHANGES):
             raise ValueError(f"moe_exchange must be one of {', '.join(MOE_EXCHANGES)}, got "
                              f"{moe_exchange!r}")
-        # how alltoall moves tokens: "ragged" (only the rows sent; GPU, TPU) or "fixed"
-        # (fixed-capacity slots, senders x the rows; XLA:CPU), as `ops.moe.MoEExecution`
-        self.moe_exchange = moe_exchange
+        # how alltoall moves tokens, as the engine does (`ops.moe.MoEExecution.token_exchange`):
+        # "ragged" (only the rows sent; GPU, TPU) or "fixed" (fixed-capacity slots, senders x
+        # the rows; XLA:CPU, whose simulated devices are the profiles that share compute)
+        self.moe_exchange = moe_exchange or ("fixed" if hardware.shared_compute else "ragged")
         self.base = config
         self.mesh = MeshRules.create(mesh, rules)
         self.config = fit_to_layout(config, self.mesh)  # what the devices hold

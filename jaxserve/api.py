@@ -112,7 +112,8 @@ class LLM:
     def _moe_execution(self, parallel, dtype) -> MoEExecution:
         """MoE `auto`'s threshold: the explicit setting, else the performance model's crossover
         for this model and mesh on the devices in use (jaxserve/perf/moe_auto.py)."""
-        threshold, self.moe_threshold_source = parallel.moe_auto_threshold, "moe_auto_threshold"
+        threshold = parallel.moe_auto_threshold
+        self.moe_threshold_source = "moe_auto_threshold" if threshold is not None else None
         if threshold is None and self.config.is_moe:
             device = jax.devices()[0]
             threshold, self.moe_threshold_source = moe_auto.auto_threshold(

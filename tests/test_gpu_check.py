@@ -52,6 +52,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert p["parity_dense"]["ok"] and p["parity_dense"]["relative_error"] <= 1e-4
     assert set(p["parity_moe"]["by_strategy"]) == set(gpu_check.MOE_EXECUTIONS)
     assert p["parity_moe"]["ok"]
+    assert "cpu-local" in p["parity_moe"]["auto_threshold"]["source"]
     assert all(s["relative_error"] <= 1e-4 for s in p["parity_moe"]["by_strategy"].values())
     assert p["ragged_all_to_all"]["op"]["ran"] is False  # XLA:CPU: recorded, not raised
     d = p["decode_roofline"]

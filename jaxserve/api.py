@@ -30,6 +30,7 @@ from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
 from jaxserve.kv_cache import NULL_BLOCK, KVPool
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
+from jaxserve.perf import moe_auto
 from jaxserve.runtime import compile_cache
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.settings import CacheSettings, Settings
@@ -76,8 +77,6 @@ class LLM:
         settings = settings.replace(**overrides)
         self.model_dir = Path(model_dir)
         cache, parallel = settings.cache, settings.parallel
-        moe = MoEExecution(parallel.moe_strategy, DEFAULT_AUTO_THRESHOLD
-                           if parallel.moe_auto_threshold is None else parallel.moe_auto_threshold)
         self.layout = Layout.create(parallel.mesh, parallel.rules)
         self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
         self.config, graphdef, params = restore_model(self.model_dir, self.layout, settings.dtype)
@@ -94,6 +93,7 @@ class LLM:
                                          max_model_len is not None)
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, cache.block_size,
                            self.layout)
+        moe = self._moe_execution(parallel, kv_dtype)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe,
                                   settings.sampling.mode)
         # The engine's settings as they are resolved: max_model_len known, the pool sized.
@@ -108,6 +108,19 @@ class LLM:
         self.engine = Engine(self.runner, self.config, self.settings, self.tokenizer,
                              cache_identity=identity)
         self._request_ids = itertools.count()
+
+    def _moe_execution(self, parallel, dtype) -> MoEExecution:
+        """MoE `auto`'s threshold: the explicit setting, else the performance model's crossover
+        for this model and mesh on the devices in use (jaxserve/perf/moe_auto.py)."""
+        threshold = parallel.moe_auto_threshold
+        self.moe_threshold_source = "moe_auto_threshold" if threshold is not None else None
+        if threshold is None and self.config.is_moe:
+            device = jax.devices()[0]
+            threshold, self.moe_threshold_source = moe_auto.auto_threshold(
+                self.config, self.layout.mesh_rules, np.dtype(dtype).name, device.platform,
+                device.device_kind, DEFAULT_AUTO_THRESHOLD)
+        return MoEExecution(parallel.moe_strategy,
+                            DEFAULT_AUTO_THRESHOLD if threshold is None else threshold)
 
     def _kv_pool_blocks(self, cache: CacheSettings, max_num_seqs: int,
                         max_model_len_given: bool) -> int:

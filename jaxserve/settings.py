@@ -148,8 +148,9 @@ class ParallelSettings:
         "auto", "how a MoE model's experts run on a mesh (auto: allgather for steps above "
         "--moe-auto-threshold tokens, else alltoall)", type=str, choices=MOE_STRATEGIES)
     moe_auto_threshold: int | None = setting(
-        None, "tokens per step above which auto gathers expert weights",
-        default_help="the measured crossover, jaxserve/ops/moe.py")
+        None, "tokens per step (all replicas) above which auto gathers expert weights",
+        default_help="the performance model's crossover for this model, mesh and device "
+        "profile, jaxserve/perf/moe_auto.py")
 
     def __post_init__(self):
         if self.mesh is not None:

@@ -229,3 +229,35 @@ def test_scoring_steps_count_their_flops(hf_model_dir):
     true = flops.chunk_flops(llm.config, 0, len(prompt) + 2, 3)
     stats = llm.stats()
     assert stats["true_flops"] == true and stats["executed_flops"] > true
+
+
+@pytest.mark.parametrize("mesh,rules", [("ep=4", "ep"), ("dp=2,ep=2", "dp_ep")])
+def test_auto_threshold_is_the_models_crossover_and_plan_predicts_the_engine(
+        tmp_path, mesh, rules):
+    """One rule for both: the engine's threshold is the performance model's crossover for this
+    model and mesh on the local profile, and the model's `auto` picks what the engine runs.
+    Experts wide enough that gathering them is not free: the crossover lies inside the range."""
+    from jaxserve.checkpoint import convert_hf
+    from jaxserve.perf.precision import Precision
+    from jaxserve.perf.profiles import load_hardware
+    from jaxserve.perf.step import Chunk, Deployment
+    from tests.hf_models import make_hf_model
+
+    hf_dir = make_hf_model("qwen3_moe", tmp_path / "hf", hidden_size=256,
+                           moe_intermediate_size=256)
+    model_dir = tmp_path / "jaxserve"
+    convert_hf(hf_dir, model_dir, dtype="float32")
+    llm = LLM(model_dir, mesh=mesh, rules=rules, compilation="on_use", **SMALL)
+    d = Deployment(llm.config, mesh, rules, load_hardware("cpu-local"), Precision("float32"))
+    assert llm.runner.moe.token_exchange() == d.moe_exchange == "fixed"  # XLA:CPU's exchange
+    crossover = d.moe_crossover_tokens()
+    assert llm.runner.moe.auto_threshold == crossover
+    assert "crossover" in llm.moe_threshold_source and "cpu-local" in llm.moe_threshold_source
+    assert 0 < crossover < 1 << 20  # both strategies win somewhere: the test can tell them apart
+    for total in (1, crossover // 2, crossover, crossover + 1, 4 * crossover):
+        modelled = d.step([Chunk(0, 1, total / d.replicas)]).moe_strategy
+        assert modelled == llm.runner.moe.resolve(total), total
+    explicit = LLM(model_dir, mesh=mesh, rules=rules, compilation="on_use",
+                   moe_auto_threshold=7, **SMALL)
+    assert explicit.runner.moe.auto_threshold == 7
+    assert explicit.moe_threshold_source == "moe_auto_threshold"

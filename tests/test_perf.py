@@ -476,3 +476,50 @@ def test_builtin_profiles_load_and_cite_their_sources(name):
                   re.findall(r"\$(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?", " ".join(hw.sources))]
         assert any(lo <= hw.price_per_hour <= hi for lo, hi in ranges), (name, ranges)
     assert any(s.startswith("host: assumed") for s in hw.sources)  # not measured: said so
+
+
+@pytest.mark.parametrize("hw,mesh,rules", [("h100", "tp=2,ep=4", "tp_ep"),
+                                           ("tpu-v5p", "dp=2,ep=4", "dp_ep"),
+                                           ("cpu-local", "ep=8", "ep")])
+def test_moe_auto_switches_where_the_strategies_cross_as_the_engine_does(hw, mesh, rules):
+    from jaxserve.ops.moe import MoEExecution
+
+    d = Deployment(load_model_config_from(QWEN3_235B), mesh, rules, load_hardware(hw))
+    c = d.moe_crossover_tokens()
+    assert 0 < c < 1 << 20
+    per = d.replicas  # the engine counts the tokens of all replicas; the model per replica
+
+    def faster(total):
+        t = total / per
+        return min(("alltoall", "allgather"), key=lambda s: d.moe_experts_seconds(t, s))
+
+    assert faster(c) == "alltoall" and faster(c + 1) == "allgather"  # the crossover is real
+    assert faster(c // 4) == "alltoall" and faster(4 * c) == "allgather"
+    engine = MoEExecution("auto", auto_threshold=c)
+    for total in (1, 64, c // 2, c, c + 1, 3 * c):
+        assert d.step([Chunk(0, 1, total / per)]).moe_strategy == engine.resolve(total), total
+    fixed = Deployment(d.base, mesh, rules, d.hardware, moe_auto_threshold=100)
+    assert fixed.moe_auto_threshold == 100
+    assert [fixed.step([Chunk(0, 1, n / per)]).moe_strategy for n in (100, 101)] == [
+        "alltoall", "allgather"]
+    with pytest.raises(ValueError, match="no MoE layers"):
+        Deployment(TINY, None, "tp", d.hardware).moe_crossover_tokens()
+
+
+def test_the_fixed_capacity_exchange_moves_and_computes_senders_times_the_pairs():
+    """XLA:CPU's alltoall: every (sender, receiver) slot holds all of the sender's pairs."""
+    hw = bare()
+    ragged, fixed = (Deployment(TINY_MOE, "ep=4", "ep", hw, moe_exchange=x)
+                     for x in ("ragged", "fixed"))
+    for tokens in (1, 8, 64):
+        r, f = (d.step([Chunk(0, 1, tokens)], "alltoall") for d in (ragged, fixed))
+        op = {d: next(o for o in t.ops if o.name.startswith("experts")) for d, t in
+              (("r", r), ("f", f))}
+        # ragged: the group's 4 x tokens x 2 pairs spread over 4 owners; fixed: 4 slots each
+        assert op["r"].flops == pytest.approx(tokens * 2 * flops.expert_flops(TINY_MOE))
+        assert op["f"].flops == pytest.approx(4 * tokens * 2 * flops.expert_flops(TINY_MOE))
+        sent = {k: next(c for c in t.collectives if c.kind == "all-to-all").nbytes
+                for k, t in (("r", r), ("f", f))}
+        assert sent["f"] == 4 * sent["r"] == 4 * tokens * 2 * 16 * 2
+    with pytest.raises(ValueError, match="'sparse'"):
+        Deployment(TINY_MOE, "ep=4", "ep", hw, moe_exchange="sparse")

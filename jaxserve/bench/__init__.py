@@ -12,6 +12,7 @@ so tests and notebooks run it with the same flags a user types. Modules:
                matmul stack: what the hardware allows
   workloads    random prompts, the mixed and shared-prefix workloads
   models       random models for benchmarks (HF transformers copies and jaxserve-only ones)
+  hf_models    tiny random HF reference models of every family (parity checks and tests)
   peers        other engines run on the same workload: HF transformers (a llama.cpp peer
                would sit beside it)
   steps        the engine's own decode step driven from outside; probes on the engine loop
@@ -20,7 +21,7 @@ so tests and notebooks run it with the same flags a user types. Modules:
   plots        figures (matplotlib, imported when a plot is drawn)
   hlo          what a compiled program's collectives move, read from its HLO text
   offline, offline_parts, serving, serving_metrics, serving_client, tp_sweep, sampling, moe,
-  prefix, validate_perf, validate_published: one benchmark each (`main(argv)`)
+  prefix, validate_perf, validate_published, gpu_check: one benchmark each (`main(argv)`)
   training     the recipe that trains the embedded tiny checkpoint
 
 Layering: this package may import the API, the engine and everything below them; nothing in

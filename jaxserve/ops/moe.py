@@ -44,9 +44,11 @@ from jaxserve.sharding import (all_gather_logical, all_to_all_logical, axis_inde
                                shard_map_logical)
 
 STRATEGIES = MOE_STRATEGIES
-# Tokens per step above which `auto` gathers expert weights instead of exchanging tokens: the
-# crossover measured by scripts/bench_moe.py (BENCHMARKS.md). Set per engine with
-# `moe_auto_threshold`.
+# Tokens per step above which `auto` gathers expert weights instead of exchanging tokens, where
+# nothing better is known. An engine takes its threshold from `moe_auto_threshold`, else from the
+# performance model's crossover for its model, mesh and device (jaxserve/perf/moe_auto.py); this
+# value (the crossover scripts/bench_moe.py measured on 8 simulated CPU devices, BENCHMARKS.md)
+# is only for devices without a hardware profile and for a bare `MoEExecution()`.
 DEFAULT_AUTO_THRESHOLD = 512
 
 EXPERT_AXES = ("experts", "embed", "expert_mlp")  # gate_proj, up_proj: [experts, embed, width]

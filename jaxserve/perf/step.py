@@ -21,6 +21,13 @@ plus, for attention, the KV pages read and written. The collectives follow from 
 a parameter whose *contracted* axis is split (`shapes.Param.contracts`) leaves partial sums
 that are all-reduced over those mesh axes; vocabulary-split logits are gathered to sample;
 experts exchange tokens or gather weights by the MoE strategy.
+
+MoE `auto` follows the engine's rule (`ops.moe.MoEExecution.resolve`): allgather for steps of
+more than a threshold of tokens (all replicas together), alltoall otherwise. The threshold is
+the one the engine uses: `moe_auto_threshold` when it is set explicitly, else
+`moe_crossover_tokens()`, the step size past which this model, on this profile, finds gathering
+the experts' weights cheaper than exchanging tokens. So `plan` predicts the strategy the engine
+runs, and the engine takes its threshold from here (`perf/moe_auto.py`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,11 @@ from jaxserve.placement import fit_to_layout
 from jaxserve.rules import MeshRules, Rules, replicas_of
 
 MOE_STRATEGIES = ("auto", "alltoall", "allgather")
+MOE_EXCHANGES = ("ragged", "fixed")
 LOGIT_BYTES = 4  # logits are float32
+# The largest step (tokens, all replicas together) the MoE crossover is looked for in: past it
+# `auto` keeps alltoall.
+MOE_CROSSOVER_LIMIT = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +153,26 @@ class Deployment:
 
     def __init__(self, config: ModelConfig, mesh: str | dict[str, int] | None,
                  rules: str | Rules, hardware: Hardware, precision: Precision | None = None,
-                 moe_strategy: str = "auto"):
+                 moe_strategy: str = "auto", moe_auto_threshold: int | None = None,
+                 moe_exchange: str | None = None):
         if moe_strategy not in MOE_STRATEGIES:
             raise ValueError(f"moe_strategy must be one of {', '.join(MOE_STRATEGIES)} (the "
                              f"dense strategy is a reference, not modelled), got {moe_strategy!r}")
+        if moe_exchange not in (None, *MOE_EXCHANGES):
+            raise ValueError(f"moe_exchange must be one of {', '.join(MOE_EXCHANGES)}, got "
+                             f"{moe_exchange!r}")
+        # how alltoall moves tokens, as the engine does (`ops.moe.MoEExecution.token_exchange`):
+        # "ragged" (only the rows sent; GPU, TPU) or "fixed" (fixed-capacity slots, senders x
+        # the rows; XLA:CPU, whose simulated devices are the profiles that share compute)
+        self.moe_exchange = moe_exchange or ("fixed" if hardware.shared_compute else "ragged")
         self.base = config
         self.mesh = MeshRules.create(mesh, rules)
         self.config = fit_to_layout(config, self.mesh)  # what the devices hold
         self.hardware = hardware
         self.precision = precision or Precision()
         self.moe_strategy = moe_strategy
+        self._moe_auto_threshold = moe_auto_threshold  # None: the crossover
+        self._crossover: dict[int, int] = {}
         self.replicas = replicas_of(self.mesh)
         self.params = parameters(self.config)
         self._true = parameters(config)
@@ -265,6 +286,56 @@ class Deployment:
         return tuple(a for name, axes in zip(logical, placed) if name in names for a in axes
                      if self.mesh.shape[a] > 1)
 
+    # ---- MoE auto: the engine's rule ----
+    def moe_experts_seconds(self, tokens: float, strategy: str) -> float:
+        """The MoE experts' time (op and collectives) in a step of `tokens` per replica."""
+        _, op, coll = self._experts(tokens, strategy)
+        return op.seconds + sum(c.seconds for c in coll if c is not None)
+
+    def moe_crossover_tokens(self, limit: int = MOE_CROSSOVER_LIMIT) -> int:
+        """The largest step, in tokens of all replicas together (what the engine counts), at
+        which exchanging tokens (alltoall) is no slower than gathering the experts' weights
+        (allgather); `limit` when allgather never wins up to it. Found by doubling, then
+        bisection: one crossover is assumed (allgather's cost is fixed per layer, alltoall's
+        grows with the tokens)."""
+        if not self.config.is_moe:
+            raise ValueError("the model has no MoE layers: no MoE crossover")
+        if limit not in self._crossover:
+            self._crossover[limit] = self._find_crossover(limit)
+        return self._crossover[limit]
+
+    def _find_crossover(self, limit: int) -> int:
+
+        def gathers(total: int) -> bool:
+            t = total / self.replicas
+            return self.moe_experts_seconds(t, "allgather") < self.moe_experts_seconds(
+                t, "alltoall")
+
+        if gathers(1):
+            return 0
+        low, high = 1, 2  # alltoall holds at low
+        while not gathers(high):
+            if high >= limit:
+                return limit
+            low, high = high, min(2 * high, limit)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if gathers(mid) else (mid, high)
+        return low
+
+    @property
+    def moe_auto_threshold(self) -> int:
+        """Tokens per step (all replicas) above which `auto` gathers: the explicit setting, else
+        the crossover."""
+        if self._moe_auto_threshold is not None:
+            return self._moe_auto_threshold
+        return self.moe_crossover_tokens()
+
+    def moe_auto_strategy(self, tokens: float) -> str:
+        """What `auto` runs for a step of `tokens` per replica: the engine's rule."""
+        total = tokens * self.replicas
+        return "allgather" if total > self.moe_auto_threshold else "alltoall"
+
     # ---- the step ----
     def step(self, chunks: Iterable[Chunk], moe_strategy: str | None = None) -> StepTime:
         """The time of one step that runs `chunks` on every replica."""
@@ -343,22 +414,21 @@ class Deployment:
                 for (op, axes), (calls, elements) in self._reduces.items()]
 
     def _experts(self, tokens: float, strategy: str | None):
-        """MoE layers' experts under a strategy (`auto`: the faster of the two for this step).
+        """MoE layers' experts under a strategy (`auto`: the engine's rule, `moe_auto_strategy`).
 
         Routing is taken as uniform: a token picks each expert with probability k / N, so
         T tokens touch N (1 - (1 - k/N)^T) distinct experts (whose weights are read) and every
         device's experts get an equal share of the (token, expert) pairs.
         - alltoall: the replicas that split `experts` between them exchange pairs (two
           all-to-alls per layer of tokens x k x embed); each device runs every pair routed to
-          its experts, reading only the experts hit.
+          its experts, reading only the experts hit. With the fixed-capacity exchange
+          (`moe_exchange="fixed"`, XLA:CPU) the rows sent and computed are senders x that.
         - allgather: each layer's experts are all-gathered (written to memory once); each
           device runs its own tokens through the experts they hit.
         """
         strategy = strategy or self.moe_strategy
         if strategy == "auto":
-            options = [self._experts(tokens, s) for s in ("alltoall", "allgather")]
-            return min(options, key=lambda o: o[1].seconds + sum(c.seconds for c in o[2]
-                                                                 if c is not None))
+            return self._experts(tokens, self.moe_auto_strategy(tokens))
         cfg, base = self.config, self.base
         n, k, layers = cfg.num_experts, cfg.num_experts_per_tok, cfg.num_moe_layers
         gate = next(p for p in self.params.values() if p.op == "experts")
@@ -373,13 +443,21 @@ class Deployment:
         act = self.precision.activation_bytes
         coll = []
         if strategy == "alltoall":
-            group_tokens = tokens * self.mesh.axis_size(exchange)
+            senders = self.mesh.axis_size(exchange)
+            group_tokens = tokens * senders
             touched = (n / ep) * (1 - (1 - k / n) ** group_tokens)
             pairs = group_tokens * k / ep
+            # the fixed-capacity exchange: every (sender, receiver) slot holds all of the
+            # sender's pairs, so `senders` x the rows travel and the owner computes them all
+            slack = senders if self.moe_exchange == "fixed" else 1
+            if slack > 1:
+                pairs = senders * tokens * k  # a slot per sender, each of its tokens x k rows
             op = self._op("experts (all-to-all)", pairs * flops.expert_flops(base) / width_split
-                          * layers, touched * per_expert * layers, group_tokens * k / n)
+                          * layers,
+                          touched * per_expert * layers, group_tokens * k / n)
             coll.append(self._collective("experts: tokens exchanged", "all-to-all",
-                                         tokens * k * cfg.hidden_size * act, 2 * layers, exchange))
+                                         tokens * k * cfg.hidden_size * act * slack, 2 * layers,
+                                         exchange))
             replicated = tuple(a for a in expert_axes if a not in batch_axes)
             coll.append(self._collective("experts: partial outputs", "all-reduce",
                                          tokens * cfg.hidden_size * act, layers, replicated))

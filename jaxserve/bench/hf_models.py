@@ -1,0 +1,54 @@
+"""Tiny random HF reference models (float32), saved with save_pretrained: the families the
+engine imports, small enough to build in a second (the parity tests and `gpu_check` use them).
+torch and transformers are imported when a model is built, never when this module is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=8, max_position_embeddings=512, rms_norm_eps=1e-5)
+
+HF_CONFIGS = {
+    # GQA (8 q / 2 kv heads), Llama-3 rope scaling, untied embeddings
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        COMMON, num_key_value_heads=2, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        COMMON, num_key_value_heads=4, sliding_window=None, tie_word_embeddings=False)),
+    # q/k norm, explicit head_dim != hidden/heads, tied embeddings
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)),
+    # 8 experts, top-2 without renormalisation; layer 1 keeps a dense MLP (mlp_only_layers)
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=False, mlp_only_layers=[1])),
+    # every second layer MoE (decoder_sparse_step=2), top-3 renormalised
+    "qwen3_moe_sparse": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        COMMON, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        COMMON, num_key_value_heads=4, intermediate_size=32, num_local_experts=8,
+        num_experts_per_tok=2, sliding_window=None)),
+}
+MOE_FAMILIES = ("qwen3_moe", "qwen3_moe_sparse", "mixtral")
+
+
+def make_hf_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    import torch
+    import transformers
+
+    config_cls, model_cls, kwargs = HF_CONFIGS[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
+    model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
+    with torch.no_grad():  # HF's init leaves norms at 1: randomise them so they are tested
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.uniform_(0.5, 1.5)
+            elif pname.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 0.5)  # routers: clear choices, so no near-ties in the top-k
+    model.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -20,9 +20,9 @@ def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None
         if names is not None and leaf.name not in names:
             continue
         meta = leaf.field.metadata
-        if meta["type"] is bool:  # on by default: the flag turns it off
-            p.add_argument(leaf.flag, dest=leaf.name, action="store_false",
-                           default=leaf.default, help=meta["help"])
+        if meta["type"] is bool:  # the flag turns the default off (or on)
+            p.add_argument(leaf.flag, dest=leaf.name, default=leaf.default, help=meta["help"],
+                           action="store_false" if leaf.default else "store_true")
             continue
         stated = meta["default_help"] or leaf.default
         p.add_argument(leaf.flag, dest=leaf.name, type=meta["type"], default=leaf.default,

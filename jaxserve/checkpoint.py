@@ -329,8 +329,9 @@ def resolve_quantization(config: ModelConfig, quantization: str | None,
     if config.quantization is not None:
         embeddings = config.quantize_embeddings or quantize_embeddings
         if wanted != config.quantization or embeddings != config.quantize_embeddings:
-            asked = (f"quantization={quantization!r}" if wanted != config.quantization
-                     else "quantize_embeddings=True")
+            asked = ("quantize_embeddings=True" if wanted == config.quantization
+                     else f"quantization={quantization!r}" + (" (float)" if wanted is None
+                                                              else ""))
             raise ConfigError(
                 f"{where} holds weights quantized as {config.quantization!r} (quantize_embeddings="
                 f"{config.quantize_embeddings}); it cannot load with {asked}: use "

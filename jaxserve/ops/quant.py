@@ -59,11 +59,17 @@ def quantize(w: jax.Array, inputs: tuple[int, int], group: int | None
 
 def dequantize(values: jax.Array, scale: jax.Array, inputs: tuple[int, int], group: int | None,
                dtype) -> jax.Array:
-    """(int8 values, scales) -> the weight in `dtype`."""
+    """(int8 values, scales) -> the weight in `dtype`.
+
+    Only the (small) scales are reshaped, to broadcast over the values as they lie: reshaping
+    the values into groups measured ~1.5x slower on XLA:CPU (a relayout of the whole weight)."""
     outer, groups, size, outputs = _grouped_shape(values.shape, inputs, group)
-    v = values.astype(jnp.float32).reshape(outer + (groups, size) + outputs)
-    w = v * jnp.expand_dims(scale, len(outer) + 1)
-    return w.reshape(values.shape).astype(dtype)
+    ins = values.shape[inputs[0]:inputs[1]]
+    if groups == 1:
+        per_element = scale.reshape(outer + (1,) * len(ins) + outputs)
+    else:
+        per_element = jnp.repeat(scale, size, axis=len(outer)).reshape(values.shape)
+    return (values.astype(jnp.float32) * per_element).astype(dtype)
 
 
 def scale_axes(axes: Sequence[str | None], inputs: tuple[int, int]) -> tuple[str | None, ...]:

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from jaxserve.checkpoint import restore_model
+from jaxserve.checkpoint import parse_dtype, restore_model
 from jaxserve.engine.engine import Engine
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
@@ -68,6 +68,10 @@ class LLM:
         (see jaxserve/engine/warmup.py). compilation_cache: where compiled programs are kept
         between runs, a directory or "off" (default: $JAXSERVE_COMPILATION_CACHE, else
         ~/.cache/jaxserve/xla; see jaxserve/runtime/compile_cache.py).
+        quantization: the linear layers' weight format, "auto" (the checkpoint's), "none" or
+        None (float), "int8" (per-channel scales) or "int8-g32/64/128" (per group of inputs); a
+        float checkpoint is quantized on load (see jaxserve/ops/quant.py).
+        quantize_embeddings: the embedding and LM head too.
         """
         if settings is None:
             settings = Settings()
@@ -79,14 +83,16 @@ class LLM:
         cache, parallel = settings.cache, settings.parallel
         self.layout = Layout.create(parallel.mesh, parallel.rules)
         self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
-        self.config, graphdef, params = restore_model(self.model_dir, self.layout, settings.dtype)
+        self.config, graphdef, params = restore_model(
+            self.model_dir, self.layout, settings.dtype, settings.precision.quantization,
+            settings.precision.quantize_embeddings)
         limit = self.config.max_position_embeddings
         max_model_len = settings.scheduler.max_model_len
         if max_model_len is not None and max_model_len > limit:
             raise ValueError(f"max_model_len must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
-        kv_dtype = jax.tree.leaves(params)[0].dtype
+        kv_dtype = parse_dtype(settings.dtype, default=self.config.dtype)
         self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(self.config, kv_dtype)
         self.num_replicas = replicas_of(self.layout)
         kv_blocks = self._kv_pool_blocks(cache, settings.scheduler.max_num_seqs,

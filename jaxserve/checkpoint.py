@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.config import ModelConfig, from_hf_config
+from jaxserve.config import (QUANTIZATIONS, ConfigError, ModelConfig, from_hf_config,
+                             quantization_group)
 from jaxserve.models import abstract_model
+from jaxserve.ops.quant import QuantizedWeight, quantize
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
 from jaxserve.text.load import GENERATION_CONFIG_FILE, SP_TOKENIZER_FILE, TOKENIZER_FILES
@@ -84,6 +86,12 @@ def expected_params(config: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDe
     specs = _flatten(_str_keys(nnx.to_pure_dict(nnx.get_partition_spec(state))))
     shapes = _flatten(_str_keys(nnx.to_pure_dict(state)))
     return graphdef, state, {n: (tuple(shapes[n].shape), tuple(specs[n])) for n in shapes}
+
+
+def _param_dtypes(state: nnx.State) -> dict[str, Any]:
+    """{name: dtype} of a (possibly abstract) state: int8 values and float32 scales of
+    quantized weights, the model dtype elsewhere."""
+    return {n: a.dtype for n, a in _flatten(_str_keys(nnx.to_pure_dict(state))).items()}
 
 
 def flat_params(state: nnx.State) -> dict[str, Any]:
@@ -299,12 +307,66 @@ def param_specs(config: ModelConfig, dtype=jnp.float32) -> dict[str, tuple]:
     return expected_params(config, dtype)[2]
 
 
-def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None
+QUANTIZATION_REQUESTS = ("auto", "none")  # the checkpoint's format; float
+
+
+def resolve_quantization(config: ModelConfig, quantization: str | None,
+                         quantize_embeddings: bool, where: str) -> ModelConfig:
+    """The config to run: the checkpoint's, or a float checkpoint's quantized on load.
+
+    `quantization`: "auto" (the checkpoint's format), "none" or None (float), or a format
+    (`config.QUANTIZATIONS`). A quantized checkpoint loads only in its own format: it is never
+    dequantized or re-quantized, so asking for another is an error naming both."""
+    if quantization != "auto" and quantization is not None and quantization != "none":
+        quantization_group(quantization)  # an unknown value fails here, named
+    if quantization == "auto":
+        if quantize_embeddings and config.quantization is None:
+            raise ConfigError(f"quantize_embeddings=True needs a quantization: {where} holds "
+                              f"float weights and quantization is 'auto'")
+        wanted = config.quantization
+    else:
+        wanted = None if quantization in (None, "none") else quantization
+    if config.quantization is not None:
+        embeddings = config.quantize_embeddings or quantize_embeddings
+        if wanted != config.quantization or embeddings != config.quantize_embeddings:
+            asked = ("quantize_embeddings=True" if wanted == config.quantization
+                     else f"quantization={quantization!r}" + (" (float)" if wanted is None
+                                                              else ""))
+            raise ConfigError(
+                f"{where} holds weights quantized as {config.quantization!r} (quantize_embeddings="
+                f"{config.quantize_embeddings}); it cannot load with {asked}: use "
+                f"quantization='auto' or {config.quantization!r}, or quantize the float "
+                f"checkpoint again")
+        return config
+    if wanted is None:
+        if quantize_embeddings:
+            raise ConfigError("quantize_embeddings=True needs a quantization (e.g. 'int8')")
+        return config
+    return dataclasses.replace(config, quantization=wanted,
+                               quantize_embeddings=bool(quantize_embeddings))
+
+
+def quantize_params(params: dict[str, Any], quantized: ModelConfig) -> dict[str, Any]:
+    """Flat float params -> the flat params of the model `quantized` describes (each
+    quantized weight's `values` and `scale` in place of its float array). Jit-compatible."""
+    out = dict(params)
+    for path, module in nnx.iter_graph(abstract_model(quantized)):
+        if isinstance(module, QuantizedWeight):
+            name = "/".join(map(str, path))
+            out[name + "/values"], out[name + "/scale"] = quantize(
+                out.pop(name), module.inputs, module.group)
+    return out
+
+
+def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None,
+                  quantization: str | None = "auto", quantize_embeddings: bool = False
                   ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Read config + params fitted to `layout`, each array placed directly in its sharding.
 
     Returns the fitted config (`placement.fit_to_layout`: padded vocabulary, repeated KV heads),
-    and the graphdef and state of the model built from it.
+    and the graphdef and state of the model built from it. `quantization`: see
+    `resolve_quantization`; a float checkpoint asked for a format is quantized on the devices,
+    after it is placed.
     """
     import orbax.checkpoint as ocp
 
@@ -312,13 +374,15 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     config = ModelConfig.load(model_dir / CONFIG_FILE)
+    running = resolve_quantization(config, quantization, quantize_embeddings, str(model_dir))
     target_dtype = parse_dtype(dtype, default=config.dtype)
     params_dir = (model_dir / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
         raise CheckpointError(f"{model_dir}: no {PARAMS_DIR}/ directory")
     fitted = fit_to_layout(config, layout)  # a head count the mesh cannot split fails here
 
-    _, _, stored_shapes = expected_params(config, target_dtype)
+    _, stored_state, stored_shapes = expected_params(config, target_dtype)
+    dtypes = _param_dtypes(stored_state)
     checkpointer = ocp.StandardCheckpointer()
     stored = _flatten(checkpointer.metadata(params_dir).item_metadata.tree)
     _check_tensors({n: s for n, (s, _) in stored_shapes.items()},
@@ -334,11 +398,42 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     for n, (shape, axes) in stored_shapes.items():
         sharding = (layout.sharding(axes, shape, f"parameter {n!r}", lenient=True)
                     if n in changed else final[n])
-        targets[n] = jax.ShapeDtypeStruct(shape, target_dtype, sharding=sharding)
+        targets[n] = jax.ShapeDtypeStruct(shape, dtypes[n], sharding=sharding)
     restored = _flatten(checkpointer.restore(params_dir, _unflatten(targets)))
     if changed:
         fit = jax.jit(lambda params: fit_params(params, config, fitted),
                       out_shardings={n: final[n] for n in changed})
         restored.update(fit({n: restored.pop(n) for n in changed}))
+    if running != config:
+        fitted = dataclasses.replace(fitted, quantization=running.quantization,
+                                     quantize_embeddings=running.quantize_embeddings)
+        graphdef, state, expected = expected_params(fitted, target_dtype)
+        shardings = {n: layout.sharding(axes, shape, f"parameter {n!r}")
+                     for n, (shape, axes) in expected.items()}
+        restored = jax.jit(lambda params: quantize_params(params, fitted),
+                           out_shardings=shardings)(restored)
     nnx.replace_by_pure_dict(state, _unflatten(restored))
     return fitted, graphdef, state
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, quantization: str,
+                        quantize_embeddings: bool = False) -> ModelConfig:
+    """Write `src` (a float checkpoint) quantized to `dst`: int8 values and float32 scales,
+    config.json recording the format, the tokenizer files copied. It loads without
+    re-quantizing."""
+    src, dst = Path(src), Path(dst)
+    if not quantization or quantization in QUANTIZATION_REQUESTS:
+        raise ConfigError(f"quantize needs a format, one of {', '.join(QUANTIZATIONS)}, "
+                          f"got {quantization!r}")
+    if ModelConfig.load(src / CONFIG_FILE).quantization is not None:
+        raise ConfigError(f"{src} is already quantized; quantize its float checkpoint")
+    config, _, state = restore_model(src, Layout.create(None, "tp"), None, quantization,
+                                     quantize_embeddings)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"quantize: the destination is the source ({src})")
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    save_model(dst, config, state)
+    return config

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from jaxserve.config import QUANTIZATIONS
 from jaxserve.package_data import embedded_model
 from jaxserve.settings import Settings
 
@@ -20,9 +21,9 @@ def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None
         if names is not None and leaf.name not in names:
             continue
         meta = leaf.field.metadata
-        if meta["type"] is bool:  # on by default: the flag turns it off
-            p.add_argument(leaf.flag, dest=leaf.name, action="store_false",
-                           default=leaf.default, help=meta["help"])
+        if meta["type"] is bool:  # the flag turns the default off (or on)
+            p.add_argument(leaf.flag, dest=leaf.name, default=leaf.default, help=meta["help"],
+                           action="store_false" if leaf.default else "store_true")
             continue
         stated = meta["default_help"] or leaf.default
         p.add_argument(leaf.flag, dest=leaf.name, type=meta["type"], default=leaf.default,
@@ -45,6 +46,16 @@ def cmd_convert(args) -> int:
     config = convert_hf(args.hf, args.out, dtype=args.dtype)
     print(f"converted {args.hf} -> {args.out}: {config.family}, {config.num_layers} layers, "
           f"{config.num_params() / 1e6:.1f}M parameters, {config.dtype}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from jaxserve.checkpoint import quantize_checkpoint
+
+    config = quantize_checkpoint(args.src, args.dst, args.quantization,
+                                 args.quantize_embeddings)
+    embeddings = " (embedding / LM head too)" if config.quantize_embeddings else ""
+    print(f"quantized {args.src} -> {args.dst}: {config.quantization}{embeddings}")
     return 0
 
 
@@ -312,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="stored dtype (default: the HF config's)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a float checkpoint's weights quantized (int8 + "
+                       "scales); the result loads without re-quantizing")
+    p.add_argument("src", help="float jaxserve checkpoint directory")
+    p.add_argument("dst", help="output jaxserve checkpoint directory")
+    p.add_argument("--quantization", default="int8", choices=QUANTIZATIONS,
+                   help="weight format (default: int8, a scale per output channel)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="quantize the embedding and LM head too")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("shard-info", help="show how each parameter is partitioned")
     p.add_argument("--model", required=True, help="jaxserve checkpoint directory")

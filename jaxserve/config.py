@@ -21,6 +21,18 @@ HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen3": "qwen3",
                   "qwen3_moe": "qwen3_moe", "mixtral": "mixtral"}
 ROPE_TYPES = ("default", "llama3")
 FORMAT_VERSION = 1
+# Weight formats (jaxserve/ops/quant.py): int8 with a float32 scale per output channel, or per
+# group of this many consecutive input elements.
+QUANTIZATION_GROUPS = (32, 64, 128)
+QUANTIZATIONS = ("int8",) + tuple(f"int8-g{g}" for g in QUANTIZATION_GROUPS)
+
+
+def quantization_group(quantization: str) -> int | None:
+    """Elements per scale along a weight's inputs: None for per channel ("int8")."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                          f"got {quantization!r}")
+    return None if quantization == "int8" else int(quantization.removeprefix("int8-g"))
 
 
 class ConfigError(ValueError):
@@ -67,6 +79,10 @@ class ModelConfig:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # The linear layers' weight format (None: float in `dtype`; else one of QUANTIZATIONS) and
+    # whether the embedding / LM head share it (else they stay float).
+    quantization: str | None = None
+    quantize_embeddings: bool = False
     # How the model is laid out on a mesh (set by `jaxserve.placement.fit_to_layout`, never
     # saved): the vocabulary padded to a multiple of the axes that split it, and each KV head
     # repeated so that every tensor-parallel device holds the head its query heads read.
@@ -101,6 +117,31 @@ class ModelConfig:
             if bad:
                 raise ConfigError(f"mlp_only_layers {bad} are not layers of a "
                                   f"{self.num_layers}-layer model")
+
+        if self.quantization is not None:
+            self._check_quantization()
+        elif self.quantize_embeddings:
+            raise ConfigError("quantize_embeddings=True needs a quantization (e.g. 'int8')")
+
+    def quantized_inputs(self) -> dict[str, int]:
+        """Input size (elements one output sums over) of each kind of quantized weight."""
+        e = self.hidden_size
+        sizes = {"q_proj, k_proj, v_proj, gate_proj, up_proj (hidden_size)": e,
+                 "o_proj (num_heads * head_dim)": self.num_heads * self.head_dim}
+        if self.num_moe_layers < self.num_layers:
+            sizes["down_proj (intermediate_size)"] = self.intermediate_size
+        if self.is_moe:
+            sizes["expert down_proj (moe_intermediate_size)"] = self.moe_intermediate_size
+        return sizes
+
+    def _check_quantization(self) -> None:
+        group = quantization_group(self.quantization)
+        for what, size in self.quantized_inputs().items():
+            if group is not None and size % group:
+                raise ConfigError(
+                    f"quantization {self.quantization!r}: group size {group} does not divide "
+                    f"the input dim of {what} = {size}; choose a group size that divides it "
+                    f"or per-channel 'int8'")
 
     @property
     def is_moe(self) -> bool:

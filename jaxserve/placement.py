@@ -32,8 +32,10 @@ from jaxserve.rules import MeshRules, ShardingError
 if TYPE_CHECKING:
     from jaxserve.sharding import Layout
 
-VOCAB_ROWS = ("embed/embedding", "lm_head")  # [vocab, embed]: padded along axis 0
-_KV_PROJ = re.compile(r"^layers/\d+/attn/[kv]_proj$")  # [embed, kv_heads, head_dim]: axis 1
+# [vocab, embed] (int8 values, scales [vocab, groups] when quantized): padded along axis 0
+_VOCAB_ROWS = re.compile(r"^(embed/embedding|lm_head)(/values|/scale)?$")
+# [embed, kv_heads, head_dim] (scales [groups, kv_heads, head_dim]): repeated along axis 1
+_KV_PROJ = re.compile(r"^layers/\d+/attn/[kv]_proj(/values|/scale)?$")
 
 
 def _axes_text(axes: tuple[str, ...]) -> str:
@@ -125,7 +127,7 @@ def fit_params(params: dict[str, Any], base: ModelConfig, fitted: ModelConfig) -
     pad = fitted.vocab_rows - base.vocab_rows
     out = dict(params)
     for name, array in params.items():
-        if pad and name in VOCAB_ROWS:
+        if pad and _VOCAB_ROWS.match(name):
             out[name] = jnp.pad(array, [(0, pad)] + [(0, 0)] * (array.ndim - 1))
         elif repeat > 1 and _KV_PROJ.match(name):
             out[name] = jnp.repeat(array, repeat, axis=1)
@@ -139,7 +141,7 @@ def unfit_params(params: dict[str, Any], base: ModelConfig, fitted: ModelConfig
     padded = fitted.vocab_rows > base.vocab_rows
     out = dict(params)
     for name, array in params.items():
-        if padded and name in VOCAB_ROWS:
+        if padded and _VOCAB_ROWS.match(name):
             out[name] = array[:base.vocab_rows]
         elif repeat > 1 and _KV_PROJ.match(name):
             out[name] = array[:, ::repeat]

@@ -6,8 +6,9 @@
       parallel    ParallelSettings   mesh, sharding rules, how MoE experts run on the mesh
       sampling    SamplingSettings   where sampling and text making run
       compile     CompileSettings    when step programs compile, where compiled ones are kept
+      precision   PrecisionSettings  weight format: float, or int8 with scales (quantization)
       dtype                          parameter / compute dtype (the checkpoint's by default)
-      speculative, precision, disaggregation, distributed
+      speculative, disaggregation, distributed
                                      where those features' sections go; None until they exist
 
 `LLM(model_dir, settings=..., **overrides)` takes the tree and flat overrides by field name
@@ -33,6 +34,7 @@ import difflib
 import os
 from typing import Any, Iterator
 
+from jaxserve.config import QUANTIZATIONS
 from jaxserve.rules import parse_mesh
 
 # The mode names users see, defined once; the modules that implement them import these.
@@ -42,6 +44,8 @@ MOE_STRATEGIES = ("dense", "alltoall", "allgather", "auto")  # jaxserve/ops/moe.
 ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")  # jaxserve/engine/router.py
 COMPILATION_MODES = ("background", "upfront", "on_use")  # jaxserve/engine/warmup.py
 DTYPES = ("float32", "bfloat16", "float16")
+# "auto": the checkpoint's format; "none": float; else a weight format (jaxserve/ops/quant.py)
+QUANTIZATION_CHOICES = ("auto", "none") + QUANTIZATIONS
 PREFILL_QUERY_TILE = 16  # prefill tokens per attention row (engine/step_builder.QUERY_TILE)
 
 
@@ -209,11 +213,32 @@ class CompileSettings:
             object.__setattr__(self, "compilation_cache", str(self.compilation_cache))
 
 
+@dataclasses.dataclass(frozen=True)
+class PrecisionSettings:
+    """The formats weights run in (jaxserve/ops/quant.py); KV and compute formats go here too."""
+
+    quantization: str = setting(
+        "auto", "linear layers' weight format: the checkpoint's (auto), float (none), int8 with "
+        "a scale per output channel (int8) or per group of 32/64/128 inputs (int8-gN); a float "
+        "checkpoint is quantized on load, a quantized one loads only in its own format",
+        type=str, choices=QUANTIZATION_CHOICES)
+    quantize_embeddings: bool = setting(
+        False, "quantize the embedding and LM head too (with --quantization)", type=bool)
+
+    def __post_init__(self):
+        if self.quantization is None:  # LLM(quantization=None): float, as "none"
+            object.__setattr__(self, "quantization", "none")
+        _one_of("quantization", self.quantization, QUANTIZATION_CHOICES)
+        if not isinstance(self.quantize_embeddings, bool):
+            raise ValueError(f"quantize_embeddings must be True or False, got "
+                             f"{self.quantize_embeddings!r}")
+
+
 SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,
             "parallel": ParallelSettings, "sampling": SamplingSettings,
-            "compile": CompileSettings}
+            "compile": CompileSettings, "precision": PrecisionSettings}
 # Sections the next features fill in; each stays None (off) until its feature exists.
-FUTURE_SECTIONS = ("speculative", "precision", "disaggregation", "distributed")
+FUTURE_SECTIONS = ("speculative", "disaggregation", "distributed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,10 +266,10 @@ class Settings:
     parallel: ParallelSettings = dataclasses.field(default_factory=ParallelSettings)
     sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
     compile: CompileSettings = dataclasses.field(default_factory=CompileSettings)
+    precision: PrecisionSettings = dataclasses.field(default_factory=PrecisionSettings)
     dtype: str | None = setting(None, "parameter dtype", type=str, choices=DTYPES,
                                 default_help="the checkpoint's")
     speculative: Any = None  # a draft model or n-gram proposer and its token budget
-    precision: Any = None  # weight / KV / compute formats (dtype moves here)
     disaggregation: Any = None  # prefill and decode engines and the handoff between them
     distributed: Any = None  # multi-host: leader, followers, process-local inputs
 

@@ -39,10 +39,9 @@ def test_leaves_have_unique_names_and_flags_and_help():
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
         "max_prefill_rows", "max_steps_in_flight", "routing", "mesh", "rules", "moe_strategy",
         "moe_auto_threshold", "sampling", "output_processing", "compilation",
-        "compilation_cache", "dtype"}
+        "compilation_cache", "quantization", "quantize_embeddings", "dtype"}
     room = Settings()
-    assert (room.speculative, room.precision, room.disaggregation, room.distributed) == \
-        (None,) * 4
+    assert (room.speculative, room.disaggregation, room.distributed) == (None,) * 3
 
 
 @pytest.mark.parametrize("command", ENGINE_COMMANDS)
@@ -85,6 +84,8 @@ BAD = [  # setting, as typed on the command line, as given to LLM, a word the er
     ("compilation", "soon", "soon", "compilation must be one of background, upfront, on_use, "
      "got 'soon'"),
     ("compilation_cache", "", "", "compilation_cache is empty: give a directory or 'off'"),
+    ("quantization", "int4", "int4", "quantization must be one of auto, none, int8, int8-g32, "
+     "int8-g64, int8-g128, got 'int4'"),
 ]
 
 

@@ -9,6 +9,10 @@ Activations are token-major, `[tokens, ...]`: a step's prefill chunks and decode
 batch. Attention goes through `jaxserve.ops.attention.paged_attention`, which owns the KV cache
 (writes this step's keys/values, reads each sequence's context); layers never see pages.
 
+Linear weights are declared with `weight` (a format is part of the declaration: float, or int8
+with scales, `jaxserve.ops.quant`) and read with `read`, inside the step; models never branch on
+a format. Norm scales and the MoE router stay float (`param`).
+
 Blocks run under `jax.named_scope` ("attention", "mlp"; "moe" in models/moe.py; "layer_{i}",
 "lm_head" in the model), so a device profile and the HLO's op names speak the model's words.
 """
@@ -24,6 +28,7 @@ from flax import nnx
 from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.kv_cache import CacheBuffer, CacheSpec
 from jaxserve.ops.attention import AttentionMetadata, paged_attention
+from jaxserve.ops.quant import declare_weight, read
 from jaxserve.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -34,6 +39,15 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
     """A parameter with its logical axes: the one declaration shardings are derived from."""
     init = init or nnx.initializers.normal(0.02)
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes))
+
+
+def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype,
+           config: ModelConfig, inputs: tuple[int, int], embedding: bool = False):
+    """A linear layer's weight in the config's format; `inputs`: the [start, stop) dims it
+    contracts. The embedding / LM head are quantized only when the config says so."""
+    quantized = config.quantize_embeddings or not embedding
+    return declare_weight(rngs, shape, axes, dtype, config.quantization if quantized else None,
+                          inputs)
 
 
 class RMSNorm(nnx.Module):
@@ -49,15 +63,16 @@ class RMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, dim: int, dtype, rngs: nnx.Rngs):
-        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), dtype)
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.embedding = weight(rngs, (config.vocab_rows, config.hidden_size), ("vocab", "embed"),
+                                dtype, config, (1, 2), embedding=True)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "embed"))
+        return constrain(jnp.take(read(self.embedding), tokens, axis=0), ("batch", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: [.., embed] -> [.., vocab]."""
-        return jnp.einsum("...e,ve->...v", x, self.embedding[...])
+        return jnp.einsum("...e,ve->...v", x, read(self.embedding))
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -87,10 +102,14 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         e, h, kv, d = config.hidden_size, config.num_heads, config.stored_kv_heads, config.head_dim
-        self.q_proj = param(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), dtype)
+        self.q_proj = weight(rngs, (e, h, d), ("embed", "q_heads", "head_dim"), dtype, config,
+                             (0, 1))
+        self.k_proj = weight(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype, config,
+                             (0, 1))
+        self.v_proj = weight(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype, config,
+                             (0, 1))
+        self.o_proj = weight(rngs, (h, d, e), ("q_heads", "head_dim", "embed"), dtype, config,
+                             (0, 2))
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, "head_dim", dtype, rngs)
             self.k_norm = RMSNorm(d, config.rms_norm_eps, "head_dim", dtype, rngs)
@@ -103,11 +122,11 @@ class Attention(nnx.Module):
             return self._attend(x, cos, sin, cache, metadata)
 
     def _attend(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
-        q = constrain(jnp.einsum("te,ehd->thd", x, self.q_proj[...]),
+        q = constrain(jnp.einsum("te,ehd->thd", x, read(self.q_proj)),
                       ("batch", "q_heads", "head_dim"))
-        k = constrain(jnp.einsum("te,ehd->thd", x, self.k_proj[...]),
+        k = constrain(jnp.einsum("te,ehd->thd", x, read(self.k_proj)),
                       ("batch", "kv_heads", "head_dim"))
-        v = constrain(jnp.einsum("te,ehd->thd", x, self.v_proj[...]),
+        v = constrain(jnp.einsum("te,ehd->thd", x, read(self.v_proj)),
                       ("batch", "kv_heads", "head_dim"))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -116,7 +135,7 @@ class Attention(nnx.Module):
         out = constrain(out, ("batch", "q_heads", "head_dim"))
         # One [tokens, heads*head_dim] x [heads*head_dim, embed] product: written as a two-axis
         # contraction, XLA CPU copied o_proj into another layout on every step.
-        o_proj = self.o_proj[...]
+        o_proj = read(self.o_proj)
         return out.reshape(out.shape[0], -1) @ o_proj.reshape(-1, o_proj.shape[-1]), cache
 
 
@@ -125,12 +144,12 @@ class MLP(nnx.Module):
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         e, m = config.hidden_size, config.intermediate_size
-        self.gate_proj = param(rngs, (e, m), ("embed", "mlp"), dtype)
-        self.up_proj = param(rngs, (e, m), ("embed", "mlp"), dtype)
-        self.down_proj = param(rngs, (m, e), ("mlp", "embed"), dtype)
+        self.gate_proj = weight(rngs, (e, m), ("embed", "mlp"), dtype, config, (0, 1))
+        self.up_proj = weight(rngs, (e, m), ("embed", "mlp"), dtype, config, (0, 1))
+        self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), dtype, config, (0, 1))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            gate = constrain(x @ self.gate_proj[...], ("batch", "mlp"))
-            up = constrain(x @ self.up_proj[...], ("batch", "mlp"))
-            return (jax.nn.silu(gate) * up) @ self.down_proj[...]
+            gate = constrain(x @ read(self.gate_proj), ("batch", "mlp"))
+            up = constrain(x @ read(self.up_proj), ("batch", "mlp"))
+            return (jax.nn.silu(gate) * up) @ read(self.down_proj)

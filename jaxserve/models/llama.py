@@ -15,8 +15,9 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import CacheSpec, KVPool
-from jaxserve.models.layers import (MLP, Attention, Embedding, RMSNorm, kv_cache_spec, param,
-                                    rope_tables)
+from jaxserve.models.layers import (MLP, Attention, Embedding, RMSNorm, kv_cache_spec,
+                                    rope_tables, weight)
+from jaxserve.ops.quant import read
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.sharding import constrain
 
@@ -41,7 +42,7 @@ class DecoderLayer(nnx.Module):
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = Embedding(config.vocab_rows, config.hidden_size, dtype, rngs)
+        self.embed = Embedding(config, dtype, rngs)
         self.layers = nnx.List([
             DecoderLayer(config, dtype, rngs,
                          lambda i=i: self.feed_forward(config, i, dtype, rngs))
@@ -51,8 +52,8 @@ class LlamaForCausalLM(nnx.Module):
             # [vocab, embed], like the embedding (and HF's lm_head.weight): the decode-shaped
             # product contracts both operands along their contiguous axis, measured 1.5x faster
             # than [embed, vocab] at batch 8 on XLA CPU.
-            self.lm_head = param(rngs, (config.vocab_rows, config.hidden_size), ("vocab", "embed"),
-                                 dtype)
+            self.lm_head = weight(rngs, (config.vocab_rows, config.hidden_size),
+                                  ("vocab", "embed"), dtype, config, (1, 2), embedding=True)
 
     @staticmethod
     def feed_forward(config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
@@ -89,7 +90,7 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             out = self.embed.attend(hidden)
         else:
-            out = jnp.einsum("...e,ve->...v", hidden, self.lm_head[...])
+            out = jnp.einsum("...e,ve->...v", hidden, read(self.lm_head))
         out = out.astype(jnp.float32)
         if self.config.vocab_rows > self.config.vocab_size:
             real = jnp.arange(self.config.vocab_rows) < self.config.vocab_size

@@ -17,10 +17,11 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import KVPool
-from jaxserve.models.layers import MLP, param, rope_tables
+from jaxserve.models.layers import MLP, param, rope_tables, weight
 from jaxserve.models.llama import LlamaForCausalLM
 from jaxserve.ops import moe
 from jaxserve.ops.attention import AttentionMetadata
+from jaxserve.ops.quant import read
 from jaxserve.sharding import constrain
 
 
@@ -31,14 +32,15 @@ class MoE(nnx.Module):
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         e, n, m = config.hidden_size, config.num_experts, config.moe_intermediate_size
         self.router = param(rngs, (e, n), ("embed", None), dtype)  # small: on every device
-        self.gate_proj = param(rngs, (n, e, m), moe.EXPERT_AXES, dtype)
-        self.up_proj = param(rngs, (n, e, m), moe.EXPERT_AXES, dtype)
-        self.down_proj = param(rngs, (n, m, e), moe.DOWN_AXES, dtype)
+        self.gate_proj = weight(rngs, (n, e, m), moe.EXPERT_AXES, dtype, config, (1, 2))
+        self.up_proj = weight(rngs, (n, e, m), moe.EXPERT_AXES, dtype, config, (1, 2))
+        self.down_proj = weight(rngs, (n, m, e), moe.DOWN_AXES, dtype, config, (1, 2))
         self.top_k = config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
 
     def experts(self) -> moe.ExpertWeights:
-        return moe.ExpertWeights(self.gate_proj[...], self.up_proj[...], self.down_proj[...])
+        # Read (dequantized) in the global view, so every strategy gets float experts.
+        return moe.ExpertWeights(read(self.gate_proj), read(self.up_proj), read(self.down_proj))
 
     def __call__(self, x: jax.Array, gathered: moe.ExpertWeights | None = None) -> jax.Array:
         """x [tokens, embed]; `gathered`: this layer's experts already all-gathered."""

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import os
 import time
 from typing import Any
@@ -93,7 +92,6 @@ class Engine:
                                     for r in range(replicas)],
                                    tile=QUERY_TILE, router=self.router, model_config=config,
                                    root_hash=identity_hash(cache_identity))
-        self.max_blocks_per_seq = math.ceil(self.max_model_len / runner.block_size)
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
                                    eos_ids=self.eos_ids)

@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 
 from jaxserve.config import ModelConfig
+from jaxserve.perf import energy
 from jaxserve.perf.precision import Precision
 from jaxserve.perf.profiles import Hardware, load_hardware
 from jaxserve.perf.serving import colocated
@@ -170,15 +171,49 @@ def static_seconds(d: Deployment, batch: int, prompt: int, output: int) -> float
     return prefill + (output - 1) * decode
 
 
-def predict(row: PublishedRow, profiles: dict[str, Hardware] | None = None) -> float:
-    """The model's figure for `row`, on the built-in profile of its hardware or on
+def deployment(row: PublishedRow, profiles: dict[str, Hardware] | None = None) -> Deployment:
+    """The row's engine, on the built-in profile of its hardware or on
     `profiles[row.hardware]` where given (a profile with other constants, as the fit tries)."""
     config = MODELS[row.model]
-    tp, kind, setting = row.tp, row.kind, row.setting
     hardware = (profiles or {}).get(row.hardware) or load_hardware(row.hardware)
     # TP engines split each expert's width as well (the tp_ep rules at ep=1)
-    mesh, rules = (f"tp={tp},ep=1", "tp_ep") if config.is_moe else (f"tp={tp}", "tp")
-    d = Deployment(config, mesh, rules, hardware, Precision.parse(row.precision))
+    mesh, rules = ((f"tp={row.tp},ep=1", "tp_ep") if config.is_moe
+                   else (f"tp={row.tp}", "tp"))
+    return Deployment(config, mesh, rules, hardware, Precision.parse(row.precision))
+
+
+def static_joules_per_token(row: PublishedRow) -> energy.Joules | None:
+    """A static-batch row's energy per output token: its prefill step and output - 1 decode
+    steps at the mean context, over batch x output tokens (None without energy figures)."""
+    d, st = deployment(row), row.setting
+    prefill = energy.step_joules(d, d.step([Chunk(0, st["prompt"], st["batch"])]))
+    decode = energy.step_joules(d, d.step([decode_chunk(st["prompt"] + st["output"] / 2,
+                                                        st["batch"])]))
+    if prefill is None:
+        return None
+    return (prefill + decode.scaled(st["output"] - 1)).scaled(1 / (st["batch"] * st["output"]))
+
+
+def energy_check(rows: list[PublishedRow]) -> list[dict]:
+    """Static-throughput rows on profiles with energy figures: the model's joules per token
+    times the published tokens/s per GPU is the power the model accounts for, set beside the
+    board's maximum power (700 W TDP for h100 / h200, cited in their profiles)."""
+    out = []
+    for r in rows:
+        if r.kind != "static":
+            continue
+        j = static_joules_per_token(r)
+        if j is not None:
+            out.append(dict(row=r.number, model=r.model, hardware=r.hardware,
+                            precision=r.precision, setting=r.setting,
+                            joules_per_token=j.to_dict(), watts_per_gpu=j.total * r.published))
+    return out
+
+
+def predict(row: PublishedRow, profiles: dict[str, Hardware] | None = None) -> float:
+    """The model's figure for `row` (see `deployment` for the profile it runs on)."""
+    tp, kind, setting = row.tp, row.kind, row.setting
+    d = deployment(row, profiles)
     if kind == "ttft":
         return d.step([Chunk(0, setting["prompt"])]).total_s * 1e3
     if kind in ("static", "e2e"):
@@ -234,6 +269,17 @@ def main(argv=None) -> list[dict]:
     out = score(ROWS)
     print(table(out))
     print(f"\n{within(out)} of {len(out)} rows within {TARGET:.0%}")
+    watts = energy_check(ROWS)
+    print("\nenergy the model accounts for at the published throughput (static rows, profiles "
+          "with energy figures; the boards' maximum is 700 W):\n| # | model | hardware | "
+          "setting | mJ/token (FLOP/HBM/link) | W per GPU |\n|---:|---|---|---|---:|---:|")
+    for w in watts:
+        j = w["joules_per_token"]
+        print(f"| {w['row']} | {w['model']} | {w['hardware']} | "
+              + ", ".join(f"{k} {v}" for k, v in w["setting"].items())
+              + f" | {j['total'] * 1e3:.3g} ({j['compute'] * 1e3:.2g}/{j['memory'] * 1e3:.2g}/"
+                f"{j['interconnect'] * 1e3:.2g}) | {w['watts_per_gpu']:.0f} |")
     if args.json:
-        args.json.write_text(json.dumps({"sources": SOURCES, "rows": out}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"sources": SOURCES, "rows": out, "energy": watts},
+                                        indent=2) + "\n")
     return out

@@ -114,3 +114,17 @@ def group_all_to_all(nbytes: float, group: Group, hw: Hardware) -> float:
     local = (d - 1) / n * nbytes / hw.intra_host.rate
     remote = (n - d) / n * nbytes / hw.inter_host.rate
     return max(local, remote) + (d - 1) * hw.intra_host.latency + (n - d) * hw.inter_host.latency
+
+
+GROUP_COLLECTIVES = {"all-reduce": group_all_reduce, "all-gather": group_all_gather,
+                     "all-to-all": group_all_to_all}
+
+
+def traffic(kind: str, nbytes: float, group: Group, hw: Hardware) -> tuple[float, float]:
+    """Bytes one device sends in one such collective, over (the within-host link, the
+    between-hosts link): the formulas above on links of unit rate and no latency, one link at a
+    time (the other free), so the time they return is the bytes that link carries."""
+    unit, free = Link(1.0, 0.0), Link(math.inf, 0.0)
+    run = GROUP_COLLECTIVES[kind]
+    return (run(nbytes, group, dataclasses.replace(hw, intra_host=unit, inter_host=free)),
+            run(nbytes, group, dataclasses.replace(hw, intra_host=free, inter_host=unit)))

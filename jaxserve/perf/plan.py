@@ -7,7 +7,9 @@ on all engines at once (`serving.colocated`); for every pair of a prefill layout
 layout, the devices are split between prefill and decode engines in the proportion that serves
 the most requests (`serving.prefill_role`, `serving.decode_role`). Layouts are ranked by output
 tokens per second, those that meet the SLO first; each names its bottleneck (compute, memory
-bandwidth, interconnect, kernel launches, host or KV capacity).
+bandwidth, interconnect, kernel launches, host or KV capacity), its cost per million tokens and,
+where the profile cites energy figures, its joules per output token split into compute, device
+memory and interconnect traffic (`energy`).
 
 t_e (Albireo's empirical optimal TP degree) is the TP degree of the best colocated layout: past
 it, the host's non-scalable time and the collectives outweigh the memory and bandwidth more
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxserve.config import FORMAT_VERSION, ModelConfig, from_hf_config
-from jaxserve.perf import serving
+from jaxserve.perf import energy, serving
 from jaxserve.perf.precision import Precision
 from jaxserve.perf.profiles import Hardware
 from jaxserve.perf.step import Deployment
@@ -88,6 +90,7 @@ class Candidate:
     breakdown: dict[str, float]  # the decode-side step, seconds by bound
     weight_bytes_per_device: float  # of the decode-side engine
     kv_capacity_tokens: int  # per DP replica of the decode-side engine
+    joules_per_token: dict[str, float] | None = None  # per output token; None: no figures
 
     @property
     def per_device(self) -> float:
@@ -122,17 +125,18 @@ class Plan:
 
     def table(self, top: int = 15) -> str:
         head = ("#", "layout", "dev", "batch", "TTFT ms", "TPOT ms", "out tok/s", "tok/s/dev",
-                "$/M tok", "bottleneck", "SLO")
+                "$/M tok", "mJ/tok (FLOP/HBM/link)", "bottleneck", "SLO")
         rows = [head]
         for i, c in enumerate(self.candidates[:top], 1):
             rows.append((str(i), c.layout, str(c.devices), f"{c.batch:.0f}",
                          f"{c.ttft_s * 1e3:.1f}", f"{c.tpot_s * 1e3:.2f}",
                          f"{c.output_tokens_per_s:,.0f}", f"{c.per_device:,.1f}",
                          "-" if c.cost_per_million is None else f"{c.cost_per_million:.3f}",
+                         _millijoules(c.joules_per_token),
                          c.bottleneck + (" (saturated)" if c.saturated else ""),
                          "yes" if c.meets_slo else "no"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(cell.rjust(w) if i in (0, 2, 3, 4, 5, 6, 7, 8) else cell.ljust(w)
+        lines = ["  ".join(cell.rjust(w) if i in (0, 2, 3, 4, 5, 6, 7, 8, 9) else cell.ljust(w)
                            for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
                  for row in rows]
         w = self.workload
@@ -154,6 +158,17 @@ class Plan:
         if len(self.candidates) > top:
             lines.append(f"... {len(self.candidates) - top} more in the JSON")
         return "\n".join(intro + [""] + lines)
+
+
+def _millijoules(j: dict[str, float] | None) -> str:
+    if j is None:
+        return "-"
+    return (f"{j['total'] * 1e3:.3g} ({j['compute'] * 1e3:.2g}/{j['memory'] * 1e3:.2g}/"
+            f"{j['interconnect'] * 1e3:.2g})")
+
+
+def _as_dict(j: energy.Joules | None) -> dict[str, float] | None:
+    return None if j is None else j.to_dict()
 
 
 def divisors(n: int) -> list[int]:
@@ -220,7 +235,7 @@ def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Worklo
                 op.tpot_s, tokens, _cost(hardware, devices, tokens), op.bottleneck,
                 op.limited_by, slo.met(op.ttft_s, op.tpot_s) and not op.saturated,
                 op.saturated, op.step.breakdown(), d.weight_bytes_per_device,
-                d.kv_capacity_tokens))
+                d.kv_capacity_tokens, _as_dict(energy.per_output_token(d, op))))
         if disaggregated and devices > 1:
             _roles(config, mesh, rules, hardware, precision, decode_precision, workload, d,
                    prefill_side, decode_side)
@@ -282,12 +297,17 @@ def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candi
             label = f"P {n_p} x {dp.label} | D {n_d} x {dd.label}"
             bottleneck = decode.bottleneck if n_d * q.requests_per_s <= n_p * p.requests_per_s \
                 else p.step.bottleneck
+            decode_j = energy.per_output_token(dd, decode)
+            prefill_j = energy.prefill_per_request(dp, p)
+            joules = (None if decode_j is None or prefill_j is None
+                      else decode_j + prefill_j.scaled(1 / w.mean_output))
             out.append(Candidate(
                 label, "disaggregated", _axis(dd, "tp"), _axis(dd, "ep"), used,
                 f"{n_p}+{n_d}", decode.batch, ttft, decode.tpot_s, tokens,
                 _cost(hw, used, tokens), bottleneck, decode.limited_by,
                 slo.met(ttft, decode.tpot_s) and not saturated, saturated,
-                decode.step.breakdown(), dd.weight_bytes_per_device, dd.kv_capacity_tokens))
+                decode.step.breakdown(), dd.weight_bytes_per_device, dd.kv_capacity_tokens,
+                _as_dict(joules)))
     return out
 
 

@@ -5,6 +5,9 @@ bandwidth and latency within and across hosts, price) and the fractions of them 
 kernels reach (matmul efficiency by the number of rows of the product, streaming efficiency),
 plus the engine's own per-step host time. Published figures cite their source in the file; the
 `cpu-local` profile is written by `jaxserve calibrate`, which measures all of it on this machine.
+An optional `energy` block gives joules per FLOP, per byte of device memory traffic and per byte
+sent over each link, each cited (`energy: ...` entries of `sources`); nothing here measures
+energy, so no CPU run checks it.
 
 Units are SI throughout: FLOP/s, bytes/s, bytes, seconds, price per device-hour.
 """
@@ -66,6 +69,17 @@ class HostOverhead:
 
 
 @dataclasses.dataclass(frozen=True)
+class Energy:
+    """Joules per unit of work: per FLOP by the product's dtype, per byte read or written in
+    device memory, per byte one device sends over the within-host and the between-hosts link."""
+
+    per_flop: dict[str, float]
+    per_memory_byte: float
+    per_intra_host_byte: float
+    per_inter_host_byte: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Hardware:
     name: str
     description: str
@@ -93,6 +107,7 @@ class Hardware:
     price_per_hour: float | None = None  # per device
     sources: tuple[str, ...] = ()
     measured: dict[str, Any] | None = None  # what calibrate measured, kept for the record
+    energy: Energy | None = None  # None: no cited energy figures
 
     def matmul_rate(self, dtype: str, rows: float, width: int | None = None) -> float:
         """FLOP/s products with `rows` rows reach in `dtype` in a model of hidden width
@@ -137,8 +152,9 @@ class Hardware:
         for name in ("intra_host", "inter_host"):
             if d[name]["unknown"] is None:
                 del d[name]["unknown"]
-        if d["measured"] is None:
-            del d["measured"]
+        for name in ("measured", "energy"):
+            if d[name] is None:
+                del d[name]
         return d
 
 
@@ -243,6 +259,20 @@ def parse_hardware(doc: Any, source: str) -> Hardware:
     sources = doc.get("sources") or ()
     if isinstance(sources, str) or not all(isinstance(s, str) for s in sources):
         raise ProfileError(f"{source}: sources must be a list of strings")
+    energy = None
+    if doc.get("energy") is not None:
+        e = mapping(doc["energy"], "energy")
+        fields = {"per_flop", "per_memory_byte", "per_intra_host_byte", "per_inter_host_byte"}
+        if set(e) != fields:
+            raise ProfileError(f"{source}: energy needs exactly {', '.join(sorted(fields))}, got "
+                               f"{', '.join(sorted(e))}")
+        per_flop = {canonical_dtype(k, "energy.per_flop key"): number(v, f"energy.per_flop.{k}")
+                    for k, v in mapping(e["per_flop"], "energy.per_flop").items()}
+        if set(peak) - set(per_flop):
+            raise ProfileError(f"{source}: energy.per_flop has no figure for "
+                               f"{', '.join(sorted(set(peak) - set(per_flop)))}")
+        energy = Energy(per_flop, *(number(e[k], f"energy.{k}") for k in (
+            "per_memory_byte", "per_intra_host_byte", "per_inter_host_byte")))
     return Hardware(
         name=str(doc["name"]), description=str(doc.get("description", "")),
         peak_flops=peak, matmul_efficiency=curves,
@@ -265,7 +295,7 @@ def parse_hardware(doc: Any, source: str) -> Hardware:
         memory_fraction=number(doc.get("memory_fraction", 0.9), "memory_fraction", high=1.0),
         shared_compute=bool(doc.get("shared_compute", False)),
         price_per_hour=None if price is None else number(price, "price_per_hour"),
-        sources=tuple(sources), measured=doc.get("measured"))
+        sources=tuple(sources), measured=doc.get("measured"), energy=energy)
 
 
 def save_hardware(hw: Hardware, path: str | Path, header: str = "") -> None:

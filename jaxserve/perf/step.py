@@ -275,9 +275,7 @@ class Deployment:
         group = collectives.group_of(self.mesh.shape, axes, self.hardware.devices_per_host)
         if group.size <= 1 or calls == 0:
             return None
-        one = {"all-reduce": collectives.group_all_reduce,
-               "all-gather": collectives.group_all_gather,
-               "all-to-all": collectives.group_all_to_all}[kind](nbytes, group, self.hardware)
+        one = collectives.GROUP_COLLECTIVES[kind](nbytes, group, self.hardware)
         return CollectiveTime(name, kind, nbytes, calls, group, one * calls)
 
     def _split_axes(self, logical: Iterable[str | None], shape, names) -> tuple[str, ...]:

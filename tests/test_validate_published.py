@@ -25,6 +25,7 @@ def test_the_fit_set_is_the_named_source_and_the_held_out_rest_is_disjoint():
     # the done-when of the held-out set: >= 20 rows from >= 3 sources
     assert len(held) >= 20 and len({r.source for r in held}) >= 3
     assert fp.row_span(fit) == "17-22"
+    assert fp.row_span(fp.split(vp.ROWS, "TRT")[0]) == "1-16, 26-28"
 
 
 def test_an_unknown_fit_source_is_named():

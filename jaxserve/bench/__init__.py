@@ -21,7 +21,8 @@ so tests and notebooks run it with the same flags a user types. Modules:
   plots        figures (matplotlib, imported when a plot is drawn)
   hlo          what a compiled program's collectives move, read from its HLO text
   offline, offline_parts, serving, serving_metrics, serving_client, tp_sweep, sampling, moe,
-  prefix, validate_perf, validate_published, gpu_check: one benchmark each (`main(argv)`)
+  prefix, validate_perf, validate_published, fit_published, gpu_check: one benchmark each
+               (`main(argv)`)
   training     the recipe that trains the embedded tiny checkpoint
 
 Layering: this package may import the API, the engine and everything below them; nothing in

@@ -59,11 +59,14 @@ def split(rows: list[vp.PublishedRow], fit_source: str = FIT_SOURCE):
 
 
 def row_span(rows: list[vp.PublishedRow]) -> str:
-    """'17-22' (or '3, 5, 9' when not contiguous)."""
-    numbers = sorted(r.number for r in rows)
-    if numbers == list(range(numbers[0], numbers[-1] + 1)):
-        return f"{numbers[0]}-{numbers[-1]}" if len(numbers) > 1 else str(numbers[0])
-    return ", ".join(map(str, numbers))
+    """'17-22', or '1-16, 26-28' for rows in several runs."""
+    numbers, runs = sorted(r.number for r in rows), []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 def with_constants(c: Constants, base: dict[str, Hardware] | None = None) -> dict[str, Hardware]:

@@ -277,8 +277,8 @@ def main(argv=None) -> list[dict]:
         j = w["joules_per_token"]
         print(f"| {w['row']} | {w['model']} | {w['hardware']} | "
               + ", ".join(f"{k} {v}" for k, v in w["setting"].items())
-              + f" | {j['total'] * 1e3:.3g} ({j['compute'] * 1e3:.2g}/{j['memory'] * 1e3:.2g}/"
-                f"{j['interconnect'] * 1e3:.2g}) | {w['watts_per_gpu']:.0f} |")
+              + f" | {j['total'] * 1e3:.3g} ({j['compute'] * 1e3:.3g}/{j['memory'] * 1e3:.3g}/"
+                f"{j['interconnect'] * 1e3:.3g}) | {w['watts_per_gpu']:.0f} |")
     if args.json:
         args.json.write_text(json.dumps({"sources": SOURCES, "rows": out, "energy": watts},
                                         indent=2) + "\n")

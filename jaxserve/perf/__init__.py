@@ -9,7 +9,7 @@ devices. Model shapes come from our own config and rules (`shapes`, `jaxserve.ru
 runs, never a copy of it.
 
 Modules: `profiles` (hardware profiles, `hardware/*.yaml`), `shapes` (what a model holds),
-`collectives` (ring and tree formulas), `step` (one step's time), `workload` (what users ask
-for), `serving` (a workload on one layout), `plan` (ranking layouts), `calibrate` (measuring
+`collectives` (ring and tree formulas), `step` (one step's time), `energy` (its joules), `workload`
+(what users ask for), `serving` (a workload on one layout), `plan` (ranking layouts), `calibrate` (measuring
 this machine). Nothing here imports jax except `calibrate`, which measures with it.
 """

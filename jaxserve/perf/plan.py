@@ -163,8 +163,8 @@ class Plan:
 def _millijoules(j: dict[str, float] | None) -> str:
     if j is None:
         return "-"
-    return (f"{j['total'] * 1e3:.3g} ({j['compute'] * 1e3:.2g}/{j['memory'] * 1e3:.2g}/"
-            f"{j['interconnect'] * 1e3:.2g})")
+    return (f"{j['total'] * 1e3:.3g} ({j['compute'] * 1e3:.3g}/{j['memory'] * 1e3:.3g}/"
+            f"{j['interconnect'] * 1e3:.3g})")
 
 
 def _as_dict(j: energy.Joules | None) -> dict[str, float] | None:

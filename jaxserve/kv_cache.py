@@ -147,7 +147,10 @@ def kv_format(kv_cache_dtype: str, model_dtype) -> KVFormat:
 def format_of(stored: Mapping[str, jax.Array]) -> KVFormat:
     """The format one layer's stored buffers are in (each format has its own storage dtype)."""
     dtype = next(a.dtype for name, a in stored.items() if not name.endswith(SCALE_SUFFIX))
-    return next(f for f in kv_formats().values() if f.dtype == dtype)
+    for fmt in kv_formats().values():
+        if fmt.dtype == dtype:
+            return fmt
+    raise ValueError(f"no KV format stores {dtype} (formats: {', '.join(kv_formats())})")
 
 
 def value_names(stored: Mapping[str, object]) -> list[str]:
@@ -166,6 +169,7 @@ def encode_buffers(fmt: KVFormat, buffers: Mapping[str, jax.Array]) -> dict[str,
 
 
 def decode_buffer(fmt: KVFormat, stored: Mapping[str, jax.Array], name: str, dtype) -> jax.Array:
+    """Buffer `name` of stored buffers (with its scale, if the format has one), in `dtype`."""
     return fmt.decode(stored[name], stored.get(name + SCALE_SUFFIX), dtype)
 
 
@@ -216,10 +220,6 @@ class CacheSpec:
                 stored[name + SCALE_SUFFIX] = CacheBuffer(buf.shape[:-1], buf.axes[:-1],
                                                           jnp.dtype(SCALE_DTYPE))
         return CacheSpec(stored, self.num_layers, fmt)
-
-    def bytes_per_token(self) -> int:
-        """Stored bytes of one token, every layer and buffer (scales included), unsplit."""
-        return self.num_layers * sum(b.nbytes_per_token() for b in self.buffers.values())
 
     def bytes_per_block(self, block_size: int) -> int:
         per_token = sum(b.nbytes_per_token() for b in self.buffers.values())

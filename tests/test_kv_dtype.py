@@ -92,13 +92,24 @@ TINY = dict(kv_blocks=64, max_num_seqs=8, max_model_len=128)
 
 @pytest.fixture(scope="module")
 def tiny_runs():
-    """kv_cache_dtype -> (its engine, its greedy tokens for CODE) on the embedded model."""
-    runs = {}
-    for name in ("auto", *SCALED):
-        llm = LLM(embedded_model(), kv_cache_dtype=name, **TINY)
-        out = llm.generate(CODE, GREEDY, use_tqdm=False)
-        runs[name] = llm, [o.outputs[0].token_ids for o in out]
-    return runs
+    """kv_cache_dtype -> (its engine, its greedy tokens for CODE, each prompt's first block as
+    the prefill wrote it) on the embedded model."""
+    return {name: generate_reading_first_blocks(LLM(embedded_model(), kv_cache_dtype=name,
+                                                    **TINY))
+            for name in ("auto", *SCALED)}
+
+
+def generate_reading_first_blocks(llm):
+    engine = llm.engine
+    requests = [engine.add_request(f"code-{i}", llm.tokenizer.encode(text), GREEDY)
+                for i, text in enumerate(CODE)]
+    seqs = [r.sequences[0] for r in requests]
+    while not all(s.num_scheduled_outputs for s in seqs):  # every prompt is in the cache
+        engine.step()
+    first_blocks = llm.runner.gather_blocks([s.blocks[0] for s in seqs])
+    while engine.has_unfinished():
+        engine.step()
+    return llm, [r.output().outputs[0].token_ids for r in requests], first_blocks
 
 
 def agreement(got, want) -> float:
@@ -126,34 +137,20 @@ def test_greedy_tokens_agree_with_float32_kv_above_a_stated_rate(tiny_runs, name
 
 
 def test_the_pool_stores_values_and_scales_in_the_format(tiny_runs):
-    llm = tiny_runs["int8"][0]
+    llm, _, int8_blocks = tiny_runs["int8"]
     kv = llm.runner.kv
     assert sorted(kv.buffers) == ["k", "k_scale", "v", "v_scale"]
     assert kv.buffers["k"][0].dtype == jnp.int8 and kv.buffers["k_scale"][0].dtype == jnp.bfloat16
     assert kv.buffers["k_scale"][0].shape == kv.buffers["k"][0].shape[:-1]
-    # the layer-0 keys an int8 engine writes are the float32 engine's keys, encoded (layer 0's
-    # keys depend only on the tokens, not on what earlier layers read from the cache)
-    f32_llm = tiny_runs["auto"][0]
-    prompt = f32_llm.tokenizer.encode(CODE[2])
-    f32_blocks, int8_blocks = (prompt_blocks(engine, prompt) for engine in (f32_llm, llm))
+    # The layer-0 keys and values the int8 engine wrote are the float32 engine's, encoded
+    # (layer 0's depend only on the tokens, not on what earlier layers read from the cache).
+    f32_llm, _, f32_blocks = tiny_runs["auto"]
     want = convert_blocks({n: f32_blocks[n][:1] for n in ("k", "v")}, kv_formats()["float32"],
                           kv_formats()["int8"])
-    for name in ("k", "k_scale", "v", "v_scale"):
-        np.testing.assert_array_equal(int8_blocks[name][:1], want[name])
-
-
-def prompt_blocks(llm, prompt):
-    """The blocks holding `prompt`'s KV (full blocks only), read once it has been prefilled."""
-    engine = llm.engine
-    request = engine.add_request(f"blocks-{len(prompt)}", prompt,
-                                 SamplingParams(temperature=0, max_tokens=2))
-    seq = request.sequences[0]
-    while not seq.num_scheduled_outputs:
-        engine.step()
-    blocks = llm.runner.gather_blocks(seq.blocks[:len(prompt) // llm.runner.block_size])
-    while engine.has_unfinished():
-        engine.step()
-    return blocks
+    for i, text in enumerate(CODE):
+        n = min(len(f32_llm.tokenizer.encode(text)), llm.runner.block_size)  # prompt slots
+        for name in ("k", "k_scale", "v", "v_scale"):
+            np.testing.assert_array_equal(int8_blocks[name][0, i, :n], want[name][0, i, :n])
 
 
 def test_stats_show_the_format_its_bytes_per_token_and_capacity(tiny_runs):
@@ -248,13 +245,14 @@ def test_prefix_cache_preemption_copy_on_write_and_scoring_on_int8_blocks(tiny_r
     assert tokens(CODE) == [[w] for w in want]
     assert llm.stats()["preemptions"] > 0
     hits = llm.stats()["prefix_cache_hits"]
-    assert tokens(CODE) == [[w] for w in want]
-    assert llm.stats()["prefix_cache_hits"] > hits
     n4 = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, n=4)
-    assert tokens(CODE[2:3], n4) == [[want[2]] * 4]
+    again = tokens(CODE, [n4 if i == 2 else GREEDY for i in range(len(CODE))])
+    assert again == [[w] * (4 if i == 2 else 1) for i, w in enumerate(want)]
+    assert llm.stats()["prefix_cache_hits"] > hits
     assert copies  # the siblings' shared partial block was copied before they wrote to it
 
-    prompts, candidates = [c + "x" for c in CODE[:4]], [" = 1", "(self)"]
+    # the prompts share CODE[2]'s first block: each job after the first reuses it
+    prompts, candidates = [CODE[2] + end for end in ("x", "item", "y, z")], [" = 1", "(self)"]
     got = llm.score(prompts, candidates, top_n=2)
     assert llm.stats()["score_prefix_cache_hits"] > 0
     uncached = LLM(embedded_model(), enable_prefix_caching=False, **tight)  # the same programs

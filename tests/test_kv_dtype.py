@@ -182,10 +182,10 @@ def test_int8_holds_about_4x_the_tokens_of_float32_in_the_same_memory(monkeypatc
 # ---- an HF-parity config: logit error against float32 KV, and meshes ----
 
 # int8: each key/value is off by at most half its vector's step (1/254 of its max |x|); fp8_e4m3
-# by 1/16 of itself. Measured max |logit error| / max |logit|: int8 0.0031, fp8_e4m3 0.028 on the
-# random llama config. The bounds leave ~2x; a wrong scale axis or a missed scale gives errors of
-# the order of the logits themselves.
-LOGIT_TOLERANCE = {"int8": 0.01, "fp8_e4m3": 0.06}
+# by 1/16 of itself. Measured max |logit error| / max |logit| on the random llama config: int8
+# 0.0037, fp8_e4m3 0.0147. The bounds leave ~2.7x for other seeds; a wrong scale axis or a missed
+# scale gives errors of the order of the logits themselves.
+LOGIT_TOLERANCE = {"int8": 0.01, "fp8_e4m3": 0.04}
 
 
 @pytest.fixture(scope="module")

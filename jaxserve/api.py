@@ -98,7 +98,8 @@ class LLM:
         self.max_model_len = max_model_len or limit
         dtype = parse_dtype(settings.dtype, default=self.config.dtype)
         self.kv_format = kv_format(settings.precision.kv_cache_dtype, dtype)
-        self.kv_format.check_supported(self.layout.mesh.devices.flat[0])
+        if self.kv_format.dtype != np.dtype(dtype):  # the model's own dtype compiles already
+            self.kv_format.check_supported(self.layout.mesh.devices.flat[0])
         self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(
             self.config, dtype).with_format(self.kv_format)
         self.num_replicas = replicas_of(self.layout)

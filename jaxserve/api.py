@@ -27,7 +27,7 @@ from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToke
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
 from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
-from jaxserve.kv_cache import NULL_BLOCK, KVPool
+from jaxserve.kv_cache import NULL_BLOCK, KVPool, kv_format
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.perf import moe_auto
@@ -72,6 +72,10 @@ class LLM:
         None (float), "int8" (per-channel scales) or "int8-g32/64/128" (per group of inputs); a
         float checkpoint is quantized on load (see jaxserve/ops/quant.py).
         quantize_embeddings: the embedding and LM head too.
+        kv_cache_dtype: the KV pool's format, "auto" (the model's dtype), "float32",
+        "bfloat16", "int8" or "fp8_e4m3" (8-bit values with a scale per token and KV head; see
+        jaxserve/kv_cache.py); the pool's default size counts its real bytes, so int8 holds about
+        4x the tokens of float32.
         """
         if settings is None:
             settings = Settings()
@@ -92,24 +96,29 @@ class LLM:
             raise ValueError(f"max_model_len must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
-        kv_dtype = parse_dtype(settings.dtype, default=self.config.dtype)
-        self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(self.config, kv_dtype)
+        dtype = parse_dtype(settings.dtype, default=self.config.dtype)
+        self.kv_format = kv_format(settings.precision.kv_cache_dtype, dtype)
+        if self.kv_format.dtype != np.dtype(dtype):  # the model's own dtype compiles already
+            self.kv_format.check_supported(self.layout.mesh.devices.flat[0])
+        self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(
+            self.config, dtype).with_format(self.kv_format)
         self.num_replicas = replicas_of(self.layout)
         kv_blocks = self._kv_pool_blocks(cache, settings.scheduler.max_num_seqs,
                                          max_model_len is not None)
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, cache.block_size,
                            self.layout)
-        moe = self._moe_execution(parallel, kv_dtype)
+        moe = self._moe_execution(parallel, dtype)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe,
                                   settings.sampling.mode)
         # The engine's settings as they are resolved: max_model_len known, the pool sized.
         self.settings = settings.replace(max_model_len=self.max_model_len, kv_blocks=kv_blocks,
-                                         kv_memory_fraction=None)
+                                         kv_memory_fraction=None,
+                                         kv_cache_dtype=self.kv_format.name)
         from jaxserve.text.load import load_tokenizer
         # tokenizer.json (HF tokenizers) or tokenizer.model (sentencepiece), or None
         self.tokenizer = load_tokenizer(self.model_dir, self.config)
         # What writes the KV: equal prefix cache hashes must mean equal KV.
-        identity = "|".join(map(str, (self.model_dir.resolve(), self.config, kv_dtype,
+        identity = "|".join(map(str, (self.model_dir.resolve(), self.config, self.kv_format,
                                       self.layout.rules.source)))
         self.engine = Engine(self.runner, self.config, self.settings, self.tokenizer,
                              cache_identity=identity)

@@ -6,7 +6,7 @@
       parallel    ParallelSettings   mesh, sharding rules, how MoE experts run on the mesh
       sampling    SamplingSettings   where sampling and text making run
       compile     CompileSettings    when step programs compile, where compiled ones are kept
-      precision   PrecisionSettings  weight format: float, or int8 with scales (quantization)
+      precision   PrecisionSettings  weight format (float, or int8 with scales), KV cache format
       dtype                          parameter / compute dtype (the checkpoint's by default)
       speculative, disaggregation, distributed
                                      where those features' sections go; None until they exist
@@ -46,6 +46,8 @@ COMPILATION_MODES = ("background", "upfront", "on_use")  # jaxserve/engine/warmu
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto": the checkpoint's format; "none": float; else a weight format (jaxserve/ops/quant.py)
 QUANTIZATION_CHOICES = ("auto", "none") + QUANTIZATIONS
+# "auto": the model's dtype; int8 / fp8_e4m3 store a scale per token and KV head (kv_cache.py)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8", "fp8_e4m3")
 PREFILL_QUERY_TILE = 16  # prefill tokens per attention row (engine/step_builder.QUERY_TILE)
 
 
@@ -215,7 +217,8 @@ class CompileSettings:
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionSettings:
-    """The formats weights run in (jaxserve/ops/quant.py); KV and compute formats go here too."""
+    """The formats weights run in (jaxserve/ops/quant.py) and the KV cache is stored in
+    (jaxserve/kv_cache.py); the compute format goes here too."""
 
     quantization: str = setting(
         "auto", "linear layers' weight format: the checkpoint's (auto), float (none), int8 with "
@@ -224,6 +227,10 @@ class PrecisionSettings:
         type=str, choices=QUANTIZATION_CHOICES)
     quantize_embeddings: bool = setting(
         False, "quantize the embedding and LM head too (with --quantization)", type=bool)
+    kv_cache_dtype: str = setting(
+        "auto", "KV cache format: the model's dtype (auto), float32, bfloat16, float16, or "
+        "int8 / fp8_e4m3 with a scale per token and KV head (about 4x the tokens of float32 "
+        "in the same memory)", type=str, choices=KV_CACHE_DTYPES)
 
     def __post_init__(self):
         if self.quantization is None:  # LLM(quantization=None): float, as "none"
@@ -232,6 +239,7 @@ class PrecisionSettings:
         if not isinstance(self.quantize_embeddings, bool):
             raise ValueError(f"quantize_embeddings must be True or False, got "
                              f"{self.quantize_embeddings!r}")
+        _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
 
 
 SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,

@@ -293,7 +293,10 @@ class Engine:
         `prefix_cache_queries` looked up in the prefix cache at admission, `prefix_cache_hits`
         found there; `forked_sequences` took their prompt from a sibling (n > 1).
         `replica_load_flops`: per DP replica, the true FLOPs of the admitted work not yet
-        done. `score_*`: the same for scoring runs (jaxserve/engine/scoring.py)."""
+        done. `score_*`: the same for scoring runs (jaxserve/engine/scoring.py).
+        `kv_cache_dtype`: the pool's format; `kv_bytes_per_token`: what one token takes in it,
+        every layer, scales included, over all devices; `kv_token_capacity`: tokens the pool
+        holds for sequences (null blocks excluded)."""
         scheduler = self.scheduler
         return {
             "compilations": self.runner.compilations,
@@ -312,6 +315,10 @@ class Engine:
             "kv_blocks_used": self.kv_blocks_used,
             "kv_blocks_cached": sum(p.num_cached for p in self.pools),
             "kv_blocks_total": self.kv_blocks_total,
+            "kv_cache_dtype": self.settings.precision.kv_cache_dtype,
+            "kv_bytes_per_token": self.runner.kv.nbytes() // (self.runner.kv.num_blocks
+                                                              * self.runner.block_size),
+            "kv_token_capacity": self.kv_blocks_total * self.runner.block_size,
             **{k: round(v, 6) for k, v in self.timers.items()},
             **self.flops.stats(sum(self.timers.values()), peak_flops),
             **self.compiler.stats(),

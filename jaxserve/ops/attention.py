@@ -23,6 +23,10 @@ The reference op is plain XLA and runs per device inside `shard_map` (logical na
 `jaxserve.sharding.shard_map_logical`): a replica's tokens only ever touch its own shard of the
 pool, and under TP each device attends with its own heads. Block ids and slots in the metadata
 are local to the replica's shard.
+
+Quantized KV (jaxserve/kv_cache.py `KVFormat`): the op encodes this step's k, v into the pool's
+format as it writes them (values plus a scale per token and head beside them) and decodes each
+context chunk it reads into the compute dtype, so the rest of the step never sees the format.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import kv_cache
 from jaxserve.sharding import shard_map_logical
 
 CONTEXT_CHUNK_TOKENS = 128  # context tokens read per loop iteration (rounded to whole blocks)
@@ -81,17 +86,21 @@ def paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, j
     keep that.
 
     q [tokens, q_heads, head_dim]; k, v [tokens, kv_heads, head_dim];
-    cache {"k", "v"}: [kv_blocks, block_size, kv_heads, head_dim].
+    cache {"k", "v"}: [kv_blocks, block_size, kv_heads, head_dim], and in a scaled format
+    {"k_scale", "v_scale"}: [kv_blocks, block_size, kv_heads].
     Returns (out [tokens, q_heads, head_dim], the updated cache).
     """
-    page_axes = ("kv_blocks", None, "kv_heads", "head_dim")
+    # a scale buffer has no head_dim axis
+    page_axes = {name: PAGE_AXES[:pages.ndim] for name, pages in cache.items()}
     fn = shard_map_logical(
         lambda q, k, v, cache, md: _reference_attention(q, k, v, cache, md, scale),
         in_axes=(("batch", "q_heads", "head_dim"), ("batch", "kv_heads", "head_dim"),
-                 ("batch", "kv_heads", "head_dim"), {name: page_axes for name in cache},
-                 metadata_axes(md)),
-        out_axes=(("batch", "q_heads", "head_dim"), {name: page_axes for name in cache}))
+                 ("batch", "kv_heads", "head_dim"), page_axes, metadata_axes(md)),
+        out_axes=(("batch", "q_heads", "head_dim"), page_axes))
     return fn(q, k, v, cache, md)
+
+
+PAGE_AXES = ("kv_blocks", None, "kv_heads", "head_dim")
 
 
 def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
@@ -101,38 +110,44 @@ def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):
-    k_pages = _write(cache["k"], k, md.slots)
-    v_pages = _write(cache["v"], v, md.slots)
+    fmt = kv_cache.format_of(cache)
+    stored = kv_cache.encode_buffers(fmt, {"k": k, "v": v})  # quantized on write
+    pages = {name: _write(cache[name], new, md.slots) for name, new in stored.items()}
     tokens, heads, head_dim = q.shape
     rows, d = md.block_tables.shape[0], md.decode_rows
     parts = []
     if d:
         parts.append(_attend_rows(q[:d, None], md.positions[:d, None], md.block_tables[:d],
-                                  md.context_lens[:d], k_pages, v_pages, scale, md))
+                                  md.context_lens[:d], pages, fmt, scale, md))
     if rows > d:
         tile = (tokens - d) // (rows - d)
         parts.append(_attend_rows(q[d:].reshape(rows - d, tile, heads, head_dim),
                                   md.positions[d:].reshape(rows - d, tile), md.block_tables[d:],
-                                  md.context_lens[d:], k_pages, v_pages, scale, md))
+                                  md.context_lens[d:], pages, fmt, scale, md))
     out = jnp.concatenate([p.reshape(-1, heads, head_dim) for p in parts], axis=0)
-    return out, {"k": k_pages, "v": v_pages}
+    return out, pages
 
 
-def _attend_rows(q, positions, tables, context_lens, k_pages, v_pages, scale, md):
+def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
     """Each row's queries [rows, queries, q_heads, head_dim] attend to the row's context, causally
     by position, with an online softmax over chunks of `chunk_blocks` blocks."""
     rows, nq, heads, head_dim = q.shape
-    _, bs, kv_heads, _ = k_pages.shape
+    _, bs, kv_heads, _ = pages["k"].shape
     group = heads // kv_heads
     cb = md.chunk_blocks
     chunk = cb * bs
     q = q.reshape(rows, nq, kv_heads, group, head_dim)
 
+    def read(name, ids):  # a chunk of one buffer, decoded: [rows, chunk, kv_heads, head_dim]
+        chunk_pages = {n: pages[n][ids] for n in (name, name + kv_cache.SCALE_SUFFIX)
+                       if n in pages}
+        return kv_cache.decode_buffer(fmt, chunk_pages, name, q.dtype).reshape(
+            rows, chunk, kv_heads, head_dim)
+
     def body(j, carry):
         m, l, acc = carry  # [rows, kv_heads, group, queries] (acc: + head_dim), float32
         ids = jax.lax.dynamic_slice_in_dim(tables, j * cb, cb, axis=1)  # [rows, cb]
-        keys = k_pages[ids].reshape(rows, chunk, kv_heads, head_dim)
-        values = v_pages[ids].reshape(rows, chunk, kv_heads, head_dim)
+        keys, values = read("k", ids), read("v", ids)
         s = jnp.einsum("rqkgd,rckd->rkgqc", q, keys, preferred_element_type=jnp.float32) * scale
         key_pos = j * chunk + jnp.arange(chunk)
         visible = key_pos[None, None, :] <= positions[:, :, None]  # [rows, queries, chunk]

@@ -36,6 +36,10 @@ from jaxserve.perf.profiles import Hardware, HostOverhead, Link
 
 ROWS = (1, 8, 32, 128, 512)
 WIDTHS = (512, 1024, 2048)  # hidden widths of the decoder layers measured
+SQUARE, SQUARE_QUICK = 2048, 512  # the square product timed for the peak
+KV_BLOCK = (16, 2, 64)  # (block_size, kv_heads, head_dim) of the paged KV reads timed
+OVERHEAD_WIDTH = 64  # the tiny layers timed for the fixed time per layer
+ALL_REDUCE_WIDTH = 512  # the products between the all-reduces timed
 TINY_MODEL = embedded_model()
 
 
@@ -49,17 +53,53 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+def layer_products(width: int) -> list[tuple[int, int]]:
+    """The (in, out) weight shapes of the decoder layer timed at hidden width `width`: q and
+    o [width, width], k and v [width, width / 4], gate and up [width, 3 width], down
+    [3 width, width]."""
+    return [(width, width), (width, width // 4), (width, width // 4), (width, width),
+            (width, 3 * width), (width, 3 * width), (3 * width, width)]
+
+
+def slow_dtype(dtype: str, platform_name: str) -> bool:
+    """Products in `dtype` that are too slow here to time at every size."""
+    return dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
+
+
+def matmul_widths(dtype: str, platform_name: str, quick: bool) -> tuple[int, ...]:
+    """The hidden widths whose decoder-layer products are timed in `dtype`."""
+    return (512,) if quick else (1024,) if slow_dtype(dtype, platform_name) else WIDTHS
+
+
+def timed_shapes(platform_name: str = "cpu", quick: bool = False) -> dict[str, Any]:
+    """Every shape `calibrate` times, by what it times: the one place that says what the
+    calibration has seen, so a validation can keep to shapes it has not (bench/out_of_sample.py).
+    Products are (in, out) weight shapes; KV blocks (block_size, kv_heads, head_dim)."""
+    widths = sorted({w for d in ("float32", "bfloat16")
+                     for w in matmul_widths(d, platform_name, quick)})
+    square = SQUARE_QUICK if quick else SQUARE
+    products = {s for w in widths for s in layer_products(w)}
+    products |= {(square, square), (OVERHEAD_WIDTH, OVERHEAD_WIDTH),
+                 (ALL_REDUCE_WIDTH, ALL_REDUCE_WIDTH)}
+    from jaxserve.config import ModelConfig
+    host = ModelConfig.load(TINY_MODEL / "config.json")
+    return {"hidden_widths": sorted({*widths, OVERHEAD_WIDTH, ALL_REDUCE_WIDTH, host.hidden_size}),
+            "products": sorted(products),
+            "kv_blocks": [KV_BLOCK],
+            "rows": list(ROWS[:3] if quick else ROWS),
+            "host_time_model": {"hidden_size": host.hidden_size, "num_layers": host.num_layers,
+                                "note": "only its host time is used (engine timers)"}}
+
+
 def matmul_rates(dtype: str, width: int, rows: tuple[int, ...], weight_mib: int,
                  repeats: int) -> dict[int, float]:
-    """FLOP/s of decoder layers' products at hidden width `width` (q and o [width, width], k
-    and v [width, width / 4], gate and up [width, 3 width], down [3 width, width]), as many
+    """FLOP/s of decoder layers' products at hidden width `width` (`layer_products`), as many
     layers as `weight_mib` MiB of weights hold, chained, by rows."""
     import jax
     import jax.numpy as jnp
 
     dt = jnp.dtype(dtype)
-    shapes = [(width, width), (width, width // 4), (width, width // 4), (width, width),
-              (width, 3 * width), (width, 3 * width), (3 * width, width)]
+    shapes = layer_products(width)
     per_layer = sum(a * b for a, b in shapes)
     layers = max(1, weight_mib * 2**20 // (per_layer * dt.itemsize))
     rng = np.random.default_rng(0)
@@ -102,12 +142,12 @@ def read_bandwidth(mib: int, repeats: int) -> float:
     return a.nbytes / best_time(lambda: f(a).block_until_ready(), repeats)
 
 
-def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: int = 2,
-                      head_dim: int = 64) -> float:
+def kv_read_bandwidth(mib: int, repeats: int) -> float:
     """Bytes/s gathering random blocks out of a KV pool of `mib` MiB and reducing them."""
     import jax
     import jax.numpy as jnp
 
+    block_size, kv_heads, head_dim = KV_BLOCK
     per_block = block_size * kv_heads * head_dim * 4
     blocks = mib * 2**20 // per_block
     pool = jax.device_put(np.ones((blocks, block_size, kv_heads, head_dim), np.float32))
@@ -116,7 +156,7 @@ def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: in
     return pool.nbytes / best_time(lambda: f(pool, table).block_until_ready(), repeats)
 
 
-def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
+def layer_overhead(repeats: int, layers: int = 32, width: int = OVERHEAD_WIDTH) -> float:
     """Seconds per decoder layer that do not depend on its size: a chain of `layers` tiny
     layers with a decoder layer's kinds of ops (norm, projections, activation, residual) on
     one row, where FLOPs and bytes are negligible."""
@@ -139,7 +179,7 @@ def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
     return best_time(lambda: chain(x, w).block_until_ready(), repeats) / layers
 
 
-def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
+def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = ALL_REDUCE_WIDTH,
                     layers: int = 8) -> Link | None:
     """Latency and bandwidth of an all-reduce over two devices, as the engine's steps meet it:
     between products (`layers` of x = psum(x @ w) in one program), less the same program
@@ -180,6 +220,68 @@ def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
     return Link(bandwidth, latency, 1.0, None if grew else
                 "the all-reduce time did not grow with its size: the memory bandwidth stands "
                 "in for the link's (latency measured)")
+
+
+def tp_layer_all_reduces(width: int, intermediate: int, rows: int, layers: int,
+                         repeats: int) -> dict[str, float]:
+    """Where a TP=2 step's time goes on two devices: `layers` decoder layers' products
+    (q+k+v [width, 1.5 width] and o [width, width], gate+up [width, 2 intermediate] and down
+    [intermediate, width]) split over two devices as the tp rules split them, with the two
+    all-reduces per layer the engine runs (after o and after down); the same program with
+    each all-reduce replaced by a local op; and the whole layers on one device. Seconds per
+    program, the median of `repeats` (a shared machine: best and median both kept)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 2:
+        raise ValueError("tp_layer_all_reduces needs two devices")
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    rng = np.random.default_rng(5)
+    shapes = ((width, width + width // 2), (width, width), (width, 2 * intermediate),
+              (intermediate, width))
+    specs = (P(None, "x"), P("x", None), P(None, "x"), P("x", None))  # columns, rows, ...
+    weights = [[rng.standard_normal(s, np.float32) / np.float32(np.sqrt(s[0])) for s in shapes]
+               for _ in range(layers)]
+
+    def body(reduce):
+        def layers_of(x, weights):
+            for qkv, o, gate_up, down in weights:
+                y = (x @ qkv)[:, :o.shape[0]] @ o
+                x = x + (jax.lax.psum(y, "x") if reduce else y * 1.0001)
+                g = x @ gate_up
+                half = g.shape[1] // 2
+                y = (jax.nn.silu(g[:, :half]) * g[:, half:]) @ down
+                x = x + (jax.lax.psum(y, "x") if reduce else y * 1.0001)
+            return x
+        return layers_of
+
+    split = [[jax.device_put(w, NamedSharding(mesh, s)) for w, s in zip(layer, specs)]
+             for layer in weights]
+    whole = [[jax.device_put(w, jax.devices()[0]) for w in layer] for layer in weights]
+    x2 = jax.device_put(np.ones((rows, width), np.float32), NamedSharding(mesh, P()))
+    x1 = jax.device_put(np.ones((rows, width), np.float32), jax.devices()[0])
+    tp = lambda reduce: jax.jit(jax.shard_map(  # noqa: E731
+        body(reduce), mesh=mesh, in_specs=(P(), [list(specs)] * layers), out_specs=P(),
+        check_vma=False))
+    programs = {"tp2_with_all_reduces": (tp(True), x2, split),
+                "tp2_all_reduces_replaced": (tp(False), x2, split),
+                "one_device": (jax.jit(body(False)), x1, whole)}
+    out = {}
+    for name, (f, x, w) in programs.items():
+        f(x, w).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(x, w).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+        out[name + "_best"] = min(times)
+    out["all_reduces"] = 2 * layers
+    out["seconds_per_all_reduce"] = (out["tp2_with_all_reduces"]
+                                     - out["tp2_all_reduces_replaced"]) / (2 * layers)
+    out["all_reduce_bytes"] = rows * width * 4
+    return out
 
 
 def host_overhead(model_dir: Path, batches: tuple[int, int], new_tokens: int) -> tuple[
@@ -236,12 +338,12 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     progress(f"calibrating {len(devices)} {platform_name} device(s): {cpu_model()}")
     peak, curves, measured = {}, {}, {}
     for dtype in ("float32", "bfloat16"):
-        slow = dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
-        widths = (512,) if quick else (1024,) if slow else WIDTHS
+        slow = slow_dtype(dtype, platform_name)
         rows_here = rows[:2] if slow else rows
         mib = 4 if quick else 64 if slow else 256
-        rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats) for w in widths}
-        square = square_matmul_rate(dtype, 512 if quick else 2048, repeats)
+        rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats)
+                 for w in matmul_widths(dtype, platform_name, quick)}
+        square = square_matmul_rate(dtype, SQUARE_QUICK if quick else SQUARE, repeats)
         peak[dtype] = max(square, *(x for r in rates.values() for x in r.values()))
         curves[dtype] = {w: tuple((r, round(x / peak[dtype], 4)) for r, x in by_rows.items())
                          for w, by_rows in rates.items()}

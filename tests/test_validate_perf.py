@@ -84,11 +84,10 @@ def test_a_quick_out_of_sample_run_writes_its_rows_as_json_and_a_table(tmp_path,
     assert result["suite"] == "out-of-sample" and "shared" in result["machine"]
     assert result["calibration_timed"]["hidden_widths"] == calibrate.timed_shapes(
         "cpu", False)["hidden_widths"]  # the committed profile is a full calibration
-    quick = out_of_sample.QUICK_SUITE[0]
     cases = result["cases"]
-    assert [(c["model"], c["part"]) for c in cases] == \
-        [(quick.name, "decode")] * len(quick.decodes) + [(quick.name, "prefill")] * len(
-            quick.prefills)
+    assert [(c["model"], c["part"]) for c in cases] == [
+        (m.name, part) for m in out_of_sample.QUICK_SUITE
+        for part, steps in (("decode", m.decodes), ("prefill", m.prefills)) for _ in steps]
     for c in cases:
         assert c["measured"] > 0 and c["predicted"] > 0 and c["unit"] == "ms"
         assert c["error"] == pytest.approx(c["predicted"] / c["measured"] - 1)
@@ -100,5 +99,22 @@ def test_a_quick_out_of_sample_run_writes_its_rows_as_json_and_a_table(tmp_path,
     assert "calibration timed: hidden widths" in printed
     table = printed[printed.index("| model | part | case |"):].splitlines()
     assert len(table) == 2 + len(cases)
-    assert table[2].startswith(f"| {quick.name} | decode | batch {quick.decodes[0][0]}, ")
+    first = out_of_sample.QUICK_SUITE[0]
+    assert table[2].startswith(f"| {first.name} | decode | batch {first.decodes[0][0]}, ")
     assert result["within_target"] == sum(abs(c["error"]) <= 0.25 for c in cases)
+
+
+def test_the_tp_layer_programs_split_the_layers_as_tp_does():
+    """With its all-reduces the split program computes the whole layers; without them it does
+    not (each device keeps a partial sum): the timed difference is the all-reduces'."""
+    import numpy as np
+
+    programs = calibrate.tp_layer_programs(width=32, intermediate=48, rows=2, layers=2)
+    out = {name: np.asarray(f(x, w)) for name, (f, x, w) in programs.items()}
+    np.testing.assert_allclose(out["tp2_with_all_reduces"], out["one_device"], rtol=1e-4,
+                               atol=1e-5)
+    assert not np.allclose(out["tp2_all_reduces_replaced"], out["one_device"], rtol=1e-2)
+    timed = calibrate.tp_layer_all_reduces(32, 48, 2, 2, repeats=1)
+    assert timed["all_reduces"] == 4 and timed["all_reduce_bytes"] == 2 * 32 * 4
+    assert timed["seconds_per_all_reduce"] == pytest.approx(
+        (timed["tp2_with_all_reduces"] - timed["tp2_all_reduces_replaced"]) / 4)

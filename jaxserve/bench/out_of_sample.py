@@ -66,13 +66,18 @@ SUITE = (
                          moe_intermediate_size=512, norm_topk_prob=True),
                     decodes=((1, 128), (16, 128)), prefills=((0, 256),)),
 )
-# --quick: one tiny model, one decode and one prefill (the suite's plumbing in seconds)
+# --quick: two tiny models (the suite's plumbing, one model after another, in seconds)
 QUICK_SUITE = (
     ValidationModel("tiny-w96", "hidden 96 (plumbing check, not a validation)",
                     dict(family="llama", vocab_size=256, hidden_size=96, intermediate_size=160,
                          num_layers=1, num_heads=2, num_kv_heads=1, head_dim=48,
                          max_position_embeddings=256, eos_token_ids=(2,)),
                     decodes=((2, 48),), prefills=((16, 32),)),
+    ValidationModel("tiny-w80", "hidden 80 (plumbing check, not a validation)",
+                    dict(family="llama", vocab_size=256, hidden_size=80, intermediate_size=96,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=40,
+                         max_position_embeddings=256, eos_token_ids=(2,)),
+                    decodes=((2, 48),), prefills=()),
 )
 
 
@@ -141,17 +146,17 @@ def rows(models: tuple[ValidationModel, ...], hardware, iters: int,
             detail = {"shape": {k: v for k, v in m.shape.items() if k != "eos_token_ids"},
                       "what": m.what, "calibration_overlap": overlaps(config, timed)}
 
-            def timed(inputs, steps: int) -> Callable[[], float]:
+            def timer(inputs, steps: int) -> Callable[[], float]:
                 dispatch = warm_dispatch(llm, inputs)
                 return lambda: readback_loop(dispatch, steps)["ms_per_step"] / 1e3
 
             for batch, context in m.decodes:
                 yield Row(m.name, "decode", f"batch {batch}, context {context}",
-                          timed(decode_step_inputs(llm, batch, context, 1, params), iters),
+                          timer(decode_step_inputs(llm, batch, context, 1, params), iters),
                           model.step([decode_chunk(context - 1, batch)]), detail)
             for cached, n in m.prefills:
                 yield Row(m.name, "prefill", f"{n} tokens after {cached} cached",
-                          timed(prefill_step_inputs(llm, cached, n, params), max(2, iters // 4)),
+                          timer(prefill_step_inputs(llm, cached, n, params), max(2, iters // 4)),
                           model.step([Chunk(cached, cached + n, 1, True)]), detail)
             del llm
 

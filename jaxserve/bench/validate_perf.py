@@ -78,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="decode,ttft,generate,mesh,collectives",
                    help="in-sample parts")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed loops per case (default: 3 in-sample, best; 5 out-of-sample, "
-                   "median)")
+                   help="timed loops per case (default 3: in-sample takes the best, out-of-sample "
+                   "the median)")
     p.add_argument("--decode-iters", type=int, default=32)
     p.add_argument("--max-load", type=float, default=1.0,
                    help="wait while the 1-minute load average is above this")
@@ -188,7 +188,8 @@ def main(argv=None) -> dict:
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "jax": jax.__version__,
               "suite": args.suite, "quick": args.quick, "profile": profile, "gate": gate,
               "loadavg_end": os.getloadavg(), "machine": SHARED_NOTE,
-              "calibration_timed": timed, "within_target": within, "counted": len(rows),
+              "hardware": hw.to_yaml_dict(), "calibration_timed": timed,
+              "within_target": within, "counted": len(rows),
               "cases": results.rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -199,8 +200,8 @@ def out_of_sample_suite(args, hw, timed, results: Results) -> None:
     from jaxserve.bench import out_of_sample
 
     models = out_of_sample.QUICK_SUITE if args.quick else out_of_sample.SUITE
-    repeats = args.repeats or (2 if args.quick else 5)
-    iters = 4 if args.quick else args.decode_iters // 2
+    repeats = args.repeats or (2 if args.quick else 3)
+    iters = 4 if args.quick else args.decode_iters // 4
     for row in out_of_sample.rows(models, hw, iters, timed):
         with results.watch:
             seconds, samples = out_of_sample.median_of(row.measure, repeats)
@@ -293,7 +294,7 @@ def collective_costs(config, hw, repeats: int, results: Results) -> None:
     for width, inter in ((config.hidden_size, config.intermediate_size),
                          (config.hidden_size // 2, config.intermediate_size // 2)):
         with results.watch:
-            m = tp_layer_all_reduces(width, inter, 8, config.num_layers, max(repeats, 5))
+            m = tp_layer_all_reduces(width, inter, 8, config.num_layers, max(repeats, 15))
         predicted = collectives.group_all_reduce(m["all_reduce_bytes"], group, hw)
         results.add("collectives", f"one all-reduce between TP layers, width {width}",
                     m["seconds_per_all_reduce"] * 1e3, predicted * 1e3, "ms",

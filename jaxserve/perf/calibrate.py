@@ -222,64 +222,75 @@ def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = ALL_REDU
                 "in for the link's (latency measured)")
 
 
-def tp_layer_all_reduces(width: int, intermediate: int, rows: int, layers: int,
-                         repeats: int) -> dict[str, float]:
-    """Where a TP=2 step's time goes on two devices: `layers` decoder layers' products
-    (q+k+v [width, 1.5 width] and o [width, width], gate+up [width, 2 intermediate] and down
-    [intermediate, width]) split over two devices as the tp rules split them, with the two
-    all-reduces per layer the engine runs (after o and after down); the same program with
-    each all-reduce replaced by a local op; and the whole layers on one device. Seconds per
-    program, the median of `repeats` (a shared machine: best and median both kept)."""
+def tp_layer_programs(width: int, intermediate: int, rows: int, layers: int) -> dict[
+        str, tuple[Callable, Any, Any]]:
+    """`layers` decoder layers' products (q and o [width, width], gate+up [width,
+    2 intermediate], down [intermediate, width]) three ways, each as (program, x, weights):
+    split over two devices as the tp rules split them (q, gate+up by columns; o, down by rows),
+    with the two all-reduces per layer the engine runs (after o and after down); the same split
+    with each all-reduce replaced by a local op; and whole on one device."""
     import jax
-    import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     if jax.device_count() < 2:
-        raise ValueError("tp_layer_all_reduces needs two devices")
+        raise ValueError("the TP layer programs need two devices")
     mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
     rng = np.random.default_rng(5)
-    shapes = ((width, width + width // 2), (width, width), (width, 2 * intermediate),
-              (intermediate, width))
-    specs = (P(None, "x"), P("x", None), P(None, "x"), P("x", None))  # columns, rows, ...
+    shapes = ((width, width), (width, width), (width, 2 * intermediate), (intermediate, width))
+    specs = (P(None, "x"), P("x", None), P(None, "x"), P("x", None))
     weights = [[rng.standard_normal(s, np.float32) / np.float32(np.sqrt(s[0])) for s in shapes]
                for _ in range(layers)]
+    # gate and up side by side, so that splitting their columns gives each device its halves
+    for layer in weights:
+        g, u = np.split(layer[2], 2, axis=1)
+        layer[2] = np.concatenate([np.concatenate(p, axis=1) for p in zip(
+            np.split(g, 2, axis=1), np.split(u, 2, axis=1))], axis=1)
 
-    def body(reduce):
+    def body(combine):  # combine: what becomes of a partial sum
         def layers_of(x, weights):
-            for qkv, o, gate_up, down in weights:
-                y = (x @ qkv)[:, :o.shape[0]] @ o
-                x = x + (jax.lax.psum(y, "x") if reduce else y * 1.0001)
-                g = x @ gate_up
-                half = g.shape[1] // 2
-                y = (jax.nn.silu(g[:, :half]) * g[:, half:]) @ down
-                x = x + (jax.lax.psum(y, "x") if reduce else y * 1.0001)
+            for q, o, gate_up, down in weights:
+                x = x + combine((x @ q) @ o)
+                g = (x @ gate_up).reshape(rows, -1, 2, intermediate // 2)  # [.., gate/up, ..]
+                x = x + combine((jax.nn.silu(g[:, :, 0]) * g[:, :, 1]).reshape(rows, -1) @ down)
             return x
         return layers_of
 
     split = [[jax.device_put(w, NamedSharding(mesh, s)) for w, s in zip(layer, specs)]
              for layer in weights]
     whole = [[jax.device_put(w, jax.devices()[0]) for w in layer] for layer in weights]
-    x2 = jax.device_put(np.ones((rows, width), np.float32), NamedSharding(mesh, P()))
-    x1 = jax.device_put(np.ones((rows, width), np.float32), jax.devices()[0])
-    tp = lambda reduce: jax.jit(jax.shard_map(  # noqa: E731
-        body(reduce), mesh=mesh, in_specs=(P(), [list(specs)] * layers), out_specs=P(),
+    x = np.ones((rows, width), np.float32)
+    tp = lambda combine: jax.jit(jax.shard_map(  # noqa: E731
+        body(combine), mesh=mesh, in_specs=(P(), [list(specs)] * layers), out_specs=P(),
         check_vma=False))
-    programs = {"tp2_with_all_reduces": (tp(True), x2, split),
-                "tp2_all_reduces_replaced": (tp(False), x2, split),
-                "one_device": (jax.jit(body(False)), x1, whole)}
-    out = {}
-    for name, (f, x, w) in programs.items():
+    replicated = jax.device_put(x, NamedSharding(mesh, P()))
+    return {"tp2_with_all_reduces": (tp(lambda y: jax.lax.psum(y, "x")), replicated, split),
+            "tp2_all_reduces_replaced": (tp(lambda y: y * 1.0001), replicated, split),
+            "one_device": (jax.jit(body(lambda y: y)), jax.device_put(x, jax.devices()[0]),
+                           whole)}
+
+
+def tp_layer_all_reduces(width: int, intermediate: int, rows: int, layers: int,
+                         repeats: int) -> dict[str, float]:
+    """Where a TP=2 step's time goes on two devices (`tp_layer_programs`): seconds per program,
+    the best of `repeats` runs, the three interleaved so each meets the same load (medians
+    kept too); the cost of one all-reduce, and the split products over the whole ones."""
+    programs = tp_layer_programs(width, intermediate, rows, layers)
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for f, x, w in programs.values():
         f(x, w).block_until_ready()
-        times = []
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for name, (f, x, w) in programs.items():
             t0 = time.perf_counter()
             f(x, w).block_until_ready()
-            times.append(time.perf_counter() - t0)
-        out[name] = float(np.median(times))
-        out[name + "_best"] = min(times)
+            times[name].append(time.perf_counter() - t0)
+    out: dict[str, float] = {}
+    for name, ts in times.items():
+        out[name] = min(ts)  # other work only ever adds time
+        out[name + "_median"] = float(np.median(ts))
     out["all_reduces"] = 2 * layers
     out["seconds_per_all_reduce"] = (out["tp2_with_all_reduces"]
                                      - out["tp2_all_reduces_replaced"]) / (2 * layers)
+    out["split_over_one_device"] = out["tp2_all_reduces_replaced"] / out["one_device"]
     out["all_reduce_bytes"] = rows * width * 4
     return out
 

@@ -24,7 +24,8 @@ Cases (each: measured, predicted by `jaxserve.perf`, error = predicted / measure
             rules) and `dp=2` (dp rules); the tp=2 row counts the compiled step's collectives.
   collectives  where a tp=2 step's time goes on two simulated devices (`calibrate.
             tp_layer_all_reduces`): the 55M model's layers split over two devices with their
-            all-reduces, without them, and whole on one device; at its width and at half.
+            all-reduces, without them, and whole on one device; at its width and at half;
+            and the tp=2 decode step at context 16 and 1024 (not counted: diagnostics).
 
 --suite out-of-sample times models whose shapes calibrate never timed (other widths, MoE, GQA
 ratios, 2k-4k tokens of context; `jaxserve/bench/out_of_sample.py`): each decode and prefill
@@ -97,13 +98,13 @@ def model_dir(args) -> Path:
     return ours
 
 
-def time_decode(llm, batch: int, iters: int, repeats: int) -> float:
-    """Seconds per decode step at context CONTEXT, `batch` sequences per replica: best of
-    `repeats` timed loops."""
+def time_decode(llm, batch: int, iters: int, repeats: int, context: int = CONTEXT) -> float:
+    """Seconds per decode step at `context`, `batch` sequences per replica: best of `repeats`
+    timed loops."""
     from jaxserve import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    dispatch = warm_dispatch(llm, decode_step_inputs(llm, batch, CONTEXT, CONTEXT // 2, params))
+    dispatch = warm_dispatch(llm, decode_step_inputs(llm, batch, context, context // 2, params))
     return min(readback_loop(dispatch, iters)["ms_per_step"] for _ in range(repeats)) / 1e3
 
 
@@ -266,6 +267,15 @@ def in_sample_suite(args, hw, results: Results) -> None:
                 "ms", {"bottleneck": s.bottleneck, "breakdown_s": s.breakdown(),
                        "collectives_compiled": compiled_collectives(llm),
                        "collectives_predicted": {c.name: c.calls for c in s.collectives}})
+            if mesh == "tp=2" and "collectives" in parts:
+                # does the tp=2 step's extra time grow with the context attention reads?
+                for context in (16, 1024):
+                    s = d.step([decode_chunk(context - 1, 8)])
+                    with watch:
+                        ms = time_decode(llm, 8, args.decode_iters, repeats, context) * 1e3
+                    add("mesh", f"{mesh} ({rules}), decode batch 8, context {context}", ms,
+                        s.device_s * 1e3, "ms", {"breakdown_s": s.breakdown()},
+                        diagnostic=True)
             del llm
     if "collectives" in parts:
         collective_costs(config, hw, repeats, results)

@@ -29,8 +29,8 @@ Cases (each: measured, predicted by `jaxserve.perf`, error = predicted / measure
 
 --suite out-of-sample times models whose shapes calibrate never timed (other widths, MoE, GQA
 ratios, 2k-4k tokens of context; `jaxserve/bench/out_of_sample.py`): each decode and prefill
-step measured --repeats times (median) next to its prediction, in one run (--quick: one tiny
-model). Both suites print the shapes calibration timed.
+step measured --repeats times (median) next to its prediction, in one run (--quick: two tiny
+models, the plumbing only). Both suites print the shapes calibration timed.
 The target is |error| <= 25 %. Beside each case, the CPU time OTHER processes used while it
 was measured (from /proc/stat, in cores): a case where they used more than 0.2 cores is
 flagged LOADED (the machine is shared; its numbers are slower than the machine is).
@@ -75,7 +75,7 @@ def parse_args(argv=None):
                    "out-of-sample: models of shapes calibrate never timed (see "
                    "jaxserve/bench/out_of_sample.py)")
     p.add_argument("--quick", action="store_true",
-                   help="out-of-sample: one tiny model, one decode and one prefill (seconds)")
+                   help="out-of-sample: two tiny models, three steps (the plumbing, in seconds)")
     p.add_argument("--parts", default="decode,ttft,generate,mesh,collectives",
                    help="in-sample parts")
     p.add_argument("--repeats", type=int, default=None,

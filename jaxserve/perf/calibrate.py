@@ -18,6 +18,11 @@ The one module of `jaxserve.perf` that imports jax: it times, on the local JAX d
 
 Every time is the best of several runs (other work on the machine only ever adds time).
 Simulated CPU devices share the host's cores, so the profile says `shared_compute: true`.
+
+`timed_shapes` lists every shape the calibration times, from the same constants the timers
+use: a validation on shapes it has not seen (`bench/out_of_sample.py`) checks against it.
+`tp_layer_programs` / `tp_layer_all_reduces` take a TP=2 step apart (products split, with and
+without their all-reduces, and whole): `validate_perf`'s collectives part, not the profile.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Results:
         self.rows, self.watch = [], None
 
     def add(self, part, case, measured, predicted, unit, detail=None, **extra):
-        err = predicted / measured - 1
+        err = predicted / measured - 1 if measured else float("inf")
         others = self.watch.result["others_cores"] if self.watch and self.watch.result else None
         loaded = others is not None and others > LOADED_CORES
         self.rows.append({**extra, "part": part, "case": case, "measured": measured,

@@ -1,24 +1,34 @@
 """The engine's own decode step, driven from outside, and probes on the engine loop.
 
 `decode_step_inputs` builds a decode-only step with the engine's real step builder for
-stand-in sequences (each its own slot and KV blocks), so a benchmark can time the compiled
-step without the scheduler. The probes wrap one engine method for the length of a run and
+stand-in sequences (each its own slot and KV blocks), and `prefill_step_inputs` a step of one
+prefill chunk, so a benchmark can time the compiled step without the scheduler. The probes wrap one engine method for the length of a run and
 record what it did (steps and their timing, the scheduler's plans, where prefills ran)."""
 
 from __future__ import annotations
 
 import time
+import types
 
 import numpy as np
 
 
 class StandInSequence:
-    """The attributes `StepBuilder.build` reads from a decoding sequence."""
+    """The attributes `StepBuilder.build` reads from a decoding (or prefilling) sequence."""
 
     def __init__(self, slot: int, blocks: list[int], total_len: int, params, generated: int,
                  replica: int = 0):
         self.replica, self.slot, self.blocks, self.total_len = replica, slot, blocks, total_len
         self.params, self.seed, self.num_scheduled_outputs = params, slot, generated
+        self.request = types.SimpleNamespace(prompt_ids=[5] * total_len)
+
+
+def _check_pool(llm, sequences: int, blocks_each: int) -> None:
+    from jaxserve.kv_cache import NULL_BLOCK
+
+    if NULL_BLOCK + 1 + sequences * blocks_each > llm.runner.blocks_per_replica:
+        raise ValueError(f"the KV pool ({llm.runner.blocks_per_replica} blocks per replica) is "
+                         f"too small for {sequences} stand-in sequences of {blocks_each} blocks")
 
 
 def decode_step_inputs(llm, batch: int, context: int, generated: int, params):
@@ -32,8 +42,7 @@ def decode_step_inputs(llm, batch: int, context: int, generated: int, params):
     per_replica = llm.engine.config.max_num_seqs
     if batch > per_replica:
         raise ValueError(f"batch {batch} > the engine's max_num_seqs")
-    if NULL_BLOCK + 1 + batch * nblk > llm.runner.blocks_per_replica:
-        raise ValueError("the KV pool is too small for the decode loop")
+    _check_pool(llm, batch, nblk)
     params_of = params if callable(params) else (lambda i: params)
     first = NULL_BLOCK + 1
     seqs = [StandInSequence(r * per_replica + i,
@@ -41,6 +50,21 @@ def decode_step_inputs(llm, batch: int, context: int, generated: int, params):
                             params_of(i), generated, replica=r)
             for r in range(llm.runner.num_replicas) for i in range(batch)]
     return llm.engine.builder.build(StepPlan([], seqs)).inputs
+
+
+def prefill_step_inputs(llm, cached: int, length: int, params):
+    """Inputs of a step that prefills positions cached .. cached + length - 1 of one stand-in
+    sequence (on replica 0; the first `cached` positions are read from the pool as they are),
+    its last token sampled."""
+    from jaxserve.engine.scheduler import PrefillChunk, StepPlan
+    from jaxserve.kv_cache import NULL_BLOCK
+
+    nblk = -(-(cached + length) // llm.runner.block_size)
+    _check_pool(llm, 1, nblk)
+    seq = StandInSequence(0, list(range(NULL_BLOCK + 1, NULL_BLOCK + 1 + nblk)), cached + length,
+                          params, 0)
+    return llm.engine.builder.build(StepPlan([PrefillChunk(seq, cached, length, True)],
+                                             [])).inputs
 
 
 def warm_dispatch(llm, inputs):

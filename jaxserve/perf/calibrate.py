@@ -18,6 +18,11 @@ The one module of `jaxserve.perf` that imports jax: it times, on the local JAX d
 
 Every time is the best of several runs (other work on the machine only ever adds time).
 Simulated CPU devices share the host's cores, so the profile says `shared_compute: true`.
+
+`timed_shapes` lists every shape the calibration times, from the same constants the timers
+use: a validation on shapes it has not seen (`bench/out_of_sample.py`) checks against it.
+`tp_layer_programs` / `tp_layer_all_reduces` take a TP=2 step apart (products split, with and
+without their all-reduces, and whole): `validate_perf`'s collectives part, not the profile.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from jaxserve.perf.profiles import Hardware, HostOverhead, Link
 
 ROWS = (1, 8, 32, 128, 512)
 WIDTHS = (512, 1024, 2048)  # hidden widths of the decoder layers measured
+SQUARE, SQUARE_QUICK = 2048, 512  # the square product timed for the peak
+KV_BLOCK = (16, 2, 64)  # (block_size, kv_heads, head_dim) of the paged KV reads timed
+OVERHEAD_WIDTH = 64  # the tiny layers timed for the fixed time per layer
+ALL_REDUCE_WIDTH = 512  # the products between the all-reduces timed
 TINY_MODEL = embedded_model()
 
 
@@ -49,17 +58,53 @@ def best_time(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
+def layer_products(width: int) -> list[tuple[int, int]]:
+    """The (in, out) weight shapes of the decoder layer timed at hidden width `width`: q and
+    o [width, width], k and v [width, width / 4], gate and up [width, 3 width], down
+    [3 width, width]."""
+    return [(width, width), (width, width // 4), (width, width // 4), (width, width),
+            (width, 3 * width), (width, 3 * width), (3 * width, width)]
+
+
+def slow_dtype(dtype: str, platform_name: str) -> bool:
+    """Products in `dtype` that are too slow here to time at every size."""
+    return dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
+
+
+def matmul_widths(dtype: str, platform_name: str, quick: bool) -> tuple[int, ...]:
+    """The hidden widths whose decoder-layer products are timed in `dtype`."""
+    return (512,) if quick else (1024,) if slow_dtype(dtype, platform_name) else WIDTHS
+
+
+def timed_shapes(platform_name: str = "cpu", quick: bool = False) -> dict[str, Any]:
+    """Every shape `calibrate` times, by what it times: the one place that says what the
+    calibration has seen, so a validation can keep to shapes it has not (bench/out_of_sample.py).
+    Products are (in, out) weight shapes; KV blocks (block_size, kv_heads, head_dim)."""
+    widths = sorted({w for d in ("float32", "bfloat16")
+                     for w in matmul_widths(d, platform_name, quick)})
+    square = SQUARE_QUICK if quick else SQUARE
+    products = {s for w in widths for s in layer_products(w)}
+    products |= {(square, square), (OVERHEAD_WIDTH, OVERHEAD_WIDTH),
+                 (ALL_REDUCE_WIDTH, ALL_REDUCE_WIDTH)}
+    from jaxserve.config import ModelConfig
+    host = ModelConfig.load(TINY_MODEL / "config.json")
+    return {"hidden_widths": sorted({*widths, OVERHEAD_WIDTH, ALL_REDUCE_WIDTH, host.hidden_size}),
+            "products": sorted(products),
+            "kv_blocks": [KV_BLOCK],
+            "rows": list(ROWS[:3] if quick else ROWS),
+            "host_time_model": {"hidden_size": host.hidden_size, "num_layers": host.num_layers,
+                                "note": "only its host time is used (engine timers)"}}
+
+
 def matmul_rates(dtype: str, width: int, rows: tuple[int, ...], weight_mib: int,
                  repeats: int) -> dict[int, float]:
-    """FLOP/s of decoder layers' products at hidden width `width` (q and o [width, width], k
-    and v [width, width / 4], gate and up [width, 3 width], down [3 width, width]), as many
+    """FLOP/s of decoder layers' products at hidden width `width` (`layer_products`), as many
     layers as `weight_mib` MiB of weights hold, chained, by rows."""
     import jax
     import jax.numpy as jnp
 
     dt = jnp.dtype(dtype)
-    shapes = [(width, width), (width, width // 4), (width, width // 4), (width, width),
-              (width, 3 * width), (width, 3 * width), (3 * width, width)]
+    shapes = layer_products(width)
     per_layer = sum(a * b for a, b in shapes)
     layers = max(1, weight_mib * 2**20 // (per_layer * dt.itemsize))
     rng = np.random.default_rng(0)
@@ -102,12 +147,12 @@ def read_bandwidth(mib: int, repeats: int) -> float:
     return a.nbytes / best_time(lambda: f(a).block_until_ready(), repeats)
 
 
-def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: int = 2,
-                      head_dim: int = 64) -> float:
+def kv_read_bandwidth(mib: int, repeats: int) -> float:
     """Bytes/s gathering random blocks out of a KV pool of `mib` MiB and reducing them."""
     import jax
     import jax.numpy as jnp
 
+    block_size, kv_heads, head_dim = KV_BLOCK
     per_block = block_size * kv_heads * head_dim * 4
     blocks = mib * 2**20 // per_block
     pool = jax.device_put(np.ones((blocks, block_size, kv_heads, head_dim), np.float32))
@@ -116,7 +161,7 @@ def kv_read_bandwidth(mib: int, repeats: int, block_size: int = 16, kv_heads: in
     return pool.nbytes / best_time(lambda: f(pool, table).block_until_ready(), repeats)
 
 
-def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
+def layer_overhead(repeats: int, layers: int = 32, width: int = OVERHEAD_WIDTH) -> float:
     """Seconds per decoder layer that do not depend on its size: a chain of `layers` tiny
     layers with a decoder layer's kinds of ops (norm, projections, activation, residual) on
     one row, where FLOPs and bytes are negligible."""
@@ -139,7 +184,7 @@ def layer_overhead(repeats: int, layers: int = 32, width: int = 64) -> float:
     return best_time(lambda: chain(x, w).block_until_ready(), repeats) / layers
 
 
-def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
+def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = ALL_REDUCE_WIDTH,
                     layers: int = 8) -> Link | None:
     """Latency and bandwidth of an all-reduce over two devices, as the engine's steps meet it:
     between products (`layers` of x = psum(x @ w) in one program), less the same program
@@ -180,6 +225,79 @@ def all_reduce_link(repeats: int, memory_bandwidth: float, width: int = 512,
     return Link(bandwidth, latency, 1.0, None if grew else
                 "the all-reduce time did not grow with its size: the memory bandwidth stands "
                 "in for the link's (latency measured)")
+
+
+def tp_layer_programs(width: int, intermediate: int, rows: int, layers: int) -> dict[
+        str, tuple[Callable, Any, Any]]:
+    """`layers` decoder layers' products (q and o [width, width], gate+up [width,
+    2 intermediate], down [intermediate, width]) three ways, each as (program, x, weights):
+    split over two devices as the tp rules split them (q, gate+up by columns; o, down by rows),
+    with the two all-reduces per layer the engine runs (after o and after down); the same split
+    with each all-reduce replaced by a local op; and whole on one device."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    if jax.device_count() < 2:
+        raise ValueError("the TP layer programs need two devices")
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    rng = np.random.default_rng(5)
+    shapes = ((width, width), (width, width), (width, 2 * intermediate), (intermediate, width))
+    specs = (P(None, "x"), P("x", None), P(None, "x"), P("x", None))
+    weights = [[rng.standard_normal(s, np.float32) / np.float32(np.sqrt(s[0])) for s in shapes]
+               for _ in range(layers)]
+    # gate and up side by side, so that splitting their columns gives each device its halves
+    for layer in weights:
+        g, u = np.split(layer[2], 2, axis=1)
+        layer[2] = np.concatenate([np.concatenate(p, axis=1) for p in zip(
+            np.split(g, 2, axis=1), np.split(u, 2, axis=1))], axis=1)
+
+    def body(combine):  # combine: what becomes of a partial sum
+        def layers_of(x, weights):
+            for q, o, gate_up, down in weights:
+                x = x + combine((x @ q) @ o)
+                g = (x @ gate_up).reshape(rows, -1, 2, intermediate // 2)  # [.., gate/up, ..]
+                x = x + combine((jax.nn.silu(g[:, :, 0]) * g[:, :, 1]).reshape(rows, -1) @ down)
+            return x
+        return layers_of
+
+    split = [[jax.device_put(w, NamedSharding(mesh, s)) for w, s in zip(layer, specs)]
+             for layer in weights]
+    whole = [[jax.device_put(w, jax.devices()[0]) for w in layer] for layer in weights]
+    x = np.ones((rows, width), np.float32)
+    tp = lambda combine: jax.jit(jax.shard_map(  # noqa: E731
+        body(combine), mesh=mesh, in_specs=(P(), [list(specs)] * layers), out_specs=P(),
+        check_vma=False))
+    replicated = jax.device_put(x, NamedSharding(mesh, P()))
+    return {"tp2_with_all_reduces": (tp(lambda y: jax.lax.psum(y, "x")), replicated, split),
+            "tp2_all_reduces_replaced": (tp(lambda y: y * 1.0001), replicated, split),
+            "one_device": (jax.jit(body(lambda y: y)), jax.device_put(x, jax.devices()[0]),
+                           whole)}
+
+
+def tp_layer_all_reduces(width: int, intermediate: int, rows: int, layers: int,
+                         repeats: int) -> dict[str, float]:
+    """Where a TP=2 step's time goes on two devices (`tp_layer_programs`): seconds per program,
+    the best of `repeats` runs, the three interleaved so each meets the same load (medians
+    kept too); the cost of one all-reduce, and the split products over the whole ones."""
+    programs = tp_layer_programs(width, intermediate, rows, layers)
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for f, x, w in programs.values():
+        f(x, w).block_until_ready()
+    for _ in range(repeats):
+        for name, (f, x, w) in programs.items():
+            t0 = time.perf_counter()
+            f(x, w).block_until_ready()
+            times[name].append(time.perf_counter() - t0)
+    out: dict[str, float] = {}
+    for name, ts in times.items():
+        out[name] = min(ts)  # other work only ever adds time
+        out[name + "_median"] = float(np.median(ts))
+    out["all_reduces"] = 2 * layers
+    out["seconds_per_all_reduce"] = (out["tp2_with_all_reduces"]
+                                     - out["tp2_all_reduces_replaced"]) / (2 * layers)
+    out["split_over_one_device"] = out["tp2_all_reduces_replaced"] / out["one_device"]
+    out["all_reduce_bytes"] = rows * width * 4
+    return out
 
 
 def host_overhead(model_dir: Path, batches: tuple[int, int], new_tokens: int) -> tuple[
@@ -236,12 +354,12 @@ def calibrate(name: str = "cpu-local", quick: bool = False,
     progress(f"calibrating {len(devices)} {platform_name} device(s): {cpu_model()}")
     peak, curves, measured = {}, {}, {}
     for dtype in ("float32", "bfloat16"):
-        slow = dtype == "bfloat16" and platform_name == "cpu"  # no fast bf16 products there
-        widths = (512,) if quick else (1024,) if slow else WIDTHS
+        slow = slow_dtype(dtype, platform_name)
         rows_here = rows[:2] if slow else rows
         mib = 4 if quick else 64 if slow else 256
-        rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats) for w in widths}
-        square = square_matmul_rate(dtype, 512 if quick else 2048, repeats)
+        rates = {w: matmul_rates(dtype, w, rows_here, mib, repeats)
+                 for w in matmul_widths(dtype, platform_name, quick)}
+        square = square_matmul_rate(dtype, SQUARE_QUICK if quick else SQUARE, repeats)
         peak[dtype] = max(square, *(x for r in rates.values() for x in r.values()))
         curves[dtype] = {w: tuple((r, round(x / peak[dtype], 4)) for r, x in by_rows.items())
                          for w, by_rows in rates.items()}

@@ -104,9 +104,11 @@ PAGE_AXES = ("kv_blocks", None, "kv_heads", "head_dim")
 
 
 def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    n, bs = pages.shape[:2]
-    flat = pages.reshape((n * bs,) + pages.shape[2:])
-    return flat.at[slots].set(new.astype(pages.dtype)).reshape(pages.shape)
+    # Indexed by (block, offset), not through a token-major reshape of the pool: with one KV
+    # head on a device, XLA:CPU laid that reshape out with the head axis moved and then copied
+    # every layer's whole pool back, twice a step.
+    bs = pages.shape[1]
+    return pages.at[slots // bs, slots % bs].set(new.astype(pages.dtype))
 
 
 def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):

@@ -99,6 +99,15 @@ class ModelRunner:
         # is tokens or rows, laid out replica after replica, so it splits like `batch`.
         return self._sharding("batch", 1, "step input")
 
+    def input_sharding(self, kind: str):
+        """The sharding the program `kind` (a method: step, set_slots, ...) pins its host
+        inputs to: several processes place them as global arrays in it (plan_channel.py)."""
+        if kind == "set_slots":
+            return self.layout.replicated()
+        if kind == "copy_blocks":
+            return self._sharding("batch", 3, "block copies")
+        return self._input_sharding()
+
     @staticmethod
     def _shape_key(kind: str, inputs) -> tuple:
         # Every input's shape follows from these; the key costs ~1 us per step.

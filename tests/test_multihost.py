@@ -159,9 +159,11 @@ def test_a_killed_follower_turns_health_not_serving_and_fails_requests_unavailab
 
 # ---- bad input ----
 
-def test_distributed_flags_reach_the_settings_tree():
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve"],
+                                     ["score", "--input", "i", "--output", "o"]])
+def test_distributed_flags_reach_the_settings_tree(command):
     args = cli.build_parser().parse_args(
-        ["serve", *distributed_flags(1234, 3, 2), "--peer-timeout", "2.5",
+        [*command, *distributed_flags(1234, 3, 2), "--peer-timeout", "2.5",
          "--connect-timeout", "7"])
     assert cli._settings(args).distributed == DistributedSettings(
         "127.0.0.1:1234", 3, 2, peer_timeout=2.5, connect_timeout=7.0)

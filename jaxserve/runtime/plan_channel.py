@@ -95,8 +95,8 @@ def dispatch(runner, kind: str, args: tuple):
 
 class PlanChannel:
     """Commands in order, over the jax.distributed key-value store: the leader sends, each
-    follower receives. `send_s` / `receive_s`: time spent, the host cost of being several
-    processes."""
+    follower receives. `send_s` / `receive_s` (time spent) and `sent_bytes`: the host cost of
+    being several processes."""
 
     def __init__(self, client, poll_s: float = 1.0):
         self.client = client
@@ -104,6 +104,7 @@ class PlanChannel:
         self.sent = 0
         self.received = 0
         self.send_s = 0.0
+        self.sent_bytes = 0
         self.receive_s = 0.0
 
     @staticmethod
@@ -115,7 +116,9 @@ class PlanChannel:
         n = self.sent
         if n % WINDOW == 0 and n >= 2 * WINDOW:
             self.client.key_value_delete(f"jaxserve/plan/{n // WINDOW - 2}")
-        self.client.key_value_set_bytes(self._key(n), encode(kind, args))
+        blob = encode(kind, args)
+        self.client.key_value_set_bytes(self._key(n), blob)
+        self.sent_bytes += len(blob)
         self.sent += 1
         self.send_s += time.perf_counter() - t0
 

@@ -174,8 +174,17 @@ class ModelRunner:
         building.set_result(executable)
         return executable
 
+    def _abstract_inputs(self, kind: str, inputs):
+        """Host inputs as what a program is lowered from (with several processes, numpy
+        arguments may not carry a sharding that splits them)."""
+        sharding = self.input_sharding(kind)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype,
+                                                           sharding=sharding), inputs)
+
     def _compile(self, kind: str, inputs):
         kv = self._abstract_kv
+        key = self._shape_key(kind, inputs)
+        inputs = self._abstract_inputs(kind, inputs)
         with uncounted_flops() as loop_flops:
             if kind == "step":
                 lowered = self._step_program().lower(self._abstract_params, kv,
@@ -184,7 +193,7 @@ class ModelRunner:
                 program = self._forward_program() if kind == "forward" else \
                     self._score_program()
                 lowered = program.lower(self._abstract_params, kv, inputs)
-        self._loop_flops[self._shape_key(kind, inputs)] = loop_flops[0]
+        self._loop_flops[key] = loop_flops[0]
         return lowered.compile()
 
     def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
@@ -325,7 +334,7 @@ class ModelRunner:
             return executable
         state = self._abstract_slots if kind == "set_slots" else self._abstract_kv
         return self._compile_once(key, lambda: self._aux_program(kind).lower(
-            state, arg).compile())
+            state, self._abstract_inputs(kind, arg)).compile())
 
     def compile_side_programs(self, set_rows: int, copies: int) -> int:
         """Compile `set_slots` for `set_rows` rows and `copy_blocks` for `copies` pairs per

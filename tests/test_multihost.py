@@ -23,8 +23,9 @@ from jaxserve.settings import DistributedSettings, Settings
 from tests.serving_helpers import REPO, ServerProcess, wait_until
 
 # A small step, one step in flight: on 2 cores, collectives in flight past one starve XLA:CPU.
-ENGINE = ["--max-num-seqs", "4", "--kv-blocks", "16", "--max-steps-in-flight", "1",
-          "--max-num-batched-tokens", "64", "--compilation", "on_use"]
+ENGINE = ["--max-num-seqs", "4", "--max-steps-in-flight", "1", "--max-num-batched-tokens", "64",
+          "--compilation", "on_use"]
+POOL = ["--kv-blocks", "16"]
 ITEMS = [  # greedy and seeded sampling in one batch
     {"id": "greedy", "prompt": [5, 17, 99, 3, 250, 41], "max_tokens": 8, "temperature": 0},
     {"id": "seeded", "prompt": [7, 7, 300, 12], "max_tokens": 8, "temperature": 0.9,
@@ -104,7 +105,7 @@ def test_two_processes_of_4_devices_give_the_tokens_of_one_process_of_8(
     from jaxserve import LLM
     from jaxserve.offline.generate import run_batch
 
-    flags = ["--mesh", mesh, "--rules", rules, *ENGINE]
+    flags = ["--mesh", mesh, "--rules", rules, *ENGINE, *POOL]
     port = free_port()
     outs = [tmp_path / f"out{pid}.jsonl" for pid in range(2)]
     with processes([["generate", "--model", str(model), "--input", str(items_file),
@@ -129,6 +130,7 @@ def test_a_killed_follower_turns_health_not_serving_and_fails_requests_unavailab
     from jaxserve.serving.client import Client
 
     port, grpc_port, timeout = free_port(), free_port(), 4.0
+    # no POOL: the KV pool is sized from each host's free memory, the smallest agreed on
     flags = ["--model", str(model), "--mesh", "tp=8", *ENGINE, "--peer-timeout", str(timeout),
              "--step-delay", "0.3"]
     leader = ServerProcess("--port", str(grpc_port), *flags, *distributed_flags(port, 2, 0),

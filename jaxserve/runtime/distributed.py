@@ -122,8 +122,10 @@ class Cluster:
         self._watched = [p for p in range(self.num_processes) if p != self.process_id] \
             if self.is_leader else [0]
         threading.Thread(target=self._heartbeat, name="jaxserve-heartbeat", daemon=True).start()
-        if self.is_leader:
-            atexit.register(self.close)  # runs before jax's own shutdown (registered earlier)
+        # At exit (before jax's own shutdown, registered earlier): the leader stops the
+        # followers; a follower that exits on its own (an error while loading) stops beating,
+        # so the leader does not wait on it for longer than peer_timeout.
+        atexit.register(self.close if self.is_leader else self._closing.set)
 
     def on_lost(self, listener: Callable[[PeerLost], None]) -> None:
         """Call `listener(error)` (from the heartbeat thread) when a peer is lost, before this
@@ -148,7 +150,7 @@ class Cluster:
             if self.is_leader:
                 self.channel.send("stop", ())
             self.client.wait_at_barrier("jaxserve/stop",
-                                        int(self.settings.connect_timeout * 1000))
+                                        int(self.settings.peer_timeout * 1000))
         except Exception as e:  # a peer is already gone: nothing left to stop
             print(f"jaxserve: process {self.process_id}: shutdown barrier failed: {e}",
                   file=sys.stderr, flush=True)

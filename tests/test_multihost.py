@@ -96,16 +96,32 @@ def tokens_of(path: Path) -> dict[str, list[int]]:
     return {r["id"]: r["token_ids"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-# ---- the same tokens as one process ----
+def sampling_of(item: dict) -> dict:
+    return {k: v for k, v in item.items() if k not in ("id", "prompt")}
 
-@pytest.mark.slow  # two processes load, compile and generate: ~60-90 s on 2 busy cores
-@pytest.mark.parametrize("mesh,rules", [("tp=8", "tp"), ("dp=2,tp=4", "dp_tp")])
-def test_two_processes_of_4_devices_give_the_tokens_of_one_process_of_8(
-        mesh, rules, model, items_file, tmp_path):
-    from jaxserve import LLM
+
+def reference_tokens(model: Path, flags: list[str], items_file: Path, out: Path,
+                     one_at_a_time: bool = False) -> dict[str, list[int]]:
+    """The oracle: the same items on one process with 8 devices, the same flags."""
+    from jaxserve import LLM, SamplingParams
     from jaxserve.offline.generate import run_batch
 
-    flags = ["--mesh", mesh, "--rules", rules, *ENGINE, *POOL]
+    args = cli.build_parser().parse_args(["generate", "--model", str(model), *flags])
+    llm = LLM(model, settings=cli._settings(args))
+    if one_at_a_time:  # as a client sends them, one request after the other
+        return {item["id"]: llm.generate([item["prompt"]], SamplingParams(**sampling_of(item)),
+                                         use_tqdm=False)[0].outputs[0].token_ids
+                for item in ITEMS}
+    run_batch(llm, items_file, out, {}, progress=False)
+    return tokens_of(out)
+
+
+# ---- the same tokens as one process (offline) ----
+
+@pytest.mark.slow  # two processes load, compile and generate: ~75-120 s on 2 busy cores
+def test_two_processes_of_4_devices_generate_the_tokens_of_one_process_of_8_dp_tp(
+        model, items_file, tmp_path):
+    flags = ["--mesh", "dp=2,tp=4", "--rules", "dp_tp", *ENGINE, *POOL]
     port = free_port()
     outs = [tmp_path / f"out{pid}.jsonl" for pid in range(2)]
     with processes([["generate", "--model", str(model), "--input", str(items_file),
@@ -114,33 +130,34 @@ def test_two_processes_of_4_devices_give_the_tokens_of_one_process_of_8(
         done = finish(procs, timeout=400)
     assert [rc for rc, _ in done] == [0, 0], done
     assert not outs[1].exists()  # only the leader has results
-
-    reference = tmp_path / "reference.jsonl"
-    args = cli.build_parser().parse_args(["generate", "--model", str(model), *flags])
-    run_batch(LLM(model, settings=cli._settings(args)), items_file, reference, {},
-              progress=False)
-    assert tokens_of(outs[0]) == tokens_of(reference)
-    assert all(len(t) == 8 for t in tokens_of(reference).values())
+    reference = reference_tokens(model, flags, items_file, tmp_path / "reference.jsonl")
+    assert tokens_of(outs[0]) == reference
+    assert all(len(t) == 8 for t in reference.values())
 
 
-# ---- a lost follower ----
+# ---- served: the same tokens, then a lost follower ----
 
-@pytest.mark.slow  # two processes load and compile: ~40-60 s on 2 busy cores
-def test_a_killed_follower_turns_health_not_serving_and_fails_requests_unavailable(model):
+@pytest.mark.slow  # two processes load and compile: ~50-70 s on 2 busy cores
+def test_two_served_processes_give_the_tokens_of_one_then_fail_unavailable_without_a_follower(
+        model, items_file, tmp_path):
     from jaxserve.serving.client import Client
 
     port, grpc_port, timeout = free_port(), free_port(), 4.0
     # no POOL: the KV pool is sized from each host's free memory, the smallest agreed on
-    flags = ["--model", str(model), "--mesh", "tp=8", *ENGINE, "--peer-timeout", str(timeout),
-             "--step-delay", "0.3"]
-    leader = ServerProcess("--port", str(grpc_port), *flags, *distributed_flags(port, 2, 0),
+    flags = ["--mesh", "tp=8", "--rules", "tp", *ENGINE]
+    served = ["--model", str(model), *flags, "--peer-timeout", str(timeout),
+              "--step-delay", "0.2"]
+    leader = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 0),
                            env=process_env())
-    follower = ServerProcess("--port", str(grpc_port), *flags, *distributed_flags(port, 2, 1),
+    follower = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 1),
                              env=process_env())
     try:
         leader.wait_for("stdout", "jaxserve serving on", timeout=300)
         with Client(f"127.0.0.1:{grpc_port}") as client:
             assert client.health() == "SERVING"
+            tokens = {item["id"]: client.complete(item["prompt"], timeout=120,
+                                                  **sampling_of(item))[0].token_ids
+                      for item in ITEMS}
             stream = client.generate([5, 17, 99], max_tokens=200, temperature=0,
                                      ignore_eos=True, timeout=120)
             next(stream)  # generating: steps run on both processes
@@ -157,6 +174,9 @@ def test_a_killed_follower_turns_health_not_serving_and_fails_requests_unavailab
     finally:
         leader.kill()
         follower.kill()
+    assert all(len(t) == 8 for t in tokens.values())
+    assert tokens == reference_tokens(model, flags, items_file, tmp_path / "ref.jsonl",
+                                      one_at_a_time=True)
 
 
 # ---- bad input ----

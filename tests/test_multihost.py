@@ -179,6 +179,24 @@ def test_two_served_processes_give_the_tokens_of_one_then_fail_unavailable_witho
                                       one_at_a_time=True)
 
 
+def test_a_killed_leader_makes_the_follower_exit(model):
+    port, grpc_port = free_port(), free_port()
+    served = ["--model", str(model), "--mesh", "tp=8", *ENGINE, *POOL, "--peer-timeout", "4"]
+    leader = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 0),
+                           env=process_env())
+    follower = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 1),
+                             env=process_env())
+    try:
+        leader.wait_for("stdout", "jaxserve serving on", timeout=300)
+        assert follower.proc.poll() is None  # following
+        leader.proc.kill()
+        # jax's client aborts it as soon as the coordinator is gone; else the heartbeat's exit
+        assert follower.proc.wait(4 + 10) != 0
+    finally:
+        leader.kill()
+        follower.kill()
+
+
 # ---- bad input ----
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve"],

@@ -25,7 +25,8 @@ The design, and why:
   are told (the server turns health NOT_SERVING and fails the requests in flight with
   UNAVAILABLE), then the process exits with PEER_LOST_EXIT. A program whose partner is gone never
   returns, so exiting is the only way not to hang. jax's own heartbeat, which aborts the process,
-  is set longer, as a backstop.
+  is set longer, as a backstop; when the leader's process is gone, jax's client usually aborts
+  the followers (non-zero) before their heartbeat check does.
 - Shutdown: at exit the leader sends `stop`; the followers leave their loop and every process
   meets at a barrier before jax shuts the service down.
 

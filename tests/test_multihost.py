@@ -65,6 +65,21 @@ def processes(argvs: list[list[str]], devices: int = 4):
             p.wait(10)
 
 
+@contextlib.contextmanager
+def served_pair(served: list[str]):
+    """`jaxserve serve` as a leader and a follower, both killed at the end; yields (leader,
+    follower, gRPC port). The leader is serving when this yields."""
+    port, grpc_port = free_port(), free_port()
+    pair = [ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, pid),
+                          env=process_env()) for pid in range(2)]
+    try:
+        pair[0].wait_for("stdout", "jaxserve serving on", timeout=300)
+        yield pair[0], pair[1], grpc_port
+    finally:
+        for process in pair:
+            process.kill()
+
+
 def finish(procs, timeout: float) -> list[tuple[int, str]]:
     """Exit status and output of each process; all are killed if any is not done by then."""
     deadline = time.monotonic() + timeout
@@ -142,59 +157,42 @@ def test_two_served_processes_give_the_tokens_of_one_then_fail_unavailable_witho
         model, items_file, tmp_path):
     from jaxserve.serving.client import Client
 
-    port, grpc_port, timeout = free_port(), free_port(), 4.0
+    timeout = 4.0
     # no POOL: the KV pool is sized from each host's free memory, the smallest agreed on
     flags = ["--mesh", "tp=8", "--rules", "tp", *ENGINE]
     served = ["--model", str(model), *flags, "--peer-timeout", str(timeout),
               "--step-delay", "0.2"]
-    leader = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 0),
-                           env=process_env())
-    follower = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 1),
-                             env=process_env())
-    try:
-        leader.wait_for("stdout", "jaxserve serving on", timeout=300)
-        with Client(f"127.0.0.1:{grpc_port}") as client:
-            assert client.health() == "SERVING"
-            tokens = {item["id"]: client.complete(item["prompt"], timeout=120,
-                                                  **sampling_of(item))[0].token_ids
-                      for item in ITEMS}
-            stream = client.generate([5, 17, 99], max_tokens=200, temperature=0,
-                                     ignore_eos=True, timeout=120)
-            next(stream)  # generating: steps run on both processes
-            follower.proc.kill()
-            killed = time.monotonic()
-            with pytest.raises(grpc.RpcError) as failed:
-                for _ in stream:
-                    pass
-            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
-            assert "process 1 sent no heartbeat" in failed.value.details()
-            assert time.monotonic() - killed < timeout + 5
-            assert client.health() == "NOT_SERVING"
+    with served_pair(served) as (leader, follower, grpc_port), \
+            Client(f"127.0.0.1:{grpc_port}") as client:
+        assert client.health() == "SERVING"
+        tokens = {item["id"]: client.complete(item["prompt"], timeout=120,
+                                              **sampling_of(item))[0].token_ids
+                  for item in ITEMS}
+        stream = client.generate([5, 17, 99], max_tokens=200, temperature=0, ignore_eos=True,
+                                 timeout=120)
+        next(stream)  # generating: steps run on both processes
+        follower.proc.kill()
+        killed = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failed:
+            for _ in stream:
+                pass
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        assert "process 1 sent no heartbeat" in failed.value.details()
+        assert time.monotonic() - killed < timeout + 5
+        assert client.health() == "NOT_SERVING"
         assert leader.proc.wait(30) == PEER_LOST_EXIT
-    finally:
-        leader.kill()
-        follower.kill()
     assert all(len(t) == 8 for t in tokens.values())
     assert tokens == reference_tokens(model, flags, items_file, tmp_path / "ref.jsonl",
                                       one_at_a_time=True)
 
 
 def test_a_killed_leader_makes_the_follower_exit(model):
-    port, grpc_port = free_port(), free_port()
     served = ["--model", str(model), "--mesh", "tp=8", *ENGINE, *POOL, "--peer-timeout", "4"]
-    leader = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 0),
-                           env=process_env())
-    follower = ServerProcess("--port", str(grpc_port), *served, *distributed_flags(port, 2, 1),
-                             env=process_env())
-    try:
-        leader.wait_for("stdout", "jaxserve serving on", timeout=300)
+    with served_pair(served) as (leader, follower, _):
         assert follower.proc.poll() is None  # following
         leader.proc.kill()
         # jax's client aborts it as soon as the coordinator is gone; else the heartbeat's exit
         assert follower.proc.wait(4 + 10) != 0
-    finally:
-        leader.kill()
-        follower.kill()
 
 
 # ---- bad input ----

@@ -31,7 +31,9 @@ from jaxserve.kv_cache import NULL_BLOCK, KVPool, kv_format
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.perf import moe_auto
-from jaxserve.runtime import compile_cache
+from jaxserve.runtime import compile_cache, distributed
+from jaxserve.runtime.follower import follow
+from jaxserve.runtime.leader import LeaderRunner
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.settings import CacheSettings, Settings
 from jaxserve.sharding import Layout, replicas_of
@@ -76,6 +78,11 @@ class LLM:
         "bfloat16", "int8" or "fp8_e4m3" (8-bit values with a scale per token and KV head; see
         jaxserve/kv_cache.py); the pool's default size counts its real bytes, so int8 holds about
         4x the tokens of float32.
+        distributed (a DistributedSettings, or coordinator=, num_processes=, process_id=):
+        run as one of several processes (hosts) that form one engine (see
+        jaxserve/runtime/distributed.py): the same script on every process; process 0's LLM
+        serves, the others' constructor runs the steps process 0 sends and exits the process
+        when process 0 is done.
         """
         if settings is None:
             settings = Settings()
@@ -85,6 +92,7 @@ class LLM:
         settings = settings.replace(**overrides)
         self.model_dir = Path(model_dir)
         cache, parallel = settings.cache, settings.parallel
+        self.cluster = distributed.join(settings.distributed)  # before any device is used
         self.layout = Layout.create(parallel.mesh, parallel.rules)
         self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
         self.config, graphdef, params = restore_model(
@@ -105,11 +113,16 @@ class LLM:
         self.num_replicas = replicas_of(self.layout)
         kv_blocks = self._kv_pool_blocks(cache, settings.scheduler.max_num_seqs,
                                          max_model_len is not None)
+        if self.cluster is not None:  # every process must build the same pool
+            kv_blocks, self.max_model_len = self.cluster.agree_min(
+                "kv_pool", (kv_blocks, self.max_model_len))
         kv = KVPool.create(self.cache_spec, kv_blocks * self.num_replicas, cache.block_size,
                            self.layout)
         moe = self._moe_execution(parallel, dtype)
         self.runner = ModelRunner(self.config, graphdef, params, self.layout, kv, moe,
                                   settings.sampling.mode)
+        if self.cluster is not None and self.cluster.is_leader:
+            self.runner = LeaderRunner(self.runner, self.cluster.channel)
         # The engine's settings as they are resolved: max_model_len known, the pool sized.
         self.settings = settings.replace(max_model_len=self.max_model_len, kv_blocks=kv_blocks,
                                          kv_memory_fraction=None,
@@ -123,6 +136,10 @@ class LLM:
         self.engine = Engine(self.runner, self.config, self.settings, self.tokenizer,
                              cache_identity=identity)
         self._request_ids = itertools.count()
+        if self.cluster is not None and not self.cluster.is_leader:
+            follow(self.runner, self.cluster.channel, self.settings.scheduler.max_steps_in_flight)
+            self.cluster.close()
+            raise SystemExit(0)  # the leader is done: so is this process
 
     def _moe_execution(self, parallel, dtype) -> MoEExecution:
         """MoE `auto`'s threshold: the explicit setting, else the performance model's crossover

@@ -223,6 +223,8 @@ def cmd_serve(args) -> int:
         served.append(llm)
         return llm
 
+    if args.process_id:  # a follower: no front ends; runs the leader's steps, then exits
+        _make_llm(args)
     try:
         return serve(args, make_llm, on_ready=lambda llm: _start_profiling(llm, args))
     finally:
@@ -460,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    # user errors (a coordinator that does not answer too): one clear line, no traceback
+    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as e:
         print(f"jaxserve {args.command}: error: {e}", file=sys.stderr)
         return 2
 

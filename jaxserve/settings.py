@@ -7,16 +7,17 @@
       sampling    SamplingSettings   where sampling and text making run
       compile     CompileSettings    when step programs compile, where compiled ones are kept
       precision   PrecisionSettings  weight format (float, or int8 with scales), KV cache format
+      distributed DistributedSettings  N processes as one engine (jax.distributed): off by default
       dtype                          parameter / compute dtype (the checkpoint's by default)
-      speculative, disaggregation, distributed
-                                     where those features' sections go; None until they exist
+      speculative, disaggregation    where those features' sections go; None until they exist
 
 `LLM(model_dir, settings=..., **overrides)` takes the tree and flat overrides by field name
-(`LLM(model, max_num_seqs=8)`, as vLLM does); `Settings.replace` is that override. The engine
-takes the tree, the scheduler and step builder their section. Each field's metadata carries its
-help text (and, where it differs from the field name, its user-facing name and flag): the CLI's
-engine flags are generated from it (jaxserve/cli.py), so a new field is a new flag, and a bad
-value is the same error from the CLI as from `LLM`.
+(`LLM(model, max_num_seqs=8)`, as vLLM does), or a whole section by its name
+(`LLM(model, distributed=DistributedSettings(...))`); `Settings.replace` is that override. The
+engine takes the tree, the scheduler and step builder their section. Each field's metadata
+carries its help text (and, where it differs from the field name, its user-facing name and
+flag): the CLI's engine flags are generated from it (jaxserve/cli.py), so a new field is a new
+flag, and a bad value is the same error from the CLI as from `LLM`.
 
 Mode vocabularies are named here, for users; the modules that implement the modes keep their own
 copies (tests/test_settings.py checks they agree). Checks that need the model or the devices
@@ -242,11 +243,64 @@ class PrecisionSettings:
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
 
 
+def parse_address(text: str, what: str = "coordinator") -> tuple[str, int]:
+    """HOST:PORT -> (host, port); the error names the bad value."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT (e.g. 10.0.0.1:1234), got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+    """N processes (hosts) run one engine as one SPMD program (jaxserve/runtime/distributed.py):
+    process 0 schedules and serves, the others run the steps it sends. Off without a
+    coordinator; every process is given the same settings but its own process_id."""
+
+    coordinator: str | None = setting(
+        None, "HOST:PORT where process 0 runs the jax.distributed coordinator (the same on "
+        "every process)", type=str, default_help="one process")
+    num_processes: int = setting(1, "processes that run the engine together")
+    process_id: int = setting(0, "this process's id, 0 (the leader: scheduling and front "
+                              "ends) to num_processes - 1")
+    peer_timeout: float = setting(
+        10.0, "seconds without a heartbeat after which another process counts as dead (the "
+        "leader then fails its requests and exits; a follower exits)", type=float)
+    connect_timeout: float = setting(
+        60.0, "seconds to wait for the coordinator and every process to join", type=float)
+
+    def __post_init__(self):
+        _positive_int("num_processes", self.num_processes)
+        if isinstance(self.process_id, bool) or not isinstance(self.process_id, int) \
+                or not 0 <= self.process_id < self.num_processes:
+            raise ValueError(f"process_id must be an integer in [0, {self.num_processes - 1}] "
+                             f"(num_processes is {self.num_processes}), got {self.process_id!r}")
+        for name in ("peer_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.coordinator is None:
+            if self.num_processes > 1:
+                raise ValueError(f"num_processes {self.num_processes} needs a coordinator "
+                                 f"(--coordinator HOST:PORT of process 0)")
+        else:
+            parse_address(self.coordinator)
+
+    @property
+    def enabled(self) -> bool:
+        return self.coordinator is not None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.process_id == 0
+
+
 SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,
             "parallel": ParallelSettings, "sampling": SamplingSettings,
-            "compile": CompileSettings, "precision": PrecisionSettings}
+            "compile": CompileSettings, "precision": PrecisionSettings,
+            "distributed": DistributedSettings}
 # Sections the next features fill in; each stays None (off) until its feature exists.
-FUTURE_SECTIONS = ("speculative", "disaggregation", "distributed")
+FUTURE_SECTIONS = ("speculative", "disaggregation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,11 +329,11 @@ class Settings:
     sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
     compile: CompileSettings = dataclasses.field(default_factory=CompileSettings)
     precision: PrecisionSettings = dataclasses.field(default_factory=PrecisionSettings)
+    distributed: DistributedSettings = dataclasses.field(default_factory=DistributedSettings)
     dtype: str | None = setting(None, "parameter dtype", type=str, choices=DTYPES,
                                 default_help="the checkpoint's")
     speculative: Any = None  # a draft model or n-gram proposer and its token budget
     disaggregation: Any = None  # prefill and decode engines and the handoff between them
-    distributed: Any = None  # multi-host: leader, followers, process-local inputs
 
     def __post_init__(self):
         for name, kind in SECTIONS.items():
@@ -304,7 +358,12 @@ class Settings:
                 yield Leaf(f.metadata["name"] or f.name, None, f)
 
     def replace(self, **overrides: Any) -> Settings:
-        """A copy with settings replaced by their names (`max_num_seqs=8`), validated."""
+        """A copy with settings replaced by their names (`max_num_seqs=8`), or whole sections
+        by theirs (`distributed=DistributedSettings(...)`), validated."""
+        sections = {name: overrides.pop(name) for name, value in list(overrides.items())
+                    if isinstance(value, SECTIONS.get(name, ()))}
+        if sections:
+            return dataclasses.replace(self, **sections).replace(**overrides)
         leaves = {leaf.name: leaf for leaf in self.leaves()}
         unknown = [name for name in overrides if name not in leaves]
         if unknown:

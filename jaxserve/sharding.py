@@ -46,8 +46,10 @@ def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
     need = math.prod(shape.values())
     if need > len(devices):
         mesh_text = ",".join(f"{k}={v}" for k, v in shape.items())
+        processes = jax.process_count()
+        where = f" across the {processes} processes" if processes > 1 else ""
         raise ShardingError(f"mesh {mesh_text!r} needs {need} devices but only {len(devices)} "
-                            f"{devices[0].platform if devices else ''} device(s) exist")
+                            f"{devices[0].platform if devices else ''} device(s) exist{where}")
     grid = np.array(devices[:need], dtype=object).reshape(tuple(shape.values()))
     return Mesh(grid, tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
 

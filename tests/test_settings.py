@@ -39,13 +39,16 @@ def test_leaves_have_unique_names_and_flags_and_help():
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
         "max_prefill_rows", "max_steps_in_flight", "routing", "mesh", "rules", "moe_strategy",
         "moe_auto_threshold", "sampling", "output_processing", "compilation",
-        "compilation_cache", "quantization", "quantize_embeddings", "kv_cache_dtype", "dtype"}
+        "compilation_cache", "quantization", "quantize_embeddings", "kv_cache_dtype", "dtype",
+        "coordinator", "num_processes", "process_id", "peer_timeout", "connect_timeout"}
     room = Settings()
-    assert (room.speculative, room.disaggregation, room.distributed) == (None,) * 3
+    assert (room.speculative, room.disaggregation) == (None,) * 2
 
 
 @pytest.mark.parametrize("command", ENGINE_COMMANDS)
-@pytest.mark.parametrize("leaf", LEAVES, ids=lambda leaf: leaf.name)
+# (the distributed flags only make sense together: tests/test_multihost.py sets them)
+@pytest.mark.parametrize("leaf", [leaf for leaf in LEAVES if leaf.section != "distributed"],
+                         ids=lambda leaf: leaf.name)
 def test_every_setting_has_a_flag_that_reaches_the_tree(command, leaf):
     parser = cli.build_parser()
     defaults = cli._settings(parser.parse_args([command, *ENGINE_COMMANDS[command]]))

@@ -198,6 +198,13 @@ class EngineLoop:
             if self.state is LoopState.SERVING:
                 self.state = LoopState.DRAINING
 
+    def fail(self, error: BaseException) -> None:
+        """Fail from outside the engine thread, which may be stuck in a step that will never
+        finish (another process of the engine was lost): refuse new work and end every open
+        stream and score with `error`."""
+        self.error = error
+        self._fail_all(error, LoopState.FAILED)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._commands.put(Stop())
         self._thread.join(timeout)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import os
 
+import jax
+
 from jaxserve.kv_cache import CacheSpec
 from jaxserve.sharding import Layout
 
@@ -54,7 +56,8 @@ def kv_budget_bytes(layout: Layout, fraction: float | None) -> int:
     if fraction is not None and (isinstance(fraction, bool) or
                                  not isinstance(fraction, (int, float)) or not 0 < fraction < 1):
         raise ValueError(f"kv_memory_fraction must be in (0, 1), got {fraction!r}")
-    device = layout.mesh.devices.flat[0]
+    # one of this process's own devices: another process's cannot be asked (multi-host)
+    device = next(d for d in layout.mesh.devices.flat if d.process_index == jax.process_index())
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)

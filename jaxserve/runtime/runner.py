@@ -99,6 +99,15 @@ class ModelRunner:
         # is tokens or rows, laid out replica after replica, so it splits like `batch`.
         return self._sharding("batch", 1, "step input")
 
+    def input_sharding(self, kind: str):
+        """The sharding the program `kind` (a method: step, set_slots, ...) pins its host
+        inputs to: several processes place them as global arrays in it (plan_channel.py)."""
+        if kind == "set_slots":
+            return self.layout.replicated()
+        if kind == "copy_blocks":
+            return self._sharding("batch", 3, "block copies")
+        return self._input_sharding()
+
     @staticmethod
     def _shape_key(kind: str, inputs) -> tuple:
         # Every input's shape follows from these; the key costs ~1 us per step.
@@ -165,8 +174,17 @@ class ModelRunner:
         building.set_result(executable)
         return executable
 
+    def _abstract_inputs(self, kind: str, inputs):
+        """Host inputs as what a program is lowered from (with several processes, numpy
+        arguments may not carry a sharding that splits them)."""
+        sharding = self.input_sharding(kind)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype,
+                                                           sharding=sharding), inputs)
+
     def _compile(self, kind: str, inputs):
         kv = self._abstract_kv
+        key = self._shape_key(kind, inputs)
+        inputs = self._abstract_inputs(kind, inputs)
         with uncounted_flops() as loop_flops:
             if kind == "step":
                 lowered = self._step_program().lower(self._abstract_params, kv,
@@ -175,7 +193,7 @@ class ModelRunner:
                 program = self._forward_program() if kind == "forward" else \
                     self._score_program()
                 lowered = program.lower(self._abstract_params, kv, inputs)
-        self._loop_flops[self._shape_key(kind, inputs)] = loop_flops[0]
+        self._loop_flops[key] = loop_flops[0]
         return lowered.compile()
 
     def compile_steps(self, shapes_inputs: list[StepInputs], threads: int) -> int:
@@ -316,7 +334,7 @@ class ModelRunner:
             return executable
         state = self._abstract_slots if kind == "set_slots" else self._abstract_kv
         return self._compile_once(key, lambda: self._aux_program(kind).lower(
-            state, arg).compile())
+            state, self._abstract_inputs(kind, arg)).compile())
 
     def compile_side_programs(self, set_rows: int, copies: int) -> int:
         """Compile `set_slots` for `set_rows` rows and `copy_blocks` for `copies` pairs per

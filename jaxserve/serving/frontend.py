@@ -131,6 +131,13 @@ class ServedEngine:
                           self.loop.error if self.loop else None)
         self._tell(Phase.FAILED)
 
+    def fail(self, error: BaseException) -> None:
+        """The engine cannot go on (e.g. another of its processes was lost): end the requests
+        in flight with `error` and stop serving."""
+        if self.loop is not None:
+            self.loop.fail(error)
+        self.mark_failed()
+
     def serving_loop(self) -> EngineLoop:
         """The loop to hand a request to; NotServing unless the phase is SERVING."""
         self.check_engine()

@@ -42,6 +42,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxserve.engine.loop import Delta, Failure, Final, NotAccepting, QueueFull
+from jaxserve.runtime.distributed import PeerLost
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.serving.auth import Auth, Endpoint
 from jaxserve.serving.frontend import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WORKERS, NotServing,
@@ -355,6 +356,9 @@ class _Handler:
                         raise ApiError(503, f"server stopped: {event.error}",
                                        "service_unavailable")
                     self.engine.mark_failed()
+                    if isinstance(event.error, PeerLost):  # retry once the job is restarted
+                        raise ApiError(503, f"engine failed: {event.error}",
+                                       "service_unavailable")
                     raise ApiError(500, f"engine failed: {event.error!r}", "server_error")
                 if isinstance(event, Final):
                     finals.append(event)

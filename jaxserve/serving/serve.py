@@ -100,6 +100,8 @@ def serve(args, make_llm, on_ready=None) -> int:
             if on_ready is not None:
                 on_ready(llm)
             server.attach(llm)
+            if llm.cluster is not None:  # a lost process: fail what runs, then exit non-zero
+                llm.cluster.on_lost(server.engine.fail)
         if not stop.is_set():
             print(f"jaxserve serving on {where} ({metrics}){extra}", flush=True)
             while not stop.wait(0.2):

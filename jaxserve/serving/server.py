@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxserve.engine.loop import (Delta, EngineLoop, Failure, Final, NotAccepting, QueueFull,
                                   ScoreAborted)
+from jaxserve.runtime.distributed import PeerLost
 from jaxserve.serving import convert
 from jaxserve.serving import jaxserve_pb2 as pb
 from jaxserve.serving import jaxserve_pb2_grpc as pb_grpc
@@ -230,6 +231,8 @@ class Server(pb_grpc.JaxServeServicer):
                     if isinstance(event.error, NotAccepting):  # the loop was stopped
                         context.abort(Code.UNAVAILABLE, f"server stopped: {event.error}")
                     self.engine.mark_failed()
+                    if isinstance(event.error, PeerLost):  # retry once the job is restarted
+                        context.abort(Code.UNAVAILABLE, f"engine failed: {event.error}")
                     context.abort(Code.INTERNAL, f"engine failed: {event.error!r}")
             settled = True
         finally:  # also on GeneratorExit, when grpc drops a cancelled call

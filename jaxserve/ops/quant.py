@@ -17,8 +17,9 @@ int8 weight's product runs is decided in one place, `int8_product(platform)`:
   int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a
   float dot fed by an int8 -> float conversion of the weight ran 4-15x slower than the float32
   dot (the converted weight is written out every step, and the dot after a fusion ran far below
-  Eigen's speed), while the int8 dot reads 1 byte per weight: 1.2x-1.8x faster than float32 at
-  batch 1-2 (BENCHMARKS.md, "CPU decode"). XLA:CPU emits a slow matrix-vector kernel for an
+  Eigen's speed), while the int8 dot reads 1 byte per weight: the 55M model's decode step ran
+  1.07x / 1.6x / 2.3x faster than float32 at batch 1 / 8 / 32 (BENCHMARKS.md, "CPU decode
+  levers"). XLA:CPU emits a slow matrix-vector kernel for an
   integer dot of ONE row, so a single token is padded to two rows. The numerics change: each
   activation is off by at most half its scale step, so a product moves by at most
   (max|x| / 254) * sum|w| beyond the dequantized product (the bound the tests assert).

@@ -10,8 +10,8 @@ batch. Attention goes through `jaxserve.ops.attention.paged_attention`, which ow
 (writes this step's keys/values, reads each sequence's context); layers never see pages.
 
 Linear weights are declared with `weight` (a format is part of the declaration: float, or int8
-with scales, `jaxserve.ops.quant`) and read with `read`, inside the step; models never branch on
-a format. Norm scales and the MoE router stay float (`param`).
+with scales, `jaxserve.ops.quant`) and multiplied with `project` (read whole with `read`), inside
+the step; models never branch on a format. Norm scales and the MoE router stay float (`param`).
 
 Blocks run under `jax.named_scope` ("attention", "mlp"; "moe" in models/moe.py; "layer_{i}",
 "lm_head" in the model), so a device profile and the HLO's op names speak the model's words.
@@ -28,7 +28,7 @@ from flax import nnx
 from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.kv_cache import CacheBuffer, CacheSpec
 from jaxserve.ops.attention import AttentionMetadata, paged_attention
-from jaxserve.ops.quant import declare_weight, read
+from jaxserve.ops.quant import declare_weight, project, read
 from jaxserve.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -72,7 +72,7 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: [.., embed] -> [.., vocab]."""
-        return jnp.einsum("...e,ve->...v", x, read(self.embedding))
+        return project(x, self.embedding)
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -122,12 +122,9 @@ class Attention(nnx.Module):
             return self._attend(x, cos, sin, cache, metadata)
 
     def _attend(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
-        q = constrain(jnp.einsum("te,ehd->thd", x, read(self.q_proj)),
-                      ("batch", "q_heads", "head_dim"))
-        k = constrain(jnp.einsum("te,ehd->thd", x, read(self.k_proj)),
-                      ("batch", "kv_heads", "head_dim"))
-        v = constrain(jnp.einsum("te,ehd->thd", x, read(self.v_proj)),
-                      ("batch", "kv_heads", "head_dim"))
+        q = constrain(project(x, self.q_proj), ("batch", "q_heads", "head_dim"))
+        k = constrain(project(x, self.k_proj), ("batch", "kv_heads", "head_dim"))
+        v = constrain(project(x, self.v_proj), ("batch", "kv_heads", "head_dim"))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -135,8 +132,7 @@ class Attention(nnx.Module):
         out = constrain(out, ("batch", "q_heads", "head_dim"))
         # One [tokens, heads*head_dim] x [heads*head_dim, embed] product: written as a two-axis
         # contraction, XLA CPU copied o_proj into another layout on every step.
-        o_proj = read(self.o_proj)
-        return out.reshape(out.shape[0], -1) @ o_proj.reshape(-1, o_proj.shape[-1]), cache
+        return project(out.reshape(out.shape[0], -1), self.o_proj), cache
 
 
 class MLP(nnx.Module):
@@ -150,6 +146,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            gate = constrain(x @ read(self.gate_proj), ("batch", "mlp"))
-            up = constrain(x @ read(self.up_proj), ("batch", "mlp"))
-            return (jax.nn.silu(gate) * up) @ read(self.down_proj)
+            gate = constrain(project(x, self.gate_proj), ("batch", "mlp"))
+            up = constrain(project(x, self.up_proj), ("batch", "mlp"))
+            return project(jax.nn.silu(gate) * up, self.down_proj)

@@ -17,7 +17,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import CacheSpec, KVPool
 from jaxserve.models.layers import (MLP, Attention, Embedding, RMSNorm, kv_cache_spec,
                                     rope_tables, weight)
-from jaxserve.ops.quant import read
+from jaxserve.ops.quant import project
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.sharding import constrain
 
@@ -90,7 +90,7 @@ class LlamaForCausalLM(nnx.Module):
         if self.config.tie_word_embeddings:
             out = self.embed.attend(hidden)
         else:
-            out = jnp.einsum("...e,ve->...v", hidden, read(self.lm_head))
+            out = project(hidden, self.lm_head)
         out = out.astype(jnp.float32)
         if self.config.vocab_rows > self.config.vocab_size:
             real = jnp.arange(self.config.vocab_rows) < self.config.vocab_size

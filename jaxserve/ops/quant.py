@@ -8,11 +8,23 @@ consecutive input elements (`"int8-g64"`). A quantized weight is a `QuantizedWei
 ..output dims]`, carrying the logical axes of the weight's other dims, so a rules file shards
 scales with their weights; the group dim is replicated).
 
-Models read every weight through `read`: they never branch on a format. The first
-implementation is dequantize-then-dot: `read` converts int8 to the compute dtype and multiplies by
-the scales inside the jitted step, and the dot that follows is the float one. Keeping the choice
-here means an int8-dot path (int32 accumulation, per-channel scales applied after the dot) can
-replace it without touching a model.
+Models run every linear product through `project(x, weight)` (and read a weight whole, for a
+gather or the experts' grouped products, through `read`): they never branch on a format. How an
+int8 weight's product runs is decided in one place, `int8_product(platform)`:
+
+- "int8_dot" (CPU): the activations are quantized too, per token and per weight group
+  (symmetric, max|x| / 127, like llama.cpp's q8_0 for its activations), the product is an
+  int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a
+  float dot fed by an int8 -> float conversion of the weight ran 4-15x slower than the float32
+  dot (the converted weight is written out every step, and the dot after a fusion ran far below
+  Eigen's speed), while the int8 dot reads 1 byte per weight: the 55M model's decode step ran
+  1.07x / 1.6x / 2.3x faster than float32 at batch 1 / 8 / 32 (BENCHMARKS.md, "CPU decode
+  levers"). XLA:CPU emits a slow matrix-vector kernel for an
+  integer dot of ONE row, so a single token is padded to two rows. The numerics change: each
+  activation is off by at most half its scale step, so a product moves by at most
+  (max|x| / 254) * sum|w| beyond the dequantized product (the bound the tests assert).
+- "dequantize" (elsewhere): the weight is converted to the compute dtype and scaled inside the
+  step, then the float dot runs (GPU/TPU compilers fuse the conversion into the dot's operand).
 
 Quantization is symmetric round-to-nearest: scale = max|w| / 127 over each group, q = round(w /
 scale) in [-127, 127], so |w - q * scale| <= scale / 2 elementwise. An all-zero group (the
@@ -77,6 +89,15 @@ def scale_axes(axes: Sequence[str | None], inputs: tuple[int, int]) -> tuple[str
     return tuple(axes[:inputs[0]]) + (None,) + tuple(axes[inputs[1]:])
 
 
+INT8_PRODUCTS = ("int8_dot", "dequantize")
+
+
+def int8_product(platform: str) -> str:
+    """How an int8 weight's product runs on `platform` (a `jax.default_backend()` name): the one
+    place this is decided (see the module docstring for the measurements behind it)."""
+    return "int8_dot" if platform == "cpu" else "dequantize"
+
+
 class QuantizedWeight(nnx.Module):
     """An int8 weight and its float32 scales; `read` gives it back in the compute `dtype`."""
 
@@ -99,7 +120,7 @@ def declare_weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | No
     init = init or nnx.initializers.normal(0.02)
     w = init(rngs.params(), tuple(shape), dtype)
     if quantization is None:
-        return nnx.Param(w, out_sharding=tuple(axes))
+        return nnx.Param(w, out_sharding=tuple(axes), inputs=tuple(inputs))
     group = quantization_group(quantization)
     return QuantizedWeight(*quantize(w, inputs, group), axes, inputs, group, dtype)
 
@@ -109,3 +130,79 @@ def read(weight: nnx.Param | QuantizedWeight) -> jax.Array:
     if isinstance(weight, QuantizedWeight):
         return weight.dequantize()
     return weight[...]
+
+
+def _inputs_of(weight: nnx.Param | QuantizedWeight) -> tuple[int, int]:
+    if isinstance(weight, QuantizedWeight):
+        return weight.inputs
+    return tuple(weight.get_metadata()["inputs"])
+
+
+def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
+            product: str | None = None) -> jax.Array:
+    """x [..tokens, K] times a linear weight -> [..tokens, ..its output dims].
+
+    The weight's input dims (K elements together) are its leading dims (`[in.., out..]`, the
+    projections) or its trailing ones (`[out, in]`, the LM head); weights with outer dims (the
+    experts) are read with `read`. `product`: an int8 weight's implementation, by default
+    `int8_product` of the platform being traced for."""
+    start, stop = _inputs_of(weight)
+    shape = weight.values.shape if isinstance(weight, QuantizedWeight) else weight.shape
+    if start == 0:
+        outputs, contract = shape[stop:], 0
+    elif stop == len(shape) and start == 1:
+        outputs, contract = shape[:start], 1
+    else:
+        raise ValueError(f"project: a weight of shape {tuple(shape)} contracting dims "
+                         f"[{start}, {stop}) has outer dims; read it with `read`")
+    k = math.prod(shape[start:stop])
+    if x.shape[-1] != k:
+        raise ValueError(f"project: x has {x.shape[-1]} inputs, the weight {k}")
+    if isinstance(weight, QuantizedWeight):
+        product = product or int8_product(jax.default_backend())
+        if product not in INT8_PRODUCTS:
+            raise ValueError(f"int8 product must be one of {', '.join(INT8_PRODUCTS)}, "
+                             f"got {product!r}")
+        if product == "int8_dot":
+            out = _int8_dot(x.reshape(-1, k), weight.values[...], weight.scale[...], contract,
+                            k, weight.group or k)
+            return out.astype(weight.dtype).reshape(x.shape[:-1] + tuple(outputs))
+    w = read(weight)
+    w2 = w.reshape((k, -1)) if contract == 0 else w.reshape((-1, k))
+    out = jax.lax.dot_general(x.reshape(-1, k), w2, (((1,), (contract,)), ((), ())))
+    return out.reshape(x.shape[:-1] + tuple(outputs))
+
+
+def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
+    """x [tokens, K] -> (int8 [tokens, groups, group], float32 scales [tokens, groups, 1]):
+    symmetric, one scale per token and group of `group` consecutive inputs."""
+    x3 = x.astype(jnp.float32).reshape(x.shape[0], -1, group)
+    scale = jnp.max(jnp.abs(x3), axis=-1, keepdims=True) / QMAX
+    q = jnp.round(x3 / jnp.where(scale > 0, scale, 1.0))
+    return jnp.clip(q, -QMAX, QMAX).astype(jnp.int8), scale
+
+
+def _int8_dot(x, values, scale, contract: int, k: int, group: int) -> jax.Array:
+    """x [tokens, K] float, values int8 with K elements of inputs (leading when `contract` is
+    0, trailing when 1), scale [groups, outputs] or [outputs, groups] -> float32 [tokens, N]."""
+    tokens = x.shape[0]
+    if tokens == 1:  # XLA:CPU's one-row integer dot is a slow matrix-vector loop
+        x = jnp.concatenate([x, jnp.zeros_like(x)])
+    groups = k // group
+    xq, xs = quantize_activations(x, group)  # [t, g, s], [t, g, 1]
+    if groups == 1:  # per channel: one plain [t, K] x [K, n] (or [n, K]) dot
+        w2 = values.reshape((k, -1)) if contract == 0 else values.reshape((-1, k))
+        acc = jax.lax.dot_general(xq.reshape(x.shape[0], k), w2, (((1,), (contract,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        return (acc.astype(jnp.float32) * xs[:, 0] * scale.reshape(1, -1))[:tokens]
+    if contract == 0:
+        wq = values.reshape(groups, group, -1)  # [g, s, n]
+        ws = scale.reshape(groups, 1, -1)  # [g, 1, n]
+        dims = (((2,), (1,)), ((1,), (0,)))
+    else:
+        wq = values.reshape(-1, groups, group)  # [n, g, s]
+        ws = scale.reshape(-1, groups).T[:, None, :]  # [g, 1, n]
+        dims = (((2,), (2,)), ((1,), (1,)))
+    acc = jax.lax.dot_general(xq, wq, dims, preferred_element_type=jnp.int32)  # [g, t, n]
+    out = jnp.sum(acc.astype(jnp.float32) * (jnp.swapaxes(xs, 0, 1) * ws), axis=0)
+    return out[:tokens]

@@ -13,6 +13,7 @@ against the real `vocab_size`; arrays on the devices are `vocab_rows` wide and h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 import itertools
@@ -33,7 +34,7 @@ from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.perf import moe_auto
 from jaxserve.runtime import compile_cache
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
-from jaxserve.settings import CacheSettings, Settings
+from jaxserve.settings import CacheSettings, Settings, SpeculativeSettings
 from jaxserve.sharding import Layout, replicas_of
 
 
@@ -41,7 +42,8 @@ MAX_TOP_N = MAX_LOGPROBS  # top tokens `score` returns per prompt (computed on d
 
 
 class LLM:
-    def __init__(self, model_dir: str | Path, settings: Settings | None = None, **overrides):
+    def __init__(self, model_dir: str | Path, settings: Settings | None = None, *,
+                 speculative_config: dict | None = None, **overrides):
         """Load a jaxserve checkpoint onto a mesh, with the engine `settings`
         (jaxserve/settings.py: cache, scheduler, parallel, sampling; defaults when None) and
         any of them overridden by name, e.g. `LLM(model_dir, mesh="tp=2", max_num_seqs=8)`.
@@ -72,6 +74,9 @@ class LLM:
         None (float), "int8" (per-channel scales) or "int8-g32/64/128" (per group of inputs); a
         float checkpoint is quantized on load (see jaxserve/ops/quant.py).
         quantize_embeddings: the embedding and LM head too.
+        speculative_config: vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        "prompt_lookup_min": 1, "prompt_lookup_max": 3}: each step verifies up to k proposed
+        tokens per sequence, losslessly (see jaxserve/engine/speculative/); None = off.
         """
         if settings is None:
             settings = Settings()
@@ -79,6 +84,9 @@ class LLM:
             raise TypeError(f"settings must be a jaxserve.settings.Settings, got "
                             f"{type(settings).__name__}")
         settings = settings.replace(**overrides)
+        if speculative_config is not None:
+            settings = dataclasses.replace(
+                settings, speculative=SpeculativeSettings.from_config(speculative_config))
         self.model_dir = Path(model_dir)
         cache, parallel = settings.cache, settings.parallel
         self.layout = Layout.create(parallel.mesh, parallel.rules)
@@ -92,6 +100,10 @@ class LLM:
             raise ValueError(f"max_model_len must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
+        spec = settings.speculative
+        if spec is not None and spec.num_speculative_tokens >= self.max_model_len:
+            raise ValueError(f"num_speculative_tokens ({spec.num_speculative_tokens}) must be "
+                             f"less than max_model_len ({self.max_model_len})")
         kv_dtype = parse_dtype(settings.dtype, default=self.config.dtype)
         self.cache_spec = MODEL_CLASSES[self.config.family].cache_spec(self.config, kv_dtype)
         self.num_replicas = replicas_of(self.layout)

@@ -167,7 +167,7 @@ class StepBuilder:
                 run_start[r * s_loc + i] = r * s_loc + i - j
             row = d_rows
             for k, c in enumerate(chunks[r]):
-                seq, f, end = c.seq, first[r, len(decodes[r]) + k], c.start + c.length
+                seq, f, end = c.seq, first[r, len(runs[r]) + k], c.start + c.length
                 prompt = seq.request.prompt_ids
                 tokens[r, f:f + c.length] = prompt[c.start:end] if end <= len(prompt) else \
                     [seq.prefill_token(i) for i in range(c.start, end)]

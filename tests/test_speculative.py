@@ -193,6 +193,18 @@ def test_bad_speculative_configs_are_refused_naming_the_value(config, error):
         SpeculativeSettings.from_config(config)
 
 
+def test_speculative_flags_build_the_speculative_settings():
+    from jaxserve import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["generate", "--prompt", "x", "--num-speculative-tokens", "3"])
+    assert cli._settings(args).speculative == SpeculativeSettings(num_speculative_tokens=3)
+    assert cli._settings(parser.parse_args(["serve"])).speculative is None
+    args = parser.parse_args(["serve", "--speculative-method", "draft"])
+    with pytest.raises(ValueError, match="speculative method 'draft' needs a draft model"):
+        cli._settings(args)
+
+
 def test_settings_take_speculative_settings_only():
     assert Settings(speculative=SpeculativeSettings()).speculative.method == "ngram"
     with pytest.raises(TypeError, match="settings.speculative must be a SpeculativeSettings"):
@@ -205,4 +217,4 @@ def test_too_many_proposals_for_the_context_and_dp_are_refused(model_dir):
         LLM(model_dir, speculative_config={"num_speculative_tokens": 8}, max_model_len=8)
     with pytest.raises(ValueError, match="speculative decoding runs on one DP replica; the "
                                          "mesh has 2"):
-        LLM(model_dir, speculative_config=NGRAM, mesh="dp=2,tp=1", **ENGINE)
+        LLM(model_dir, speculative_config=NGRAM, mesh="dp=2", rules="dp", **ENGINE)

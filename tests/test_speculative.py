@@ -132,10 +132,10 @@ def test_rejection_sampling_follows_the_target_distribution(top_p):
     d, the target's second most likely token: the run's first token must follow p1 (d kept
     with probability p1(d), else a draw from the residual), and its second, emitted only after
     d was kept, p2. Chi-square against the exact filtered distributions, false-alarm rate 1e-3
-    per comparison. Checked to fail when the rule is wrong (both top_p cases): with
-    `verify.accept_probability` patched to accept every proposal, the first token's p = 0.0
-    (underflow); with the residual replaced by p itself (a rejected proposal may be drawn
-    again), p < 1e-120."""
+    per comparison. Checked to fail when the rule is wrong (both top_p cases), by editing
+    `verify_rows`: keeping every proposal (tokens = d where there is one) gives the first
+    token's p = 0.0 (underflow); keeping d with an independent draw u < p(d) and drawing a
+    rejected row's token from p itself (which may give d back), p < 1e-100."""
     import jax
     import jax.numpy as jnp
 
@@ -168,13 +168,20 @@ def test_rejection_sampling_follows_the_target_distribution(top_p):
     assert p_value > 1e-3, f"second token: chi-square p = {p_value:.2e}"
 
 
-def test_seeded_speculative_request_gives_the_same_tokens_alone_and_in_a_batch(spec):
-    params = SamplingParams(temperature=1.0, top_k=6, max_tokens=12, seed=11)
-    alone = _tokens(spec, [PROMPTS[0]], params)[0]
+@pytest.mark.parametrize("params", [
+    dict(temperature=1.0, top_k=6, max_tokens=12),
+    dict(temperature=0.9, top_p=0.8, min_p=0.05, presence_penalty=0.5, max_tokens=12),
+], ids=["top_k", "top_p_min_p_penalty"])
+def test_seeded_sampling_gives_the_plain_tokens_alone_and_in_a_batch(plain, spec, params):
+    """A kept proposal is the token the plain step draws with the same seed and index, so a
+    seeded request's tokens are plain decoding's, whatever was proposed and batched beside."""
+    seeded = SamplingParams(**params, seed=11)
+    want = _tokens(plain, [PROMPTS[0]], seeded)[0]
+    assert _tokens(spec, [PROMPTS[0]], seeded)[0] == want
     others = SamplingParams(temperature=0.8, max_tokens=10)
-    batch = spec.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, params, others],
+    batch = spec.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, seeded, others],
                           use_tqdm=False)
-    assert [o.token_ids for o in batch[1].outputs] == alone
+    assert [o.token_ids for o in batch[1].outputs] == want
 
 
 # ---- bad input ----

@@ -217,3 +217,16 @@ def logprobs(logits: jax.Array, token_ids: jax.Array,
         top_logprobs = jnp.pad(top_logprobs, ((0, 0), (0, num_top - k)),
                                constant_values=-jnp.inf)
     return chosen, top_ids.astype(jnp.int32), top_logprobs
+
+
+def logprobs_if_wanted(logits: jax.Array, token_ids: jax.Array, want: jax.Array,
+                       num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`logprobs` when some row wants them (want bool[B]), else zeros of the same shapes: the
+    log-softmax and top-k are skipped at run time."""
+    rows = logits.shape[0]
+
+    def without():
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, num_top), jnp.int32),
+                jnp.zeros((rows, num_top), jnp.float32))
+
+    return jax.lax.cond(want.any(), lambda: logprobs(logits, token_ids, num_top), without)

@@ -10,17 +10,20 @@ Per row, with the sequence's SamplingParams applied to the target logits exactly
 step applies them (penalties counting the run's earlier proposals as generated, suppressed
 tokens, temperature, top_k / top_p / min_p):
 
-- greedy: d is accepted iff it is p's argmax; otherwise the argmax is the row's token;
-- sampled, with a proposal drawn from q (prompt lookup: q is a point mass on d): d is accepted
-  with probability min(1, p(d) / q(d)); otherwise the token is drawn from the residual
-  max(0, p - q), renormalised (Leviathan et al. 2023, Chen et al. 2023), so every token
-  follows p exactly;
+- greedy: d is kept iff it is p's argmax; otherwise the argmax is the row's token;
+- sampled: the row draws its token t from p exactly as a plain step's row would (same seed, same
+  token index), and d is kept iff t = d. This is rejection sampling with the residual (Leviathan
+  et al. 2023, Chen et al. 2023) for a proposal that is a point mass on d, as prompt lookup's
+  are: d is kept with probability p(d) = min(1, p(d) / q(d)), and a rejected row's token is
+  t ~ p given t != d, which is the residual max(0, p - q) renormalised. So every token follows
+  p, and, drawn with the plain step's random numbers, is the token plain decoding draws there;
 - the run's tokens are its rows' tokens up to and including its first rejection (every row
   when none rejects: the last one's bonus token). A row after a rejection emits nothing.
 
 Random numbers come from the row's seed and the index of the token it decides (as in
-jaxserve/runtime/sampling.py), so a seeded request gives the same tokens in any batch; a row
-without a proposal draws exactly as a plain step's row does.
+jaxserve/runtime/sampling.py): a seeded request gives the same tokens in any batch, with or
+without proposals. (A draft model's proposals, drawn from a full distribution q, need the general
+rule: keep d with probability min(1, p(d) / q(d)), else draw from max(0, p - q).)
 
 One DP replica (the slot state is indexed by global slot ids here). No host work, no request
 objects.
@@ -34,8 +37,6 @@ import jax.numpy as jnp
 from jaxserve.runtime import sampling
 from jaxserve.runtime.sampling import SamplingInputs
 
-ACCEPT_STREAM, RESIDUAL_STREAM = 1, 2  # fold_in tags: independent of the bonus draw's key
-
 
 def _state_rows(slot_ids: jax.Array, num_rows: int) -> jax.Array:
     trash = num_rows - 1
@@ -46,11 +47,6 @@ def _within_run(per_row: jax.Array, run_start: jax.Array) -> jax.Array:
     """Per row, the sum of `per_row` over the earlier rows of its run (exclusive prefix sum)."""
     before = jnp.cumsum(per_row, axis=0) - per_row
     return before - before[run_start]
-
-
-def accept_probability(p_draft: jax.Array) -> jax.Array:
-    """min(1, p(d) / q(d)) for a point-mass proposal (q(d) = 1)."""
-    return p_draft
 
 
 def verify_rows(logits, prompt_mask, output_counts, slot_ids, suppressed, want_logprobs,
@@ -75,43 +71,13 @@ def verify_rows(logits, prompt_mask, output_counts, slot_ids, suppressed, want_l
                           | (inputs.frequency_penalty != 0))
     processed = jax.lax.cond(any_penalty, penalised, lambda x: x.astype(jnp.float32), logits)
     processed = processed.at[jnp.arange(rows)[:, None], suppressed].set(-jnp.inf, mode="drop")
-    greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    is_greedy = inputs.temperature == 0
+    # what a plain step's row draws here (greedy: the argmax); the proposal is kept iff equal
+    tokens = sampling.sample(processed, inputs)
     has_draft = draft >= 0
-
-    def sampled_rows():
-        kept = sampling.kept_logits(processed, inputs, is_greedy)
-        keys = jax.random.wrap_key_data(inputs.seed.astype(jnp.uint32), impl="threefry2x32")
-        keys = jax.vmap(jax.random.fold_in)(keys, inputs.counter)
-        bonus = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
-        p_draft = jnp.take_along_axis(jax.nn.softmax(kept, axis=-1),
-                                      jnp.maximum(draft, 0)[:, None], axis=-1)[:, 0]
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, ACCEPT_STREAM)))(keys)
-        accepted = u < accept_probability(p_draft)
-        # the residual max(0, p - q) of a point mass q on d: p without d
-        residual = jnp.where(proposal > 0, -jnp.inf, kept)
-        redrawn = jax.vmap(lambda k, lg: jax.random.categorical(
-            jax.random.fold_in(k, RESIDUAL_STREAM), lg))(keys, residual).astype(jnp.int32)
-        return (jnp.where(is_greedy, greedy_ids == draft, accepted),
-                jnp.where(is_greedy, greedy_ids, jnp.where(has_draft, redrawn, bonus)))
-
-    accepted, correction = jax.lax.cond(jnp.all(is_greedy),
-                                        lambda: (greedy_ids == draft, greedy_ids), sampled_rows)
-    accepted = accepted & has_draft
-    tokens = jnp.where(accepted, draft, correction)
+    accepted = has_draft & (tokens == draft)
     rejected = (has_draft & ~accepted).astype(jnp.int32)
     emitted = sample & (_within_run(rejected, run_start) == 0)
-
-    def with_logprobs():
-        return sampling.logprobs(logits, tokens, num_top)
-
-    def without_logprobs():
-        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, num_top), jnp.int32),
-                jnp.zeros((rows, num_top), jnp.float32))
-
-    chosen, top_ids, top_lps = jax.lax.cond(want_logprobs.any(), with_logprobs,
-                                            without_logprobs)
-    return tokens, emitted, chosen, top_ids, top_lps
+    return (tokens, emitted) + sampling.logprobs_if_wanted(logits, tokens, want_logprobs, num_top)
 
 
 def record_run_tokens(last_token, output_counts, slot_ids, run_start, emitted, tokens):

@@ -13,6 +13,7 @@ against the real `vocab_size`; arrays on the devices are `vocab_rows` wide and h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 import itertools
@@ -35,7 +36,7 @@ from jaxserve.runtime import compile_cache, distributed
 from jaxserve.runtime.follower import follow
 from jaxserve.runtime.leader import LeaderRunner
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
-from jaxserve.settings import CacheSettings, Settings
+from jaxserve.settings import CacheSettings, Settings, SpeculativeSettings
 from jaxserve.sharding import Layout, replicas_of
 
 
@@ -43,7 +44,8 @@ MAX_TOP_N = MAX_LOGPROBS  # top tokens `score` returns per prompt (computed on d
 
 
 class LLM:
-    def __init__(self, model_dir: str | Path, settings: Settings | None = None, **overrides):
+    def __init__(self, model_dir: str | Path, settings: Settings | None = None, *,
+                 speculative_config: dict | None = None, **overrides):
         """Load a jaxserve checkpoint onto a mesh, with the engine `settings`
         (jaxserve/settings.py: cache, scheduler, parallel, sampling; defaults when None) and
         any of them overridden by name, e.g. `LLM(model_dir, mesh="tp=2", max_num_seqs=8)`.
@@ -83,6 +85,9 @@ class LLM:
         jaxserve/runtime/distributed.py): the same script on every process; process 0's LLM
         serves, the others' constructor runs the steps process 0 sends and exits the process
         when process 0 is done.
+        speculative_config: vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        "prompt_lookup_min": 1, "prompt_lookup_max": 3}: each step verifies up to k proposed
+        tokens per sequence, losslessly (see jaxserve/engine/speculative/); None = off.
         """
         if settings is None:
             settings = Settings()
@@ -90,6 +95,9 @@ class LLM:
             raise TypeError(f"settings must be a jaxserve.settings.Settings, got "
                             f"{type(settings).__name__}")
         settings = settings.replace(**overrides)
+        if speculative_config is not None:
+            settings = dataclasses.replace(
+                settings, speculative=SpeculativeSettings.from_config(speculative_config))
         self.model_dir = Path(model_dir)
         cache, parallel = settings.cache, settings.parallel
         self.cluster = distributed.join(settings.distributed)  # before any device is used
@@ -104,6 +112,10 @@ class LLM:
             raise ValueError(f"max_model_len must be an integer in [1, {limit}] (the model's "
                              f"max_position_embeddings), got {max_model_len!r}")
         self.max_model_len = max_model_len or limit
+        spec = settings.speculative
+        if spec is not None and spec.num_speculative_tokens >= self.max_model_len:
+            raise ValueError(f"num_speculative_tokens ({spec.num_speculative_tokens}) must be "
+                             f"less than max_model_len ({self.max_model_len})")
         dtype = parse_dtype(settings.dtype, default=self.config.dtype)
         self.kv_format = kv_format(settings.precision.kv_cache_dtype, dtype)
         if self.kv_format.dtype != np.dtype(dtype):  # the model's own dtype compiles already

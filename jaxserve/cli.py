@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from jaxserve.config import QUANTIZATIONS
 from jaxserve.package_data import embedded_model
-from jaxserve.settings import Settings
+from jaxserve.settings import SPECULATIVE_METHODS, Settings, SpeculativeSettings
 
 
 def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
@@ -33,8 +34,30 @@ def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None
 
 def _settings(args):
     """The settings tree from the parsed flags, validated."""
-    return Settings().replace(**{leaf.name: getattr(args, leaf.name)
-                                 for leaf in Settings.leaves() if hasattr(args, leaf.name)})
+    settings = Settings().replace(**{leaf.name: getattr(args, leaf.name)
+                                     for leaf in Settings.leaves() if hasattr(args, leaf.name)})
+    speculative = {key: getattr(args, flag) for key, flag in SPECULATIVE_FLAGS.items()
+                   if getattr(args, flag, None) is not None}
+    if not speculative:
+        return settings
+    return dataclasses.replace(settings,
+                               speculative=SpeculativeSettings.from_config(speculative))
+
+
+# speculative_config key -> the flag's dest (vLLM's flag names)
+SPECULATIVE_FLAGS = {"method": "speculative_method", "model": "speculative_model",
+                     "num_speculative_tokens": "num_speculative_tokens"}
+
+
+def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-method", choices=SPECULATIVE_METHODS, default=None,
+                   help="speculative decoding: propose tokens by prompt lookup (ngram) and "
+                   "verify them in one step, losslessly (default: off; ngram when "
+                   "--num-speculative-tokens is given)")
+    p.add_argument("--speculative-model", default=None, metavar="DIR",
+                   help="draft model checkpoint (method draft)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="proposed tokens verified per sequence and step (default: 4)")
 
 
 MESH_FLAGS = ("mesh", "rules", "dtype")
@@ -109,6 +132,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(embedded_model()),
                    help="jaxserve checkpoint directory (default: the embedded tiny model)")
     _add_setting_flags(p)
+    _add_speculative_flags(p)
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:

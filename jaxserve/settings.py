@@ -9,7 +9,9 @@
       precision   PrecisionSettings  weight format (float, or int8 with scales), KV cache format
       distributed DistributedSettings  N processes as one engine (jax.distributed): off by default
       dtype                          parameter / compute dtype (the checkpoint's by default)
-      speculative, disaggregation    where those features' sections go; None until they exist
+      speculative SpeculativeSettings  a proposer (n-gram prompt lookup) and its draft
+                                     length; None = plain decoding
+      disaggregation                 where that feature's section goes; None until it exists
 
 `LLM(model_dir, settings=..., **overrides)` takes the tree and flat overrides by field name
 (`LLM(model, max_num_seqs=8)`, as vLLM does), or a whole section by its name
@@ -44,6 +46,8 @@ OUTPUT_PROCESSING_MODES = ("auto", "inline", "thread")  # jaxserve/engine/output
 MOE_STRATEGIES = ("dense", "alltoall", "allgather", "auto")  # jaxserve/ops/moe.py
 ROUTING_POLICIES = ("prefix", "least_loaded", "round_robin")  # jaxserve/engine/router.py
 COMPILATION_MODES = ("background", "upfront", "on_use")  # jaxserve/engine/warmup.py
+SPECULATIVE_METHODS = ("ngram", "draft")  # jaxserve/engine/speculative/
+MAX_SPECULATIVE_TOKENS = 15  # proposed tokens per sequence and step, at most
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto": the checkpoint's format; "none": float; else a weight format (jaxserve/ops/quant.py)
 QUANTIZATION_CHOICES = ("auto", "none") + QUANTIZATIONS
@@ -295,12 +299,63 @@ class DistributedSettings:
         return self.process_id == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SpeculativeSettings:
+    """Speculative decoding: a proposer guesses up to `num_speculative_tokens` next tokens per
+    sequence and one target step verifies them all (jaxserve/engine/speculative/). Built from
+    vLLM's `speculative_config` dict (`from_config`). `ngram` is prompt lookup: the last n
+    tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked up earlier in the
+    prompt and output, and what followed them is proposed. `draft` names a smaller model of
+    the same vocabulary (`model`, a checkpoint directory)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    model: str | None = None
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+
+    def __post_init__(self):
+        _one_of("speculative method", self.method, SPECULATIVE_METHODS)
+        _positive_int("num_speculative_tokens", self.num_speculative_tokens)
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, "
+                             f"got {self.num_speculative_tokens}")
+        _positive_int("prompt_lookup_min", self.prompt_lookup_min)
+        _positive_int("prompt_lookup_max", self.prompt_lookup_max)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.method == "draft" and not self.model:
+            raise ValueError("speculative method 'draft' needs a draft model directory "
+                             "(speculative_config['model'], --speculative-model)")
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError(f"speculative method 'ngram' takes no model, got {self.model!r}: "
+                             f"use method 'draft' for a draft model")
+        if self.model is not None:
+            object.__setattr__(self, "model", str(self.model))
+
+    @classmethod
+    def from_config(cls, config: dict | SpeculativeSettings | None
+                    ) -> SpeculativeSettings | None:
+        """vLLM's `speculative_config` dict (or settings, or None = off), validated."""
+        if config is None or isinstance(config, SpeculativeSettings):
+            return config
+        if not isinstance(config, dict):
+            raise TypeError(f"speculative_config must be a dict, got {type(config).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key {unknown[0]!r}; keys are "
+                             f"{', '.join(sorted(known))}")
+        return cls(**config)
+
+
 SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,
             "parallel": ParallelSettings, "sampling": SamplingSettings,
             "compile": CompileSettings, "precision": PrecisionSettings,
             "distributed": DistributedSettings}
 # Sections the next features fill in; each stays None (off) until its feature exists.
-FUTURE_SECTIONS = ("speculative", "disaggregation")
+FUTURE_SECTIONS = ("disaggregation",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +387,7 @@ class Settings:
     distributed: DistributedSettings = dataclasses.field(default_factory=DistributedSettings)
     dtype: str | None = setting(None, "parameter dtype", type=str, choices=DTYPES,
                                 default_help="the checkpoint's")
-    speculative: Any = None  # a draft model or n-gram proposer and its token budget
+    speculative: SpeculativeSettings | None = None  # None: plain decoding
     disaggregation: Any = None  # prefill and decode engines and the handoff between them
 
     def __post_init__(self):
@@ -342,6 +397,11 @@ class Settings:
                                 f"{type(getattr(self, name)).__name__}")
         if self.dtype is not None:
             _one_of("dtype", self.dtype, DTYPES)
+        if self.speculative is not None and not isinstance(self.speculative,
+                                                           SpeculativeSettings):
+            raise TypeError(f"settings.speculative must be a SpeculativeSettings or None, got "
+                            f"{type(self.speculative).__name__} (LLM takes vLLM's "
+                            f"speculative_config dict)")
         for name in FUTURE_SECTIONS:
             if getattr(self, name) is not None:
                 raise ValueError(f"settings.{name}: not supported yet (leave it None), got "

@@ -25,8 +25,11 @@ RECENT_STEPS = 1024
 
 def step_true_flops(config: ModelConfig, plan) -> int:
     """FLOPs a planned step needs (call before the plan is committed: positions as planned)."""
-    total = sum(flops.chunk_flops(config, seq.total_len - 1, seq.total_len, 1)
-                for seq in plan.decodes)
+    def run(seq) -> int:  # a decode and its proposals (speculative): a logits row each
+        tokens = 1 + len(plan.drafts.get(seq, ()))
+        return flops.chunk_flops(config, seq.total_len - 1, seq.total_len - 1 + tokens, tokens)
+
+    total = sum(run(seq) for seq in plan.decodes)
     return total + sum(flops.chunk_flops(config, c.start, c.start + c.length,
                                          int(c.samples) + len(c.forks))  # a row per sampler
                        for c in plan.prefills)

@@ -24,6 +24,10 @@ Everything the host does is timed per phase (`stats()`), and step by step in `ti
 non-scalable work that Amdahl's law charges tensor parallelism for. Turning tokens into text
 is the output processor's job (jaxserve/engine/output_processor.py), inline or on a thread.
 
+With speculation (`settings.speculative`, jaxserve/engine/speculative/) every step is read back
+before the next is planned: the proposer reads each sequence's latest tokens, and how many
+tokens a step keeps decides where the next one starts.
+
 Two small programs run beside the step, in dispatch order with it: before a step, the slot
 state (penalties) of sequences admitted in it is set from their token ids; after it, blocks that
 `n > 1` siblings shared until they diverge are copied (see scheduler.py).
@@ -46,6 +50,7 @@ from jaxserve.engine.block_pool import BlockPool, identity_hash
 from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
+from jaxserve.engine.speculative import make_proposer
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, Processed
 from jaxserve.engine.timeline import Timeline
@@ -80,6 +85,13 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
         replicas, seqs = runner.num_replicas, limits.max_num_seqs
+        self.proposer = make_proposer(settings.speculative)
+        if self.proposer is not None and replicas > 1:
+            raise ValueError(f"speculative decoding runs on one DP replica; the mesh has "
+                             f"{replicas}: use a mesh without dp")
+        k = settings.speculative.num_speculative_tokens if self.proposer is not None else 0
+        # proposals come from read-back tokens (see the module docstring)
+        self.max_steps_in_flight = 1 if self.proposer is not None else limits.max_steps_in_flight
         runner.init_slots(replicas * seqs)
         self.trash_slot = replicas * seqs
         self.router = make_policy(limits.routing, config, limits.max_num_batched_tokens)
@@ -91,10 +103,11 @@ class Engine:
                                    [IdPool(range(r * seqs, (r + 1) * seqs))
                                     for r in range(replicas)],
                                    tile=QUERY_TILE, router=self.router, model_config=config,
-                                   root_hash=identity_hash(cache_identity))
+                                   root_hash=identity_hash(cache_identity),
+                                   speculative=self.proposer is not None)
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
-                                   eos_ids=self.eos_ids)
+                                   eos_ids=self.eos_ids, speculative_tokens=k)
         self.requests: dict[str, Request] = {}
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
@@ -171,20 +184,21 @@ class Engine:
         """One iteration: plan + dispatch a step, read back the oldest. Returns finished requests."""
         finished = self._apply(self.output.collect())
         t0 = self.timeline.lap("other")
-        plan = self.scheduler.schedule(can_preempt=not self.inflight)
+        proposals = self._proposals()
+        plan = self.scheduler.schedule(not self.inflight, proposals)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
                                      and not self.inflight):
             finished += self.drain()  # preemption rewrites state that steps in flight use
-            plan = self.scheduler.schedule(can_preempt=True)
+            plan = self.scheduler.schedule(True, proposals)
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
-                plan = self.scheduler.schedule(can_preempt=True)
+                plan = self.scheduler.schedule(True, proposals)
         t1 = self.timeline.lap("schedule")
         self.timers["schedule_s"] += t1 - t0
         if not plan.empty:
             self.inflight.append(self._dispatch(plan))
             self.timers["dispatch_s"] += time.perf_counter() - t1
-        if self.inflight and (len(self.inflight) >= self.config.max_steps_in_flight
+        if self.inflight and (len(self.inflight) >= self.max_steps_in_flight
                               or plan.empty):
             finished += self._read_back(self.inflight.popleft())
         elif plan.empty and self.output.busy:  # nothing to run until the text part catches up
@@ -198,6 +212,16 @@ class Engine:
         while self.inflight:
             finished += self._read_back(self.inflight.popleft())
         return finished
+
+    def _proposals(self) -> dict | None:
+        """Speculative: each decoding sequence's proposed next tokens (all read back)."""
+        if self.proposer is None:
+            return None
+        t0 = time.perf_counter()
+        out = {seq: self.proposer.propose(seq) for seq in self.scheduler.running
+               if not seq.in_prefill and not seq.done_scheduling}
+        self.timers["propose_s"] += time.perf_counter() - t0
+        return out
 
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
@@ -232,8 +256,13 @@ class Engine:
         arrays = self._fetch(step.outputs, step.layout.wants_logprobs)
         t1 = self.timeline.lap("readback")
         self.timers["readback_wait_s"] += t1 - t0
-        update = self.scheduler.update(step.layout.sample_rows, arrays["tokens"], self.eos_ids)
+        update = self.scheduler.update(step.layout.sample_rows, arrays["tokens"], self.eos_ids,
+                                       arrays.get("emitted"), step.layout.verify_rows)
         self._count(update.generated, update.discarded)
+        if update.verified_runs:
+            self.counters["spec_proposed_tokens"] += update.proposed
+            self.counters["spec_accepted_tokens"] += update.accepted
+            self.counters["spec_verify_runs"] += update.verified_runs
         for sampled in update.sampled:
             metrics = sampled.seq.request.metrics
             if metrics.first_token_time is None:
@@ -265,10 +294,26 @@ class Engine:
     @staticmethod
     def _fetch(out: StepOutputs, wants_logprobs: bool) -> dict[str, np.ndarray]:
         arrays = {"tokens": np.asarray(out.tokens)}
+        if out.emitted is not None:
+            arrays["emitted"] = np.asarray(out.emitted)
         if wants_logprobs:
             arrays.update(logprob=np.asarray(out.logprob), top_ids=np.asarray(out.top_ids),
                           top_logprobs=np.asarray(out.top_logprobs))
         return arrays
+
+    def _speculative_stats(self) -> dict[str, Any]:
+        """`spec_acceptance_rate`: proposals kept / proposals verified; `spec_tokens_per_step`:
+        tokens a decoding sequence gained per step in which it verified proposals (kept
+        proposals + the one the target adds). None until a proposal is verified."""
+        if self.proposer is None:
+            return {}
+        c = self.counters
+        proposed, accepted, runs = (c["spec_proposed_tokens"], c["spec_accepted_tokens"],
+                                    c["spec_verify_runs"])
+        return {"spec_proposed_tokens": proposed, "spec_accepted_tokens": accepted,
+                "spec_verify_runs": runs,
+                "spec_acceptance_rate": round(accepted / proposed, 4) if proposed else None,
+                "spec_tokens_per_step": round((accepted + runs) / runs, 4) if runs else None}
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:
@@ -319,6 +364,7 @@ class Engine:
             "kv_bytes_per_token": self.runner.kv.nbytes() // (self.runner.kv.num_blocks
                                                               * self.runner.block_size),
             "kv_token_capacity": self.kv_blocks_total * self.runner.block_size,
+            **self._speculative_stats(),
             **{k: round(v, 6) for k, v in self.timers.items()},
             **self.flops.stats(sum(self.timers.values()), peak_flops),
             **self.compiler.stats(),

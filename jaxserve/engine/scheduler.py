@@ -28,6 +28,13 @@ max_tokens, a full context) finish the sequence and free its slot and blocks bef
 step is planned. Stops found in the text (stop strings) are the output processor's; it returns
 them and the engine applies them here (`stop_late`).
 
+Speculation (jaxserve/engine/speculative/): a decoding sequence may come with proposed tokens;
+it then runs 1 + m tokens (its last token and m proposals, as many as its budget, its
+max_tokens and its blocks allow: proposals are dropped before anyone is preempted for them).
+How many of them it keeps is known only when the step is read back, so its counters advance in
+`update`, not in `commit`; the KV of rejected proposals lies beyond the sequence's new length,
+in blocks it gives back (or overwrites next step): nothing is copied.
+
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
 the engine says nothing is in flight (`can_preempt`); otherwise it reports `needs_preemption` and
 the engine drains first. Decisions depend only on the queue contents: deterministic.
@@ -65,6 +72,8 @@ class StepPlan:
     admitted: list[Sequence] = dataclasses.field(default_factory=list)  # given a slot this step
     # (replica, source block, destination block), local ids: copied right after the step
     copies: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    # a speculative step: the tokens each decoding sequence verifies after its last one
+    drafts: dict[Sequence, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -78,13 +87,18 @@ class StepUpdate:
     sampled: list[SampledToken]  # tokens appended, in sample-row order
     generated: int = 0  # tokens appended to outputs
     discarded: int = 0  # tokens of sequences that stopped while the step was in flight
+    proposed: int = 0  # speculative: proposals verified
+    accepted: int = 0  # speculative: proposals the target kept
+    verified_runs: int = 0  # speculative: decoding sequences that verified proposals
 
 
 class Scheduler:
     def __init__(self, limits: SchedulerSettings, pools: list[BlockPool], slots: list[IdPool],
                  *, tile: int, router: RoutingPolicy, model_config: ModelConfig,
-                 root_hash: BlockHash):
-        """limits: the step's token budget, chunk and prefill rows, per DP replica."""
+                 root_hash: BlockHash, speculative: bool = False):
+        """limits: the step's token budget, chunk and prefill rows, per DP replica.
+        speculative: decodes may verify proposals (see the module docstring)."""
+        self.speculative = speculative
         self.pools = pools  # one per DP replica (local block ids)
         self.slots = slots  # one slot pool per DP replica
         self.max_num_batched_tokens = limits.max_num_batched_tokens
@@ -300,15 +314,25 @@ class Scheduler:
             rows[replica] += 1
             self.counters["forked_sequences"] += 1
 
-    def schedule(self, can_preempt: bool) -> StepPlan:
+    def schedule(self, can_preempt: bool,
+                 proposals: dict[Sequence, list[int]] | None = None) -> StepPlan:
         """Tokens per sequence for the next step. Budgets are per DP replica, in tokens as the
-        step lays them out (a prefill chunk occupies whole query tiles)."""
+        step lays them out (a prefill chunk occupies whole query tiles). proposals: tokens
+        decoding sequences may verify (speculative)."""
         budget = [self.max_num_batched_tokens] * self.num_replicas
         rows = [0] * self.num_replicas
         plan = StepPlan([], [])
         for seq in list(self.running):
             if seq.in_prefill or seq.done_scheduling or seq.status is not Status.RUNNING:
                 continue
+            if self.speculative:
+                # emitted tokens (proposals kept + one) never pass max_tokens or the context
+                room = min(seq.request.max_tokens - seq.num_scheduled_outputs,
+                           budget[seq.replica]) - 1
+                draft = (proposals or {}).get(seq, [])[:max(room, 0)]
+                if draft and not self._grow(seq, seq.total_len + len(draft)):
+                    draft = []
+                plan.drafts[seq] = draft
             while not self._grow(seq, seq.total_len):
                 if not can_preempt:
                     return StepPlan([], [], needs_preemption=True)
@@ -318,7 +342,9 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING and budget[seq.replica] > 0:
                 plan.decodes.append(seq)
-                budget[seq.replica] -= 1
+                budget[seq.replica] -= 1 + len(plan.drafts.get(seq, ()))
+            else:
+                plan.drafts.pop(seq, None)
 
         closed: set[int] = set()  # replicas that admit nobody else this step
         loads = self.replica_loads() if self.num_replicas > 1 and self.waiting else None
@@ -368,17 +394,31 @@ class Scheduler:
             self.name_blocks(seq)
         for seq in plan.decodes:
             seq.num_computed = seq.total_len
-            seq.num_scheduled_outputs += 1
+            if not self.speculative:  # else: in `update`, once the kept tokens are known
+                seq.num_scheduled_outputs += 1
 
     # ---- applying a step's results ----
     def update(self, rows: list[tuple[int, Sequence]], tokens,
-               eos_ids: tuple[int, ...]) -> StepUpdate:
+               eos_ids: tuple[int, ...], emitted=None,
+               verify_rows: frozenset[int] = frozenset()) -> StepUpdate:
         """Apply one step's read-back tokens (tokens i32[rows]; `rows` pairs a row with the
         sequence it sampled for): append them, name full blocks, finish the sequences a token
-        id stops. A sequence that stopped while the step was in flight drops its token."""
+        id stops. A sequence that stopped while the step was in flight drops its token.
+        Speculative steps: `emitted` bool[rows] says which rows' tokens count; `verify_rows`
+        are rows of decode runs, whose sequences advance here (see `_settle`)."""
         tokens = tokens.tolist()
+        emitted = emitted.tolist() if emitted is not None else None
         update = StepUpdate([])
+        runs: dict[Sequence, list[int]] = {}  # decode runs -> [rows, tokens emitted]
         for r, seq in rows:
+            if r in verify_rows:
+                runs.setdefault(seq, [0, 0])[0] += 1
+            if emitted is not None and not emitted[r]:
+                continue
+            if r in verify_rows:
+                runs[seq][1] += 1
+                if seq.status is not Status.FINISHED:
+                    seq.num_scheduled_outputs += 1
             if seq.status is Status.FINISHED:
                 update.discarded += 1
                 continue
@@ -391,7 +431,26 @@ class Scheduler:
             if stop is not None:
                 self.finish(seq)
             update.sampled.append(SampledToken(seq, r, token, n, stop))
+        for seq, (run_rows, kept) in runs.items():
+            if run_rows > 1:
+                update.proposed += run_rows - 1
+                update.accepted += kept - 1
+                update.verified_runs += 1
+            if seq.status is not Status.FINISHED:
+                self._settle(seq)
         return update
+
+    def _settle(self, seq: Sequence) -> None:
+        """A decode run was read back: the KV of its kept tokens counts as computed (the last
+        one is next step's input), and the blocks past its new length, which held only
+        rejected proposals, go back to the pool."""
+        seq.num_computed = seq.total_len - 1
+        pool = self.pools[seq.replica]
+        keep = pool.blocks_for(seq.total_len)
+        if len(seq.blocks) > keep:
+            pool.release(seq.blocks[keep:])
+            del seq.blocks[keep:]
+        self.name_blocks(seq)
 
     @staticmethod
     def _token_stop(seq: Sequence, token: int, n: int,

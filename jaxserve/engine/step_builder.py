@@ -6,7 +6,9 @@ decode, and in a step with prefill `max_prefill_rows` rows for the chunks that e
 (and the siblings forked from them). The shape of a step is the pair (decode_rows, prefill_tokens),
 each rounded up to a bucket, so a handful of programs serve every mix:
 
-- decode-only steps: decode_rows in 1, 4, 8, 16, ... up to max_num_seqs;
+- decode-only steps: decode_rows in 1, 4, 8, 16, ... up to max_num_seqs (with speculation, a
+  sequence's last token and each of its proposals is a decode row: up to max_num_seqs x (1 + k),
+  within the token budget);
 - steps with prefill: prefill_tokens in 2, 4, 8, ... tiles up to max_num_batched_tokens, and
   decode_rows in a coarser set (0, a small bucket, max_num_seqs): a few padded decode rows cost
   little next to a prefill chunk, and each extra bucket is a program to compile.
@@ -30,7 +32,8 @@ import numpy as np
 from jaxserve.engine.scheduler import StepPlan
 from jaxserve.engine.sequence import Sequence
 from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
-from jaxserve.runtime.runner import MAX_SUPPRESSED, ScoreInputs, StepInputs, bucket
+from jaxserve.runtime.runner import (MAX_SUPPRESSED, ScoreInputs, StepInputs, VerifyRows,
+                                     bucket)
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.settings import SchedulerSettings
 
@@ -53,13 +56,21 @@ class StepLayout:
     inputs: StepInputs
     sample_rows: list[tuple[int, Sequence]]  # (row of the step's outputs, sequence) that sample
     wants_logprobs: bool
+    # rows of a speculative step's decode runs, whose tokens the step's `emitted` selects
+    verify_rows: frozenset[int] = frozenset()
 
 
 class StepBuilder:
     def __init__(self, limits: SchedulerSettings, num_replicas: int, *, block_size: int,
-                 trash_slot: int, vocab_rows: int, eos_ids: tuple[int, ...]):
-        """limits: resolved (max_model_len known), per DP replica."""
+                 trash_slot: int, vocab_rows: int, eos_ids: tuple[int, ...],
+                 speculative_tokens: int = 0):
+        """limits: resolved (max_model_len known), per DP replica. speculative_tokens: k, the
+        most proposals a decoding sequence verifies per step (0: no speculation)."""
         max_num_seqs, max_num_batched_tokens = limits.max_num_seqs, limits.max_num_batched_tokens
+        self.speculative = speculative_tokens > 0
+        if self.speculative:
+            max_num_seqs = max(max_num_seqs, min(max_num_seqs * (1 + speculative_tokens),
+                                                 max_num_batched_tokens))
         self.num_replicas = num_replicas
         self.block_size = block_size
         self.width = table_width(math.ceil(limits.max_model_len / block_size), block_size)
@@ -112,9 +123,14 @@ class StepBuilder:
             chunks[chunk.seq.replica].append(chunk)
         prefill_tokens = max(sum(-(-c.length // QUERY_TILE) * QUERY_TILE for c in cs)
                              for cs in chunks)
-        d_rows, p_tokens = (shape_for or self.shape_for)(max(len(d) for d in decodes),
+        # Each decode row: (sequence, offset in its run, its input token or None = the slot's
+        # last token, the proposal it verifies or -1). Without speculation a run is one row.
+        runs = [[(s, j, tok, draft) for s in decodes[r]
+                 for j, (tok, draft) in enumerate(self._run(s, plan.drafts.get(s)))]
+                for r in range(n)]
+        d_rows, p_tokens = (shape_for or self.shape_for)(max(len(d) for d in runs),
                                                          prefill_tokens)
-        rows = [([ChunkRow(s.total_len - 1, 1, s.blocks) for s in decodes[r]],
+        rows = [([ChunkRow(s.total_len - 1 + j, 1, s.blocks) for s, j, _, _ in runs[r]],
                  [ChunkRow(c.start, c.length, c.seq.blocks) for c in chunks[r]])
                 for r in range(n)]
         md, first = build_metadata(rows, d_rows, p_tokens, QUERY_TILE, self.block_size,
@@ -127,6 +143,9 @@ class StepBuilder:
         slot_ids = np.full((n, s_loc), self.trash_slot, np.int32)
         sample = np.zeros((n, s_loc), np.bool_)
         row_seqs: list[Sequence | None] = [None] * (n * s_loc)
+        offsets = [0] * (n * s_loc)  # the row's token index after the sequence's scheduled ones
+        draft = np.full((n * s_loc,), -1, np.int32)
+        run_start = np.arange(n * s_loc, dtype=np.int32)
         sample_rows = []
 
         def add_row(r: int, row: int, token: int, seq: Sequence) -> None:
@@ -137,12 +156,18 @@ class StepBuilder:
             sample_rows.append((r * s_loc + row, seq))
 
         for r in range(n):
-            for i, seq in enumerate(decodes[r]):
-                token_slot[r, i] = seq.slot
+            for i, (seq, j, token, proposal) in enumerate(runs[r]):
+                if token is None:
+                    token_slot[r, i] = seq.slot
+                else:
+                    tokens[r, i] = token
                 add_row(r, i, i, seq)
+                offsets[r * s_loc + i] = j
+                draft[r * s_loc + i] = proposal
+                run_start[r * s_loc + i] = r * s_loc + i - j
             row = d_rows
             for k, c in enumerate(chunks[r]):
-                seq, f, end = c.seq, first[r, len(decodes[r]) + k], c.start + c.length
+                seq, f, end = c.seq, first[r, len(runs[r]) + k], c.start + c.length
                 prompt = seq.request.prompt_ids
                 tokens[r, f:f + c.length] = prompt[c.start:end] if end <= len(prompt) else \
                     [seq.prefill_token(i) for i in range(c.start, end)]
@@ -150,18 +175,33 @@ class StepBuilder:
                 for sampler in ([seq] if c.samples else []) + c.forks:
                     add_row(r, row, f + c.length - 1, sampler)
                     row += 1
-        sampling, suppressed, want = self.sampling_columns(row_seqs)
+        sampling, suppressed, want = self.sampling_columns(row_seqs, offsets)
+        verify = VerifyRows(draft, run_start) if self.speculative else None
         inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
                             sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
-                            want, suppressed, sampling)
-        return StepLayout(inputs, sample_rows, bool(want.any()))
+                            want, suppressed, sampling, verify)
+        decode_rows = frozenset(r * s_loc + i for r in range(n) for i in range(len(runs[r])))
+        return StepLayout(inputs, sample_rows, bool(want.any()),
+                          decode_rows if self.speculative else frozenset())
 
-    def sampling_columns(self, row_seqs: list[Sequence | None]):
+    def _run(self, seq: Sequence, drafts: list[int] | None) -> list[tuple[int | None, int]]:
+        """A decoding sequence's rows: (input token, proposal verified). Without speculation one
+        row whose token stays on the device; with it, the last token (read back: a speculative
+        engine reads every step back before planning the next) and then the proposals."""
+        if not self.speculative:
+            return [(None, -1)]
+        drafts = drafts or []
+        inputs = [seq.prefill_token(seq.total_len - 1)] + drafts
+        return list(zip(inputs, drafts + [-1]))
+
+    def sampling_columns(self, row_seqs: list[Sequence | None], offsets: list[int] | None = None):
         rows = len(row_seqs)
+        offsets = offsets or [0] * rows
+        counters = [s.num_scheduled_outputs + o if s is not None else 0
+                    for s, o in zip(row_seqs, offsets)]
         sampling = SamplingInputs.from_params(
             [s.params if s is not None else None for s in row_seqs],
-            [s.seed if s is not None else 0 for s in row_seqs],
-            [s.num_scheduled_outputs if s is not None else 0 for s in row_seqs], rows)
+            [s.seed if s is not None else 0 for s in row_seqs], counters, rows)
         suppressed = np.full((rows, MAX_SUPPRESSED), self.vocab_rows, np.int32)
         want_logprobs = np.zeros((rows,), np.bool_)
         for r, seq in enumerate(row_seqs):
@@ -169,7 +209,7 @@ class StepBuilder:
                 continue
             params = seq.params
             want_logprobs[r] = params.logprobs is not None
-            if seq.num_scheduled_outputs < params.min_tokens:
+            if counters[r] < params.min_tokens:
                 ids = self.eos_ids + tuple(params.stop_token_ids)
                 suppressed[r, :len(ids)] = ids
         return sampling, suppressed, want_logprobs
@@ -182,9 +222,11 @@ class StepBuilder:
         t = n * (decode_rows + prefill_tokens)
         s = n * self.sample_rows_per_replica(decode_rows, prefill_tokens)
         sampling, suppressed, want = self.sampling_columns([None] * s)
+        verify = VerifyRows(np.full((s,), -1, np.int32), np.arange(s, dtype=np.int32)) \
+            if self.speculative else None
         return StepInputs(np.zeros((t,), np.int32), np.full((t,), -1, np.int32), md,
                           np.zeros((s,), np.int32), np.full((s,), self.trash_slot, np.int32),
-                          np.zeros((s,), np.bool_), want, suppressed, sampling)
+                          np.zeros((s,), np.bool_), want, suppressed, sampling, verify)
 
     # ---- beside the step ----
     @property

@@ -28,13 +28,13 @@ import jax
 import numpy as np
 
 from jaxserve.ops.attention import AttentionMetadata
-from jaxserve.runtime.runner import ScoreInputs, SlotRows, StepInputs
+from jaxserve.runtime.runner import ScoreInputs, SlotRows, StepInputs, VerifyRows
 from jaxserve.runtime.sampling import SamplingInputs
 
 KINDS = ("step", "set_slots", "copy_blocks", "score", "forward", "stop")
 WINDOW = 256
 _TYPES = {cls.__name__: cls for cls in (StepInputs, ScoreInputs, SlotRows, AttentionMetadata,
-                                         SamplingInputs)}
+                                         SamplingInputs, VerifyRows)}
 
 
 def encode(kind: str, args: tuple) -> bytes:

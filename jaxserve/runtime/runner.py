@@ -33,7 +33,7 @@ from jaxserve.kv_cache import KVPool
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.ops.cost import uncounted_flops
 from jaxserve.ops.moe import MoEExecution, moe_execution
-from jaxserve.runtime import sampling, slots, step_sampling
+from jaxserve.runtime import sampling, slots, step_sampling, verify
 from jaxserve.runtime.sampling import SamplingInputs
 from jaxserve.sharding import Layout, replicas_of
 
@@ -436,6 +436,16 @@ class StepInputs:
     want_logprobs: jax.Array  # bool[rows]
     suppressed: jax.Array  # i32[rows, MAX_SUPPRESSED]; vocab_rows = no token
     sampling: SamplingInputs
+    verify: VerifyRows | None = None  # a speculative step: rows grouped into runs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class VerifyRows:
+    """How a speculative step's sample rows verify proposals (see jaxserve/runtime/verify.py)."""
+
+    draft: jax.Array  # i32[rows]: the proposed token the row verifies; -1 = none
+    run_start: jax.Array  # i32[rows]: flat index of the first row of the row's run
 
 
 @jax.tree_util.register_dataclass
@@ -445,6 +455,7 @@ class StepOutputs:
     logprob: jax.Array  # f32[batch]: of the chosen token
     top_ids: jax.Array  # i32[batch, MAX_LOGPROBS]
     top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
+    emitted: jax.Array | None = None  # bool[batch], a speculative step: the row's token counts
 
 
 @jax.tree_util.register_dataclass
@@ -490,6 +501,8 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
                                 inputs.metadata)
     with layout.activate():
         logits = model.logits(hidden[inputs.sample_index])  # [rows, vocab_rows]: sample rows only
+    if inputs.verify is not None:
+        return _verify(logits, kv, state, inputs)
 
     next_tokens, chosen, top_ids, top_lps = step_sampling.sample_rows(
         sampling_mode, layout, logits, state.prompt_mask, state.output_counts, inputs.slot_ids,
@@ -500,6 +513,22 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     state = SlotState(last_token=last_token, output_counts=output_counts,
                       prompt_mask=state.prompt_mask)
     return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
+
+
+def _verify(logits, kv, state: SlotState, inputs: StepInputs):
+    """A speculative step's acceptance (jaxserve/runtime/verify.py), on one DP replica."""
+    rows = inputs.verify
+    with jax.named_scope("verify"):
+        tokens, emitted, chosen, top_ids, top_lps = verify.verify_rows(
+            logits, state.prompt_mask, state.output_counts, inputs.slot_ids, inputs.suppressed,
+            inputs.want_logprobs, inputs.sampling, rows.draft, rows.run_start, inputs.sample,
+            MAX_LOGPROBS)
+        last_token, output_counts = verify.record_run_tokens(
+            state.last_token, state.output_counts, inputs.slot_ids, rows.run_start, emitted,
+            tokens)
+    state = SlotState(last_token=last_token, output_counts=output_counts,
+                      prompt_mask=state.prompt_mask)
+    return StepOutputs(tokens, chosen, top_ids, top_lps, emitted), kv, state
 
 
 # ---- scoring: log-probs of given next tokens, nothing sampled ----

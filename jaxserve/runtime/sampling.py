@@ -145,6 +145,15 @@ def sample(logits: jax.Array, inputs: SamplingInputs) -> jax.Array:
 
 
 def _draw(logits: jax.Array, inputs: SamplingInputs, is_greedy: jax.Array) -> jax.Array:
+    kept = kept_logits(logits, inputs, is_greedy)
+    keys = jax.random.wrap_key_data(inputs.seed.astype(jnp.uint32), impl="threefry2x32")
+    keys = jax.vmap(jax.random.fold_in)(keys, inputs.counter)
+    return jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
+
+
+def kept_logits(logits: jax.Array, inputs: SamplingInputs, is_greedy: jax.Array) -> jax.Array:
+    """The distribution a sampled row draws from, as logits f32[B,V]: scaled by temperature,
+    the tokens top_k, top_p and min_p drop at -inf (greedy rows: temperature 1)."""
     temperature = jnp.where(is_greedy, 1.0, inputs.temperature.astype(jnp.float32))
     # Shifting by the row max first means a tiny temperature gives -inf for the
     # others instead of overflowing to inf (inf - inf = nan in the softmax), and
@@ -160,11 +169,7 @@ def _draw(logits: jax.Array, inputs: SamplingInputs, is_greedy: jax.Array) -> ja
     # The ratio to the top token is unchanged by renormalising after top_k/top_p,
     # and the top token is always kept, so applying it last needs no sort.
     cutoff = jnp.maximum(cutoff, jnp.log(inputs.min_p.astype(jnp.float32)))
-    kept = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
-
-    keys = jax.random.wrap_key_data(inputs.seed.astype(jnp.uint32), impl="threefry2x32")
-    keys = jax.vmap(jax.random.fold_in)(keys, inputs.counter)
-    return jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
+    return jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
 
 
 def _top_k_top_p_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -212,3 +217,16 @@ def logprobs(logits: jax.Array, token_ids: jax.Array,
         top_logprobs = jnp.pad(top_logprobs, ((0, 0), (0, num_top - k)),
                                constant_values=-jnp.inf)
     return chosen, top_ids.astype(jnp.int32), top_logprobs
+
+
+def logprobs_if_wanted(logits: jax.Array, token_ids: jax.Array, want: jax.Array,
+                       num_top: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`logprobs` when some row wants them (want bool[B]), else zeros of the same shapes: the
+    log-softmax and top-k are skipped at run time."""
+    rows = logits.shape[0]
+
+    def without():
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, num_top), jnp.int32),
+                jnp.zeros((rows, num_top), jnp.float32))
+
+    return jax.lax.cond(want.any(), lambda: logprobs(logits, token_ids, num_top), without)

@@ -101,16 +101,7 @@ def _sample(logits, prompt_mask, output_counts, slot_ids, suppressed, want_logpr
     processed = sampling.apply_penalties(logits, prompt_mask, output_counts, slot_ids, inputs)
     processed = processed.at[jnp.arange(b)[:, None], suppressed].set(-jnp.inf, mode="drop")
     tokens = sampling.sample(processed, inputs)
-
-    def with_logprobs():
-        return sampling.logprobs(logits, tokens, num_top)
-
-    def without_logprobs():
-        return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, num_top), jnp.int32),
-                jnp.zeros((b, num_top), jnp.float32))
-
-    chosen, top_ids, top_lps = jax.lax.cond(want_logprobs.any(), with_logprobs,
-                                            without_logprobs)
+    chosen, top_ids, top_lps = sampling.logprobs_if_wanted(logits, tokens, want_logprobs, num_top)
     return tokens, chosen, top_ids, top_lps
 
 

@@ -1,0 +1,37 @@
+"""Prompt lookup (n-gram) proposals: what followed the last n tokens the last time they occurred.
+
+For n from `max_n` down to `min_n`, the sequence's last n tokens (prompt and outputs) are looked
+for earlier in the same tokens; at the latest earlier match, the up to k tokens that followed
+are proposed. Nothing matches: no proposal (the step decodes one token as without speculation).
+Host only, numpy over the sequence's ids; the draft distribution is a point mass on each
+proposed token (jaxserve/runtime/verify.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lookup(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
+    `tokens` (length in [min_n, max_n]) found; [] when none occurs."""
+    total = len(tokens)
+    for n in range(min(max_n, total - 1), min_n - 1, -1):
+        suffix = tokens[total - n:]
+        # windows[i] = tokens[i:i + n] for every start i whose window ends before the suffix
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:total - 1], n)
+        starts = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(starts):
+            follow = starts[-1] + n
+            return tokens[follow:follow + k].tolist()
+    return []
+
+
+class NgramProposer:
+    def __init__(self, k: int, min_n: int, max_n: int):
+        self.k, self.min_n, self.max_n = k, min_n, max_n
+
+    def propose(self, seq) -> list[int]:
+        """Proposals for a sequence whose outputs are all read back."""
+        tokens = np.asarray(seq.request.prompt_ids + seq.output_ids, np.int32)
+        return lookup(tokens, self.k, self.min_n, self.max_n)

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxserve.bench.formats import FORMATS, REFERENCE, overrides_of, parse_formats, skip_reason
+from jaxserve.bench.peers import common_prefix
 from jaxserve.bench.report import fmt, local_time, settings, write_json
 
 MODELS = ("embedded", "55m")
@@ -103,12 +104,6 @@ def perplexity(logits: list[np.ndarray], windows: list[list[int]]) -> float:
         total += float(np.sum(logz - lg[np.arange(len(ids) - 1), ids[1:]]))
         count += len(ids) - 1
     return math.exp(total / count)
-
-
-def common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    diff = np.nonzero(np.asarray(a[:n]) != np.asarray(b[:n]))[0]
-    return int(diff[0]) if diff.size else n
 
 
 def compare(ref: dict, got: dict, windows: list[list[int]], new_tokens: int) -> dict:

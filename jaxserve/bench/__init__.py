@@ -24,7 +24,8 @@ so tests and notebooks run it with the same flags a user types. Modules:
   accuracy     each precision format against float32: logit error, greedy agreement,
                perplexity on held-out sources
   offline, offline_parts, offline_precision, serving, serving_metrics, serving_client,
-  tp_sweep, sampling, moe, prefix, validate_perf, validate_published, gpu_check: one benchmark each (`main(argv)`)
+  tp_sweep, sampling, moe, prefix, validate_perf, validate_published, gpu_check: one
+  benchmark each (`main(argv)`)
   training     the recipe that trains the embedded tiny checkpoint
 
 Layering: this package may import the API, the engine and everything below them; nothing in

@@ -8,10 +8,10 @@ jaxserve: `LLM(model_dir, **format overrides, compilation="on_use")` for each of
 --precision-formats (jaxserve/bench/formats.py; a format whose setting this engine lacks is
 skipped with a message), greedy `generate` with ignore_eos; "on_use" and one untimed run of the
 workload per batch, so exactly the shapes the timed calls run compile before them (compiles
-during timed calls are counted and warned about). HF: `generate(do_sample=False, min_new_tokens=max_new_tokens)`.
-llama.cpp: `llama-batched-bench` (jaxserve/bench/peers.py says what it runs); its wall time is
-prompt processing + token generation, its step time T_TG / N. Output tokens/s = B * N / wall
-(best of --repeats).
+during timed calls are counted and warned about). HF: `generate(do_sample=False,
+min_new_tokens=max_new_tokens)`. llama.cpp: `llama-batched-bench` (jaxserve/bench/peers.py says
+what it runs); its wall time is prompt processing + token generation, its step time T_TG / N.
+Output tokens/s = B * N / wall (best of --repeats).
 
 Floors. Each row's generate floor sums, over its prefill step and its N - 1 decode steps, the
 time to read what the step must read (weights once per step, the KV context of every sequence)

@@ -109,8 +109,9 @@ def find_llama_cpp(directory: str | Path | None = None, environ=None) -> tuple[P
     if root is not None:
         root = Path(root)
         if not root.is_dir():
-            raise PeerUnavailable(f"llama.cpp skipped: directory {str(root)!r} does not exist (from "
-                                  f"{'--llama-cpp-dir' if directory else '$' + LLAMA_CPP_ENV})")
+            source = "--llama-cpp-dir" if directory else "$" + LLAMA_CPP_ENV
+            raise PeerUnavailable(f"llama.cpp skipped: directory {str(root)!r} does not exist "
+                                  f"(from {source})")
         candidates = [root / LLAMA_CPP_BENCH, root / "bin" / LLAMA_CPP_BENCH,
                       root / "build" / "bin" / LLAMA_CPP_BENCH]
         binary = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)

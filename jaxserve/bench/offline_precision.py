@@ -239,7 +239,9 @@ def print_rows(title: str, rows: list[dict], flag: str = "") -> None:
           "floor / wall | decode ms/step | its floor ms |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['engine']} | {r['format']} | {r['batch']} | {fmt(r['tokens_per_s'])} | "
+        compiled = r.get("compilations_during_timed_runs")
+        mark = f" (+{compiled} compiles)" if compiled else ""
+        print(f"| {r['engine']} | {r['format']}{mark} | {r['batch']} | {fmt(r['tokens_per_s'])} | "
               f"{fmt(r['wall_s'], '.2f')} | {fmt(r['byte_floor_s'], '.3f')} | "
               f"{fmt(r['flop_floor_s'], '.3f')} | {fmt(r['floor_s'], '.3f')} | "
               f"{fmt(r['fraction_of_floor'], '.2f')} | {fmt(r['decode_ms_per_step'], '.2f')} | "

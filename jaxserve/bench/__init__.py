@@ -13,16 +13,19 @@ so tests and notebooks run it with the same flags a user types. Modules:
   workloads    random prompts, the mixed and shared-prefix workloads
   models       random models for benchmarks (HF transformers copies and jaxserve-only ones)
   hf_models    tiny random HF reference models of every family (parity checks and tests)
-  peers        other engines run on the same workload: HF transformers (a llama.cpp peer
-               would sit beside it)
+  peers        other engines run on the same workload: HF transformers, llama.cpp
+               (llama-batched-bench on GGUF copies of the same weights)
+  formats      precision formats by name, as settings overrides on the float32 baseline
   steps        the engine's own decode step driven from outside; probes on the engine loop
   runs         an `LLM` loaded and run as a user gets it, timed
   report       tables, number formatting and JSON writing
   plots        figures (matplotlib, imported when a plot is drawn)
   hlo          what a compiled program's collectives move, read from its HLO text
-  offline, offline_parts, serving, serving_metrics, serving_client, tp_sweep, sampling, moe,
-  prefix, validate_perf, validate_published, fit_published, gpu_check: one benchmark each
-               (`main(argv)`)
+  accuracy     each precision format against float32: logit error, greedy agreement,
+               perplexity on held-out sources
+  offline, offline_parts, offline_precision, serving, serving_metrics, serving_client,
+  tp_sweep, sampling, moe, prefix, validate_perf, validate_published, fit_published,
+  gpu_check: one benchmark each (`main(argv)`)
   training     the recipe that trains the embedded tiny checkpoint
 
 Layering: this package may import the API, the engine and everything below them; nothing in

@@ -4,9 +4,11 @@ what the machine itself allows.
     python scripts/bench_offline.py --json bench.json                 # everything (long)
     python scripts/bench_offline.py --parts machine,decode --json d.json
     python scripts/bench_offline.py --repeats 1 --mixed-requests 16 --batches 1,8 --force
+    python scripts/bench_offline.py --parts machine,precision --peer llama.cpp --llama-cpp-dir DIR
 
 Everything on jaxserve's side runs as a user gets it: `LLM(model_dir)` (plus `dtype=` in the
-bf16 part, `max_model_len=` for the second engine of the long part), no engine settings. The
+bf16 part, `max_model_len=` for the second engine of the long part, a format's settings in the
+precision part), no engine settings. The
 model is the 55M random Llama of `scripts/random_model.py --preset 55m` (8 layers, hidden 512,
 8 q / 2 kv heads, head_dim 64, intermediate 1408, vocab 32000), float32, built into
 /tmp/jaxserve-bench-55m when --model-dir is not given (OUT/hf: HF transformers' copy, OUT/jaxserve:
@@ -77,6 +79,13 @@ Parts (--parts, comma-separated; default all):
            equal within noise; noise = the larger relative spread (median - best) / best).
   bf16     `LLM(dir, dtype="bfloat16")` vs the float32 default: decode step ms at --bf16-batches
            and output tokens/s of the equal workload at the largest of them. Just reported.
+  precision  jaxserve in each of --precision-formats (fp32, bf16, int8 weights, int8 KV) beside
+           HF float32 and, with --peer llama.cpp, llama.cpp's llama-batched-bench on f32 / f16 /
+           q8_0 GGUF copies of the same weights (--llama-cpp-dir, else $LLAMA_CPP_DIR, else
+           PATH; skipped with a message when not found): P=128 + N=128 at --batches, 2 threads
+           each, every row with its byte floor, FLOP floor and the fraction of the floor reached
+           (jaxserve/bench/offline_precision.py says how). On its own:
+           `--parts precision --peer llama.cpp`.
 
 The default engine's `llm.warmup()` (programs compiled, seconds; target <= 30 s) is reported by
 whichever part loads it first (--no-warmup skips every warmup, for quick checks: programs then
@@ -95,10 +104,12 @@ from pathlib import Path
 
 from jaxserve.bench.machine import CpuWatch, cpu_line, load_gate, machine_info
 from jaxserve.bench.models import DEFAULT_MODEL_DIR, ensure_current_checkpoint, model_dirs
-from jaxserve.bench.offline_parts import PART_FUNCS, Context
+from jaxserve.bench import offline_precision
+from jaxserve.bench.offline_parts import PART_FUNCS as MAIN_PARTS, Context
 from jaxserve.bench.report import json_default, local_time, settings, write_json
 
-PARTS = ("machine", "decode", "equal", "mixed", "long", "bf16")
+PARTS = ("machine", "decode", "equal", "mixed", "long", "bf16", "precision")
+PART_FUNCS = {**MAIN_PARTS, "precision": offline_precision.part_precision}
 OTHERS_FLAG_CORES = 0.2  # other processes' average CPU use that flags a part as LOADED
 
 
@@ -141,7 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true",
                    help="skip llm.warmup() (quick checks: programs then compile on first use, "
                         "still outside every timing; no warmup figures)")
+    offline_precision.add_arguments(p)
     args = p.parse_args(argv)
+    offline_precision.check_arguments(p, args)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in args.parts if x not in PARTS]
     if bad or not args.parts:

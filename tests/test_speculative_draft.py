@@ -123,3 +123,37 @@ def test_a_draft_of_another_vocabulary_is_refused_naming_both_sizes(dirs, tmp_pa
         LLM(dirs["target"], speculative_config=_draft(other), **ENGINE)
     with pytest.raises(ValueError, match="no jaxserve checkpoint there"):
         LLM(dirs["target"], speculative_config=_draft(tmp_path / "missing"), **ENGINE)
+
+
+def test_a_draft_tokenizer_with_other_special_ids_is_refused_naming_both(tmp_path):
+    """The embedded model's own tokenizer passes; the same tokens with another EOS do not."""
+    from jaxserve.config import ModelConfig
+    from jaxserve.engine.speculative.draft import check_vocabulary
+    from jaxserve.package_data import embedded_model
+    from jaxserve.text.load import load_tokenizer
+
+    source = embedded_model()
+    config = ModelConfig.load(source / "config.json")
+    target = load_tokenizer(source, config)
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(source / "tokenizer.model", same)
+    check_vocabulary(config, target, config, load_tokenizer(same, config), same)
+    other = tmp_path / "other_eos"
+    other.mkdir()
+    shutil.copy(source / "tokenizer.model", other)
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    with pytest.raises(ValueError, match=r"'.*other_eos' does not share the target's "
+                                         r"vocabulary: its tokenizer's eos_ids is \(3, 2\), "
+                                         r"the target's \(2,\)"):
+        check_vocabulary(config, target, config, load_tokenizer(other, config), other)
+
+
+def test_a_speculative_model_alone_means_the_draft_method():
+    from jaxserve import cli
+    from jaxserve.settings import SpeculativeSettings
+
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x",
+                                          "--speculative-model", "some/dir"])
+    assert cli._settings(args).speculative == SpeculativeSettings(method="draft",
+                                                                  model="some/dir")

@@ -88,13 +88,35 @@ def test_a_draft_equal_to_the_target_is_always_right_and_gives_the_plain_tokens(
     assert self_draft.engine.proposer.num_blocks_used == 0
 
 
-def test_a_different_draft_still_gives_the_plain_greedy_tokens(plain, other_draft):
+def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_ones(
+        dirs, plain, other_draft):
+    """Every round's proposals are what the draft model alone decodes greedily from the same
+    tokens, also after rejected proposals' positions were overwritten (a draft that kept stale
+    KV there, or lost track of its length, fails this); the target keeps the plain tokens."""
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    proposer = other_draft.engine.proposer
+    rounds, propose_all = [], proposer.propose_all
+
+    def recording(seqs):
+        out = propose_all(seqs)
+        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.items() if p)
+        return out
+
+    proposer.propose_all = recording
     before = other_draft.stats()
-    assert _tokens(other_draft, PROMPTS, params) == _tokens(plain, PROMPTS, params)
+    try:
+        assert _tokens(other_draft, PROMPTS, params) == _tokens(plain, PROMPTS, params)
+    finally:
+        del proposer.propose_all
     proposed, accepted, after = _spec_counts(other_draft, before)
     assert proposed > 0 and accepted < proposed  # it is not the target: some are rejected
     assert after["spec_acceptance_rate"] is not None
+    checked = rounds[::4]
+    alone = LLM(dirs["other"], **ENGINE).generate(
+        [tokens for tokens, _ in checked],
+        [SamplingParams(temperature=0, max_tokens=len(p), ignore_eos=True) for _, p in checked],
+        use_tqdm=False)
+    assert [r.outputs[0].token_ids for r in alone] == [p for _, p in checked]
 
 
 @pytest.mark.parametrize("params", [

@@ -8,7 +8,8 @@ Design (this file owns it):
 - Per decoding sequence the draft keeps a shadow Sequence (whose "prompt" is the target
   sequence's prompt + outputs) and `valid`: how many of those tokens its KV holds. Outputs only
   ever grow, so positions below `valid` stay right; the proposals' KV past them is simply
-  overwritten by the next catch-up when the target rejected them (no copy, no rollback).
+  overwritten by the next catch-up (no copy, no rollback), and positions past a sequence's
+  length are never read.
 - One round (`propose_all`, every sequence batched into each step, no per-sequence loop):
   catch-up steps prefill each sequence's tokens past `valid` (chunked to the step budget); the
   chunk that ends a catch-up samples the first proposal. Then k - 1 decode steps over every

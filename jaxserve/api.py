@@ -23,11 +23,13 @@ import jax
 import numpy as np
 
 from jaxserve.checkpoint import parse_dtype, restore_model
+from jaxserve.config import ModelConfig
 from jaxserve.engine.engine import Engine
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
 from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
+from jaxserve.engine.speculative.draft import check_vocabulary
 from jaxserve.kv_cache import NULL_BLOCK, KVPool, kv_format
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
@@ -86,8 +88,10 @@ class LLM:
         serves, the others' constructor runs the steps process 0 sends and exits the process
         when process 0 is done.
         speculative_config: vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4,
-        "prompt_lookup_min": 1, "prompt_lookup_max": 3}: each step verifies up to k proposed
-        tokens per sequence, losslessly (see jaxserve/engine/speculative/); None = off.
+        "prompt_lookup_min": 1, "prompt_lookup_max": 3}, or {"method": "draft", "model": DIR,
+        "num_speculative_tokens": 4} (a smaller checkpoint of the same vocabulary, run greedily
+        on the same devices): each step verifies up to k proposed tokens per sequence,
+        losslessly (see jaxserve/engine/speculative/); None = off.
         """
         if settings is None:
             settings = Settings()
@@ -145,13 +149,47 @@ class LLM:
         # What writes the KV: equal prefix cache hashes must mean equal KV.
         identity = "|".join(map(str, (self.model_dir.resolve(), self.config, self.kv_format,
                                       self.layout.rules.source)))
+        draft_runner = self._load_draft(spec, dtype, kv_blocks, moe) \
+            if spec is not None and spec.method == "draft" else None
         self.engine = Engine(self.runner, self.config, self.settings, self.tokenizer,
-                             cache_identity=identity)
+                             cache_identity=identity, draft_runner=draft_runner)
         self._request_ids = itertools.count()
         if self.cluster is not None and not self.cluster.is_leader:
             follow(self.runner, self.cluster.channel, self.settings.scheduler.max_steps_in_flight)
             self.cluster.close()
             raise SystemExit(0)  # the leader is done: so is this process
+
+    def _load_draft(self, spec: SpeculativeSettings, dtype, kv_blocks: int,
+                    moe: MoEExecution) -> ModelRunner:
+        """The draft model (speculative method 'draft') on the target's mesh, with a KV pool
+        of its own as many blocks as the target's, after checking it shares the target's
+        vocabulary (see jaxserve/engine/speculative/draft.py)."""
+        from jaxserve.text.load import load_tokenizer
+
+        draft_dir = Path(spec.model)
+        if not (draft_dir / "config.json").is_file():
+            raise ValueError(f"speculative draft model {spec.model!r}: no jaxserve checkpoint "
+                             f"there (config.json missing)")
+        if self.cluster is not None:
+            raise ValueError("speculative method 'draft' runs in one process; use 'ngram' "
+                             "with several processes")
+        stored = ModelConfig.load(draft_dir / "config.json")  # checked before any restore
+        check_vocabulary(self.config, self.tokenizer, stored, load_tokenizer(draft_dir, stored),
+                         draft_dir)
+        settings = self.settings
+        config, graphdef, params = restore_model(
+            draft_dir, self.layout, settings.dtype, settings.precision.quantization,
+            settings.precision.quantize_embeddings)
+        if config.max_position_embeddings < self.max_model_len:
+            raise ValueError(f"the draft model {spec.model!r} reaches "
+                             f"{config.max_position_embeddings} positions, less than "
+                             f"max_model_len ({self.max_model_len})")
+        cache_spec = MODEL_CLASSES[config.family].cache_spec(config, dtype).with_format(
+            self.kv_format)
+        kv = KVPool.create(cache_spec, kv_blocks * self.num_replicas, settings.cache.block_size,
+                           self.layout)
+        return ModelRunner(config, graphdef, params, self.layout, kv, moe,
+                           settings.sampling.mode)
 
     def _moe_execution(self, parallel, dtype) -> MoEExecution:
         """MoE `auto`'s threshold: the explicit setting, else the performance model's crossover

@@ -337,7 +337,8 @@ class SpeculativeSettings:
     @classmethod
     def from_config(cls, config: dict | SpeculativeSettings | None
                     ) -> SpeculativeSettings | None:
-        """vLLM's `speculative_config` dict (or settings, or None = off), validated."""
+        """vLLM's `speculative_config` dict (or settings, or None = off), validated. A
+        `model` without a `method` means method 'draft'."""
         if config is None or isinstance(config, SpeculativeSettings):
             return config
         if not isinstance(config, dict):
@@ -347,6 +348,8 @@ class SpeculativeSettings:
         if unknown:
             raise ValueError(f"speculative_config: unknown key {unknown[0]!r}; keys are "
                              f"{', '.join(sorted(known))}")
+        if config.get("model") is not None and "method" not in config:
+            config = {**config, "method": "draft"}
         return cls(**config)
 
 

@@ -68,12 +68,13 @@ class _InFlight:
 
 class Engine:
     def __init__(self, runner: ModelRunner, config: ModelConfig, settings: Settings,
-                 tokenizer=None, *, cache_identity: str = ""):
+                 tokenizer=None, *, cache_identity: str = "", draft_runner=None):
         """settings: resolved (`LLM.settings`: max_model_len known); the limits of a step are
         its scheduler section, `self.config`. cache_identity names what writes the KV (model,
         dtype, layout): it seeds every prefix cache hash. The constructor returns once the
         programs `settings.compile.compilation` compiles first are compiled (see
-        jaxserve/engine/warmup.py)."""
+        jaxserve/engine/warmup.py). draft_runner: the draft model's runner (speculative method
+        'draft')."""
         limits = settings.scheduler
         if limits.max_model_len is None:
             raise ValueError("the engine needs max_model_len resolved (see LLM)")
@@ -85,7 +86,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = tuple(tokenizer.eos_ids if tokenizer is not None else config.eos_token_ids)
         replicas, seqs = runner.num_replicas, limits.max_num_seqs
-        self.proposer = make_proposer(settings.speculative)
+        self.proposer = make_proposer(settings.speculative, limits, draft_runner)
         if self.proposer is not None and replicas > 1:
             raise ValueError(f"speculative decoding runs on one DP replica; the mesh has "
                              f"{replicas}: use a mesh without dp")
@@ -218,8 +219,8 @@ class Engine:
         if self.proposer is None:
             return None
         t0 = time.perf_counter()
-        out = {seq: self.proposer.propose(seq) for seq in self.scheduler.running
-               if not seq.in_prefill and not seq.done_scheduling}
+        out = self.proposer.propose_all([seq for seq in self.scheduler.running
+                                         if not seq.in_prefill and not seq.done_scheduling])
         self.timers["propose_s"] += time.perf_counter() - t0
         return out
 

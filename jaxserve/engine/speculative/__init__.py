@@ -7,23 +7,34 @@ the rows of a sequence are causal), and the step program verifies them all on th
 (jaxserve/runtime/verify.py): greedy rows keep proposals equal to the target's argmax,
 sampled rows accept by rejection sampling, so the tokens follow the target's distribution
 exactly. Rejected proposals' KV is never committed: the sequence's length and blocks simply
-end at the accepted path (Scheduler.update).
+end at the accepted path (Scheduler.update). Proposers: `ngram` (prompt lookup, ngram.py) and
+`draft` (a smaller model of the same vocabulary, draft.py).
 
-A proposer reads only token ids on the host; it never calls a model directly.
+A proposer reads only token ids on the host and returns, for a batch of decoding sequences,
+each one's proposals (`propose_all`); it never calls a model directly (the draft proposer
+dispatches its runner's compiled steps).
 """
 
 from __future__ import annotations
 
+from jaxserve.engine.speculative.draft import DraftProposer
 from jaxserve.engine.speculative.ngram import NgramProposer
-from jaxserve.settings import SpeculativeSettings
+from jaxserve.settings import SchedulerSettings, SpeculativeSettings
 
 
-def make_proposer(settings: SpeculativeSettings | None) -> NgramProposer | None:
-    """The proposer `settings` name (None: no speculation)."""
+def make_proposer(settings: SpeculativeSettings | None, limits: SchedulerSettings,
+                  draft_runner=None) -> NgramProposer | DraftProposer | None:
+    """The proposer `settings` name (None: no speculation). draft_runner: the draft model's
+    ModelRunner, for method 'draft' (LLM loads it)."""
     if settings is None:
         return None
+    k = settings.num_speculative_tokens
     if settings.method == "ngram":
-        return NgramProposer(settings.num_speculative_tokens, settings.prompt_lookup_min,
-                             settings.prompt_lookup_max)
-    raise ValueError(f"speculative method {settings.method!r} is not supported yet; "
-                     f"use 'ngram'")
+        return NgramProposer(k, settings.prompt_lookup_min, settings.prompt_lookup_max)
+    if settings.method == "draft":
+        if draft_runner is None:
+            raise ValueError(f"speculative method 'draft' needs the draft model "
+                             f"{settings.model!r} loaded (LLM loads it)")
+        return DraftProposer(draft_runner, limits, k)
+    raise ValueError(f"speculative method {settings.method!r} is not supported; "
+                     f"use 'ngram' or 'draft'")

@@ -35,3 +35,6 @@ class NgramProposer:
         """Proposals for a sequence whose outputs are all read back."""
         tokens = np.asarray(seq.request.prompt_ids + seq.output_ids, np.int32)
         return lookup(tokens, self.k, self.min_n, self.max_n)
+
+    def propose_all(self, seqs: list) -> dict:
+        return {seq: self.propose(seq) for seq in seqs}

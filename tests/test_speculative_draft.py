@@ -1,0 +1,182 @@
+"""Speculative decoding with a draft model: a second, smaller model proposes, the target verifies.
+
+Oracles: greedy and seeded tokens are the plain engine's whatever the draft proposes; a draft
+identical to the target proposes exactly the target's greedy tokens, so every proposal is kept
+(which fails if the draft's KV, positions or catch-up were wrong); a draft of another vocabulary
+is refused at load.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.checkpoint import convert_hf
+from tests.hf_models import make_hf_model
+
+VOCAB = 12
+# 20 blocks of 8: four sequences of 60 tokens do not fit at once (preemption)
+ENGINE = dict(max_model_len=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=64,
+              max_prefill_chunk=32, kv_blocks=20)
+PROMPTS = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [7, 8, 9, 7, 8, 9, 7], [5, 5, 5, 5, 5],
+           [10, 3, 11, 4, 9, 6, 10, 3]]
+
+
+def _convert(root, name, **overrides):
+    hf_dir = make_hf_model("llama", root / f"{name}_hf", vocab_size=VOCAB, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=0, **overrides)
+    convert_hf(hf_dir, root / name, dtype="float32")
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft")
+    return {"target": _convert(root, "target"),
+            # another random model of the same shape: its programs are the target's
+            "other": _convert(root, "other", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def plain(dirs):
+    return LLM(dirs["target"], **ENGINE)
+
+
+def _draft(model_dir, k=3):
+    return {"method": "draft", "model": str(model_dir), "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def self_draft(dirs):
+    """The target drafts for itself."""
+    return LLM(dirs["target"], speculative_config=_draft(dirs["target"]), **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def other_draft(dirs):
+    """Another random model of the same vocabulary drafts."""
+    return LLM(dirs["target"], speculative_config=_draft(dirs["other"]), **ENGINE)
+
+
+def _tokens(llm, prompts, params):
+    return [[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params,
+                                                                   use_tqdm=False)]
+
+
+def _spec_counts(llm, before):
+    after = llm.stats()
+    return (after["spec_proposed_tokens"] - before["spec_proposed_tokens"],
+            after["spec_accepted_tokens"] - before["spec_accepted_tokens"], after)
+
+
+def test_a_draft_equal_to_the_target_is_always_right_and_gives_the_plain_tokens(plain,
+                                                                                self_draft):
+    """Preempted sequences included: their draft catches up from scratch when they resume."""
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    want = _tokens(plain, PROMPTS, params)
+    before = self_draft.stats()
+    assert _tokens(self_draft, PROMPTS, params) == want
+    proposed, accepted, after = _spec_counts(self_draft, before)
+    assert after["preemptions"] > before["preemptions"]
+    assert proposed > 0 and accepted == proposed
+    assert after["spec_acceptance_rate"] == 1.0
+    assert after["spec_tokens_per_step"] > 3  # k = 3 kept, plus the target's own token
+    # the finished sequences give their draft blocks back at the next round
+    self_draft.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2),
+                        use_tqdm=False)
+    assert self_draft.engine.proposer.num_blocks_used == 0
+
+
+def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_ones(
+        dirs, plain, other_draft):
+    """Every round's proposals are what the draft model alone decodes greedily from the same
+    tokens, rounds after rejections included; the target keeps the plain tokens. Checked to
+    fail when the draft's catch-up is wrong: a new sequence's draft starting at its last token
+    instead of its first proposes other tokens."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    proposer = other_draft.engine.proposer
+    rounds, propose_all = [], proposer.propose_all
+
+    def recording(seqs):
+        out = propose_all(seqs)
+        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.items() if p)
+        return out
+
+    proposer.propose_all = recording
+    before = other_draft.stats()
+    try:
+        assert _tokens(other_draft, PROMPTS, params) == _tokens(plain, PROMPTS, params)
+    finally:
+        del proposer.propose_all
+    proposed, accepted, after = _spec_counts(other_draft, before)
+    assert proposed > 0 and accepted < proposed  # it is not the target: some are rejected
+    assert after["spec_acceptance_rate"] is not None
+    checked = rounds
+    alone = LLM(dirs["other"], **ENGINE).generate(
+        [tokens for tokens, _ in checked],
+        [SamplingParams(temperature=0, max_tokens=len(p), ignore_eos=True) for _, p in checked],
+        use_tqdm=False)
+    assert [r.outputs[0].token_ids for r in alone] == [p for _, p in checked]
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=1.0, top_k=6, max_tokens=12, seed=11),
+    dict(temperature=0.9, top_p=0.8, presence_penalty=0.5, max_tokens=12, seed=5),
+], ids=["top_k", "top_p_penalty"])
+def test_seeded_sampling_with_a_draft_gives_the_plain_tokens_alone_and_in_a_batch(
+        plain, other_draft, params):
+    seeded = SamplingParams(**params)
+    want = _tokens(plain, [PROMPTS[0]], seeded)[0]
+    assert _tokens(other_draft, [PROMPTS[0]], seeded)[0] == want
+    others = SamplingParams(temperature=0.8, max_tokens=10)
+    batch = other_draft.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, seeded, others],
+                                 use_tqdm=False)
+    assert [o.token_ids for o in batch[1].outputs] == want
+
+
+def test_a_draft_of_another_vocabulary_is_refused_naming_both_sizes(dirs, tmp_path):
+    other = tmp_path / "other_vocab"
+    shutil.copytree(dirs["other"], other)
+    config = json.loads((other / "config.json").read_text())
+    config["vocab_size"] = VOCAB + 4
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not share the target's vocabulary: its "
+                                         r"vocab_size is 16, the target's 12"):
+        LLM(dirs["target"], speculative_config=_draft(other), **ENGINE)
+    with pytest.raises(ValueError, match="no jaxserve checkpoint there"):
+        LLM(dirs["target"], speculative_config=_draft(tmp_path / "missing"), **ENGINE)
+
+
+def test_a_draft_tokenizer_with_other_special_ids_is_refused_naming_both(tmp_path):
+    """The embedded model's own tokenizer passes; the same tokens with another EOS do not."""
+    from jaxserve.config import ModelConfig
+    from jaxserve.engine.speculative.draft import check_vocabulary
+    from jaxserve.package_data import embedded_model
+    from jaxserve.text.load import load_tokenizer
+
+    source = embedded_model()
+    config = ModelConfig.load(source / "config.json")
+    target = load_tokenizer(source, config)
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(source / "tokenizer.model", same)
+    check_vocabulary(config, target, config, load_tokenizer(same, config), same)
+    other = tmp_path / "other_eos"
+    other.mkdir()
+    shutil.copy(source / "tokenizer.model", other)
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    with pytest.raises(ValueError, match=r"'.*other_eos' does not share the target's "
+                                         r"vocabulary: its tokenizer's eos_ids is \(3, 2\), "
+                                         r"the target's \(2,\)"):
+        check_vocabulary(config, target, config, load_tokenizer(other, config), other)
+
+
+def test_a_speculative_model_alone_means_the_draft_method():
+    from jaxserve import cli
+    from jaxserve.settings import SpeculativeSettings
+
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x",
+                                          "--speculative-model", "some/dir"])
+    assert cli._settings(args).speculative == SpeculativeSettings(method="draft",
+                                                                  model="some/dir")

@@ -232,7 +232,10 @@ def test_prefix_cache_preemption_copy_on_write_and_scoring_on_int8_blocks(tiny_r
     the tokens the int8 engine gave with room for everything and no cache hit; scoring over
     cached prompts gives the scores of the same engine without the prefix cache."""
     want = tiny_runs["int8"][1]
-    tight = dict(TINY, kv_cache_dtype="int8", kv_blocks=1 + 10)  # 160 tokens for 8 sequences
+    # 160 tokens for 8 sequences of ~50, 4 at a time; a 64-token step has few bucketed shapes
+    # (each a program to compile on this pool)
+    tight = dict(TINY, kv_cache_dtype="int8", kv_blocks=1 + 10, max_num_seqs=4,
+                 max_num_batched_tokens=64)
     llm = LLM(embedded_model(), **tight)
     copies = []
     copy_blocks = llm.runner.copy_blocks

@@ -16,8 +16,9 @@ from jaxserve.settings import Settings, SpeculativeSettings
 from tests.hf_models import make_hf_model
 
 VOCAB = 12
-# 20 blocks of 8: four sequences of 60 tokens do not fit at once (preemption)
-ENGINE = dict(max_model_len=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=64,
+# 20 blocks of 8: four sequences of 60 tokens do not fit at once (preemption). 32-token steps
+# have one prefill bucket: 4 step shapes to compile for plain decoding, 6 with speculation.
+ENGINE = dict(max_model_len=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
               max_prefill_chunk=32, kv_blocks=20)
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
 # Repetitive prompts: prompt lookup finds what to propose in them.

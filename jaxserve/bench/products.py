@@ -8,7 +8,9 @@ shared: only ratios measured together compare):
   unrolled, no attention;
 - the engine step: `LLM(model, dtype=..., quantization=...)`'s compiled decode step
   (`offline_parts.time_decode`, context 192).
-Bytes are the parameters the products read (int8 values + float32 scales; the LM head stays
+"float32 in_out" / "float32 out_in" store the float weights as declared or transposed
+(`ops.quant.float_weight_layout`; "float32" is the platform's choice). Bytes are the parameters
+the products read (int8 values + float32 scales; the LM head stays
 float32 unless `quantize_embeddings`); the floor is bytes / the read bandwidth measured here.
 
     python scripts/bench_products.py --json benchmarks/bench_products-DATE-cpu.json
@@ -29,8 +31,8 @@ from jaxserve.bench.report import fmt, json_default, print_table
 # (`ops.quant.float_weight_layout`)
 LEVERS = {
     "float32": ("float32", None, False, None, "auto"),
-    "float32 [in, out]": ("float32", None, False, None, "in_out"),
-    "float32 [out, in]": ("float32", None, False, None, "out_in"),
+    "float32 in_out": ("float32", None, False, None, "in_out"),
+    "float32 out_in": ("float32", None, False, None, "out_in"),
     "bfloat16": ("bfloat16", None, False, None, "auto"),
     "int8 dequantize-then-dot": ("float32", "int8", False, "dequantize", "auto"),
     "int8 int8-dot": ("float32", "int8", False, "int8_dot", "auto"),
@@ -38,7 +40,7 @@ LEVERS = {
     "int8+head int8-dot": ("float32", "int8", True, "int8_dot", "auto"),
 }
 # Engine levers: the platform's own choice of product (`ops.quant.int8_product`).
-ENGINE_LEVERS = ("float32", "float32 [in, out]", "float32 [out, in]", "bfloat16",
+ENGINE_LEVERS = ("float32", "float32 in_out", "float32 out_in", "bfloat16",
                  "int8 int8-dot", "int8-g32 int8-dot", "int8+head int8-dot")
 SHAPE_55M = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                  num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,

@@ -234,7 +234,7 @@ class PrecisionSettings:
         False, "quantize the embedding and LM head too (with --quantization)", type=bool)
     weight_layout: str = setting(
         "auto", "how float linear weights are stored on the devices: the platform's (auto: "
-        "out_in on CPU, in_out elsewhere), as declared [in, out] (in_out) or transposed to "
+        "in_out everywhere today), as declared [in, out] (in_out) or transposed to "
         "[out, in] (out_in); checkpoints keep the declared layout", type=str,
         choices=WEIGHT_LAYOUT_CHOICES)
     kv_cache_dtype: str = setting(

@@ -1,5 +1,5 @@
 """How float linear weights are stored on the devices (`ops.quant.float_weight_layout`): the
-"out_in" layout (the CPU default) computes the same products as the declared "in_out" one, its
+"out_in" layout computes the same products as the declared "in_out" one, its
 logical axes move with its dims so every mesh shards it as before, checkpoints keep the
 declared layout (a model restored, saved and restored again is bit-for-bit the same), and bad
 layouts are refused by name."""
@@ -48,8 +48,8 @@ def test_an_out_in_weight_is_the_declared_one_transposed_and_computes_the_same_p
 
 
 def test_the_platform_decides_the_layout_in_one_place_and_bad_layouts_are_named():
-    assert float_weight_layout("cpu") == "out_in"
-    assert float_weight_layout("gpu") == float_weight_layout("tpu") == "in_out"
+    # "out_in" measured no faster in the CPU decode step (BENCHMARKS.md): as declared everywhere
+    assert {float_weight_layout(p) for p in ("cpu", "gpu", "tpu")} == {"in_out"}
     assert stored_order(2, (1, 2), "out_in") is None  # [vocab, embed]: inputs already last
     assert stored_order(3, (1, 2), "out_in") is None  # experts: outer dims, read whole
     with pytest.raises(ValueError, match="'sideways'"):
@@ -104,8 +104,10 @@ def test_a_model_saved_from_the_out_in_layout_restores_bit_for_bit(restored_both
                                           err_msg=f"{name} {key}")
 
 
-def test_the_out_in_engine_gives_the_in_out_logits(hf_model_dir):
+def test_the_out_in_engine_on_a_dp_tp_mesh_gives_the_single_device_in_out_logits(hf_model_dir):
     _, model_dir = hf_model_dir("qwen3")
     a = LLM(model_dir, weight_layout="in_out", compilation="on_use").logits(PROMPT)[0]
-    b = LLM(model_dir, weight_layout="out_in", compilation="on_use").logits(PROMPT)[0]
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())
+    b = LLM(model_dir, weight_layout="out_in", mesh="dp=2,tp=2", rules="dp_tp",
+            compilation="on_use").logits(PROMPT)[0]
+    # the tolerance of every mesh test (tests/test_checkpoint.py): tp sums in another order
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())

@@ -30,9 +30,11 @@ How a float weight is stored is decided in one place too, `float_weight_layout(p
 load (`ModelConfig.weight_layout`; checkpoints always hold the declared layout and the loader
 transposes): "in_out" stores a projection as declared, `[in.., out..]`; "out_in" stores it
 `[out.., in..]`, the logical axes moving with the dims (so the rules shard it as before), and
-the product contracts the activations with the weight's minor dims. XLA:CPU's dot emitter runs
-the "out_in" product faster at batch 8 and 32 (BENCHMARKS.md, "CPU decode levers"), so it is the
-CPU layout. Only weights whose inputs lead are stored transposed (the embedding / LM head are
+the product contracts the activations with the weight's minor dims. Every platform stores
+"in_out" today: on this 2-core CPU, shared, the 55M model's engine decode step with "out_in" ran
+0.85-0.99x as fast at batch 8 and 0.92-1.05x at batch 32 in three side-by-side runs (an earlier
+product-stack measurement had it 1.27x faster there; it did not reproduce), so CPU keeps the
+declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs lead are stored transposed (the embedding / LM head are
 `[vocab, embed]` already; the experts, read whole, keep their layout), and int8 weights keep
 theirs (`_int8_dot` reads either).
 
@@ -111,7 +113,8 @@ def int8_product(platform: str) -> str:
 def float_weight_layout(platform: str) -> str:
     """How float linear weights are stored on `platform` (a `jax.default_backend()` name): the
     one place this is decided (see the module docstring)."""
-    return "out_in" if platform == "cpu" else "in_out"
+    del platform  # every platform measured keeps the declared layout (module docstring)
+    return "in_out"
 
 
 def stored_order(ndim: int, inputs: tuple[int, int], layout: str) -> tuple[int, ...] | None:

@@ -15,8 +15,9 @@ array directly into that sharding. The few tensors whose checkpoint shape does n
 padded / repeated on the devices by one compiled program that writes them in their final
 sharding. Float linear weights are then stored in the asked layout
 (`ops.quant.float_weight_layout` by default; "out_in" transposes them to `[out.., in..]`, by one
-more compiled program that writes them in their final sharding); saving transposes them back. Any mismatch between what the model expects and what the files hold (missing,
-unexpected or mis-shaped tensors) is reported in one error that lists all of them.
+more compiled program that writes them in their final sharding); saving transposes them back.
+Any mismatch between what the model expects and what the files hold (missing, unexpected or
+mis-shaped tensors) is reported in one error that lists all of them.
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ load (`ModelConfig.weight_layout`; checkpoints always hold the declared layout a
 transposes): "in_out" stores a projection as declared, `[in.., out..]`; "out_in" stores it
 `[out.., in..]`, the logical axes moving with the dims (so the rules shard it as before), and
 the product contracts the activations with the weight's minor dims. Every platform stores
-"in_out" today: on this 2-core CPU, shared, the 55M model's engine decode step with "out_in" ran
+"in_out" today: on a shared 2-core CPU the 55M model's engine decode step with "out_in" ran
 0.85-0.99x as fast at batch 8 and 0.92-1.05x at batch 32 in three side-by-side runs (an earlier
 product-stack measurement had it 1.27x faster there; it did not reproduce), so CPU keeps the
-declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs lead are stored transposed (the embedding / LM head are
-`[vocab, embed]` already; the experts, read whole, keep their layout), and int8 weights keep
-theirs (`_int8_dot` reads either).
+declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs lead are stored
+transposed (the embedding / LM head are `[vocab, embed]` already; the experts, read whole, keep
+their layout), and int8 weights keep theirs.
 
 Quantization is symmetric round-to-nearest: scale = max|w| / 127 over each group, q = round(w /
 scale) in [-127, 127], so |w - q * scale| <= scale / 2 elementwise. An all-zero group (the
@@ -182,8 +182,8 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
 
     The weight's input dims (K elements together) are its leading dims (`[in.., out..]`) or its
     trailing ones (`[out.., in..]`: the LM head, and the projections stored "out_in"); weights
-    with outer dims (the experts) are read with `read`. `product`: an int8 weight's implementation, by default
-    `int8_product` of the platform being traced for."""
+    with outer dims (the experts) are read with `read`. `product`: an int8 weight's
+    implementation, by default `int8_product` of the platform being traced for."""
     start, stop = _inputs_of(weight)
     shape = weight.values.shape if isinstance(weight, QuantizedWeight) else weight.shape
     if start == 0:

@@ -13,8 +13,11 @@ traced abstractly, each parameter's logical axes give its `NamedSharding`, and o
 array directly into that sharding. The few tensors whose checkpoint shape does not split evenly
 (an odd vocabulary, fewer KV heads than devices) are read with that dimension replicated and then
 padded / repeated on the devices by one compiled program that writes them in their final
-sharding. Any mismatch between what the model expects and what the files hold (missing,
-unexpected or mis-shaped tensors) is reported in one error that lists all of them.
+sharding. Float linear weights are then stored in the asked layout
+(`ops.quant.float_weight_layout` by default; "out_in" transposes them to `[out.., in..]`, by one
+more compiled program that writes them in their final sharding); saving transposes them back.
+Any mismatch between what the model expects and what the files hold (missing, unexpected or
+mis-shaped tensors) is reported in one error that lists all of them.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.config import (QUANTIZATIONS, ConfigError, ModelConfig, from_hf_config,
-                             quantization_group)
+from jaxserve.config import (LAYOUT_FIELDS, QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES, ConfigError,
+                             ModelConfig, from_hf_config, quantization_group)
 from jaxserve.models import abstract_model
-from jaxserve.ops.quant import QuantizedWeight, quantize
+from jaxserve.ops.quant import QuantizedWeight, float_weight_layout, quantize
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
 from jaxserve.text.load import GENERATION_CONFIG_FILE, SP_TOKENIZER_FILE, TOKENIZER_FILES
@@ -97,6 +100,23 @@ def _param_dtypes(state: nnx.State) -> dict[str, Any]:
 def flat_params(state: nnx.State) -> dict[str, Any]:
     """{"layers/0/attn/q_proj": array, ...}: the names checkpoints and error messages use."""
     return _flatten(_str_keys(nnx.to_pure_dict(state)))
+
+
+def _undo(order: tuple[int, ...]) -> tuple[int, ...]:
+    """The permutation that puts a weight stored in `order` back as declared."""
+    return tuple(int(i) for i in np.argsort(order))
+
+
+def declared_params(state: nnx.State) -> dict[str, Any]:
+    """`flat_params` with every float weight in its declared layout, as checkpoints hold it
+    (each weight's `stored_order` metadata says how it is stored)."""
+    flat = {}
+    for path, variable in nnx.to_flat_state(state):
+        array, order = variable[...], variable.get_metadata().get("stored_order")
+        if order:
+            array = jnp.transpose(array, _undo(order))
+        flat["/".join(map(str, path))] = array
+    return flat
 
 
 def _str_keys(tree):
@@ -271,14 +291,15 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
 # ---- our format ----
 
 def save_params(params_dir: str | Path, params: dict[str, Any] | nnx.State) -> None:
-    """Save a parameter tree (an nnx State, or a flat {name: array} dict) as orbax.
+    """Save a parameter tree (an nnx State, its weights put back in their declared layout, or
+    a flat {name: array} dict as declared) as orbax.
 
     Checkpoints hold the model's own shapes: give parameters of an unfitted config (or use
     `save_model`, which removes a layout's padding and KV-head copies)."""
     import orbax.checkpoint as ocp
 
     if isinstance(params, nnx.State):
-        params = flat_params(params)
+        params = declared_params(params)
     params_dir = Path(params_dir).absolute()
     if params_dir.exists():
         shutil.rmtree(params_dir)
@@ -291,10 +312,13 @@ def save_model(out_dir: str | Path, config: ModelConfig, params: nnx.State | dic
                tokenizer_model: str | Path | None = None) -> None:
     """Save config + params in our format; a fitted config's layout is undone first."""
     out_dir = Path(out_dir)
-    base = dataclasses.replace(config, padded_vocab_size=None, kv_head_copies=1)
+    base = dataclasses.replace(config, **{name: ModelConfig.__dataclass_fields__[name].default
+                                          for name in LAYOUT_FIELDS})
     if base != config:
-        flat = flat_params(params) if isinstance(params, nnx.State) else params
-        params = unfit_params(flat, base, config)
+        params = (declared_params(params) if isinstance(params, nnx.State)
+                  else lay_out_params(params, config, inverse=True))
+        params = unfit_params(params, base, dataclasses.replace(config,
+                                                                weight_layout=base.weight_layout))
     out_dir.mkdir(parents=True, exist_ok=True)
     base.save(out_dir / CONFIG_FILE)
     if tokenizer_model is not None:
@@ -358,15 +382,43 @@ def quantize_params(params: dict[str, Any], quantized: ModelConfig) -> dict[str,
     return out
 
 
+def stored_orders(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: permutation from declared to stored dims} of the float weights `config`'s
+    `weight_layout` stores transposed."""
+    return {"/".join(map(str, path)): node.get_metadata()["stored_order"]
+            for path, node in nnx.iter_graph(abstract_model(config))
+            if isinstance(node, nnx.Param) and node.get_metadata().get("stored_order")}
+
+
+def lay_out_params(params: dict[str, Any], config: ModelConfig, inverse: bool = False
+                   ) -> dict[str, Any]:
+    """Flat params with float weights as declared -> as `config.weight_layout` stores them
+    (`inverse`: back). Other tensors unchanged; jit-compatible."""
+    out = dict(params)
+    for name, order in stored_orders(config).items():
+        if name in out:
+            out[name] = jnp.transpose(out[name], _undo(order) if inverse else order)
+    return out
+
+
+def resolve_weight_layout(weight_layout: str) -> str:
+    """"auto" -> the platform's layout (`ops.quant.float_weight_layout`); a layout as given."""
+    if weight_layout not in WEIGHT_LAYOUT_CHOICES:
+        raise ConfigError(f"weight_layout must be one of {', '.join(WEIGHT_LAYOUT_CHOICES)}, "
+                          f"got {weight_layout!r}")
+    return float_weight_layout(jax.default_backend()) if weight_layout == "auto" else weight_layout
+
+
 def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None,
-                  quantization: str | None = "auto", quantize_embeddings: bool = False
-                  ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+                  quantization: str | None = "auto", quantize_embeddings: bool = False,
+                  weight_layout: str = "auto") -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Read config + params fitted to `layout`, each array placed directly in its sharding.
 
     Returns the fitted config (`placement.fit_to_layout`: padded vocabulary, repeated KV heads),
     and the graphdef and state of the model built from it. `quantization`: see
     `resolve_quantization`; a float checkpoint asked for a format is quantized on the devices,
-    after it is placed.
+    after it is placed. `weight_layout`: how float linear weights are stored ("auto": the
+    platform's, `resolve_weight_layout`), transposed on the devices after that.
     """
     import orbax.checkpoint as ocp
 
@@ -375,6 +427,7 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     config = ModelConfig.load(model_dir / CONFIG_FILE)
     running = resolve_quantization(config, quantization, quantize_embeddings, str(model_dir))
+    stored_layout = resolve_weight_layout(weight_layout)
     target_dtype = parse_dtype(dtype, default=config.dtype)
     params_dir = (model_dir / PARAMS_DIR).absolute()
     if not params_dir.is_dir():
@@ -412,6 +465,14 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
                      for n, (shape, axes) in expected.items()}
         restored = jax.jit(lambda params: quantize_params(params, fitted),
                            out_shardings=shardings)(restored)
+    fitted = dataclasses.replace(fitted, weight_layout=stored_layout)
+    orders = stored_orders(fitted)
+    if orders:
+        graphdef, state, expected = expected_params(fitted, target_dtype)
+        shardings = {n: layout.sharding(expected[n][1], expected[n][0], f"parameter {n!r}")
+                     for n in orders}
+        restored.update(jax.jit(lambda params: lay_out_params(params, fitted),
+                                out_shardings=shardings)({n: restored.pop(n) for n in orders}))
     nnx.replace_by_pure_dict(state, _unflatten(restored))
     return fitted, graphdef, state
 

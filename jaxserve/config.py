@@ -25,6 +25,12 @@ FORMAT_VERSION = 1
 # group of this many consecutive input elements.
 QUANTIZATION_GROUPS = (32, 64, 128)
 QUANTIZATIONS = ("int8",) + tuple(f"int8-g{g}" for g in QUANTIZATION_GROUPS)
+# How float linear weights are stored on the devices (jaxserve/ops/quant.py decides which per
+# platform): as declared, inputs first ("in_out"), or with the inputs last ("out_in").
+WEIGHT_LAYOUTS = ("in_out", "out_in")
+WEIGHT_LAYOUT_CHOICES = ("auto",) + WEIGHT_LAYOUTS  # what a user may ask for; auto: the platform's
+# Fields that describe how the devices hold the model, set at load and never saved.
+LAYOUT_FIELDS = ("padded_vocab_size", "kv_head_copies", "weight_layout")
 
 
 def quantization_group(quantization: str) -> int | None:
@@ -88,6 +94,9 @@ class ModelConfig:
     # repeated so that every tensor-parallel device holds the head its query heads read.
     padded_vocab_size: int | None = None
     kv_head_copies: int = 1
+    # How float linear weights are stored (WEIGHT_LAYOUTS; set at load, never saved): checkpoints
+    # always hold them as declared ("in_out").
+    weight_layout: str = "in_out"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -118,6 +127,9 @@ class ModelConfig:
                 raise ConfigError(f"mlp_only_layers {bad} are not layers of a "
                                   f"{self.num_layers}-layer model")
 
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ConfigError(f"weight_layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got "
+                              f"{self.weight_layout!r}")
         if self.quantization is not None:
             self._check_quantization()
         elif self.quantize_embeddings:
@@ -185,7 +197,8 @@ class ModelConfig:
     # ---- our own config.json ----
     def to_json_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        del d["padded_vocab_size"], d["kv_head_copies"]  # a property of the layout, not the model
+        for name in LAYOUT_FIELDS:  # a property of the layout, not the model
+            del d[name]
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
         return {"format_version": FORMAT_VERSION, **d}
@@ -199,7 +212,7 @@ class ModelConfig:
         version = d.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ConfigError(f"{source}: format_version must be {FORMAT_VERSION}, got {version!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"padded_vocab_size", "kv_head_copies"}
+        known = {f.name for f in dataclasses.fields(cls)} - set(LAYOUT_FIELDS)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {unknown}")

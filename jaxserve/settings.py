@@ -37,7 +37,7 @@ import difflib
 import os
 from typing import Any, Iterator
 
-from jaxserve.config import QUANTIZATIONS
+from jaxserve.config import QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES
 from jaxserve.rules import parse_mesh
 
 # The mode names users see, defined once; the modules that implement them import these.
@@ -232,6 +232,11 @@ class PrecisionSettings:
         type=str, choices=QUANTIZATION_CHOICES)
     quantize_embeddings: bool = setting(
         False, "quantize the embedding and LM head too (with --quantization)", type=bool)
+    weight_layout: str = setting(
+        "auto", "how float linear weights are stored on the devices: the platform's (auto: "
+        "in_out everywhere today), as declared [in, out] (in_out) or transposed to "
+        "[out, in] (out_in); checkpoints keep the declared layout", type=str,
+        choices=WEIGHT_LAYOUT_CHOICES)
     kv_cache_dtype: str = setting(
         "auto", "KV cache format: the model's dtype (auto), float32, bfloat16, float16, or "
         "int8 / fp8_e4m3 with a scale per token and KV head (about 4x the tokens of float32 "
@@ -244,6 +249,7 @@ class PrecisionSettings:
         if not isinstance(self.quantize_embeddings, bool):
             raise ValueError(f"quantize_embeddings must be True or False, got "
                              f"{self.quantize_embeddings!r}")
+        _one_of("weight_layout", self.weight_layout, WEIGHT_LAYOUT_CHOICES)
         _one_of("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
 
 

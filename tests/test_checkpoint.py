@@ -39,7 +39,8 @@ def test_save_restore_is_bitwise_equal(hf_model_dir, tmp_path):
 def test_restore_places_each_array_in_its_sharding(hf_model_dir):
     _, model_dir = hf_model_dir("llama")
     layout = Layout.create("tp=4", "tp")
-    _, _, params = restore_model(model_dir, layout)
+    # as declared, [embed, heads, head_dim]; the "out_in" layout: tests/test_weight_layout.py
+    _, _, params = restore_model(model_dir, layout, weight_layout="in_out")
     q_proj = params["layers"][0]["attn"]["q_proj"][...]
     assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
     assert {s.data.shape for s in q_proj.addressable_shards} == {(64, 2, 8)}

@@ -8,7 +8,9 @@ shared: only ratios measured together compare):
   unrolled, no attention;
 - the engine step: `LLM(model, dtype=..., quantization=...)`'s compiled decode step
   (`offline_parts.time_decode`, context 192).
-Bytes are the parameters the products read (int8 values + float32 scales; the LM head stays
+"float32 in_out" / "float32 out_in" store the float weights as declared or transposed
+(`ops.quant.float_weight_layout`; "float32" is the platform's choice). Bytes are the parameters
+the products read (int8 values + float32 scales; the LM head stays
 float32 unless `quantize_embeddings`); the floor is bytes / the read bandwidth measured here.
 
     python scripts/bench_products.py --json benchmarks/bench_products-DATE-cpu.json
@@ -24,19 +26,22 @@ from pathlib import Path
 
 from jaxserve.bench.report import fmt, json_default, print_table
 
-# lever -> (dtype, quantization, quantize_embeddings, int8 product or None); "+head": the LM
-# head quantized too
+# lever -> (dtype, quantization, quantize_embeddings, int8 product or None, float weight
+# layout); "+head": the LM head quantized too; "auto": the platform's layout
+# (`ops.quant.float_weight_layout`)
 LEVERS = {
-    "float32": ("float32", None, False, None),
-    "bfloat16": ("bfloat16", None, False, None),
-    "int8 dequantize-then-dot": ("float32", "int8", False, "dequantize"),
-    "int8 int8-dot": ("float32", "int8", False, "int8_dot"),
-    "int8-g32 int8-dot": ("float32", "int8-g32", False, "int8_dot"),
-    "int8+head int8-dot": ("float32", "int8", True, "int8_dot"),
+    "float32": ("float32", None, False, None, "auto"),
+    "float32 in_out": ("float32", None, False, None, "in_out"),
+    "float32 out_in": ("float32", None, False, None, "out_in"),
+    "bfloat16": ("bfloat16", None, False, None, "auto"),
+    "int8 dequantize-then-dot": ("float32", "int8", False, "dequantize", "auto"),
+    "int8 int8-dot": ("float32", "int8", False, "int8_dot", "auto"),
+    "int8-g32 int8-dot": ("float32", "int8-g32", False, "int8_dot", "auto"),
+    "int8+head int8-dot": ("float32", "int8", True, "int8_dot", "auto"),
 }
 # Engine levers: the platform's own choice of product (`ops.quant.int8_product`).
-ENGINE_LEVERS = ("float32", "bfloat16", "int8 int8-dot", "int8-g32 int8-dot",
-                 "int8+head int8-dot")
+ENGINE_LEVERS = ("float32", "float32 in_out", "float32 out_in", "bfloat16",
+                 "int8 int8-dot", "int8-g32 int8-dot", "int8+head int8-dot")
 SHAPE_55M = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                  num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
                  max_position_embeddings=2048)
@@ -66,9 +71,15 @@ def parse_args(argv=None):
 
 
 def lever_config(shape: dict, lever: str):
+    import jax
+
     from jaxserve.config import ModelConfig
-    _, quantization, embeddings, _ = LEVERS[lever]
-    return ModelConfig(**shape, quantization=quantization, quantize_embeddings=embeddings)
+    from jaxserve.ops.quant import float_weight_layout
+    _, quantization, embeddings, _, layout = LEVERS[lever]
+    if layout == "auto":
+        layout = float_weight_layout(jax.default_backend())
+    return ModelConfig(**shape, quantization=quantization, quantize_embeddings=embeddings,
+                       weight_layout=layout)
 
 
 def product_stack(lever: str, shape: dict):
@@ -80,7 +91,7 @@ def product_stack(lever: str, shape: dict):
     from jaxserve.models import build_model
     from jaxserve.ops.quant import project
 
-    dtype, _, _, product = LEVERS[lever]
+    dtype, _, _, product, _ = LEVERS[lever]
     config = lever_config(shape, lever)
     model = build_model(config, jnp.dtype(dtype))
     graphdef, state = nnx.split(model)
@@ -158,9 +169,10 @@ def run_engine(args, shape: dict, bandwidth: float) -> dict:
         save_random_model(shape, Path(tmp))
         llms = {}
         for lever in levers:
-            dtype, quantization, embeddings, _ = LEVERS[lever]
+            dtype, quantization, embeddings, _, layout = LEVERS[lever]
             llms[lever] = LLM(tmp, dtype=dtype, quantization=quantization or "none",
-                              quantize_embeddings=embeddings, max_num_seqs=max(args.batches),
+                              quantize_embeddings=embeddings, weight_layout=layout,
+                              max_num_seqs=max(args.batches),
                               max_model_len=512,
                               compilation="on_use")
         times = {lever: {b: [] for b in args.batches} for lever in levers}

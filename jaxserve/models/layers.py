@@ -43,11 +43,12 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
 
 def weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype,
            config: ModelConfig, inputs: tuple[int, int], embedding: bool = False):
-    """A linear layer's weight in the config's format; `inputs`: the [start, stop) dims it
-    contracts. The embedding / LM head are quantized only when the config says so."""
+    """A linear layer's weight in the config's format and layout; `shape`, `axes` and `inputs`
+    (the [start, stop) dims it contracts) as declared. The embedding / LM head are quantized
+    only when the config says so."""
     quantized = config.quantize_embeddings or not embedding
     return declare_weight(rngs, shape, axes, dtype, config.quantization if quantized else None,
-                          inputs)
+                          inputs, layout=config.weight_layout)
 
 
 class RMSNorm(nnx.Module):

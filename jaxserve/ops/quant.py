@@ -26,6 +26,18 @@ int8 weight's product runs is decided in one place, `int8_product(platform)`:
 - "dequantize" (elsewhere): the weight is converted to the compute dtype and scaled inside the
   step, then the float dot runs (GPU/TPU compilers fuse the conversion into the dot's operand).
 
+How a float weight is stored is decided in one place too, `float_weight_layout(platform)`, at
+load (`ModelConfig.weight_layout`; checkpoints always hold the declared layout and the loader
+transposes): "in_out" stores a projection as declared, `[in.., out..]`; "out_in" stores it
+`[out.., in..]`, the logical axes moving with the dims (so the rules shard it as before), and
+the product contracts the activations with the weight's minor dims. Every platform stores
+"in_out" today: on a shared 2-core CPU the 55M model's engine decode step with "out_in" ran
+0.85-0.99x as fast at batch 8 and 0.92-1.05x at batch 32 in three side-by-side runs (an earlier
+product-stack measurement had it 1.27x faster there; it did not reproduce), so CPU keeps the
+declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs lead are stored
+transposed (the embedding / LM head are `[vocab, embed]` already; the experts, read whole, keep
+their layout), and int8 weights keep theirs.
+
 Quantization is symmetric round-to-nearest: scale = max|w| / 127 over each group, q = round(w /
 scale) in [-127, 127], so |w - q * scale| <= scale / 2 elementwise. An all-zero group (the
 vocabulary's padding rows) has scale 0 and dequantizes to 0.
@@ -40,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.config import quantization_group
+from jaxserve.config import WEIGHT_LAYOUTS, quantization_group
 
 QMAX = 127
 
@@ -98,6 +110,25 @@ def int8_product(platform: str) -> str:
     return "int8_dot" if platform == "cpu" else "dequantize"
 
 
+def float_weight_layout(platform: str) -> str:
+    """How float linear weights are stored on `platform` (a `jax.default_backend()` name): the
+    one place this is decided (see the module docstring)."""
+    del platform  # every platform measured keeps the declared layout (module docstring)
+    return "in_out"
+
+
+def stored_order(ndim: int, inputs: tuple[int, int], layout: str) -> tuple[int, ...] | None:
+    """The permutation from a float weight's declared dims to its stored dims under `layout`
+    (`jnp.transpose(declared, order)`), or None when it is stored as declared."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight layout must be one of {', '.join(WEIGHT_LAYOUTS)}, "
+                         f"got {layout!r}")
+    start, stop = inputs
+    if layout == "in_out" or start != 0 or stop == ndim:
+        return None
+    return tuple(range(stop, ndim)) + tuple(range(stop))
+
+
 class QuantizedWeight(nnx.Module):
     """An int8 weight and its float32 scales; `read` gives it back in the compute `dtype`."""
 
@@ -113,14 +144,21 @@ class QuantizedWeight(nnx.Module):
 
 def declare_weight(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype,
                    quantization: str | None, inputs: tuple[int, int],
-                   init=None) -> nnx.Param | QuantizedWeight:
+                   init=None, layout: str = "in_out") -> nnx.Param | QuantizedWeight:
     """A linear layer's weight in its format: a float `nnx.Param`, or a `QuantizedWeight`
     (a random one is drawn in float and quantized). `inputs`: the [start, stop) dims it
-    contracts."""
+    contracts, of the declared `shape`; `layout`: how a float weight is stored (its metadata
+    `stored_order` records the transpose, None when stored as declared)."""
     init = init or nnx.initializers.normal(0.02)
     w = init(rngs.params(), tuple(shape), dtype)
     if quantization is None:
-        return nnx.Param(w, out_sharding=tuple(axes), inputs=tuple(inputs))
+        order = stored_order(len(shape), inputs, layout)
+        if order is None:
+            return nnx.Param(w, out_sharding=tuple(axes), inputs=tuple(inputs),
+                             stored_order=None)
+        stop = len(shape) - inputs[1]  # the output dims now lead
+        return nnx.Param(jnp.transpose(w, order), out_sharding=tuple(axes[i] for i in order),
+                         inputs=(stop, len(shape)), stored_order=order)
     group = quantization_group(quantization)
     return QuantizedWeight(*quantize(w, inputs, group), axes, inputs, group, dtype)
 
@@ -142,15 +180,15 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
             product: str | None = None) -> jax.Array:
     """x [..tokens, K] times a linear weight -> [..tokens, ..its output dims].
 
-    The weight's input dims (K elements together) are its leading dims (`[in.., out..]`, the
-    projections) or its trailing ones (`[out, in]`, the LM head); weights with outer dims (the
-    experts) are read with `read`. `product`: an int8 weight's implementation, by default
-    `int8_product` of the platform being traced for."""
+    The weight's input dims (K elements together) are its leading dims (`[in.., out..]`) or its
+    trailing ones (`[out.., in..]`: the LM head, and the projections stored "out_in"); weights
+    with outer dims (the experts) are read with `read`. `product`: an int8 weight's
+    implementation, by default `int8_product` of the platform being traced for."""
     start, stop = _inputs_of(weight)
     shape = weight.values.shape if isinstance(weight, QuantizedWeight) else weight.shape
     if start == 0:
         outputs, contract = shape[stop:], 0
-    elif stop == len(shape) and start == 1:
+    elif stop == len(shape) and start >= 1:
         outputs, contract = shape[:start], 1
     else:
         raise ValueError(f"project: a weight of shape {tuple(shape)} contracting dims "

@@ -40,13 +40,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prefill tokens per device per step (comma-separated)")
     p.add_argument("--decode-batch", default="1,4", help="sequences per device when decoding")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=16,
+                   help="decode steps timed per row (the difference of two runs)")
     p.add_argument("--quick", action="store_true", help="a tiny model and sizes (smoke run)")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     args = p.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.decode_batch = [int(b) for b in args.decode_batch.split(",")]
     if args.quick:
-        args.tokens, args.decode_batch, args.repeats = [16, 32], [1], 1
+        args.tokens, args.decode_batch, args.repeats, args.decode_steps = [16], [1], 1, 4
     return args
 
 
@@ -91,8 +93,9 @@ def prefill_rows(llm, config, tokens_per_device: int, repeats: int, rng) -> dict
             "true_flops": true, "executed_flops": executed}
 
 
-def decode_row(llm, config, batch_per_device: int, repeats: int, rng) -> dict:
-    """ms per decode step: generate 1 token vs 17 (same prompts), the difference over 16."""
+def decode_row(llm, config, batch_per_device: int, repeats: int, rng, steps: int = 16) -> dict:
+    """ms per decode step: generate 1 token vs 1 + steps (same prompts), the difference over
+    steps."""
     from jaxserve import SamplingParams
     from jaxserve.perf.calibrate import best_time
 
@@ -103,8 +106,8 @@ def decode_row(llm, config, batch_per_device: int, repeats: int, rng) -> dict:
         return lambda: llm.generate(prompts, SamplingParams(temperature=0, max_tokens=k,
                                                             ignore_eos=True), use_tqdm=False)
 
-    long, short = best_time(run(17), repeats), best_time(run(1), repeats)
-    return {"seconds": max(long - short, 0.0) / 16, "batch": n * batch_per_device}
+    long, short = best_time(run(1 + steps), repeats), best_time(run(1), repeats)
+    return {"seconds": max(long - short, 0.0) / steps, "batch": n * batch_per_device}
 
 
 def main(argv=None) -> dict:
@@ -143,7 +146,7 @@ def main(argv=None) -> dict:
                     print_row(row)
                 if devices > 1 and strategy != "dense":
                     for b in args.decode_batch:
-                        row = decode_row(llm, config, b, args.repeats, rng)
+                        row = decode_row(llm, config, b, args.repeats, rng, args.decode_steps)
                         row.update(mesh=mesh, strategy=strategy, batch_per_device=b,
                                    floor_s=weight_bytes / machine["bandwidth_Bps"])
                         results["decode"].append(row)

@@ -22,6 +22,8 @@ FORMATS = {
     "int8": {"quantization": "int8"},
     "int8-g32": {"quantization": "int8-g32"},
     "int8-g128": {"quantization": "int8-g128"},
+    # every weight int8, the embedding and LM head too: what llama.cpp's q8_0 GGUF stores
+    "int8+head": {"quantization": "int8", "quantize_embeddings": True},
     "kv-bf16": {"kv_cache_dtype": "bfloat16"},
     "kv-int8": {"kv_cache_dtype": "int8"},
     "kv-fp8": {"kv_cache_dtype": "fp8_e4m3"},

@@ -13,9 +13,10 @@ traced abstractly, each parameter's logical axes give its `NamedSharding`, and o
 array directly into that sharding. The few tensors whose checkpoint shape does not split evenly
 (an odd vocabulary, fewer KV heads than devices) are read with that dimension replicated and then
 padded / repeated on the devices by one compiled program that writes them in their final
-sharding. Float linear weights are then stored in the asked layout
-(`ops.quant.float_weight_layout` by default; "out_in" transposes them to `[out.., in..]`, by one
-more compiled program that writes them in their final sharding); saving transposes them back.
+sharding. Linear weights (float, or int8 values with their scales) are then stored in the asked
+layout (`ops.quant.weight_layout_for` by default; "out_in" transposes them to `[out.., in..]`,
+by one more compiled program that writes them in their final sharding); saving transposes them
+back.
 Any mismatch between what the model expects and what the files hold (missing, unexpected or
 mis-shaped tensors) is reported in one error that lists all of them.
 """
@@ -36,7 +37,7 @@ from flax import nnx
 from jaxserve.config import (LAYOUT_FIELDS, QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES, ConfigError,
                              ModelConfig, from_hf_config, quantization_group)
 from jaxserve.models import abstract_model
-from jaxserve.ops.quant import QuantizedWeight, float_weight_layout, quantize
+from jaxserve.ops.quant import QuantizedWeight, quantize, weight_layout_for
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
 from jaxserve.text.load import GENERATION_CONFIG_FILE, SP_TOKENIZER_FILE, TOKENIZER_FILES
@@ -401,12 +402,15 @@ def lay_out_params(params: dict[str, Any], config: ModelConfig, inverse: bool = 
     return out
 
 
-def resolve_weight_layout(weight_layout: str) -> str:
-    """"auto" -> the platform's layout (`ops.quant.float_weight_layout`); a layout as given."""
+def resolve_weight_layout(weight_layout: str, quantized: bool = False) -> str:
+    """"auto" -> the platform's layout for float or int8 weights
+    (`ops.quant.weight_layout_for`); a layout as given."""
     if weight_layout not in WEIGHT_LAYOUT_CHOICES:
         raise ConfigError(f"weight_layout must be one of {', '.join(WEIGHT_LAYOUT_CHOICES)}, "
                           f"got {weight_layout!r}")
-    return float_weight_layout(jax.default_backend()) if weight_layout == "auto" else weight_layout
+    if weight_layout == "auto":
+        return weight_layout_for(jax.default_backend(), quantized)
+    return weight_layout
 
 
 def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None,
@@ -427,7 +431,7 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     config = ModelConfig.load(model_dir / CONFIG_FILE)
     running = resolve_quantization(config, quantization, quantize_embeddings, str(model_dir))
-    stored_layout = resolve_weight_layout(weight_layout)
+    stored_layout = resolve_weight_layout(weight_layout, running.quantization is not None)
     target_dtype = parse_dtype(dtype, default=config.dtype)
     params_dir = (model_dir / PARAMS_DIR).absolute()
     if not params_dir.is_dir():

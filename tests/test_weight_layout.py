@@ -1,4 +1,5 @@
-"""How float linear weights are stored on the devices (`ops.quant.float_weight_layout`): the
+"""How linear weights are stored on the devices (`ops.quant.float_weight_layout`, and
+`int8_weight_layout` for int8 values with their scales): the
 "out_in" layout computes the same products as the declared "in_out" one, its
 logical axes move with its dims so every mesh shards it as before, checkpoints keep the
 declared layout (a model restored, saved and restored again is bit-for-bit the same), and bad
@@ -13,7 +14,8 @@ from flax import nnx
 from jaxserve import LLM
 from jaxserve.checkpoint import declared_params, flat_params, restore_model, save_model
 from jaxserve.config import ConfigError, ModelConfig
-from jaxserve.ops.quant import declare_weight, float_weight_layout, project, stored_order
+from jaxserve.ops.quant import (declare_weight, float_weight_layout, int8_weight_layout, project,
+                                stored_order, weight_layout_for)
 from jaxserve.sharding import Layout
 
 PROMPT = [[1, 5, 9, 2, 7, 3]]
@@ -110,4 +112,44 @@ def test_the_out_in_engine_on_a_dp_tp_mesh_gives_the_single_device_in_out_logits
     b = LLM(model_dir, weight_layout="out_in", mesh="dp=2,tp=2", rules="dp_tp",
             compilation="on_use").logits(PROMPT)[0]
     # the tolerance of every mesh test (tests/test_checkpoint.py): tp sums in another order
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def test_int8_weights_are_stored_out_in_on_cpu_and_restore_and_save_as_declared(hf_model_dir,
+                                                                                tmp_path):
+    # one token's product over [out, in] int8 rows is a fused widen-and-reduce on XLA:CPU
+    assert int8_weight_layout("cpu") == "out_in"
+    assert int8_weight_layout("gpu") == int8_weight_layout("tpu") == "in_out"
+    assert weight_layout_for("cpu", True) == "out_in" and weight_layout_for("cpu", False) == "in_out"
+    _, model_dir = hf_model_dir("llama")
+    layout = Layout.create("tp=2", "tp")
+    restored = {name: restore_model(model_dir, layout, quantization="int8", weight_layout=name)
+                for name in ("in_out", "out_in")}
+    auto, _, _ = restore_model(model_dir, Layout.create(None, "tp"), quantization="int8")
+    assert auto.weight_layout == "out_in"
+    (_, _, a), (config_b, _, b) = restored["in_out"], restored["out_in"]
+    qa, qb = a["layers"][0]["attn"]["q_proj"], b["layers"][0]["attn"]["q_proj"]
+    assert qa["values"][...].shape == (64, 8, 8) and qb["values"][...].shape == (8, 8, 64)
+    np.testing.assert_array_equal(np.asarray(qb["values"][...]),
+                                  np.transpose(np.asarray(qa["values"][...]), (1, 2, 0)))
+    np.testing.assert_array_equal(np.asarray(qb["scale"][...]),
+                                  np.transpose(np.asarray(qa["scale"][...]), (1, 2, 0)))
+    assert qb["values"][...].sharding.spec == jax.sharding.PartitionSpec("tp", None, None)
+    declared_a, declared_b = declared_params(a), declared_params(b)
+    for name in declared_a:
+        np.testing.assert_array_equal(np.asarray(declared_b[name]), np.asarray(declared_a[name]),
+                                      err_msg=name)
+    save_model(tmp_path, config_b, b)  # a quantized checkpoint, as declared
+    _, _, again = restore_model(tmp_path, layout, weight_layout="out_in")
+    want, got = flat_params(b), flat_params(again)
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)
+
+
+def test_the_out_in_int8_engine_on_tp_gives_the_single_device_in_out_int8_logits(hf_model_dir):
+    _, model_dir = hf_model_dir("qwen3")
+    a = LLM(model_dir, quantization="int8", weight_layout="in_out",
+            compilation="on_use").logits(PROMPT)[0]
+    b = LLM(model_dir, quantization="int8", mesh="tp=2", compilation="on_use").logits(PROMPT)[0]
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())

@@ -18,10 +18,10 @@ WEIGHTS = {"q_proj": ((64, 4, 16), (0, 1)), "o_proj": ((4, 16, 64), (0, 2)),
            "gate_proj": ((64, 96), (0, 1)), "lm_head": ((96, 64), (1, 2))}
 
 
-def declared(shape, inputs, quantization):
+def declared(shape, inputs, quantization, layout="in_out"):
     with nnx.use_eager_sharding(False):
         return declare_weight(nnx.Rngs(0), shape, ("a",) * len(shape), jnp.float32,
-                              quantization, inputs)
+                              quantization, inputs, layout=layout)
 
 
 def activations(tokens, k, seed=1):
@@ -42,14 +42,16 @@ def test_the_float_product_is_bit_for_bit_the_layers_former_expression(name):
     assert np.array_equal(np.asarray(ours), np.asarray(jax.jit(former)(x, w[...])))
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])  # out_in, one token: the widened rows
 @pytest.mark.parametrize("tokens", [1, 3])
 @pytest.mark.parametrize("quantization", ["int8", "int8-g32"])
 @pytest.mark.parametrize("name", WEIGHTS)
 def test_the_int8_dot_is_within_its_activation_rounding_of_dequantize_then_dot(name,
                                                                               quantization,
-                                                                              tokens):
+                                                                              tokens, layout):
     shape, inputs = WEIGHTS[name]
-    w = declared(shape, inputs, quantization)
+    w = declared(shape, inputs, quantization, layout)
+    shape, inputs = w.values.shape, w.inputs  # as stored
     k = int(np.prod(shape[inputs[0]:inputs[1]]))
     x = activations(tokens, k)
     reference = project(x, w, product="dequantize")

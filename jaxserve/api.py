@@ -36,6 +36,7 @@ from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.perf import moe_auto
 from jaxserve.runtime import compile_cache, distributed
 from jaxserve.runtime.follower import follow
+from jaxserve.runtime.draft_runner import DraftRunner
 from jaxserve.runtime.leader import LeaderRunner
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.settings import CacheSettings, Settings, SpeculativeSettings
@@ -162,7 +163,7 @@ class LLM:
             raise SystemExit(0)  # the leader is done: so is this process
 
     def _load_draft(self, spec: SpeculativeSettings, dtype, kv_blocks: int,
-                    moe: MoEExecution) -> ModelRunner:
+                    moe: MoEExecution) -> DraftRunner:
         """The draft model (speculative method 'draft') on the target's mesh, with a KV pool
         of its own as many blocks as the target's, after checking it shares the target's
         vocabulary (see jaxserve/engine/speculative/draft.py)."""
@@ -190,7 +191,7 @@ class LLM:
             self.kv_format)
         kv = KVPool.create(cache_spec, kv_blocks * self.num_replicas, settings.cache.block_size,
                            self.layout)
-        return ModelRunner(config, graphdef, params, self.layout, kv, moe,
+        return DraftRunner(config, graphdef, params, self.layout, kv, moe,
                            settings.sampling.mode)
 
     def _moe_execution(self, parallel, dtype) -> MoEExecution:

@@ -46,7 +46,8 @@ def _settings(args):
 
 # speculative_config key -> the flag's dest (vLLM's flag names)
 SPECULATIVE_FLAGS = {"method": "speculative_method", "model": "speculative_model",
-                     "num_speculative_tokens": "num_speculative_tokens"}
+                     "num_speculative_tokens": "num_speculative_tokens",
+                     "mesh": "speculative_mesh"}
 
 
 def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -56,6 +57,9 @@ def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    "--num-speculative-tokens is given)")
     p.add_argument("--speculative-model", default=None, metavar="DIR",
                    help="draft model checkpoint (method draft)")
+    p.add_argument("--speculative-mesh", default=None, metavar="AXES@FIRST",
+                   help="the draft model on devices of its own, e.g. tp=1@4 (default: the "
+                   "target's devices)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="proposed tokens verified per sequence and step (default: 4)")
 

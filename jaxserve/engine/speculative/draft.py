@@ -32,8 +32,10 @@ This module never calls a model directly: it dispatches the draft runner's compi
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxserve.engine.block_pool import BlockPool
@@ -44,7 +46,8 @@ from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder
 from jaxserve.ops.attention import chunk_blocks_for
 from jaxserve.runtime.draft_runner import propose_inputs
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.settings import SchedulerSettings
+from jaxserve.settings import SchedulerSettings, parse_draft_mesh
+from jaxserve.sharding import Layout
 
 GREEDY = SamplingParams(temperature=0)
 # New tokens a round feeds before it proposes: the target's correction or bonus token, and the
@@ -58,13 +61,18 @@ class _DraftState:
     valid: int = 0  # leading tokens whose KV the draft's pool holds
     proposed_at: int = 0  # the length of the tokens the last round proposed after
     proposed: list[int] = dataclasses.field(default_factory=list)  # that round's proposals
+    # a round dispatched ahead (`dispatched`): (where the target's bonus token lands if it
+    # keeps every proposal, the round's proposals on the device, this sequence's row)
+    ahead: tuple[int, object, int] | None = None
 
 
 class DraftProposer:
-    def __init__(self, runner, limits: SchedulerSettings, k: int):
+    def __init__(self, runner, limits: SchedulerSettings, k: int, ahead: bool = False):
         """runner: the draft's DraftRunner (one DP replica); limits: the target's resolved
-        scheduler settings (the draft's steps obey the same budget)."""
-        self.runner, self.limits, self.k = runner, limits, k
+        scheduler settings (the draft's steps obey the same budget). ahead: propose step
+        t+1's tokens while the target verifies step t's (the draft on devices of its own)."""
+        self.runner, self.limits, self.k, self.ahead = runner, limits, k, ahead
+        self.ahead_rounds = self.ahead_hits = 0
         seqs = limits.max_num_seqs
         runner.init_slots(seqs)
         self.blocks = BlockPool(runner.blocks_per_replica, runner.block_size, caching=False)
@@ -120,15 +128,20 @@ class DraftProposer:
         for gone in [s for s in self.states if s not in proposing]:
             self._release(gone)
         wanted: list[tuple[Sequence, _DraftState, int]] = []  # (seq, state, proposals to make)
+        proposals: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
         for seq in seqs:
             tokens = seq.request.prompt_ids + seq.output_ids
             # proposals past max_tokens could never be kept (see Scheduler.schedule)
             m = min(self.k, seq.request.max_tokens - len(seq.output_ids) - 1)
             state = self._state(seq, tokens, len(tokens) + m - 1) if m > 0 else None
-            if state is not None:
-                self._count_kept(state, tokens)
-                wanted.append((seq, state, m))
-        proposals: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
+            if state is None:
+                continue
+            early = self._take_ahead(state, tokens, m)
+            if early is not None:
+                proposals[seq] = early
+                continue
+            self._count_kept(state, tokens)
+            wanted.append((seq, state, m))
         if not wanted:
             return proposals
         for _, state, _ in wanted:  # a sequence the last step did not run: feed its last again
@@ -146,6 +159,53 @@ class DraftProposer:
         for i, (seq, state, m) in enumerate(wanted):
             state.proposed = proposals[seq] = out[i, :m].tolist()
         return proposals
+
+    def _take_ahead(self, state: _DraftState, tokens: list[int], m: int) -> list[int] | None:
+        """The proposals the round dispatched ahead made, if the target kept every proposal
+        and its bonus token is the one that round guessed (else None: a round corrects them)."""
+        ahead, state.ahead = state.ahead, None
+        if ahead is None:
+            return None
+        at, outputs, row = ahead
+        guesses = np.asarray(outputs)[row].tolist()
+        if len(tokens) != at + 1 or tokens[state.proposed_at:at] != state.proposed \
+                or tokens[at] != guesses[0]:
+            return None
+        self.ahead_hits += 1
+        state.valid = state.proposed_at = at + 1  # the round wrote the KV through the bonus
+        state.proposed = guesses[1:1 + m]
+        return state.proposed
+
+    def dispatched(self, plan: StepPlan) -> None:
+        """The target step `plan` is on its way: dispatch, beside it, the draft's round for the
+        next step, as if the target keeps every proposal (SwiftSpec's asynchronous draft). Its
+        first token guesses the target's bonus token; the next round uses the rest if that
+        guess and every proposal hold, and corrects them otherwise (`propose_all`)."""
+        if not self.ahead:
+            return
+        rows = []
+        for seq, drafts in plan.drafts.items():
+            state = self.states.get(seq)
+            if state is None or not drafts or drafts != state.proposed \
+                    or state.valid != state.proposed_at:
+                continue
+            at = state.proposed_at + len(drafts)  # where the bonus token lands
+            shadow = state.shadow
+            need = self.blocks.blocks_for(at + self.k - 1) - len(shadow.blocks)
+            if need > self.blocks.num_free:
+                continue
+            if need > 0:
+                shadow.blocks += self.blocks.allocate(need)
+            rows.append((state, at, ([drafts[-1]], at - 1, self.k, shadow.blocks)))
+        if not rows:
+            return
+        bucket = next(b for b in self.builder.decode_buckets if b >= len(rows))
+        inputs = propose_inputs(bucket, CATCH_UP, self.k, self.builder.width,
+                                chunk_blocks_for(self.runner.block_size), [r for *_, r in rows])
+        outputs = self.runner.propose(inputs)  # read back by the next round, if it is right
+        self.ahead_rounds += 1
+        for i, (state, at, _) in enumerate(rows):
+            state.ahead = (at, outputs, i)
 
     def _prefill_excess(self, states: list[_DraftState]) -> None:
         """Prefill every state's tokens past `valid` but the last CATCH_UP, in steps within the
@@ -168,6 +228,25 @@ class DraftProposer:
                 budget -= -(-length // QUERY_TILE) * QUERY_TILE
             self.runner.step(self.builder.build(StepPlan(chunks, [])).inputs)
             pending = [s for s in pending if excess(s) > 0]
+
+
+def draft_layout(mesh: str, target: Layout, rules) -> Layout:
+    """The draft's layout for a speculative `mesh` ('tp=1@4': mesh tp=1 on devices 4, ...),
+    refused when it reaches past the devices there are or shares one with the target."""
+    shape, first = parse_draft_mesh(mesh)
+    devices = jax.devices()
+    need = math.prod(shape.values())
+    if first + need > len(devices):
+        raise ValueError(f"speculative mesh {mesh!r} needs devices {first}..{first + need - 1} "
+                         f"but there are {len(devices)} (0..{len(devices) - 1})")
+    chosen = devices[first:first + need]
+    target_ids = sorted(d.id for d in target.mesh.devices.flat)
+    shared = sorted({d.id for d in chosen} & set(target_ids))
+    if shared:
+        raise ValueError(f"speculative mesh {mesh!r} overlaps the target's devices "
+                         f"{target_ids} (device {shared[0]}): give the draft devices of its own, "
+                         f"e.g. '@{len(target_ids)}', or no mesh to share the target's")
+    return Layout.create(shape, rules, devices=chosen)
 
 
 def check_vocabulary(target_config, target_tokenizer, draft_config, draft_tokenizer,

@@ -3,13 +3,14 @@ size for plain / draft / draft on a device of its own / ngram, with the acceptan
 tokens per verify step beside each, and the cost per token (device-seconds per output token)
 at tp = 1, 2, 4 with and without speculation (`scripts/bench_spec.py`).
 
-Each engine generates the same greedy continuations twice, the prefix cache emptied between;
-the second run is timed. Programs compile when first used (`compilation="on_use"`), so the first
+Each engine generates the same greedy continuations 1 + REPEATS times, the prefix cache
+emptied between; the fastest timed run counts. Programs compile when first used (`compilation="on_use"`), so the first
 run compiles exactly the shapes the timed one runs: with the default background warm-up a timed
 step could still run in a larger shape while the rest compile, which costs several times more
 on this model. Tokens are checked identical to plain decoding's, so a speedup is never bought
-with different output. Code prompts (functions repeated with small changes) are what prompt
-lookup is for; the draft is the embedded model's distilled 1-layer draft. A draft on a device
+with different output. Two workloads: Python openings of the kind the embedded model learned
+to continue (where its distilled 1-layer draft agrees with it), and code-editing prompts
+(functions repeated with small changes: what prompt lookup is for). A draft on a device
 of its own counts that device in the cost per token. Simulated CPU devices share the host's
 cores, so a draft "beside" the target competes with it for them.
 """
@@ -34,7 +35,11 @@ def sub(a, b):
 
 def mul(a, b):
 '''
+# What the embedded model writes well (the stdlib's openings): where a draft is worth having.
+PYTHON_PROMPT = "import os\nimport sys\n\n\ndef main("
+WORKLOADS = {"python": PYTHON_PROMPT, "code edit": CODE_PROMPT}
 DEVICES = 8  # simulated CPU devices: tp=4 and a draft of its own fit
+REPEATS = 3  # timed runs; the fastest is kept (other work on a shared host only slows a run)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,18 +65,20 @@ def methods(args, tp: int) -> dict[str, dict | None]:
 
 
 def timed_generate(llm, prompts, params) -> tuple[list[list[int]], float, dict]:
-    """Tokens, seconds and the stats' changes of the second of two identical runs."""
-    llm.generate(prompts, params, use_tqdm=False)  # compiles the shapes the timed run uses
-    llm.engine.clear_prefix_cache()  # the timed run prefills what the first did: same shapes
-    before = llm.stats()
-    t0 = time.perf_counter()
-    out = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+    """Tokens, seconds (the fastest of REPEATS identical runs after one that compiles) and the
+    stats' changes over one run."""
+    llm.generate(prompts, params, use_tqdm=False)  # compiles the shapes the timed runs use
+    llm.engine.clear_prefix_cache()  # a timed run prefills what the first did: same shapes
+    before, seconds = llm.stats(), []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        out = llm.generate(prompts, params, use_tqdm=False)
+        seconds.append(time.perf_counter() - t0)
+        llm.engine.clear_prefix_cache()
     after = llm.stats()
-    llm.engine.clear_prefix_cache()
-    delta = {key: after[key] - before[key] for key in
+    delta = {key: (after[key] - before[key]) / REPEATS for key in
              ("spec_proposed_tokens", "spec_accepted_tokens", "spec_verify_runs") if key in after}
-    return [r.outputs[0].token_ids for r in out], seconds, delta
+    return [r.outputs[0].token_ids for r in out], min(seconds), delta
 
 
 def measure(llm, prompts, params, want=None) -> dict:
@@ -94,44 +101,51 @@ def main(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     engine = dict(max_model_len=512, max_num_seqs=max(args.batch), compilation="on_use")
 
-    def prompts(batch):  # distinct first lines: no prompt waits on another's blocks
-        return [f"# module {i}\n" + CODE_PROMPT for i in range(batch)]
+    def prompts(workload: str, batch: int) -> list[str]:
+        # distinct first lines: no prompt waits on another's blocks
+        return [f"# module {i}\n" + WORKLOADS[workload] for i in range(batch)]
 
     results = {}
     for name, config in methods(args, 1).items():
         llm = LLM(model, speculative_config=config, **engine)
-        for batch in args.batch:
-            want = results.get(("plain", batch), {}).get("tokens")
-            results[(name, batch)] = measure(llm, prompts(batch), params, want)
+        for workload in WORKLOADS:
+            for batch in args.batch:
+                want = results.get(("plain", workload, batch), {}).get("tokens")
+                results[(name, workload, batch)] = measure(llm, prompts(workload, batch), params,
+                                                           want)
         del llm
-    for batch in args.batch:
-        plain = results[("plain", batch)]
-        print_markdown(
-            f"batch {batch}, {plain['count']} tokens, k={args.num_speculative_tokens}",
-            ("method", "ms/token", "tok/s", "vs plain", "acceptance", "tokens/step",
-             "tokens = plain"),
-            [(name, f"{1e3 * r['seconds'] / r['count']:.2f}", f"{r['count'] / r['seconds']:.0f}",
-              f"{plain['seconds'] / r['seconds']:.2f}x", fmt(r["acceptance"], ".2f"),
-              fmt(r["per_step"], ".2f"), r["identical"])
-             for name in methods(args, 1) for r in [results[(name, batch)]]])
+    for workload in WORKLOADS:
+        for batch in args.batch:
+            plain = results[("plain", workload, batch)]
+            print_markdown(
+                f"{workload} prompts, batch {batch}, {plain['count']} tokens, "
+                f"k={args.num_speculative_tokens}",
+                ("method", "ms/token", "tok/s", "vs plain", "acceptance", "tokens/step",
+                 "tokens = plain"),
+                [(name, f"{1e3 * r['seconds'] / r['count']:.2f}",
+                  f"{r['count'] / r['seconds']:.0f}", f"{plain['seconds'] / r['seconds']:.2f}x",
+                  fmt(r["acceptance"], ".2f"), fmt(r["per_step"], ".2f"), r["identical"])
+                 for name in methods(args, 1) for r in [results[(name, workload, batch)]]])
 
-    # the cost per token, batch 1: device-seconds per output token (a draft's device counted)
+    # the cost per token, batch 1, python prompts: device-seconds per output token (a draft's
+    # own device counted)
     rows = []
     for tp in args.tp:
         mesh = dict(mesh=f"tp={tp}", rules="tp") if tp > 1 else {}
         for name, config in methods(args, tp).items():
-            if name == "draft" and tp > 1:  # on the target's devices: shown at tp=1
+            if tp > 1 and name in ("draft", "ngram"):  # shown at tp=1; ngram is for edits
                 continue
-            if tp == 1 and (name, 1) in results:  # measured above
-                r = results[(name, 1)]
+            if tp == 1 and (name, "python", 1) in results:  # measured above
+                r = results[(name, "python", 1)]
             else:
                 llm = LLM(model, speculative_config=config, **mesh,
                           **{**engine, "max_num_seqs": 1})
-                r = measure(llm, prompts(1), params)
+                r = measure(llm, prompts("python", 1), params)
                 del llm
             devices = tp + (1 if config is not None and config.get("mesh") else 0)
             rows.append((f"tp={tp}", name, devices, f"{1e3 * r['seconds'] / r['count']:.2f}",
                          f"{1e3 * devices * r['seconds'] / r['count']:.2f}",
                          fmt(r["acceptance"], ".2f")))
-    print_markdown("cost per token, batch 1", ("target", "method", "devices", "ms/token",
-                                               "device-ms/token", "acceptance"), rows)
+    print_markdown("cost per token, python prompts, batch 1",
+                   ("target", "method", "devices", "ms/token", "device-ms/token", "acceptance"),
+                   rows)

@@ -221,12 +221,14 @@ def test_the_draft_on_devices_of_its_own_gives_the_plain_tokens_at_tp2(dirs, pla
     proposer = llm.engine.proposer
     assert [d.id for d in proposer.runner.layout.mesh.devices.flat] == [2]
     assert {d.id for leaf in proposer.runner.param_leaves for d in leaf.devices()} == {2}
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    assert _tokens(llm, PROMPTS[:2], params) == _tokens(plain, PROMPTS[:2], params)
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    assert _tokens(llm, PROMPTS[:1], params) == _tokens(plain, PROMPTS[:1], params)
     stats = llm.stats()
-    assert stats["spec_acceptance_rate"] >= 0.95
-    rounds = stats["spec_verify_runs"] // 2  # two sequences verify in every round
-    assert proposer.ahead_rounds >= rounds - 1 and proposer.ahead_hits >= rounds // 2 * 2
+    rounds = stats["spec_verify_runs"]
+    assert stats["spec_acceptance_rate"] == 1.0 and rounds >= 3
+    # every round after the first finds its proposals ready (all of them kept, above), but
+    # one whose proposals max_tokens cut short: the round ahead assumed all k
+    assert proposer.ahead_rounds >= rounds - 1 and proposer.ahead_hits >= rounds - 2
 
 
 def test_a_draft_mesh_out_of_range_or_on_the_targets_devices_is_refused_naming_it():

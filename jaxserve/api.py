@@ -29,13 +29,14 @@ from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToke
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.engine import sizing
 from jaxserve.engine.scoring import JobScores, ScoreJob, ScoreRun
-from jaxserve.engine.speculative.draft import check_vocabulary
+from jaxserve.engine.speculative.draft import check_vocabulary, draft_layout
 from jaxserve.kv_cache import NULL_BLOCK, KVPool, kv_format
 from jaxserve.models import MODEL_CLASSES
 from jaxserve.ops.moe import DEFAULT_AUTO_THRESHOLD, MoEExecution
 from jaxserve.perf import moe_auto
 from jaxserve.runtime import compile_cache, distributed
 from jaxserve.runtime.follower import follow
+from jaxserve.runtime.draft_runner import DraftRunner
 from jaxserve.runtime.leader import LeaderRunner
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.settings import CacheSettings, Settings, SpeculativeSettings
@@ -93,7 +94,8 @@ class LLM:
         speculative_config: vLLM's dict, e.g. {"method": "ngram", "num_speculative_tokens": 4,
         "prompt_lookup_min": 1, "prompt_lookup_max": 3}, or {"method": "draft", "model": DIR,
         "num_speculative_tokens": 4} (a smaller checkpoint of the same vocabulary, run greedily
-        on the same devices): each step verifies up to k proposed tokens per sequence,
+        on the same devices, or on its own with "mesh": "tp=1@4"; no "model": the embedded
+        model's draft): each step verifies up to k proposed tokens per sequence,
         losslessly (see jaxserve/engine/speculative/); None = off.
         """
         if settings is None:
@@ -163,8 +165,9 @@ class LLM:
             raise SystemExit(0)  # the leader is done: so is this process
 
     def _load_draft(self, spec: SpeculativeSettings, dtype, kv_blocks: int,
-                    moe: MoEExecution) -> ModelRunner:
-        """The draft model (speculative method 'draft') on the target's mesh, with a KV pool
+                    moe: MoEExecution) -> DraftRunner:
+        """The draft model (speculative method 'draft') on the target's mesh or its own
+        (`spec.mesh`), with a KV pool
         of its own as many blocks as the target's, after checking it shares the target's
         vocabulary (see jaxserve/engine/speculative/draft.py)."""
         from jaxserve.text.load import load_tokenizer
@@ -180,8 +183,10 @@ class LLM:
         check_vocabulary(self.config, self.tokenizer, stored, load_tokenizer(draft_dir, stored),
                          draft_dir)
         settings = self.settings
+        layout = self.layout if spec.mesh is None else \
+            draft_layout(spec.mesh, self.layout, settings.parallel.rules)
         config, graphdef, params = restore_model(
-            draft_dir, self.layout, settings.dtype, settings.precision.quantization,
+            draft_dir, layout, settings.dtype, settings.precision.quantization,
             settings.precision.quantize_embeddings)
         if config.max_position_embeddings < self.max_model_len:
             raise ValueError(f"the draft model {spec.model!r} reaches "
@@ -190,9 +195,8 @@ class LLM:
         cache_spec = MODEL_CLASSES[config.family].cache_spec(config, dtype).with_format(
             self.kv_format)
         kv = KVPool.create(cache_spec, kv_blocks * self.num_replicas, settings.cache.block_size,
-                           self.layout)
-        return ModelRunner(config, graphdef, params, self.layout, kv, moe,
-                           settings.sampling.mode)
+                           layout)
+        return DraftRunner(config, graphdef, params, layout, kv, moe, settings.sampling.mode)
 
     def _moe_execution(self, parallel, dtype) -> MoEExecution:
         """MoE `auto`'s threshold: the explicit setting, else the performance model's crossover

@@ -46,7 +46,8 @@ def _settings(args):
 
 # speculative_config key -> the flag's dest (vLLM's flag names)
 SPECULATIVE_FLAGS = {"method": "speculative_method", "model": "speculative_model",
-                     "num_speculative_tokens": "num_speculative_tokens"}
+                     "num_speculative_tokens": "num_speculative_tokens",
+                     "mesh": "speculative_mesh"}
 
 
 def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -56,6 +57,9 @@ def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    "--num-speculative-tokens is given)")
     p.add_argument("--speculative-model", default=None, metavar="DIR",
                    help="draft model checkpoint (method draft)")
+    p.add_argument("--speculative-mesh", default=None, metavar="AXES@FIRST",
+                   help="the draft model on devices of its own, e.g. tp=1@4 (default: the "
+                   "target's devices)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="proposed tokens verified per sequence and step (default: 4)")
 
@@ -305,8 +309,10 @@ def cmd_plan(args) -> int:
     workload = Workload.load(args.workload) if args.workload else Workload()
     precision = Precision.parse(args.precision)
     decode = Precision.parse(args.decode_precision) if args.decode_precision else None
+    speculation, draft = _plan_speculation(args)
     result = plan(config, args.devices, hardware, workload, precision, decode,
-                  SLO.parse(args.slo), disaggregated=not args.colocated_only, model_name=name)
+                  SLO.parse(args.slo), disaggregated=not args.colocated_only, model_name=name,
+                  speculation=speculation, draft_config=draft)
     print(result.table(args.top))
     if not result.candidates:
         print("no layout fits: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
@@ -314,6 +320,21 @@ def cmd_plan(args) -> int:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0 if result.candidates else 1
+
+
+def _plan_speculation(args):
+    """(Speculation or None, the draft's ModelConfig or None) from plan's flags."""
+    from jaxserve.perf.plan import load_model_config
+    from jaxserve.perf.speculative import Speculation
+
+    if args.speculative_acceptance is None:
+        if args.num_speculative_tokens is not None or args.speculative_model is not None:
+            raise ValueError("--num-speculative-tokens and --speculative-model need "
+                             "--speculative-acceptance (the acceptance rate to plan with)")
+        return None, None
+    speculation = Speculation(args.speculative_acceptance, args.num_speculative_tokens or 4)
+    draft = load_model_config(args.speculative_model)[0] if args.speculative_model else None
+    return speculation, draft
 
 
 def cmd_calibrate(args) -> int:
@@ -465,6 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the profile's host time per step (ms)")
     p.add_argument("--host-seq-us", type=float, default=None,
                    help="override the profile's host time per sequence in a step (us)")
+    p.add_argument("--speculative-acceptance", type=float, default=None, metavar="A",
+                   help="plan speculative decoding: each proposal kept with probability A "
+                   "(colocated layouts only)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="proposals verified per sequence and step (default 4)")
+    p.add_argument("--speculative-model", default=None, metavar="CONFIG",
+                   help="a draft model (config as --model) proposing on the same devices "
+                   "(default: proposals cost nothing, as prompt lookup's)")
     p.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     p.add_argument("--json", default=None, help="write every layout's numbers here")
     p.set_defaults(func=cmd_plan)

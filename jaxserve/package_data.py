@@ -2,9 +2,11 @@
 
 - `rules_dir()`: the built-in sharding rules, `jaxserve/sharding_rules/NAME.yaml` (`--rules tp`);
 - `embedded_model()`: the embedded tiny model, `jaxserve/checkpoints/tiny` (what `generate`
-  and `serve` run without `--model`; written by scripts/train_tiny.py).
+  and `serve` run without `--model`; written by scripts/train_tiny.py);
+- `embedded_draft()`: its 1-layer draft for speculative decoding, `jaxserve/checkpoints/
+  tiny-draft` (the default draft of method 'draft'; `scripts/train_tiny.py --draft`).
 
-Both are read through `importlib.resources`, the one place that knows where they are, and are
+All are read through `importlib.resources`, the one place that knows where they are, and are
 declared as package data in pyproject.toml (tests/test_package_data.py checks the wheel holds
 them). This module must never import jax.
 """
@@ -30,3 +32,7 @@ def rules_dir() -> Path:
 
 def embedded_model() -> Path:
     return _package_dir("checkpoints", "tiny")
+
+
+def embedded_draft() -> Path:
+    return _package_dir("checkpoints", "tiny-draft")

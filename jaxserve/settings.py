@@ -38,6 +38,7 @@ import os
 from typing import Any, Iterator
 
 from jaxserve.config import QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES
+from jaxserve.package_data import embedded_draft
 from jaxserve.rules import parse_mesh
 
 # The mode names users see, defined once; the modules that implement them import these.
@@ -305,6 +306,15 @@ class DistributedSettings:
         return self.process_id == 0
 
 
+def parse_draft_mesh(text: str) -> tuple[dict[str, int], int]:
+    """'tp=1@4' -> ({'tp': 1}, 4): the draft's mesh axes and its first device's index."""
+    axes, at, first = text.partition("@") if isinstance(text, str) else ("", "", "")
+    if not at or not first.strip().isdigit():
+        raise ValueError(f"speculative mesh must be AXES@FIRST_DEVICE, e.g. 'tp=1@4', got "
+                         f"{text!r}")
+    return parse_mesh(axes), int(first)
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeSettings:
     """Speculative decoding: a proposer guesses up to `num_speculative_tokens` next tokens per
@@ -312,13 +322,17 @@ class SpeculativeSettings:
     vLLM's `speculative_config` dict (`from_config`). `ngram` is prompt lookup: the last n
     tokens (n from prompt_lookup_max down to prompt_lookup_min) are looked up earlier in the
     prompt and output, and what followed them is proposed. `draft` names a smaller model of
-    the same vocabulary (`model`, a checkpoint directory)."""
+    the same vocabulary (`model`, a checkpoint directory; default: the embedded model's
+    distilled draft, `jaxserve/checkpoints/tiny-draft`). `mesh` puts the draft on devices of
+    its own, "AXES@FIRST": the mesh AXES (e.g. "tp=1") on the devices FIRST, FIRST+1, ...,
+    which must not be the target's (checked at load); None = the target's devices."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     model: str | None = None
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    mesh: str | None = None
 
     def __post_init__(self):
         _one_of("speculative method", self.method, SPECULATIVE_METHODS)
@@ -332,13 +346,17 @@ class SpeculativeSettings:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
         if self.method == "draft" and not self.model:
-            raise ValueError("speculative method 'draft' needs a draft model directory "
-                             "(speculative_config['model'], --speculative-model)")
+            object.__setattr__(self, "model", str(embedded_draft()))
         if self.method == "ngram" and self.model is not None:
             raise ValueError(f"speculative method 'ngram' takes no model, got {self.model!r}: "
                              f"use method 'draft' for a draft model")
         if self.model is not None:
             object.__setattr__(self, "model", str(self.model))
+        if self.mesh is not None:
+            if self.method != "draft":
+                raise ValueError(f"speculative mesh {self.mesh!r} places a draft model; "
+                                 f"method {self.method!r} has none")
+            parse_draft_mesh(self.mesh)
 
     @classmethod
     def from_config(cls, config: dict | SpeculativeSettings | None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxserve.package_data import embedded_model, rules_dir
+from jaxserve.package_data import embedded_draft, embedded_model, rules_dir
 from jaxserve.rules import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +21,8 @@ def data_files() -> list[str]:
     """What the wheel must hold, as paths inside it."""
     files = [*(PACKAGE / "sharding_rules").glob("*.yaml"),
              *(PACKAGE / "perf" / "hardware").glob("*.yaml"),
-             *(p for p in (PACKAGE / "checkpoints" / "tiny").rglob("*") if p.is_file())]
+             *(p for name in ("tiny", "tiny-draft")
+               for p in (PACKAGE / "checkpoints" / name).rglob("*") if p.is_file())]
     return sorted(str(p.relative_to(ROOT)) for p in files)
 
 
@@ -32,6 +33,8 @@ def test_the_package_finds_its_rules_and_embedded_model():
     assert {"tp", "dp", "dp_tp", "ep", "tp_ep", "dp_ep"} <= {p.stem for p in
                                                             rules_dir().glob("*.yaml")}
     assert (embedded_model() / "config.json").is_file()
+    assert embedded_draft() == PACKAGE / "checkpoints" / "tiny-draft"
+    assert (embedded_draft() / "config.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_the_rules_the_hardware_profiles_and_the_embedded_model(wheel):
     expected = data_files()
     assert len([f for f in expected if "/checkpoints/tiny/params/" in f]) >= 5
+    assert len([f for f in expected if "/checkpoints/tiny-draft/params/" in f]) >= 5
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         missing = [f for f in expected if f not in names]

@@ -12,6 +12,7 @@ from scipy import stats
 from jaxserve import LLM, SamplingParams
 from jaxserve.checkpoint import convert_hf
 from jaxserve.engine.speculative.ngram import lookup
+from jaxserve.package_data import embedded_draft
 from jaxserve.settings import Settings, SpeculativeSettings
 from tests.hf_models import make_hf_model
 
@@ -192,7 +193,10 @@ def test_seeded_sampling_gives_the_plain_tokens_alone_and_in_a_batch(plain, spec
     ({"num_speculative_tokens": 0}, "num_speculative_tokens must be a positive integer, got 0"),
     ({"num_speculative_tokens": 99}, "num_speculative_tokens must be at most 15, got 99"),
     ({"prompt_lookup_min": 4, "prompt_lookup_max": 2}, r"prompt_lookup_min \(4\) must not"),
-    ({"method": "draft"}, "speculative method 'draft' needs a draft model directory"),
+    ({"method": "ngram", "mesh": "tp=1@4"}, "speculative mesh 'tp=1@4' places a draft model"),
+    ({"method": "draft", "mesh": "tp=1"}, "speculative mesh must be AXES@FIRST_DEVICE, e.g. "
+                                          "'tp=1@4', got 'tp=1'"),
+    ({"method": "draft", "mesh": "xp=1@4"}, "unknown mesh axis 'xp'"),
     ({"method": "ngram", "model": "x"}, "speculative method 'ngram' takes no model, got 'x'"),
     ({"k": 4}, "speculative_config: unknown key 'k'"),
 ])
@@ -208,9 +212,10 @@ def test_speculative_flags_build_the_speculative_settings():
     args = parser.parse_args(["generate", "--prompt", "x", "--num-speculative-tokens", "3"])
     assert cli._settings(args).speculative == SpeculativeSettings(num_speculative_tokens=3)
     assert cli._settings(parser.parse_args(["serve"])).speculative is None
-    args = parser.parse_args(["serve", "--speculative-method", "draft"])
-    with pytest.raises(ValueError, match="speculative method 'draft' needs a draft model"):
-        cli._settings(args)
+    args = parser.parse_args(["serve", "--speculative-method", "draft",
+                              "--speculative-mesh", "tp=1@4"])
+    assert cli._settings(args).speculative == SpeculativeSettings(
+        method="draft", model=str(embedded_draft()), mesh="tp=1@4")  # the embedded draft
 
 
 def test_settings_take_speculative_settings_only():

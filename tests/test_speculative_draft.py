@@ -180,3 +180,66 @@ def test_a_speculative_model_alone_means_the_draft_method():
                                           "--speculative-model", "some/dir"])
     assert cli._settings(args).speculative == SpeculativeSettings(method="draft",
                                                                   model="some/dir")
+
+
+def test_each_round_of_proposals_is_one_dispatch_of_the_draft(self_draft):
+    """After a sequence's first round (whose prompt the draft prefills), a round is ONE draft
+    program: the catch-up and the k - 1 greedy iterations run in a loop on the device. Fails
+    with a round of k separate draft steps, or with a catch-up that prefills what the draft
+    already wrote (the kept proposals)."""
+    runner = self_draft.engine.proposer.runner
+    calls = {"propose": 0, "step": 0}
+    propose, step = runner.propose, runner.step
+
+    def counting(kind, fn):
+        def call(inputs):
+            calls[kind] += 1
+            return fn(inputs)
+        return call
+
+    runner.propose, runner.step = counting("propose", propose), counting("step", step)
+    before = self_draft.stats()
+    try:
+        _tokens(self_draft, [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=21,
+                                                         ignore_eos=True))
+    finally:
+        del runner.propose, runner.step
+    after = self_draft.stats()
+    rounds = after["spec_verify_runs"] - before["spec_verify_runs"]
+    assert rounds == 5  # 1 + 5 x (3 kept + 1): every proposal kept
+    assert calls == {"propose": rounds, "step": 1}  # one prefill of the prompt, then rounds
+
+
+def test_the_draft_on_devices_of_its_own_gives_the_plain_tokens_at_tp2(dirs, plain):
+    """Target tp=2 on devices 0-1, the draft (the target's checkpoint) alone on device 2,
+    proposing each step's tokens while the target verifies the step before. Such a draft is
+    always right, so the round dispatched ahead holds for nearly every step (it fails if the
+    ahead round's positions or KV were wrong: its proposals would be rejected)."""
+    llm = LLM(dirs["target"], mesh="tp=2", rules="tp",
+              speculative_config={**_draft(dirs["target"]), "mesh": "tp=1@2"},
+              compilation="on_use", **ENGINE)  # only the shapes it runs
+    proposer = llm.engine.proposer
+    assert [d.id for d in proposer.runner.layout.mesh.devices.flat] == [2]
+    assert {d.id for leaf in proposer.runner.param_leaves for d in leaf.devices()} == {2}
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    assert _tokens(llm, PROMPTS[:1], params) == _tokens(plain, PROMPTS[:1], params)
+    stats = llm.stats()
+    rounds = stats["spec_verify_runs"]
+    assert stats["spec_acceptance_rate"] == 1.0 and rounds >= 3
+    # every round after the first finds its proposals ready (all of them kept, above), but
+    # one whose proposals max_tokens cut short: the round ahead assumed all k
+    assert proposer.ahead_rounds >= rounds - 1 and proposer.ahead_hits >= rounds - 2
+
+
+def test_a_draft_mesh_out_of_range_or_on_the_targets_devices_is_refused_naming_it():
+    from jaxserve.engine.speculative.draft import draft_layout
+    from jaxserve.sharding import Layout
+
+    target = Layout.create("tp=2", "tp")
+    with pytest.raises(ValueError, match=r"speculative mesh 'tp=1@1' overlaps the target's "
+                                         r"devices \[0, 1\] \(device 1\)"):
+        draft_layout("tp=1@1", target, "tp")
+    with pytest.raises(ValueError, match=r"speculative mesh 'tp=2@7' needs devices 7..8 but "
+                                         r"there are 8"):
+        draft_layout("tp=2@7", target, "tp")
+    assert [d.id for d in draft_layout("tp=2@4", target, "tp").mesh.devices.flat] == [4, 5]

@@ -119,3 +119,27 @@ def test_committed_checkpoint_learned_python():
     # the same checkpoint splits over tp=8 and gives the same logits
     sharded = LLM(COMMITTED, mesh="tp=8", rules="tp").logits([ids])[0]
     np.testing.assert_allclose(sharded, logits, atol=1e-3 * np.abs(logits).max())
+
+
+def test_the_committed_draft_is_the_default_and_the_target_keeps_its_proposals():
+    """`speculative_config={"method": "draft"}` alone runs the committed 1-layer draft
+    (jaxserve/checkpoints/tiny-draft, scripts/train_tiny.py --draft): small, the target's own
+    tokenizer, and a good share of its proposals kept on Python the target writes (a draft left
+    at its random initialisation has almost none kept). That the tokens are plain decoding's
+    whatever the draft proposes is tests/test_speculative_draft.py's."""
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.config import ModelConfig
+    from jaxserve.package_data import embedded_draft
+
+    draft = embedded_draft()
+    size = sum(f.stat().st_size for f in draft.rglob("*") if f.is_file())
+    assert size <= 4 * 2**20, f"the embedded draft is {size / 2**20:.1f} MiB"
+    assert ModelConfig.load(draft / "config.json").num_layers == 1
+    assert (draft / "tokenizer.model").read_bytes() == \
+        (COMMITTED / "tokenizer.model").read_bytes()
+    spec = LLM(COMMITTED, speculative_config={"method": "draft", "num_speculative_tokens": 3},
+               max_model_len=128, max_num_seqs=1, compilation="on_use")
+    assert spec.engine.proposer.runner.config.num_layers == 1
+    spec.generate(["import os\nimport sys\n\n\ndef main("],
+                  SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    assert spec.stats()["spec_acceptance_rate"] >= 0.3

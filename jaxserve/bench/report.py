@@ -37,6 +37,15 @@ def print_table(title: str, rows: list, flag: str = "") -> None:
     sys.stdout.flush()
 
 
+def print_markdown(title: str, head: tuple[str, ...], rows: list[tuple]) -> None:
+    """A plain markdown table: a header and one line per row (first column left-aligned)."""
+    print(f"\n## {title}")
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
 def json_default(x):
     if isinstance(x, (np.integer,)):
         return int(x)

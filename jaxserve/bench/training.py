@@ -187,8 +187,20 @@ def make_train_step(graphdef: nnx.GraphDef, tc: TrainConfig) -> Callable:
         model = nnx.merge(graphdef, params)
         return cross_entropy(forward_logits(model, batch[:, :-1]), batch[:, 1:])
 
-    def step(params, opt, batch, lr):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    return adamw_step(loss_fn, tc)
+
+
+def adamw_state(params) -> dict[str, Any]:
+    return {"count": jnp.zeros((), jnp.int32),
+            "mu": jax.tree.map(jnp.zeros_like, params),
+            "nu": jax.tree.map(jnp.zeros_like, params)}
+
+
+def adamw_step(loss_fn: Callable, tc: TrainConfig) -> Callable:
+    """The jitted step (params, opt, batch, lr, *constants) -> (params, opt, loss, |g|) of
+    `loss_fn(params, *constants, batch)`: AdamW with global-norm clipping."""
+    def step(params, opt, batch, lr, *constants):
+        loss, grads = jax.value_and_grad(loss_fn)(params, *constants, batch)
         leaves = jax.tree.leaves(grads)
         norm = jnp.sqrt(sum(jnp.sum(g * g) for g in leaves))
         scale = jnp.minimum(1.0, tc.clip_norm / (norm + 1e-6))
@@ -287,9 +299,7 @@ def train(out_dir: str | Path, *, train_config: TrainConfig | None = None,
             f"hidden {config.hidden_size}, mlp {config.intermediate_size}")
         del model
 
-        opt = {"count": jnp.zeros((), jnp.int32),
-               "mu": jax.tree.map(jnp.zeros_like, params),
-               "nu": jax.tree.map(jnp.zeros_like, params)}
+        opt = adamw_state(params)
         step_fn = make_train_step(graphdef, tc)
         rng = np.random.default_rng(tc.seed)
         total = tc.steps

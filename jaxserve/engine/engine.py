@@ -238,6 +238,8 @@ class Engine:
         if slot_rows is not None:
             self.runner.set_slots(*slot_rows)
         outputs = self.runner.step(layout.inputs)  # one program: prefill chunks and decodes
+        if self.proposer is not None:
+            self.proposer.dispatched(plan)  # a draft may run beside the step
         if plan.copies:
             self.runner.copy_blocks(self.builder.copy_pairs(plan.copies))
         self.timeline.lap("dispatch")

@@ -7,8 +7,8 @@ decode, and in a step with prefill `max_prefill_rows` rows for the chunks that e
 each rounded up to a bucket, so a handful of programs serve every mix:
 
 - decode-only steps: decode_rows in 1, 4, 8, 16, ... up to max_num_seqs (with speculation, a
-  sequence's last token and each of its proposals is a decode row: up to max_num_seqs x (1 + k),
-  within the token budget);
+  sequence's last token and each of its proposals is a decode row: those buckets times 1 + k,
+  within the token budget, and 1);
 - steps with prefill: prefill_tokens in 2, 4, 8, ... tiles up to max_num_batched_tokens, and
   decode_rows in a coarser set (0, a small bucket, max_num_seqs): a few padded decode rows cost
   little next to a prefill chunk, and each extra bucket is a program to compile.
@@ -68,9 +68,6 @@ class StepBuilder:
         most proposals a decoding sequence verifies per step (0: no speculation)."""
         max_num_seqs, max_num_batched_tokens = limits.max_num_seqs, limits.max_num_batched_tokens
         self.speculative = speculative_tokens > 0
-        if self.speculative:
-            max_num_seqs = max(max_num_seqs, min(max_num_seqs * (1 + speculative_tokens),
-                                                 max_num_batched_tokens))
         self.num_replicas = num_replicas
         self.block_size = block_size
         self.width = table_width(math.ceil(limits.max_model_len / block_size), block_size)
@@ -81,6 +78,13 @@ class StepBuilder:
         # 2 and 3 decodes pad to 4, a prefill of one tile to two: the weight products cost the
         # same at those sizes, and each bucket dropped is a program less to compile.
         self.decode_buckets = [1] + powers_of_two(max_num_seqs, start=4)
+        if self.speculative:
+            # a run is 1 + k rows: sequences' buckets times that, not the next power of two
+            # (one sequence verifying k = 4 runs 5 rows, not 8); 1 for a step without proposals
+            run = 1 + speculative_tokens
+            self.decode_buckets = sorted({1} | {min(run * b, max(max_num_seqs,
+                                                                 max_num_batched_tokens))
+                                                for b in self.decode_buckets})
         self.mixed_decode_buckets = sorted({0, min(SMALL_MIXED_DECODES, self.decode_buckets[-1]),
                                             self.decode_buckets[-1]})
         self.prefill_buckets = [QUERY_TILE * n for n in

@@ -27,6 +27,7 @@ from jaxserve.config import FORMAT_VERSION, ModelConfig, from_hf_config
 from jaxserve.perf import energy, serving
 from jaxserve.perf.precision import Precision
 from jaxserve.perf.profiles import Hardware
+from jaxserve.perf.speculative import Speculation
 from jaxserve.perf.step import Deployment
 from jaxserve.perf.workload import Workload
 from jaxserve.rules import ShardingError
@@ -202,7 +203,12 @@ def _cost(hw: Hardware, devices: int, tokens_per_s: float) -> float | None:
 
 def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Workload,
          precision: Precision | None = None, decode_precision: Precision | None = None,
-         slo: SLO | None = None, disaggregated: bool = True, model_name: str = "model") -> Plan:
+         slo: SLO | None = None, disaggregated: bool = True, model_name: str = "model",
+         speculation: Speculation | None = None, draft_config: ModelConfig | None = None
+         ) -> Plan:
+    """speculation: every colocated layout decodes speculatively (acceptance, k); with
+    `draft_config` a draft model proposes on the same engine's mesh, after each verify (no
+    prefill/decode splits are ranked then: their decode role does not model it)."""
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise PlanError(f"devices must be a positive integer, got {devices!r}")
     precision = precision or Precision()
@@ -212,6 +218,7 @@ def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Worklo
         if p.compute not in hardware.peak_flops:
             raise PlanError(f"hardware {hardware.name!r} has no {p.compute} products (it has "
                             f"{', '.join(hardware.peak_flops)}): choose another precision")
+    disaggregated = disaggregated and speculation is None
     candidates: list[Candidate] = []
     skipped: dict[str, str] = {}
     prefill_side, decode_side = [], []
@@ -224,8 +231,14 @@ def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Worklo
             skipped[label] = str(e)
             continue
         label = f"{engines} x {d.label}"
+        spec = speculation
         try:
-            op = serving.colocated(d, workload, engines)
+            if speculation is not None and draft_config is not None:
+                spec = dataclasses.replace(speculation, draft=Deployment(
+                    draft_config, mesh, rules, hardware, precision))
+            op = serving.colocated(d, workload, engines, spec)
+        except ShardingError as e:
+            skipped[label] = f"draft model: {e}"
         except serving.DoesNotFit as e:
             skipped[label] = str(e)
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxserve.perf.speculative import Speculation
 from jaxserve.perf.step import Chunk, Deployment, StepTime, decode_chunk
 from jaxserve.perf.workload import Workload
 
@@ -81,20 +82,31 @@ def _ttft(d: Deployment, w: Workload, decodes: float, room: float) -> float:
     return w.prompt_len.mean(one)
 
 
-def colocated(d: Deployment, w: Workload, engines: int = 1) -> Operating:
-    """`engines` identical engines sharing the workload; the operating point of one."""
+def colocated(d: Deployment, w: Workload, engines: int = 1,
+              speculation: Speculation | None = None) -> Operating:
+    """`engines` identical engines sharing the workload; the operating point of one. With
+    `speculation` each step is a round (jaxserve/perf/speculative.py): the decodes verify k
+    proposals each and gain its tokens_per_step; `step` is the round's verify step."""
     _check_fits(d, w, w.longest_request)
     replicas = d.replicas * engines
     new_per_output = w.mean_new_prompt / w.mean_output
+    per_step = speculation.tokens_per_step if speculation else 1.0  # tokens per sequence
+    rows = speculation.num_speculative_tokens + 1 if speculation else 1  # per sequence
     limits = {"max_num_seqs": float(w.max_num_seqs),
               "KV capacity": d.kv_capacity_tokens / w.mean_resident_tokens,
-              "token budget": w.max_num_batched_tokens / (1 + new_per_output)}
+              "token budget": w.max_num_batched_tokens / (rows + per_step * new_per_output)}
     limited_by = min(limits, key=limits.get)
     b_max = limits[limited_by]
+    context = w.mean_decode_context
 
     def step(b: float) -> StepTime:
-        return d.step([decode_chunk(w.mean_decode_context, b)]
-                      + _prefill_chunks(w, b / w.mean_output, samples=False))
+        decodes = speculation.verify_chunks(context, b) if speculation else \
+            [decode_chunk(context, b)]
+        return d.step(decodes + _prefill_chunks(w, b * per_step / w.mean_output, samples=False))
+
+    def seconds(b: float) -> float:  # per step (per round)
+        verify_s = step(b).total_s
+        return speculation.round_s(verify_s, context, b) if speculation else verify_s
 
     saturated = False
     if w.concurrency is not None:
@@ -102,24 +114,24 @@ def colocated(d: Deployment, w: Workload, engines: int = 1) -> Operating:
             b_max, limited_by = w.concurrency / replicas, "concurrency"
     elif w.rate is not None:
         need = w.rate / replicas * w.mean_output  # output tokens/s per replica
-        if b_max / step(b_max).total_s < need:
+        if b_max * per_step / seconds(b_max) < need:
             saturated = True
         else:
-            b_max, limited_by = _batch_for_rate(step, b_max, need), "rate"
-    s = step(b_max)
-    tokens = replicas * b_max / s.total_s
-    ttft = _ttft(d, w, b_max, w.max_num_batched_tokens - b_max)
-    return Operating(b_max, s, s.total_s, ttft, tokens / engines,
+            b_max, limited_by = _batch_for_rate(seconds, b_max, need / per_step), "rate"
+    s, round_s = step(b_max), seconds(b_max)
+    tokens = replicas * b_max * per_step / round_s
+    ttft = _ttft(d, w, b_max, w.max_num_batched_tokens - b_max * rows)
+    return Operating(b_max, s, round_s / per_step, ttft, tokens / engines,
                      tokens / engines / w.mean_output, limited_by, saturated)
 
 
-def _batch_for_rate(step, b_max: float, need: float) -> float:
+def _batch_for_rate(seconds, b_max: float, need: float) -> float:
     """The smallest batch in (0, b_max] whose tokens per second (batch / step time) reach
     `need`, by bisection (tokens per second grow with the batch)."""
     lo, hi = 0.0, b_max
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mid / step(mid).total_s < need else (lo, mid)
+        lo, hi = (mid, hi) if mid / seconds(mid) < need else (lo, mid)
     return hi
 
 
@@ -149,7 +161,7 @@ def decode_role(d: Deployment, w: Workload, rate_per_engine: float | None = None
     if rate_per_engine is not None:
         need = rate_per_engine / d.replicas * w.mean_output
         if b / step(b).total_s >= need:
-            b, limited_by = _batch_for_rate(step, b, need), "rate"
+            b, limited_by = _batch_for_rate(lambda x: step(x).total_s, b, need), "rate"
     s = step(b)
     tokens = d.replicas * b / s.total_s
     return Operating(b, s, s.total_s, 0.0, tokens, tokens / w.mean_output, limited_by)

@@ -11,8 +11,9 @@ end at the accepted path (Scheduler.update). Proposers: `ngram` (prompt lookup, 
 `draft` (a smaller model of the same vocabulary, draft.py).
 
 A proposer reads only token ids on the host and returns, for a batch of decoding sequences,
-each one's proposals (`propose_all`); it never calls a model directly (the draft proposer
-dispatches its runner's compiled steps).
+each one's proposals (`propose_all`); it hears when the target's step is dispatched
+(`dispatched`: a draft on devices of its own proposes the next step's tokens beside it); it
+never calls a model directly (the draft proposer dispatches its runner's compiled programs).
 """
 
 from __future__ import annotations
@@ -35,6 +36,6 @@ def make_proposer(settings: SpeculativeSettings | None, limits: SchedulerSetting
         if draft_runner is None:
             raise ValueError(f"speculative method 'draft' needs the draft model "
                              f"{settings.model!r} loaded (LLM loads it)")
-        return DraftProposer(draft_runner, limits, k)
+        return DraftProposer(draft_runner, limits, k, ahead=settings.mesh is not None)
     raise ValueError(f"speculative method {settings.method!r} is not supported; "
                      f"use 'ngram' or 'draft'")

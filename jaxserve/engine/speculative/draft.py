@@ -1,35 +1,41 @@
 """Draft-model proposals: a smaller model of the same vocabulary guesses the next k tokens.
 
 Design (this file owns it):
-- The draft is a second ModelRunner on the target's devices (same mesh, no sub-mesh yet), with
-  its own KV pool, its own slot state and its own compiled programs. Its KV blocks and slots are
-  allocated here, from a block pool of its own (no prefix cache): the target's scheduler never
-  sees them.
+- The draft is a second runner (jaxserve/runtime/draft_runner.py) on the target's devices, or
+  on devices of its own, with its own KV pool, slot state and compiled programs. Its KV
+  blocks and slots are allocated here, from a block pool of its own (no prefix cache): the
+  target's scheduler never sees them.
 - Per decoding sequence the draft keeps a shadow Sequence (whose "prompt" is the target
-  sequence's prompt + outputs) and `valid`: how many of those tokens its KV holds. Outputs only
-  ever grow, so positions below `valid` stay right; the proposals' KV past them is simply
-  overwritten by the next catch-up (no copy, no rollback), and positions past a sequence's
-  length are never read.
-- One round (`propose_all`, every sequence batched into each step, no per-sequence loop):
-  catch-up steps prefill each sequence's tokens past `valid` (chunked to the step budget); the
-  chunk that ends a catch-up samples the first proposal. Then k - 1 decode steps over every
-  sequence still proposing, each reading its last proposal from the draft's slot state on the
-  device. The proposals are read back once, at the end.
+  sequence's prompt + outputs), `valid`: how many of those tokens its KV holds, and the
+  proposals of its last round. Outputs only ever grow, so positions below `valid` stay right.
+  A round writes the KV of its own proposals d_1..d_{m-1} at the positions after the tokens it
+  was given; the next round counts the leading ones the target kept as valid (their KV is
+  what a catch-up would write: the same tokens after the same prefix), so after a step that
+  kept a proposals only 1 token (2 when all k were kept) is new to the draft. The rest of the
+  proposals' KV is overwritten by later rounds (no copy, no rollback), and positions past a
+  sequence's length are never read.
+- One round (`propose_all`) is ONE dispatch of the draft's `propose` program for every
+  sequence (no per-sequence loop, no k dispatches): the up to CATCH_UP new tokens of each
+  sequence, then k - 1 greedy decode iterations, in a loop on the device; the proposals are
+  read back once. A sequence with more new tokens than that (one seen for the first time, or
+  after a preemption) first has the excess prefilled by the draft's step program, batched and
+  chunked to the step budget.
 - The draft decodes greedily, so each proposal is a point mass: the target's acceptance rule
   (jaxserve/runtime/verify.py) stays exact and a seeded request's tokens stay batch-invariant.
 - A sequence holds draft blocks and a slot only while it is proposed for: one that finished, was
   preempted or is prefilling again gives them back at the next round (a preempted one catches up
   from scratch). A sequence the draft pool has no room for gets no proposals this round.
 
-The draft's steps are built by the same StepBuilder as the target's; this module never calls a
-model directly: it dispatches the draft runner's compiled step.
+This module never calls a model directly: it dispatches the draft runner's compiled programs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxserve.engine.block_pool import BlockPool
@@ -37,23 +43,36 @@ from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.scheduler import PrefillChunk, StepPlan
 from jaxserve.engine.sequence import Request, Sequence
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder
+from jaxserve.ops.attention import chunk_blocks_for
+from jaxserve.runtime.draft_runner import propose_inputs
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.settings import SchedulerSettings
+from jaxserve.settings import SchedulerSettings, parse_draft_mesh
+from jaxserve.sharding import Layout
 
 GREEDY = SamplingParams(temperature=0)
+# New tokens a round feeds before it proposes: the target's correction or bonus token, and the
+# last proposal when the target kept all k (its KV was never written). More are prefilled first.
+CATCH_UP = 2
 
 
 @dataclasses.dataclass
 class _DraftState:
     shadow: Sequence  # the draft's view of a target sequence: prompt_ids = its known tokens
     valid: int = 0  # leading tokens whose KV the draft's pool holds
+    proposed_at: int = 0  # the length of the tokens the last round proposed after
+    proposed: list[int] = dataclasses.field(default_factory=list)  # that round's proposals
+    # a round dispatched ahead (`dispatched`): (where the target's bonus token lands if it
+    # keeps every proposal, the round's proposals on the device, this sequence's row)
+    ahead: tuple[int, object, int] | None = None
 
 
 class DraftProposer:
-    def __init__(self, runner, limits: SchedulerSettings, k: int):
-        """runner: the draft's ModelRunner (one DP replica); limits: the target's resolved
-        scheduler settings (the draft's steps obey the same budget)."""
-        self.runner, self.limits, self.k = runner, limits, k
+    def __init__(self, runner, limits: SchedulerSettings, k: int, ahead: bool = False):
+        """runner: the draft's DraftRunner (one DP replica); limits: the target's resolved
+        scheduler settings (the draft's steps obey the same budget). ahead: propose step
+        t+1's tokens while the target verifies step t's (the draft on devices of its own)."""
+        self.runner, self.limits, self.k, self.ahead = runner, limits, k, ahead
+        self.ahead_rounds = self.ahead_hits = 0
         seqs = limits.max_num_seqs
         runner.init_slots(seqs)
         self.blocks = BlockPool(runner.blocks_per_replica, runner.block_size, caching=False)
@@ -91,58 +110,143 @@ class DraftProposer:
         shadow.num_scheduled_outputs = 0
         return state
 
+    @staticmethod
+    def _count_kept(state: _DraftState, tokens: list[int]) -> None:
+        """Advance `valid` over the last round's proposals whose KV the draft wrote (all but
+        the last) while they are the sequence's actual tokens."""
+        if state.valid != state.proposed_at:
+            return
+        for j, proposal in enumerate(state.proposed[:-1]):
+            at = state.proposed_at + j
+            if at >= len(tokens) - 1 or tokens[at] != proposal:
+                break
+            state.valid = at + 1
+
     def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
         """Proposals for decoding sequences whose outputs are all read back."""
         proposing = set(seqs)
         for gone in [s for s in self.states if s not in proposing]:
             self._release(gone)
-        wanted: dict[Sequence, tuple[_DraftState, int]] = {}  # -> (state, proposals to make)
+        wanted: list[tuple[Sequence, _DraftState, int]] = []  # (seq, state, proposals to make)
+        proposals: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
         for seq in seqs:
             tokens = seq.request.prompt_ids + seq.output_ids
             # proposals past max_tokens could never be kept (see Scheduler.schedule)
             m = min(self.k, seq.request.max_tokens - len(seq.output_ids) - 1)
             state = self._state(seq, tokens, len(tokens) + m - 1) if m > 0 else None
-            if state is not None:
-                wanted[seq] = state, m
-        owner = {state.shadow: seq for seq, (state, _) in wanted.items()}
-        rows: list[tuple[object, int, Sequence]] = []  # (step outputs, row, target sequence)
-        self._catch_up([state for state, _ in wanted.values()], owner, rows)
-        for j in range(1, max((m for _, m in wanted.values()), default=0)):
-            shadows = [state.shadow for state, m in wanted.values() if m > j]
-            for shadow in shadows:
-                shadow.num_scheduled_outputs = j  # its last proposal is at position len + j - 1
-            layout = self.builder.build(StepPlan([], shadows))
-            outputs = self.runner.step(layout.inputs)
-            rows += [(outputs, row, owner[shadow]) for row, shadow in layout.sample_rows]
-        proposals: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
-        read: dict[int, np.ndarray] = {}
-        for outputs, row, seq in rows:
-            if id(outputs) not in read:
-                read[id(outputs)] = np.asarray(outputs.tokens)
-            proposals[seq].append(int(read[id(outputs)][row]))
+            if state is None:
+                continue
+            early = self._take_ahead(state, tokens, m)
+            if early is not None:
+                proposals[seq] = early
+                continue
+            self._count_kept(state, tokens)
+            wanted.append((seq, state, m))
+        if not wanted:
+            return proposals
+        for _, state, _ in wanted:  # a sequence the last step did not run: feed its last again
+            state.valid = min(state.valid, len(state.shadow.request.prompt_ids) - 1)
+        self._prefill_excess([state for _, state, _ in wanted])
+        rows = next(b for b in self.builder.decode_buckets if b >= len(wanted))
+        round_rows = []
+        for _, state, m in wanted:
+            tokens = state.shadow.request.prompt_ids
+            round_rows.append((tokens[state.valid:], state.valid, m, state.shadow.blocks))
+            state.valid = state.proposed_at = len(tokens)
+        inputs = propose_inputs(rows, CATCH_UP, self.k, self.builder.width,
+                                chunk_blocks_for(self.runner.block_size), round_rows)
+        out = np.asarray(self.runner.propose(inputs))  # the round's one readback
+        for i, (seq, state, m) in enumerate(wanted):
+            state.proposed = proposals[seq] = out[i, :m].tolist()
         return proposals
 
-    def _catch_up(self, states: list[_DraftState], owner: dict, rows: list) -> None:
-        """Prefill every state's tokens past `valid`, in steps within the budget; the chunk
-        that ends a catch-up samples the first proposal."""
+    def _take_ahead(self, state: _DraftState, tokens: list[int], m: int) -> list[int] | None:
+        """The proposals the round dispatched ahead made, if the target kept every proposal
+        and its bonus token is the one that round guessed (else None: a round corrects them)."""
+        ahead, state.ahead = state.ahead, None
+        if ahead is None:
+            return None
+        at, outputs, row = ahead
+        guesses = np.asarray(outputs)[row].tolist()
+        if len(tokens) != at + 1 or tokens[state.proposed_at:at] != state.proposed \
+                or tokens[at] != guesses[0]:
+            return None
+        self.ahead_hits += 1
+        state.valid = state.proposed_at = at + 1  # the round wrote the KV through the bonus
+        state.proposed = guesses[1:1 + m]
+        return state.proposed
+
+    def dispatched(self, plan: StepPlan) -> None:
+        """The target step `plan` is on its way: dispatch, beside it, the draft's round for the
+        next step, as if the target keeps every proposal (SwiftSpec's asynchronous draft). Its
+        first token guesses the target's bonus token; the next round uses the rest if that
+        guess and every proposal hold, and corrects them otherwise (`propose_all`)."""
+        if not self.ahead:
+            return
+        rows = []
+        for seq, drafts in plan.drafts.items():
+            state = self.states.get(seq)
+            if state is None or not drafts or drafts != state.proposed \
+                    or state.valid != state.proposed_at:
+                continue
+            at = state.proposed_at + len(drafts)  # where the bonus token lands
+            shadow = state.shadow
+            need = self.blocks.blocks_for(at + self.k - 1) - len(shadow.blocks)
+            if need > self.blocks.num_free:
+                continue
+            if need > 0:
+                shadow.blocks += self.blocks.allocate(need)
+            rows.append((state, at, ([drafts[-1]], at - 1, self.k, shadow.blocks)))
+        if not rows:
+            return
+        bucket = next(b for b in self.builder.decode_buckets if b >= len(rows))
+        inputs = propose_inputs(bucket, CATCH_UP, self.k, self.builder.width,
+                                chunk_blocks_for(self.runner.block_size), [r for *_, r in rows])
+        outputs = self.runner.propose(inputs)  # read back by the next round, if it is right
+        self.ahead_rounds += 1
+        for i, (state, at, _) in enumerate(rows):
+            state.ahead = (at, outputs, i)
+
+    def _prefill_excess(self, states: list[_DraftState]) -> None:
+        """Prefill every state's tokens past `valid` but the last CATCH_UP, in steps within the
+        budget (nothing sampled: the round that follows proposes)."""
         limits = self.limits
-        pending = list(states)
+
+        def excess(state: _DraftState) -> int:
+            return len(state.shadow.request.prompt_ids) - CATCH_UP - state.valid
+
+        pending = [s for s in states if excess(s) > 0]
         while pending:
             budget, chunks = limits.max_num_batched_tokens, []
             for state in pending:
-                total = len(state.shadow.request.prompt_ids)
-                length = min(total - state.valid, limits.max_prefill_chunk,
+                length = min(excess(state), limits.max_prefill_chunk,
                              budget // QUERY_TILE * QUERY_TILE)
                 if length <= 0 or len(chunks) >= limits.max_prefill_rows:
                     break
-                chunks.append(PrefillChunk(state.shadow, state.valid, length,
-                                           state.valid + length == total))
+                chunks.append(PrefillChunk(state.shadow, state.valid, length, False))
                 state.valid += length
                 budget -= -(-length // QUERY_TILE) * QUERY_TILE
-            layout = self.builder.build(StepPlan(chunks, []))
-            outputs = self.runner.step(layout.inputs)
-            rows += [(outputs, row, owner[shadow]) for row, shadow in layout.sample_rows]
-            pending = [s for s in pending if s.valid < len(s.shadow.request.prompt_ids)]
+            self.runner.step(self.builder.build(StepPlan(chunks, [])).inputs)
+            pending = [s for s in pending if excess(s) > 0]
+
+
+def draft_layout(mesh: str, target: Layout, rules) -> Layout:
+    """The draft's layout for a speculative `mesh` ('tp=1@4': mesh tp=1 on devices 4, ...),
+    refused when it reaches past the devices there are or shares one with the target."""
+    shape, first = parse_draft_mesh(mesh)
+    devices = jax.devices()
+    need = math.prod(shape.values())
+    if first + need > len(devices):
+        raise ValueError(f"speculative mesh {mesh!r} needs devices {first}..{first + need - 1} "
+                         f"but there are {len(devices)} (0..{len(devices) - 1})")
+    chosen = devices[first:first + need]
+    target_ids = sorted(d.id for d in target.mesh.devices.flat)
+    shared = sorted({d.id for d in chosen} & set(target_ids))
+    if shared:
+        raise ValueError(f"speculative mesh {mesh!r} overlaps the target's devices "
+                         f"{target_ids} (device {shared[0]}): give the draft devices of its own, "
+                         f"e.g. '@{len(target_ids)}', or no mesh to share the target's")
+    return Layout.create(shape, rules, devices=chosen)
 
 
 def check_vocabulary(target_config, target_tokenizer, draft_config, draft_tokenizer,

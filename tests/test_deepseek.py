@@ -1,0 +1,163 @@
+"""DeepSeek-V2/V3 (latent attention, shared experts, grouped routing): HF parity on several
+meshes, greedy generate (again through a prefix cache hit), the latent
+cache in int8, absorbed == expanded attention, and config fields we do not implement refused by
+name."""
+
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from jaxserve.config import ConfigError, from_hf_config
+from tests.hf_models import HF_CONFIGS, hf_logits
+from tests.test_engine import hf_greedy
+from tests.test_parity import assert_close_to_reference
+
+PROMPTS = [[1, 5, 9, 100, 3, 77, 40, 12, 8, 8, 8, 31], list(range(2, 47))]
+SMALL = dict(max_num_seqs=3, max_model_len=128, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def v3(hf_model_dir):
+    hf_dir, model_dir = hf_model_dir("deepseek_v3")
+    return hf_dir, LLM(model_dir, kv_blocks=16, **SMALL)
+
+
+def test_v3_logits_match_hf(v3):
+    """q_lora_rank, YaRN (attention factor and mscale), sigmoid routing with its bias."""
+    hf_dir, llm = v3
+    for prompt, logits in zip(PROMPTS, llm.logits(PROMPTS)):
+        assert logits.shape == (len(prompt), 128)
+        assert_close_to_reference(logits, hf_logits(hf_dir, prompt))
+
+
+def test_v3_greedy_generate_matches_hf_and_again_from_the_prefix_cache(v3):
+    hf_dir, llm = v3
+    prompt = np.random.default_rng(5).integers(3, 128, size=40).tolist()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = hf_greedy(hf_dir, prompt, 8)
+    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
+    hits = llm.stats()["prefix_cache_hits"]
+    assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert llm.stats()["prefix_cache_hits"] > hits  # its first 32 tokens' latents reused
+
+
+@pytest.mark.parametrize("family,mesh,rules", [("deepseek_v2", "tp=2,ep=2", "tp_ep"),
+                                               ("deepseek_v3", "dp=2,tp=2", "dp_tp")])
+def test_logits_match_hf_on_a_mesh(hf_model_dir, family, mesh, rules):
+    """V2 (no q_lora_rank, group-limited softmax routing) with heads and experts split; V3
+    with replicas and heads split. Both meet HF, so both equal the single-device model."""
+    hf_dir, model_dir = hf_model_dir(family)
+    llm = LLM(model_dir, mesh=mesh, rules=rules, kv_blocks=16, **SMALL)
+    for prompt, logits in zip(PROMPTS, llm.logits(PROMPTS)):
+        assert_close_to_reference(logits, hf_logits(hf_dir, prompt))
+
+
+def test_int8_latent_cache_stores_scaled_latents_and_stays_near_hf(hf_model_dir):
+    hf_dir, model_dir = hf_model_dir("deepseek_v2")
+    llm = LLM(model_dir, kv_cache_dtype="int8", kv_blocks=16, **SMALL)
+    spec = llm.cache_spec.buffers
+    assert {name: (b.shape, b.dtype.name) for name, b in spec.items()} == {
+        "c_kv": ((32,), "int8"), "k_pe": ((8,), "int8"),
+        "c_kv_scale": ((), "bfloat16"), "k_pe_scale": ((), "bfloat16")}
+    for prompt, logits in zip(PROMPTS, llm.logits(PROMPTS)):
+        ref = hf_logits(hf_dir, prompt)
+        err = np.max(np.abs(logits - ref)) / np.max(np.abs(ref))
+        # int8 per-token scales: ~0.4% of each vector's max (kv_cache.py); a float cache is 1e-6
+        assert 1e-5 < err < 3e-2, err
+
+
+def _random_step(seed=0, heads=4, latent=32, nope=16, rope=8, v=16, block_size=4):
+    """A prefill chunk of 11 tokens and two decode rows, over scattered blocks."""
+    import jax.numpy as jnp
+
+    from jaxserve.kv_cache import KVFormat, KVPool
+    from jaxserve.models.deepseek import latent_cache_spec
+    from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
+    from jaxserve.config import ModelConfig
+
+    config = ModelConfig(family="deepseek_v3", vocab_size=8, hidden_size=8, intermediate_size=8,
+                         num_layers=1, num_heads=heads, num_kv_heads=heads, head_dim=nope + rope,
+                         max_position_embeddings=64, num_experts=2, num_experts_per_tok=1,
+                         moe_intermediate_size=4, kv_lora_rank=latent, qk_nope_head_dim=nope,
+                         qk_rope_head_dim=rope, v_head_dim=v)
+    spec = latent_cache_spec(config, jnp.float32)
+    decodes = [ChunkRow(6, 1, [5, 2]), ChunkRow(9, 1, [7, 1, 8])]
+    chunks = [ChunkRow(0, 11, [3, 4, 6])]
+    md, _ = build_metadata([(decodes, chunks)], 2, 16, 16, block_size, table_width(3, block_size))
+    tokens = md.positions.shape[0]
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    args = (normal(tokens, heads, nope), normal(tokens, heads, rope), normal(tokens, latent),
+            normal(tokens, rope), normal(latent, heads, nope) * 0.2, normal(latent, heads, v))
+    # the decode rows' earlier context is already in the pool
+    pool = KVPool.create_local(spec.with_format(KVFormat("float32", "float32")), 10, block_size)
+    return args, {name: normal(*a.shape) for name, a in pool.layer(0).items()}, md
+
+
+def test_absorbed_attention_equals_expanded():
+    """W_UK folded into the query and W_UV into the output, against per-token keys/values:
+    decode rows and a prefill tile, reading context the pool held and context the step wrote."""
+    import jax
+
+    from jaxserve.ops.latent_attention import latent_attention
+
+    args, cache, md = _random_step()
+
+    @jax.jit
+    def both(args, cache, md):
+        return tuple(latent_attention(*args, cache, md, 0.3, absorb=absorb)[0]
+                     for absorb in (True, False))
+
+    absorbed, expanded = map(np.asarray, both(args, cache, md))
+    real = np.asarray(md.positions) >= 0
+    np.testing.assert_allclose(absorbed[real], expanded[real], rtol=0, atol=1e-5)
+    assert np.abs(absorbed[real]).max() > 0.1  # not trivially 0
+
+
+def test_the_decode_step_absorbs_and_long_tiles_expand():
+    from jaxserve.ops.latent_attention import absorbs
+
+    assert absorbs(1, 512, 128, 128) and absorbs(16, 512, 128, 128)  # V3's sizes, the engine's
+    assert not absorbs(256, 512, 128, 128)
+    assert absorbs(32, 32, 16, 16) and not absorbs(33, 32, 16, 16)
+
+
+# ---- config fields ----
+
+def _hf_config(family, **changes):
+    _, _, kwargs = HF_CONFIGS[family]
+    hf = {k: v for k, v in kwargs.items() if k != "rope_parameters"}
+    hf.update(model_type=family, num_hidden_layers=3, num_attention_heads=4)
+    return {**hf, **changes}
+
+
+@pytest.mark.parametrize("family,field,value,match", [
+    ("deepseek_v2", "topk_method", "noaux_tc", r"topk_method='noaux_tc'"),
+    ("deepseek_v3", "topk_method", "greedy", r"topk_method='greedy'"),
+    ("deepseek_v2", "scoring_func", "sigmoid", r"scoring_func='sigmoid'"),
+    ("deepseek_v3", "moe_layer_freq", 2, r"moe_layer_freq=2"),
+    ("deepseek_v2", "norm_topk_prob", True, r"norm_topk_prob=True"),
+    ("deepseek_v3", "attention_bias", True, r"attention_bias=True"),
+    ("deepseek_v3", "n_group", 3, r"n_group.*num_experts \(8\).*3"),
+    ("deepseek_v2", "topk_group", 5, r"topk_group.*n_group=4.*5"),
+    ("deepseek_v3", "rope_parameters", {"rope_type": "yarn", "factor": 2.0,
+                                        "original_max_position_embeddings": 64, "beta": 3},
+     r"\['beta'\].*yarn"),
+    ("deepseek_v3", "use_mla_kernel", True, r"unsupported field\(s\) \['use_mla_kernel'\]"),
+])
+def test_config_fields_that_change_the_math_are_refused_by_name(family, field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        from_hf_config(_hf_config(family, **{field: value}))
+
+
+def test_dense_first_layers_and_routing_fields_are_read():
+    v2 = from_hf_config(_hf_config("deepseek_v2", first_k_dense_replace=2))
+    assert [v2.moe_layer(i) for i in range(3)] == [False, False, True]
+    assert (v2.topk_method, v2.n_group, v2.topk_group, v2.routed_scaling_factor) == (
+        "group_limited_greedy", 4, 2, 1.5)
+    assert v2.head_dim == 24 and v2.num_kv_heads == 4 and v2.q_lora_rank is None
+    v3 = from_hf_config(_hf_config("deepseek_v3", q_lora_rank=48, num_key_value_heads=128))
+    assert v3.topk_method == "noaux_tc" and v3.q_lora_rank == 48 and v3.num_kv_heads == 4

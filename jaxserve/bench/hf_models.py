@@ -9,7 +9,7 @@ from pathlib import Path
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=8, max_position_embeddings=512, rms_norm_eps=1e-5)
 
-DEEPSEEK = dict(COMMON, vocab_size=128, num_hidden_layers=3, num_attention_heads=4,
+DEEPSEEK = dict(COMMON, vocab_size=128, num_hidden_layers=2, num_attention_heads=4,
                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                 n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                 n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
@@ -38,7 +38,7 @@ HF_CONFIGS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=32, num_local_experts=8,
         num_experts_per_tok=2, sliding_window=None)),
-    # latent attention, vocab 128, 3 layers (the first dense), 8 experts in 4 groups, one
+    # latent attention, vocab 128, 2 layers (the first dense), 8 experts in 4 groups, one
     # shared expert. V2: no q_lora_rank, group-limited greedy softmax routing, default rope.
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", norm_topk_prob=False)),

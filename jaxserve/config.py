@@ -377,8 +377,10 @@ _YARN_FIELDS = {"factor", "original_max_position_embeddings", "beta_fast", "beta
                 "mscale_all_dim", "attention_factor", "truncate"}
 
 
-def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | None]:
-    """Both dialects: transformers 5 `rope_parameters`, older top-level rope_theta + rope_scaling."""
+def _rope_from_hf(hf: dict[str, Any], where: str
+                  ) -> tuple[float, RopeScaling | YarnScaling | None]:
+    """Both dialects: transformers 5 `rope_parameters`, older top-level rope_theta + rope_scaling.
+    YaRN is read for the latent-attention families (the ones whose parity is tested with it)."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling")
     if scaling:
@@ -389,6 +391,9 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> tuple[float, RopeScaling | 
         raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported "
                           f"(supported: {', '.join(ROPE_TYPES)})")
     if rope_type == "yarn":
+        if hf.get("model_type") not in MLA_FAMILIES:
+            raise ConfigError(f"{where}: rope_type 'yarn' is supported for model_type "
+                              f"{' and '.join(MLA_FAMILIES)} only, not {hf.get('model_type')!r}")
         return float(theta), _yarn_from_hf(params, hf, where)
     if rope_type == "default":
         extra = set(params) - {"rope_theta", "rope_type", "type", "partial_rotary_factor"}

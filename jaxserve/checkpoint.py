@@ -37,6 +37,7 @@ from jaxserve.config import (LAYOUT_FIELDS, QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES
                              ModelConfig, from_hf_config, hf_rope_interleaved,
                              quantization_group)
 from jaxserve.models import abstract_model
+from jaxserve.ops.latent_transform import fold_transform, latent_params, transform_matrix
 from jaxserve.ops.quant import QuantizedWeight, float_weight_layout, quantize
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
@@ -476,7 +477,9 @@ def resolve_weight_layout(weight_layout: str) -> str:
 
 def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None,
                   quantization: str | None = "auto", quantize_embeddings: bool = False,
-                  weight_layout: str = "auto") -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+                  weight_layout: str = "auto", attention: str = "mla",
+                  latent_transform: str = "none"
+                  ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Read config + params fitted to `layout`, each array placed directly in its sharding.
 
     Returns the fitted config (`placement.fit_to_layout`: padded vocabulary, repeated KV heads),
@@ -484,6 +487,8 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     `resolve_quantization`; a float checkpoint asked for a format is quantized on the devices,
     after it is placed. `weight_layout`: how float linear weights are stored ("auto": the
     platform's, `resolve_weight_layout`), transposed on the devices after that.
+    `attention`: how an MLA model's latent is laid out (`config.LATENT_ATTENTIONS`); when it is
+    split, `latent_transform` is folded into the float weights first (`ops.latent_transform`).
     """
     import orbax.checkpoint as ocp
 
@@ -491,6 +496,15 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     config = ModelConfig.load(model_dir / CONFIG_FILE)
+    split = attention != "mla"
+    config = dataclasses.replace(config, latent_attention=attention,  # a non-MLA model fails here
+                                 latent_transform=latent_transform if split else "none")
+    rotation = transform_matrix(config, config.latent_transform)
+    if rotation is not None and config.quantization is not None:
+        raise ConfigError(f"latent_transform {latent_transform!r} is folded into float weights; "
+                          f"{model_dir} holds {config.quantization!r} weights: load its float "
+                          f"checkpoint (quantization may then be asked for), or use "
+                          f"latent_transform='none'")
     running = resolve_quantization(config, quantization, quantize_embeddings, str(model_dir))
     stored_layout = resolve_weight_layout(weight_layout)
     target_dtype = parse_dtype(dtype, default=config.dtype)
@@ -522,6 +536,11 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
         fit = jax.jit(lambda params: fit_params(params, config, fitted),
                       out_shardings={n: final[n] for n in changed})
         restored.update(fit({n: restored.pop(n) for n in changed}))
+    if rotation is not None:
+        names = latent_params(restored)
+        fold = jax.jit(lambda params: fold_transform(params, rotation),
+                       out_shardings={n: final[n] for n in names})
+        restored.update(fold({n: restored.pop(n) for n in names}))
     if running != config:
         fitted = dataclasses.replace(fitted, quantization=running.quantization,
                                      quantize_embeddings=running.quantize_embeddings)

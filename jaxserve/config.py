@@ -37,8 +37,14 @@ QUANTIZATIONS = ("int8",) + tuple(f"int8-g{g}" for g in QUANTIZATION_GROUPS)
 # platform): as declared, inputs first ("in_out"), or with the inputs last ("out_in").
 WEIGHT_LAYOUTS = ("in_out", "out_in")
 WEIGHT_LAYOUT_CHOICES = ("auto",) + WEIGHT_LAYOUTS  # what a user may ask for; auto: the platform's
+# How an MLA model's latent is laid out (jaxserve/ops/latent_attention.py): whole on every
+# tensor-parallel device, or split over tp; and the transform folded into the weights before
+# it is split (jaxserve/ops/latent_transform.py).
+LATENT_ATTENTIONS = ("mla", "tpla", "tpla-decode")
+LATENT_TRANSFORMS = ("hadamard", "none")
 # Fields that describe how the devices hold the model, set at load and never saved.
-LAYOUT_FIELDS = ("padded_vocab_size", "kv_head_copies", "weight_layout")
+LAYOUT_FIELDS = ("padded_vocab_size", "kv_head_copies", "weight_layout", "latent_attention",
+                 "latent_transform")
 
 
 def quantization_group(quantization: str) -> int | None:
@@ -139,6 +145,12 @@ class ModelConfig:
     # How float linear weights are stored (WEIGHT_LAYOUTS; set at load, never saved): checkpoints
     # always hold them as declared ("in_out").
     weight_layout: str = "in_out"
+    # How an MLA model's latent is laid out (settings.LATENT_ATTENTIONS, set at load, never
+    # saved): whole on every device ("mla"), or split over the devices that split `latent`
+    # with per-shard attention ("tpla"; "tpla-decode": exact prefill), after the orthogonal
+    # `latent_transform` was folded into the weights.
+    latent_attention: str = "mla"
+    latent_transform: str = "none"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -180,6 +192,16 @@ class ModelConfig:
                               f"latent, got kv_lora_rank={self.kv_lora_rank!r}")
         if self.is_mla:
             self._check_latent()
+        if self.latent_attention not in LATENT_ATTENTIONS:
+            raise ConfigError(f"attention must be one of {', '.join(LATENT_ATTENTIONS)}, got "
+                              f"{self.latent_attention!r}")
+        if self.latent_transform not in LATENT_TRANSFORMS:
+            raise ConfigError(f"latent_transform must be one of {', '.join(LATENT_TRANSFORMS)}, "
+                              f"got {self.latent_transform!r}")
+        if self.latent_attention != "mla" and not self.is_mla:
+            raise ConfigError(f"attention={self.latent_attention!r} splits a latent-attention "
+                              f"model's latent; family {self.family!r} has none (use 'mla', "
+                              f"the default, or a {' / '.join(MLA_FAMILIES)} model)")
         if self.weight_layout not in WEIGHT_LAYOUTS:
             raise ConfigError(f"weight_layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got "
                               f"{self.weight_layout!r}")

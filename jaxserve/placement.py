@@ -83,6 +83,8 @@ def fit_to_layout(config: ModelConfig, layout: Layout | MeshRules) -> ModelConfi
 
     if config.is_moe:
         _check_experts_fit(config, layout)
+    if config.is_mla:
+        _check_latent_fits(config, layout)
     v = layout.axis_size(mapping.get("vocab", ()))
     rows = -(-config.vocab_size // v) * v
     return dataclasses.replace(config, padded_vocab_size=rows if rows != config.vocab_size else None,
@@ -102,6 +104,19 @@ def _check_experts_fit(config: ModelConfig, layout: Layout | MeshRules) -> None:
                 f"{layout.rules.source}: logical axis {logical!r} has size {size} (the model's "
                 f"{field}), not divisible by mesh axis {_axes_text(axes)!r} of size {n}; "
                 f"degrees that work: {works}")
+
+
+def _check_latent_fits(config: ModelConfig, layout: Layout | MeshRules) -> None:
+    """A split latent (attention='tpla') is never padded."""
+    axes = layout.rules.mapping.get("latent", ())
+    n = layout.axis_size(axes)
+    size = config.kv_lora_rank
+    if size % n:
+        works = ", ".join(str(d) for d in range(1, size + 1) if size % d == 0)
+        raise ShardingError(
+            f"{layout.rules.source}: logical axis 'latent' has size {size} (the model's "
+            f"kv_lora_rank), not divisible by mesh axis {_axes_text(axes)!r} of size {n}, which "
+            f"attention={config.latent_attention!r} splits it over; degrees that work: {works}")
 
 
 def _check_fits(base: ModelConfig, fitted: ModelConfig) -> int:

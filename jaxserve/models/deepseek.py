@@ -74,6 +74,7 @@ class LatentAttention(nnx.Module):
         self.q_lora = bool(q_lora)
         self.nope = config.qk_nope_head_dim
         self.scale = softmax_scale(config)
+        self.latent_split = config.latent_attention
 
     def __call__(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
         """x [tokens, embed] -> ([tokens, embed], the layer's updated cache)."""
@@ -89,7 +90,7 @@ class LatentAttention(nnx.Module):
                 k_pe = apply_rope(project(x, self.k_pe_proj)[:, None], cos, sin)[:, 0]
             out, cache = latent_attention(q[..., :self.nope], q_pe, c_kv, k_pe,
                                           self.k_b_proj[...], self.v_b_proj[...], cache,
-                                          metadata, self.scale)
+                                          metadata, self.scale, split=self.latent_split)
             out = constrain(out, ("batch", "q_heads", "head_dim"))  # [tokens, q_heads, v]
             return project(out.reshape(out.shape[0], -1), self.o_proj), cache
 

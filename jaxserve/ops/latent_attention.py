@@ -26,6 +26,19 @@ T = L*(nope+v) / (2L-nope-v): ~170 queries per row at DeepSeek-V3's sizes (L=512
 (`engine/step_builder.QUERY_TILE`), so today every row absorbs; the expanded path serves rows
 of more queries and is the reference absorption is tested against. The choice is made per row
 kind when the step is traced (decode rows and prefill tiles are separate row groups).
+
+Split latent (TPLA, arXiv 2508.15881; `config.latent_attention`). Under "mla" the rules keep the
+latent whole on every tensor-parallel device and split the heads: each device caches and reads
+the whole latent of every token, so TP does not shrink the cache. "tpla" splits the latent over
+the devices of `latent` (rules `tpla.yaml`) and gives each device every head: device i caches
+c_kv[:, S_i] and attends with all heads over it, its scores
+(slices * q_lat[S_i] . c_kv[S_i] + q_pe . k_pe) * scale, a softmax of its own, and its output
+through W_UV[S_i]; the devices' outputs are summed. The rope key (64 of DeepSeek-V3's 576 dims
+per token) stays whole on every device, and the latent part is scaled by the number of slices
+so that a split whose slices agree is exact (an orthogonal transform folded into the weights,
+`ops/latent_transform.py`, makes them agree more). "tpla-decode" keeps the same cache layout
+and attends prefill tiles exactly (the latent scores summed over the slices before the softmax:
+one all-reduce of scores per context chunk) and decode rows per slice.
 """
 
 from __future__ import annotations
@@ -36,11 +49,10 @@ import jax.numpy as jnp
 from jaxserve import kv_cache
 from jaxserve.ops.attention import (AttentionMetadata, by_row_kind, chunk_ids, metadata_axes,
                                     online_softmax, read_chunk, write_pages)
-from jaxserve.sharding import shard_map_logical
+from jaxserve.sharding import axis_size_logical, psum_logical, shard_map_logical
 
 LATENT_PAGE_AXES = {"c_kv": ("kv_blocks", None, "latent"), "k_pe": ("kv_blocks", None, None)}
-QUERY_AXES = ("batch", "q_heads", "head_dim")
-UP_AXES = ("latent", "q_heads", "head_dim")  # W_UK, W_UV
+SPLITS = ("mla", "tpla", "tpla-decode")  # config.LATENT_ATTENTIONS
 
 
 def absorbs(queries: int, latent: int, nope: int, v: int) -> bool:
@@ -50,8 +62,8 @@ def absorbs(queries: int, latent: int, nope: int, v: int) -> bool:
 
 def latent_attention(q_nope: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: jax.Array,
                      w_uk: jax.Array, w_uv: jax.Array, cache: dict[str, jax.Array],
-                     md: AttentionMetadata, scale: float, absorb: bool | None = None
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     md: AttentionMetadata, scale: float, absorb: bool | None = None,
+                     split: str = "mla") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Write this step's latents into the cache, then attend (every write before any read, as
     `paged_attention`).
 
@@ -59,20 +71,26 @@ def latent_attention(q_nope: jax.Array, q_pe: jax.Array, c_kv: jax.Array, k_pe: 
     c_kv [tokens, latent], k_pe [tokens, qk_rope] (rotated); w_uk [latent, q_heads, qk_nope],
     w_uv [latent, q_heads, v]; cache {"c_kv", "k_pe"} pages (and their scales in a scaled
     format). `absorb`: None decides per row kind (`absorbs`); True / False forces one way.
-    Returns (out [tokens, q_heads, v], the updated cache).
+    `split` (`config.latent_attention`): "mla" splits the heads over `q_heads`' devices, each
+    holding the whole latent; "tpla" / "tpla-decode" give every device all heads and its slice
+    of the latent (see "Split latent" above). Returns (out [tokens, q_heads, v], the cache).
     """
+    if split not in SPLITS:
+        raise ValueError(f"attention must be one of {', '.join(SPLITS)}, got {split!r}")
+    heads = "q_heads" if split == "mla" else None
+    query_axes, up_axes = ("batch", heads, "head_dim"), ("latent", heads, "head_dim")
     page_axes = {name: LATENT_PAGE_AXES[name.removesuffix(kv_cache.SCALE_SUFFIX)][:pages.ndim]
                  for name, pages in cache.items()}
     fn = shard_map_logical(
-        lambda *args: _latent_local(*args, scale=scale, absorb=absorb),
-        in_axes=(QUERY_AXES, QUERY_AXES, ("batch", "latent"), ("batch", None), UP_AXES, UP_AXES,
+        lambda *args: _latent_local(*args, scale=scale, absorb=absorb, split=split),
+        in_axes=(query_axes, query_axes, ("batch", "latent"), ("batch", None), up_axes, up_axes,
                  page_axes, metadata_axes(md)),
-        out_axes=(QUERY_AXES, page_axes))
+        out_axes=(query_axes, page_axes))
     return fn(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, cache, md)
 
 
 def _latent_local(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, cache, md: AttentionMetadata, *,
-                  scale: float, absorb: bool | None):
+                  scale: float, absorb: bool | None, split: str):
     fmt = kv_cache.format_of(cache)
     stored = kv_cache.encode_buffers(fmt, {"c_kv": c_kv, "k_pe": k_pe})  # quantized on write
     pages = write_pages(cache, stored, md.slots)
@@ -85,6 +103,8 @@ def _latent_local(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, cache, md: AttentionMeta
         context = _Context(pages, fmt, tables, md, q.dtype)
         args = (q[..., :nope], q[..., nope:], positions, context_lens, context, w_uk, w_uv,
                 scale, md, chunk)
+        if split != "mla":  # a split latent attends absorbed: its keys never exist whole
+            return _absorbed(*args, per_shard=split == "tpla" or kind == "decode")
         return _absorbed(*args) if absorbed else _expanded(*args)
 
     return by_row_kind(md, jnp.concatenate([q_nope, q_pe], axis=-1), attend), pages
@@ -107,21 +127,28 @@ class _Context:
 
 
 def _absorbed(q_nope, q_pe, positions, context_lens, context: _Context, w_uk, w_uv, scale, md,
-              chunk):
+              chunk, per_shard: bool = False):
+    """On a split latent (this device's slice of it), the latent part of each score is summed
+    over the slices (exact), or, `per_shard`, this slice's part times the number of slices
+    (TPLA); the outputs of the slices are summed. Unsplit, both are plain MLA."""
     rows, nq, heads, _ = q_nope.shape
     q_latent = jnp.einsum("rqhn,lhn->rqhl", q_nope, w_uk)  # W_UK folded into the query
+    slices = axis_size_logical("latent")
 
     def chunk_scores(j):
         latents, rope_scores = context.read(j, q_pe)
-        s = (jnp.einsum("rqhl,rcl->rhqc", q_latent, latents, preferred_element_type=jnp.float32)
-             + rope_scores) * scale
+        latent_scores = jnp.einsum("rqhl,rcl->rhqc", q_latent, latents,
+                                   preferred_element_type=jnp.float32)
+        latent_scores = (latent_scores * slices if per_shard
+                         else psum_logical(latent_scores, "latent"))
+        s = (latent_scores + rope_scores) * scale
         return s, lambda p: jnp.einsum("rhqc,rcl->rhql", p.astype(latents.dtype), latents,
                                        preferred_element_type=jnp.float32)
 
     out = online_softmax(chunk_scores, positions, context_lens, md, chunk,
                          (rows, heads, nq, w_uv.shape[0]))
     # the weighted latents through W_UV: [rows, heads, queries, latent] -> [rows, q, heads, v]
-    return jnp.einsum("rhql,lhv->rqhv", out.astype(q_nope.dtype), w_uv)
+    return psum_logical(jnp.einsum("rhql,lhv->rqhv", out.astype(q_nope.dtype), w_uv), "latent")
 
 
 def _expanded(q_nope, q_pe, positions, context_lens, context: _Context, w_uk, w_uv, scale, md,

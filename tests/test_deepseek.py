@@ -123,6 +123,64 @@ def test_the_decode_step_absorbs_and_long_tiles_expand():
     assert absorbs(32, 32, 16, 16) and not absorbs(33, 32, 16, 16)
 
 
+# ---- TPLA: the latent split over tp ----
+
+def test_tpla_at_tp1_with_the_hadamard_transform_equals_mla(v3):
+    """One slice of the latent is the whole: exact, with the transform folded into the
+    weights (kv_a_proj rotated, the norm's scale moved into W_UK / W_UV)."""
+    hf_dir, mla = v3
+    tpla = LLM(mla.model_dir, attention="tpla", latent_transform="hadamard", kv_blocks=16,
+               **SMALL)
+    assert tpla.config.latent_attention == "tpla"
+    for a, b in zip(tpla.logits(PROMPTS), mla.logits(PROMPTS)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_hadamard_makes_the_tpla_split_closer_to_exact_at_tp2(hf_model_dir):
+    """At tp=2 each device's softmax sees half the latent: an approximation (its logit error
+    is far above float rounding), which the Hadamard transform makes smaller on this seeded
+    model, in the worst and the mean logit; tpla-decode's prefill stays exact on the same
+    split cache."""
+    hf_dir, model_dir = hf_model_dir("deepseek_v3")
+    refs = [hf_logits(hf_dir, p) for p in PROMPTS]
+    errors = {}
+    for attention, transform in [("tpla", "none"), ("tpla", "hadamard"),
+                                 ("tpla-decode", "hadamard")]:
+        llm = LLM(model_dir, mesh="tp=2", attention=attention, latent_transform=transform,
+                  kv_blocks=16, **SMALL)
+        diffs = [np.abs(ours - ref) / np.abs(ref).max()
+                 for ours, ref in zip(llm.logits(PROMPTS), refs)]
+        errors[attention, transform] = (max(d.max() for d in diffs),
+                                        np.mean([d.mean() for d in diffs]))
+    print(errors)
+    none, hadamard = errors["tpla", "none"], errors["tpla", "hadamard"]
+    assert hadamard[0] < none[0] and hadamard[1] < none[1]
+    assert hadamard[0] > 1e-3  # really split
+    assert errors["tpla-decode", "hadamard"][0] <= 1e-4
+
+
+def test_tpla_on_a_model_without_a_latent_is_an_error_naming_it(hf_model_dir):
+    _, model_dir = hf_model_dir("llama")
+    with pytest.raises(ConfigError, match=r"attention='tpla'.*family 'llama' has none"):
+        LLM(model_dir, mesh="tp=2", attention="tpla")
+
+
+def test_a_tp_degree_that_does_not_divide_the_latent_is_an_error_naming_it():
+    import dataclasses
+
+    from jaxserve.placement import fit_to_layout
+    from jaxserve.rules import MeshRules, ShardingError
+
+    config = dataclasses.replace(from_hf_config(_hf_config("deepseek_v3", kv_lora_rank=30)),
+                                 latent_attention="tpla")
+    with pytest.raises(ShardingError, match=r"'latent' has size 30 \(the model's kv_lora_rank\)"
+                                            r".*'tp' of size 4.*1, 2, 3, 5, 6, 10, 15, 30"):
+        fit_to_layout(config, MeshRules.create("tp=4", "tpla"))
+    with pytest.raises(ConfigError, match="kv_lora_rank a power of two, got 30"):
+        from jaxserve.ops.latent_transform import transform_matrix
+        transform_matrix(config, "hadamard")
+
+
 # ---- config fields ----
 
 def _hf_config(family, **changes):

@@ -209,6 +209,17 @@ def test_config_fields_that_change_the_math_are_refused_by_name(family, field, v
         from_hf_config(_hf_config(family, **{field: value}))
 
 
+def test_flops_of_latent_attention_match_a_hand_count():
+    from jaxserve import flops
+
+    c = from_hf_config(_hf_config("deepseek_v3", q_lora_rank=48))
+    # q: 64x48 + 48x(4x24); latent + rope key 64x40; W_UK, W_UV 4x32x(16+16); o 4x16x64
+    assert flops.attention_projection_flops(c) == 2 * (
+        64 * 48 + 48 * 96 + 64 * 40 + 4 * 32 * 32 + 64 * 64)
+    # positions 0, 1: 1 + 2 keys, 4 heads, scores over 32 + 8 dims and values over 32, 3 layers
+    assert flops.attention_score_flops(c, 0, 2) == 3 * 2 * 4 * (2 * 32 + 8) * 3
+
+
 def test_dense_first_layers_and_routing_fields_are_read():
     v2 = from_hf_config(_hf_config("deepseek_v2", first_k_dense_replace=2))
     assert [v2.moe_layer(i) for i in range(3)] == [False, False, True]

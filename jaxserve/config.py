@@ -59,6 +59,11 @@ class ConfigError(ValueError):
     """An HF or jaxserve config asks for something jaxserve does not implement."""
 
 
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 frequency-dependent RoPE scaling (rope_type "llama3")."""
@@ -181,9 +186,7 @@ class ModelConfig:
                 raise ConfigError(f"mlp_only_layers {bad} are not layers of a "
                                   f"{self.num_layers}-layer model")
 
-        if self.topk_method not in TOPK_METHODS:
-            raise ConfigError(f"topk_method must be one of {', '.join(TOPK_METHODS)}, got "
-                              f"{self.topk_method!r}")
+        _check_choice("topk_method", self.topk_method, TOPK_METHODS)
         if self.topk_method != "greedy":
             self._check_groups()
         if (self.family in MLA_FAMILIES) != self.is_mla:
@@ -192,12 +195,8 @@ class ModelConfig:
                               f"latent, got kv_lora_rank={self.kv_lora_rank!r}")
         if self.is_mla:
             self._check_latent()
-        if self.latent_attention not in LATENT_ATTENTIONS:
-            raise ConfigError(f"attention must be one of {', '.join(LATENT_ATTENTIONS)}, got "
-                              f"{self.latent_attention!r}")
-        if self.latent_transform not in LATENT_TRANSFORMS:
-            raise ConfigError(f"latent_transform must be one of {', '.join(LATENT_TRANSFORMS)}, "
-                              f"got {self.latent_transform!r}")
+        _check_choice("attention", self.latent_attention, LATENT_ATTENTIONS)
+        _check_choice("latent_transform", self.latent_transform, LATENT_TRANSFORMS)
         if self.latent_attention != "mla" and not self.is_mla:
             raise ConfigError(f"attention={self.latent_attention!r} splits a latent-attention "
                               f"model's latent; family {self.family!r} has none (use 'mla', "

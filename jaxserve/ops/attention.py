@@ -24,6 +24,9 @@ The reference op is plain XLA and runs per device inside `shard_map` (logical na
 pool, and under TP each device attends with its own heads. Block ids and slots in the metadata
 are local to the replica's shard.
 
+The row layout (`by_row_kind`), the chunked context reads (`read_chunk`) and the online softmax
+(`online_softmax`) serve the latent-attention op too (`jaxserve/ops/latent_attention.py`).
+
 Quantized KV (jaxserve/kv_cache.py `KVFormat`): the op encodes this step's k, v into the pool's
 format as it writes them (values plus a scale per token and head beside them) and decodes each
 context chunk it reads into the compute dtype, so the rest of the step never sees the format.

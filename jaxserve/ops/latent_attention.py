@@ -142,8 +142,10 @@ def _absorbed(q_nope, q_pe, positions, context_lens, context: _Context, w_uk, w_
         latents, rope_scores = context.read(j, q_pe)
         latent_scores = jnp.einsum("rqhl,rcl->rhqc", q_latent, latents,
                                    preferred_element_type=jnp.float32)
-        latent_scores = (latent_scores * slices if per_shard
-                         else psum_logical(latent_scores, "latent"))
+        if per_shard and slices > 1:  # (one slice: the very program "mla" compiles)
+            latent_scores = latent_scores * slices
+        elif not per_shard:
+            latent_scores = psum_logical(latent_scores, "latent")
         s = (latent_scores + rope_scores) * scale
         return s, lambda p: jnp.einsum("rhqc,rcl->rhql", p.astype(latents.dtype), latents,
                                        preferred_element_type=jnp.float32)

@@ -308,13 +308,23 @@ class ModelConfig:
     def num_params(self) -> int:
         """Every parameter (all experts included)."""
         e, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        attn = (self._latent_attention_params() if self.is_mla
+                else e * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads))
         per_layer = attn + 2 * e + (2 * self.head_dim if self.qk_norm else 0)
         moe = self.num_moe_layers
-        mlp = ((self.num_layers - moe) * 3 * e * i
-               + moe * (self.num_experts * (3 * e * self.moe_intermediate_size + e)))
+        m = self.moe_intermediate_size
+        moe_block = (self.num_experts * (3 * e * m + e) + 3 * e * m * self.n_shared_experts
+                     + (self.num_experts if self.topk_method == "noaux_tc" else 0))
+        mlp = (self.num_layers - moe) * 3 * e * i + moe * moe_block
         head = 0 if self.tie_word_embeddings else e * v
         return v * e + self.num_layers * per_layer + mlp + e + head
+
+    def _latent_attention_params(self) -> int:
+        e, h, d, q = self.hidden_size, self.num_heads, self.head_dim, self.q_lora_rank
+        lat, rope, v = self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim
+        query = e * q + q + q * h * d if q else e * h * d
+        return (query + e * (lat + rope) + lat + lat * h * (self.qk_nope_head_dim + v)
+                + h * v * e)
 
     # ---- our own config.json ----
     def to_json_dict(self) -> dict[str, Any]:

@@ -220,6 +220,18 @@ def test_flops_of_latent_attention_match_a_hand_count():
     assert flops.attention_score_flops(c, 0, 2) == 3 * 2 * 4 * (2 * 32 + 8) * 3
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_the_parameter_count_is_the_models(family):
+    import math
+
+    from jaxserve.checkpoint import param_specs
+
+    config = from_hf_config(_hf_config(family, q_lora_rank=48 if family == "deepseek_v3"
+                                       else None))
+    assert config.num_params() == sum(math.prod(shape)
+                                      for shape, _ in param_specs(config).values())
+
+
 def test_dense_first_layers_and_routing_fields_are_read():
     v2 = from_hf_config(_hf_config("deepseek_v2", first_k_dense_replace=2))
     assert [v2.moe_layer(i) for i in range(3)] == [False, False, True]

@@ -220,6 +220,19 @@ def test_flops_of_latent_attention_match_a_hand_count():
     assert flops.attention_score_flops(c, 0, 2) == 3 * 2 * 4 * (2 * 32 + 8) * 3
 
 
+def test_the_performance_model_sizes_the_latent_cache_and_its_tpla_split():
+    from jaxserve.perf.precision import Precision
+    from jaxserve.perf.profiles import load_hardware
+    from jaxserve.perf.step import Deployment
+
+    config = from_hf_config(_hf_config("deepseek_v3", q_lora_rank=48))
+    per_token = {rules: Deployment(config, "tp=2", rules, load_hardware("cpu-local"),
+                                   Precision("float32")).kv_bytes_per_token
+                 for rules in ("tp", "tpla")}
+    # 3 layers x (latent 32 + rope key 8) x 4 bytes; TPLA halves the latent, not the rope key
+    assert per_token == {"tp": 3 * 40 * 4, "tpla": 3 * (16 + 8) * 4}
+
+
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_the_parameter_count_is_the_models(family):
     import math

@@ -37,9 +37,10 @@ the devices of `latent` (rules `tpla.yaml`) and gives each device every head: de
 c_kv[:, S_i] and attends with all heads over it, its scores
 (slices * q_lat[S_i] . c_kv[S_i] + q_pe . k_pe) * scale, a softmax of its own, and its output
 through W_UV[S_i]; the devices' outputs are summed. The rope key (64 of DeepSeek-V3's 576 dims
-per token) stays whole on every device, and the latent part is scaled by the number of slices
-so that a split whose slices agree is exact (an orthogonal transform folded into the weights,
-`ops/latent_transform.py`, makes them agree more). "tpla-decode" keeps the same cache layout
+per token) stays whole on every device. Choice: the latent part of a slice's score is scaled by
+the number of slices, so that a split whose slices agree is exact and the softmax keeps the
+temperature of the whole score (an orthogonal transform folded into the weights,
+`ops/latent_transform.py`, makes the slices agree more); at one slice TPLA is MLA. "tpla-decode" keeps the same cache layout
 and attends prefill tiles exactly (the latent scores summed over the slices before the softmax:
 one all-reduce of scores per context chunk) and decode rows per slice.
 """
@@ -50,12 +51,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve import kv_cache
+from jaxserve.config import LATENT_ATTENTIONS
 from jaxserve.ops.attention import (AttentionMetadata, by_row_kind, chunk_ids, metadata_axes,
                                     online_softmax, read_chunk, write_pages)
 from jaxserve.sharding import axis_size_logical, psum_logical, shard_map_logical
 
 LATENT_PAGE_AXES = {"c_kv": ("kv_blocks", None, "latent"), "k_pe": ("kv_blocks", None, None)}
-SPLITS = ("mla", "tpla", "tpla-decode")  # config.LATENT_ATTENTIONS
+SPLITS = LATENT_ATTENTIONS
 
 
 def absorbs(queries: int, latent: int, nope: int, v: int) -> bool:

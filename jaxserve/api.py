@@ -110,11 +110,14 @@ class LLM:
         self.model_dir = Path(model_dir)
         cache, parallel = settings.cache, settings.parallel
         self.cluster = distributed.join(settings.distributed)  # before any device is used
-        self.layout = Layout.create(parallel.mesh, parallel.rules)
+        # a split latent (TPLA) has its own built-in rules unless the user names others
+        split = parallel.attention != "mla" and parallel.rules == "tp"
+        self.layout = Layout.create(parallel.mesh, "tpla" if split else parallel.rules)
         self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
         self.config, graphdef, params = restore_model(
             self.model_dir, self.layout, settings.dtype, settings.precision.quantization,
-            settings.precision.quantize_embeddings, settings.precision.weight_layout)
+            settings.precision.quantize_embeddings, settings.precision.weight_layout,
+            parallel.attention, parallel.latent_transform)
         limit = self.config.max_position_embeddings
         max_model_len = settings.scheduler.max_model_len
         if max_model_len is not None and max_model_len > limit:

@@ -35,8 +35,10 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import (LAYOUT_FIELDS, QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES, ConfigError,
-                             ModelConfig, from_hf_config, quantization_group)
+                             ModelConfig, from_hf_config, hf_rope_interleaved,
+                             quantization_group)
 from jaxserve.models import abstract_model
+from jaxserve.ops.latent_transform import fold_transform, latent_params, transform_matrix
 from jaxserve.ops.quant import QuantizedWeight, quantize, weight_layout_for
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
@@ -143,13 +145,14 @@ def _check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: s
 
 # ---- HF import ----
 
-def _hf_layout(config: ModelConfig) -> dict[str, tuple[str | tuple[str, ...], tuple[int, ...],
-                                                         Callable]]:
+def _hf_layout(config: ModelConfig, rope_interleaved: bool = False
+               ) -> dict[str, tuple[str | tuple[str, ...], tuple[int, ...], Callable]]:
     """Our parameter name -> (HF tensor name, HF shape, HF array -> our array).
 
     HF stores Linear weights as [out, in]; ours are [in, out] with heads as their own axis.
     Experts are one HF tensor per expert and one of ours per layer: their entry names a tuple
     of HF tensors (each of the HF shape) and the function takes the list, stacked in order.
+    `rope_interleaved`: a latent-attention checkpoint's rope dims come in interleaved pairs.
     """
     e, m, v = config.hidden_size, config.intermediate_size, config.vocab_size
     h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
@@ -167,13 +170,18 @@ def _hf_layout(config: ModelConfig) -> dict[str, tuple[str | tuple[str, ...], tu
         hf, ours = f"model.layers.{i}.", f"layers/{i}/"
         out.update({
             ours + "attn_norm/scale": (hf + "input_layernorm.weight", (e,), same),
-            ours + "mlp_norm/scale": (hf + "post_attention_layernorm.weight", (e,), same),
-            ours + "attn/q_proj": (hf + "self_attn.q_proj.weight", (h * d, e), heads_in(h)),
-            ours + "attn/k_proj": (hf + "self_attn.k_proj.weight", (kv * d, e), heads_in(kv)),
-            ours + "attn/v_proj": (hf + "self_attn.v_proj.weight", (kv * d, e), heads_in(kv)),
-            ours + "attn/o_proj": (hf + "self_attn.o_proj.weight", (e, h * d),
-                                   lambda w: w.reshape(e, h, d).transpose(1, 2, 0)),
-        })
+            ours + "mlp_norm/scale": (hf + "post_attention_layernorm.weight", (e,), same)})
+        if config.is_mla:
+            out.update(_hf_latent_attention(config, hf, ours, rope_interleaved))
+        else:
+            attn = hf + "self_attn."
+            out.update({
+                ours + "attn/q_proj": (attn + "q_proj.weight", (h * d, e), heads_in(h)),
+                ours + "attn/k_proj": (attn + "k_proj.weight", (kv * d, e), heads_in(kv)),
+                ours + "attn/v_proj": (attn + "v_proj.weight", (kv * d, e), heads_in(kv)),
+                ours + "attn/o_proj": (attn + "o_proj.weight", (e, h * d),
+                                       lambda w: w.reshape(e, h, d).transpose(1, 2, 0)),
+            })
         if config.moe_layer(i):
             out.update(_hf_experts(config, hf, ours))
         else:
@@ -188,9 +196,52 @@ def _hf_layout(config: ModelConfig) -> dict[str, tuple[str | tuple[str, ...], tu
     return out
 
 
+def _hf_latent_attention(config: ModelConfig, hf: str, ours: str, rope_interleaved: bool
+                         ) -> dict[str, tuple]:
+    """MLA's projections. kv_a_proj_with_mqa [latent + rope, e] becomes two of ours (the
+    latent's and the rope key's), kv_b_proj [h * (nope + v), latent] W_UK and W_UV. Rope dims
+    in interleaved pairs are de-interleaved (even dims, then odd): q and k move alike, so every
+    score q.k is unchanged and our rotate-half RoPE applies."""
+    e, h, d = config.hidden_size, config.num_heads, config.head_dim
+    lat, nope, rope, v = (config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                          config.v_head_dim)
+    pe = (np.concatenate([np.arange(0, rope, 2), np.arange(1, rope, 2)]) if rope_interleaved
+          else np.arange(rope))
+    q_dims = np.concatenate([np.arange(nope), nope + pe])
+    attn, mine = hf + "self_attn.", ours + "attn/"
+
+    def q_heads(n_in):  # [h*d, n_in] -> [n_in, h, d], rope dims de-interleaved
+        return lambda w: w.reshape(h, d, n_in).transpose(2, 0, 1)[..., q_dims]
+
+    kv_b = (attn + "kv_b_proj.weight", (h * (nope + v), lat))
+    out = {
+        mine + "kv_a_proj": (attn + "kv_a_proj_with_mqa.weight", (lat + rope, e),
+                             lambda w: w[:lat].T),
+        mine + "k_pe_proj": (attn + "kv_a_proj_with_mqa.weight", (lat + rope, e),
+                             lambda w: w[lat:][pe].T),
+        mine + "kv_a_norm/scale": (attn + "kv_a_layernorm.weight", (lat,), lambda w: w),
+        mine + "k_b_proj": kv_b + (lambda w: w.reshape(h, nope + v, lat)[:, :nope]
+                                   .transpose(2, 0, 1),),
+        mine + "v_b_proj": kv_b + (lambda w: w.reshape(h, nope + v, lat)[:, nope:]
+                                   .transpose(2, 0, 1),),
+        mine + "o_proj": (attn + "o_proj.weight", (e, h * v),
+                          lambda w: w.reshape(e, h, v).transpose(1, 2, 0)),
+    }
+    q = config.q_lora_rank
+    if q:
+        out[mine + "q_a_proj"] = (attn + "q_a_proj.weight", (q, e), lambda w: w.T)
+        out[mine + "q_a_norm/scale"] = (attn + "q_a_layernorm.weight", (q,), lambda w: w)
+        out[mine + "q_b_proj"] = (attn + "q_b_proj.weight", (h * d, q), q_heads(q))
+    else:
+        out[mine + "q_proj"] = (attn + "q_proj.weight", (h * d, e), q_heads(e))
+    return out
+
+
 # HF names of a MoE layer: (block, router, gate, up, down) per family.
 _HF_MOE_NAMES = {"qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
-                 "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2")}
+                 "mixtral": ("block_sparse_moe", "gate", "w1", "w3", "w2"),
+                 "deepseek_v2": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+                 "deepseek_v3": ("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
 
 
 def _hf_experts(config: ModelConfig, hf: str, ours: str) -> dict[str, tuple]:
@@ -203,12 +254,26 @@ def _hf_experts(config: ModelConfig, hf: str, ours: str) -> dict[str, tuple]:
     def stack_transposed(ws):  # n x [out, in] -> [n, in, out]
         return np.stack([np.asarray(w).T for w in ws])
 
-    return {
+    out = {
         ours + "mlp/router": (f"{hf}{block}.{router}.weight", (n, e), lambda w: w.T),
         ours + "mlp/gate_proj": (names(gate), (m, e), stack_transposed),
         ours + "mlp/up_proj": (names(up), (m, e), stack_transposed),
         ours + "mlp/down_proj": (names(down), (e, m), stack_transposed),
     }
+    if config.topk_method == "noaux_tc":
+        out[ours + "mlp/score_bias"] = (f"{hf}{block}.{router}.e_score_correction_bias", (n,),
+                                        lambda w: w)
+    if config.n_shared_experts:
+        shared, width = f"{hf}{block}.shared_experts.", config.n_shared_experts * m
+        out.update({
+            ours + "mlp/shared_experts/gate_proj": (shared + "gate_proj.weight", (width, e),
+                                                    lambda w: w.T),
+            ours + "mlp/shared_experts/up_proj": (shared + "up_proj.weight", (width, e),
+                                                  lambda w: w.T),
+            ours + "mlp/shared_experts/down_proj": (shared + "down_proj.weight", (e, width),
+                                                    lambda w: w.T),
+        })
+    return out
 
 
 def _safetensors_files(hf_dir: Path) -> list[Path]:
@@ -248,7 +313,8 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json")
-    config = from_hf_config(json.loads(config_path.read_text()), where=str(config_path))
+    hf_config = json.loads(config_path.read_text())
+    config = from_hf_config(hf_config, where=str(config_path))
     target = parse_dtype(dtype, default=config.dtype if config.dtype in DTYPES else "float32")
     config = dataclasses.replace(config, dtype=jnp.dtype(target).name)
     generation = hf_dir / GENERATION_CONFIG_FILE
@@ -261,7 +327,7 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None
         config = dataclasses.replace(
             config, eos_token_ids=tuple(dict.fromkeys((*config.eos_token_ids, *eos))))
 
-    layout = _hf_layout(config)
+    layout = _hf_layout(config, config.is_mla and hf_rope_interleaved(hf_config))
     tensors = read_hf_tensors(hf_dir)
     # Report in HF's names: that is what the user's files hold.
     expected_hf = {name: shape for hf, shape, _ in layout.values()
@@ -415,7 +481,9 @@ def resolve_weight_layout(weight_layout: str, quantized: bool = False) -> str:
 
 def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None,
                   quantization: str | None = "auto", quantize_embeddings: bool = False,
-                  weight_layout: str = "auto") -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+                  weight_layout: str = "auto", attention: str = "mla",
+                  latent_transform: str = "none"
+                  ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Read config + params fitted to `layout`, each array placed directly in its sharding.
 
     Returns the fitted config (`placement.fit_to_layout`: padded vocabulary, repeated KV heads),
@@ -423,6 +491,8 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     `resolve_quantization`; a float checkpoint asked for a format is quantized on the devices,
     after it is placed. `weight_layout`: how float linear weights are stored ("auto": the
     platform's, `resolve_weight_layout`), transposed on the devices after that.
+    `attention`: how an MLA model's latent is laid out (`config.LATENT_ATTENTIONS`); when it is
+    split, `latent_transform` is folded into the float weights first (`ops.latent_transform`).
     """
     import orbax.checkpoint as ocp
 
@@ -430,6 +500,15 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     config = ModelConfig.load(model_dir / CONFIG_FILE)
+    split = attention != "mla"
+    config = dataclasses.replace(config, latent_attention=attention,  # a non-MLA model fails here
+                                 latent_transform=latent_transform if split else "none")
+    rotation = transform_matrix(config, config.latent_transform)
+    if rotation is not None and config.quantization is not None:
+        raise ConfigError(f"latent_transform {latent_transform!r} is folded into float weights; "
+                          f"{model_dir} holds {config.quantization!r} weights: load its float "
+                          f"checkpoint (quantization may then be asked for), or use "
+                          f"latent_transform='none'")
     running = resolve_quantization(config, quantization, quantize_embeddings, str(model_dir))
     stored_layout = resolve_weight_layout(weight_layout, running.quantization is not None)
     target_dtype = parse_dtype(dtype, default=config.dtype)
@@ -461,6 +540,11 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
         fit = jax.jit(lambda params: fit_params(params, config, fitted),
                       out_shardings={n: final[n] for n in changed})
         restored.update(fit({n: restored.pop(n) for n in changed}))
+    if rotation is not None:
+        names = latent_params(restored)
+        fold = jax.jit(lambda params: fold_transform(params, rotation),
+                       out_shardings={n: final[n] for n in names})
+        restored.update(fold({n: restored.pop(n) for n in names}))
     if running != config:
         fitted = dataclasses.replace(fitted, quantization=running.quantization,
                                      quantize_embeddings=running.quantize_embeddings)

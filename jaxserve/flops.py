@@ -16,9 +16,17 @@ from jaxserve.config import ModelConfig
 
 
 def attention_projection_flops(config: ModelConfig) -> int:
-    """q, k, v and o projections of one token in one layer."""
-    return 2 * config.hidden_size * config.head_dim * (2 * config.num_heads
-                                                       + 2 * config.num_kv_heads)
+    """q, k, v and o projections of one token in one layer. Latent attention: the query (through
+    its q_lora_rank latent, if any), the latent and rope key, and with absorbed attention each
+    head's query folded through W_UK and its output through W_UV, then o_proj."""
+    if not config.is_mla:
+        return 2 * config.hidden_size * config.head_dim * (2 * config.num_heads
+                                                           + 2 * config.num_kv_heads)
+    e, h, d, q = config.hidden_size, config.num_heads, config.head_dim, config.q_lora_rank
+    lat, rope = config.kv_lora_rank, config.qk_rope_head_dim
+    query = e * q + q * h * d if q else e * h * d
+    absorbed = h * lat * (config.qk_nope_head_dim + config.v_head_dim)
+    return 2 * (query + e * (lat + rope) + absorbed + h * config.v_head_dim * e)
 
 
 def mlp_flops(config: ModelConfig, layer: int) -> int:
@@ -50,6 +58,9 @@ def attention_score_flops(config: ModelConfig, start: int, end: int) -> int:
     """Scores (q.k) and weighted values (p.v) of the tokens at positions start..end-1 of one
     sequence, each attending to itself and every earlier position, over all layers."""
     keys = (end * (end + 1) - start * (start + 1)) // 2  # sum of (p + 1) for p in [start, end)
+    if config.is_mla:  # absorbed: scores over latent + rope key, values over the latent
+        per_key = 2 * config.kv_lora_rank + config.qk_rope_head_dim
+        return config.num_layers * 2 * config.num_heads * per_key * keys
     return config.num_layers * 2 * 2 * config.num_heads * config.head_dim * keys
 
 

@@ -82,18 +82,22 @@ def fit_to_layout(config: ModelConfig, layout: Layout | MeshRules) -> ModelConfi
             f"divides nor is a multiple of, so repeating KV heads cannot fit it: {about}")
 
     if config.is_moe:
-        _check_experts_fit(config, layout)
+        _check_never_padded(layout, [("experts", config.num_experts, "num_experts"),
+                                     ("expert_mlp", config.moe_intermediate_size,
+                                      "moe_intermediate_size")])
+    if config.is_mla:  # split over tp by attention="tpla"
+        _check_never_padded(layout, [("latent", config.kv_lora_rank, "kv_lora_rank")])
     v = layout.axis_size(mapping.get("vocab", ()))
     rows = -(-config.vocab_size // v) * v
     return dataclasses.replace(config, padded_vocab_size=rows if rows != config.vocab_size else None,
                                kv_head_copies=copies)
 
 
-def _check_experts_fit(config: ModelConfig, layout: Layout | MeshRules) -> None:
-    """Experts and their width are never padded: a split that does not divide is an error."""
-    for logical, size, field in (("experts", config.num_experts, "num_experts"),
-                                 ("expert_mlp", config.moe_intermediate_size,
-                                  "moe_intermediate_size")):
+def _check_never_padded(layout: Layout | MeshRules,
+                        splits: list[tuple[str, int, str]]) -> None:
+    """Experts, their width and a split latent are never padded: (logical axis, size, the
+    config field it comes from) that the mesh does not divide is an error."""
+    for logical, size, field in splits:
         axes = layout.rules.mapping.get(logical, ())
         n = layout.axis_size(axes)
         if size % n:

@@ -37,7 +37,8 @@ import difflib
 import os
 from typing import Any, Iterator
 
-from jaxserve.config import QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES
+from jaxserve.config import (LATENT_ATTENTIONS, LATENT_TRANSFORMS, QUANTIZATIONS,
+                             WEIGHT_LAYOUT_CHOICES)
 from jaxserve.package_data import embedded_draft
 from jaxserve.rules import parse_mesh
 
@@ -163,6 +164,13 @@ class ParallelSettings:
         None, "tokens per step (all replicas) above which auto gathers expert weights",
         default_help="the performance model's crossover for this model, mesh and device "
         "profile, jaxserve/perf/moe_auto.py")
+    attention: str = setting(
+        "mla", "latent-attention models (DeepSeek): the latent whole on every tensor-parallel "
+        "device (mla, exact), split over tp with per-shard attention (tpla), or split with "
+        "exact prefill and per-shard decode (tpla-decode)", type=str, choices=LATENT_ATTENTIONS)
+    latent_transform: str = setting(
+        "hadamard", "tpla: the orthogonal transform folded into the weights before the latent "
+        "is split", type=str, choices=LATENT_TRANSFORMS)
 
     def __post_init__(self):
         if self.mesh is not None:
@@ -170,6 +178,8 @@ class ParallelSettings:
         if not isinstance(self.rules, (str, os.PathLike)) or not str(self.rules):
             raise ValueError(f"rules must be a rules name or a YAML path, got {self.rules!r}")
         _one_of("moe_strategy", self.moe_strategy, MOE_STRATEGIES)
+        _one_of("attention", self.attention, LATENT_ATTENTIONS)
+        _one_of("latent_transform", self.latent_transform, LATENT_TRANSFORMS)
         if self.moe_auto_threshold is not None:
             t = self.moe_auto_threshold
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:

@@ -9,6 +9,12 @@ from pathlib import Path
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=8, max_position_embeddings=512, rms_norm_eps=1e-5)
 
+DEEPSEEK = dict(COMMON, vocab_size=128, num_hidden_layers=2, num_attention_heads=4,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2,
+                routed_scaling_factor=1.5)
+
 HF_CONFIGS = {
     # GQA (8 q / 2 kv heads), Llama-3 rope scaling, untied embeddings
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
@@ -32,8 +38,19 @@ HF_CONFIGS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         COMMON, num_key_value_heads=4, intermediate_size=32, num_local_experts=8,
         num_experts_per_tok=2, sliding_window=None)),
+    # latent attention, vocab 128, 2 layers (the first dense), 8 experts in 4 groups, one
+    # shared expert. V2: no q_lora_rank, group-limited greedy softmax routing, default rope.
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        DEEPSEEK, q_lora_rank=None, topk_method="group_limited_greedy", norm_topk_prob=False)),
+    # V3: q_lora_rank, YaRN (mscale != mscale_all_dim: both factors matter), sigmoid routing
+    # with a (randomised) correction bias, renormalised
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        DEEPSEEK, q_lora_rank=48, norm_topk_prob=True, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 128, "mscale": 1.0, "mscale_all_dim": 0.8,
+            "beta_fast": 32, "beta_slow": 1})),
 }
-MOE_FAMILIES = ("qwen3_moe", "qwen3_moe_sparse", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "qwen3_moe_sparse", "mixtral", "deepseek_v2", "deepseek_v3")
 
 
 def make_hf_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
@@ -50,5 +67,8 @@ def make_hf_model(name: str, out_dir: Path, seed: int = 0, **overrides) -> Path:
                 p.uniform_(0.5, 1.5)
             elif pname.endswith((".mlp.gate.weight", ".block_sparse_moe.gate.weight")):
                 p.normal_(0.0, 0.5)  # routers: clear choices, so no near-ties in the top-k
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):  # zeros would test nothing
+                b.uniform_(-0.2, 0.2)
     model.save_pretrained(out_dir)
     return Path(out_dir)

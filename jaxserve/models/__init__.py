@@ -6,12 +6,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
+from jaxserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from jaxserve.models.llama import LlamaForCausalLM
 from jaxserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from jaxserve.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM,
-                 "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM}
+                 "qwen3_moe": Qwen3MoeForCausalLM, "mixtral": MixtralForCausalLM,
+                 "deepseek_v2": DeepseekV2ForCausalLM, "deepseek_v3": DeepseekV3ForCausalLM}
 
 
 def build_model(config: ModelConfig, dtype=jnp.float32, seed: int = 0) -> nnx.Module:

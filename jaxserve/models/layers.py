@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.config import ModelConfig, rope_inv_freq
+from jaxserve.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from jaxserve.kv_cache import CacheBuffer, CacheSpec
 from jaxserve.ops.attention import AttentionMetadata, paged_attention
 from jaxserve.ops.quant import declare_weight, project, read
@@ -77,9 +77,13 @@ class Embedding(nnx.Module):
 
 
 def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of each position: [tokens] -> 2 x [tokens, head_dim // 2], float32."""
+    """cos, sin of each position: [tokens] -> 2 x [tokens, rope_dim // 2], float32 (times
+    YaRN's attention factor, when the config has one)."""
     inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)
     angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq
+    factor = rope_attention_factor(config)
+    if factor != 1.0:
+        return jnp.cos(angles) * factor, jnp.sin(angles) * factor
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -137,10 +141,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward (of `width`, by default the config's intermediate_size)."""
 
-    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
-        e, m = config.hidden_size, config.intermediate_size
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs, width: int | None = None):
+        e, m = config.hidden_size, width or config.intermediate_size
         self.gate_proj = weight(rngs, (e, m), ("embed", "mlp"), dtype, config, (0, 1))
         self.up_proj = weight(rngs, (e, m), ("embed", "mlp"), dtype, config, (0, 1))
         self.down_proj = weight(rngs, (m, e), ("mlp", "embed"), dtype, config, (0, 1))

@@ -24,11 +24,13 @@ from jaxserve.sharding import constrain
 
 class DecoderLayer(nnx.Module):
     """Attention then a feed-forward block (`feed_forward()` builds it: the dense SwiGLU unless
-    given, e.g. a MoE); extra keyword arguments of a call go to the feed-forward block."""
+    given, e.g. a MoE; `attention()` the attention block, GQA unless given); extra keyword
+    arguments of a call go to the feed-forward block."""
 
-    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs, feed_forward=None):
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs, feed_forward=None,
+                 attention=None):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
-        self.attn = Attention(config, dtype, rngs)
+        self.attn = attention() if attention else Attention(config, dtype, rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         self.mlp = feed_forward() if feed_forward else MLP(config, dtype, rngs)
 
@@ -45,7 +47,8 @@ class LlamaForCausalLM(nnx.Module):
         self.embed = Embedding(config, dtype, rngs)
         self.layers = nnx.List([
             DecoderLayer(config, dtype, rngs,
-                         lambda i=i: self.feed_forward(config, i, dtype, rngs))
+                         lambda i=i: self.feed_forward(config, i, dtype, rngs),
+                         lambda: self.attention(config, dtype, rngs))
             for i in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", dtype, rngs)
         if not config.tie_word_embeddings:
@@ -54,6 +57,11 @@ class LlamaForCausalLM(nnx.Module):
             # than [embed, vocab] at batch 8 on XLA CPU.
             self.lm_head = weight(rngs, (config.vocab_rows, config.hidden_size),
                                   ("vocab", "embed"), dtype, config, (1, 2), embedding=True)
+
+    @staticmethod
+    def attention(config: ModelConfig, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        """A layer's attention block (latent-attention families override this)."""
+        return Attention(config, dtype, rngs)
 
     @staticmethod
     def feed_forward(config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs) -> nnx.Module:

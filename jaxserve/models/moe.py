@@ -38,6 +38,10 @@ class MoE(nnx.Module):
         self.top_k = config.num_experts_per_tok
         self.normalize = config.norm_topk_prob
 
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Each token's top-k expert ids and routing weights."""
+        return moe.route(x @ self.router[...], self.top_k, self.normalize)
+
     def experts(self) -> moe.ExpertWeights:
         # Read (dequantized) in the global view, so every strategy gets float experts.
         return moe.ExpertWeights(read(self.gate_proj), read(self.up_proj), read(self.down_proj))
@@ -45,7 +49,7 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, gathered: moe.ExpertWeights | None = None) -> jax.Array:
         """x [tokens, embed]; `gathered`: this layer's experts already all-gathered."""
         with jax.named_scope("moe"):
-            ids, weights = moe.route(x @ self.router[...], self.top_k, self.normalize)
+            ids, weights = self.route(x)
             ids, weights = constrain(ids, moe.PAIR_AXES), constrain(weights, moe.PAIR_AXES)
             strategy = moe.active_strategy(x.shape[0])
             return moe.run_experts(strategy, x, ids, weights.astype(x.dtype), self.experts(),

@@ -24,6 +24,9 @@ The reference op is plain XLA and runs per device inside `shard_map` (logical na
 pool, and under TP each device attends with its own heads. Block ids and slots in the metadata
 are local to the replica's shard.
 
+The row layout (`by_row_kind`), the chunked context reads (`read_chunk`) and the online softmax
+(`online_softmax`) serve the latent-attention op too (`jaxserve/ops/latent_attention.py`).
+
 Quantized KV (jaxserve/kv_cache.py `KVFormat`): the op encodes this step's k, v into the pool's
 format as it writes them (values plus a scale per token and head beside them) and decodes each
 context chunk it reads into the compute dtype, so the rest of the step never sees the format.
@@ -114,20 +117,81 @@ def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):
     fmt = kv_cache.format_of(cache)
     stored = kv_cache.encode_buffers(fmt, {"k": k, "v": v})  # quantized on write
-    pages = {name: _write(cache[name], new, md.slots) for name, new in stored.items()}
-    tokens, heads, head_dim = q.shape
+    pages = write_pages(cache, stored, md.slots)
+
+    def attend(kind, queries, positions, tables, context_lens):
+        return _attend_rows(queries, positions, tables, context_lens, pages, fmt, scale, md)
+
+    return by_row_kind(md, q, attend), pages
+
+
+def write_pages(cache: dict, stored: dict, slots: jax.Array) -> dict:
+    """Each token's stored buffers into its slot, in every page buffer."""
+    return {name: _write(cache[name], new, slots) for name, new in stored.items()}
+
+
+def by_row_kind(md: AttentionMetadata, q: jax.Array, attend) -> jax.Array:
+    """Lay the step's token-major queries q [tokens, ...] out as rows and attend each kind:
+    `attend(kind, q [rows, queries, ...], positions [rows, queries], tables, context_lens)` ->
+    [rows, queries, ...out], with kind "decode" (one query per row) or "prefill" (query tiles).
+    Returns the outputs token-major again, [tokens, ...out]."""
+    tokens = q.shape[0]
     rows, d = md.block_tables.shape[0], md.decode_rows
     parts = []
     if d:
-        parts.append(_attend_rows(q[:d, None], md.positions[:d, None], md.block_tables[:d],
-                                  md.context_lens[:d], pages, fmt, scale, md))
+        parts.append(attend("decode", q[:d, None], md.positions[:d, None], md.block_tables[:d],
+                            md.context_lens[:d]))
     if rows > d:
         tile = (tokens - d) // (rows - d)
-        parts.append(_attend_rows(q[d:].reshape(rows - d, tile, heads, head_dim),
-                                  md.positions[d:].reshape(rows - d, tile), md.block_tables[d:],
-                                  md.context_lens[d:], pages, fmt, scale, md))
-    out = jnp.concatenate([p.reshape(-1, heads, head_dim) for p in parts], axis=0)
-    return out, pages
+        parts.append(attend("prefill", q[d:].reshape((rows - d, tile) + q.shape[1:]),
+                            md.positions[d:].reshape(rows - d, tile), md.block_tables[d:],
+                            md.context_lens[d:]))
+    return jnp.concatenate([p.reshape((-1,) + p.shape[2:]) for p in parts], axis=0)
+
+
+def read_chunk(pages, fmt, name: str, ids: jax.Array, dtype) -> jax.Array:
+    """Blocks `ids` [rows, chunk_blocks] of one page buffer, decoded into `dtype`:
+    [rows, chunk_blocks * block_size, ...per-token shape]."""
+    chunk_pages = {n: pages[n][ids] for n in (name, name + kv_cache.SCALE_SUFFIX) if n in pages}
+    out = kv_cache.decode_buffer(fmt, chunk_pages, name, dtype)
+    return out.reshape((ids.shape[0], -1) + out.shape[3:])
+
+
+def online_softmax(chunk_scores, positions, context_lens, md: AttentionMetadata, chunk: int,
+                   acc_shape: tuple[int, ...]) -> jax.Array:
+    """Softmax-weighted sums over each row's context, one chunk of `chunk` tokens at a time,
+    causal by position. `chunk_scores(j)` gives context chunk j's (scaled float32 scores
+    [rows, *heads, queries, chunk], and `weigh(p)`: the chunk's values weighted by p, float32
+    [rows, *heads, queries, width]); `acc_shape` is that of the result."""
+    def body(j, carry):
+        m, l, acc = carry  # acc_shape less its last dim (acc: acc_shape), float32
+        s, weigh = chunk_scores(j)
+        key_pos = j * chunk + jnp.arange(chunk)
+        visible = key_pos[None, None, :] <= positions[:, :, None]  # [rows, queries, chunk]
+        visible = visible.reshape(visible.shape[:1] + (1,) * (s.ndim - 3) + visible.shape[1:])
+        s = jnp.where(visible, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
+        p = jnp.exp(s - m_safe[..., None])
+        correction = jnp.exp(m - m_safe)
+        l = l * correction + p.sum(axis=-1)
+        acc = acc * correction[..., None] + weigh(p)
+        return m_new, l, acc
+
+    init = (jnp.full(acc_shape[:-1], -jnp.inf, jnp.float32),
+            jnp.zeros(acc_shape[:-1], jnp.float32), jnp.zeros(acc_shape, jnp.float32))
+    if md.static_chunks is not None:
+        num_chunks = md.static_chunks
+    else:
+        num_chunks = (jnp.max(context_lens) + chunk - 1) // chunk
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    return acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows: 0, not NaN
+
+
+def chunk_ids(tables: jax.Array, j, md: AttentionMetadata) -> jax.Array:
+    """Block ids of context chunk j of each row: [rows, chunk_blocks]."""
+    cb = md.chunk_blocks
+    return jax.lax.dynamic_slice_in_dim(tables, j * cb, cb, axis=1)
 
 
 def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
@@ -136,43 +200,18 @@ def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
     rows, nq, heads, head_dim = q.shape
     _, bs, kv_heads, _ = pages["k"].shape
     group = heads // kv_heads
-    cb = md.chunk_blocks
-    chunk = cb * bs
     q = q.reshape(rows, nq, kv_heads, group, head_dim)
 
-    def read(name, ids):  # a chunk of one buffer, decoded: [rows, chunk, kv_heads, head_dim]
-        chunk_pages = {n: pages[n][ids] for n in (name, name + kv_cache.SCALE_SUFFIX)
-                       if n in pages}
-        return kv_cache.decode_buffer(fmt, chunk_pages, name, q.dtype).reshape(
-            rows, chunk, kv_heads, head_dim)
-
-    def body(j, carry):
-        m, l, acc = carry  # [rows, kv_heads, group, queries] (acc: + head_dim), float32
-        ids = jax.lax.dynamic_slice_in_dim(tables, j * cb, cb, axis=1)  # [rows, cb]
-        keys, values = read("k", ids), read("v", ids)
+    def chunk_scores(j):
+        ids = chunk_ids(tables, j, md)
+        keys = read_chunk(pages, fmt, "k", ids, q.dtype)  # [rows, chunk, kv_heads, head_dim]
+        values = read_chunk(pages, fmt, "v", ids, q.dtype)
         s = jnp.einsum("rqkgd,rckd->rkgqc", q, keys, preferred_element_type=jnp.float32) * scale
-        key_pos = j * chunk + jnp.arange(chunk)
-        visible = key_pos[None, None, :] <= positions[:, :, None]  # [rows, queries, chunk]
-        s = jnp.where(visible[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
-        p = jnp.exp(s - m_safe[..., None])
-        correction = jnp.exp(m - m_safe)
-        l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "rkgqc,rckd->rkgqd", p.astype(values.dtype), values,
-            preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        return s, lambda p: jnp.einsum("rkgqc,rckd->rkgqd", p.astype(values.dtype), values,
+                                       preferred_element_type=jnp.float32)
 
-    init = (jnp.full((rows, kv_heads, group, nq), -jnp.inf, jnp.float32),
-            jnp.zeros((rows, kv_heads, group, nq), jnp.float32),
-            jnp.zeros((rows, kv_heads, group, nq, head_dim), jnp.float32))
-    if md.static_chunks is not None:
-        num_chunks = md.static_chunks
-    else:
-        num_chunks = (jnp.max(context_lens) + chunk - 1) // chunk
-    _, l, acc = jax.lax.fori_loop(0, num_chunks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # padding rows: 0, not NaN
+    out = online_softmax(chunk_scores, positions, context_lens, md, md.chunk_blocks * bs,
+                         (rows, kv_heads, group, nq, head_dim))
     # [rows, kv_heads, group, queries, head_dim] -> [rows, queries, q_heads, head_dim]
     return out.transpose(0, 3, 1, 2, 4).reshape(rows, nq, heads, head_dim).astype(q.dtype)
 

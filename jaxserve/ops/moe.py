@@ -131,6 +131,40 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
     return ids.astype(jnp.int32), weights
 
 
+def route_grouped(router_logits: jax.Array, top_k: int, method: str, n_group: int,
+                  topk_group: int, normalize: bool, scaling: float,
+                  bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek's routers (`config.TOPK_METHODS`), in float32: the experts split into `n_group`
+    groups, only the best `topk_group` groups of a token open to it, its top_k experts among
+    those; weights times `scaling`.
+
+    "group_limited_greedy" (V2): softmax scores; a group's score is its best expert's.
+    "noaux_tc" (V3): sigmoid scores; the choice (of groups, by the sum of their two best, and of
+    experts) is by score + `bias`, the weights are the scores without it, renormalised when
+    `normalize`. "greedy": `route`'s softmax top-k."""
+    logits = router_logits.astype(jnp.float32)
+    if method == "greedy":
+        ids, weights = route(logits, top_k, normalize)
+        return ids, weights * scaling
+    tokens, experts = logits.shape
+    sigmoid = method == "noaux_tc"
+    scores = jax.nn.sigmoid(logits) if sigmoid else jax.nn.softmax(logits, axis=-1)
+    choice = scores + bias.astype(jnp.float32) if sigmoid else scores
+    grouped = choice.reshape(tokens, n_group, experts // n_group)
+    group_scores = (jax.lax.top_k(grouped, 2)[0].sum(-1) if sigmoid else grouped.max(-1))
+    open_groups = jax.lax.top_k(group_scores, topk_group)[1]  # [tokens, topk_group]
+    is_open = jnp.zeros((tokens, n_group), bool).at[
+        jnp.arange(tokens)[:, None], open_groups].set(True)
+    is_open = jnp.repeat(is_open, experts // n_group, axis=1)
+    # V3 closes a group with -inf, V2 with a 0 score (both as transformers does)
+    choice = jnp.where(is_open, choice, -jnp.inf if sigmoid else 0.0)
+    ids = jax.lax.top_k(choice, top_k)[1]
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if normalize and sigmoid:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return ids.astype(jnp.int32), weights * scaling
+
+
 def grouped_swiglu(x: jax.Array, expert: jax.Array, w: ExpertWeights) -> jax.Array:
     """Row r of x [rows, embed] through expert `expert[r]` of `w` (rows whose expert is
     `num_experts` or more belong to none and give 0).

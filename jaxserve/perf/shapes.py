@@ -80,6 +80,10 @@ def parameters(config: ModelConfig) -> dict[str, Param]:
 def kv_cache_per_token(config: ModelConfig) -> dict[str, tuple[tuple[int, ...],
                                                                tuple[str | None, ...]]]:
     """The cache buffers one token keeps in one layer: {name: (shape, logical axes)}. GQA keeps
-    a key and a value per stored KV head (as `jaxserve.models.layers.kv_cache_spec` declares)."""
+    a key and a value per stored KV head (as `jaxserve.models.layers.kv_cache_spec` declares);
+    latent attention one latent and one rope key (`models.deepseek.latent_cache_spec`)."""
+    if config.is_mla:
+        return {"c_kv": ((config.kv_lora_rank,), ("latent",)),
+                "k_pe": ((config.qk_rope_head_dim,), (None,))}
     buffer = ((config.stored_kv_heads, config.head_dim), ("kv_heads", "head_dim"))
     return {"k": buffer, "v": buffer}

@@ -6,6 +6,7 @@ identical to the target proposes exactly the target's greedy tokens, so every pr
 is refused at load.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -100,7 +101,8 @@ def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_on
 
     def recording(seqs):
         out = propose_all(seqs)
-        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.items() if p)
+        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.tokens.items()
+                      if p)
         return out
 
     proposer.propose_all = recording
@@ -124,15 +126,34 @@ def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_on
     dict(temperature=1.0, top_k=6, max_tokens=12, seed=11),
     dict(temperature=0.9, top_p=0.8, presence_penalty=0.5, max_tokens=12, seed=5),
 ], ids=["top_k", "top_p_penalty"])
-def test_seeded_sampling_with_a_draft_gives_the_plain_tokens_alone_and_in_a_batch(
-        plain, other_draft, params):
+def test_seeded_sampling_with_a_sampled_draft_gives_the_same_tokens_alone_and_in_a_batch(
+        other_draft, params):
+    """The draft samples its proposals (its own seed per round) and the target accepts by
+    rejection sampling against their q: a seeded request's tokens do not depend on the batch."""
     seeded = SamplingParams(**params)
-    want = _tokens(plain, [PROMPTS[0]], seeded)[0]
-    assert _tokens(other_draft, [PROMPTS[0]], seeded)[0] == want
+    before = other_draft.stats()
+    want = _tokens(other_draft, [PROMPTS[0]], seeded)[0]
+    proposed, accepted, _ = _spec_counts(other_draft, before)
+    assert proposed > 0 and accepted < proposed
+    assert len(other_draft.engine.builder.shapes()) > 0
     others = SamplingParams(temperature=0.8, max_tokens=10)
     batch = other_draft.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [others, seeded, others],
                                  use_tqdm=False)
     assert [o.token_ids for o in batch[1].outputs] == want
+
+
+def test_a_sampled_draft_equal_to_the_target_is_kept_with_penalties_and_filters(self_draft):
+    """q = p when the draft is the target and both apply the same SamplingParams (penalties
+    counting the outputs and the round's earlier proposals, top_p, min_p): every proposal is
+    kept (min(1, p / q) = 1, up to rounding). Fails when q's rows, counts or filters are not
+    p's."""
+    params = SamplingParams(temperature=0.9, top_p=0.8, min_p=0.05, presence_penalty=0.5,
+                            frequency_penalty=0.3, max_tokens=24, ignore_eos=True)
+    before = self_draft.stats()
+    self_draft.generate(PROMPTS, [dataclasses.replace(params, seed=i) for i in range(4)],
+                        use_tqdm=False)
+    proposed, accepted, _ = _spec_counts(self_draft, before)
+    assert proposed > 20 and accepted >= 0.99 * proposed
 
 
 def test_a_draft_of_another_vocabulary_is_refused_naming_both_sizes(dirs, tmp_path):

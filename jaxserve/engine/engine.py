@@ -51,6 +51,7 @@ from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.speculative import make_proposer
+from jaxserve.engine.speculative.proposals import Proposals
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, Processed
 from jaxserve.engine.timeline import Timeline
@@ -108,7 +109,8 @@ class Engine:
                                    speculative=self.proposer is not None)
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
-                                   eos_ids=self.eos_ids, speculative_tokens=k)
+                                   eos_ids=self.eos_ids, speculative_tokens=k,
+                                   sampled_drafts=draft_runner is not None)
         self.requests: dict[str, Request] = {}
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
@@ -186,14 +188,18 @@ class Engine:
         finished = self._apply(self.output.collect())
         t0 = self.timeline.lap("other")
         proposals = self._proposals()
-        plan = self.scheduler.schedule(not self.inflight, proposals)
+        drafts = proposals.tokens if proposals is not None else None
+        plan = self.scheduler.schedule(not self.inflight, drafts)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
                                      and not self.inflight):
             finished += self.drain()  # preemption rewrites state that steps in flight use
-            plan = self.scheduler.schedule(True, proposals)
+            plan = self.scheduler.schedule(True, drafts)
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
-                plan = self.scheduler.schedule(True, proposals)
+                plan = self.scheduler.schedule(True, drafts)
+        if proposals is not None and proposals.probs:
+            plan.draft_probs = {seq: proposals.probs[seq][:len(d)]
+                                for seq, d in plan.drafts.items() if d and seq in proposals.probs}
         t1 = self.timeline.lap("schedule")
         self.timers["schedule_s"] += t1 - t0
         if not plan.empty:
@@ -214,7 +220,7 @@ class Engine:
             finished += self._read_back(self.inflight.popleft())
         return finished
 
-    def _proposals(self) -> dict | None:
+    def _proposals(self) -> Proposals | None:
         """Speculative: each decoding sequence's proposed next tokens (all read back)."""
         if self.proposer is None:
             return None

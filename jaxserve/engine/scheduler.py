@@ -74,6 +74,9 @@ class StepPlan:
     copies: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     # a speculative step: the tokens each decoding sequence verifies after its last one
     drafts: dict[Sequence, list[int]] = dataclasses.field(default_factory=dict)
+    # sampled proposals: q of each of a sequence's drafts, f32[drafts, vocab_rows] (absent:
+    # point masses); set beside `drafts` by the engine
+    draft_probs: dict[Sequence, object] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:

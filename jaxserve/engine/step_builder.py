@@ -63,11 +63,14 @@ class StepLayout:
 class StepBuilder:
     def __init__(self, limits: SchedulerSettings, num_replicas: int, *, block_size: int,
                  trash_slot: int, vocab_rows: int, eos_ids: tuple[int, ...],
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, sampled_drafts: bool = False):
         """limits: resolved (max_model_len known), per DP replica. speculative_tokens: k, the
-        most proposals a decoding sequence verifies per step (0: no speculation)."""
+        most proposals a decoding sequence verifies per step (0: no speculation).
+        sampled_drafts: proposals may come with their draft distribution q (a draft model):
+        the step carries q for every row (`VerifyRows.draft_probs`)."""
         max_num_seqs, max_num_batched_tokens = limits.max_num_seqs, limits.max_num_batched_tokens
         self.speculative = speculative_tokens > 0
+        self.sampled_drafts = sampled_drafts
         if self.speculative:
             max_num_seqs = max(max_num_seqs, min(max_num_seqs * (1 + speculative_tokens),
                                                  max_num_batched_tokens))
@@ -176,13 +179,26 @@ class StepBuilder:
                     add_row(r, row, f + c.length - 1, sampler)
                     row += 1
         sampling, suppressed, want = self.sampling_columns(row_seqs, offsets)
-        verify = VerifyRows(draft, run_start) if self.speculative else None
+        verify = VerifyRows(draft, run_start, self._draft_probs(runs, plan, s_loc)) \
+            if self.speculative else None
         inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
                             sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
                             want, suppressed, sampling, verify)
         decode_rows = frozenset(r * s_loc + i for r in range(n) for i in range(len(runs[r])))
         return StepLayout(inputs, sample_rows, bool(want.any()),
                           decode_rows if self.speculative else frozenset())
+
+    def _draft_probs(self, runs, plan: StepPlan, s_loc: int) -> np.ndarray | None:
+        """q of every row's proposal, f32[rows, vocab_rows] (zeros: a point mass or none)."""
+        if not self.sampled_drafts:
+            return None
+        probs = np.zeros((self.num_replicas * s_loc, self.vocab_rows), np.float32)
+        for r, rows in enumerate(runs):
+            for i, (seq, j, _, proposal) in enumerate(rows):
+                q = plan.draft_probs.get(seq)
+                if q is not None and proposal >= 0:
+                    probs[r * s_loc + i] = q[j]
+        return probs
 
     def _run(self, seq: Sequence, drafts: list[int] | None) -> list[tuple[int | None, int]]:
         """A decoding sequence's rows: (input token, proposal verified). Without speculation one
@@ -222,7 +238,8 @@ class StepBuilder:
         t = n * (decode_rows + prefill_tokens)
         s = n * self.sample_rows_per_replica(decode_rows, prefill_tokens)
         sampling, suppressed, want = self.sampling_columns([None] * s)
-        verify = VerifyRows(np.full((s,), -1, np.int32), np.arange(s, dtype=np.int32)) \
+        probs = np.zeros((s, self.vocab_rows), np.float32) if self.sampled_drafts else None
+        verify = VerifyRows(np.full((s,), -1, np.int32), np.arange(s, dtype=np.int32), probs) \
             if self.speculative else None
         return StepInputs(np.zeros((t,), np.int32), np.full((t,), -1, np.int32), md,
                           np.zeros((s,), np.int32), np.full((s,), self.trash_slot, np.int32),

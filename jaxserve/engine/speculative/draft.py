@@ -15,8 +15,11 @@ Design (this file owns it):
   chunk that ends a catch-up samples the first proposal. Then k - 1 decode steps over every
   sequence still proposing, each reading its last proposal from the draft's slot state on the
   device. The proposals are read back once, at the end.
-- The draft decodes greedily, so each proposal is a point mass: the target's acceptance rule
-  (jaxserve/runtime/verify.py) stays exact and a seeded request's tokens stay batch-invariant.
+- The draft decodes greedily for greedy requests (point masses: the target keeps exactly its
+  greedy tokens) and samples for sampling ones, with the request's SamplingParams and a seed of
+  its own per round, returning q of each proposal with it (proposals.py; the runner's steps
+  return each row's distribution). Rejection sampling against q keeps the target's
+  distribution exact (jaxserve/runtime/verify.py).
 - A sequence holds draft blocks and a slot only while it is proposed for: one that finished, was
   preempted or is prefilling again gives them back at the next round (a preempted one catches up
   from scratch). A sequence the draft pool has no room for gets no proposals this round.
@@ -36,11 +39,10 @@ from jaxserve.engine.block_pool import BlockPool
 from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.scheduler import PrefillChunk, StepPlan
 from jaxserve.engine.sequence import Request, Sequence
+from jaxserve.engine.speculative.proposals import (GREEDY, Proposals, draft_params,
+                                                   penalty_rows, round_seed)
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder
-from jaxserve.sampling_params import SamplingParams
 from jaxserve.settings import SchedulerSettings
-
-GREEDY = SamplingParams(temperature=0)
 
 
 @dataclasses.dataclass
@@ -56,6 +58,7 @@ class DraftProposer:
         self.runner, self.limits, self.k = runner, limits, k
         seqs = limits.max_num_seqs
         runner.init_slots(seqs)
+        runner.set_output_probs(True)  # q of sampled proposals
         self.blocks = BlockPool(runner.blocks_per_replica, runner.block_size, caching=False)
         self.slots = IdPool(range(seqs))
         self.builder = StepBuilder(limits, 1, block_size=runner.block_size, trash_slot=seqs,
@@ -88,10 +91,12 @@ class DraftProposer:
         if need > 0:
             shadow.blocks += self.blocks.allocate(need)
         shadow.request.prompt_ids = tokens
+        shadow.request.params = draft_params(seq.params)
+        shadow.seed = round_seed(seq.seed, len(seq.output_ids))
         shadow.num_scheduled_outputs = 0
         return state
 
-    def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+    def propose_all(self, seqs: list[Sequence]) -> Proposals:
         """Proposals for decoding sequences whose outputs are all read back."""
         proposing = set(seqs)
         for gone in [s for s in self.states if s not in proposing]:
@@ -105,6 +110,7 @@ class DraftProposer:
             if state is not None:
                 wanted[seq] = state, m
         owner = {state.shadow: seq for seq, (state, _) in wanted.items()}
+        self._set_penalties([(seq, state.shadow) for seq, (state, _) in wanted.items()])
         rows: list[tuple[object, int, Sequence]] = []  # (step outputs, row, target sequence)
         self._catch_up([state for state, _ in wanted.values()], owner, rows)
         for j in range(1, max((m for _, m in wanted.values()), default=0)):
@@ -114,13 +120,31 @@ class DraftProposer:
             layout = self.builder.build(StepPlan([], shadows))
             outputs = self.runner.step(layout.inputs)
             rows += [(outputs, row, owner[shadow]) for row, shadow in layout.sample_rows]
-        proposals: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
-        read: dict[int, np.ndarray] = {}
+        proposals = Proposals({seq: [] for seq in seqs})
+        sampled = {seq for seq, (state, _) in wanted.items() if state.shadow.params.temperature}
+        read: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         for outputs, row, seq in rows:
             if id(outputs) not in read:
-                read[id(outputs)] = np.asarray(outputs.tokens)
-            proposals[seq].append(int(read[id(outputs)][row]))
+                read[id(outputs)] = (np.asarray(outputs.tokens),
+                                     np.asarray(outputs.probs) if sampled else None)
+            tokens, probs = read[id(outputs)]
+            proposals.tokens[seq].append(int(tokens[row]))
+            if seq in sampled:
+                proposals.probs.setdefault(seq, []).append(probs[row])
+        proposals.probs = {seq: np.stack(q) for seq, q in proposals.probs.items()}
         return proposals
+
+    def _set_penalties(self, pairs: list[tuple[Sequence, Sequence]]) -> None:
+        """Sampled proposals with penalties count the target's outputs: their draft slots start
+        the round from the target's prompt mask and output counts."""
+        pairs = [(seq, shadow) for seq, shadow in pairs
+                 if shadow.params.temperature and shadow.params.uses_penalties]
+        if pairs:
+            self.runner.set_slots(*penalty_rows(
+                [shadow.slot for _, shadow in pairs],
+                [seq.request.prompt_ids for seq, _ in pairs],
+                [seq.output_ids for seq, _ in pairs], self.limits.max_num_seqs,
+                self.limits.max_num_seqs, self.runner.config.vocab_rows))
 
     def _catch_up(self, states: list[_DraftState], owner: dict, rows: list) -> None:
         """Prefill every state's tokens past `valid`, in steps within the budget; the chunk

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxserve.engine.speculative.proposals import Proposals
+
 
 def lookup(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
@@ -36,5 +38,5 @@ class NgramProposer:
         tokens = np.asarray(seq.request.prompt_ids + seq.output_ids, np.int32)
         return lookup(tokens, self.k, self.min_n, self.max_n)
 
-    def propose_all(self, seqs: list) -> dict:
-        return {seq: self.propose(seq) for seq in seqs}
+    def propose_all(self, seqs: list) -> Proposals:
+        return Proposals({seq: self.propose(seq) for seq in seqs})

@@ -319,9 +319,15 @@ class SpeculativeSettings:
     model: str | None = None
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
+    # stop proposing for a sequence whose acceptance stays below the measured break-even
+    # (jaxserve/engine/speculative/fallback.py)
+    auto_fallback: bool = True
 
     def __post_init__(self):
         _one_of("speculative method", self.method, SPECULATIVE_METHODS)
+        if not isinstance(self.auto_fallback, bool):
+            raise TypeError(f"speculative auto_fallback must be a bool, got "
+                            f"{self.auto_fallback!r}")
         _positive_int("num_speculative_tokens", self.num_speculative_tokens)
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, "

@@ -226,3 +226,65 @@ def test_too_many_proposals_for_the_context_and_dp_are_refused(model_dir):
     with pytest.raises(ValueError, match="speculative decoding runs on one DP replica; the "
                                          "mesh has 2"):
         LLM(model_dir, speculative_config=NGRAM, mesh="dp=2", rules="dp", **ENGINE)
+
+
+# ---- metrics ----
+
+def test_speculative_stats_reach_the_prometheus_metrics(spec):
+    """After a speculative run, a real metrics server on 127.0.0.1 serves the engine's
+    acceptance rate, tokens per step, proposal counts and draft / verify time."""
+    import types
+    import urllib.request
+
+    from jaxserve.serving.metrics import ServingMetrics, start_metrics_server
+
+    metrics = ServingMetrics()
+    metrics.start_from({"kv_blocks_total": 1})  # count from zero: the engine ran before
+    spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                  use_tqdm=False)
+    stats = spec.stats()
+    assert stats["spec_verify_s"] > 0 and stats["spec_draft_s"] > 0
+    assert stats["spec_verify_s"] <= stats["readback_wait_s"] + stats["dispatch_s"] + \
+        stats["schedule_s"] + stats["process_s"] + stats["propose_s"] + 60
+    metrics.on_step(types.SimpleNamespace(engine=spec.engine), 0.0)
+    httpd = start_metrics_server(metrics.registry, "127.0.0.1", 0)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_port}/").read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    served = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert served["jaxserve_spec_acceptance_rate"] == stats["spec_acceptance_rate"]
+    assert served["jaxserve_spec_tokens_per_step"] == stats["spec_tokens_per_step"]
+    assert served["jaxserve_spec_proposed_tokens_total"] == stats["spec_proposed_tokens"] > 0
+    assert served["jaxserve_spec_accepted_tokens_total"] == stats["spec_accepted_tokens"]
+    assert served["jaxserve_spec_draft_seconds_total"] == pytest.approx(stats["spec_draft_s"])
+    assert served["jaxserve_spec_verify_seconds_total"] == pytest.approx(stats["spec_verify_s"])
+
+
+# ---- auto fallback ----
+
+def test_the_break_even_is_draft_plus_verify_over_plain_and_judges_each_sequence():
+    from jaxserve.engine.speculative.fallback import MIN_RUNS, Fallback
+
+    fallback = Fallback(enabled=True)
+    good, poor, new = object(), object(), object()
+    for _ in range(MIN_RUNS):
+        fallback.record_run(good, 2)  # 3 tokens per verifying step
+        fallback.record_run(poor, 1)  # 2
+    fallback.record_run(new, 0)
+    assert fallback.break_even is None and fallback.wants_probe([good, poor, new])
+    fallback.record_draft(0.010)
+    fallback.record_step(0.015, verified=True)
+    fallback.record_step(0.010, verified=False)
+    assert fallback.break_even == pytest.approx(2.5)  # (10 + 15) / 10 ms
+    assert not fallback.wants_probe([good, poor])
+    assert fallback.proposing([good, poor, new]) == [good, new]
+    assert fallback.stats()["spec_fallback_sequences"] == 1
+    assert fallback.proposing([good]) == [good]  # the finished ones are forgotten
+    assert fallback.stats()["spec_fallback_running"] == 0
+    off = Fallback(enabled=False)
+    for _ in range(MIN_RUNS):
+        off.record_run(poor, 0)
+    assert off.proposing([poor]) == [poor] and not off.wants_probe([poor])

@@ -201,3 +201,21 @@ def test_a_speculative_model_alone_means_the_draft_method():
                                           "--speculative-model", "some/dir"])
     assert cli._settings(args).speculative == SpeculativeSettings(method="draft",
                                                                   model="some/dir")
+
+
+def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plain, other_draft):
+    """A random draft as costly as the target gains far fewer tokens per step than its
+    measured break-even ((draft + verify) / plain step time, about k + 1 here): every sequence
+    stops speculating once judged (after MIN_RUNS verifying steps), and the tokens stay the
+    plain ones."""
+    from jaxserve.engine.speculative.fallback import MIN_RUNS
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    before = other_draft.stats()
+    assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
+    after = other_draft.stats()
+    assert after["spec_fallback_sequences"] - before["spec_fallback_sequences"] == 3
+    assert after["spec_break_even_tokens_per_step"] > after["spec_tokens_per_step"]
+    assert after["spec_plain_step_s"] > 0
+    # each sequence verified proposals in MIN_RUNS steps, and none after it fell back
+    assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS

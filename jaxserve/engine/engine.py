@@ -51,6 +51,7 @@ from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.speculative import make_proposer
+from jaxserve.engine.speculative.fallback import Fallback
 from jaxserve.engine.speculative.proposals import Proposals
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, Processed
@@ -65,6 +66,9 @@ from jaxserve.settings import Settings
 class _InFlight:
     layout: StepLayout
     outputs: StepOutputs
+    dispatched: float = 0.0  # perf_counter at dispatch
+    verifies: bool = False  # some sequence verifies proposals
+    decode_only: bool = False
 
 
 class Engine:
@@ -92,6 +96,8 @@ class Engine:
             raise ValueError(f"speculative decoding runs on one DP replica; the mesh has "
                              f"{replicas}: use a mesh without dp")
         k = settings.speculative.num_speculative_tokens if self.proposer is not None else 0
+        self.fallback = Fallback(settings.speculative.auto_fallback) \
+            if self.proposer is not None else None
         # proposals come from read-back tokens (see the module docstring)
         self.max_steps_in_flight = 1 if self.proposer is not None else limits.max_steps_in_flight
         runner.init_slots(replicas * seqs)
@@ -224,10 +230,17 @@ class Engine:
         """Speculative: each decoding sequence's proposed next tokens (all read back)."""
         if self.proposer is None:
             return None
+        decoding = [seq for seq in self.scheduler.running
+                    if not seq.in_prefill and not seq.done_scheduling]
+        if self.fallback.wants_probe(decoding):  # a plain step, to measure the break-even
+            return Proposals({})
         t0 = time.perf_counter()
-        out = self.proposer.propose_all([seq for seq in self.scheduler.running
-                                         if not seq.in_prefill and not seq.done_scheduling])
-        self.timers["propose_s"] += time.perf_counter() - t0
+        out = self.proposer.propose_all(self.fallback.proposing(decoding,
+                                                                self.scheduler.running))
+        elapsed = time.perf_counter() - t0
+        self.timers["propose_s"] += elapsed
+        if any(out.tokens.values()):
+            self.fallback.record_draft(elapsed)
         return out
 
     # ---- dispatch ----
@@ -253,7 +266,8 @@ class Engine:
         self.counters["steps"] += 1
         self.counters["prefill_steps"] += bool(plan.prefills)
         self.counters["decode_steps"] += bool(plan.decodes)
-        return _InFlight(layout, outputs)
+        return _InFlight(layout, outputs, time.perf_counter(), any(plan.drafts.values()),
+                         bool(plan.decodes) and not plan.prefills)
 
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
@@ -263,6 +277,8 @@ class Engine:
         arrays = self._fetch(step.outputs, step.layout.wants_logprobs)
         t1 = self.timeline.lap("readback")
         self.timers["readback_wait_s"] += t1 - t0
+        if self.fallback is not None:
+            self._time_step(step, t1 - step.dispatched)
         update = self.scheduler.update(step.layout.sample_rows, arrays["tokens"], self.eos_ids,
                                        arrays.get("emitted"), step.layout.verify_rows)
         self._count(update.generated, update.discarded)
@@ -270,6 +286,8 @@ class Engine:
             self.counters["spec_proposed_tokens"] += update.proposed
             self.counters["spec_accepted_tokens"] += update.accepted
             self.counters["spec_verify_runs"] += update.verified_runs
+            for seq, kept in update.runs:
+                self.fallback.record_run(seq, kept)
         for sampled in update.sampled:
             metrics = sampled.seq.request.metrics
             if metrics.first_token_time is None:
@@ -308,10 +326,21 @@ class Engine:
                           top_logprobs=np.asarray(out.top_logprobs))
         return arrays
 
+    def _time_step(self, step: _InFlight, seconds: float) -> None:
+        """Speculative steps are read back before the next one is planned, so dispatch to
+        read back is the step's time."""
+        if step.verifies:
+            self.timers["spec_verify_s"] += seconds
+        if step.decode_only:
+            self.fallback.record_step(seconds, step.verifies)
+
     def _speculative_stats(self) -> dict[str, Any]:
         """`spec_acceptance_rate`: proposals kept / proposals verified; `spec_tokens_per_step`:
         tokens a decoding sequence gained per step in which it verified proposals (kept
-        proposals + the one the target adds). None until a proposal is verified."""
+        proposals + the one the target adds). None until a proposal is verified.
+        `spec_draft_s`: the proposer's time; `spec_verify_s`: the time of target steps that
+        verified proposals (dispatch to read back); the auto fallback's costs and break-even
+        (jaxserve/engine/speculative/fallback.py)."""
         if self.proposer is None:
             return {}
         c = self.counters
@@ -320,7 +349,10 @@ class Engine:
         return {"spec_proposed_tokens": proposed, "spec_accepted_tokens": accepted,
                 "spec_verify_runs": runs,
                 "spec_acceptance_rate": round(accepted / proposed, 4) if proposed else None,
-                "spec_tokens_per_step": round((accepted + runs) / runs, 4) if runs else None}
+                "spec_tokens_per_step": round((accepted + runs) / runs, 4) if runs else None,
+                "spec_draft_s": round(self.timers["propose_s"], 6),
+                "spec_verify_s": round(self.timers["spec_verify_s"], 6),
+                **self.fallback.stats()}
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:

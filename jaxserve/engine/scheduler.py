@@ -93,6 +93,8 @@ class StepUpdate:
     proposed: int = 0  # speculative: proposals verified
     accepted: int = 0  # speculative: proposals the target kept
     verified_runs: int = 0  # speculative: decoding sequences that verified proposals
+    # speculative: (sequence, proposals it kept) per sequence that verified proposals
+    runs: list[tuple[Sequence, int]] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -439,6 +441,7 @@ class Scheduler:
                 update.proposed += run_rows - 1
                 update.accepted += kept - 1
                 update.verified_runs += 1
+                update.runs.append((seq, kept - 1))
             if seq.status is not Status.FINISHED:
                 self._settle(seq)
         return update

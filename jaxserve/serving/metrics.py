@@ -74,10 +74,36 @@ class ServingMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("jaxserve_request_queue_time_seconds", "Arrival to first "
                                "scheduled", buckets=LATENCY_BUCKETS, registry=r)
+        # speculative decoding (absent from the stats of an engine without it)
+        self.spec_acceptance = Gauge("jaxserve_spec_acceptance_rate", "Proposed tokens the "
+                                     "target kept / proposed tokens verified", registry=r)
+        self.spec_tokens_per_step = Gauge("jaxserve_spec_tokens_per_step", "Tokens a sequence "
+                                          "gains per target step that verifies its proposals",
+                                          registry=r)
+        self.spec_break_even = Gauge("jaxserve_spec_break_even_tokens_per_step", "Tokens per "
+                                     "verifying step below which speculation costs more than "
+                                     "it gains (measured)", registry=r)
+        self.spec_fallback = Gauge("jaxserve_spec_fallback_running", "Decoding sequences that "
+                                   "stopped speculating (auto fallback)", registry=r)
+        self.spec_proposed = Counter("jaxserve_spec_proposed_tokens", "Proposed tokens "
+                                     "verified", registry=r)
+        self.spec_accepted = Counter("jaxserve_spec_accepted_tokens", "Proposed tokens the "
+                                     "target kept", registry=r)
+        self.spec_draft = Counter("jaxserve_spec_draft_seconds", "Time spent proposing",
+                                  registry=r)
+        self.spec_verify = Counter("jaxserve_spec_verify_seconds", "Time of target steps that "
+                                   "verified proposals", registry=r)
+        self._gauges = {"spec_acceptance_rate": self.spec_acceptance,
+                        "spec_tokens_per_step": self.spec_tokens_per_step,
+                        "spec_break_even_tokens_per_step": self.spec_break_even,
+                        "spec_fallback_running": self.spec_fallback}
         self._counters = {"preemptions": self.preemptions,
                           "generated_tokens": self.generation_tokens,
                           "prefix_cache_queries": self.prefix_queries,
-                          "prefix_cache_hits": self.prefix_hits}
+                          "prefix_cache_hits": self.prefix_hits,
+                          "spec_proposed_tokens": self.spec_proposed,
+                          "spec_accepted_tokens": self.spec_accepted,
+                          "spec_draft_s": self.spec_draft, "spec_verify_s": self.spec_verify}
         self._seen = dict.fromkeys(self._counters, 0)
 
     def start_from(self, stats: dict) -> None:
@@ -99,6 +125,9 @@ class ServingMetrics:
             self.kv_cached.set(stats["kv_blocks_cached"])
             for replica, load in enumerate(stats["replica_load_flops"]):
                 self.replica_load.labels(replica=str(replica)).set(load)
+            for key, gauge in self._gauges.items():
+                if stats.get(key) is not None:
+                    gauge.set(stats[key])
             for key, counter in self._counters.items():
                 now = stats.get(key, 0)
                 if now > self._seen[key]:

@@ -24,6 +24,13 @@ The reference op is plain XLA and runs per device inside `shard_map` (logical na
 pool, and under TP each device attends with its own heads. Block ids and slots in the metadata
 are local to the replica's shard.
 
+Token trees (jaxserve/token_tree.py): a decode row may be a node of a speculative tree. Its
+position (RoPE) is its depth past the sequence's last token, but it is written to its own KV
+slot, and it sees the context before the tree plus the tree's slots whose bits its
+`tree_mask` sets (its ancestors and itself): `tree_start` is the row's first tree slot. Rows
+outside a tree have tree_start past any key (so only causality applies) and mask 0; a step
+without trees carries no tree arrays at all (its programs are unchanged).
+
 Quantized KV (jaxserve/kv_cache.py `KVFormat`): the op encodes this step's k, v into the pool's
 format as it writes them (values plus a scale per token and head beside them) and decodes each
 context chunk it reads into the compute dtype, so the rest of the step never sees the format.
@@ -58,12 +65,16 @@ class AttentionMetadata:
     # None: loop over as many chunks as this step needs (a dynamic trip count). An int: always
     # that many (a static loop, which reverse-mode autodiff supports; used in training).
     static_chunks: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tree_start: jax.Array | None = None  # i32[rows]: the row's first tree slot (see above)
+    tree_mask: jax.Array | None = None  # i32[rows]: tree slots (bits from tree_start) it sees
 
 
 def metadata_axes(md: AttentionMetadata) -> AttentionMetadata:
     """The logical axes of each metadata array (same tree structure as `md`)."""
+    tree = ("batch",) if md.tree_start is not None else None
     return dataclasses.replace(md, positions=("batch",), slots=("batch",),
-                               block_tables=("batch", None), context_lens=("batch",))
+                               block_tables=("batch", None), context_lens=("batch",),
+                               tree_start=tree, tree_mask=tree)
 
 
 def chunk_blocks_for(block_size: int) -> int:
@@ -118,9 +129,11 @@ def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):
     tokens, heads, head_dim = q.shape
     rows, d = md.block_tables.shape[0], md.decode_rows
     parts = []
+    tree = (md.tree_start, md.tree_mask) if md.tree_start is not None else None
     if d:
         parts.append(_attend_rows(q[:d, None], md.positions[:d, None], md.block_tables[:d],
-                                  md.context_lens[:d], pages, fmt, scale, md))
+                                  md.context_lens[:d], pages, fmt, scale, md,
+                                  tree and (tree[0][:d], tree[1][:d])))
     if rows > d:
         tile = (tokens - d) // (rows - d)
         parts.append(_attend_rows(q[d:].reshape(rows - d, tile, heads, head_dim),
@@ -130,9 +143,24 @@ def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):
     return out, pages
 
 
-def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
+def _visible(key_pos, positions, tree):
+    """[rows, queries, chunk]: which keys each query sees (causal by position; a tree node:
+    the context before its tree, and its ancestors' and its own slots)."""
+    causal = key_pos[None, None, :] <= positions[:, :, None]
+    if tree is None:
+        return causal
+    start, mask = tree
+    offset = key_pos[None, :] - start[:, None]  # [rows, chunk]
+    in_tree = (offset >= 0) & (offset < 32)
+    bit = (mask[:, None] >> jnp.clip(offset, 0, 31)) & 1
+    seen = (offset < 0)[:, None, :] & causal | (in_tree & (bit == 1))[:, None, :]
+    return seen
+
+
+def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md, tree=None):
     """Each row's queries [rows, queries, q_heads, head_dim] attend to the row's context, causally
-    by position, with an online softmax over chunks of `chunk_blocks` blocks."""
+    by position (or by its tree mask: `tree` = (tree_start, tree_mask) per row), with an online
+    softmax over chunks of `chunk_blocks` blocks."""
     rows, nq, heads, head_dim = q.shape
     _, bs, kv_heads, _ = pages["k"].shape
     group = heads // kv_heads
@@ -152,7 +180,7 @@ def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
         keys, values = read("k", ids), read("v", ids)
         s = jnp.einsum("rqkgd,rckd->rkgqc", q, keys, preferred_element_type=jnp.float32) * scale
         key_pos = j * chunk + jnp.arange(chunk)
-        visible = key_pos[None, None, :] <= positions[:, :, None]  # [rows, queries, chunk]
+        visible = _visible(key_pos, positions, tree)  # [rows, queries, chunk]
         s = jnp.where(visible[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows with nothing visible yet
@@ -186,17 +214,21 @@ class ChunkRow:
     start: int  # position of the first token
     length: int
     block_table: list[int]  # local block ids covering positions [0, start + length)
+    # a tree node (a one-token decode row): (its KV slot index, the tree's first slot index,
+    # its ancestor mask); see the module docstring
+    tree: tuple[int, int, int] | None = None
 
 
 def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode_rows: int,
                    prefill_tokens: int, tile: int, block_size: int, width: int,
-                   static_chunks: int | None = None) -> tuple[AttentionMetadata, np.ndarray]:
+                   static_chunks: int | None = None, trees: bool = False
+                   ) -> tuple[AttentionMetadata, np.ndarray]:
     """Lay out each replica's (decodes, prefill chunks) in the step's buckets.
 
     decode_rows / prefill_tokens: per-replica bucket sizes (prefill_tokens a multiple of tile).
     Returns the metadata (numpy leaves) and, per replica and row, the flat index of each chunk's
     first token: [replicas, decode_rows + prefill chunks] (-1 = none); callers place their
-    token ids with it.
+    token ids with it. trees: the metadata carries tree arrays (decode rows may be tree nodes).
     """
     tiles = prefill_tokens // tile
     tokens = decode_rows + prefill_tokens
@@ -205,6 +237,9 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
     positions = np.full((n, tokens), -1, np.int32)
     tables = np.zeros((n, rows, width), np.int32)
     context = np.zeros((n, rows), np.int32)
+    write = np.full((n, tokens), -1, np.int32)  # KV slot index of each token (-1: padding)
+    tree_start = np.full((n, rows), np.iinfo(np.int32).max, np.int32)
+    tree_mask = np.zeros((n, rows), np.int32)
     starts = []
     for r, (decodes, chunks) in enumerate(replicas):
         if len(decodes) > decode_rows:
@@ -213,7 +248,10 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
         for i, row in enumerate(decodes):
             positions[r, i] = row.start
             tables[r, i, :len(row.block_table)] = row.block_table
-            context[r, i] = row.start + 1
+            write[r, i] = row.start if row.tree is None else row.tree[0]
+            context[r, i] = write[r, i] + 1
+            if row.tree is not None:
+                tree_start[r, i], tree_mask[r, i] = row.tree[1:]
             first.append(i)
         t = decode_rows  # next free token
         for row in chunks:
@@ -221,6 +259,7 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
             if t + n_tiles * tile > tokens:
                 raise ValueError(f"prefill chunks need more than {prefill_tokens} tokens")
             positions[r, t:t + row.length] = np.arange(row.start, row.start + row.length)
+            write[r, t:t + row.length] = positions[r, t:t + row.length]
             for k in range(n_tiles):
                 tr = decode_rows + (t - decode_rows) // tile + k
                 tables[r, tr, :len(row.block_table)] = row.block_table
@@ -229,11 +268,11 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
             t += n_tiles * tile
         starts.append(first)
     # slot of every token; padding (position -1) writes to the null block
-    pos = np.maximum(positions, 0)
+    pos = np.maximum(write, 0)
     token_row = np.concatenate([np.arange(decode_rows),
                                 decode_rows + np.arange(prefill_tokens) // tile])
     block = tables[np.arange(n)[:, None], token_row[None, :], pos // block_size]
-    slots = np.where(positions >= 0, block * block_size + pos % block_size, 0).astype(np.int32)
+    slots = np.where(write >= 0, block * block_size + pos % block_size, 0).astype(np.int32)
     width_starts = max((len(s) for s in starts), default=0)
     first_index = np.full((n, max(width_starts, 1)), -1, np.int32)
     for r, s in enumerate(starts):
@@ -241,5 +280,7 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
     md = AttentionMetadata(positions=positions.reshape(-1), slots=slots.reshape(-1),
                            block_tables=tables.reshape(n * rows, width),
                            context_lens=context.reshape(-1), decode_rows=decode_rows,
-                           chunk_blocks=chunk_blocks_for(block_size), static_chunks=static_chunks)
+                           chunk_blocks=chunk_blocks_for(block_size), static_chunks=static_chunks,
+                           tree_start=tree_start.reshape(-1) if trees else None,
+                           tree_mask=tree_mask.reshape(-1) if trees else None)
     return md, first_index

@@ -105,7 +105,7 @@ class ModelRunner:
         inputs to: several processes place them as global arrays in it (plan_channel.py)."""
         if kind == "set_slots":
             return self.layout.replicated()
-        if kind == "copy_blocks":
+        if kind in ("copy_blocks", "copy_slots"):
             return self._sharding("batch", 3, "block copies")
         return self._input_sharding()
 
@@ -318,20 +318,22 @@ class ModelRunner:
                 functools.partial(_set_slots, self.layout), donate_argnums=(0,),
                 in_shardings=(_shardings(self.slot_state), self.layout.replicated()),
                 out_shardings=_shardings(self.slot_state)))
+        copy = kv_cache.copy_local_blocks if kind == "copy_blocks" else kv_cache.copy_local_slots
         return self._jitted(kind, lambda: jax.jit(
-            self._copy_blocks_per_replica, donate_argnums=(0,),
+            functools.partial(self._copy_per_replica, copy), donate_argnums=(0,),
             in_shardings=(self.kv.shardings(), self._sharding("batch", 3, "block copies")),
             out_shardings=self.kv.shardings()))
 
-    def _copy_blocks_per_replica(self, kv: KVPool, pairs: jax.Array) -> KVPool:
-        """pairs i32[replicas, copies, 2]: (source, destination) ids local to each replica's
-        shard. Each device copies within its own shard: no block crosses devices."""
+    def _copy_per_replica(self, copy, kv: KVPool, pairs: jax.Array) -> KVPool:
+        """pairs i32[replicas, copies, 2]: (source, destination) ids (blocks, or slots: block *
+        block_size + offset) local to each replica's shard, copied by `copy`. Each device copies
+        within its own shard: nothing crosses devices."""
         specs = jax.tree.map(lambda a: a.sharding.spec, self._abstract_kv)
         pool_spec = jax.tree.leaves(self._abstract_kv)[0].sharding.spec
         blocks_axes = pool_spec[0] if len(pool_spec) else None  # how kv_blocks is split
 
         def local(kv, pairs):
-            return kv_cache.copy_local_blocks(kv, pairs[0, :, 0], pairs[0, :, 1])
+            return copy(kv, pairs[0, :, 0], pairs[0, :, 1])
 
         return jax.shard_map(local, mesh=self.layout.mesh, in_specs=(specs, P(blocks_axes)),
                              out_specs=specs, check_vma=False)(kv, pairs)
@@ -368,6 +370,12 @@ class ModelRunner:
         """Copy KV blocks within each replica's shard: pairs i32[replicas, copies, 2] of local
         (source, destination) ids; (0, 0) pairs are padding. Ordered after the steps before."""
         self.kv = self._aux_executable("copy_blocks", pairs)(self.kv, pairs)
+
+    def copy_slots(self, pairs: np.ndarray) -> None:
+        """Copy single tokens' KV within each replica's shard: pairs i32[replicas, copies, 2] of
+        local (source, destination) slots, block * block_size + offset (a tree's accepted
+        path moved to its positions); (0, 0) pairs are padding."""
+        self.kv = self._aux_executable("copy_slots", pairs)(self.kv, pairs)
 
     def gather_blocks(self, block_ids) -> dict[str, np.ndarray]:
         """One sequence's blocks out of the pool (ids over the whole pool), bitwise."""

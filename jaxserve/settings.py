@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 from jaxserve.config import QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES
 from jaxserve.rules import parse_mesh
+from jaxserve.token_tree import TokenTree, parse_tree
 
 # The mode names users see, defined once; the modules that implement them import these.
 SAMPLING_MODES = ("sequence_parallel", "replicated")  # jaxserve/runtime/step_sampling.py
@@ -322,9 +323,22 @@ class SpeculativeSettings:
     # stop proposing for a sequence whose acceptance stays below the measured break-even
     # (jaxserve/engine/speculative/fallback.py)
     auto_fallback: bool = True
+    # a token tree ("WxD" or parent indices, jaxserve/token_tree.py); None: one chain
+    tree: str | tuple[int, ...] | None = None
 
     def __post_init__(self):
         _one_of("speculative method", self.method, SPECULATIVE_METHODS)
+        if self.tree is not None:
+            if isinstance(self.tree, list):
+                object.__setattr__(self, "tree", tuple(self.tree))
+            tree = parse_tree(self.tree)
+            if self.method != "ngram":
+                raise ValueError(f"speculative tree {self.tree!r} needs method 'ngram' (prompt "
+                                 f"lookup fills its branches), got {self.method!r}")
+            if tree.max_depth > self.num_speculative_tokens:
+                raise ValueError(f"speculative tree {self.tree!r} is {tree.max_depth} deep, "
+                                 f"more than num_speculative_tokens "
+                                 f"({self.num_speculative_tokens})")
         if not isinstance(self.auto_fallback, bool):
             raise TypeError(f"speculative auto_fallback must be a bool, got "
                             f"{self.auto_fallback!r}")
@@ -345,6 +359,16 @@ class SpeculativeSettings:
                              f"use method 'draft' for a draft model")
         if self.model is not None:
             object.__setattr__(self, "model", str(self.model))
+
+    @property
+    def token_tree(self) -> TokenTree | None:
+        return parse_tree(self.tree) if self.tree is not None else None
+
+    @property
+    def step_rows(self) -> int:
+        """Decode rows a sequence may take in one step: its last token and the proposals."""
+        tree = self.token_tree
+        return tree.step_rows if tree is not None else 1 + self.num_speculative_tokens
 
     @classmethod
     def from_config(cls, config: dict | SpeculativeSettings | None

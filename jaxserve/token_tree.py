@@ -40,6 +40,17 @@ class TokenTree:
     def max_depth(self) -> int:
         return max((self.depth(i) for i in range(self.size)), default=0)
 
+    @property
+    def leaves(self) -> list[int]:
+        has_child = set(self.parents)
+        return [i for i in range(self.size) if i not in has_child]
+
+    @property
+    def step_rows(self) -> int:
+        """Decode rows a sequence takes in a step with the whole tree: one run per branch,
+        each the last token and the branch's nodes."""
+        return sum(1 + self.depth(leaf) for leaf in self.leaves)
+
     def ancestor_masks(self) -> list[int]:
         """Per node, bit j set iff node j is the node itself or one of its ancestors."""
         masks: list[int] = []
@@ -56,10 +67,36 @@ class TokenTree:
         return out[::-1]
 
 
+    def branches(self, candidates: list[list[int]]) -> list[list[int]]:
+        """Candidate continuations fitted into the tree as a trie (each one follows the
+        children already holding its tokens, then takes free ones while the tree has them),
+        as its root-to-leaf branches of tokens, the first candidate's first."""
+        children: dict[int, list[int]] = {}
+        for i, parent in enumerate(self.parents):
+            children.setdefault(parent, []).append(i)
+        token: dict[int, int] = {}
+        for candidate in candidates:
+            node = -1
+            for t in candidate:
+                kids = children.get(node, [])
+                same = [k for k in kids if token.get(k) == t]
+                free = [k for k in kids if k not in token]
+                if not same and not free:
+                    break
+                node = same[0] if same else free[0]
+                token[node] = t
+        leaves = [i for i in sorted(token)
+                  if not any(k in token for k in children.get(i, []))]
+        return [[token[i] for i in self.path(leaf)] for leaf in leaves]
+
+
 def parse_tree(spec: str | list | tuple | TokenTree) -> TokenTree:
-    """`"WxD"` or a list of parent indices, validated; errors name the value."""
+    """`"WxD"` or parent indices (a list, or a comma-separated string), validated; errors name
+    the value."""
     if isinstance(spec, TokenTree):
         return spec
+    if isinstance(spec, str) and re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", spec):
+        spec = [int(x) for x in spec.split(",")]  # parent indices, as a flag gives them
     if isinstance(spec, str):
         match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", spec)
         if not match or int(match[1]) < 1 or int(match[2]) < 1:
@@ -71,9 +108,9 @@ def parse_tree(spec: str | list | tuple | TokenTree) -> TokenTree:
         parents = list(spec)
         for i, parent in enumerate(parents):
             if not isinstance(parent, int) or isinstance(parent, bool) or not -1 <= parent < i:
+                earlier = f" or an earlier node (0..{i - 1})" if i else ""
                 raise ValueError(f"speculative tree {list(spec)!r} is not a tree: node {i}'s "
-                                 f"parent {parent!r} must be -1 (the root) or an earlier node "
-                                 f"(0..{i - 1})")
+                                 f"parent {parent!r} must be -1 (the root){earlier}")
     else:
         raise TypeError(f"speculative tree must be 'WxD' or a list of parent indices, got "
                         f"{type(spec).__name__}")

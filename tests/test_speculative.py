@@ -2,7 +2,8 @@
 
 Oracles: greedy speculative decoding gives the plain engine's tokens (and logprobs) for every
 request, whatever stops it; sampled speculative decoding follows the target's distribution,
-checked against the exact probabilities the target's logits give.
+checked against the exact probabilities the target's logits give, for point-mass proposals
+and for proposals drawn from a draft distribution q that disagrees with the target.
 """
 
 import numpy as np
@@ -10,10 +11,9 @@ import pytest
 from scipy import stats
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.checkpoint import convert_hf
 from jaxserve.engine.speculative.ngram import lookup
 from jaxserve.settings import Settings, SpeculativeSettings
-from tests.hf_models import make_hf_model
+from tests.hf_models import small_vocab_llama
 
 VOCAB = 12
 # 20 blocks of 8: four sequences of 60 tokens do not fit at once (preemption). 32-token steps
@@ -28,11 +28,7 @@ PROMPTS = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [7, 8, 9, 7, 8, 9, 7], [5, 5, 5, 5, 5
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speculative")
-    hf_dir = make_hf_model("llama", root / "hf", vocab_size=VOCAB, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0)
-    convert_hf(hf_dir, root / "jaxserve", dtype="float32")
-    return root / "jaxserve"
+    return small_vocab_llama(tmp_path_factory.mktemp("speculative"), VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +165,53 @@ def test_rejection_sampling_follows_the_target_distribution(top_p):
     assert p_value > 1e-3, f"second token: chi-square p = {p_value:.2e}"
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampled_drafts_verified_follow_the_target_distribution(top_p):
+    """4000 seeds, one batch row each of a run of three rows: two proposals d1 ~ q1, d2 ~ q2
+    from a draft that disagrees with the target (other logits), then the bonus row. The run's
+    first token must follow p1 and, given d1 was kept, its second p2 (chi-square against the
+    exact filtered distributions; false-alarm rate 1e-3 per comparison, 4e-3 over the four).
+    Checked by hand to fail when the rule is wrong, by editing `_accept_sampled` in
+    jaxserve/runtime/verify.py: keeping every proposal gives first-token p = 0.0 (top_p 1)
+    or draws a token top_p drops (0.8); drawing a rejected row's token from p instead of the
+    residual, p = 5e-100 and 6e-160."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.runtime import verify
+    from jaxserve.runtime.sampling import SamplingInputs
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(0, 1.5, (3, VOCAB))
+    drafter = target[:2] + rng.normal(0, 1.5, (2, VOCAB))  # disagrees
+    p = np.stack([_kept_probs(row, top_p) for row in target])
+    q = np.stack([_kept_probs(row, top_p) for row in drafter])
+    num, rows = 4000, 3
+    proposals = np.stack([rng.choice(VOCAB, num, p=q[j]) for j in range(2)], axis=1)
+    draft = np.concatenate([proposals, np.full((num, 1), -1)], axis=1).reshape(-1)
+    draft_probs = np.tile(np.concatenate([q, np.zeros((1, VOCAB))]), (num, 1))
+    run_start = np.repeat(np.arange(0, rows * num, rows), rows)
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    sampling = SamplingInputs.from_params([params] * rows * num,
+                                          np.repeat(np.arange(num), rows).tolist(),
+                                          [5, 6, 7] * num, rows * num)
+    n = rows * num
+    no_state = jnp.zeros((1, VOCAB), bool), jnp.zeros((1, VOCAB), jnp.int32)
+    tokens, emitted, *_ = jax.jit(verify.verify_rows, static_argnums=(10,))(
+        np.tile(target, (num, 1)).astype(np.float32), *no_state, np.zeros(n, np.int32),
+        np.full((n, 1), VOCAB, np.int32), np.zeros(n, bool), sampling,
+        draft.astype(np.int32), run_start.astype(np.int32), np.ones(n, bool), 0,
+        draft_probs.astype(np.float32))
+    tokens, emitted = np.asarray(tokens).reshape(num, rows), np.asarray(emitted).reshape(num, 3)
+    p_value = _chi_square_p(tokens[:, 0], p[0])
+    assert p_value > 1e-3, f"first token: chi-square p = {p_value:.2e}"
+    kept = emitted[:, 1]  # the second row emits iff the first kept its proposal
+    assert 0.2 < kept.mean() < 0.9  # both branches are taken often
+    assert emitted[:, 0].all() and (tokens[kept, 0] == proposals[kept, 0]).all()
+    p_value = _chi_square_p(tokens[kept, 1], p[1])
+    assert p_value > 1e-3, f"second token: chi-square p = {p_value:.2e}"
+
+
 @pytest.mark.parametrize("params", [
     dict(temperature=1.0, top_k=6, max_tokens=12),
     dict(temperature=0.9, top_p=0.8, min_p=0.05, presence_penalty=0.5, max_tokens=12),
@@ -281,9 +324,10 @@ def test_the_break_even_is_draft_plus_verify_over_plain_and_judges_each_sequence
     assert fallback.break_even == pytest.approx(2.5)  # (10 + 15) / 10 ms
     assert not fallback.wants_probe([good, poor])
     assert fallback.proposing([good, poor, new]) == [good, new]
-    assert fallback.stats()["spec_fallback_sequences"] == 1
+    assert fallback.stats([good, poor])["spec_fallback_sequences"] == 1
+    assert fallback.stats([good, poor])["spec_fallback_running"] == 1
     assert fallback.proposing([good]) == [good]  # the finished ones are forgotten
-    assert fallback.stats()["spec_fallback_running"] == 0
+    assert fallback.stats([good])["spec_fallback_running"] == 0
     off = Fallback(enabled=False)
     for _ in range(MIN_RUNS):
         off.record_run(poor, 0)

@@ -215,7 +215,6 @@ def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plai
     assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
     after = other_draft.stats()
     assert after["spec_fallback_sequences"] - before["spec_fallback_sequences"] == 3
-    assert after["spec_break_even_tokens_per_step"] > after["spec_tokens_per_step"]
-    assert after["spec_plain_step_s"] > 0
+    assert after["spec_break_even_tokens_per_step"] > 1 and after["spec_plain_step_s"] > 0
     # each sequence verified proposals in MIN_RUNS steps, and none after it fell back
     assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS

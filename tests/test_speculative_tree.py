@@ -9,11 +9,10 @@ accepted tokens (within 1e-5, float32).
 import numpy as np
 import pytest
 
-from jaxserve import LLM
-from jaxserve.checkpoint import convert_hf
+from jaxserve import LLM, SamplingParams
 from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
 from jaxserve.token_tree import TokenTree, parse_tree
-from tests.hf_models import make_hf_model
+from tests.hf_models import small_vocab_llama
 
 VOCAB = 12
 BS = 8
@@ -24,11 +23,7 @@ PROMPT = [3, 4, 5, 6, 7, 8, 9]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tree")
-    hf_dir = make_hf_model("llama", root / "hf", vocab_size=VOCAB, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0)
-    convert_hf(hf_dir, root / "jaxserve", dtype="float32")
-    return root / "jaxserve"
+    return small_vocab_llama(tmp_path_factory.mktemp("tree"), VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +99,61 @@ def test_token_trees_are_parsed_from_width_by_depth_or_parent_indices():
 def test_bad_trees_are_refused_naming_the_value(spec, error):
     with pytest.raises(ValueError, match=error):
         parse_tree(spec)
+
+
+# ---- the engine with a token tree ----
+
+# The random model's greedy continuation repeats 8: the branch proposing it is never the
+# first (the latest occurrence's), so other branches win.
+TREE_PROMPTS = [[3, 4, 8, 3, 4, 6, 3, 4, 7, 3, 4], [9, 8, 8, 9, 5, 9, 6, 9],
+                [6, 6, 7, 6, 6, 8, 6, 6]]
+
+
+@pytest.fixture(scope="module")
+def tree_llm(model_dir):
+    return LLM(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                              "tree": "3x3", "auto_fallback": False}, **ENGINE)
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0, max_tokens=30, ignore_eos=True),
+    dict(temperature=1.0, top_p=0.9, presence_penalty=0.3, max_tokens=20, seed=3),
+], ids=["greedy", "seeded"])
+def test_a_token_tree_gives_the_plain_tokens_after_other_branches_win(llm, tree_llm, params):
+    """Prompt lookup fills the tree with what followed several earlier occurrences; each
+    branch is a run from the last token, so the tokens are plain decoding's, and a kept branch
+    other than the first has its KV moved to its positions: the logprobs of later tokens, from
+    logits that read that KV, are plain decoding's within 1e-5 (checked to fail without the
+    move)."""
+    sp = SamplingParams(**params, logprobs=1)
+    want = [r.outputs[0] for r in llm.generate(TREE_PROMPTS, sp, use_tqdm=False)]
+    before = tree_llm.stats()
+    got = [r.outputs[0] for r in tree_llm.generate(TREE_PROMPTS, sp, use_tqdm=False)]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for g, w in zip(got, want):  # the logits behind every token: the KV it read
+        for lg, lw in zip(g.logprobs, w.logprobs):
+            assert lg.keys() == lw.keys()
+            np.testing.assert_allclose(list(lg.values()), list(lw.values()), atol=1e-5)
+    after = tree_llm.stats()
+    assert after["spec_accepted_tokens"] > before["spec_accepted_tokens"]
+    if sp.temperature == 0:
+        assert after["spec_tree_branch_commits"] > before.get("spec_tree_branch_commits", 0)
+
+
+def test_trees_need_prompt_lookup_and_fit_k():
+    from jaxserve.settings import SpeculativeSettings
+
+    with pytest.raises(ValueError, match=r"speculative tree '2x2' needs method 'ngram'"):
+        SpeculativeSettings(method="draft", model="x", tree="2x2")
+    with pytest.raises(ValueError, match=r"speculative tree '2x5' is 5 deep, more than "
+                                         r"num_speculative_tokens \(4\)"):
+        SpeculativeSettings(tree="2x5")
+    with pytest.raises(ValueError, match=r"is not a tree: node 1's parent 1"):
+        SpeculativeSettings.from_config({"tree": [-1, 1]})
+    assert SpeculativeSettings(tree=[-1, 0, -1]).token_tree.step_rows == 5
+
+    from jaxserve import cli
+
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x",
+                                          "--speculative-tree=-1,0,0"])
+    assert cli._settings(args).speculative.token_tree == TokenTree((-1, 0, 0))

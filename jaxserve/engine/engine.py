@@ -26,7 +26,10 @@ is the output processor's job (jaxserve/engine/output_processor.py), inline or o
 
 With speculation (`settings.speculative`, jaxserve/engine/speculative/) every step is read back
 before the next is planned: the proposer reads each sequence's latest tokens, and how many
-tokens a step keeps decides where the next one starts.
+tokens a step keeps decides where the next one starts. The auto fallback
+(jaxserve/engine/speculative/fallback.py) is fed from here: each decode step's time from
+building its arrays to reading it back, and the proposer's time per round (any that includes
+a compile left out).
 
 Two small programs run beside the step, in dispatch order with it: before a step, the slot
 state (penalties) of sequences admitted in it is set from their token ids; after it, blocks that
@@ -66,9 +69,10 @@ from jaxserve.settings import Settings
 class _InFlight:
     layout: StepLayout
     outputs: StepOutputs
-    dispatched: float = 0.0  # perf_counter at dispatch
+    dispatched: float = 0.0  # perf_counter when its arrays began to be built
     verifies: bool = False  # some sequence verifies proposals
     decode_only: bool = False
+    compilations: int = 0  # the runner's, before the step was dispatched
 
 
 class Engine:
@@ -95,7 +99,10 @@ class Engine:
         if self.proposer is not None and replicas > 1:
             raise ValueError(f"speculative decoding runs on one DP replica; the mesh has "
                              f"{replicas}: use a mesh without dp")
-        k = settings.speculative.num_speculative_tokens if self.proposer is not None else 0
+        spec = settings.speculative
+        k = spec.step_rows - 1 if self.proposer is not None else 0  # rows past the last token
+        self.tree_nodes = spec.token_tree.size if self.proposer is not None \
+            and spec.token_tree is not None else 0
         self.fallback = Fallback(settings.speculative.auto_fallback) \
             if self.proposer is not None else None
         # proposals come from read-back tokens (see the module docstring)
@@ -116,7 +123,8 @@ class Engine:
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
                                    eos_ids=self.eos_ids, speculative_tokens=k,
-                                   sampled_drafts=draft_runner is not None)
+                                   sampled_drafts=draft_runner is not None,
+                                   trees=self.tree_nodes > 0)
         self.requests: dict[str, Request] = {}
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
@@ -194,15 +202,15 @@ class Engine:
         finished = self._apply(self.output.collect())
         t0 = self.timeline.lap("other")
         proposals = self._proposals()
-        drafts = proposals.tokens if proposals is not None else None
-        plan = self.scheduler.schedule(not self.inflight, drafts)
+        drafts = (proposals.tokens, proposals.branches) if proposals is not None else ()
+        plan = self.scheduler.schedule(not self.inflight, *drafts)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
                                      and not self.inflight):
             finished += self.drain()  # preemption rewrites state that steps in flight use
-            plan = self.scheduler.schedule(True, drafts)
+            plan = self.scheduler.schedule(True, *drafts)
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
-                plan = self.scheduler.schedule(True, drafts)
+                plan = self.scheduler.schedule(True, *drafts)
         if proposals is not None and proposals.probs:
             plan.draft_probs = {seq: proposals.probs[seq][:len(d)]
                                 for seq, d in plan.drafts.items() if d and seq in proposals.probs}
@@ -234,17 +242,24 @@ class Engine:
                     if not seq.in_prefill and not seq.done_scheduling]
         if self.fallback.wants_probe(decoding):  # a plain step, to measure the break-even
             return Proposals({})
-        t0 = time.perf_counter()
+        t0, compiled = time.perf_counter(), self._compilations()
         out = self.proposer.propose_all(self.fallback.proposing(decoding,
                                                                 self.scheduler.running))
         elapsed = time.perf_counter() - t0
         self.timers["propose_s"] += elapsed
-        if any(out.tokens.values()):
+        if any(out.tokens.values()) and self._compilations() == compiled:
             self.fallback.record_draft(elapsed)
         return out
 
+    def _compilations(self) -> int:
+        """Programs compiled so far, the draft's included: a time that includes a compile is
+        no measure of a step's cost."""
+        draft = getattr(self.proposer, "runner", None)
+        return self.runner.compilations + (draft.compilations if draft is not None else 0)
+
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
+        started, compiled = time.perf_counter(), self.runner.compilations
         layout = self.builder.build(plan, self.compiler.shape_for)
         now = self.timeline.lap("build")
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
@@ -266,8 +281,8 @@ class Engine:
         self.counters["steps"] += 1
         self.counters["prefill_steps"] += bool(plan.prefills)
         self.counters["decode_steps"] += bool(plan.decodes)
-        return _InFlight(layout, outputs, time.perf_counter(), any(plan.drafts.values()),
-                         bool(plan.decodes) and not plan.prefills)
+        return _InFlight(layout, outputs, started, any(plan.drafts.values()),
+                         bool(plan.decodes) and not plan.prefills, compiled)
 
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
@@ -280,7 +295,10 @@ class Engine:
         if self.fallback is not None:
             self._time_step(step, t1 - step.dispatched)
         update = self.scheduler.update(step.layout.sample_rows, arrays["tokens"], self.eos_ids,
-                                       arrays.get("emitted"), step.layout.verify_rows)
+                                       arrays.get("emitted"), step.layout.verify_rows,
+                                       step.layout.run_starts if self.tree_nodes else None)
+        if step.layout.tree_moves:
+            self._commit_branches(step.layout, arrays["emitted"])
         self._count(update.generated, update.discarded)
         if update.verified_runs:
             self.counters["spec_proposed_tokens"] += update.proposed
@@ -326,12 +344,21 @@ class Engine:
                           top_logprobs=np.asarray(out.top_logprobs))
         return arrays
 
+    def _commit_branches(self, layout: StepLayout, emitted: np.ndarray) -> None:
+        """A token tree's kept branch other than the first: its nodes' KV moves from their tree
+        slots to their positions (a few tokens; the rest of the tree is simply past the
+        sequence's length), dispatched before the next step reads it."""
+        moves = [move for row, move in layout.tree_moves.items() if emitted[row]]
+        if moves:
+            self.runner.copy_slots(self.builder.slot_pairs(moves, self.tree_nodes))
+            self.counters["spec_tree_branch_commits"] += 1
+
     def _time_step(self, step: _InFlight, seconds: float) -> None:
-        """Speculative steps are read back before the next one is planned, so dispatch to
-        read back is the step's time."""
+        """Speculative steps are read back before the next one is planned, so building its
+        arrays to reading it back is the step's time."""
         if step.verifies:
             self.timers["spec_verify_s"] += seconds
-        if step.decode_only:
+        if step.decode_only and self.runner.compilations == step.compilations:
             self.fallback.record_step(seconds, step.verifies)
 
     def _speculative_stats(self) -> dict[str, Any]:
@@ -339,7 +366,7 @@ class Engine:
         tokens a decoding sequence gained per step in which it verified proposals (kept
         proposals + the one the target adds). None until a proposal is verified.
         `spec_draft_s`: the proposer's time; `spec_verify_s`: the time of target steps that
-        verified proposals (dispatch to read back); the auto fallback's costs and break-even
+        verified proposals (built to read back); the auto fallback's costs and break-even
         (jaxserve/engine/speculative/fallback.py)."""
         if self.proposer is None:
             return {}
@@ -352,7 +379,7 @@ class Engine:
                 "spec_tokens_per_step": round((accepted + runs) / runs, 4) if runs else None,
                 "spec_draft_s": round(self.timers["propose_s"], 6),
                 "spec_verify_s": round(self.timers["spec_verify_s"], 6),
-                **self.fallback.stats()}
+                **self.fallback.stats(self.scheduler.running)}
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:

@@ -465,6 +465,8 @@ class VerifyRows:
     run_start: jax.Array  # i32[rows]: flat index of the first row of the row's run
     # f32[rows, vocab_rows]: q of a sampled proposal (zeros: a point mass); None: all are
     draft_probs: jax.Array | None = None
+    # i32[rows]: a token tree's runs (one per branch): the sequence's first row; None: no trees
+    group_start: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -545,7 +547,7 @@ def _verify(logits, kv, state: SlotState, inputs: StepInputs):
         tokens, emitted, chosen, top_ids, top_lps = verify.verify_rows(
             logits, state.prompt_mask, state.output_counts, inputs.slot_ids, inputs.suppressed,
             inputs.want_logprobs, inputs.sampling, rows.draft, rows.run_start, inputs.sample,
-            MAX_LOGPROBS, rows.draft_probs)
+            MAX_LOGPROBS, rows.draft_probs, rows.group_start)
         last_token, output_counts = verify.record_run_tokens(
             state.last_token, state.output_counts, inputs.slot_ids, rows.run_start, emitted,
             tokens)

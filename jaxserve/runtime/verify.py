@@ -27,7 +27,11 @@ tokens, temperature, top_k / top_p / min_p), p is the distribution the plain ste
   again.) Greedy rows follow the same rule with p a point mass on the argmax;
 - the run's tokens are its rows' tokens up to and including its first rejection (every row
   when none rejects: the last one's bonus token, drawn from p). A row after a rejection emits
-  nothing.
+  nothing;
+- a token tree (point-mass proposals) is one run per root-to-leaf branch, every run starting
+  from the sequence's last token with the same seed and token indices, so the runs agree on
+  every token they both emit: the run that emits the most is the sequence's (`_best_run`),
+  the others emit nothing.
 
 One DP replica (the slot state is indexed by global slot ids here). No host work, no request
 objects.
@@ -103,9 +107,19 @@ def _accept_sampled(processed, inputs: SamplingInputs, draft, draft_probs, plain
     return tokens, kept
 
 
+def _best_run(emitted, run_start, group_start):
+    """A token tree's runs (one per branch, all from the sequence's last token, all with its
+    first token): only the run that emits the most (the first on ties) emits."""
+    rows = emitted.shape[0]
+    count = jax.ops.segment_sum(emitted.astype(jnp.int32), run_start, num_segments=rows)
+    score = count[run_start] * rows - run_start  # per row, its run's
+    best = jax.ops.segment_max(score, group_start, num_segments=rows)
+    return emitted & (score == best[group_start])
+
+
 def verify_rows(logits, prompt_mask, output_counts, slot_ids, suppressed, want_logprobs,
                 inputs: SamplingInputs, draft, run_start, sample, num_top: int,
-                draft_probs=None):
+                draft_probs=None, group_start=None):
     """The tokens of every row and which rows emit one.
 
     logits f32[rows, vocab_rows]: the target's raw logits; prompt_mask / output_counts
@@ -114,7 +128,8 @@ def verify_rows(logits, prompt_mask, output_counts, slot_ids, suppressed, want_l
     row's run; sample bool[rows]: real rows; draft_probs f32[rows, vocab_rows] or None: q of a
     sampled proposal (a row of zeros, or None for all rows: point masses). Returns (tokens
     i32[rows], emitted bool[rows], chosen logprob f32[rows], top ids, top logprobs), logprobs
-    of the raw target logits.
+    of the raw target logits. group_start i32[rows] or None: with token trees, the first row
+    of the row's sequence (its branches' runs are consecutive).
     """
     vocab = logits.shape[1]
     proposal = jax.nn.one_hot(draft, vocab, dtype=jnp.int32)  # all zero where draft = -1
@@ -132,6 +147,8 @@ def verify_rows(logits, prompt_mask, output_counts, slot_ids, suppressed, want_l
             lambda: (tokens, has_draft & (tokens == draft)))
     rejected = (has_draft & ~accepted).astype(jnp.int32)
     emitted = sample & (_within_run(rejected, run_start) == 0)
+    if group_start is not None:
+        emitted = _best_run(emitted, run_start, group_start)
     return (tokens, emitted) + sampling.logprobs_if_wanted(logits, tokens, want_logprobs, num_top)
 
 

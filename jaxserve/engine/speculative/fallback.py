@@ -89,9 +89,9 @@ class Fallback:
                 self.num_fallen += 1
         return [s for s in seqs if s not in self.fallen]
 
-    def stats(self) -> dict:
+    def stats(self, running: list) -> dict:
         """Costs in seconds per step (moving averages), the break-even, sequences fallen back
-        (since the start; `spec_fallback_running`: among those decoding now)."""
+        (since the start; `spec_fallback_running`: among those `running` now)."""
         tau_star = self.break_even
         return {"spec_auto_fallback": self.enabled,
                 "spec_draft_step_s": self.draft_s.value, "spec_verify_step_s": self.verify_s.value,
@@ -99,4 +99,4 @@ class Fallback:
                 "spec_break_even_tokens_per_step": None if tau_star is None
                 else round(tau_star, 4),
                 "spec_fallback_sequences": self.num_fallen,
-                "spec_fallback_running": len(self.fallen)}
+                "spec_fallback_running": len(self.fallen & set(running))}

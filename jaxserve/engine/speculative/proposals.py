@@ -31,6 +31,8 @@ class Proposals:
     tokens: dict  # Sequence -> list[int]: its proposals, in order
     # Sequence -> f32[len(tokens), vocab_rows]: q of each sampled proposal (absent: point masses)
     probs: dict = dataclasses.field(default_factory=dict)
+    # Sequence -> a token tree's other branches, each a list of tokens after the last one
+    branches: dict = dataclasses.field(default_factory=dict)
 
 
 def draft_params(params: SamplingParams) -> SamplingParams:

@@ -16,7 +16,8 @@ from tests.hf_models import small_vocab_llama
 
 VOCAB = 12
 BS = 8
-ENGINE = dict(max_model_len=64, block_size=BS, max_num_seqs=2, max_num_batched_tokens=32,
+# one sequence at a time: few step shapes to compile (decode rows 1, 4 and 8 with a 2x2 tree)
+ENGINE = dict(max_model_len=64, block_size=BS, max_num_seqs=1, max_num_batched_tokens=32,
               max_prefill_chunk=32, kv_blocks=20)
 PROMPT = [3, 4, 5, 6, 7, 8, 9]
 
@@ -32,11 +33,12 @@ def llm(model_dir):
 
 
 def _forward(llm, decodes, chunks, tokens, trees=False):
-    """Logits [tokens, vocab] of one step of decode rows and prefill chunks (one tile each)."""
+    """Logits [tokens, vocab] of one step of decode rows and prefill chunks (16-token tiles)."""
     width = table_width(64 // BS, BS)
-    md, first = build_metadata([(decodes, chunks)], len(decodes), 16 * len(chunks), 16, BS,
-                               width, trees=trees)
-    ids = np.zeros(len(decodes) + 16 * len(chunks), np.int32)
+    prefill = 16 * sum(-(-chunk.length // 16) for chunk in chunks)
+    md, first = build_metadata([(decodes, chunks)], len(decodes), prefill, 16, BS, width,
+                               trees=trees)
+    ids = np.zeros(len(decodes) + prefill, np.int32)
     ids[:len(decodes)] = tokens[:len(decodes)]
     rest = tokens[len(decodes):]
     for k, chunk in enumerate(chunks):
@@ -103,41 +105,37 @@ def test_bad_trees_are_refused_naming_the_value(spec, error):
 
 # ---- the engine with a token tree ----
 
-# The random model's greedy continuation repeats 8: the branch proposing it is never the
-# first (the latest occurrence's), so other branches win.
-TREE_PROMPTS = [[3, 4, 8, 3, 4, 6, 3, 4, 7, 3, 4], [9, 8, 8, 9, 5, 9, 6, 9],
-                [6, 6, 7, 6, 6, 8, 6, 6]]
+# The random model's greedy continuation of the first is 2, then 8s: after "9 2 8" the latest
+# 8 was followed by 9, an earlier one by 8, so the second branch wins.
+TREE_PROMPTS = [[9, 8, 8, 9, 5, 9, 6, 9], [3, 4, 8, 3, 4, 6, 3, 4]]
 
 
 @pytest.fixture(scope="module")
 def tree_llm(model_dir):
     return LLM(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
-                                              "tree": "3x3", "auto_fallback": False}, **ENGINE)
+                                              "tree": "2x2", "auto_fallback": False}, **ENGINE)
 
 
-@pytest.mark.parametrize("params", [
-    dict(temperature=0, max_tokens=30, ignore_eos=True),
-    dict(temperature=1.0, top_p=0.9, presence_penalty=0.3, max_tokens=20, seed=3),
-], ids=["greedy", "seeded"])
-def test_a_token_tree_gives_the_plain_tokens_after_other_branches_win(llm, tree_llm, params):
+def test_a_token_tree_gives_the_greedy_tokens_after_other_branches_win(llm, tree_llm):
     """Prompt lookup fills the tree with what followed several earlier occurrences; each
-    branch is a run from the last token, so the tokens are plain decoding's, and a kept branch
-    other than the first has its KV moved to its positions: the logprobs of later tokens, from
-    logits that read that KV, are plain decoding's within 1e-5 (checked to fail without the
-    move)."""
-    sp = SamplingParams(**params, logprobs=1)
-    want = [r.outputs[0] for r in llm.generate(TREE_PROMPTS, sp, use_tqdm=False)]
+    branch is a run from the last token, so the tokens are greedy decoding's: each the argmax
+    of a fresh prefill of the prompt and the tokens before it, with that prefill's logprob
+    (within 1e-5). A kept branch other than the first has its KV moved to its positions, and
+    the logits of every later token read it (checked to fail without the move)."""
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
     before = tree_llm.stats()
     got = [r.outputs[0] for r in tree_llm.generate(TREE_PROMPTS, sp, use_tqdm=False)]
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    for g, w in zip(got, want):  # the logits behind every token: the KV it read
-        for lg, lw in zip(g.logprobs, w.logprobs):
-            assert lg.keys() == lw.keys()
-            np.testing.assert_allclose(list(lg.values()), list(lw.values()), atol=1e-5)
     after = tree_llm.stats()
+    for prompt, out in zip(TREE_PROMPTS, got):
+        logits = _fresh(llm, prompt + out.token_ids, [3, 4, 5])[len(prompt) - 1:-1]
+        assert out.token_ids == logits.argmax(axis=-1).tolist()
+        logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                   keepdims=True)) - logits.max(-1, keepdims=True)
+        np.testing.assert_allclose([lp[t] for lp, t in zip(out.logprobs, out.token_ids)],
+                                   logprobs[np.arange(len(out.token_ids)), out.token_ids],
+                                   atol=1e-5)
     assert after["spec_accepted_tokens"] > before["spec_accepted_tokens"]
-    if sp.temperature == 0:
-        assert after["spec_tree_branch_commits"] > before.get("spec_tree_branch_commits", 0)
+    assert after["spec_tree_branch_commits"] > before.get("spec_tree_branch_commits", 0)
 
 
 def test_trees_need_prompt_lookup_and_fit_k():

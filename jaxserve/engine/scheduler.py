@@ -343,9 +343,10 @@ class Scheduler:
                     draft = []
                 plan.drafts[seq] = draft
                 more = [b[:room] for b in (branches or {}).get(seq, []) if draft and b[:room]]
+                slots = seq.total_len + len(draft) + sum(len(b) for b in more)  # tree slots too
                 if more and (1 + len(draft) + sum(1 + len(b) for b in more) > budget[seq.replica]
-                             or not self._grow(seq, seq.total_len + len(draft)
-                                               + sum(len(b) for b in more))):
+                             or slots > seq.request.max_model_len
+                             or not self._grow(seq, slots)):
                     more = []
                 if more:
                     plan.branches[seq] = more

@@ -309,7 +309,7 @@ def test_speculative_stats_reach_the_prometheus_metrics(spec):
 # ---- auto fallback ----
 
 def test_the_break_even_is_draft_plus_verify_over_plain_and_judges_each_sequence():
-    from jaxserve.engine.speculative.fallback import MIN_RUNS, Fallback
+    from jaxserve.engine.speculative.fallback import MIN_PLAIN, MIN_RUNS, Fallback
 
     fallback = Fallback(enabled=True)
     good, poor, new = object(), object(), object()
@@ -320,8 +320,11 @@ def test_the_break_even_is_draft_plus_verify_over_plain_and_judges_each_sequence
     assert fallback.break_even is None and fallback.wants_probe([good, poor, new])
     fallback.record_draft(0.010)
     fallback.record_step(0.015, verified=True)
+    for _ in range(MIN_PLAIN - 1):
+        fallback.record_step(0.010, verified=False)
+    assert fallback.break_even is None and fallback.wants_probe([good])  # too few plain steps
     fallback.record_step(0.010, verified=False)
-    assert fallback.break_even == pytest.approx(2.5)  # (10 + 15) / 10 ms
+    assert fallback.break_even == pytest.approx(2.5)  # (10 + 15) / 10 ms: poor's 2 < 0.9 x 2.5
     assert not fallback.wants_probe([good, poor])
     assert fallback.proposing([good, poor, new]) == [good, new]
     assert fallback.stats([good, poor])["spec_fallback_sequences"] == 1

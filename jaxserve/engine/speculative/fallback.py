@@ -10,10 +10,12 @@ tau / (t_draft + t_verify) > 1 / t_plain, so the break-even is
 each time a moving average over the engine's recent steps (the costs are the batch's: one
 sequence's proposals add rows to a shared step; judging each sequence against the batch's
 costs is the per-request approximation). A sequence is judged at every step once it has
-verified proposals in MIN_RUNS steps, by its tokens per verifying step so far: below tau* (or
-having kept nothing) it gets no proposals for the rest of its request, and `spec_fallback_sequences` counts it. Plain steps happen by themselves (no
-proposal found, a sequence near max_tokens); while none was measured yet, a sequence due for
-judgement asks for one probe step without proposals (`wants_probe`).
+verified proposals in MIN_RUNS steps, by its tokens per verifying step so far: below
+MARGIN x tau* (step times are noisy; a marginal case keeps speculating), or having kept
+nothing, it gets no proposals for the rest of its request, and `spec_fallback_sequences`
+counts it. Plain steps happen by themselves (no proposal found, a sequence near max_tokens);
+until MIN_PLAIN were measured, a sequence due for judgement asks for probe steps without
+proposals (`wants_probe`).
 
 Greedy tokens and point-mass proposals are unaffected (the target keeps its own tokens either
 way); sampled drafts keep the target's distribution exactly, though once a request is judged,
@@ -23,15 +25,19 @@ which of its steps speculate depends on measured time. Host only, no device.
 from __future__ import annotations
 
 MIN_RUNS = 16  # verifying steps a sequence has before it is judged
+MIN_PLAIN = 4  # plain steps measured before the break-even is trusted
 SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
+MARGIN = 0.9  # a sequence falls back below MARGIN x the break-even
 
 
 class _Average:
     def __init__(self):
         self.value: float | None = None
+        self.count = 0
 
     def add(self, x: float) -> None:
         self.value = x if self.value is None else self.value + SMOOTHING * (x - self.value)
+        self.count += 1
 
 
 class Fallback:
@@ -58,8 +64,8 @@ class Fallback:
     @property
     def break_even(self) -> float | None:
         """tau*, tokens per verifying step (None until every cost was measured)."""
-        if None in (self.draft_s.value, self.verify_s.value, self.plain_s.value) \
-                or self.plain_s.value <= 0:
+        if None in (self.draft_s.value, self.verify_s.value) \
+                or self.plain_s.count < MIN_PLAIN or self.plain_s.value <= 0:
             return None
         return (self.draft_s.value + self.verify_s.value) / self.plain_s.value
 
@@ -70,7 +76,7 @@ class Fallback:
 
     def wants_probe(self, seqs: list) -> bool:
         """A step without proposals would measure t_plain that a judgement needs."""
-        return self.plain_s.value is None and any(self._due(s) for s in seqs)
+        return self.plain_s.count < MIN_PLAIN and any(self._due(s) for s in seqs)
 
     def proposing(self, seqs: list, running: list | None = None) -> list:
         """Of the decoding sequences `seqs`, those still worth proposing for (judging those
@@ -84,7 +90,7 @@ class Fallback:
             if not self._due(seq):
                 continue
             runs, kept = self.runs[seq]
-            if kept == 0 or (tau_star is not None and (runs + kept) / runs < tau_star):
+            if kept == 0 or (tau_star is not None and (runs + kept) / runs < MARGIN * tau_star):
                 self.fallen.add(seq)
                 self.num_fallen += 1
         return [s for s in seqs if s not in self.fallen]

@@ -47,7 +47,7 @@ def _settings(args):
 # speculative_config key -> the flag's dest (vLLM's flag names)
 SPECULATIVE_FLAGS = {"method": "speculative_method", "model": "speculative_model",
                      "num_speculative_tokens": "num_speculative_tokens",
-                     "mesh": "speculative_mesh"}
+                     "mesh": "speculative_mesh", "tree": "speculative_tree"}
 
 
 def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
@@ -62,6 +62,9 @@ def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
                    "target's devices)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="proposed tokens verified per sequence and step (default: 4)")
+    p.add_argument("--speculative-tree", default=None, metavar="WxD|PARENTS",
+                   help="verify a token tree (method ngram): W branches of D tokens, or the "
+                   "nodes' parent indices, e.g. --speculative-tree=-1,0,0 (default: one chain)")
 
 
 MESH_FLAGS = ("mesh", "rules", "dtype")

@@ -309,6 +309,17 @@ def copy_local_blocks(pool: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
                    for name, arrays in pool.buffers.items()})
 
 
+def copy_local_slots(pool: KVPool, src: jax.Array, dst: jax.Array) -> KVPool:
+    """Token slot src[i] -> slot dst[i] (block * block_size + offset, ids of this shard) in
+    every buffer and layer; like `copy_local_blocks`, per device and donated."""
+    def move(a):
+        bs = a.shape[1]
+        return a.at[dst // bs, dst % bs].set(a[src // bs, src % bs])
+
+    return KVPool({name: tuple(move(a) for a in arrays)
+                   for name, arrays in pool.buffers.items()})
+
+
 _gather_jit = jax.jit(_gather)
 _scatter_jit = jax.jit(_scatter, donate_argnums=(0,))
 

@@ -41,6 +41,7 @@ from jaxserve.config import (LATENT_ATTENTIONS, LATENT_TRANSFORMS, QUANTIZATIONS
                              WEIGHT_LAYOUT_CHOICES)
 from jaxserve.package_data import embedded_draft
 from jaxserve.rules import parse_mesh
+from jaxserve.token_tree import TokenTree, parse_tree
 
 # The mode names users see, defined once; the modules that implement them import these.
 SAMPLING_MODES = ("sequence_parallel", "replicated")  # jaxserve/runtime/step_sampling.py
@@ -343,9 +344,28 @@ class SpeculativeSettings:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
     mesh: str | None = None
+    # stop proposing for a sequence whose acceptance stays below the measured break-even
+    # (jaxserve/engine/speculative/fallback.py)
+    auto_fallback: bool = True
+    # a token tree ("WxD" or parent indices, jaxserve/token_tree.py); None: one chain
+    tree: str | tuple[int, ...] | None = None
 
     def __post_init__(self):
         _one_of("speculative method", self.method, SPECULATIVE_METHODS)
+        if self.tree is not None:
+            if isinstance(self.tree, list):
+                object.__setattr__(self, "tree", tuple(self.tree))
+            tree = parse_tree(self.tree)
+            if self.method != "ngram":
+                raise ValueError(f"speculative tree {self.tree!r} needs method 'ngram' (prompt "
+                                 f"lookup fills its branches), got {self.method!r}")
+            if tree.max_depth > self.num_speculative_tokens:
+                raise ValueError(f"speculative tree {self.tree!r} is {tree.max_depth} deep, "
+                                 f"more than num_speculative_tokens "
+                                 f"({self.num_speculative_tokens})")
+        if not isinstance(self.auto_fallback, bool):
+            raise TypeError(f"speculative auto_fallback must be a bool, got "
+                            f"{self.auto_fallback!r}")
         _positive_int("num_speculative_tokens", self.num_speculative_tokens)
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, "
@@ -367,6 +387,16 @@ class SpeculativeSettings:
                 raise ValueError(f"speculative mesh {self.mesh!r} places a draft model; "
                                  f"method {self.method!r} has none")
             parse_draft_mesh(self.mesh)
+
+    @property
+    def token_tree(self) -> TokenTree | None:
+        return parse_tree(self.tree) if self.tree is not None else None
+
+    @property
+    def step_rows(self) -> int:
+        """Decode rows a sequence may take in one step: its last token and the proposals."""
+        tree = self.token_tree
+        return tree.step_rows if tree is not None else 1 + self.num_speculative_tokens
 
     @classmethod
     def from_config(cls, config: dict | SpeculativeSettings | None

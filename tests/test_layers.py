@@ -16,7 +16,7 @@ LAYERS = [  # lowest first; a module's layer is that of its longest listed prefi
     ("base", ["jaxserve", "jaxserve.config", "jaxserve.settings", "jaxserve.rules",
               "jaxserve.sharding", "jaxserve.placement", "jaxserve.kv_cache", "jaxserve.flops",
               "jaxserve.sampling_params", "jaxserve.outputs", "jaxserve.package_data",
-              "jaxserve.perf", "jaxserve.text"]),
+              "jaxserve.perf", "jaxserve.text", "jaxserve.token_tree"]),
     ("ops", ["jaxserve.ops"]),
     ("models", ["jaxserve.models"]),
     ("runtime", ["jaxserve.runtime", "jaxserve.checkpoint"]),

@@ -2,7 +2,8 @@
 
 Oracles: greedy speculative decoding gives the plain engine's tokens (and logprobs) for every
 request, whatever stops it; sampled speculative decoding follows the target's distribution,
-checked against the exact probabilities the target's logits give.
+checked against the exact probabilities the target's logits give, for point-mass proposals
+and for proposals drawn from a draft distribution q that disagrees with the target.
 """
 
 import numpy as np
@@ -10,11 +11,10 @@ import pytest
 from scipy import stats
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.checkpoint import convert_hf
 from jaxserve.engine.speculative.ngram import lookup
 from jaxserve.package_data import embedded_draft
 from jaxserve.settings import Settings, SpeculativeSettings
-from tests.hf_models import make_hf_model
+from tests.hf_models import small_vocab_llama
 
 VOCAB = 12
 # 20 blocks of 8: four sequences of 60 tokens do not fit at once (preemption). 32-token steps
@@ -29,11 +29,7 @@ PROMPTS = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4], [7, 8, 9, 7, 8, 9, 7], [5, 5, 5, 5, 5
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("speculative")
-    hf_dir = make_hf_model("llama", root / "hf", vocab_size=VOCAB, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0)
-    convert_hf(hf_dir, root / "jaxserve", dtype="float32")
-    return root / "jaxserve"
+    return small_vocab_llama(tmp_path_factory.mktemp("speculative"), VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +166,53 @@ def test_rejection_sampling_follows_the_target_distribution(top_p):
     assert p_value > 1e-3, f"second token: chi-square p = {p_value:.2e}"
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_sampled_drafts_verified_follow_the_target_distribution(top_p):
+    """4000 seeds, one batch row each of a run of three rows: two proposals d1 ~ q1, d2 ~ q2
+    from a draft that disagrees with the target (other logits), then the bonus row. The run's
+    first token must follow p1 and, given d1 was kept, its second p2 (chi-square against the
+    exact filtered distributions; false-alarm rate 1e-3 per comparison, 4e-3 over the four).
+    Checked by hand to fail when the rule is wrong, by editing `_accept_sampled` in
+    jaxserve/runtime/verify.py: keeping every proposal gives first-token p = 0.0 (top_p 1)
+    or draws a token top_p drops (0.8); drawing a rejected row's token from p instead of the
+    residual, p = 5e-100 and 6e-160."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.runtime import verify
+    from jaxserve.runtime.sampling import SamplingInputs
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(0, 1.5, (3, VOCAB))
+    drafter = target[:2] + rng.normal(0, 1.5, (2, VOCAB))  # disagrees
+    p = np.stack([_kept_probs(row, top_p) for row in target])
+    q = np.stack([_kept_probs(row, top_p) for row in drafter])
+    num, rows = 4000, 3
+    proposals = np.stack([rng.choice(VOCAB, num, p=q[j]) for j in range(2)], axis=1)
+    draft = np.concatenate([proposals, np.full((num, 1), -1)], axis=1).reshape(-1)
+    draft_probs = np.tile(np.concatenate([q, np.zeros((1, VOCAB))]), (num, 1))
+    run_start = np.repeat(np.arange(0, rows * num, rows), rows)
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    sampling = SamplingInputs.from_params([params] * rows * num,
+                                          np.repeat(np.arange(num), rows).tolist(),
+                                          [5, 6, 7] * num, rows * num)
+    n = rows * num
+    no_state = jnp.zeros((1, VOCAB), bool), jnp.zeros((1, VOCAB), jnp.int32)
+    tokens, emitted, *_ = jax.jit(verify.verify_rows, static_argnums=(10,))(
+        np.tile(target, (num, 1)).astype(np.float32), *no_state, np.zeros(n, np.int32),
+        np.full((n, 1), VOCAB, np.int32), np.zeros(n, bool), sampling,
+        draft.astype(np.int32), run_start.astype(np.int32), np.ones(n, bool), 0,
+        draft_probs.astype(np.float32))
+    tokens, emitted = np.asarray(tokens).reshape(num, rows), np.asarray(emitted).reshape(num, 3)
+    p_value = _chi_square_p(tokens[:, 0], p[0])
+    assert p_value > 1e-3, f"first token: chi-square p = {p_value:.2e}"
+    kept = emitted[:, 1]  # the second row emits iff the first kept its proposal
+    assert 0.2 < kept.mean() < 0.9  # both branches are taken often
+    assert emitted[:, 0].all() and (tokens[kept, 0] == proposals[kept, 0]).all()
+    p_value = _chi_square_p(tokens[kept, 1], p[1])
+    assert p_value > 1e-3, f"second token: chi-square p = {p_value:.2e}"
+
+
 @pytest.mark.parametrize("params", [
     dict(temperature=1.0, top_k=6, max_tokens=12),
     dict(temperature=0.9, top_p=0.8, min_p=0.05, presence_penalty=0.5, max_tokens=12),
@@ -231,3 +274,69 @@ def test_too_many_proposals_for_the_context_and_dp_are_refused(model_dir):
     with pytest.raises(ValueError, match="speculative decoding runs on one DP replica; the "
                                          "mesh has 2"):
         LLM(model_dir, speculative_config=NGRAM, mesh="dp=2", rules="dp", **ENGINE)
+
+
+# ---- metrics ----
+
+def test_speculative_stats_reach_the_prometheus_metrics(spec):
+    """After a speculative run, a real metrics server on 127.0.0.1 serves the engine's
+    acceptance rate, tokens per step, proposal counts and draft / verify time."""
+    import types
+    import urllib.request
+
+    from jaxserve.serving.metrics import ServingMetrics, start_metrics_server
+
+    metrics = ServingMetrics()
+    metrics.start_from({"kv_blocks_total": 1})  # count from zero: the engine ran before
+    spec.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                  use_tqdm=False)
+    stats = spec.stats()
+    assert stats["spec_verify_s"] > 0 and stats["spec_draft_s"] > 0
+    assert stats["spec_verify_s"] <= stats["readback_wait_s"] + stats["dispatch_s"] + \
+        stats["schedule_s"] + stats["process_s"] + stats["propose_s"] + 60
+    metrics.on_step(types.SimpleNamespace(engine=spec.engine), 0.0)
+    httpd = start_metrics_server(metrics.registry, "127.0.0.1", 0)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_port}/").read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    served = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert served["jaxserve_spec_acceptance_rate"] == stats["spec_acceptance_rate"]
+    assert served["jaxserve_spec_tokens_per_step"] == stats["spec_tokens_per_step"]
+    assert served["jaxserve_spec_proposed_tokens_total"] == stats["spec_proposed_tokens"] > 0
+    assert served["jaxserve_spec_accepted_tokens_total"] == stats["spec_accepted_tokens"]
+    assert served["jaxserve_spec_draft_seconds_total"] == pytest.approx(stats["spec_draft_s"])
+    assert served["jaxserve_spec_verify_seconds_total"] == pytest.approx(stats["spec_verify_s"])
+
+
+# ---- auto fallback ----
+
+def test_the_break_even_is_draft_plus_verify_over_plain_and_judges_each_sequence():
+    from jaxserve.engine.speculative.fallback import MIN_PLAIN, MIN_RUNS, Fallback
+
+    fallback = Fallback(enabled=True)
+    good, poor, new = object(), object(), object()
+    for _ in range(MIN_RUNS):
+        fallback.record_run(good, 2)  # 3 tokens per verifying step
+        fallback.record_run(poor, 1)  # 2
+    fallback.record_run(new, 0)
+    assert fallback.break_even is None and fallback.wants_probe([good, poor, new])
+    fallback.record_draft(0.010)
+    fallback.record_step(0.015, verified=True)
+    for _ in range(MIN_PLAIN - 1):
+        fallback.record_step(0.010, verified=False)
+    assert fallback.break_even is None and fallback.wants_probe([good])  # too few plain steps
+    fallback.record_step(0.010, verified=False)
+    assert fallback.break_even == pytest.approx(2.5)  # (10 + 15) / 10 ms: poor's 2 < 0.9 x 2.5
+    assert not fallback.wants_probe([good, poor])
+    assert fallback.proposing([good, poor, new]) == [good, new]
+    assert fallback.stats([good, poor])["spec_fallback_sequences"] == 1
+    assert fallback.stats([good, poor])["spec_fallback_running"] == 1
+    assert fallback.proposing([good]) == [good]  # the finished ones are forgotten
+    assert fallback.stats([good])["spec_fallback_running"] == 0
+    off = Fallback(enabled=False)
+    for _ in range(MIN_RUNS):
+        off.record_run(poor, 0)
+    assert off.proposing([poor]) == [poor] and not off.wants_probe([poor])

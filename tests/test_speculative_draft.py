@@ -6,6 +6,7 @@ identical to the target proposes exactly the target's greedy tokens, so every pr
 is refused at load.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -100,7 +101,8 @@ def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_on
 
     def recording(seqs):
         out = propose_all(seqs)
-        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.items() if p)
+        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.tokens.items()
+                      if p)
         return out
 
     proposer.propose_all = recording
@@ -126,6 +128,9 @@ def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_on
 ], ids=["top_k", "top_p_penalty"])
 def test_seeded_sampling_with_a_draft_gives_the_plain_tokens_alone_and_in_a_batch(
         plain, other_draft, params):
+    """The draft's proposals are greedy (point masses): the target keeps one iff it is the
+    token the plain step draws there, so a seeded request's tokens are the plain ones, alone
+    or in a batch."""
     seeded = SamplingParams(**params)
     want = _tokens(plain, [PROMPTS[0]], seeded)[0]
     assert _tokens(other_draft, [PROMPTS[0]], seeded)[0] == want
@@ -243,3 +248,20 @@ def test_a_draft_mesh_out_of_range_or_on_the_targets_devices_is_refused_naming_i
                                          r"there are 8"):
         draft_layout("tp=2@7", target, "tp")
     assert [d.id for d in draft_layout("tp=2@4", target, "tp").mesh.devices.flat] == [4, 5]
+
+
+def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plain, other_draft):
+    """A random draft as costly as the target gains far fewer tokens per step than its
+    measured break-even ((draft + verify) / plain step time, about k + 1 here): every sequence
+    stops speculating once judged (after MIN_RUNS verifying steps), and the tokens stay the
+    plain ones."""
+    from jaxserve.engine.speculative.fallback import MIN_RUNS
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    before = other_draft.stats()
+    assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
+    after = other_draft.stats()
+    assert after["spec_fallback_sequences"] - before["spec_fallback_sequences"] == 3
+    assert after["spec_break_even_tokens_per_step"] > 1 and after["spec_plain_step_s"] > 0
+    # each sequence verified proposals in MIN_RUNS steps, and none after it fell back
+    assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS

@@ -26,7 +26,10 @@ is the output processor's job (jaxserve/engine/output_processor.py), inline or o
 
 With speculation (`settings.speculative`, jaxserve/engine/speculative/) every step is read back
 before the next is planned: the proposer reads each sequence's latest tokens, and how many
-tokens a step keeps decides where the next one starts.
+tokens a step keeps decides where the next one starts. The auto fallback
+(jaxserve/engine/speculative/fallback.py) is fed from here: each decode step's time from
+building its arrays to reading it back, and the proposer's time per round (any that includes
+a compile left out).
 
 Two small programs run beside the step, in dispatch order with it: before a step, the slot
 state (penalties) of sequences admitted in it is set from their token ids; after it, blocks that
@@ -51,6 +54,8 @@ from jaxserve.engine.router import make_policy
 from jaxserve.engine.scheduler import Scheduler, StepPlan
 from jaxserve.engine.sequence import Request, Status
 from jaxserve.engine.speculative import make_proposer
+from jaxserve.engine.speculative.fallback import Fallback
+from jaxserve.engine.speculative.proposals import Proposals
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder, StepLayout
 from jaxserve.engine.output_processor import OutputProcessor, Processed
 from jaxserve.engine.timeline import Timeline
@@ -64,6 +69,10 @@ from jaxserve.settings import Settings
 class _InFlight:
     layout: StepLayout
     outputs: StepOutputs
+    dispatched: float = 0.0  # perf_counter when its arrays began to be built
+    verifies: bool = False  # some sequence verifies proposals
+    decode_only: bool = False
+    compilations: int = 0  # the runner's, before the step was dispatched
 
 
 class Engine:
@@ -90,7 +99,12 @@ class Engine:
         if self.proposer is not None and replicas > 1:
             raise ValueError(f"speculative decoding runs on one DP replica; the mesh has "
                              f"{replicas}: use a mesh without dp")
-        k = settings.speculative.num_speculative_tokens if self.proposer is not None else 0
+        spec = settings.speculative
+        k = spec.step_rows - 1 if self.proposer is not None else 0  # rows past the last token
+        self.tree_nodes = spec.token_tree.size if self.proposer is not None \
+            and spec.token_tree is not None else 0
+        self.fallback = Fallback(settings.speculative.auto_fallback) \
+            if self.proposer is not None else None
         # proposals come from read-back tokens (see the module docstring)
         self.max_steps_in_flight = 1 if self.proposer is not None else limits.max_steps_in_flight
         runner.init_slots(replicas * seqs)
@@ -108,7 +122,9 @@ class Engine:
                                    speculative=self.proposer is not None)
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
-                                   eos_ids=self.eos_ids, speculative_tokens=k)
+                                   eos_ids=self.eos_ids, speculative_tokens=k,
+                                   sampled_drafts=getattr(self.proposer, "samples", False),
+                                   trees=self.tree_nodes > 0)
         self.requests: dict[str, Request] = {}
         self.inflight: collections.deque[_InFlight] = collections.deque()
         self._seed_rng = np.random.default_rng()
@@ -186,14 +202,18 @@ class Engine:
         finished = self._apply(self.output.collect())
         t0 = self.timeline.lap("other")
         proposals = self._proposals()
-        plan = self.scheduler.schedule(not self.inflight, proposals)
+        drafts = (proposals.tokens, proposals.branches) if proposals is not None else ()
+        plan = self.scheduler.schedule(not self.inflight, *drafts)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
                                      and not self.inflight):
             finished += self.drain()  # preemption rewrites state that steps in flight use
-            plan = self.scheduler.schedule(True, proposals)
+            plan = self.scheduler.schedule(True, *drafts)
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
-                plan = self.scheduler.schedule(True, proposals)
+                plan = self.scheduler.schedule(True, *drafts)
+        if proposals is not None and proposals.probs:
+            plan.draft_probs = {seq: proposals.probs[seq][:len(d)]
+                                for seq, d in plan.drafts.items() if d and seq in proposals.probs}
         t1 = self.timeline.lap("schedule")
         self.timers["schedule_s"] += t1 - t0
         if not plan.empty:
@@ -214,18 +234,32 @@ class Engine:
             finished += self._read_back(self.inflight.popleft())
         return finished
 
-    def _proposals(self) -> dict | None:
+    def _proposals(self) -> Proposals | None:
         """Speculative: each decoding sequence's proposed next tokens (all read back)."""
         if self.proposer is None:
             return None
-        t0 = time.perf_counter()
-        out = self.proposer.propose_all([seq for seq in self.scheduler.running
-                                         if not seq.in_prefill and not seq.done_scheduling])
-        self.timers["propose_s"] += time.perf_counter() - t0
+        decoding = [seq for seq in self.scheduler.running
+                    if not seq.in_prefill and not seq.done_scheduling]
+        if self.fallback.wants_probe(decoding):  # a plain step, to measure the break-even
+            return Proposals({})
+        t0, compiled = time.perf_counter(), self._compilations()
+        out = self.proposer.propose_all(self.fallback.proposing(decoding,
+                                                                self.scheduler.running))
+        elapsed = time.perf_counter() - t0
+        self.timers["propose_s"] += elapsed
+        if any(out.tokens.values()) and self._compilations() == compiled:
+            self.fallback.record_draft(elapsed)
         return out
+
+    def _compilations(self) -> int:
+        """Programs compiled so far, the draft's included: a time that includes a compile is
+        no measure of a step's cost."""
+        draft = getattr(self.proposer, "runner", None)
+        return self.runner.compilations + (draft.compilations if draft is not None else 0)
 
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
+        started, compiled = time.perf_counter(), self.runner.compilations
         layout = self.builder.build(plan, self.compiler.shape_for)
         now = self.timeline.lap("build")
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
@@ -249,7 +283,8 @@ class Engine:
         self.counters["steps"] += 1
         self.counters["prefill_steps"] += bool(plan.prefills)
         self.counters["decode_steps"] += bool(plan.decodes)
-        return _InFlight(layout, outputs)
+        return _InFlight(layout, outputs, started, any(plan.drafts.values()),
+                         bool(plan.decodes) and not plan.prefills, compiled)
 
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
@@ -259,13 +294,20 @@ class Engine:
         arrays = self._fetch(step.outputs, step.layout.wants_logprobs)
         t1 = self.timeline.lap("readback")
         self.timers["readback_wait_s"] += t1 - t0
+        if self.fallback is not None:
+            self._time_step(step, t1 - step.dispatched)
         update = self.scheduler.update(step.layout.sample_rows, arrays["tokens"], self.eos_ids,
-                                       arrays.get("emitted"), step.layout.verify_rows)
+                                       arrays.get("emitted"), step.layout.verify_rows,
+                                       step.layout.run_starts if self.tree_nodes else None)
+        if step.layout.tree_moves:
+            self._commit_branches(step.layout, arrays["emitted"])
         self._count(update.generated, update.discarded)
         if update.verified_runs:
             self.counters["spec_proposed_tokens"] += update.proposed
             self.counters["spec_accepted_tokens"] += update.accepted
             self.counters["spec_verify_runs"] += update.verified_runs
+            for seq, kept in update.runs:
+                self.fallback.record_run(seq, kept)
         for sampled in update.sampled:
             metrics = sampled.seq.request.metrics
             if metrics.first_token_time is None:
@@ -304,10 +346,30 @@ class Engine:
                           top_logprobs=np.asarray(out.top_logprobs))
         return arrays
 
+    def _commit_branches(self, layout: StepLayout, emitted: np.ndarray) -> None:
+        """A token tree's kept branch other than the first: its nodes' KV moves from their tree
+        slots to their positions (a few tokens; the rest of the tree is simply past the
+        sequence's length), dispatched before the next step reads it."""
+        moves = [move for row, move in layout.tree_moves.items() if emitted[row]]
+        if moves:
+            self.runner.copy_slots(self.builder.slot_pairs(moves, self.tree_nodes))
+            self.counters["spec_tree_branch_commits"] += 1
+
+    def _time_step(self, step: _InFlight, seconds: float) -> None:
+        """Speculative steps are read back before the next one is planned, so building its
+        arrays to reading it back is the step's time."""
+        if step.verifies:
+            self.timers["spec_verify_s"] += seconds
+        if step.decode_only and self.runner.compilations == step.compilations:
+            self.fallback.record_step(seconds, step.verifies)
+
     def _speculative_stats(self) -> dict[str, Any]:
         """`spec_acceptance_rate`: proposals kept / proposals verified; `spec_tokens_per_step`:
         tokens a decoding sequence gained per step in which it verified proposals (kept
-        proposals + the one the target adds). None until a proposal is verified."""
+        proposals + the one the target adds). None until a proposal is verified.
+        `spec_draft_s`: the proposer's time; `spec_verify_s`: the time of target steps that
+        verified proposals (built to read back); the auto fallback's costs and break-even
+        (jaxserve/engine/speculative/fallback.py)."""
         if self.proposer is None:
             return {}
         c = self.counters
@@ -316,7 +378,10 @@ class Engine:
         return {"spec_proposed_tokens": proposed, "spec_accepted_tokens": accepted,
                 "spec_verify_runs": runs,
                 "spec_acceptance_rate": round(accepted / proposed, 4) if proposed else None,
-                "spec_tokens_per_step": round((accepted + runs) / runs, 4) if runs else None}
+                "spec_tokens_per_step": round((accepted + runs) / runs, 4) if runs else None,
+                "spec_draft_s": round(self.timers["propose_s"], 6),
+                "spec_verify_s": round(self.timers["spec_verify_s"], 6),
+                **self.fallback.stats(self.scheduler.running)}
 
     # ---- warm-up and stats ----
     def warmup(self) -> int:

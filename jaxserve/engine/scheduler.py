@@ -74,6 +74,11 @@ class StepPlan:
     copies: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     # a speculative step: the tokens each decoding sequence verifies after its last one
     drafts: dict[Sequence, list[int]] = dataclasses.field(default_factory=dict)
+    # sampled proposals: q of each of a sequence's drafts, f32[drafts, vocab_rows] (absent:
+    # point masses); set beside `drafts` by the engine
+    draft_probs: dict[Sequence, object] = dataclasses.field(default_factory=dict)
+    # a token tree: the branches verified beside `drafts` (each from the last token)
+    branches: dict[Sequence, list[list[int]]] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -90,6 +95,8 @@ class StepUpdate:
     proposed: int = 0  # speculative: proposals verified
     accepted: int = 0  # speculative: proposals the target kept
     verified_runs: int = 0  # speculative: decoding sequences that verified proposals
+    # speculative: (sequence, proposals it kept) per sequence that verified proposals
+    runs: list[tuple[Sequence, int]] = dataclasses.field(default_factory=list)
 
 
 class Scheduler:
@@ -315,10 +322,12 @@ class Scheduler:
             self.counters["forked_sequences"] += 1
 
     def schedule(self, can_preempt: bool,
-                 proposals: dict[Sequence, list[int]] | None = None) -> StepPlan:
+                 proposals: dict[Sequence, list[int]] | None = None,
+                 branches: dict[Sequence, list[list[int]]] | None = None) -> StepPlan:
         """Tokens per sequence for the next step. Budgets are per DP replica, in tokens as the
         step lays them out (a prefill chunk occupies whole query tiles). proposals: tokens
-        decoding sequences may verify (speculative)."""
+        decoding sequences may verify (speculative); branches: a token tree's other branches
+        (each its own run from the last token, kept only when all of them fit)."""
         budget = [self.max_num_batched_tokens] * self.num_replicas
         rows = [0] * self.num_replicas
         plan = StepPlan([], [])
@@ -333,6 +342,14 @@ class Scheduler:
                 if draft and not self._grow(seq, seq.total_len + len(draft)):
                     draft = []
                 plan.drafts[seq] = draft
+                more = [b[:room] for b in (branches or {}).get(seq, []) if draft and b[:room]]
+                slots = seq.total_len + len(draft) + sum(len(b) for b in more)  # tree slots too
+                if more and (1 + len(draft) + sum(1 + len(b) for b in more) > budget[seq.replica]
+                             or slots > seq.request.max_model_len
+                             or not self._grow(seq, slots)):
+                    more = []
+                if more:
+                    plan.branches[seq] = more
             while not self._grow(seq, seq.total_len):
                 if not can_preempt:
                     return StepPlan([], [], needs_preemption=True)
@@ -342,9 +359,11 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING and budget[seq.replica] > 0:
                 plan.decodes.append(seq)
-                budget[seq.replica] -= 1 + len(plan.drafts.get(seq, ()))
+                budget[seq.replica] -= 1 + len(plan.drafts.get(seq, ())) + sum(
+                    1 + len(b) for b in plan.branches.get(seq, ()))
             else:
                 plan.drafts.pop(seq, None)
+                plan.branches.pop(seq, None)
 
         closed: set[int] = set()  # replicas that admit nobody else this step
         loads = self.replica_loads() if self.num_replicas > 1 and self.waiting else None
@@ -400,19 +419,23 @@ class Scheduler:
     # ---- applying a step's results ----
     def update(self, rows: list[tuple[int, Sequence]], tokens,
                eos_ids: tuple[int, ...], emitted=None,
-               verify_rows: frozenset[int] = frozenset()) -> StepUpdate:
+               verify_rows: frozenset[int] = frozenset(),
+               run_starts: frozenset[int] | None = None) -> StepUpdate:
         """Apply one step's read-back tokens (tokens i32[rows]; `rows` pairs a row with the
         sequence it sampled for): append them, name full blocks, finish the sequences a token
         id stops. A sequence that stopped while the step was in flight drops its token.
         Speculative steps: `emitted` bool[rows] says which rows' tokens count; `verify_rows`
-        are rows of decode runs, whose sequences advance here (see `_settle`)."""
+        are rows of decode runs, whose sequences advance here (see `_settle`); `run_starts`,
+        with token trees, the first row of every run (a sequence has one run per branch)."""
         tokens = tokens.tolist()
         emitted = emitted.tolist() if emitted is not None else None
         update = StepUpdate([])
-        runs: dict[Sequence, list[int]] = {}  # decode runs -> [rows, tokens emitted]
+        runs: dict[Sequence, list[int]] = {}  # decode runs -> [rows, tokens emitted, runs]
         for r, seq in rows:
             if r in verify_rows:
-                runs.setdefault(seq, [0, 0])[0] += 1
+                run = runs.setdefault(seq, [0, 0, 0 if run_starts is not None else 1])
+                run[0] += 1
+                run[2] += run_starts is not None and r in run_starts
             if emitted is not None and not emitted[r]:
                 continue
             if r in verify_rows:
@@ -431,11 +454,12 @@ class Scheduler:
             if stop is not None:
                 self.finish(seq)
             update.sampled.append(SampledToken(seq, r, token, n, stop))
-        for seq, (run_rows, kept) in runs.items():
-            if run_rows > 1:
-                update.proposed += run_rows - 1
+        for seq, (run_rows, kept, num_runs) in runs.items():
+            if run_rows > num_runs:
+                update.proposed += run_rows - num_runs
                 update.accepted += kept - 1
                 update.verified_runs += 1
+                update.runs.append((seq, kept - 1))
             if seq.status is not Status.FINISHED:
                 self._settle(seq)
         return update

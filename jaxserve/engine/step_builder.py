@@ -58,16 +58,27 @@ class StepLayout:
     wants_logprobs: bool
     # rows of a speculative step's decode runs, whose tokens the step's `emitted` selects
     verify_rows: frozenset[int] = frozenset()
+    run_starts: frozenset[int] = frozenset()  # with trees: the first row of every run
+    # with trees: a branch node's row -> (its tree slot, its position's slot), local slot ids:
+    # where its KV moves when its branch is kept
+    tree_moves: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 class StepBuilder:
     def __init__(self, limits: SchedulerSettings, num_replicas: int, *, block_size: int,
                  trash_slot: int, vocab_rows: int, eos_ids: tuple[int, ...],
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, sampled_drafts: bool = False,
+                 trees: bool = False):
         """limits: resolved (max_model_len known), per DP replica. speculative_tokens: k, the
-        most proposals a decoding sequence verifies per step (0: no speculation)."""
+        most proposals a decoding sequence verifies per step (0: no speculation).
+        sampled_drafts: proposals may come with their draft distribution q (a draft model):
+        the step carries q for every row (`VerifyRows.draft_probs`). trees: proposals may
+        come as a token tree, `plan.branches` beside `plan.drafts` (speculative_tokens then
+        counts every row a sequence may have past its first)."""
         max_num_seqs, max_num_batched_tokens = limits.max_num_seqs, limits.max_num_batched_tokens
         self.speculative = speculative_tokens > 0
+        self.sampled_drafts = sampled_drafts
+        self.trees = trees
         self.num_replicas = num_replicas
         self.block_size = block_size
         self.width = table_width(math.ceil(limits.max_model_len / block_size), block_size)
@@ -128,17 +139,18 @@ class StepBuilder:
         prefill_tokens = max(sum(-(-c.length // QUERY_TILE) * QUERY_TILE for c in cs)
                              for cs in chunks)
         # Each decode row: (sequence, offset in its run, its input token or None = the slot's
-        # last token, the proposal it verifies or -1). Without speculation a run is one row.
-        runs = [[(s, j, tok, draft) for s in decodes[r]
-                 for j, (tok, draft) in enumerate(self._run(s, plan.drafts.get(s)))]
+        # last token, the proposal it verifies or -1, its tree slots or None, where its KV
+        # moves or None). Without speculation a run is one row.
+        runs = [[(s,) + row for s in decodes[r] for row in self._run(s, plan)]
                 for r in range(n)]
         d_rows, p_tokens = (shape_for or self.shape_for)(max(len(d) for d in runs),
                                                          prefill_tokens)
-        rows = [([ChunkRow(s.total_len - 1 + j, 1, s.blocks) for s, j, _, _ in runs[r]],
+        rows = [([ChunkRow(s.total_len - 1 + j, 1, s.blocks, tree)
+                  for s, j, _, _, tree, _ in runs[r]],
                  [ChunkRow(c.start, c.length, c.seq.blocks) for c in chunks[r]])
                 for r in range(n)]
         md, first = build_metadata(rows, d_rows, p_tokens, QUERY_TILE, self.block_size,
-                                   self.width)
+                                   self.width, trees=self.trees)
         t_loc = d_rows + p_tokens
         s_loc = self.sample_rows_per_replica(d_rows, p_tokens)
         tokens = np.zeros((n, t_loc), np.int32)
@@ -150,6 +162,8 @@ class StepBuilder:
         offsets = [0] * (n * s_loc)  # the row's token index after the sequence's scheduled ones
         draft = np.full((n * s_loc,), -1, np.int32)
         run_start = np.arange(n * s_loc, dtype=np.int32)
+        group_start = np.arange(n * s_loc, dtype=np.int32)  # a sequence's first row
+        moves: dict[int, tuple[int, int]] = {}
         sample_rows = []
 
         def add_row(r: int, row: int, token: int, seq: Sequence) -> None:
@@ -160,15 +174,20 @@ class StepBuilder:
             sample_rows.append((r * s_loc + row, seq))
 
         for r in range(n):
-            for i, (seq, j, token, proposal) in enumerate(runs[r]):
+            firsts: dict[Sequence, int] = {}
+            for i, (seq, j, token, proposal, _, move) in enumerate(runs[r]):
                 if token is None:
                     token_slot[r, i] = seq.slot
                 else:
                     tokens[r, i] = token
                 add_row(r, i, i, seq)
-                offsets[r * s_loc + i] = j
-                draft[r * s_loc + i] = proposal
-                run_start[r * s_loc + i] = r * s_loc + i - j
+                flat = r * s_loc + i
+                offsets[flat] = j
+                draft[flat] = proposal
+                run_start[flat] = flat - j
+                group_start[flat] = firsts.setdefault(seq, flat)
+                if move is not None:
+                    moves[flat] = tuple(self._slot(seq, pos) for pos in move)
             row = d_rows
             for k, c in enumerate(chunks[r]):
                 seq, f, end = c.seq, first[r, len(runs[r]) + k], c.start + c.length
@@ -180,23 +199,64 @@ class StepBuilder:
                     add_row(r, row, f + c.length - 1, sampler)
                     row += 1
         sampling, suppressed, want = self.sampling_columns(row_seqs, offsets)
-        verify = VerifyRows(draft, run_start) if self.speculative else None
+        verify = VerifyRows(draft, run_start, self._draft_probs(runs, plan, s_loc),
+                            group_start if self.trees else None) if self.speculative else None
         inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
                             sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
                             want, suppressed, sampling, verify)
         decode_rows = frozenset(r * s_loc + i for r in range(n) for i in range(len(runs[r])))
         return StepLayout(inputs, sample_rows, bool(want.any()),
-                          decode_rows if self.speculative else frozenset())
+                          decode_rows if self.speculative else frozenset(),
+                          frozenset(int(x) for x in set(run_start[list(decode_rows)]))
+                          if self.trees else frozenset(), moves)
 
-    def _run(self, seq: Sequence, drafts: list[int] | None) -> list[tuple[int | None, int]]:
-        """A decoding sequence's rows: (input token, proposal verified). Without speculation one
-        row whose token stays on the device; with it, the last token (read back: a speculative
-        engine reads every step back before planning the next) and then the proposals."""
+    def _draft_probs(self, runs, plan: StepPlan, s_loc: int) -> np.ndarray | None:
+        """q of every row's proposal, f32[rows, vocab_rows] (zeros: a point mass or none)."""
+        if not self.sampled_drafts:
+            return None
+        probs = np.zeros((self.num_replicas * s_loc, self.vocab_rows), np.float32)
+        for r, rows in enumerate(runs):
+            for i, (seq, j, _, proposal, _, _) in enumerate(rows):
+                q = plan.draft_probs.get(seq)
+                if q is not None and proposal >= 0:
+                    probs[r * s_loc + i] = q[j]
+        return probs
+
+    def _run(self, seq: Sequence, plan: StepPlan) -> list[tuple]:
+        """A decoding sequence's rows: (offset in its run, input token, proposal verified, tree
+        slots, KV move). Without speculation one row whose token stays on the device; with it,
+        the last token (read back: a speculative engine reads every step back before planning
+        the next) and then the proposals. A token tree is one run per branch, each starting
+        from the last token (the same draw: same seed and token index): the first branch
+        written at its positions, the others at tree slots after it, each node seeing the
+        context and its own branch (jaxserve/ops/attention.py)."""
         if not self.speculative:
-            return [(None, -1)]
-        drafts = drafts or []
-        inputs = [seq.prefill_token(seq.total_len - 1)] + drafts
-        return list(zip(inputs, drafts + [-1]))
+            return [(0, None, -1, None, None)]
+        last = seq.total_len - 1  # the last token's position
+        chains = [plan.drafts.get(seq) or []] + plan.branches.get(seq, [])
+        out, used = [], 0  # used: tree slots the earlier branches took
+        for c, chain in enumerate(chains):
+            inputs = [seq.prefill_token(last)] + chain
+            for j, (token, proposal) in enumerate(zip(inputs, chain + [-1])):
+                tree = move = None
+                if self.trees and j:
+                    slot = last + used + j
+                    tree = (slot, last + 1, ((1 << j) - 1) << used)
+                    move = (slot, last + j) if c else None
+                out.append((j, token, proposal, tree, move))
+            used += len(chain)
+        return out
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        """The local KV slot (block * block_size + offset) of a sequence's position."""
+        return seq.blocks[position // self.block_size] * self.block_size + \
+            position % self.block_size
+
+    def slot_pairs(self, moves: list[tuple[int, int]], size: int) -> np.ndarray:
+        """KV slot moves as the runner's copy_slots [1, size, 2] (one DP replica)."""
+        pairs = np.zeros((1, size, 2), np.int32)
+        pairs[0, :len(moves)] = moves
+        return pairs
 
     def sampling_columns(self, row_seqs: list[Sequence | None], offsets: list[int] | None = None):
         rows = len(row_seqs)
@@ -222,12 +282,14 @@ class StepBuilder:
         """A step of padding only: writes the null blocks and the trash slot, changes nothing."""
         n = self.num_replicas
         md, _ = build_metadata([([], [])] * n, decode_rows, prefill_tokens, QUERY_TILE,
-                               self.block_size, self.width)
+                               self.block_size, self.width, trees=self.trees)
         t = n * (decode_rows + prefill_tokens)
         s = n * self.sample_rows_per_replica(decode_rows, prefill_tokens)
         sampling, suppressed, want = self.sampling_columns([None] * s)
-        verify = VerifyRows(np.full((s,), -1, np.int32), np.arange(s, dtype=np.int32)) \
-            if self.speculative else None
+        probs = np.zeros((s, self.vocab_rows), np.float32) if self.sampled_drafts else None
+        rows = np.arange(s, dtype=np.int32)
+        verify = VerifyRows(np.full((s,), -1, np.int32), rows, probs,
+                            rows if self.trees else None) if self.speculative else None
         return StepInputs(np.zeros((t,), np.int32), np.full((t,), -1, np.int32), md,
                           np.zeros((s,), np.int32), np.full((s,), self.trash_slot, np.int32),
                           np.zeros((s,), np.bool_), want, suppressed, sampling, verify)

@@ -27,6 +27,13 @@ are local to the replica's shard.
 The row layout (`by_row_kind`), the chunked context reads (`read_chunk`) and the online softmax
 (`online_softmax`) serve the latent-attention op too (`jaxserve/ops/latent_attention.py`).
 
+Token trees (jaxserve/token_tree.py): a decode row may be a node of a speculative tree. Its
+position (RoPE) is its depth past the sequence's last token, but it is written to its own KV
+slot, and it sees the context before the tree plus the tree's slots whose bits its
+`tree_mask` sets (its ancestors and itself): `tree_start` is the row's first tree slot. Rows
+outside a tree have tree_start past any key (so only causality applies) and mask 0; a step
+without trees carries no tree arrays at all (its programs are unchanged).
+
 Quantized KV (jaxserve/kv_cache.py `KVFormat`): the op encodes this step's k, v into the pool's
 format as it writes them (values plus a scale per token and head beside them) and decodes each
 context chunk it reads into the compute dtype, so the rest of the step never sees the format.
@@ -61,12 +68,16 @@ class AttentionMetadata:
     # None: loop over as many chunks as this step needs (a dynamic trip count). An int: always
     # that many (a static loop, which reverse-mode autodiff supports; used in training).
     static_chunks: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tree_start: jax.Array | None = None  # i32[rows]: the row's first tree slot (see above)
+    tree_mask: jax.Array | None = None  # i32[rows]: tree slots (bits from tree_start) it sees
 
 
 def metadata_axes(md: AttentionMetadata) -> AttentionMetadata:
     """The logical axes of each metadata array (same tree structure as `md`)."""
+    tree = ("batch",) if md.tree_start is not None else None
     return dataclasses.replace(md, positions=("batch",), slots=("batch",),
-                               block_tables=("batch", None), context_lens=("batch",))
+                               block_tables=("batch", None), context_lens=("batch",),
+                               tree_start=tree, tree_mask=tree)
 
 
 def chunk_blocks_for(block_size: int) -> int:
@@ -119,8 +130,9 @@ def _reference_attention(q, k, v, cache, md: AttentionMetadata, scale: float):
     stored = kv_cache.encode_buffers(fmt, {"k": k, "v": v})  # quantized on write
     pages = write_pages(cache, stored, md.slots)
 
-    def attend(kind, queries, positions, tables, context_lens):
-        return _attend_rows(queries, positions, tables, context_lens, pages, fmt, scale, md)
+    def attend(kind, queries, positions, tables, context_lens, tree):
+        return _attend_rows(queries, positions, tables, context_lens, pages, fmt, scale, md,
+                            tree)
 
     return by_row_kind(md, q, attend), pages
 
@@ -132,20 +144,23 @@ def write_pages(cache: dict, stored: dict, slots: jax.Array) -> dict:
 
 def by_row_kind(md: AttentionMetadata, q: jax.Array, attend) -> jax.Array:
     """Lay the step's token-major queries q [tokens, ...] out as rows and attend each kind:
-    `attend(kind, q [rows, queries, ...], positions [rows, queries], tables, context_lens)` ->
-    [rows, queries, ...out], with kind "decode" (one query per row) or "prefill" (query tiles).
+    `attend(kind, q [rows, queries, ...], positions [rows, queries], tables, context_lens,
+    tree)` -> [rows, queries, ...out], with kind "decode" (one query per row; `tree`: the rows'
+    (tree_start, tree_mask) when the step has trees, else None) or "prefill" (query tiles; tree
+    None).
     Returns the outputs token-major again, [tokens, ...out]."""
     tokens = q.shape[0]
     rows, d = md.block_tables.shape[0], md.decode_rows
     parts = []
+    tree = (md.tree_start, md.tree_mask) if md.tree_start is not None else None
     if d:
         parts.append(attend("decode", q[:d, None], md.positions[:d, None], md.block_tables[:d],
-                            md.context_lens[:d]))
+                            md.context_lens[:d], tree and (tree[0][:d], tree[1][:d])))
     if rows > d:
         tile = (tokens - d) // (rows - d)
         parts.append(attend("prefill", q[d:].reshape((rows - d, tile) + q.shape[1:]),
                             md.positions[d:].reshape(rows - d, tile), md.block_tables[d:],
-                            md.context_lens[d:]))
+                            md.context_lens[d:], None))
     return jnp.concatenate([p.reshape((-1,) + p.shape[2:]) for p in parts], axis=0)
 
 
@@ -158,16 +173,16 @@ def read_chunk(pages, fmt, name: str, ids: jax.Array, dtype) -> jax.Array:
 
 
 def online_softmax(chunk_scores, positions, context_lens, md: AttentionMetadata, chunk: int,
-                   acc_shape: tuple[int, ...]) -> jax.Array:
+                   acc_shape: tuple[int, ...], tree=None) -> jax.Array:
     """Softmax-weighted sums over each row's context, one chunk of `chunk` tokens at a time,
-    causal by position. `chunk_scores(j)` gives context chunk j's (scaled float32 scores
+    causal by position (a tree node's row: by its tree mask, `_visible`). `chunk_scores(j)` gives context chunk j's (scaled float32 scores
     [rows, *heads, queries, chunk], and `weigh(p)`: the chunk's values weighted by p, float32
     [rows, *heads, queries, width]); `acc_shape` is that of the result."""
     def body(j, carry):
         m, l, acc = carry  # acc_shape less its last dim (acc: acc_shape), float32
         s, weigh = chunk_scores(j)
         key_pos = j * chunk + jnp.arange(chunk)
-        visible = key_pos[None, None, :] <= positions[:, :, None]  # [rows, queries, chunk]
+        visible = _visible(key_pos, positions, tree)  # [rows, queries, chunk]
         visible = visible.reshape(visible.shape[:1] + (1,) * (s.ndim - 3) + visible.shape[1:])
         s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -194,9 +209,24 @@ def chunk_ids(tables: jax.Array, j, md: AttentionMetadata) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(tables, j * cb, cb, axis=1)
 
 
-def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
+def _visible(key_pos, positions, tree):
+    """[rows, queries, chunk]: which keys each query sees (causal by position; a tree node:
+    the context before its tree, and its ancestors' and its own slots)."""
+    causal = key_pos[None, None, :] <= positions[:, :, None]
+    if tree is None:
+        return causal
+    start, mask = tree
+    offset = key_pos[None, :] - start[:, None]  # [rows, chunk]
+    in_tree = (offset >= 0) & (offset < 32)
+    bit = (mask[:, None] >> jnp.clip(offset, 0, 31)) & 1
+    seen = (offset < 0)[:, None, :] & causal | (in_tree & (bit == 1))[:, None, :]
+    return seen
+
+
+def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md, tree=None):
     """Each row's queries [rows, queries, q_heads, head_dim] attend to the row's context, causally
-    by position, with an online softmax over chunks of `chunk_blocks` blocks."""
+    by position (or by its tree mask: `tree` = (tree_start, tree_mask) per row), with an online
+    softmax over chunks of `chunk_blocks` blocks."""
     rows, nq, heads, head_dim = q.shape
     _, bs, kv_heads, _ = pages["k"].shape
     group = heads // kv_heads
@@ -211,7 +241,7 @@ def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md):
                                        preferred_element_type=jnp.float32)
 
     out = online_softmax(chunk_scores, positions, context_lens, md, md.chunk_blocks * bs,
-                         (rows, kv_heads, group, nq, head_dim))
+                         (rows, kv_heads, group, nq, head_dim), tree)
     # [rows, kv_heads, group, queries, head_dim] -> [rows, queries, q_heads, head_dim]
     return out.transpose(0, 3, 1, 2, 4).reshape(rows, nq, heads, head_dim).astype(q.dtype)
 
@@ -225,17 +255,21 @@ class ChunkRow:
     start: int  # position of the first token
     length: int
     block_table: list[int]  # local block ids covering positions [0, start + length)
+    # a tree node (a one-token decode row): (its KV slot index, the tree's first slot index,
+    # its ancestor mask); see the module docstring
+    tree: tuple[int, int, int] | None = None
 
 
 def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode_rows: int,
                    prefill_tokens: int, tile: int, block_size: int, width: int,
-                   static_chunks: int | None = None) -> tuple[AttentionMetadata, np.ndarray]:
+                   static_chunks: int | None = None, trees: bool = False
+                   ) -> tuple[AttentionMetadata, np.ndarray]:
     """Lay out each replica's (decodes, prefill chunks) in the step's buckets.
 
     decode_rows / prefill_tokens: per-replica bucket sizes (prefill_tokens a multiple of tile).
     Returns the metadata (numpy leaves) and, per replica and row, the flat index of each chunk's
     first token: [replicas, decode_rows + prefill chunks] (-1 = none); callers place their
-    token ids with it.
+    token ids with it. trees: the metadata carries tree arrays (decode rows may be tree nodes).
     """
     tiles = prefill_tokens // tile
     tokens = decode_rows + prefill_tokens
@@ -244,6 +278,9 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
     positions = np.full((n, tokens), -1, np.int32)
     tables = np.zeros((n, rows, width), np.int32)
     context = np.zeros((n, rows), np.int32)
+    write = np.full((n, tokens), -1, np.int32)  # KV slot index of each token (-1: padding)
+    tree_start = np.full((n, rows), np.iinfo(np.int32).max, np.int32)
+    tree_mask = np.zeros((n, rows), np.int32)
     starts = []
     for r, (decodes, chunks) in enumerate(replicas):
         if len(decodes) > decode_rows:
@@ -252,7 +289,10 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
         for i, row in enumerate(decodes):
             positions[r, i] = row.start
             tables[r, i, :len(row.block_table)] = row.block_table
-            context[r, i] = row.start + 1
+            write[r, i] = row.start if row.tree is None else row.tree[0]
+            context[r, i] = write[r, i] + 1
+            if row.tree is not None:
+                tree_start[r, i], tree_mask[r, i] = row.tree[1:]
             first.append(i)
         t = decode_rows  # next free token
         for row in chunks:
@@ -260,6 +300,7 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
             if t + n_tiles * tile > tokens:
                 raise ValueError(f"prefill chunks need more than {prefill_tokens} tokens")
             positions[r, t:t + row.length] = np.arange(row.start, row.start + row.length)
+            write[r, t:t + row.length] = positions[r, t:t + row.length]
             for k in range(n_tiles):
                 tr = decode_rows + (t - decode_rows) // tile + k
                 tables[r, tr, :len(row.block_table)] = row.block_table
@@ -268,11 +309,11 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
             t += n_tiles * tile
         starts.append(first)
     # slot of every token; padding (position -1) writes to the null block
-    pos = np.maximum(positions, 0)
+    pos = np.maximum(write, 0)
     token_row = np.concatenate([np.arange(decode_rows),
                                 decode_rows + np.arange(prefill_tokens) // tile])
     block = tables[np.arange(n)[:, None], token_row[None, :], pos // block_size]
-    slots = np.where(positions >= 0, block * block_size + pos % block_size, 0).astype(np.int32)
+    slots = np.where(write >= 0, block * block_size + pos % block_size, 0).astype(np.int32)
     width_starts = max((len(s) for s in starts), default=0)
     first_index = np.full((n, max(width_starts, 1)), -1, np.int32)
     for r, s in enumerate(starts):
@@ -280,5 +321,7 @@ def build_metadata(replicas: list[tuple[list[ChunkRow], list[ChunkRow]]], decode
     md = AttentionMetadata(positions=positions.reshape(-1), slots=slots.reshape(-1),
                            block_tables=tables.reshape(n * rows, width),
                            context_lens=context.reshape(-1), decode_rows=decode_rows,
-                           chunk_blocks=chunk_blocks_for(block_size), static_chunks=static_chunks)
+                           chunk_blocks=chunk_blocks_for(block_size), static_chunks=static_chunks,
+                           tree_start=tree_start.reshape(-1) if trees else None,
+                           tree_mask=tree_mask.reshape(-1) if trees else None)
     return md, first_index

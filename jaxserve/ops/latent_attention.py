@@ -103,9 +103,9 @@ def _latent_local(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, cache, md: AttentionMeta
     nope = q_nope.shape[-1]
     latent, v = w_uv.shape[0], w_uv.shape[-1]
 
-    def attend(kind, q, positions, tables, context_lens):
+    def attend(kind, q, positions, tables, context_lens, tree):
         absorbed = absorbs(q.shape[1], latent, nope, v) if absorb is None else absorb
-        context = _Context(pages, fmt, tables, md, q.dtype)
+        context = _Context(pages, fmt, tables, md, q.dtype, tree)
         args = (q[..., :nope], q[..., nope:], positions, context_lens, context, w_uk, w_uv,
                 scale, md, chunk)
         if split != "mla":  # a split latent attends absorbed: its keys never exist whole
@@ -118,8 +118,9 @@ def _latent_local(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, cache, md: AttentionMeta
 class _Context:
     """Reads one context chunk of a row group: its latents, rope keys and rope-part scores."""
 
-    def __init__(self, pages, fmt, tables, md, dtype):
+    def __init__(self, pages, fmt, tables, md, dtype, tree=None):
         self.pages, self.fmt, self.tables, self.md, self.dtype = pages, fmt, tables, md, dtype
+        self.tree = tree  # the rows' token-tree masks, or None (`attention.by_row_kind`)
 
     def read(self, j, q_pe):
         """-> (latents [rows, chunk, latent], rope scores [rows, heads, queries, chunk])."""
@@ -153,7 +154,7 @@ def _absorbed(q_nope, q_pe, positions, context_lens, context: _Context, w_uk, w_
                                        preferred_element_type=jnp.float32)
 
     out = online_softmax(chunk_scores, positions, context_lens, md, chunk,
-                         (rows, heads, nq, w_uv.shape[0]))
+                         (rows, heads, nq, w_uv.shape[0]), context.tree)
     # the weighted latents through W_UV: [rows, heads, queries, latent] -> [rows, q, heads, v]
     return psum_logical(jnp.einsum("rhql,lhv->rqhv", out.astype(q_nope.dtype), w_uv), "latent")
 
@@ -172,5 +173,5 @@ def _expanded(q_nope, q_pe, positions, context_lens, context: _Context, w_uk, w_
                                        preferred_element_type=jnp.float32)
 
     out = online_softmax(chunk_scores, positions, context_lens, md, chunk,
-                         (rows, heads, nq, w_uv.shape[-1]))
+                         (rows, heads, nq, w_uv.shape[-1]), context.tree)
     return out.transpose(0, 2, 1, 3).astype(q_nope.dtype)  # [rows, queries, heads, v]

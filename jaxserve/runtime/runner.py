@@ -60,6 +60,7 @@ class ModelRunner:
         self.config = config
         self.moe = moe  # how MoE layers run; fixed when each program is traced
         self.sampling = step_sampling.check_mode(sampling)  # see runtime/step_sampling.py
+        self.output_probs = False  # steps also return each sample row's distribution (a draft)
         self.graphdef = graphdef
         # Programs take the parameters as a flat list: flattening an nnx.State on every call
         # costs ~0.1-0.2 ms of host time per step; a list costs microseconds.
@@ -104,7 +105,7 @@ class ModelRunner:
         inputs to: several processes place them as global arrays in it (plan_channel.py)."""
         if kind == "set_slots":
             return self.layout.replicated()
-        if kind == "copy_blocks":
+        if kind in ("copy_blocks", "copy_slots"):
             return self._sharding("batch", 3, "block copies")
         return self._input_sharding()
 
@@ -128,7 +129,8 @@ class ModelRunner:
     def _step_program(self):
         return self._jitted("step", lambda: jax.jit(
             functools.partial(_step, self.graphdef, self._param_treedef,
-                              (self.layout, self.moe), sampling_mode=self.sampling),
+                              (self.layout, self.moe), sampling_mode=self.sampling,
+                              output_probs=self.output_probs),
             donate_argnums=(1, 2),
             in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
                           _shardings(self.slot_state), self._input_sharding()),
@@ -279,6 +281,13 @@ class ModelRunner:
             self.sampling = step_sampling.check_mode(mode)
             self._drop_programs()
 
+    def set_output_probs(self, on: bool) -> None:
+        """Steps return the distribution each sample row drew from (`StepOutputs.probs`: a
+        draft model's q, see jaxserve/runtime/verify.py); the programs so far are dropped."""
+        with self._lock:
+            self.output_probs = on
+            self._drop_programs()
+
     def _drop_programs(self) -> None:
         self._generation += 1
         self._programs.clear()
@@ -309,20 +318,22 @@ class ModelRunner:
                 functools.partial(_set_slots, self.layout), donate_argnums=(0,),
                 in_shardings=(_shardings(self.slot_state), self.layout.replicated()),
                 out_shardings=_shardings(self.slot_state)))
+        copy = kv_cache.copy_local_blocks if kind == "copy_blocks" else kv_cache.copy_local_slots
         return self._jitted(kind, lambda: jax.jit(
-            self._copy_blocks_per_replica, donate_argnums=(0,),
+            functools.partial(self._copy_per_replica, copy), donate_argnums=(0,),
             in_shardings=(self.kv.shardings(), self._sharding("batch", 3, "block copies")),
             out_shardings=self.kv.shardings()))
 
-    def _copy_blocks_per_replica(self, kv: KVPool, pairs: jax.Array) -> KVPool:
-        """pairs i32[replicas, copies, 2]: (source, destination) ids local to each replica's
-        shard. Each device copies within its own shard: no block crosses devices."""
+    def _copy_per_replica(self, copy, kv: KVPool, pairs: jax.Array) -> KVPool:
+        """pairs i32[replicas, copies, 2]: (source, destination) ids (blocks, or slots: block *
+        block_size + offset) local to each replica's shard, copied by `copy`. Each device copies
+        within its own shard: nothing crosses devices."""
         specs = jax.tree.map(lambda a: a.sharding.spec, self._abstract_kv)
         pool_spec = jax.tree.leaves(self._abstract_kv)[0].sharding.spec
         blocks_axes = pool_spec[0] if len(pool_spec) else None  # how kv_blocks is split
 
         def local(kv, pairs):
-            return kv_cache.copy_local_blocks(kv, pairs[0, :, 0], pairs[0, :, 1])
+            return copy(kv, pairs[0, :, 0], pairs[0, :, 1])
 
         return jax.shard_map(local, mesh=self.layout.mesh, in_specs=(specs, P(blocks_axes)),
                              out_specs=specs, check_vma=False)(kv, pairs)
@@ -359,6 +370,12 @@ class ModelRunner:
         """Copy KV blocks within each replica's shard: pairs i32[replicas, copies, 2] of local
         (source, destination) ids; (0, 0) pairs are padding. Ordered after the steps before."""
         self.kv = self._aux_executable("copy_blocks", pairs)(self.kv, pairs)
+
+    def copy_slots(self, pairs: np.ndarray) -> None:
+        """Copy single tokens' KV within each replica's shard: pairs i32[replicas, copies, 2] of
+        local (source, destination) slots, block * block_size + offset (a tree's accepted
+        path moved to its positions); (0, 0) pairs are padding."""
+        self.kv = self._aux_executable("copy_slots", pairs)(self.kv, pairs)
 
     def gather_blocks(self, block_ids) -> dict[str, np.ndarray]:
         """One sequence's blocks out of the pool (ids over the whole pool), bitwise."""
@@ -446,6 +463,10 @@ class VerifyRows:
 
     draft: jax.Array  # i32[rows]: the proposed token the row verifies; -1 = none
     run_start: jax.Array  # i32[rows]: flat index of the first row of the row's run
+    # f32[rows, vocab_rows]: q of a sampled proposal (zeros: a point mass); None: all are
+    draft_probs: jax.Array | None = None
+    # i32[rows]: a token tree's runs (one per branch): the sequence's first row; None: no trees
+    group_start: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -456,6 +477,7 @@ class StepOutputs:
     top_ids: jax.Array  # i32[batch, MAX_LOGPROBS]
     top_logprobs: jax.Array  # f32[batch, MAX_LOGPROBS]
     emitted: jax.Array | None = None  # bool[batch], a speculative step: the row's token counts
+    probs: jax.Array | None = None  # f32[batch, vocab_rows]: what each row drew from (a draft)
 
 
 @jax.tree_util.register_dataclass
@@ -494,7 +516,7 @@ def _forward(graphdef, param_treedef, setting, param_leaves, kv, inputs):
 
 
 def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
-          inputs: StepInputs, *, sampling_mode: str):
+          inputs: StepInputs, *, sampling_mode: str, output_probs: bool = False):
     layout = setting[0]
     tokens = slots.slot_tokens(layout, state.last_token, inputs.token_slot, inputs.tokens)
     model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens,
@@ -507,12 +529,15 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
     next_tokens, chosen, top_ids, top_lps = step_sampling.sample_rows(
         sampling_mode, layout, logits, state.prompt_mask, state.output_counts, inputs.slot_ids,
         inputs.suppressed, inputs.want_logprobs, inputs.sampling, MAX_LOGPROBS)
+    probs = verify.draft_distribution(logits, state.prompt_mask, state.output_counts,
+                                      inputs.slot_ids, inputs.suppressed, inputs.sampling) \
+        if output_probs else None
     last_token, output_counts = slots.record_samples(layout, state.last_token,
                                                      state.output_counts, inputs.slot_ids,
                                                      inputs.sample, next_tokens)
     state = SlotState(last_token=last_token, output_counts=output_counts,
                       prompt_mask=state.prompt_mask)
-    return StepOutputs(next_tokens, chosen, top_ids, top_lps), kv, state
+    return StepOutputs(next_tokens, chosen, top_ids, top_lps, probs=probs), kv, state
 
 
 def _verify(logits, kv, state: SlotState, inputs: StepInputs):
@@ -522,7 +547,7 @@ def _verify(logits, kv, state: SlotState, inputs: StepInputs):
         tokens, emitted, chosen, top_ids, top_lps = verify.verify_rows(
             logits, state.prompt_mask, state.output_counts, inputs.slot_ids, inputs.suppressed,
             inputs.want_logprobs, inputs.sampling, rows.draft, rows.run_start, inputs.sample,
-            MAX_LOGPROBS)
+            MAX_LOGPROBS, rows.draft_probs, rows.group_start)
         last_token, output_counts = verify.record_run_tokens(
             state.last_token, state.output_counts, inputs.slot_ids, rows.run_start, emitted,
             tokens)

@@ -146,9 +146,23 @@ def sample(logits: jax.Array, inputs: SamplingInputs) -> jax.Array:
 
 def _draw(logits: jax.Array, inputs: SamplingInputs, is_greedy: jax.Array) -> jax.Array:
     kept = kept_logits(logits, inputs, is_greedy)
+    return jax.vmap(jax.random.categorical)(row_keys(inputs), kept).astype(jnp.int32)
+
+
+def probabilities(logits: jax.Array, inputs: SamplingInputs) -> jax.Array:
+    """The distribution `sample` draws each row's token from, f32[B,V] from processed logits
+    f32[B,V]: the softmax of `kept_logits`, a point mass on the argmax for greedy rows."""
+    logits = logits.astype(jnp.float32)
+    is_greedy = inputs.temperature == 0
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    return jnp.where(is_greedy[:, None], greedy,
+                     jax.nn.softmax(kept_logits(logits, inputs, is_greedy), axis=-1))
+
+
+def row_keys(inputs: SamplingInputs) -> jax.Array:
+    """Each row's key for the token it samples: `fold_in(key(seed), counter)`."""
     keys = jax.random.wrap_key_data(inputs.seed.astype(jnp.uint32), impl="threefry2x32")
-    keys = jax.vmap(jax.random.fold_in)(keys, inputs.counter)
-    return jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
+    return jax.vmap(jax.random.fold_in)(keys, inputs.counter)
 
 
 def kept_logits(logits: jax.Array, inputs: SamplingInputs, is_greedy: jax.Array) -> jax.Array:

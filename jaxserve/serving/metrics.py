@@ -33,6 +33,26 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
                 0.75, 1.0, 2.5)
 
+SPECULATIVE_GAUGES = {
+    "spec_acceptance_rate": ("jaxserve_spec_acceptance_rate",
+                             "Proposed tokens the target kept / proposed tokens verified"),
+    "spec_tokens_per_step": ("jaxserve_spec_tokens_per_step", "Tokens a sequence gains per "
+                             "target step that verifies its proposals"),
+    "spec_break_even_tokens_per_step": ("jaxserve_spec_break_even_tokens_per_step",
+                                        "Tokens per verifying step below which speculation "
+                                        "costs more than it gains (measured)"),
+    "spec_fallback_running": ("jaxserve_spec_fallback_running", "Decoding sequences that "
+                              "stopped speculating (auto fallback)"),
+}
+SPECULATIVE_COUNTERS = {
+    "spec_proposed_tokens": ("jaxserve_spec_proposed_tokens", "Proposed tokens verified"),
+    "spec_accepted_tokens": ("jaxserve_spec_accepted_tokens", "Proposed tokens the target "
+                             "kept"),
+    "spec_draft_s": ("jaxserve_spec_draft_seconds", "Time spent proposing"),
+    "spec_verify_s": ("jaxserve_spec_verify_seconds", "Time of target steps that verified "
+                      "proposals"),
+}
+
 
 class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -74,10 +94,16 @@ class ServingMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("jaxserve_request_queue_time_seconds", "Arrival to first "
                                "scheduled", buckets=LATENCY_BUCKETS, registry=r)
+        # speculative decoding (absent from the stats of an engine without it): stats key ->
+        # gauge or counter
+        self._gauges = {key: Gauge(name, doc, registry=r) for key, (name, doc) in
+                        SPECULATIVE_GAUGES.items()}
+        spec_counters = {key: Counter(name, doc, registry=r) for key, (name, doc) in
+                         SPECULATIVE_COUNTERS.items()}
         self._counters = {"preemptions": self.preemptions,
                           "generated_tokens": self.generation_tokens,
                           "prefix_cache_queries": self.prefix_queries,
-                          "prefix_cache_hits": self.prefix_hits}
+                          "prefix_cache_hits": self.prefix_hits, **spec_counters}
         self._seen = dict.fromkeys(self._counters, 0)
 
     def start_from(self, stats: dict) -> None:
@@ -99,6 +125,9 @@ class ServingMetrics:
             self.kv_cached.set(stats["kv_blocks_cached"])
             for replica, load in enumerate(stats["replica_load_flops"]):
                 self.replica_load.labels(replica=str(replica)).set(load)
+            for key, gauge in self._gauges.items():
+                if stats.get(key) is not None:
+                    gauge.set(stats[key])
             for key, counter in self._counters.items():
                 now = stats.get(key, 0)
                 if now > self._seen[key]:

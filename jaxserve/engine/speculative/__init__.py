@@ -31,7 +31,8 @@ def make_proposer(settings: SpeculativeSettings | None, limits: SchedulerSetting
         return None
     k = settings.num_speculative_tokens
     if settings.method == "ngram":
-        return NgramProposer(k, settings.prompt_lookup_min, settings.prompt_lookup_max)
+        return NgramProposer(k, settings.prompt_lookup_min, settings.prompt_lookup_max,
+                             settings.token_tree)
     if settings.method == "draft":
         if draft_runner is None:
             raise ValueError(f"speculative method 'draft' needs the draft model "

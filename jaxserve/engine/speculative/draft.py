@@ -42,14 +42,13 @@ from jaxserve.engine.block_pool import BlockPool
 from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.scheduler import PrefillChunk, StepPlan
 from jaxserve.engine.sequence import Request, Sequence
+from jaxserve.engine.speculative.proposals import GREEDY, Proposals
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder
 from jaxserve.ops.attention import chunk_blocks_for
 from jaxserve.runtime.draft_runner import propose_inputs
-from jaxserve.sampling_params import SamplingParams
 from jaxserve.settings import SchedulerSettings, parse_draft_mesh
 from jaxserve.sharding import Layout
 
-GREEDY = SamplingParams(temperature=0)
 # New tokens a round feeds before it proposes: the target's correction or bonus token, and the
 # last proposal when the target kept all k (its KV was never written). More are prefilled first.
 CATCH_UP = 2
@@ -67,6 +66,7 @@ class _DraftState:
 
 
 class DraftProposer:
+    samples = False  # a round's proposals are greedy, point masses: no q reaches the step
     def __init__(self, runner, limits: SchedulerSettings, k: int, ahead: bool = False):
         """runner: the draft's DraftRunner (one DP replica); limits: the target's resolved
         scheduler settings (the draft's steps obey the same budget). ahead: propose step
@@ -122,7 +122,7 @@ class DraftProposer:
                 break
             state.valid = at + 1
 
-    def propose_all(self, seqs: list[Sequence]) -> dict[Sequence, list[int]]:
+    def propose_all(self, seqs: list[Sequence]) -> Proposals:
         """Proposals for decoding sequences whose outputs are all read back."""
         proposing = set(seqs)
         for gone in [s for s in self.states if s not in proposing]:
@@ -143,7 +143,7 @@ class DraftProposer:
             self._count_kept(state, tokens)
             wanted.append((seq, state, m))
         if not wanted:
-            return proposals
+            return Proposals(proposals)
         for _, state, _ in wanted:  # a sequence the last step did not run: feed its last again
             state.valid = min(state.valid, len(state.shadow.request.prompt_ids) - 1)
         self._prefill_excess([state for _, state, _ in wanted])
@@ -158,7 +158,7 @@ class DraftProposer:
         out = np.asarray(self.runner.propose(inputs))  # the round's one readback
         for i, (seq, state, m) in enumerate(wanted):
             state.proposed = proposals[seq] = out[i, :m].tolist()
-        return proposals
+        return Proposals(proposals)  # greedy: point masses, no q
 
     def _take_ahead(self, state: _DraftState, tokens: list[int], m: int) -> list[int] | None:
         """The proposals the round dispatched ahead made, if the target kept every proposal

@@ -35,6 +35,14 @@ How many of them it keeps is known only when the step is read back, so its count
 `update`, not in `commit`; the KV of rejected proposals lies beyond the sequence's new length,
 in blocks it gives back (or overwrites next step): nothing is copied.
 
+Disaggregated prefill/decode (jaxserve/engine/handoff.py): on the prefill engine a request's
+sequence stops being scheduled after its first token (`Request.handoff_after`); when that token
+is applied it moves to `handing_off`, keeping its blocks and giving back its slot, until the
+handoff commits (`hand_over`) or it finishes. On the decode engine a handed-off sequence gets
+its blocks and slot from `reserve` and joins the running sequences through `adopt`, with its
+first token as a one-token prefill chunk still to run (the token is known on the host; the
+decode slot's state is set as for any admitted sequence).
+
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
 the engine says nothing is in flight (`can_preempt`); otherwise it reports `needs_preemption` and
 the engine drains first. Decisions depend only on the queue contents: deterministic.
@@ -114,6 +122,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
         self.counters = collections.Counter()
+        self.handing_off: list[Sequence] = []  # prefilled, waiting to move to another engine
+        self._adopted: list[Sequence] = []  # taken over from another engine, slot state not set
 
     @property
     def num_replicas(self) -> int:
@@ -178,6 +188,56 @@ class Scheduler:
         seq.replica = None
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.handing_off:
+            self.handing_off.remove(seq)
+        if seq in self._adopted:
+            self._adopted.remove(seq)
+
+    # ---- handoff between engines ----
+    def _hold_for_handoff(self, seq: Sequence) -> None:
+        """Prefill side: the sequence's first token is applied; it keeps its blocks (named
+        into the prefix cache) and gives back its slot until `hand_over`."""
+        self.name_blocks(seq)
+        self.slots[seq.replica].free([seq.slot])
+        seq.slot = None
+        seq.status = Status.HANDOFF
+        self.running.remove(seq)
+        self.handing_off.append(seq)
+
+    def hand_over(self, seq: Sequence) -> None:
+        """Prefill side: another engine owns the sequence now; its blocks go back (the full
+        ones stay in the prefix cache)."""
+        self.release(seq)
+
+    def reserve(self, num_tokens: int) -> tuple[int, list[int], int] | None:
+        """Decode side: (replica, blocks for num_tokens, slot) for a sequence handed over, or
+        None when no replica has them free now (or preempted sequences wait: they go first)."""
+        if self.waiting:
+            return None
+        best = None
+        for r, pool in enumerate(self.pools):
+            if self.slots[r].num_free and pool.blocks_for(num_tokens) <= pool.num_free and (
+                    best is None or pool.num_free > self.pools[best].num_free):
+                best = r
+        if best is None:
+            return None
+        pool = self.pools[best]
+        return best, pool.allocate(pool.blocks_for(num_tokens)), self.slots[best].allocate()[0]
+
+    def cancel_reservation(self, replica: int, blocks: list[int], slot: int) -> None:
+        self.pools[replica].release(blocks)
+        self.slots[replica].free([slot])
+
+    def adopt(self, seq: Sequence, replica: int, blocks: list[int], slot: int) -> None:
+        """Decode side: a sequence whose KV up to its last token was written into `blocks`
+        runs here from now on; its last token is the one prefill chunk left to run."""
+        seq.replica, seq.blocks, seq.slot = replica, blocks, slot
+        seq.num_named_blocks = 0
+        seq.num_computed = seq.total_len - 1
+        seq.recompute_len = seq.total_len
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self._adopted.append(seq)
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached block (their pages are about to be overwritten)."""
@@ -380,10 +440,12 @@ class Scheduler:
             if chunk.samples and seq.num_scheduled_outputs == 0 and seq.index == 0 \
                     and len(seq.request.sequences) > 1:
                 self._fork(chunk, rows, plan)
+        plan.admitted[:0] = self._adopted  # their slot state is set before the step too
         return plan
 
     def commit(self, plan: StepPlan) -> None:
         """Advance the counters as if the plan's step ran (it is dispatched next)."""
+        self._adopted = [s for s in self._adopted if s not in plan.admitted]
         for chunk in plan.prefills:
             seq = chunk.seq
             seq.num_computed += chunk.length
@@ -430,6 +492,8 @@ class Scheduler:
             stop = self._token_stop(seq, token, n, eos_ids)
             if stop is not None:
                 self.finish(seq)
+            elif seq.request.handoff_after is not None and n >= seq.request.handoff_after:
+                self._hold_for_handoff(seq)
             update.sampled.append(SampledToken(seq, r, token, n, stop))
         for seq, (run_rows, kept) in runs.items():
             if run_rows > 1:

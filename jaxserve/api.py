@@ -39,7 +39,7 @@ from jaxserve.runtime.follower import follow
 from jaxserve.runtime.leader import LeaderRunner
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
 from jaxserve.engine.disaggregated import DisaggregatedEngine
-from jaxserve.engine.handoff import Handoffs, KVMover
+from jaxserve.engine.handoff import Handoffs, KVMover, check_pair
 from jaxserve.settings import (ROLES, CacheSettings, DisaggregationSettings, Settings,
                                SpeculativeSettings)
 from jaxserve.sharding import Layout, replicas_of
@@ -196,6 +196,12 @@ class LLM:
             raise ValueError(f"disaggregate: device ids {missing} do not exist: there are "
                              f"{len(devices)} {devices[0].platform} devices (ids 0 to "
                              f"{len(devices) - 1})")
+        stored = ModelConfig.load(self.model_dir / "config.json")
+        formats = [kv_format(getattr(pair, role).kv_cache_dtype or
+                             settings.precision.kv_cache_dtype,
+                             parse_dtype(getattr(pair, role).dtype or settings.dtype,
+                                         default=stored.dtype)) for role in ROLES]
+        check_pair(*formats)  # before anything loads
         self.roles: dict[str, LLM] = {}
         for role in ("decode", "prefill"):
             given = getattr(pair, role)

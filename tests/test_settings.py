@@ -114,7 +114,8 @@ def test_two_kv_pool_sizes_and_unknown_settings_are_refused():
     with pytest.raises(TypeError, match="unknown setting 'max_num_seq' .did you mean "
                                         "'max_num_seqs'"):
         Settings().replace(max_num_seq=4)
-    with pytest.raises(ValueError, match="settings.disaggregation: not supported yet"):
+    with pytest.raises(TypeError, match="settings.disaggregation must be a "
+                                        "DisaggregationSettings or None, got dict"):
         Settings(disaggregation={"prefill": 1})
     with pytest.raises(TypeError, match="settings.cache must be a CacheSettings, got dict"):
         Settings(cache={"block_size": 8})

@@ -79,7 +79,9 @@ class DisaggregatedEngine:
 
     def abort(self, request_id: str) -> Request | None:
         """Stop a request in either engine (or between them); every block is free after."""
-        return self.prefill.abort(request_id) or self.decode.abort(request_id)
+        request = self.prefill.abort(request_id) or self.decode.abort(request_id)
+        self.handoffs.forget_finished()
+        return request
 
     def has_unfinished(self) -> bool:
         return self.prefill.has_unfinished() or self.decode.has_unfinished()

@@ -219,8 +219,14 @@ class Handoffs:
     def __len__(self) -> int:
         return len(self.pending)
 
+    def forget_finished(self) -> None:
+        """Drop the handoffs whose sequence was aborted or finished before it moved."""
+        self.pending = collections.deque(h for h in self.pending
+                                         if h.seq.status is Status.HANDOFF)
+
     def take(self, prefill) -> None:
         """Start a handoff for every sequence the prefill engine has finished prefilling."""
+        self.forget_finished()
         tracked = {id(h.seq) for h in self.pending}
         for seq in prefill.scheduler.handing_off:
             if id(seq) not in tracked:
@@ -236,7 +242,8 @@ class Handoffs:
                 self.pending.popleft()
                 continue
             seq = handoff.seq
-            reservation = decode.scheduler.reserve(seq.total_len)
+            reservation = decode.scheduler.reserve(
+                seq.total_len, len(seq.request.prompt_ids) + seq.request.max_tokens)
             if reservation is None:
                 self.counters["handoff_refusals"] += 1  # back-pressure: try again next step
                 break

@@ -209,16 +209,26 @@ class Scheduler:
         ones stay in the prefix cache)."""
         self.release(seq)
 
-    def reserve(self, num_tokens: int) -> tuple[int, list[int], int] | None:
+    def _headroom(self, replica: int) -> int:
+        """Free blocks of a replica less what its running sequences still grow into."""
+        pool = self.pools[replica]
+        growth = sum(max(0, pool.blocks_for(len(s.request.prompt_ids) + s.request.max_tokens)
+                         - len(s.blocks)) for s in self.running if s.replica == replica)
+        return pool.num_free - growth
+
+    def reserve(self, num_tokens: int, final_tokens: int) -> tuple[int, list[int], int] | None:
         """Decode side: (replica, blocks for num_tokens, slot) for a sequence handed over, or
-        None when no replica has them free now (or preempted sequences wait: they go first)."""
+        None (back-pressure) unless a replica has a free slot and room for the sequence at its
+        longest (`final_tokens`) besides what its running sequences grow into: a handed-over
+        sequence never makes anyone be preempted. Preempted sequences go first."""
         if self.waiting:
             return None
-        best = None
+        best, room = None, 0
         for r, pool in enumerate(self.pools):
-            if self.slots[r].num_free and pool.blocks_for(num_tokens) <= pool.num_free and (
-                    best is None or pool.num_free > self.pools[best].num_free):
-                best = r
+            headroom = self._headroom(r)
+            if self.slots[r].num_free and pool.blocks_for(final_tokens) <= headroom and (
+                    best is None or headroom > room):
+                best, room = r, headroom
         if best is None:
             return None
         pool = self.pools[best]

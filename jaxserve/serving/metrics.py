@@ -74,10 +74,23 @@ class ServingMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("jaxserve_request_queue_time_seconds", "Arrival to first "
                                "scheduled", buckets=LATENCY_BUCKETS, registry=r)
+        # disaggregated prefill/decode (jaxserve/engine/handoff.py); zero on one engine
+        self.queue_length = Gauge("jaxserve_queue_length", "Sequences waiting: for prefill, "
+                                  "prefilled for the decode engine (handoff), for decode",
+                                  ["role"], registry=r)
+        self.utilization = Gauge("jaxserve_role_utilization", "Share of wall time an engine "
+                                 "of a disaggregated pair spent in steps", ["role"], registry=r)
+        self.handoffs = Counter("jaxserve_handoffs", "KV handoffs committed", registry=r)
+        self.handoff_bytes = Counter("jaxserve_handoff_bytes", "KV bytes handed off",
+                                     registry=r)
+        self.handoff_seconds = Counter("jaxserve_handoff_seconds", "Time KV handoffs took, "
+                                       "reserve to commit", registry=r)
         self._counters = {"preemptions": self.preemptions,
                           "generated_tokens": self.generation_tokens,
                           "prefix_cache_queries": self.prefix_queries,
-                          "prefix_cache_hits": self.prefix_hits}
+                          "prefix_cache_hits": self.prefix_hits,
+                          "handoffs": self.handoffs, "handoff_bytes": self.handoff_bytes,
+                          "handoff_seconds": self.handoff_seconds}
         self._seen = dict.fromkeys(self._counters, 0)
 
     def start_from(self, stats: dict) -> None:
@@ -99,6 +112,12 @@ class ServingMetrics:
             self.kv_cached.set(stats["kv_blocks_cached"])
             for replica, load in enumerate(stats["replica_load_flops"]):
                 self.replica_load.labels(replica=str(replica)).set(load)
+            if stats.get("disaggregated"):
+                for role, key in (("prefill", "prefill_waiting"), ("handoff", "handoffs_pending"),
+                                  ("decode", "decode_waiting")):
+                    self.queue_length.labels(role=role).set(stats[key])
+                for role in ("prefill", "decode"):
+                    self.utilization.labels(role=role).set(stats[f"{role}_utilization"])
             for key, counter in self._counters.items():
                 now = stats.get(key, 0)
                 if now > self._seen[key]:

@@ -273,7 +273,7 @@ def test_grpc_streams_aborts_and_reports_health_and_metrics_over_a_pair(pair, co
                                          ignore_eos=True)[0]
             assert completion.token_ids == colocated[1]["greedy"][1]
             server.step_delay = 0.05
-            stream = client.generate(PROMPTS[0], temperature=0, max_tokens=40, ignore_eos=True,
+            stream = client.generate(PROMPTS[0], temperature=0, max_tokens=30, ignore_eos=True,
                                      request_id="long")
             assert next(stream).HasField("delta")
             client.abort("long")

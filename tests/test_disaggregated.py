@@ -4,29 +4,33 @@ devices, and the KV handoff between them (jaxserve/engine/handoff.py).
 Oracles: the colocated engine's tokens (same precision: identical, greedy and seeded with
 penalties; bf16 prefill -> int8 KV decode: agreement and log-probs within stated bounds of
 float32), and after every injected fault the block and handoff counters of both sides back to
-0 with the other requests' tokens unchanged. One pair of engines serves most tests
-(prefill on device 0, decode tp=4 on devices 4-7: every KV head is stored twice there, so the
-handoff converts the head layout), with a decode pool small enough that requests wait for it.
+0 with the other requests' tokens unchanged. One pair of engines serves most tests (prefill on
+device 0, decode tp=2 on devices 2-3), with a decode pool small enough that requests wait for
+it; the head layout conversion (a decode mesh that stores every KV head twice) is checked on
+its own, against the layout restore gives the weights.
 """
 
 import dataclasses
 
 import grpc
+import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.engine.handoff import HandoffState, check_pair
+from jaxserve.config import ModelConfig
+from jaxserve.engine.handoff import HandoffState, check_pair, relayout_heads
 from jaxserve.kv_cache import kv_formats
+from jaxserve.placement import fit_params
 from jaxserve.serving.client import Client
 from jaxserve.serving.server import SERVICE, Server
 from jaxserve.settings import DisaggregationSettings, Settings
-from tests.serving_helpers import wait_until
+from tests.serving_helpers import scrape, wait_until
 
 ENGINE = dict(max_model_len=64, block_size=8, max_num_seqs=4, max_num_batched_tokens=32,
               max_prefill_chunk=32)
 PAIR = {"prefill": {"devices": [0], "kv_blocks": 16},
         # 5 usable blocks: two of the requests below at a time, the others wait (back-pressure)
-        "decode": {"mesh": "tp=4", "devices": [4, 5, 6, 7], "kv_blocks": 6}}
+        "decode": {"mesh": "tp=2", "devices": [2, 3], "kv_blocks": 6}}
 PROMPTS = [[1, 5 + i, 9, 40 + 3 * i, 7] * (1 + i % 2) for i in range(4)]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 SEEDED = SamplingParams(temperature=1.0, seed=11, max_tokens=6, ignore_eos=True,
@@ -178,6 +182,27 @@ def test_the_decode_engine_raising_mid_step_frees_both_sides(pair, colocated, mo
     assert tokens(pair.generate(PROMPTS, GREEDY, use_tqdm=False)) == colocated[1]["greedy"]
 
 
+def test_the_handoff_lays_kv_heads_out_as_each_mesh_stores_them():
+    """2 KV heads stored once (tp=1) -> twice (tp=4, scales too): stored head j is head j // 2,
+    the layout `placement.fit_params` gives the k/v projections; and back."""
+    base = ModelConfig(family="llama", vocab_size=16, hidden_size=32, intermediate_size=8,
+                       num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16,
+                       max_position_embeddings=64)
+    proj = np.arange(32 * 2 * 16, dtype=np.float32).reshape(32, 2, 16)
+    fitted = fit_params({"layers/0/attn/k_proj": proj}, base,
+                        dataclasses.replace(base, kv_head_copies=2))["layers/0/attn/k_proj"]
+    # [layers, blocks, block_size, kv_heads, head_dim] and its scale without head_dim
+    k = np.arange(2 * 1 * 8 * 2 * 16, dtype=np.float32).reshape(2, 1, 8, 2, 16)
+    blocks = {"k": k, "k_scale": k[..., 0]}
+    there = {name: np.asarray(a) for name, a in
+             relayout_heads(blocks, {"k": 3, "k_scale": 3}, 1, 2).items()}
+    assert np.array_equal(there["k"], k[:, :, :, [0, 0, 1, 1]])
+    assert np.array_equal(np.asarray(fitted), proj[:, [0, 0, 1, 1]])  # the weights' layout
+    assert np.array_equal(there["k_scale"], k[..., [0, 0, 1, 1], 0])
+    back = relayout_heads(there, {"k": 3, "k_scale": 3}, 2, 1)
+    assert all(np.array_equal(np.asarray(back[n]), blocks[n]) for n in blocks)
+
+
 # ---- bf16 prefill -> int8 KV decode ----
 
 # Measured over these 4 prompts x 6 tokens: agreement 1.0, worst log-prob gap 0.004; the
@@ -280,7 +305,6 @@ def test_grpc_streams_aborts_and_reports_health_and_metrics_over_a_pair(pair, co
             assert list(stream)[-1].final.finish_reason == "abort"
             server.step_delay = 0.0
             wait_until(lambda: pair.engine.kv_blocks_used == 0, 10, "every KV block free")
-            from tests.serving_helpers import scrape
             metrics = scrape(server.metrics_port)
             assert metrics['jaxserve_handoffs_total'] >= 2
             assert metrics['jaxserve_queue_length{role="decode"}'] == 0

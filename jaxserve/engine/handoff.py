@@ -158,8 +158,8 @@ class KVMover:
         self.src_repeat, self.dst_repeat = src_repeat, dst_repeat
         # one process: both meshes are local, so device to device is always possible
         self.transfer_mode = "host" if transfer == "host" else "device"
-        # gathered blocks: [layers, blocks, block_size, *per_token]
-        self.head_axis = {name: 3 + buf.axes.index("kv_heads")
+        # gathered blocks: [layers, blocks, block_size, *per_token] (scales included)
+        self.head_axes = {name: 3 + buf.axes.index("kv_heads")
                           for name, buf in src.buffers.items() if "kv_heads" in buf.axes}
         self._replicated = NamedSharding(decode_runner.layout.mesh, PartitionSpec())
         self._convert = jax.jit(self._convert_blocks)
@@ -183,19 +183,26 @@ class KVMover:
         return converted
 
     def _convert_blocks(self, blocks):
-        laid_out = {}
-        for name, a in blocks.items():
-            axis = self.head_axis.get(name.removesuffix(kv_cache.SCALE_SUFFIX))
-            if axis is not None and name.endswith(kv_cache.SCALE_SUFFIX):
-                axis -= 1  # a scale has no head_dim: [layers, blocks, block_size, kv_heads]
-            if axis is not None and self.src_repeat != self.dst_repeat:
-                a = jax.lax.slice_in_dim(a, 0, a.shape[axis], self.src_repeat, axis)
-                a = jnp.repeat(a, self.dst_repeat, axis=axis)
-            laid_out[name] = a
+        laid_out = relayout_heads(blocks, self.head_axes, self.src_repeat, self.dst_repeat)
         return self.conversion(laid_out, self.src.format, self.dst.format)
 
     def write(self, dst_ids: list[int], blocks: Mapping) -> None:
         self.decode.scatter_blocks(dst_ids, blocks)
+
+
+def relayout_heads(blocks: Mapping, head_axes: Mapping[str, int], src_repeat: int,
+                   dst_repeat: int) -> dict:
+    """Blocks whose buffers (`head_axes`: name -> its kv_heads axis) store every KV head
+    `src_repeat` times -> `dst_repeat` times. Stored head j is head j // repeat (np.repeat,
+    as jaxserve/placement.py lays out the k/v projections)."""
+    out = {}
+    for name, a in blocks.items():
+        axis = head_axes.get(name)
+        if axis is not None and src_repeat != dst_repeat:
+            a = jax.lax.slice_in_dim(jnp.asarray(a), 0, a.shape[axis], src_repeat, axis)
+            a = jnp.repeat(a, dst_repeat, axis=axis)
+        out[name] = a
+    return out
 
 
 def nbytes(blocks: Mapping) -> int:

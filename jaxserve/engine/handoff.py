@@ -34,8 +34,9 @@ Design (this file owns it):
   a one-token prefill chunk (its KV is not written yet), so seeded sampling is token for token
   the colocated engine's.
 - Bytes (as they leave the prefill pool), transfer seconds (reserve to commit; the converted
-  blocks are waited for) and the wait for the decode side are counted; this module never schedules: the pair of engines (jaxserve/engine/disaggregated.py)
-  calls `advance` once per step.
+  blocks are waited for) and the wait for the decode side are counted. This module never
+  schedules: the pair of engines (jaxserve/engine/disaggregated.py) calls `advance` once per
+  step.
 """
 
 from __future__ import annotations

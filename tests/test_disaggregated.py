@@ -48,7 +48,7 @@ def model_dir(hf_model_dir):
 
 @pytest.fixture(scope="module")
 def colocated(model_dir):
-    llm = LLM(model_dir, **ENGINE)
+    llm = LLM(model_dir, kv_blocks=16, **ENGINE)  # the prefill engine's programs, compiled once
     return llm, {name: tokens(llm.generate(PROMPTS, params, use_tqdm=False))
                  for name, params in (("greedy", GREEDY), ("seeded", SEEDED))}
 
@@ -212,6 +212,7 @@ AGREEMENT = 0.75
 LOGPROB_TOLERANCE = 0.05
 
 
+@pytest.mark.slow  # two more engines in two new precisions: their compiles are the cost
 def test_bf16_prefill_to_int8_decode_agrees_with_float32_within_stated_bounds(model_dir,
                                                                              colocated):
     mixed = {"prefill": {"devices": [1], "dtype": "bfloat16", "kv_blocks": 16},

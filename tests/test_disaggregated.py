@@ -212,7 +212,6 @@ AGREEMENT = 0.75
 LOGPROB_TOLERANCE = 0.05
 
 
-@pytest.mark.slow  # two more engines in two new precisions: their compiles are the cost
 def test_bf16_prefill_to_int8_decode_agrees_with_float32_within_stated_bounds(model_dir,
                                                                              colocated):
     mixed = {"prefill": {"devices": [1], "dtype": "bfloat16", "kv_blocks": 16},
@@ -277,6 +276,25 @@ def test_missing_devices_and_unconvertible_formats_are_refused_before_loading(tm
     with pytest.raises(TypeError, match="settings.disaggregation must be a "
                                         "DisaggregationSettings or None, got dict"):
         Settings(disaggregation={"prefill": 1})
+
+
+def test_the_disaggregate_flag_reads_its_yaml_for_generate_and_serve(tmp_path, capsys):
+    from jaxserve import cli
+
+    good = tmp_path / "pair.yaml"
+    good.write_text("prefill: {devices: [0], dtype: bfloat16}\n"
+                    "decode: {mesh: 'tp=2', devices: [2, 3], kv_cache_dtype: int8}\n"
+                    "max_prefill_ahead: 2\n")
+    for command in ("generate", "serve"):
+        args = cli.build_parser().parse_args([command, "--disaggregate", str(good)])
+        pair = cli._settings(args).disaggregation
+        assert pair.decode.devices == (2, 3) and pair.prefill.dtype == "bfloat16"
+        assert pair.max_prefill_ahead == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prefill: {devices: [0]}\ndecode: {devices: [0, 1], mesh: 'tp=3'}\n")
+    assert cli.main(["generate", "--prompt", "x", "--disaggregate", str(bad)]) == 2
+    assert "decode: mesh 'tp=3' has 3 device(s) but its devices [0, 1] are 2" in \
+        capsys.readouterr().err
 
 
 def test_n_above_one_and_scoring_are_refused_by_a_pair(pair):

@@ -242,7 +242,8 @@ class Scheduler:
         """Decode side: a sequence whose KV up to its last token was written into `blocks`
         runs here from now on; its last token is the one prefill chunk left to run."""
         seq.replica, seq.blocks, seq.slot = replica, blocks, slot
-        seq.num_named_blocks = 0
+        # its blocks are named in this engine's prefix cache, from this engine's root hash
+        seq.num_named_blocks, seq.block_hashes, seq.request.prompt_hashes = 0, None, None
         seq.num_computed = seq.total_len - 1
         seq.recompute_len = seq.total_len
         seq.status = Status.RUNNING

@@ -92,6 +92,9 @@ class CacheSettings:
     enable_prefix_caching: bool = setting(
         True, "compute every prompt in full (default: reuse the KV of cached prompt prefixes)",
         type=bool, flag="--no-prefix-caching")
+    swap_preempted: bool = setting(
+        False, "keep a preempted sequence's KV in host memory and bring it back when it runs "
+        "again (default: recompute it)", type=bool)
 
     def __post_init__(self):
         _positive_int("block_size", self.block_size)
@@ -105,6 +108,9 @@ class CacheSettings:
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
                               or not 0 < f < 1):
             raise ValueError(f"kv_memory_fraction must be in (0, 1), got {f!r}")
+        if not isinstance(self.swap_preempted, bool):
+            raise TypeError(f"swap_preempted must be True or False, got "
+                            f"{self.swap_preempted!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be True or False, got "
                             f"{self.enable_prefix_caching!r}")

@@ -237,6 +237,20 @@ def test_bf16_prefill_to_int8_decode_agrees_with_float32_within_stated_bounds(mo
     assert stats["decode"]["kv_cache_dtype"] == "int8"
 
 
+# ---- KV residency: preempted sequences wait in host memory ----
+
+def test_preemption_swaps_kv_to_host_and_back_with_the_same_tokens(model_dir, colocated):
+    tight = LLM(model_dir, swap_preempted=True, **{**ENGINE, "kv_blocks": 4})  # 3 usable
+    outputs = tight.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert tokens(outputs) == colocated[1]["greedy"]
+    stats = tight.stats()
+    assert stats["preemptions"] > 0 and stats["swapped_out"] == stats["preemptions"]
+    assert stats["swapped_in"] == stats["swapped_out"] and stats["swap_bytes"] > 0
+    # a swapped-in sequence computes its last token only, never its prompt again
+    assert stats["prefill_tokens"] == sum(map(len, PROMPTS)) + stats["swapped_in"]
+    assert stats["kv_blocks_used"] == 0
+
+
 # ---- bad input ----
 
 @pytest.mark.parametrize("config, says", [

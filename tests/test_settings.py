@@ -35,7 +35,7 @@ def test_leaves_have_unique_names_and_flags_and_help():
     assert all(leaf.field.metadata["help"] for leaf in LEAVES)
     # today's keyword arguments of LLM, and the sections the tree leaves room for
     assert {leaf.name for leaf in LEAVES} == {
-        "block_size", "kv_blocks", "kv_memory_fraction", "enable_prefix_caching",
+        "block_size", "kv_blocks", "kv_memory_fraction", "enable_prefix_caching", "swap_preempted",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
         "max_prefill_rows", "max_steps_in_flight", "routing", "mesh", "rules", "moe_strategy",
         "moe_auto_threshold", "sampling", "output_processing", "compilation",

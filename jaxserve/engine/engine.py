@@ -105,7 +105,8 @@ class Engine:
                                     for r in range(replicas)],
                                    tile=QUERY_TILE, router=self.router, model_config=config,
                                    root_hash=identity_hash(cache_identity),
-                                   speculative=self.proposer is not None)
+                                   speculative=self.proposer is not None,
+                                   swap=settings.cache.swap_preempted)
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
                                    eos_ids=self.eos_ids, speculative_tokens=k)
@@ -217,6 +218,8 @@ class Engine:
             if plan.empty and self.scheduler.has_work():
                 self.scheduler.preempt_youngest()
                 plan = self.scheduler.schedule(True, proposals)
+        if self.scheduler.swap_out or self.scheduler.swap_in:
+            self._swap()
         t1 = self.timeline.lap("schedule")
         self.timers["schedule_s"] += t1 - t0
         if not plan.empty:
@@ -229,6 +232,23 @@ class Engine:
             self.output.wait()
             finished += self._apply(self.output.collect())
         return finished
+
+    def _swap(self) -> None:
+        """Copy preempted sequences' KV to host memory, then swapped-in ones' back (see
+        scheduler.py), before the step that reuses or reads those blocks is dispatched."""
+        per_replica = self.runner.blocks_per_replica
+        for seq, replica, blocks, _ in self.scheduler.swap_out:
+            seq.host_kv = self.runner.gather_blocks([replica * per_replica + b for b in blocks])
+            self.counters["swapped_out"] += 1
+            self.counters["swap_bytes"] += sum(a.nbytes for a in seq.host_kv.values())
+        for seq, replica, blocks in self.scheduler.swap_in:
+            self.runner.scatter_blocks([replica * per_replica + b for b in blocks],
+                                       {name: a[:, :len(blocks)]
+                                        for name, a in seq.host_kv.items()})
+            seq.host_kv = None
+            self.counters["swapped_in"] += 1
+        self.scheduler.swap_out.clear()
+        self.scheduler.swap_in.clear()
 
     def drain(self) -> list[Request]:
         """Read back every step in flight."""

@@ -43,6 +43,12 @@ its blocks and slot from `reserve` and joins the running sequences through `adop
 first token as a one-token prefill chunk still to run (the token is known on the host; the
 decode slot's state is set as for any admitted sequence).
 
+With `cache.swap_preempted` a preempted sequence's KV goes to host memory instead of being
+recomputed: `_preempt` lists its blocks in `swap_out` (the engine copies them out before the
+next dispatch, while their content is still there), and when it is admitted again it takes
+fresh blocks, listed in `swap_in` (the engine copies the KV back before the step that reads
+it), and computes only its last token.
+
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
 the engine says nothing is in flight (`can_preempt`); otherwise it reports `needs_preemption` and
 the engine drains first. Decisions depend only on the queue contents: deterministic.
@@ -103,7 +109,7 @@ class StepUpdate:
 class Scheduler:
     def __init__(self, limits: SchedulerSettings, pools: list[BlockPool], slots: list[IdPool],
                  *, tile: int, router: RoutingPolicy, model_config: ModelConfig,
-                 root_hash: BlockHash, speculative: bool = False):
+                 root_hash: BlockHash, speculative: bool = False, swap: bool = False):
         """limits: the step's token budget, chunk and prefill rows, per DP replica.
         speculative: decodes may verify proposals (see the module docstring)."""
         self.speculative = speculative
@@ -123,6 +129,11 @@ class Scheduler:
         self.num_preemptions = 0
         self.counters = collections.Counter()
         self.handing_off: list[Sequence] = []  # prefilled, waiting to move to another engine
+        # cache.swap_preempted: (seq, replica, blocks, tokens) whose KV the engine copies to
+        # host memory, and (seq, replica, blocks) it copies back, before the next dispatch
+        self.swap = swap
+        self.swap_out: list[tuple[Sequence, int, list[int], int]] = []
+        self.swap_in: list[tuple[Sequence, int, list[int]]] = []
         self._adopted: list[Sequence] = []  # taken over from another engine, slot state not set
 
     @property
@@ -257,6 +268,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         self.release(seq)
+        seq.host_kv = None
         if seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
@@ -269,6 +281,9 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.swap and seq.num_computed:  # the engine copies them out before the next step
+            self.swap_out.append((seq, seq.replica, list(seq.blocks), seq.num_computed))
+            seq.host_kv, seq.host_kv_tokens = {}, seq.num_computed  # filled by the engine
         self.release(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
@@ -319,6 +334,8 @@ class Scheduler:
                loads: list[int] | None, in_progress: list[set[BlockHash]],
                plan: StepPlan) -> PrefillChunk | None:
         """A waiting sequence's first chunk, or None when it waits (and maybe closes a replica)."""
+        if seq.host_kv is not None:
+            return self._swap_in(seq, budget, rows, closed, plan)
         bs = self.block_size
         hashes = self._hashes(seq, (seq.recompute_len - 1) // bs) if self.caching else []
         hits, coming, views = [], [], []
@@ -357,6 +374,25 @@ class Scheduler:
             seq.request.cached_prompt_tokens = min(start, len(seq.request.prompt_ids))
         if loads:
             loads[replica] += self._remaining_flops(seq)
+        return PrefillChunk(seq, start, length, start + length == seq.recompute_len)
+
+    def _swap_in(self, seq: Sequence, budget: list[int], rows: list[int], closed: set[int],
+                 plan: StepPlan) -> PrefillChunk | None:
+        """A sequence whose KV waits in host memory rejoins the replica with the most free
+        blocks: its KV is copied back (`swap_in`) and only the tokens after it are computed."""
+        replica = max(range(self.num_replicas), key=lambda r: self.pools[r].num_free)
+        pool, start = self.pools[replica], seq.host_kv_tokens
+        length = min(seq.recompute_len - start, budget[replica] // self.tile * self.tile,
+                     self.max_prefill_chunk)
+        if replica in closed or not self.slots[replica].num_free or length <= 0 or \
+                rows[replica] >= self.max_prefill_rows or \
+                pool.blocks_for(start + length) > pool.num_free:
+            closed.add(replica)
+            return None
+        seq.blocks = pool.allocate(pool.blocks_for(start + length))
+        seq.num_named_blocks, seq.num_computed = 0, start
+        self.swap_in.append((seq, replica, seq.blocks[:pool.blocks_for(start)]))
+        self._start(seq, replica, plan)
         return PrefillChunk(seq, start, length, start + length == seq.recompute_len)
 
     def _fork(self, chunk: PrefillChunk, rows: list[int], plan: StepPlan) -> None:

@@ -48,6 +48,10 @@ class Sequence:
         self.num_computed = 0
         self.num_scheduled_outputs = 0
         self.recompute_len = len(request.prompt_ids)  # tokens to prefill when (re)admitted
+        # a preempted sequence's KV kept in host memory (cache.swap_preempted): its blocks as
+        # `gather_blocks` returns them, covering its first `num_computed` tokens at preemption
+        self.host_kv: dict | None = None
+        self.host_kv_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""

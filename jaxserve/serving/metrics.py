@@ -85,7 +85,9 @@ class ServingMetrics:
                                      registry=r)
         self.handoff_seconds = Counter("jaxserve_handoff_seconds", "Time KV handoffs took, "
                                        "reserve to commit", registry=r)
-        self._counters = {"preemptions": self.preemptions,
+        self.swapped_out = Counter("jaxserve_kv_swapped_out", "Preempted sequences whose KV "
+                                   "went to host memory (cache.swap_preempted)", registry=r)
+        self._counters = {"preemptions": self.preemptions, "swapped_out": self.swapped_out,
                           "generated_tokens": self.generation_tokens,
                           "prefix_cache_queries": self.prefix_queries,
                           "prefix_cache_hits": self.prefix_hits,

@@ -39,7 +39,10 @@ from jaxserve.runtime.follower import follow
 from jaxserve.runtime.draft_runner import DraftRunner
 from jaxserve.runtime.leader import LeaderRunner
 from jaxserve.runtime.runner import MAX_LOGPROBS, ModelRunner
-from jaxserve.settings import CacheSettings, Settings, SpeculativeSettings
+from jaxserve.engine.disaggregated import DisaggregatedEngine
+from jaxserve.engine.handoff import Handoffs, KVMover, check_pair
+from jaxserve.settings import (ROLES, CacheSettings, DisaggregationSettings, Settings,
+                               SpeculativeSettings)
 from jaxserve.sharding import Layout, replicas_of
 
 
@@ -48,7 +51,7 @@ MAX_TOP_N = MAX_LOGPROBS  # top tokens `score` returns per prompt (computed on d
 
 class LLM:
     def __init__(self, model_dir: str | Path, settings: Settings | None = None, *,
-                 speculative_config: dict | None = None, **overrides):
+                 speculative_config: dict | None = None, disaggregate=None, **overrides):
         """Load a jaxserve checkpoint onto a mesh, with the engine `settings`
         (jaxserve/settings.py: cache, scheduler, parallel, sampling; defaults when None) and
         any of them overridden by name, e.g. `LLM(model_dir, mesh="tp=2", max_num_seqs=8)`.
@@ -97,6 +100,12 @@ class LLM:
         on the same devices, or on its own with "mesh": "tp=1@4"; no "model": the embedded
         model's draft): each step verifies up to k proposed tokens per sequence,
         losslessly (see jaxserve/engine/speculative/); None = off.
+        disaggregate: {"prefill": {"mesh": "tp=2", "devices": [0, 1], "dtype": ...,
+        "kv_cache_dtype": ...}, "decode": {"mesh": "tp=4", "devices": [2, 3, 4, 5], ...},
+        "transfer": "auto" | "device" | "host", "max_prefill_ahead": 4} (or a
+        DisaggregationSettings): prompts run on a prefill engine and each sequence's KV is
+        handed to a decode engine on other devices, converted to its format (see
+        jaxserve/engine/handoff.py); the other settings apply to both. None = one engine.
         """
         if settings is None:
             settings = Settings()
@@ -107,12 +116,23 @@ class LLM:
         if speculative_config is not None:
             settings = dataclasses.replace(
                 settings, speculative=SpeculativeSettings.from_config(speculative_config))
+        if disaggregate is not None:
+            settings = dataclasses.replace(
+                settings, disaggregation=DisaggregationSettings.from_config(disaggregate))
         self.model_dir = Path(model_dir)
+        if settings.disaggregation is not None:
+            self._load_disaggregated(settings)
+        else:
+            self._load(settings)
+
+    def _load(self, settings: Settings, devices: list | None = None) -> None:
+        """Restore the model onto `devices` (default: the first the mesh needs) and build its
+        engine."""
         cache, parallel = settings.cache, settings.parallel
         self.cluster = distributed.join(settings.distributed)  # before any device is used
         # a split latent (TPLA) has its own built-in rules unless the user names others
         split = parallel.attention != "mla" and parallel.rules == "tp"
-        self.layout = Layout.create(parallel.mesh, "tpla" if split else parallel.rules)
+        self.layout = Layout.create(parallel.mesh, "tpla" if split else parallel.rules, devices)
         self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
         self.config, graphdef, params = restore_model(
             self.model_dir, self.layout, settings.dtype, settings.precision.quantization,
@@ -166,6 +186,62 @@ class LLM:
             follow(self.runner, self.cluster.channel, self.settings.scheduler.max_steps_in_flight)
             self.cluster.close()
             raise SystemExit(0)  # the leader is done: so is this process
+
+    def _load_disaggregated(self, settings: Settings) -> None:
+        """A prefill engine and a decode engine on their own devices and the handoffs between
+        them (jaxserve/engine/disaggregated.py). The decode engine is built first: its
+        max_model_len is the pair's."""
+        pair = settings.disaggregation
+        if settings.distributed.enabled or settings.speculative is not None:
+            raise ValueError("disaggregate runs in one process without speculative decoding; "
+                             "leave coordinator and speculative_config unset")
+        devices = jax.devices()
+        missing = sorted(d for role in ROLES for d in getattr(pair, role).devices
+                         if d >= len(devices))
+        if missing:
+            raise ValueError(f"disaggregate: device ids {missing} do not exist: there are "
+                             f"{len(devices)} {devices[0].platform} devices (ids 0 to "
+                             f"{len(devices) - 1})")
+        stored = ModelConfig.load(self.model_dir / "config.json")
+        formats = [kv_format(getattr(pair, role).kv_cache_dtype or
+                             settings.precision.kv_cache_dtype,
+                             parse_dtype(getattr(pair, role).dtype or settings.dtype,
+                                         default=stored.dtype)) for role in ROLES]
+        check_pair(*formats)  # before anything loads
+        self.roles: dict[str, LLM] = {}
+        for role in ("decode", "prefill"):
+            given = getattr(pair, role)
+            role_settings = settings.replace(
+                mesh=given.mesh, rules=given.rules or settings.parallel.rules,
+                dtype=given.dtype or settings.dtype,
+                kv_cache_dtype=given.kv_cache_dtype or settings.precision.kv_cache_dtype,
+                **({"kv_blocks": given.kv_blocks, "kv_memory_fraction": None}
+                   if given.kv_blocks is not None else {}))
+            if role == "prefill":  # the first token's text is made before its handoff
+                role_settings = role_settings.replace(
+                    output_processing="inline",
+                    max_model_len=self.roles["decode"].max_model_len)
+            engine = LLM.__new__(LLM)
+            engine.model_dir = self.model_dir
+            engine._load(dataclasses.replace(role_settings, disaggregation=None),
+                         [devices[d] for d in given.devices])
+            self.roles[role] = engine
+        prefill, decode = self.roles["prefill"], self.roles["decode"]
+        mover = KVMover(prefill.runner, decode.runner, prefill.cache_spec, decode.cache_spec,
+                        prefill.config.kv_head_copies, decode.config.kv_head_copies,
+                        pair.transfer)
+        for name in ("cluster", "layout", "compilation_cache", "config", "max_model_len",
+                     "kv_format", "cache_spec", "num_replicas", "runner", "tokenizer",
+                     "moe_threshold_source", "_request_ids"):
+            setattr(self, name, getattr(decode, name))
+        self.settings = dataclasses.replace(decode.settings, disaggregation=pair)
+        self.engine = DisaggregatedEngine(prefill.engine, decode.engine,
+                                          Handoffs(mover, pair.handoff_retries), pair)
+
+    def _colocated_only(self, what: str) -> None:
+        if self.settings.disaggregation is not None:
+            raise ValueError(f"{what} needs one engine; this LLM disaggregates prefill and "
+                             f"decode (build one without disaggregate)")
 
     def _load_draft(self, spec: SpeculativeSettings, dtype, kv_blocks: int,
                     moe: MoEExecution) -> DraftRunner:
@@ -418,6 +494,7 @@ class LLM:
                       candidate_name: str = "candidate {}") -> ScoreJob:
         """Validate one prompt's scoring request; every error names the bad value (`prompt_name`,
         `candidate_name` with the candidate's index)."""
+        self._colocated_only("score")
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or \
                 not 0 <= top_n <= min(MAX_TOP_N, self.config.vocab_size):
             raise ValueError(f"top_n must be an integer in [0, "
@@ -483,6 +560,7 @@ class LLM:
     def logits(self, token_id_lists: Sequence[Sequence[int]]) -> list[np.ndarray]:
         """Full-sequence logits of one prefill pass: one float32 [len, vocab_size] array per
         input (the real vocabulary: a layout's padding columns are dropped)."""
+        self._colocated_only("logits")
         seqs = [self.validate_token_ids(ids, f"input {i}") for i, ids in enumerate(token_id_lists)]
         if not seqs:
             raise ValueError("token_id_lists is empty")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from jaxserve.config import QUANTIZATIONS
 from jaxserve.package_data import embedded_model
-from jaxserve.settings import SPECULATIVE_METHODS, Settings, SpeculativeSettings
+from jaxserve.settings import (SPECULATIVE_METHODS, DisaggregationSettings, Settings,
+                               SpeculativeSettings)
 
 
 def _add_setting_flags(p: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
@@ -36,6 +37,9 @@ def _settings(args):
     """The settings tree from the parsed flags, validated."""
     settings = Settings().replace(**{leaf.name: getattr(args, leaf.name)
                                      for leaf in Settings.leaves() if hasattr(args, leaf.name)})
+    if getattr(args, "disaggregate", None) is not None:
+        settings = dataclasses.replace(
+            settings, disaggregation=DisaggregationSettings.load(args.disaggregate))
     speculative = {key: getattr(args, flag) for key, flag in SPECULATIVE_FLAGS.items()
                    if getattr(args, flag, None) is not None}
     if not speculative:
@@ -140,6 +144,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="jaxserve checkpoint directory (default: the embedded tiny model)")
     _add_setting_flags(p)
     _add_speculative_flags(p)
+    p.add_argument("--disaggregate", default=None, metavar="FILE",
+                   help="YAML: run prompts on a prefill engine and hand each sequence's KV to "
+                   "a decode engine on other devices (prefill: {mesh, devices, dtype, "
+                   "kv_cache_dtype, kv_blocks}, decode: {...}, transfer, max_prefill_ahead; "
+                   "see jaxserve/engine/handoff.py; default: one engine)")
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:

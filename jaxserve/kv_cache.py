@@ -329,8 +329,12 @@ def gather_blocks(pool: KVPool, block_ids: Sequence[int]) -> dict[str, np.ndarra
 
     block_ids index the whole pool (a DP replica's local id plus its shard's offset).
     """
-    out = _gather_jit(pool, jnp.asarray(np.asarray(block_ids, np.int32)))
-    return {name: np.asarray(a) for name, a in out.items()}
+    return {name: np.asarray(a) for name, a in gather_blocks_on_device(pool, block_ids).items()}
+
+
+def gather_blocks_on_device(pool: KVPool, block_ids: Sequence[int]) -> dict[str, jax.Array]:
+    """`gather_blocks`, left on the pool's devices (dispatched, not waited for)."""
+    return _gather_jit(pool, jnp.asarray(np.asarray(block_ids, np.int32)))
 
 
 def scatter_blocks(pool: KVPool, block_ids: Sequence[int],

@@ -11,7 +11,8 @@
       dtype                          parameter / compute dtype (the checkpoint's by default)
       speculative SpeculativeSettings  a proposer (n-gram prompt lookup) and its draft
                                      length; None = plain decoding
-      disaggregation                 where that feature's section goes; None until it exists
+      disaggregation DisaggregationSettings  prefill and decode engines on their own devices,
+                                     with the KV handoff between them; None = one engine
 
 `LLM(model_dir, settings=..., **overrides)` takes the tree and flat overrides by field name
 (`LLM(model, max_num_seqs=8)`, as vLLM does), or a whole section by its name
@@ -94,6 +95,9 @@ class CacheSettings:
     enable_prefix_caching: bool = setting(
         True, "compute every prompt in full (default: reuse the KV of cached prompt prefixes)",
         type=bool, flag="--no-prefix-caching")
+    swap_preempted: bool = setting(
+        False, "keep a preempted sequence's KV in host memory and bring it back when it runs "
+        "again (default: recompute it)", type=bool)
 
     def __post_init__(self):
         _positive_int("block_size", self.block_size)
@@ -107,6 +111,9 @@ class CacheSettings:
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
                               or not 0 < f < 1):
             raise ValueError(f"kv_memory_fraction must be in (0, 1), got {f!r}")
+        if not isinstance(self.swap_preempted, bool):
+            raise TypeError(f"swap_preempted must be True or False, got "
+                            f"{self.swap_preempted!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be True or False, got "
                             f"{self.enable_prefix_caching!r}")
@@ -417,12 +424,134 @@ class SpeculativeSettings:
         return cls(**config)
 
 
+TRANSFER_MODES = ("auto", "device", "host")  # jaxserve/engine/handoff.py
+ROLES = ("prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoleSettings:
+    """One engine of a disaggregated pair: its mesh over its own devices (ids into
+    `jax.devices()`), its rules, its compute dtype and KV format, and its pool size."""
+
+    mesh: str | None = None  # None: one device
+    devices: tuple[int, ...] = ()
+    rules: str | None = None  # None: the settings' rules
+    dtype: str | None = None  # None: the settings' dtype
+    kv_cache_dtype: str | None = None  # None: the settings' kv_cache_dtype
+    kv_blocks: int | None = None  # None: the settings' pool sizing
+
+    def validate(self, role: str) -> None:
+        if not isinstance(self.devices, (list, tuple)) or not self.devices or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.devices):
+            raise ValueError(f"disaggregate {role}: devices must be a non-empty list of device "
+                             f"ids (integers >= 0), got {self.devices!r}")
+        object.__setattr__(self, "devices", tuple(self.devices))
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"disaggregate {role}: devices {list(self.devices)} name a device "
+                             f"twice")
+        size = 1
+        if self.mesh is not None:
+            try:
+                shape = parse_mesh(self.mesh)
+            except ValueError as e:
+                raise ValueError(f"disaggregate {role}: {e}") from None
+            for n in shape.values():
+                size *= n
+        if size != len(self.devices):
+            raise ValueError(f"disaggregate {role}: mesh {self.mesh!r} has {size} device(s) but "
+                             f"its devices {list(self.devices)} are {len(self.devices)}: give "
+                             f"as many devices as the mesh holds")
+        if self.dtype is not None:
+            _one_of(f"disaggregate {role}: dtype", self.dtype, DTYPES)
+        if self.kv_cache_dtype is not None:
+            _one_of(f"disaggregate {role}: kv_cache_dtype", self.kv_cache_dtype,
+                    KV_CACHE_DTYPES)
+        if self.kv_blocks is not None and (isinstance(self.kv_blocks, bool) or not isinstance(
+                self.kv_blocks, int) or self.kv_blocks < 2):
+            raise ValueError(f"disaggregate {role}: kv_blocks must be an integer >= 2, got "
+                             f"{self.kv_blocks!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DisaggregationSettings:
+    """Prefill and decode on two engines with disjoint devices (jaxserve/engine/handoff.py).
+    `transfer`: how a sequence's KV moves, device to device (`device`), through host memory
+    (`host`), or `auto` (device). `max_prefill_ahead`: sequences prefilled and waiting for
+    the decode engine to take them, at most; prefill pauses there (back-pressure).
+    `handoff_retries`: times a failed transfer is retried before its request fails."""
+
+    prefill: RoleSettings
+    decode: RoleSettings
+    transfer: str = "auto"
+    max_prefill_ahead: int = 4
+    handoff_retries: int = 1
+
+    def __post_init__(self):
+        for role in ROLES:
+            if not isinstance(getattr(self, role), RoleSettings):
+                raise TypeError(f"disaggregate {role} must be a RoleSettings, got "
+                                f"{type(getattr(self, role)).__name__}")
+            getattr(self, role).validate(role)
+        shared = sorted(set(self.prefill.devices) & set(self.decode.devices))
+        if shared:
+            raise ValueError(f"disaggregate: prefill devices {list(self.prefill.devices)} and "
+                             f"decode devices {list(self.decode.devices)} overlap at "
+                             f"{shared}: give each role its own devices")
+        _one_of("disaggregate transfer", self.transfer, TRANSFER_MODES)
+        _positive_int("disaggregate max_prefill_ahead", self.max_prefill_ahead)
+        _positive_int("disaggregate handoff_retries", self.handoff_retries, low=0)
+
+    @classmethod
+    def from_config(cls, config: dict | DisaggregationSettings | None
+                    ) -> DisaggregationSettings | None:
+        """{"prefill": {"mesh": "tp=2", "devices": [0, 1], ...}, "decode": {...}, ...} (or
+        settings, or None = off), validated; unknown keys are named."""
+        if config is None or isinstance(config, DisaggregationSettings):
+            return config
+        if not isinstance(config, dict):
+            raise TypeError(f"disaggregate must be a dict, got {type(config).__name__}")
+        _known_keys("disaggregate", config, {f.name for f in dataclasses.fields(cls)})
+        roles = {}
+        for role in ROLES:
+            given = config.get(role)
+            if not isinstance(given, dict):
+                raise ValueError(f"disaggregate: {role!r} must be a dict with mesh and devices, "
+                                 f"got {given!r}")
+            _known_keys(f"disaggregate {role}", given,
+                        {f.name for f in dataclasses.fields(RoleSettings)})
+            roles[role] = RoleSettings(**given)
+        return cls(**{**config, **roles})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DisaggregationSettings:
+        """The YAML file `--disaggregate FILE` names (the same keys as `from_config`)."""
+        import yaml
+
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as e:
+            raise ValueError(f"disaggregate file {str(path)!r}: {e.strerror}") from None
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"disaggregate file {str(path)!r} is not valid YAML: {e}") from None
+        try:
+            return cls.from_config(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"disaggregate file {str(path)!r}: {e}") from None
+
+
+def _known_keys(what: str, given: dict, known: set[str]) -> None:
+    unknown = sorted(set(given) - known, key=str)
+    if unknown:
+        raise ValueError(f"{what}: unknown key {unknown[0]!r}; keys are "
+                         f"{', '.join(sorted(known))}")
+
+
 SECTIONS = {"cache": CacheSettings, "scheduler": SchedulerSettings,
             "parallel": ParallelSettings, "sampling": SamplingSettings,
             "compile": CompileSettings, "precision": PrecisionSettings,
             "distributed": DistributedSettings}
-# Sections the next features fill in; each stays None (off) until its feature exists.
-FUTURE_SECTIONS = ("disaggregation",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +584,7 @@ class Settings:
     dtype: str | None = setting(None, "parameter dtype", type=str, choices=DTYPES,
                                 default_help="the checkpoint's")
     speculative: SpeculativeSettings | None = None  # None: plain decoding
-    disaggregation: Any = None  # prefill and decode engines and the handoff between them
+    disaggregation: DisaggregationSettings | None = None  # None: one engine
 
     def __post_init__(self):
         for name, kind in SECTIONS.items():
@@ -469,10 +598,11 @@ class Settings:
             raise TypeError(f"settings.speculative must be a SpeculativeSettings or None, got "
                             f"{type(self.speculative).__name__} (LLM takes vLLM's "
                             f"speculative_config dict)")
-        for name in FUTURE_SECTIONS:
-            if getattr(self, name) is not None:
-                raise ValueError(f"settings.{name}: not supported yet (leave it None), got "
-                                 f"{getattr(self, name)!r}")
+        if self.disaggregation is not None and not isinstance(self.disaggregation,
+                                                              DisaggregationSettings):
+            raise TypeError(f"settings.disaggregation must be a DisaggregationSettings or None, "
+                            f"got {type(self.disaggregation).__name__} (LLM takes a "
+                            f"disaggregate dict)")
 
     @staticmethod
     def leaves() -> Iterator[Leaf]:

@@ -35,7 +35,7 @@ def test_leaves_have_unique_names_and_flags_and_help():
     assert all(leaf.field.metadata["help"] for leaf in LEAVES)
     # today's keyword arguments of LLM, and the sections the tree leaves room for
     assert {leaf.name for leaf in LEAVES} == {
-        "block_size", "kv_blocks", "kv_memory_fraction", "enable_prefix_caching",
+        "block_size", "kv_blocks", "kv_memory_fraction", "enable_prefix_caching", "swap_preempted",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
         "max_prefill_rows", "max_steps_in_flight", "routing", "mesh", "rules", "moe_strategy",
         "moe_auto_threshold", "attention", "latent_transform", "sampling", "output_processing",
@@ -114,7 +114,8 @@ def test_two_kv_pool_sizes_and_unknown_settings_are_refused():
     with pytest.raises(TypeError, match="unknown setting 'max_num_seq' .did you mean "
                                         "'max_num_seqs'"):
         Settings().replace(max_num_seq=4)
-    with pytest.raises(ValueError, match="settings.disaggregation: not supported yet"):
+    with pytest.raises(TypeError, match="settings.disaggregation must be a "
+                                        "DisaggregationSettings or None, got dict"):
         Settings(disaggregation={"prefill": 1})
     with pytest.raises(TypeError, match="settings.cache must be a CacheSettings, got dict"):
         Settings(cache={"block_size": 8})

@@ -119,7 +119,8 @@ class Engine:
                                     for r in range(replicas)],
                                    tile=QUERY_TILE, router=self.router, model_config=config,
                                    root_hash=identity_hash(cache_identity),
-                                   speculative=self.proposer is not None)
+                                   speculative=self.proposer is not None,
+                                   swap=settings.cache.swap_preempted)
         self.builder = StepBuilder(limits, replicas, block_size=runner.block_size,
                                    trash_slot=self.trash_slot, vocab_rows=config.vocab_rows,
                                    eos_ids=self.eos_ids, speculative_tokens=k,
@@ -142,10 +143,28 @@ class Engine:
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> Request:
-        """Queue a request. prompt_ids must already be validated (see LLM.validate_token_ids)."""
+                    prompt: str | None = None, *, handoff_after: int | None = None) -> Request:
+        """Queue a request. prompt_ids must already be validated (see LLM.validate_token_ids).
+        handoff_after: a prefill engine's request, whose sequences leave for the decode engine
+        after that many outputs (so this pool needs room for the prompt only)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params, handoff_after)
+        seeds = [params.seed_for(i, int(self._seed_rng.integers(0, 2**63)))
+                 for i in range(params.n)]
+        request = Request(request_id, list(prompt_ids), params, seeds, self.max_model_len, prompt)
+        request.handoff_after = handoff_after
+        for seq in request.sequences:
+            if self.tokenizer is not None:
+                seq.detokenizer = self.tokenizer.incremental(
+                    prompt_ids, skip_special_tokens=params.skip_special_tokens)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        return request
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams,
+                      handoff_after: int | None = None) -> None:
+        """Raise, naming the value, if this engine cannot run the request (see add_request)."""
         params.validate_for_model(self.model_config.vocab_size, self.max_model_len)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has no tokenizer "
@@ -162,20 +181,10 @@ class Engine:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) leaves no room to generate "
                              f"within max_model_len ({self.max_model_len})")
         blocks = self.pools[0]
-        need = blocks.blocks_for(len(prompt_ids) + max_tokens)
+        need = blocks.blocks_for(len(prompt_ids) + min(max_tokens, handoff_after or max_tokens))
         if need > blocks.capacity:
             raise ValueError(f"request needs {need} KV blocks but a replica's pool has "
                              f"{blocks.capacity}: raise kv_blocks or lower max_tokens")
-        seeds = [params.seed_for(i, int(self._seed_rng.integers(0, 2**63)))
-                 for i in range(params.n)]
-        request = Request(request_id, list(prompt_ids), params, seeds, self.max_model_len, prompt)
-        for seq in request.sequences:
-            if self.tokenizer is not None:
-                seq.detokenizer = self.tokenizer.incremental(
-                    prompt_ids, skip_special_tokens=params.skip_special_tokens)
-            self.scheduler.add(seq)
-        self.requests[request_id] = request
-        return request
 
     def abort(self, request_id: str) -> Request | None:
         """Stop a request now; its blocks and slot are free before the next step is planned."""
@@ -189,12 +198,27 @@ class Engine:
         request.metrics.finished_time = time.perf_counter()
         return request
 
+    def fail_sequence(self, seq, reason: str) -> Request | None:
+        """End the sequence's request now with finish_reason "error" (`reason` as its stop
+        reason); its blocks and slot are freed as by `abort`."""
+        request = self.abort(seq.request.request_id)
+        if request is not None:
+            for s in request.sequences:
+                if s.finish_reason == "abort":
+                    s.finish_reason, s.stop_reason = "error", reason
+        return request
+
     def clear_prefix_cache(self) -> None:
         """Forget every cached block (e.g. before something else writes the pool's pages)."""
         self.scheduler.clear_prefix_cache()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting to be admitted (the front ends' queue bound counts them)."""
+        return len(self.scheduler.waiting)
 
     # ---- the loop ----
     def step(self) -> list[Request]:
@@ -214,6 +238,8 @@ class Engine:
         if proposals is not None and proposals.probs:
             plan.draft_probs = {seq: proposals.probs[seq][:len(d)]
                                 for seq, d in plan.drafts.items() if d and seq in proposals.probs}
+        if self.scheduler.swap_out or self.scheduler.swap_in:
+            self._swap()
         t1 = self.timeline.lap("schedule")
         self.timers["schedule_s"] += t1 - t0
         if not plan.empty:
@@ -226,6 +252,23 @@ class Engine:
             self.output.wait()
             finished += self._apply(self.output.collect())
         return finished
+
+    def _swap(self) -> None:
+        """Copy preempted sequences' KV to host memory, then swapped-in ones' back (see
+        scheduler.py), before the step that reuses or reads those blocks is dispatched."""
+        per_replica = self.runner.blocks_per_replica
+        for seq, replica, blocks, _ in self.scheduler.swap_out:
+            seq.host_kv = self.runner.gather_blocks([replica * per_replica + b for b in blocks])
+            self.counters["swapped_out"] += 1
+            self.counters["swap_bytes"] += sum(a.nbytes for a in seq.host_kv.values())
+        for seq, replica, blocks in self.scheduler.swap_in:
+            self.runner.scatter_blocks([replica * per_replica + b for b in blocks],
+                                       {name: a[:, :len(blocks)]
+                                        for name, a in seq.host_kv.items()})
+            seq.host_kv = None
+            self.counters["swapped_in"] += 1
+        self.scheduler.swap_out.clear()
+        self.scheduler.swap_in.clear()
 
     def drain(self) -> list[Request]:
         """Read back every step in flight."""

@@ -182,7 +182,7 @@ class EngineLoop:
         with self._lock:
             if self.state is not LoopState.SERVING:
                 raise NotAccepting(f"the engine is {self.state.value}")
-            queued = self._pending + len(self.engine.scheduler.waiting) + len(self._scoring)
+            queued = self._pending + self.engine.num_waiting + len(self._scoring)
             if queued >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._pending += 1

@@ -35,6 +35,20 @@ How many of them it keeps is known only when the step is read back, so its count
 `update`, not in `commit`; the KV of rejected proposals lies beyond the sequence's new length,
 in blocks it gives back (or overwrites next step): nothing is copied.
 
+Disaggregated prefill/decode (jaxserve/engine/handoff.py): on the prefill engine a request's
+sequence stops being scheduled after its first token (`Request.handoff_after`); when that token
+is applied it moves to `handing_off`, keeping its blocks and giving back its slot, until the
+handoff commits (`hand_over`) or it finishes. On the decode engine a handed-off sequence gets
+its blocks and slot from `reserve` and joins the running sequences through `adopt`, with its
+first token as a one-token prefill chunk still to run (the token is known on the host; the
+decode slot's state is set as for any admitted sequence).
+
+With `cache.swap_preempted` a preempted sequence's KV goes to host memory instead of being
+recomputed: `_preempt` lists its blocks in `swap_out` (the engine copies them out before the
+next dispatch, while their content is still there), and when it is admitted again it takes
+fresh blocks, listed in `swap_in` (the engine copies the KV back before the step that reads
+it), and computes only its last token.
+
 Preemption changes state that steps in flight refer to, so the scheduler only preempts when
 the engine says nothing is in flight (`can_preempt`); otherwise it reports `needs_preemption` and
 the engine drains first. Decisions depend only on the queue contents: deterministic.
@@ -102,7 +116,7 @@ class StepUpdate:
 class Scheduler:
     def __init__(self, limits: SchedulerSettings, pools: list[BlockPool], slots: list[IdPool],
                  *, tile: int, router: RoutingPolicy, model_config: ModelConfig,
-                 root_hash: BlockHash, speculative: bool = False):
+                 root_hash: BlockHash, speculative: bool = False, swap: bool = False):
         """limits: the step's token budget, chunk and prefill rows, per DP replica.
         speculative: decodes may verify proposals (see the module docstring)."""
         self.speculative = speculative
@@ -121,6 +135,13 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
         self.counters = collections.Counter()
+        self.handing_off: list[Sequence] = []  # prefilled, waiting to move to another engine
+        # cache.swap_preempted: (seq, replica, blocks, tokens) whose KV the engine copies to
+        # host memory, and (seq, replica, blocks) it copies back, before the next dispatch
+        self.swap = swap
+        self.swap_out: list[tuple[Sequence, int, list[int], int]] = []
+        self.swap_in: list[tuple[Sequence, int, list[int]]] = []
+        self._adopted: list[Sequence] = []  # taken over from another engine, slot state not set
 
     @property
     def num_replicas(self) -> int:
@@ -185,6 +206,67 @@ class Scheduler:
         seq.replica = None
         if seq in self.running:
             self.running.remove(seq)
+        if seq in self.handing_off:
+            self.handing_off.remove(seq)
+        if seq in self._adopted:
+            self._adopted.remove(seq)
+
+    # ---- handoff between engines ----
+    def _hold_for_handoff(self, seq: Sequence) -> None:
+        """Prefill side: the sequence's first token is applied; it keeps its blocks (named
+        into the prefix cache) and gives back its slot until `hand_over`."""
+        self.name_blocks(seq)
+        self.slots[seq.replica].free([seq.slot])
+        seq.slot = None
+        seq.status = Status.HANDOFF
+        self.running.remove(seq)
+        self.handing_off.append(seq)
+
+    def hand_over(self, seq: Sequence) -> None:
+        """Prefill side: another engine owns the sequence now; its blocks go back (the full
+        ones stay in the prefix cache)."""
+        self.release(seq)
+
+    def _headroom(self, replica: int) -> int:
+        """Free blocks of a replica less what its running sequences still grow into."""
+        pool = self.pools[replica]
+        growth = sum(max(0, pool.blocks_for(len(s.request.prompt_ids) + s.request.max_tokens)
+                         - len(s.blocks)) for s in self.running if s.replica == replica)
+        return pool.num_free - growth
+
+    def reserve(self, num_tokens: int, final_tokens: int) -> tuple[int, list[int], int] | None:
+        """Decode side: (replica, blocks for num_tokens, slot) for a sequence handed over, or
+        None (back-pressure) unless a replica has a free slot and room for the sequence at its
+        longest (`final_tokens`) besides what its running sequences grow into: a handed-over
+        sequence never makes anyone be preempted. Preempted sequences go first."""
+        if self.waiting:
+            return None
+        best, room = None, 0
+        for r, pool in enumerate(self.pools):
+            headroom = self._headroom(r)
+            if self.slots[r].num_free and pool.blocks_for(final_tokens) <= headroom and (
+                    best is None or headroom > room):
+                best, room = r, headroom
+        if best is None:
+            return None
+        pool = self.pools[best]
+        return best, pool.allocate(pool.blocks_for(num_tokens)), self.slots[best].allocate()[0]
+
+    def cancel_reservation(self, replica: int, blocks: list[int], slot: int) -> None:
+        self.pools[replica].release(blocks)
+        self.slots[replica].free([slot])
+
+    def adopt(self, seq: Sequence, replica: int, blocks: list[int], slot: int) -> None:
+        """Decode side: a sequence whose KV up to its last token was written into `blocks`
+        runs here from now on; its last token is the one prefill chunk left to run."""
+        seq.replica, seq.blocks, seq.slot = replica, blocks, slot
+        # its blocks are named in this engine's prefix cache, from this engine's root hash
+        seq.num_named_blocks, seq.block_hashes, seq.request.prompt_hashes = 0, None, None
+        seq.num_computed = seq.total_len - 1
+        seq.recompute_len = seq.total_len
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self._adopted.append(seq)
 
     def clear_prefix_cache(self) -> None:
         """Forget every cached block (their pages are about to be overwritten)."""
@@ -193,6 +275,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         self.release(seq)
+        seq.host_kv = None
         if seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
@@ -205,6 +288,9 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.swap and seq.num_computed:  # the engine copies them out before the next step
+            self.swap_out.append((seq, seq.replica, list(seq.blocks), seq.num_computed))
+            seq.host_kv, seq.host_kv_tokens = {}, seq.num_computed  # filled by the engine
         self.release(seq)
         seq.status = Status.WAITING
         seq.num_computed = 0
@@ -255,6 +341,8 @@ class Scheduler:
                loads: list[int] | None, in_progress: list[set[BlockHash]],
                plan: StepPlan) -> PrefillChunk | None:
         """A waiting sequence's first chunk, or None when it waits (and maybe closes a replica)."""
+        if seq.host_kv is not None:
+            return self._swap_in(seq, budget, rows, closed, plan)
         bs = self.block_size
         hashes = self._hashes(seq, (seq.recompute_len - 1) // bs) if self.caching else []
         hits, coming, views = [], [], []
@@ -293,6 +381,25 @@ class Scheduler:
             seq.request.cached_prompt_tokens = min(start, len(seq.request.prompt_ids))
         if loads:
             loads[replica] += self._remaining_flops(seq)
+        return PrefillChunk(seq, start, length, start + length == seq.recompute_len)
+
+    def _swap_in(self, seq: Sequence, budget: list[int], rows: list[int], closed: set[int],
+                 plan: StepPlan) -> PrefillChunk | None:
+        """A sequence whose KV waits in host memory rejoins the replica with the most free
+        blocks: its KV is copied back (`swap_in`) and only the tokens after it are computed."""
+        replica = max(range(self.num_replicas), key=lambda r: self.pools[r].num_free)
+        pool, start = self.pools[replica], seq.host_kv_tokens
+        length = min(seq.recompute_len - start, budget[replica] // self.tile * self.tile,
+                     self.max_prefill_chunk)
+        if replica in closed or not self.slots[replica].num_free or length <= 0 or \
+                rows[replica] >= self.max_prefill_rows or \
+                pool.blocks_for(start + length) > pool.num_free:
+            closed.add(replica)
+            return None
+        seq.blocks = pool.allocate(pool.blocks_for(start + length))
+        seq.num_named_blocks, seq.num_computed = 0, start
+        self.swap_in.append((seq, replica, seq.blocks[:pool.blocks_for(start)]))
+        self._start(seq, replica, plan)
         return PrefillChunk(seq, start, length, start + length == seq.recompute_len)
 
     def _fork(self, chunk: PrefillChunk, rows: list[int], plan: StepPlan) -> None:
@@ -399,10 +506,12 @@ class Scheduler:
             if chunk.samples and seq.num_scheduled_outputs == 0 and seq.index == 0 \
                     and len(seq.request.sequences) > 1:
                 self._fork(chunk, rows, plan)
+        plan.admitted[:0] = self._adopted  # their slot state is set before the step too
         return plan
 
     def commit(self, plan: StepPlan) -> None:
         """Advance the counters as if the plan's step ran (it is dispatched next)."""
+        self._adopted = [s for s in self._adopted if s not in plan.admitted]
         for chunk in plan.prefills:
             seq = chunk.seq
             seq.num_computed += chunk.length
@@ -453,6 +562,8 @@ class Scheduler:
             stop = self._token_stop(seq, token, n, eos_ids)
             if stop is not None:
                 self.finish(seq)
+            elif seq.request.handoff_after is not None and n >= seq.request.handoff_after:
+                self._hold_for_handoff(seq)
             update.sampled.append(SampledToken(seq, r, token, n, stop))
         for seq, (run_rows, kept, num_runs) in runs.items():
             if run_rows > num_runs:

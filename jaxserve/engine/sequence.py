@@ -3,7 +3,9 @@
 A request with `n > 1` has n sequences that share the prompt (the first prefills it, the others
 share its blocks: see scheduler.py). Each sequence moves WAITING -> RUNNING -> FINISHED, and back
 to WAITING if preempted (its KV is recomputed from prompt + outputs when it runs again, after
-whatever prefix its replica still caches). Two counters matter:
+whatever prefix its replica still caches). On a prefill engine of a disaggregated pair a
+sequence moves RUNNING -> HANDOFF after its first token: it holds its KV blocks, no slot, and
+waits for the decode engine to take it over (jaxserve/engine/handoff.py). Two counters matter:
 
 - `num_computed`: tokens whose KV is written (or scheduled to be, in a step in flight), cache
   hits included;
@@ -24,6 +26,7 @@ from jaxserve.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    HANDOFF = "handoff"  # prefilled, waiting for another engine to take it over
     FINISHED = "finished"
 
 
@@ -45,6 +48,10 @@ class Sequence:
         self.num_computed = 0
         self.num_scheduled_outputs = 0
         self.recompute_len = len(request.prompt_ids)  # tokens to prefill when (re)admitted
+        # a preempted sequence's KV kept in host memory (cache.swap_preempted): its blocks as
+        # `gather_blocks` returns them, covering its first `num_computed` tokens at preemption
+        self.host_kv: dict | None = None
+        self.host_kv_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""
@@ -77,9 +84,11 @@ class Sequence:
     def done_scheduling(self) -> bool:
         """No more tokens to sample: max_tokens or the context is used up."""
         params = self.params
+        handoff = self.request.handoff_after
         return (params.max_tokens is not None
                 and self.num_scheduled_outputs >= params.max_tokens) \
-            or self.total_len >= self.request.max_model_len
+            or self.total_len >= self.request.max_model_len \
+            or (handoff is not None and self.num_scheduled_outputs >= handoff)
 
     def completion(self) -> CompletionOutput:
         return CompletionOutput(index=self.index, text=self.text, token_ids=list(self.output_ids),
@@ -102,6 +111,9 @@ class Request:
         self.max_tokens = min(params.max_tokens or max_model_len, max_model_len - len(prompt_ids))
         self.prompt_hashes: list[bytes] | None = None  # of the prompt's full blocks, on demand
         self.cached_prompt_tokens: int | None = None  # prompt tokens found cached at admission
+        # a prefill engine's request: its sequences leave for the decode engine after this
+        # many outputs (None: it runs to the end here)
+        self.handoff_after: int | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
         self.sequences = [Sequence(self, i, seed) for i, seed in enumerate(seeds)]
 

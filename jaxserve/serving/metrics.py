@@ -100,10 +100,25 @@ class ServingMetrics:
                         SPECULATIVE_GAUGES.items()}
         spec_counters = {key: Counter(name, doc, registry=r) for key, (name, doc) in
                          SPECULATIVE_COUNTERS.items()}
-        self._counters = {"preemptions": self.preemptions,
+        # disaggregated prefill/decode (jaxserve/engine/handoff.py); zero on one engine
+        self.queue_length = Gauge("jaxserve_queue_length", "Sequences waiting: for prefill, "
+                                  "prefilled for the decode engine (handoff), for decode",
+                                  ["role"], registry=r)
+        self.utilization = Gauge("jaxserve_role_utilization", "Share of wall time an engine "
+                                 "of a disaggregated pair spent in steps", ["role"], registry=r)
+        self.handoffs = Counter("jaxserve_handoffs", "KV handoffs committed", registry=r)
+        self.handoff_bytes = Counter("jaxserve_handoff_bytes", "KV bytes handed off",
+                                     registry=r)
+        self.handoff_seconds = Counter("jaxserve_handoff_seconds", "Time KV handoffs took, "
+                                       "reserve to commit", registry=r)
+        self.swapped_out = Counter("jaxserve_kv_swapped_out", "Preempted sequences whose KV "
+                                   "went to host memory (cache.swap_preempted)", registry=r)
+        self._counters = {"preemptions": self.preemptions, "swapped_out": self.swapped_out,
                           "generated_tokens": self.generation_tokens,
                           "prefix_cache_queries": self.prefix_queries,
-                          "prefix_cache_hits": self.prefix_hits, **spec_counters}
+                          "prefix_cache_hits": self.prefix_hits,
+                          "handoffs": self.handoffs, "handoff_bytes": self.handoff_bytes,
+                          "handoff_seconds": self.handoff_seconds, **spec_counters}
         self._seen = dict.fromkeys(self._counters, 0)
 
     def start_from(self, stats: dict) -> None:
@@ -128,6 +143,12 @@ class ServingMetrics:
             for key, gauge in self._gauges.items():
                 if stats.get(key) is not None:
                     gauge.set(stats[key])
+            if stats.get("disaggregated"):
+                for role, key in (("prefill", "prefill_waiting"), ("handoff", "handoffs_pending"),
+                                  ("decode", "decode_waiting")):
+                    self.queue_length.labels(role=role).set(stats[key])
+                for role in ("prefill", "decode"):
+                    self.utilization.labels(role=role).set(stats[f"{role}_utilization"])
             for key, counter in self._counters.items():
                 now = stats.get(key, 0)
                 if now > self._seen[key]:

@@ -17,17 +17,17 @@ Design (this file owns it):
 - One round (`propose_all`) is ONE dispatch of the draft's `propose` program for every
   sequence (no per-sequence loop, no k dispatches): the up to CATCH_UP new tokens of each
   sequence, then k - 1 decode iterations, in a loop on the device; the proposals (and q of the
-  sampled ones) are read back once. A sequence with more new tokens than that (one seen for the first time, or
-  after a preemption) first has the excess prefilled by the draft's step program, batched and
-  chunked to the step budget.
+  sampled ones) are read back once. A sequence with more new tokens than that (one seen for
+  the first time, or after a preemption) first has the excess prefilled by the draft's step
+  program, batched and chunked to the step budget.
 - The draft decodes greedily for greedy requests (point masses: the target keeps exactly its
   greedy tokens) and samples for sampling ones, with the request's SamplingParams
   (`draft_params`) and a seed of its own per round (`round_seed`), returning q of each
   proposal with it; rejection sampling against q keeps the target's distribution exact
   (jaxserve/runtime/verify.py). Penalties count the target's outputs (loaded into the draft's
   slot state at each round that needs them) and the round's earlier proposals.
-- A round dispatched ahead (`dispatched`) is for greedy sequences only: a sampled sequence's
-  next round needs the outputs the target draws, and its own seed.
+- A round dispatched ahead (`dispatched`) is for greedy sequences only (a sampled sequence's
+  proposals need the next round's seed and q, which a guessed round does not carry).
 - A sequence holds draft blocks and a slot only while it is proposed for: one that finished, was
   preempted or is prefilling again gives them back at the next round (a preempted one catches up
   from scratch). A sequence the draft pool has no room for gets no proposals this round.
@@ -85,10 +85,10 @@ class DraftProposer:
         runner.init_slots(seqs)
         self.blocks = BlockPool(runner.blocks_per_replica, runner.block_size, caching=False)
         self.slots = IdPool(range(seqs))
+        self.trash_slot = seqs
         self.builder = StepBuilder(limits, 1, block_size=runner.block_size, trash_slot=seqs,
                                    vocab_rows=runner.config.vocab_rows, eos_ids=())
         self.states: dict[Sequence, _DraftState] = {}
-        self.trash_slot = seqs
 
     @property
     def num_blocks_used(self) -> int:

@@ -1,19 +1,24 @@
 """The draft model's runner: a ModelRunner with one more program, `propose`, that makes a whole
-round of greedy proposals on the device in ONE dispatch.
+round of proposals on the device in ONE dispatch.
 
 Why one program: on a host where a step costs mostly fixed per-dispatch time (the embedded
 model on a CPU: ~1 ms a step whatever its size), k separate draft steps cost k dispatches and a
 readback each round. `propose` is a `lax.fori_loop` over single-token decode iterations, every
 sequence one row; the last few tokens the draft has not seen yet (its catch-up, up to
 `ProposeInputs.tokens.shape[1]` per sequence) are fed first (teacher forcing), then each
-iteration feeds the previous iteration's argmax. Iteration i writes the KV of its input token
+iteration feeds the previous iteration's proposal. Iteration i writes the KV of its input token
 at position `start + i` and reads the KV the earlier iterations wrote; a row past what its
 sequence wants (`num_proposals`) is padding (position -1: it writes the null block), so no KV
 is written past the blocks the host allocated. Proposals are read back once, [rows, k].
 
-Greedy only: a proposal is the argmax of the draft's raw logits, a point mass (the target's
-acceptance rule stays exact, jaxserve/runtime/verify.py). One DP replica. Like runner.py, this
-never sees a request object.
+Each proposal is drawn the way the target's step draws a token (jaxserve/runtime/sampling.py,
+the same functions): the row's SamplingParams applied to the draft's logits, penalties counting
+the slot's output counts (the host loads the target's outputs there) plus the round's earlier
+proposals, with the row's seed and the proposal's index as its counter. A greedy row takes the
+argmax, a point mass; a sampled row also returns q, the distribution it drew from
+([rows, k, vocab_rows], zeros for greedy rows), which the target's acceptance rule needs
+(jaxserve/runtime/verify.py). The slot state is only read. One DP replica. Like runner.py,
+this never sees a request object.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.ops.attention import AttentionMetadata
-from jaxserve.runtime.runner import ModelRunner, _hidden, _shardings
+from jaxserve.runtime import sampling
+from jaxserve.runtime.runner import ModelRunner, SlotState, _hidden, _shardings
+from jaxserve.runtime.sampling import SamplingInputs
+from jaxserve.runtime.verify import processed_logits
+from jaxserve.sampling_params import SamplingParams
 
 
 @jax.tree_util.register_dataclass
@@ -39,20 +48,27 @@ class ProposeInputs:
     start: jax.Array  # i32[rows]: the position of the first catch-up token
     num_proposals: jax.Array  # i32[rows]: proposals wanted (<= k)
     block_tables: jax.Array  # i32[rows, table_width]
+    slot_ids: jax.Array  # i32[rows]: the row's slot (penalty state; padding: the trash slot)
+    sampling: SamplingInputs  # per row; counter: the index of the row's first proposal
     num_speculative_tokens: int = dataclasses.field(metadata=dict(static=True))  # k
     chunk_blocks: int = dataclasses.field(metadata=dict(static=True))
 
 
-def _propose(graphdef, param_treedef, setting, param_leaves, kv, inputs: ProposeInputs):
-    """-> (proposals i32[rows, k], kv). Iteration i runs one token per row at `start + i`."""
+def _propose(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
+             inputs: ProposeInputs):
+    """-> (proposals i32[rows, k], q f32[rows, k, vocab_rows], kv). Iteration i runs one token
+    per row at `start + i`."""
     rows, catch_up = inputs.tokens.shape
     k = inputs.num_speculative_tokens
+    vocab = state.prompt_mask.shape[1]
     block_size = jax.tree.leaves(kv)[0].shape[1]
     last_needed = inputs.num_catch_up + inputs.num_proposals - 1  # iterations a row runs
     row_ids = jnp.arange(rows)
+    no_suppressed = jnp.zeros((rows, 0), jnp.int32)
+    any_sampled = jnp.any(inputs.sampling.temperature > 0)
 
     def iteration(i, carry):
-        kv, previous, proposals = carry
+        kv, previous, proposals, probs, counts = carry
         live = i < last_needed
         forced = inputs.tokens[:, jnp.minimum(i, catch_up - 1)]
         token = jnp.where(i < inputs.num_catch_up, forced, previous)
@@ -67,17 +83,31 @@ def _propose(graphdef, param_treedef, setting, param_leaves, kv, inputs: Propose
         model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, token,
                                     md)
         with setting[0].activate():
-            guess = jnp.argmax(model.logits(hidden), axis=-1).astype(jnp.int32)
+            logits = model.logits(hidden)
         index = i - inputs.num_catch_up + 1  # the proposal this iteration makes
+        row_inputs = dataclasses.replace(
+            inputs.sampling, counter=inputs.sampling.counter + jnp.maximum(index, 0))
+        processed = processed_logits(logits, state.prompt_mask, state.output_counts,
+                                     inputs.slot_ids, no_suppressed, row_inputs, counts)
+        guess = sampling.sample(processed, row_inputs)
         keep = live & (index >= 0)
-        proposals = proposals.at[row_ids, jnp.where(keep, index, k)].set(guess, mode="drop")
-        return kv, guess, proposals
+        at = jnp.where(keep, index, k)
+        proposals = proposals.at[row_ids, at].set(guess, mode="drop")
+        probs = jax.lax.cond(
+            any_sampled,
+            lambda: probs.at[row_ids, at].set(jnp.where(
+                (row_inputs.temperature > 0)[:, None],
+                sampling.probabilities(processed, row_inputs), 0.0), mode="drop"),
+            lambda: probs)
+        counts = counts.at[row_ids, guess].add(keep.astype(jnp.int32))
+        return kv, guess, proposals, probs, counts
 
     iterations = catch_up + k - 1
-    carry = (kv, jnp.zeros((rows,), jnp.int32), jnp.full((rows, k), -1, jnp.int32))
+    carry = (kv, jnp.zeros((rows,), jnp.int32), jnp.full((rows, k), -1, jnp.int32),
+             jnp.zeros((rows, k, vocab), jnp.float32), jnp.zeros((rows, vocab), jnp.int32))
     with jax.named_scope("draft_propose"):
-        kv, _, proposals = jax.lax.fori_loop(0, iterations, iteration, carry)
-    return proposals, kv
+        kv, _, proposals, probs, _ = jax.lax.fori_loop(0, iterations, iteration, carry)
+    return proposals, probs, kv
 
 
 class DraftRunner(ModelRunner):
@@ -89,8 +119,9 @@ class DraftRunner(ModelRunner):
                               (self.layout, self.moe)),
             donate_argnums=(1,),
             in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
-                          self._input_sharding()),
-            out_shardings=(self.layout.replicated(), self.kv.shardings())))
+                          _shardings(self.slot_state), self._input_sharding()),
+            out_shardings=(self.layout.replicated(), self.layout.replicated(),
+                           self.kv.shardings())))
 
     def _propose_executable(self, inputs: ProposeInputs):
         key = ("propose", inputs.tokens.shape, inputs.block_tables.shape,
@@ -99,20 +130,24 @@ class DraftRunner(ModelRunner):
         if executable is not None:
             return executable
         return self._compile_once(key, lambda: self._propose_program().lower(
-            self._abstract_params, self._abstract_kv,
+            self._abstract_params, self._abstract_kv, self._abstract_slots,
             self._abstract_inputs("propose", inputs)).compile())
 
-    def propose(self, inputs: ProposeInputs) -> jax.Array:
-        """Dispatch one round of proposals; returns i32[rows, k] without waiting (-1: none)."""
-        proposals, self.kv = self._propose_executable(inputs)(self.param_leaves, self.kv,
-                                                              inputs)
-        return proposals
+    def propose(self, inputs: ProposeInputs) -> tuple[jax.Array, jax.Array]:
+        """Dispatch one round of proposals; returns (i32[rows, k] (-1: none), q f32[rows, k,
+        vocab_rows] (zeros: a greedy row)) without waiting."""
+        proposals, probs, self.kv = self._propose_executable(inputs)(
+            self.param_leaves, self.kv, self.slot_state, inputs)
+        return proposals, probs
 
 
 def propose_inputs(rows: int, catch_up: int, k: int, width: int, chunk_blocks: int,
-                   sequences: list[tuple[list[int], int, int, list[int]]]) -> ProposeInputs:
+                   sequences: list[tuple[list[int], int, int, list[int]]],
+                   draws: list[tuple[SamplingParams, int, int]], trash_slot: int
+                   ) -> ProposeInputs:
     """Host arrays of a round: `sequences` as (catch-up tokens, start, proposals wanted, block
-    table), padded to `rows` rows and `catch_up` tokens."""
+    table) and `draws` as (sampling params, the round's seed, slot), padded to `rows` rows
+    (greedy, the trash slot) and `catch_up` tokens."""
     tokens = np.zeros((rows, catch_up), np.int32)
     num_catch_up = np.zeros((rows,), np.int32)
     start = np.zeros((rows,), np.int32)
@@ -122,4 +157,9 @@ def propose_inputs(rows: int, catch_up: int, k: int, width: int, chunk_blocks: i
         tokens[r, :len(ids)] = ids
         num_catch_up[r], start[r], num_proposals[r] = len(ids), first, wanted
         tables[r, :len(table)] = table
-    return ProposeInputs(tokens, num_catch_up, start, num_proposals, tables, k, chunk_blocks)
+    slot_ids = np.full((rows,), trash_slot, np.int32)
+    slot_ids[:len(draws)] = [slot for *_, slot in draws]
+    row_sampling = SamplingInputs.from_params([p for p, *_ in draws], [s for _, s, _ in draws],
+                                              [0] * len(draws), rows)
+    return ProposeInputs(tokens, num_catch_up, start, num_proposals, tables, slot_ids,
+                         row_sampling, k, chunk_blocks)

@@ -16,12 +16,18 @@ Design (this file owns it):
   sequence's length are never read.
 - One round (`propose_all`) is ONE dispatch of the draft's `propose` program for every
   sequence (no per-sequence loop, no k dispatches): the up to CATCH_UP new tokens of each
-  sequence, then k - 1 greedy decode iterations, in a loop on the device; the proposals are
-  read back once. A sequence with more new tokens than that (one seen for the first time, or
-  after a preemption) first has the excess prefilled by the draft's step program, batched and
-  chunked to the step budget.
-- The draft decodes greedily, so each proposal is a point mass: the target's acceptance rule
-  (jaxserve/runtime/verify.py) stays exact and a seeded request's tokens stay batch-invariant.
+  sequence, then k - 1 decode iterations, in a loop on the device; the proposals (and q of the
+  sampled ones) are read back once. A sequence with more new tokens than that (one seen for
+  the first time, or after a preemption) first has the excess prefilled by the draft's step
+  program, batched and chunked to the step budget.
+- The draft decodes greedily for greedy requests (point masses: the target keeps exactly its
+  greedy tokens) and samples for sampling ones, with the request's SamplingParams
+  (`draft_params`) and a seed of its own per round (`round_seed`), returning q of each
+  proposal with it; rejection sampling against q keeps the target's distribution exact
+  (jaxserve/runtime/verify.py). Penalties count the target's outputs (loaded into the draft's
+  slot state at each round that needs them) and the round's earlier proposals.
+- A round dispatched ahead (`dispatched`) is for greedy sequences only (a sampled sequence's
+  proposals need the next round's seed and q, which a guessed round does not carry).
 - A sequence holds draft blocks and a slot only while it is proposed for: one that finished, was
   preempted or is prefilling again gives them back at the next round (a preempted one catches up
   from scratch). A sequence the draft pool has no room for gets no proposals this round.
@@ -42,7 +48,8 @@ from jaxserve.engine.block_pool import BlockPool
 from jaxserve.engine.id_pool import IdPool
 from jaxserve.engine.scheduler import PrefillChunk, StepPlan
 from jaxserve.engine.sequence import Request, Sequence
-from jaxserve.engine.speculative.proposals import GREEDY, Proposals
+from jaxserve.engine.speculative.proposals import (GREEDY, Proposals, draft_params,
+                                                   penalty_rows, round_seed)
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder
 from jaxserve.ops.attention import chunk_blocks_for
 from jaxserve.runtime.draft_runner import propose_inputs
@@ -66,7 +73,8 @@ class _DraftState:
 
 
 class DraftProposer:
-    samples = False  # a round's proposals are greedy, point masses: no q reaches the step
+    samples = True  # a sampling request's proposals come with q (greedy ones: point masses)
+
     def __init__(self, runner, limits: SchedulerSettings, k: int, ahead: bool = False):
         """runner: the draft's DraftRunner (one DP replica); limits: the target's resolved
         scheduler settings (the draft's steps obey the same budget). ahead: propose step
@@ -77,6 +85,7 @@ class DraftProposer:
         runner.init_slots(seqs)
         self.blocks = BlockPool(runner.blocks_per_replica, runner.block_size, caching=False)
         self.slots = IdPool(range(seqs))
+        self.trash_slot = seqs
         self.builder = StepBuilder(limits, 1, block_size=runner.block_size, trash_slot=seqs,
                                    vocab_rows=runner.config.vocab_rows, eos_ids=())
         self.states: dict[Sequence, _DraftState] = {}
@@ -148,17 +157,39 @@ class DraftProposer:
             state.valid = min(state.valid, len(state.shadow.request.prompt_ids) - 1)
         self._prefill_excess([state for _, state, _ in wanted])
         rows = next(b for b in self.builder.decode_buckets if b >= len(wanted))
-        round_rows = []
-        for _, state, m in wanted:
+        round_rows, draws = [], []
+        for seq, state, m in wanted:
             tokens = state.shadow.request.prompt_ids
             round_rows.append((tokens[state.valid:], state.valid, m, state.shadow.blocks))
+            draws.append((draft_params(seq.params), round_seed(seq.seed, len(seq.output_ids)),
+                          state.shadow.slot))
             state.valid = state.proposed_at = len(tokens)
+        self._set_penalties([(seq, state.shadow.slot) for seq, state, _ in wanted])
         inputs = propose_inputs(rows, CATCH_UP, self.k, self.builder.width,
-                                chunk_blocks_for(self.runner.block_size), round_rows)
-        out = np.asarray(self.runner.propose(inputs))  # the round's one readback
+                                chunk_blocks_for(self.runner.block_size), round_rows, draws,
+                                self.trash_slot)
+        out, q = self.runner.propose(inputs)
+        out = np.asarray(out)  # the round's one readback (with q when a row sampled)
+        sampled = [i for i, (params, _, _) in enumerate(draws) if params.temperature]
+        q = np.asarray(q) if sampled else None
+        result = Proposals(proposals)
         for i, (seq, state, m) in enumerate(wanted):
             state.proposed = proposals[seq] = out[i, :m].tolist()
-        return Proposals(proposals)  # greedy: point masses, no q
+        for i in sampled:
+            seq, _, m = wanted[i]
+            result.probs[seq] = q[i, :m]
+        return result
+
+    def _set_penalties(self, pairs: list[tuple[Sequence, int]]) -> None:
+        """Sampled proposals with penalties count the target's outputs: their draft slots start
+        the round from the target's prompt mask and output counts."""
+        pairs = [(seq, slot) for seq, slot in pairs
+                 if seq.params.temperature and seq.params.uses_penalties]
+        if pairs:
+            self.runner.set_slots(*penalty_rows(
+                [slot for _, slot in pairs], [seq.request.prompt_ids for seq, _ in pairs],
+                [seq.output_ids for seq, _ in pairs], self.limits.max_num_seqs,
+                self.trash_slot, self.runner.config.vocab_rows))
 
     def _take_ahead(self, state: _DraftState, tokens: list[int], m: int) -> list[int] | None:
         """The proposals the round dispatched ahead made, if the target kept every proposal
@@ -167,7 +198,7 @@ class DraftProposer:
         if ahead is None:
             return None
         at, outputs, row = ahead
-        guesses = np.asarray(outputs)[row].tolist()
+        guesses = np.asarray(outputs[0])[row].tolist()
         if len(tokens) != at + 1 or tokens[state.proposed_at:at] != state.proposed \
                 or tokens[at] != guesses[0]:
             return None
@@ -187,7 +218,7 @@ class DraftProposer:
         for seq, drafts in plan.drafts.items():
             state = self.states.get(seq)
             if state is None or not drafts or drafts != state.proposed \
-                    or state.valid != state.proposed_at:
+                    or state.valid != state.proposed_at or seq.params.temperature:
                 continue
             at = state.proposed_at + len(drafts)  # where the bonus token lands
             shadow = state.shadow
@@ -201,7 +232,9 @@ class DraftProposer:
             return
         bucket = next(b for b in self.builder.decode_buckets if b >= len(rows))
         inputs = propose_inputs(bucket, CATCH_UP, self.k, self.builder.width,
-                                chunk_blocks_for(self.runner.block_size), [r for *_, r in rows])
+                                chunk_blocks_for(self.runner.block_size), [r for *_, r in rows],
+                                [(GREEDY, 0, state.shadow.slot) for state, *_ in rows],
+                                self.trash_slot)
         outputs = self.runner.propose(inputs)  # read back by the next round, if it is right
         self.ahead_rounds += 1
         for i, (state, at, _) in enumerate(rows):

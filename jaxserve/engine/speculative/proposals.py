@@ -7,7 +7,8 @@ round's earlier proposals, temperature, top_k / top_p / min_p), and hands q of e
 the verify step, which accepts with min(1, p / q) and draws a rejection from the residual
 (jaxserve/runtime/verify.py). Greedy proposals are point masses: the target keeps a proposal iff
 it is the token it draws there, so greedy requests keep exactly their greedy tokens and seeded
-ones their plain tokens. The draft model's one-program rounds are greedy today.
+ones their plain tokens. The draft model (draft.py) samples a sampling request's proposals
+inside its one-program round (jaxserve/runtime/draft_runner.py) and hands q with them.
 
 The draft's random numbers must be independent of the target's: each proposal round draws with
 a seed derived from the request's seed and the number of its outputs at the round (`round_seed`),
@@ -63,8 +64,8 @@ def round_seed(seed: int, num_outputs: int) -> int:
 def penalty_rows(slots: list[int], prompts: list[list[int]], outputs: list[list[int]],
                  num_rows: int, trash_slot: int, vocab_rows: int):
     """The draft's slot state for sequences whose proposals use penalties, as
-    `ModelRunner.set_slots` takes it: the target's prompt mask and output counts (the draft's
-    steps then add each proposal), padded to `num_rows` rows naming the trash slot."""
+    `ModelRunner.set_slots` takes it: the target's prompt mask and output counts (the round's
+    program adds its own proposals), padded to `num_rows` rows naming the trash slot."""
     rows = np.full((num_rows,), trash_slot, np.int32)
     mask = np.zeros((num_rows, vocab_rows), np.bool_)
     counts = np.zeros((num_rows, vocab_rows), np.int32)

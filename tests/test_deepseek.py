@@ -181,6 +181,70 @@ def test_a_tp_degree_that_does_not_divide_the_latent_is_an_error_naming_it():
         transform_matrix(config, "hadamard")
 
 
+# ---- the PCA transform: principal axes of the latent on a calibration text ----
+
+def _with_char_tokenizer(model_dir, out):
+    """A copy of a test model with a one-id-per-character tokenizer (ids below its 128)."""
+    import shutil
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from jaxserve.package_data import latent_calibration_text
+
+    shutil.copytree(model_dir, out)
+    chars = sorted(set(latent_calibration_text().read_text()))
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    assert len(vocab) <= 128
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), "isolated")
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def v3_with_tokenizer(v3, tmp_path_factory):
+    return _with_char_tokenizer(v3[1].model_dir, tmp_path_factory.mktemp("v3_tok") / "model")
+
+
+def test_pca_is_orthogonal_and_deals_the_variance_evenly_over_the_slices():
+    from jaxserve.ops.latent_transform import pca_rotation
+
+    rng = np.random.default_rng(0)
+    scales = 2.0 ** -np.arange(8)  # a latent whose energy sits in its first dims
+    latents = rng.standard_normal((4000, 8)) * scales @ np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    r = pca_rotation(latents, slices=2)
+    np.testing.assert_allclose(r.T @ r, np.eye(8), atol=1e-12)
+    variance = (latents @ r).var(axis=0)
+    # the k-th largest principal axis lands in slice k % 2: columns 0, 4, 1, 5, ... by size
+    assert np.all(np.diff(variance[[0, 4, 1, 5, 2, 6, 3, 7]]) < 0)
+    np.testing.assert_allclose(variance, np.sort(np.concatenate(
+        [scales[0::2], scales[1::2]]) ** 2)[::-1][[0, 2, 4, 6, 1, 3, 5, 7]], rtol=0.1)
+
+
+def test_tpla_at_tp1_with_the_pca_transform_equals_mla(v3, v3_with_tokenizer):
+    _, mla = v3
+    tpla = LLM(v3_with_tokenizer, attention="tpla", latent_transform="pca", kv_blocks=16,
+               **SMALL)
+    assert tpla.config.latent_transform == "pca"
+    for a, b in zip(tpla.logits(PROMPTS), mla.logits(PROMPTS)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_missing_or_unreadable_calibration_text_is_an_error_naming_it(v3, v3_with_tokenizer,
+                                                                        tmp_path):
+    args = dict(attention="tpla", latent_transform="pca", kv_blocks=16, **SMALL)
+    missing = tmp_path / "no-such.txt"
+    with pytest.raises(FileNotFoundError, match=f"latent_calibration: no such file: {missing}"):
+        LLM(v3_with_tokenizer, latent_calibration=str(missing), **args)
+    binary = tmp_path / "latents.bin"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(ValueError, match=f"latent_calibration {binary} is not UTF-8"):
+        LLM(v3_with_tokenizer, latent_calibration=str(binary), **args)
+    with pytest.raises(ValueError, match=r"latent_calibration .*latent_calibration.txt: .* has "
+                                         r"no tokenizer"):
+        LLM(v3[1].model_dir, **args)
+
+
 # ---- config fields ----
 
 def _hf_config(family, **changes):

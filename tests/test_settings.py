@@ -23,7 +23,8 @@ def sample(leaf) -> tuple[list[str], object]:
     if meta["choices"]:
         value = next(c for c in meta["choices"] if c != leaf.default)
         return [leaf.flag, value], value
-    value = {"mesh": "dp=2,tp=2", "rules": "dp_tp", "compilation_cache": "off"}.get(leaf.name)
+    value = {"mesh": "dp=2,tp=2", "rules": "dp_tp", "compilation_cache": "off",
+             "latent_calibration": "calibration.txt"}.get(leaf.name)
     if value is None:
         value = 0.5 if meta["type"] is float else 2 * (leaf.default or 16)
     return [leaf.flag, str(value)], value

@@ -186,27 +186,14 @@ def test_a_tp_degree_that_does_not_divide_the_latent_is_an_error_naming_it():
 
 # ---- the PCA transform: principal axes of the latent on a calibration text ----
 
-def _with_char_tokenizer(model_dir, out):
-    """A copy of a test model with a one-id-per-character tokenizer (ids below its 128)."""
-    import shutil
-
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-
-    from jaxserve.package_data import latent_calibration_text
-
-    shutil.copytree(model_dir, out)
-    chars = sorted(set(latent_calibration_text().read_text()))
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    assert len(vocab) <= 128
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), "isolated")
-    tokenizer.save(str(out / "tokenizer.json"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def v3_with_tokenizer(v3, tmp_path_factory):
-    return _with_char_tokenizer(v3[1].model_dir, tmp_path_factory.mktemp("v3_tok") / "model")
+    """The V3 test model with a one-id-per-character tokenizer of the calibration text."""
+    from jaxserve.bench.tpla import with_char_tokenizer
+    from jaxserve.package_data import latent_calibration_text
+
+    return with_char_tokenizer(v3[1].model_dir, tmp_path_factory.mktemp("v3_tok") / "model",
+                               [latent_calibration_text().read_text()])
 
 
 def test_pca_is_orthogonal_and_deals_the_variance_evenly_over_the_slices():

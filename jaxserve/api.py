@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import jax
 import numpy as np
 
-from jaxserve.checkpoint import parse_dtype, restore_model
+from jaxserve.checkpoint import CONFIG_FILE, parse_dtype, restore_model
 from jaxserve.config import ModelConfig
 from jaxserve.engine.engine import Engine
 from jaxserve.outputs import CandidateScore, RequestOutput, ScoreOutput, TopToken
@@ -134,10 +134,13 @@ class LLM:
         split = parallel.attention != "mla" and parallel.rules == "tp"
         self.layout = Layout.create(parallel.mesh, "tpla" if split else parallel.rules, devices)
         self.compilation_cache = compile_cache.use(settings.compile.compilation_cache)
+        calibration = (calibration_latents(self.model_dir, parallel, settings.dtype)
+                       if parallel.attention != "mla" and parallel.latent_transform == "pca"
+                       else None)
         self.config, graphdef, params = restore_model(
             self.model_dir, self.layout, settings.dtype, settings.precision.quantization,
             settings.precision.quantize_embeddings, settings.precision.weight_layout,
-            parallel.attention, parallel.latent_transform)
+            parallel.attention, parallel.latent_transform, calibration)
         limit = self.config.max_position_embeddings
         max_model_len = settings.scheduler.max_model_len
         if max_model_len is not None and max_model_len > limit:
@@ -593,6 +596,42 @@ class LLM:
             [replica] * self.num_replicas)
         logits = np.asarray(self.runner.forward(tokens, metadata))[:, :self.config.vocab_size]
         return [logits[start:start + len(seq)] for start, seq in zip(starts[0], seqs)]
+
+
+CALIBRATION_TOKENS = 1024  # at most this many tokens of the calibration text are run
+
+
+def calibration_latents(model_dir: Path, parallel, dtype: str | None) -> np.ndarray:
+    """latent_transform 'pca': the exact (MLA) model's cached latents of the calibration text,
+    [layers, tokens, kv_lora_rank], read from the pool after one prefill pass on the same mesh
+    (`checkpoint.restore_model` takes their principal axes)."""
+    from jaxserve.package_data import latent_calibration_text
+
+    path = Path(parallel.latent_calibration or latent_calibration_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"latent_calibration: no such file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"latent_calibration {path} is not UTF-8 text: {e}") from None
+    block_size = 16
+    config = ModelConfig.load(model_dir / CONFIG_FILE)
+    limit = min(CALIBRATION_TOKENS, config.max_position_embeddings)
+    exact = LLM(model_dir, mesh=parallel.mesh, dtype=dtype, max_num_seqs=1,
+                max_model_len=limit, block_size=block_size,
+                kv_blocks=math.ceil(limit / block_size) + 1)
+    if exact.tokenizer is None:
+        raise ValueError(f"latent_calibration {path}: {model_dir} has no tokenizer to read it "
+                         f"with (latent_transform 'pca' needs one)")
+    ids = exact.tokenizer.encode(text)[:limit]
+    if len(ids) < 2:
+        raise ValueError(f"latent_calibration {path} holds {len(ids)} tokens; the principal "
+                         f"axes need a text of many")
+    exact.logits([ids])  # its latents go to blocks NULL_BLOCK + 1, ... of the first replica
+    blocks = slice(NULL_BLOCK + 1, NULL_BLOCK + 1 + math.ceil(len(ids) / block_size))
+    layers = [np.asarray(exact.runner.kv.layer(i)["c_kv"][blocks], np.float32)
+              for i in range(exact.config.num_layers)]
+    return np.stack([c.reshape(-1, c.shape[-1])[:len(ids)] for c in layers])
 
 
 def _progress(total: int, desc: str = "generate", unit: str = "req"):

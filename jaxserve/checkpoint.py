@@ -38,7 +38,8 @@ from jaxserve.config import (LAYOUT_FIELDS, QUANTIZATIONS, WEIGHT_LAYOUT_CHOICES
                              ModelConfig, from_hf_config, hf_rope_interleaved,
                              quantization_group)
 from jaxserve.models import abstract_model
-from jaxserve.ops.latent_transform import fold_transform, latent_params, transform_matrix
+from jaxserve.ops.latent_transform import (fold_transform, latent_params, pca_rotation,
+                                           transform_matrix)
 from jaxserve.ops.quant import QuantizedWeight, quantize, weight_layout_for
 from jaxserve.placement import fit_params, fit_to_layout, unfit_params
 from jaxserve.sharding import Layout
@@ -479,10 +480,28 @@ def resolve_weight_layout(weight_layout: str, quantized: bool = False) -> str:
     return weight_layout
 
 
+def _pca_rotations(params: dict, calibration: np.ndarray | None, config: ModelConfig,
+                   slices: int) -> np.ndarray:
+    """Per layer, the principal axes of the latent the folded model caches: the exact model's
+    cached c_kv with the norm's scale divided out (`fold_transform` moves it into W_UK / W_UV)."""
+    want = (config.num_layers, config.kv_lora_rank)
+    if calibration is None or calibration.ndim != 3 or \
+            (calibration.shape[0], calibration.shape[2]) != want:
+        raise ConfigError(f"latent_transform 'pca' needs the calibration latents, [layers, "
+                          f"tokens, kv_lora_rank] = [{want[0]}, n, {want[1]}], got "
+                          f"{None if calibration is None else calibration.shape}")
+    rotations = []
+    for i, latents in enumerate(calibration):
+        gain = np.asarray(params[f"layers/{i}/attn/kv_a_norm/scale"], np.float64)
+        safe = np.where(gain == 0, 1.0, gain)
+        rotations.append(pca_rotation(np.where(gain == 0, 0.0, latents / safe), slices))
+    return transform_matrix(config, "pca", np.stack(rotations))
+
+
 def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = None,
                   quantization: str | None = "auto", quantize_embeddings: bool = False,
                   weight_layout: str = "auto", attention: str = "mla",
-                  latent_transform: str = "none"
+                  latent_transform: str = "none", calibration: np.ndarray | None = None
                   ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
     """Read config + params fitted to `layout`, each array placed directly in its sharding.
 
@@ -492,7 +511,9 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     after it is placed. `weight_layout`: how float linear weights are stored ("auto": the
     platform's, `resolve_weight_layout`), transposed on the devices after that.
     `attention`: how an MLA model's latent is laid out (`config.LATENT_ATTENTIONS`); when it is
-    split, `latent_transform` is folded into the float weights first (`ops.latent_transform`).
+    split, `latent_transform` is folded into the float weights first (`ops.latent_transform`;
+    "pca": `calibration` holds the exact model's cached latents of a calibration text,
+    [layers, tokens, kv_lora_rank], whose principal axes it folds).
     """
     import orbax.checkpoint as ocp
 
@@ -503,8 +524,9 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
     split = attention != "mla"
     config = dataclasses.replace(config, latent_attention=attention,  # a non-MLA model fails here
                                  latent_transform=latent_transform if split else "none")
-    rotation = transform_matrix(config, config.latent_transform)
-    if rotation is not None and config.quantization is not None:
+    rotation = transform_matrix(config, config.latent_transform) \
+        if config.latent_transform != "pca" else None
+    if config.latent_transform != "none" and config.quantization is not None:
         raise ConfigError(f"latent_transform {latent_transform!r} is folded into float weights; "
                           f"{model_dir} holds {config.quantization!r} weights: load its float "
                           f"checkpoint (quantization may then be asked for), or use "
@@ -540,6 +562,9 @@ def restore_model(model_dir: str | Path, layout: Layout, dtype: str | None = Non
         fit = jax.jit(lambda params: fit_params(params, config, fitted),
                       out_shardings={n: final[n] for n in changed})
         restored.update(fit({n: restored.pop(n) for n in changed}))
+    if config.latent_transform == "pca":
+        rotation = _pca_rotations(restored, calibration, config,
+                                  layout.mesh_rules.logical_size("latent"))
     if rotation is not None:
         names = latent_params(restored)
         fold = jax.jit(lambda params: fold_transform(params, rotation),

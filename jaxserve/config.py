@@ -41,7 +41,7 @@ WEIGHT_LAYOUT_CHOICES = ("auto",) + WEIGHT_LAYOUTS  # what a user may ask for; a
 # tensor-parallel device, or split over tp; and the transform folded into the weights before
 # it is split (jaxserve/ops/latent_transform.py).
 LATENT_ATTENTIONS = ("mla", "tpla", "tpla-decode")
-LATENT_TRANSFORMS = ("hadamard", "none")
+LATENT_TRANSFORMS = ("hadamard", "pca", "none")
 # Fields that describe how the devices hold the model, set at load and never saved.
 LAYOUT_FIELDS = ("padded_vocab_size", "kv_head_copies", "weight_layout", "latent_attention",
                  "latent_transform")

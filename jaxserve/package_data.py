@@ -4,7 +4,9 @@
 - `embedded_model()`: the embedded tiny model, `jaxserve/checkpoints/tiny` (what `generate`
   and `serve` run without `--model`; written by scripts/train_tiny.py);
 - `embedded_draft()`: its 1-layer draft for speculative decoding, `jaxserve/checkpoints/
-  tiny-draft` (the default draft of method 'draft'; `scripts/train_tiny.py --draft`).
+  tiny-draft` (the default draft of method 'draft'; `scripts/train_tiny.py --draft`);
+- `latent_calibration_text()`: the default calibration text of latent_transform 'pca',
+  `jaxserve/text/latent_calibration.txt` (prose, code, arithmetic: a mix of what models read).
 
 All are read through `importlib.resources`, the one place that knows where they are, and are
 declared as package data in pyproject.toml (tests/test_package_data.py checks the wheel holds
@@ -36,3 +38,7 @@ def embedded_model() -> Path:
 
 def embedded_draft() -> Path:
     return _package_dir("checkpoints", "tiny-draft")
+
+
+def latent_calibration_text() -> Path:
+    return _package_dir("text") / "latent_calibration.txt"

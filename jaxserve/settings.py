@@ -178,7 +178,12 @@ class ParallelSettings:
         "exact prefill and per-shard decode (tpla-decode)", type=str, choices=LATENT_ATTENTIONS)
     latent_transform: str = setting(
         "hadamard", "tpla: the orthogonal transform folded into the weights before the latent "
-        "is split", type=str, choices=LATENT_TRANSFORMS)
+        "is split (pca: the latent's principal axes on --latent-calibration)", type=str,
+        choices=LATENT_TRANSFORMS)
+    latent_calibration: str | os.PathLike | None = setting(
+        None, "latent_transform pca: the text file whose latents give the principal axes",
+        type=str, default_help="a short mixed text shipped with jaxserve "
+        "(jaxserve/text/latent_calibration.txt)")
 
     def __post_init__(self):
         if self.mesh is not None:

@@ -1,6 +1,6 @@
-"""TPLA against exact MLA: logit error, perplexity, greedy agreement and KV bytes per device, with
-and without the Hadamard transform. The benchmark is `jaxserve.bench.tpla`; `--help` lists the
-flags.
+"""TPLA against exact MLA: logit error, perplexity, greedy agreement, KV bytes per device and
+decode step time against context, with no transform, Hadamard and PCA. The benchmark is
+`jaxserve.bench.tpla`; `--help` lists the flags.
 """
 
 from jaxserve.bench import tpla

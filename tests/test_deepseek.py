@@ -136,17 +136,18 @@ def test_tpla_at_tp1_with_the_hadamard_transform_equals_mla(v3):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-def test_hadamard_makes_the_tpla_split_closer_to_exact_at_tp2(hf_model_dir):
+def test_hadamard_makes_the_tpla_split_closer_to_exact_at_tp2(hf_model_dir, v3_with_tokenizer):
     """At tp=2 each device's softmax sees half the latent: an approximation (its logit error
     is far above float rounding), which the Hadamard transform makes smaller on this seeded
-    model, in the worst and the mean logit; tpla-decode's prefill stays exact on the same
+    model, in the worst and the mean logit, and so does PCA (from the shipped calibration text,
+    through a one-id-per-character tokenizer); tpla-decode's prefill stays exact on the same
     split cache."""
     hf_dir, model_dir = hf_model_dir("deepseek_v3")
     refs = [hf_logits(hf_dir, p) for p in PROMPTS]
     errors = {}
-    for attention, transform in [("tpla", "none"), ("tpla", "hadamard"),
+    for attention, transform in [("tpla", "none"), ("tpla", "hadamard"), ("tpla", "pca"),
                                  ("tpla-decode", "hadamard")]:
-        llm = LLM(model_dir, mesh="tp=2", attention=attention, latent_transform=transform,
+        llm = LLM(v3_with_tokenizer, mesh="tp=2", attention=attention, latent_transform=transform,
                   kv_blocks=16, **SMALL)
         diffs = [np.abs(ours - ref) / np.abs(ref).max()
                  for ours, ref in zip(llm.logits(PROMPTS), refs)]
@@ -155,6 +156,8 @@ def test_hadamard_makes_the_tpla_split_closer_to_exact_at_tp2(hf_model_dir):
     print(errors)
     none, hadamard = errors["tpla", "none"], errors["tpla", "hadamard"]
     assert hadamard[0] < none[0] and hadamard[1] < none[1]
+    pca = errors["tpla", "pca"]
+    assert pca[0] < none[0] and pca[1] < none[1]
     assert hadamard[0] > 1e-3  # really split
     assert errors["tpla-decode", "hadamard"][0] <= 1e-4
 
@@ -179,6 +182,83 @@ def test_a_tp_degree_that_does_not_divide_the_latent_is_an_error_naming_it():
     with pytest.raises(ConfigError, match="kv_lora_rank a power of two, got 30"):
         from jaxserve.ops.latent_transform import transform_matrix
         transform_matrix(config, "hadamard")
+
+
+# ---- the PCA transform: principal axes of the latent on a calibration text ----
+
+@pytest.fixture(scope="module")
+def v3_with_tokenizer(v3, tmp_path_factory):
+    """The V3 test model with a one-id-per-character tokenizer of the calibration text."""
+    from jaxserve.bench.tpla import with_char_tokenizer
+    from jaxserve.package_data import latent_calibration_text
+
+    return with_char_tokenizer(v3[1].model_dir, tmp_path_factory.mktemp("v3_tok") / "model",
+                               [latent_calibration_text().read_text()])
+
+
+def test_pca_is_orthogonal_and_deals_the_variance_evenly_over_the_slices():
+    from jaxserve.ops.latent_transform import pca_rotation
+
+    rng = np.random.default_rng(0)
+    scales = 2.0 ** -np.arange(8)  # a latent whose energy sits in its first dims
+    latents = rng.standard_normal((4000, 8)) * scales @ np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    r = pca_rotation(latents, slices=2)
+    np.testing.assert_allclose(r.T @ r, np.eye(8), atol=1e-12)
+    variance = (latents @ r).var(axis=0)
+    # the k-th largest principal axis lands in slice k % 2: columns 0, 4, 1, 5, ... by size
+    assert np.all(np.diff(variance[[0, 4, 1, 5, 2, 6, 3, 7]]) < 0)
+    np.testing.assert_allclose(variance, np.sort(np.concatenate(
+        [scales[0::2], scales[1::2]]) ** 2)[::-1][[0, 2, 4, 6, 1, 3, 5, 7]], rtol=0.1)
+
+
+def test_the_calibration_latents_are_the_models_latents_of_the_text(v3, v3_with_tokenizer):
+    """What the PCA is taken of: per layer, the exact model's c_kv of every calibration token
+    (read back from the pool), as HF's kv_a_layernorm computes it."""
+    import torch
+
+    from jaxserve.api import CALIBRATION_TOKENS, calibration_latents
+    from jaxserve.package_data import latent_calibration_text
+    from jaxserve.settings import ParallelSettings
+    from jaxserve.text.load import load_tokenizer
+    from tests.hf_models import _load
+
+    latents = calibration_latents(v3_with_tokenizer, ParallelSettings(), None)
+    ids = load_tokenizer(v3_with_tokenizer).encode(latent_calibration_text().read_text())
+    model = _load(v3[0])
+    tokens = min(len(ids), CALIBRATION_TOKENS, model.config.max_position_embeddings)
+    assert latents.shape == (len(model.model.layers), tokens, model.config.kv_lora_rank)
+    seen = []
+    hooks = [layer.self_attn.kv_a_layernorm.register_forward_hook(
+        lambda _m, _i, out: seen.append(out[0].numpy())) for layer in model.model.layers]
+    with torch.no_grad():
+        model(torch.tensor([ids[:latents.shape[1]]]))
+    for hook in hooks:
+        hook.remove()
+    np.testing.assert_allclose(latents, np.stack(seen), rtol=0, atol=1e-4)
+
+
+def test_tpla_at_tp1_with_the_pca_transform_equals_mla(v3, v3_with_tokenizer):
+    _, mla = v3
+    tpla = LLM(v3_with_tokenizer, attention="tpla", latent_transform="pca", kv_blocks=16,
+               **SMALL)
+    assert tpla.config.latent_transform == "pca"
+    for a, b in zip(tpla.logits(PROMPTS), mla.logits(PROMPTS)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_missing_or_unreadable_calibration_text_is_an_error_naming_it(v3, v3_with_tokenizer,
+                                                                        tmp_path):
+    args = dict(attention="tpla", latent_transform="pca", kv_blocks=16, **SMALL)
+    missing = tmp_path / "no-such.txt"
+    with pytest.raises(FileNotFoundError, match=f"latent_calibration: no such file: {missing}"):
+        LLM(v3_with_tokenizer, latent_calibration=str(missing), **args)
+    binary = tmp_path / "latents.bin"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(ValueError, match=f"latent_calibration {binary} is not UTF-8"):
+        LLM(v3_with_tokenizer, latent_calibration=str(binary), **args)
+    with pytest.raises(ValueError, match=r"latent_calibration .*latent_calibration.txt: .* has "
+                                         r"no tokenizer"):
+        LLM(v3[1].model_dir, **args)
 
 
 # ---- config fields ----

@@ -14,7 +14,7 @@ import yaml
 
 from jaxserve import flops
 from jaxserve.cli import main
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, from_hf_config
 from jaxserve.perf import collectives
 from jaxserve.perf.plan import SLO, PlanError, load_model_config, plan
 from jaxserve.perf.precision import Precision
@@ -24,6 +24,7 @@ from jaxserve.perf.serving import colocated
 from jaxserve.perf.shapes import parameters
 from jaxserve.perf.step import Chunk, Deployment, decode_chunk
 from jaxserve.perf.workload import Workload, WorkloadError
+from tests.test_deepseek import _hf_config
 
 # Tiny configs whose counts are worked out by hand below. Embed 16, 4 query heads and 2 KV
 # heads of 4, MLP 32, 2 layers, vocabulary 100.
@@ -94,8 +95,10 @@ def write_config(tmp_path, name, doc):
 @pytest.mark.parametrize("config", [
     TINY, TINY_MOE, dataclasses.replace(TINY, tie_word_embeddings=True),
     dataclasses.replace(TINY_MOE, family="mixtral", qk_norm=False, mlp_only_layers=()),
-    dataclasses.replace(TINY, padded_vocab_size=104, kv_head_copies=2)])
+    dataclasses.replace(TINY, padded_vocab_size=104, kv_head_copies=2),
+    *(from_hf_config(_hf_config(f)) for f in ("deepseek_v2", "deepseek_v3"))])
 def test_parameters_are_the_models_own(config):
+    """Latent attention too: q_lora_rank set (V3) or not (V2), shared experts, V3's bias."""
     from jaxserve.checkpoint import param_specs
 
     ours = {name: (p.shape, p.axes) for name, p in parameters(config).items()}

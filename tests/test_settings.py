@@ -23,7 +23,8 @@ def sample(leaf) -> tuple[list[str], object]:
     if meta["choices"]:
         value = next(c for c in meta["choices"] if c != leaf.default)
         return [leaf.flag, value], value
-    value = {"mesh": "dp=2,tp=2", "rules": "dp_tp", "compilation_cache": "off"}.get(leaf.name)
+    value = {"mesh": "dp=2,tp=2", "rules": "dp_tp", "compilation_cache": "off",
+             "latent_calibration": "calibration.txt"}.get(leaf.name)
     if value is None:
         value = 0.5 if meta["type"] is float else 2 * (leaf.default or 16)
     return [leaf.flag, str(value)], value
@@ -38,7 +39,7 @@ def test_leaves_have_unique_names_and_flags_and_help():
         "block_size", "kv_blocks", "kv_memory_fraction", "enable_prefix_caching", "swap_preempted",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk",
         "max_prefill_rows", "max_steps_in_flight", "routing", "mesh", "rules", "moe_strategy",
-        "moe_auto_threshold", "attention", "latent_transform", "sampling", "output_processing",
+        "moe_auto_threshold", "attention", "latent_transform", "latent_calibration", "sampling", "output_processing",
         "compilation", "compilation_cache", "quantization", "quantize_embeddings", "weight_layout",
         "kv_cache_dtype", "dtype",
         "coordinator", "num_processes", "process_id", "peer_timeout", "connect_timeout"}

@@ -99,3 +99,27 @@ def test_every_row_names_its_source_and_configuration():
         assert r.citation == vp.SOURCES[r.source]
     for key in ("TRT", "TRT05", "H200"):
         assert "https://" in vp.SOURCES[key]
+
+
+def test_tpla_is_a_validation_row_with_its_source_and_the_mechanism_behind_it():
+    """DeepSeek-V3 decode at 32K on 8 H200: TPLA's step over MLA's, beside the paper's 1.79x.
+    The mechanism: each device caches 512/8 of the latent + the whole 64-dim rope key instead
+    of all 576 dims, so the attention op reads 4.5x fewer bytes; the weights (671B
+    parameters, the DeepSeek-V3 report's count) are read alike by both."""
+    from jaxserve.perf.step import decode_chunk
+
+    row = next(r for r in vp.ROWS if r.source == "TPLA")
+    assert (row.model, row.published, row.kind, row.tp) == ("DeepSeek-V3", 1.79, "tpla", 8)
+    assert "https://arxiv.org/abs/2508.15881" in row.citation and "1.79x" in row.citation
+    mla = vp.deployment(row)
+    tpla = vp.latent_split(mla)
+    assert sum(p.size for p in mla.params.values()) == pytest.approx(671e9, rel=0.005)
+    assert mla.fits and tpla.weight_bytes_per_device == pytest.approx(
+        mla.weight_bytes_per_device, rel=0.01)
+    assert (mla.kv_bytes_per_token, tpla.kv_bytes_per_token) == (576 * 2 * 61, 128 * 2 * 61)
+    step = [decode_chunk(32768, 64)]
+    attention = [next(o for o in d.step(step).ops if o.name.startswith("attention over"))
+                 for d in (mla, tpla)]
+    assert attention[0].bytes / attention[1].bytes == pytest.approx(4.5, rel=0.01)
+    scored = vp.score([row])[0]
+    assert scored["unit"] == "x" and abs(scored["error"]) <= vp.TARGET

@@ -16,6 +16,9 @@ config.json fields. Nothing here needs jax or a device. Kinds of rows:
               concurrency (`jaxserve.perf.serving.colocated` with that concurrency).
   spec        tokens/s of one request decoded speculatively (`jaxserve.perf.speculative`:
               acceptance accept_pct / 100 and k proposals per step), the draft asynchronous.
+  tpla        the decode step of an MLA model with its latent replicated over tp (tp_ep
+              rules) over the same step with the latent split (TPLA, tp_ep with `latent` on
+              tp): a speedup, at `batch` sequences of `context` tokens each.
 
 Rows are numbered in table order (1-based); the profiles' fitted constants name the rows they
 were fitted on (`jaxserve.bench.fit_published`), and the report scores the fit rows and the
@@ -31,7 +34,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, from_hf_config
 from jaxserve.perf import energy
 from jaxserve.perf.precision import Precision
 from jaxserve.perf.profiles import Hardware, load_hardware
@@ -65,6 +68,23 @@ MODELS = {
                                      moe_intermediate_size=14336, norm_topk_prob=True),
 }
 MODELS["Llama-3.3-70B"] = MODELS["Llama-3-70B"]
+# deepseek-ai/DeepSeek-V3's config.json (the fields jaxserve reads)
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+    "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+    "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000, "tie_word_embeddings": False,
+    "attention_bias": False, "bos_token_id": 0, "eos_token_id": 1,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                     "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                     "type": "yarn"}}
+MODELS["DeepSeek-V3"] = from_hf_config(DEEPSEEK_V3)
 
 TRT = ("TensorRT-LLM docs/source/performance.md (NVIDIA/TensorRT-LLM, v0.6.1 release, "
        "https://github.com/NVIDIA/TensorRT-LLM/blob/release/0.6.1/docs/source/performance.md): "
@@ -89,7 +109,15 @@ SWIFT = ("SwiftSpec: Ultra-Low Latency LLM Decoding by Scaling Asynchronous Spec
          "critical path); acceptance 0.85 per proposal, k=8, prompt 512 and output 512 are "
          "assumptions (the abstract states none), bf16 on the h100 profile")
 
-SOURCES = {"TRT": TRT, "TRT05": TRT05, "H200": H200, "NIM": NIM, "VLLM": VLLM, "SWIFT": SWIFT}
+TPLA = ("TPLA: Tensor Parallel Latent Attention for Efficient Disaggregated Prefill and Decode "
+        "Inference (arXiv 2508.15881, https://arxiv.org/abs/2508.15881), abstract: '1.79x and "
+        "1.93x speedups, respectively, at a 32K-token context length' for DeepSeek-V3 and "
+        "Kimi-K2 over MLA. Modelled as the whole decode step on 8 H200 at tp=8 (experts' width "
+        "split over tp as well), fp8 weights and a bf16 cache; batch 64 is an assumption (the "
+        "abstract states neither the batch nor the devices)")
+
+SOURCES = {"TRT": TRT, "TRT05": TRT05, "H200": H200, "NIM": NIM, "VLLM": VLLM, "SWIFT": SWIFT,
+           "TPLA": TPLA}
 # One published measurement a line: source, model, hardware, tp, precision, kind, setting
 # (NAME=VALUE,...), the published value.
 PUBLISHED = """
@@ -131,6 +159,7 @@ H200  Llama-2-13B    h200       1  float8    static  batch=64,prompt=2048,output
 H200  Llama-2-70B    h200       1  float8    static  batch=512,prompt=128,output=128    3014.0
 H200  Llama-2-70B    h200       1  float8    static  batch=32,prompt=2048,output=128     303.0
 SWIFT Llama-3-70B    h100       4  bfloat16  spec    prompt=512,output=512,k=8,accept_pct=85  348.0
+TPLA  DeepSeek-V3    h200       8  weights=float8,kv=bfloat16,compute=bfloat16  tpla  context=32768,batch=64  1.79
 """
 
 
@@ -169,10 +198,11 @@ def published_rows(table: str = PUBLISHED) -> list[PublishedRow]:
 
 ROWS = published_rows()
 UNITS = {"ttft": "ms", "static": "tok/s/GPU", "e2e": "ms", "itl": "ms", "ttft_c": "ms",
-         "spec": "tok/s"}
+         "spec": "tok/s", "tpla": "x"}
 WHAT = {"ttft": "first-token latency, batch 1", "static": "throughput, static batch",
         "e2e": "end-to-end latency, static batch", "itl": "inter-token latency",
-        "ttft_c": "first-token latency", "spec": "speculative decoding, one request"}
+        "ttft_c": "first-token latency", "spec": "speculative decoding, one request",
+        "tpla": "TPLA decode-step speedup over MLA"}
 
 
 def static_seconds(d: Deployment, batch: int, prompt: int, output: int) -> float:
@@ -222,10 +252,22 @@ def energy_check(rows: list[PublishedRow]) -> list[dict]:
     return out
 
 
+def latent_split(d: Deployment) -> Deployment:
+    """The same engine with its MLA latent split over tp (TPLA): its rules with `latent` on the
+    mesh axes of the query heads."""
+    rules = d.mesh.rules
+    mapping = {**rules.mapping, "latent": rules.mapping["q_heads"]}
+    split = dataclasses.replace(rules, name=f"{rules.name} + latent split", mapping=mapping)
+    return Deployment(d.base, dict(d.mesh.shape), split, d.hardware, d.precision)
+
+
 def predict(row: PublishedRow, profiles: dict[str, Hardware] | None = None) -> float:
     """The model's figure for `row` (see `deployment` for the profile it runs on)."""
     tp, kind, setting = row.tp, row.kind, row.setting
     d = deployment(row, profiles)
+    if kind == "tpla":
+        step = [decode_chunk(setting["context"], setting["batch"])]
+        return d.step(step).total_s / latent_split(d).step(step).total_s
     if kind == "ttft":
         return d.step([Chunk(0, setting["prompt"])]).total_s * 1e3
     if kind in ("static", "e2e"):

@@ -50,14 +50,17 @@ def parameters(config: ModelConfig) -> dict[str, Param]:
         p = f"layers/{i}/"
         out[p + "attn_norm/scale"] = Param((e,), ("embed",), "norm", layer=i)
         out[p + "mlp_norm/scale"] = Param((e,), ("embed",), "norm", layer=i)
-        qkv = ("embed",)
-        out[p + "attn/q_proj"] = Param((e, h, d), ("embed", "q_heads", "head_dim"), "attention",
-                                       qkv, i)
-        for name in ("k_proj", "v_proj"):
-            out[p + f"attn/{name}"] = Param((e, kv, d), ("embed", "kv_heads", "head_dim"),
-                                            "attention", qkv, i)
-        out[p + "attn/o_proj"] = Param((h, d, e), ("q_heads", "head_dim", "embed"), "attention",
-                                       ("q_heads", "head_dim"), i)
+        if config.is_mla:
+            out.update(_latent_attention(config, i))
+        else:
+            qkv = ("embed",)
+            out[p + "attn/q_proj"] = Param((e, h, d), ("embed", "q_heads", "head_dim"),
+                                           "attention", qkv, i)
+            for name in ("k_proj", "v_proj"):
+                out[p + f"attn/{name}"] = Param((e, kv, d), ("embed", "kv_heads", "head_dim"),
+                                                "attention", qkv, i)
+            out[p + "attn/o_proj"] = Param((h, d, e), ("q_heads", "head_dim", "embed"),
+                                           "attention", ("q_heads", "head_dim"), i)
         if config.qk_norm:
             out[p + "attn/q_norm/scale"] = Param((d,), ("head_dim",), "norm", layer=i)
             out[p + "attn/k_norm/scale"] = Param((d,), ("head_dim",), "norm", layer=i)
@@ -69,11 +72,44 @@ def parameters(config: ModelConfig) -> dict[str, Param]:
                                                "experts", ("embed",), i)
             out[p + "mlp/down_proj"] = Param((n, m, e), ("experts", "expert_mlp", "embed"),
                                              "experts", ("expert_mlp",), i)
+            if config.topk_method == "noaux_tc":
+                out[p + "mlp/score_bias"] = Param((n,), (None,), "router", layer=i)
+            if config.n_shared_experts:  # always on: a dense SwiGLU beside the routed experts
+                out.update(_swiglu(p + "mlp/shared_experts/", e,
+                                   config.n_shared_experts * m, i))
         else:
-            m = config.intermediate_size
-            for name in ("gate_proj", "up_proj"):
-                out[p + f"mlp/{name}"] = Param((e, m), ("embed", "mlp"), "mlp", ("embed",), i)
-            out[p + "mlp/down_proj"] = Param((m, e), ("mlp", "embed"), "mlp", ("mlp",), i)
+            out.update(_swiglu(p + "mlp/", e, config.intermediate_size, i))
+    return out
+
+
+def _swiglu(prefix: str, e: int, m: int, layer: int) -> dict[str, Param]:
+    out = {prefix + name: Param((e, m), ("embed", "mlp"), "mlp", ("embed",), layer)
+           for name in ("gate_proj", "up_proj")}
+    out[prefix + "down_proj"] = Param((m, e), ("mlp", "embed"), "mlp", ("mlp",), layer)
+    return out
+
+
+def _latent_attention(config: ModelConfig, i: int) -> dict[str, Param]:
+    """MLA's projections (`models.deepseek.LatentAttention`): the query (through its q_lora_rank
+    latent, if any), the latent and the rope key, W_UK / W_UV, o_proj over v_head_dim."""
+    e, h, d, q = config.hidden_size, config.num_heads, config.head_dim, config.q_lora_rank
+    lat, rope, v = config.kv_lora_rank, config.qk_rope_head_dim, config.v_head_dim
+    p, heads = f"layers/{i}/attn/", ("q_heads", "head_dim")
+    out = {}
+    if q:
+        out[p + "q_a_proj"] = Param((e, q), ("embed", None), "attention", ("embed",), i)
+        out[p + "q_a_norm/scale"] = Param((q,), (None,), "norm", layer=i)
+        out[p + "q_b_proj"] = Param((q, h, d), (None, *heads), "attention", (), i)
+    else:
+        out[p + "q_proj"] = Param((e, h, d), ("embed", *heads), "attention", ("embed",), i)
+    out[p + "kv_a_proj"] = Param((e, lat), ("embed", "latent"), "attention", ("embed",), i)
+    out[p + "k_pe_proj"] = Param((e, rope), ("embed", None), "attention", ("embed",), i)
+    out[p + "kv_a_norm/scale"] = Param((lat,), ("latent",), "norm", layer=i)
+    # absorbed decode contracts W_UK with the query's heads' nope dims and W_UV with the latent
+    out[p + "k_b_proj"] = Param((lat, h, config.qk_nope_head_dim), ("latent", *heads),
+                                "attention", (), i)
+    out[p + "v_b_proj"] = Param((lat, h, v), ("latent", *heads), "attention", (), i)
+    out[p + "o_proj"] = Param((h, v, e), (*heads, "embed"), "attention", heads, i)
     return out
 
 

@@ -347,9 +347,11 @@ class Deployment:
                         * flops.attention_projection_flops(base) * self.op_share("attention"),
                         self.op_bytes("attention"), tokens)]
         dense = [i for i in range(layers) if not cfg.moe_layer(i)]
-        if dense:
-            ops.append(self._op("mlp", tokens * sum(flops.mlp_flops(base, i) for i in dense)
-                                * self.op_share("mlp"), self.op_bytes("mlp"), tokens))
+        shared = cfg.n_shared_experts * cfg.num_moe_layers if cfg.is_moe else 0
+        if dense or shared:  # the dense MLPs, and the shared experts beside routed ones
+            mlp = sum(flops.mlp_flops(base, i) for i in dense) + shared * flops.expert_flops(base)
+            ops.append(self._op("mlp", tokens * mlp * self.op_share("mlp"),
+                                self.op_bytes("mlp"), tokens))
         coll = self._contraction_all_reduces(tokens)
         strategy = None
         if cfg.is_moe:
@@ -360,6 +362,7 @@ class Deployment:
             ops.append(experts_op)
             coll += experts_coll
         ops.append(self._attention(chunks, tokens))
+        coll.append(self._latent_output_sum(tokens))
         ops.append(self._op("lm head", flops.lm_head_flops(base, 1) * rows
                             * self.op_share("lm_head"), self.op_bytes("lm_head"), rows))
         head = self._op_params("lm_head")[0]
@@ -377,16 +380,46 @@ class Deployment:
         the KV pages: each query block of a chunk reads its context once; every new token's
         K and V are written."""
         q_split = self.mesh.split_factor(("q_heads",), (self.config.num_heads,))
+        share, rows, width = 1 / q_split, self.config.q_per_kv, self.config.head_dim
+        if self.config.is_mla:  # absorbed: one latent read by a device's heads together
+            share, rows, width = self._latent_attention_share(q_split)
         score_flops = sum(c.count * flops.attention_score_flops(self.base, c.start, c.end)
-                          for c in chunks) / q_split
+                          for c in chunks) * share
         block = self.hardware.attention_query_block
         per_token = self.kv_bytes_per_token
         read = sum(c.count * c.end * per_token * math.ceil((c.end - c.start) / block)
                    for c in chunks)
         prefill = any(c.end - c.start > 1 for c in chunks)
-        rows = block if prefill else self.config.q_per_kv
         return self._op("attention over the context", score_flops, read + tokens * per_token,
-                        rows, self.config.head_dim, self.hardware.attention_rate)
+                        block if prefill else rows, width, self.hardware.attention_rate)
+
+    @property
+    def latent_split(self) -> int:
+        """Into how many slices the rules split an MLA model's latent (TPLA; 1: replicated)."""
+        return self.mesh.split_factor(("latent",), (self.config.kv_lora_rank,))
+
+    def _latent_attention_share(self, q_split: int) -> tuple[float, int, int]:
+        """MLA's attention on one device: (its share of the model's score FLOPs, the query rows
+        of one latent's products, their width). Replicated latent: the device's heads over the
+        whole latent and rope key. Split (TPLA): every head over its 1/n of the latent and the
+        whole rope key (`ops.latent_attention`)."""
+        cfg, n = self.config, self.latent_split
+        lat, rope = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        heads = cfg.num_heads if n > 1 else cfg.num_heads // q_split
+        share = heads / cfg.num_heads * (2 * lat / n + rope) / (2 * lat + rope)
+        return share, heads, lat // n + rope
+
+    def _latent_output_sum(self, tokens: float) -> CollectiveTime | None:
+        """TPLA: each device's per-head outputs over its latent slice are summed, one
+        all-reduce of [tokens, heads, v_head_dim] per layer."""
+        if not self.config.is_mla or self.latent_split == 1:
+            return None
+        p = self.params["layers/0/attn/kv_a_norm/scale"]
+        axes = self._split_axes(p.axes, p.shape, ("latent",))
+        cfg = self.config
+        return self._collective("latent attention outputs summed", "all-reduce",
+                                tokens * cfg.num_heads * cfg.v_head_dim
+                                * self.precision.activation_bytes, cfg.num_layers, axes)
 
     def _contracted_splits(self) -> dict[tuple[str, tuple[str, ...]], list[float]]:
         """Parameters whose contracted axes the rules split, grouped by op and mesh axes:

@@ -60,7 +60,8 @@ def plan_disaggregated(config: ModelConfig, devices: int, hardware: Hardware,
                        slo: SLO | None = None, link: Link | None = None,
                        model_name: str = "model") -> Plan:
     """Every colocated layout in each precision and every prefill/decode split in each pair of
-    role precisions, ranked as `plan` ranks (SLO met first, then output tokens per second)."""
+    role precisions, ranked as `plan` ranks (SLO met first, then output tokens per second),
+    then by TPOT and TTFT."""
     roles = role_precisions(hardware, precisions)
     slo = slo or SLO()
     candidates: list[Candidate] = []
@@ -84,7 +85,9 @@ def plan_disaggregated(config: ModelConfig, devices: int, hardware: Hardware,
         for q in roles:
             candidates += _disaggregated(sides[p][0], sides[q][1], devices, hardware, workload,
                                          slo, link)
-    candidates.sort(key=lambda c: (not c.meets_slo, -c.output_tokens_per_s))
+    # ties in throughput (a role's precision that is not the bottleneck): lower latency first
+    candidates.sort(key=lambda c: (not c.meets_slo, -c.output_tokens_per_s, c.tpot_s,
+                                   c.ttft_s))
     t_e, by_tp = t_e_of(candidates)
     return Plan(model_name, devices, hardware, workload, roles[0], roles[0], slo, candidates,
                 skipped, t_e, by_tp, role_precisions=roles)

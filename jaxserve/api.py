@@ -219,7 +219,8 @@ class LLM:
                 dtype=given.dtype or settings.dtype,
                 kv_cache_dtype=given.kv_cache_dtype or settings.precision.kv_cache_dtype,
                 **({"kv_blocks": given.kv_blocks, "kv_memory_fraction": None}
-                   if given.kv_blocks is not None else {}))
+                   if given.kv_blocks is not None else {}),
+                **({"block_size": given.block_size} if given.block_size is not None else {}))
             if role == "prefill":  # the first token's text is made before its handoff
                 role_settings = role_settings.replace(
                     output_processing="inline",

@@ -322,9 +322,14 @@ def cmd_plan(args) -> int:
     precision = Precision.parse(args.precision)
     decode = Precision.parse(args.decode_precision) if args.decode_precision else None
     speculation, draft = _plan_speculation(args)
-    result = plan(config, args.devices, hardware, workload, precision, decode,
-                  SLO.parse(args.slo), disaggregated=not args.colocated_only, model_name=name,
-                  speculation=speculation, draft_config=draft)
+    if args.disaggregate:
+        result = _plan_disaggregated(args, config, name, hardware, workload)
+    elif args.role_precision or args.interconnect_gbps is not None:
+        raise ValueError("--role-precision and --interconnect-gbps need --disaggregate")
+    else:
+        result = plan(config, args.devices, hardware, workload, precision, decode,
+                      SLO.parse(args.slo), disaggregated=not args.colocated_only,
+                      model_name=name, speculation=speculation, draft_config=draft)
     print(result.table(args.top))
     if not result.candidates:
         print("no layout fits: " + "; ".join(f"{k}: {v}" for k, v in result.skipped.items()))
@@ -332,6 +337,23 @@ def cmd_plan(args) -> int:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0 if result.candidates else 1
+
+
+def _plan_disaggregated(args, config, name, hardware, workload):
+    """`plan --disaggregate`: colocated vs splits with each role's precision on its own."""
+    from jaxserve.perf.disaggregate import interconnect, plan_disaggregated
+    from jaxserve.perf.plan import SLO
+
+    for flag, value in (("--colocated-only", args.colocated_only),
+                        ("--decode-precision", args.decode_precision),
+                        ("--speculative-acceptance", args.speculative_acceptance)):
+        if value:
+            raise ValueError(f"--disaggregate does not take {flag} (each role's precision is "
+                             f"chosen from --role-precision)")
+    link = (None if args.interconnect_gbps is None
+            else interconnect(hardware, args.interconnect_gbps))
+    return plan_disaggregated(config, args.devices, hardware, workload, args.role_precision,
+                              SLO.parse(args.slo), link, name)
 
 
 def _plan_speculation(args):
@@ -494,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: --precision)")
     p.add_argument("--colocated-only", action="store_true",
                    help="no prefill/decode splits")
+    p.add_argument("--disaggregate", action="store_true",
+                   help="compare colocated engines with prefill/decode splits, each role in "
+                   "each --role-precision, the handoff in the decode engine's KV format")
+    p.add_argument("--role-precision", action="append", default=None, metavar="PRECISION",
+                   help="a precision to try per role with --disaggregate (repeatable; default: "
+                   "bfloat16, kv=float8, weights=int8,kv=int8, float8)")
+    p.add_argument("--interconnect-gbps", type=float, default=None, metavar="GB/S",
+                   help="with --disaggregate: the handoff link's bandwidth per device, GB/s "
+                   "(default: the profile's intra-host link, inter-host across hosts)")
     p.add_argument("--host-step-ms", type=float, default=None,
                    help="override the profile's host time per step (ms)")
     p.add_argument("--host-seq-us", type=float, default=None,

@@ -436,7 +436,8 @@ ROLES = ("prefill", "decode")
 @dataclasses.dataclass(frozen=True)
 class RoleSettings:
     """One engine of a disaggregated pair: its mesh over its own devices (ids into
-    `jax.devices()`), its rules, its compute dtype and KV format, and its pool size."""
+    `jax.devices()`), its rules, its compute dtype and KV format, its pool size and block
+    size (the handoff converts between block sizes)."""
 
     mesh: str | None = None  # None: one device
     devices: tuple[int, ...] = ()
@@ -444,6 +445,7 @@ class RoleSettings:
     dtype: str | None = None  # None: the settings' dtype
     kv_cache_dtype: str | None = None  # None: the settings' kv_cache_dtype
     kv_blocks: int | None = None  # None: the settings' pool sizing
+    block_size: int | None = None  # None: the settings' block size
 
     def validate(self, role: str) -> None:
         if not isinstance(self.devices, (list, tuple)) or not self.devices or any(
@@ -475,6 +477,10 @@ class RoleSettings:
                 self.kv_blocks, int) or self.kv_blocks < 2):
             raise ValueError(f"disaggregate {role}: kv_blocks must be an integer >= 2, got "
                              f"{self.kv_blocks!r}")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or not isinstance(
+                self.block_size, int) or self.block_size < 1):
+            raise ValueError(f"disaggregate {role}: block_size must be a positive integer, got "
+                             f"{self.block_size!r}")
 
 
 @dataclasses.dataclass(frozen=True)

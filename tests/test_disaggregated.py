@@ -18,7 +18,7 @@ import pytest
 
 from jaxserve import LLM, SamplingParams
 from jaxserve.config import ModelConfig
-from jaxserve.engine.handoff import HandoffState, check_pair, relayout_heads
+from jaxserve.engine.handoff import HandoffState, check_pair, reblock, relayout_heads
 from jaxserve.kv_cache import kv_formats
 from jaxserve.placement import fit_params
 from jaxserve.serving.client import Client
@@ -203,6 +203,43 @@ def test_the_handoff_lays_kv_heads_out_as_each_mesh_stores_them():
     assert all(np.array_equal(np.asarray(back[n]), blocks[n]) for n in blocks)
 
 
+# ---- block sizes ----
+
+def test_prefill_in_blocks_of_4_and_decode_in_blocks_of_8_give_the_colocated_tokens(
+        model_dir, colocated):
+    """The roles differ only in block size: the handoff lays each sequence's tokens into the
+    receiver's blocks (prompts of 5 and 10 tokens: 2 or 3 blocks of 4 -> 1 or 2 of 8)."""
+    pair = {"prefill": {"devices": [1], "block_size": 4, "kv_blocks": 32},
+            "decode": {"devices": [2], "kv_blocks": 16}}
+    llm = LLM(model_dir, disaggregate=pair, **ENGINE)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == colocated[1]["greedy"]
+    assert llm.engine.prefill.runner.block_size == 4 and llm.runner.block_size == 8
+    assert llm.stats()["handoffs"] == len(PROMPTS)
+    llm.engine.drain()
+    assert_all_free(llm)
+
+
+def test_reblock_lays_the_tokens_end_to_end_in_the_receivers_blocks():
+    # [layers, blocks, block_size, kv_heads]: token t of layer l holds 100 * l + t
+    tokens_ = (100 * np.arange(2)[:, None] + np.arange(12)).astype(np.float32)
+    blocks = {"k": np.repeat(tokens_.reshape(2, 3, 4)[..., None], 2, axis=-1)}
+    to8 = np.asarray(reblock(blocks, 4, 8, 10)["k"])
+    assert to8.shape == (2, 2, 8, 2)
+    assert np.array_equal(to8.reshape(2, 16, 2)[:, :10], tokens_[:, :10, None].repeat(2, -1))
+    assert not to8.reshape(2, 16, 2)[:, 10:].any()  # the last block's slots past them: zero
+    to3 = np.asarray(reblock({"k": to8}, 8, 3, 10)["k"])  # and into blocks of another size
+    assert to3.shape == (2, 4, 3, 2)
+    assert np.array_equal(to3.reshape(2, 12, 2)[:, :10], tokens_[:, :10, None].repeat(2, -1))
+    assert reblock(blocks, 4, 4, 12)["k"] is blocks["k"]  # already the receiver's blocks
+    with pytest.raises(ValueError, match=r"'k': 3 blocks of 4 tokens cannot hold 13 tokens"):
+        reblock(blocks, 4, 8, 13)
+    with pytest.raises(ValueError, match="comes in blocks of 4 tokens, not the prefill block "
+                       "size 8"):
+        reblock(blocks, 8, 4, 10)
+    with pytest.raises(ValueError, match="decode block size must be a positive integer, got 0"):
+        reblock(blocks, 4, 0, 10)
+
+
 # ---- bf16 prefill -> int8 KV decode ----
 
 # Measured over these 4 prompts x 6 tokens: agreement 1.0, worst log-prob gap 0.0027; the
@@ -266,6 +303,8 @@ def test_preemption_swaps_kv_to_host_and_back_with_the_same_tokens(model_dir, co
      r"prefill: unknown key 'mesh_'"),
     ({"prefill": {"devices": [0]}, "decode": {"devices": [1]}, "transfer": "rdma"},
      r"transfer must be one of auto, device, host, got 'rdma'"),
+    ({"prefill": {"devices": [0]}, "decode": {"devices": [1], "block_size": 0}},
+     r"decode: block_size must be a positive integer, got 0"),
 ])
 def test_bad_pairs_are_refused_naming_the_value(config, says):
     with pytest.raises(ValueError, match=says):

@@ -19,8 +19,10 @@ Design (this file owns it):
   format into another scaled one is refused: re-quantizing rounded values compounds their
   error. The receiver's layout is part of the conversion: each engine stores every KV head
   repeated as often as its tensor parallelism needs (`ModelConfig.stored_kv_heads`), so the
-  heads are taken back to the model's and repeated for the receiver. Both engines share one
-  block size; the caches must declare the same buffers, layers and per-token shapes.
+  heads are taken back to the model's and repeated for the receiver. The block size is part
+  of the layout too (`reblock`): the sequence's tokens are laid end to end and cut into the
+  receiver's blocks, as many as its KV tokens fill; the caches must declare the same buffers,
+  layers and per-token shapes.
 - Recover: anything that raises between RESERVED and COMMITTED (a transfer error, the decode
   side going away) gives the reservation back and leaves the sequence READY on the prefill
   side, whose KV is untouched, so the handoff is simply retried; after `handoff_retries`
@@ -122,11 +124,9 @@ def check_pair(src: KVFormat, dst: KVFormat) -> Callable:
     return conversion
 
 
-def check_caches(src: CacheSpec, dst: CacheSpec, src_block: int, dst_block: int) -> None:
-    """Raise, naming what differs, unless the two pools hold the same cache."""
-    if src_block != dst_block:
-        raise ValueError(f"the KV handoff needs one block size, got prefill {src_block} and "
-                         f"decode {dst_block}")
+def check_caches(src: CacheSpec, dst: CacheSpec) -> None:
+    """Raise, naming what differs, unless the two pools hold the same cache (in blocks of
+    any size)."""
     if src.num_layers != dst.num_layers or \
             kv_cache.value_names(src.buffers) != kv_cache.value_names(dst.buffers):
         raise ValueError(f"the prefill and decode caches differ: {src.num_layers} layers of "
@@ -137,6 +137,32 @@ def check_caches(src: CacheSpec, dst: CacheSpec, src_block: int, dst_block: int)
         if b is None or a.axes != b.axes or _unrepeated(a) != _unrepeated(b):
             raise ValueError(f"the prefill and decode caches differ in buffer {name!r}: "
                              f"{a.shape} against {None if b is None else b.shape}")
+
+
+def reblock(blocks: Mapping, src_block: int, dst_block: int, num_tokens: int) -> dict:
+    """Gathered blocks [layers, blocks, src_block, *per_token] holding a sequence's first
+    `num_tokens` tokens -> [layers, ceil(num_tokens / dst_block), dst_block, *per_token] (the
+    last block's slots past them zero)."""
+    for what, n in (("prefill block size", src_block), ("decode block size", dst_block)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"the KV handoff's {what} must be a positive integer, got {n!r}")
+    out = {}
+    for name, a in blocks.items():
+        layers, held, size = a.shape[:3]
+        if size != src_block:
+            raise ValueError(f"KV buffer {name!r} comes in blocks of {size} tokens, not the "
+                             f"prefill block size {src_block}")
+        if not 0 <= num_tokens <= held * size:
+            raise ValueError(f"KV buffer {name!r}: {held} blocks of {size} tokens cannot hold "
+                             f"{num_tokens} tokens")
+        count = -(-num_tokens // dst_block)
+        if src_block == dst_block and held == count:
+            out[name] = a  # already the receiver's blocks
+            continue
+        tokens = jnp.reshape(jnp.asarray(a), (layers, held * size) + a.shape[3:])[:, :num_tokens]
+        pad = [(0, 0), (0, count * dst_block - num_tokens)] + [(0, 0)] * (a.ndim - 3)
+        out[name] = jnp.reshape(jnp.pad(tokens, pad), (layers, count, dst_block) + a.shape[3:])
+    return out
 
 
 def _unrepeated(buf) -> tuple:
@@ -152,7 +178,7 @@ class KVMover:
 
     def __init__(self, prefill_runner, decode_runner, src: CacheSpec, dst: CacheSpec,
                  src_repeat: int, dst_repeat: int, transfer: str):
-        check_caches(src, dst, prefill_runner.block_size, decode_runner.block_size)
+        check_caches(src, dst)
         self.conversion = check_pair(src.format, dst.format)
         self.prefill, self.decode = prefill_runner, decode_runner
         self.src, self.dst = src, dst
@@ -163,6 +189,7 @@ class KVMover:
         self.head_axes = {name: 3 + buf.axes.index("kv_heads")
                           for name, buf in src.buffers.items() if "kv_heads" in buf.axes}
         self._replicated = NamedSharding(decode_runner.layout.mesh, PartitionSpec())
+        self.src_block, self.dst_block = prefill_runner.block_size, decode_runner.block_size
         self._convert = jax.jit(self._convert_blocks)
 
     @property
@@ -176,9 +203,11 @@ class KVMover:
             return {name: np.asarray(a) for name, a in gathered.items()}
         return jax.device_put(gathered, self._replicated)
 
-    def convert(self, blocks: Mapping) -> dict:
-        """Source format and head layout -> the decode pool's."""
-        converted = self._convert(dict(blocks))
+    def convert(self, blocks: Mapping, num_tokens: int) -> dict:
+        """Source format, head layout and block size -> the decode pool's (the blocks hold
+        the sequence's first `num_tokens` tokens)."""
+        converted = reblock(self._convert(dict(blocks)), self.src_block, self.dst_block,
+                            num_tokens)
         if self.transfer_mode == "host":
             return {name: np.asarray(a) for name, a in converted.items()}
         return converted
@@ -286,9 +315,15 @@ class Handoffs:
         src_ids = [src_offset + b for b in seq.blocks]
         moved = mover.transfer(src_ids)
         self._enter(handoff, HandoffState.TRANSFERRED)
-        converted = jax.block_until_ready(mover.convert(moved))  # errors surface here
+        # the KV written: every token but the last (the first sampled one)
+        converted = jax.block_until_ready(mover.convert(moved, seq.total_len - 1))
+        count = next(iter(converted.values())).shape[1]
+        if count > len(blocks):
+            raise HandoffError(f"the decode engine reserved {len(blocks)} blocks of "
+                               f"{mover.dst_block} tokens, which cannot hold the "
+                               f"{seq.total_len - 1} tokens of request {handoff.request_id!r}")
         dst_offset = replica * decode.runner.blocks_per_replica
-        mover.write([dst_offset + b for b in blocks[:len(src_ids)]], converted)
+        mover.write([dst_offset + b for b in blocks[:count]], converted)
         self._enter(handoff, HandoffState.CONVERTED)
         handoff.nbytes = nbytes(moved)
         self._enter(handoff, HandoffState.COMMITTED)

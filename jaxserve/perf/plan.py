@@ -92,6 +92,10 @@ class Candidate:
     weight_bytes_per_device: float  # of the decode-side engine
     kv_capacity_tokens: int  # per DP replica of the decode-side engine
     joules_per_token: dict[str, float] | None = None  # per output token; None: no figures
+    prefill_precision: str | None = None  # of each role (colocated: both the same)
+    decode_precision: str | None = None
+    handoff_bytes: float | None = None  # per request, in the decode engine's KV format
+    handoff_s: float | None = None
 
     @property
     def per_device(self) -> float:
@@ -114,6 +118,7 @@ class Plan:
     skipped: dict[str, str]
     t_e: int | None
     throughput_by_tp: dict[int, float]
+    role_precisions: list[Precision] | None = None  # set: a column of each row's precisions
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "devices": self.devices, "hardware": self.hardware.name,
@@ -121,6 +126,8 @@ class Plan:
                 "decode_precision": str(self.decode_precision),
                 "workload": self.workload.to_dict(), "slo": dataclasses.asdict(self.slo),
                 "t_e": self.t_e, "throughput_by_tp": self.throughput_by_tp,
+                "role_precisions": (None if self.role_precisions is None
+                                    else [str(p) for p in self.role_precisions]),
                 "layouts": [c.to_dict() for c in self.candidates], "skipped": self.skipped,
                 "warnings": self.hardware.unknown_links(self.devices)}
 
@@ -136,13 +143,21 @@ class Plan:
                          _millijoules(c.joules_per_token),
                          c.bottleneck + (" (saturated)" if c.saturated else ""),
                          "yes" if c.meets_slo else "no"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(cell.rjust(w) if i in (0, 2, 3, 4, 5, 6, 7, 8, 9) else cell.ljust(w)
+        if self.role_precisions is not None:
+            rows = [row[:2] + extra + row[2:] for row, extra in zip(rows, [
+                ("precision P / D", "handoff MB")] + [_role_cells(c) for c in
+                                                      self.candidates[:top]])]
+        right = (0, 2, 3, 4, 5, 6, 7, 8, 9) if self.role_precisions is None else \
+            (0, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
                            for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
                  for row in rows]
         w = self.workload
+        precision = (f"precision {self.precision}" if self.role_precisions is None else
+                     "precisions per role: " + "; ".join(map(str, self.role_precisions)))
         intro = [f"{self.model} on {self.devices} x {self.hardware.name} "
-                 f"({self.hardware.description}); precision {self.precision}"
+                 f"({self.hardware.description}); {precision}"
                  + (f", decode {self.decode_precision}"
                     if self.decode_precision != self.precision else ""),
                  f"workload: prompt {w.mean_prompt:.0f} (new {w.mean_new_prompt:.0f}) + output "
@@ -159,6 +174,24 @@ class Plan:
         if len(self.candidates) > top:
             lines.append(f"... {len(self.candidates) - top} more in the JSON")
         return "\n".join(intro + [""] + lines)
+
+
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8": "fp8",
+                "int8": "int8"}
+
+
+def precision_label(p: Precision) -> str:
+    """'bf16', or 'W int8 KV fp8' where weights and KV differ (products follow the weights)."""
+    w, kv = DTYPE_LABELS.get(p.weights, p.weights), DTYPE_LABELS.get(p.kv, p.kv)
+    return w if p.weights == p.kv else f"W {w} KV {kv}"
+
+
+def _role_cells(c: Candidate) -> tuple[str, str]:
+    if c.prefill_precision is None:
+        return "-", "-"
+    roles = (c.prefill_precision if c.kind == "colocated"
+             else f"{c.prefill_precision} / {c.decode_precision}")
+    return roles, "-" if c.handoff_bytes is None else f"{c.handoff_bytes / 1e6:.2f}"
 
 
 def _millijoules(j: dict[str, float] | None) -> str:
@@ -255,13 +288,18 @@ def plan(config: ModelConfig, devices: int, hardware: Hardware, workload: Worklo
     if disaggregated and devices > 1:
         candidates += _disaggregated(prefill_side, decode_side, devices, hardware, workload, slo)
     candidates.sort(key=lambda c: (not c.meets_slo, -c.output_tokens_per_s))
+    t_e, by_tp = t_e_of(candidates)
+    return Plan(model_name, devices, hardware, workload, precision, decode_precision, slo,
+                candidates, skipped, t_e, by_tp)
+
+
+def t_e_of(candidates: list[Candidate]) -> tuple[int | None, dict[int, float]]:
+    """(t_e, the best colocated output tokens per second by TP degree)."""
     by_tp: dict[int, float] = {}
     for c in candidates:
         if c.kind == "colocated":
             by_tp[c.tp] = max(by_tp.get(c.tp, 0.0), c.output_tokens_per_s)
-    t_e = max(by_tp, key=by_tp.get) if by_tp else None
-    return Plan(model_name, devices, hardware, workload, precision, decode_precision, slo,
-                candidates, skipped, t_e, by_tp)
+    return (max(by_tp, key=by_tp.get) if by_tp else None), by_tp
 
 
 def _roles(config, mesh, rules, hardware, precision, decode_precision, workload, d,
@@ -279,8 +317,9 @@ def _roles(config, mesh, rules, hardware, precision, decode_precision, workload,
         pass
 
 
-def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candidate]:
-    """The best split of `devices` for each pair of a prefill and a decode engine layout."""
+def _disaggregated(prefill_side, decode_side, devices, hw, w, slo, link=None) -> list[Candidate]:
+    """The best split of `devices` for each pair of a prefill and a decode engine layout; the
+    handoff over `link` (None: the profile's link between the pools' hosts)."""
     def best(side):
         return sorted(side, key=lambda x: -x[1].requests_per_s / x[0].devices)[:KEEP_PER_ROLE]
 
@@ -305,7 +344,8 @@ def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candi
                 rate = w.rate
             used = n_p * dp.devices + n_d * dd.devices
             same_host = used <= hw.devices_per_host
-            ttft = p.ttft_s + serving.kv_handoff_s(dp, dd, w, same_host)
+            handoff_s = serving.kv_handoff_s(dp, dd, w, same_host, link)
+            ttft = p.ttft_s + handoff_s
             tokens = rate * w.mean_output
             label = f"P {n_p} x {dp.label} | D {n_d} x {dd.label}"
             bottleneck = decode.bottleneck if n_d * q.requests_per_s <= n_p * p.requests_per_s \
@@ -320,7 +360,8 @@ def _disaggregated(prefill_side, decode_side, devices, hw, w, slo) -> list[Candi
                 _cost(hw, used, tokens), bottleneck, decode.limited_by,
                 slo.met(ttft, decode.tpot_s) and not saturated, saturated,
                 decode.step.breakdown(), dd.weight_bytes_per_device, dd.kv_capacity_tokens,
-                _as_dict(joules)))
+                _as_dict(joules), precision_label(dp.precision), precision_label(dd.precision),
+                serving.kv_handoff_bytes(dd, w), handoff_s))
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from jaxserve.perf.profiles import Link
 from jaxserve.perf.speculative import Speculation
 from jaxserve.perf.step import Chunk, Deployment, StepTime, decode_chunk
 from jaxserve.perf.workload import Workload
@@ -167,10 +168,17 @@ def decode_role(d: Deployment, w: Workload, rate_per_engine: float | None = None
     return Operating(b, s, s.total_s, 0.0, tokens, tokens / w.mean_output, limited_by)
 
 
-def kv_handoff_s(prefill: Deployment, decode: Deployment, w: Workload, same_host: bool) -> float:
+def kv_handoff_bytes(decode: Deployment, w: Workload) -> float:
+    """One prompt's KV in the decode engine's format (the sender converts before it sends)."""
+    return w.mean_prompt * decode.kv_bytes_per_token_model
+
+
+def kv_handoff_s(prefill: Deployment, decode: Deployment, w: Workload, same_host: bool,
+                 link: Link | None = None) -> float:
     """Moving one prompt's KV (in the decode engine's format) from the prefill replica to the
-    decode replica: each device sends its shard, over as many links as the smaller replica."""
-    nbytes = w.mean_prompt * decode.kv_bytes_per_token_model
-    link = prefill.hardware.intra_host if same_host else prefill.hardware.inter_host
+    decode replica: each device sends its shard, over as many links as the smaller replica;
+    over `link` when given, else the profile's intra- or inter-host link."""
+    if link is None:
+        link = prefill.hardware.intra_host if same_host else prefill.hardware.inter_host
     lanes = min(prefill.devices_per_replica, decode.devices_per_replica)
-    return nbytes / (link.rate * lanes) + link.latency
+    return kv_handoff_bytes(decode, w) / (link.rate * lanes) + link.latency

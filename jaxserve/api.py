@@ -83,8 +83,7 @@ class LLM:
         float checkpoint is quantized on load (see jaxserve/ops/quant.py).
         quantize_embeddings: the embedding and LM head too.
         weight_layout: how linear weights are stored on the devices, "auto" (the platform's:
-        float weights as declared everywhere, int8 ones "out_in" on CPU), "in_out" or "out_in"
-        (see jaxserve/ops/quant.py).
+        as declared, today everywhere), "in_out" or "out_in" (see jaxserve/ops/quant.py).
         kv_cache_dtype: the KV pool's format, "auto" (the model's dtype), "float32",
         "bfloat16", "int8" or "fp8_e4m3" (8-bit values with a scale per token and KV head; see
         jaxserve/kv_cache.py); the pool's default size counts its real bytes, so int8 holds about

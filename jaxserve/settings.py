@@ -257,9 +257,9 @@ class PrecisionSettings:
     quantize_embeddings: bool = setting(
         False, "quantize the embedding and LM head too (with --quantization)", type=bool)
     weight_layout: str = setting(
-        "auto", "how linear weights are stored on the devices: the platform's (auto: float "
-        "in_out everywhere, int8 out_in on CPU), as declared [in, out] (in_out) or transposed "
-        "to [out, in] (out_in); checkpoints keep the declared layout", type=str,
+        "auto", "how linear weights are stored on the devices: the platform's (auto: in_out "
+        "everywhere today), as declared [in, out] (in_out) or transposed to [out, in] "
+        "(out_in); checkpoints keep the declared layout", type=str,
         choices=WEIGHT_LAYOUT_CHOICES)
     kv_cache_dtype: str = setting(
         "auto", "KV cache format: the model's dtype (auto), float32, bfloat16, float16, or "

@@ -115,18 +115,14 @@ def test_the_out_in_engine_on_a_dp_tp_mesh_gives_the_single_device_in_out_logits
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
 
 
-def test_int8_weights_are_stored_out_in_on_cpu_and_restore_and_save_as_declared(hf_model_dir,
-                                                                                tmp_path):
-    # one token's product over [out, in] int8 rows is a fused widen-and-reduce on XLA:CPU
-    assert int8_weight_layout("cpu") == "out_in"
-    assert int8_weight_layout("gpu") == int8_weight_layout("tpu") == "in_out"
-    assert weight_layout_for("cpu", True) == "out_in" and weight_layout_for("cpu", False) == "in_out"
+def test_int8_weights_stored_out_in_restore_and_save_as_declared(hf_model_dir, tmp_path):
+    # the CPU decode step measured no faster with int8 rows [out, in] (ops/quant.py)
+    assert {int8_weight_layout(p) for p in ("cpu", "gpu", "tpu")} == {"in_out"}
+    assert weight_layout_for("cpu", True) == weight_layout_for("cpu", False) == "in_out"
     _, model_dir = hf_model_dir("llama")
     layout = Layout.create("tp=2", "tp")
     restored = {name: restore_model(model_dir, layout, quantization="int8", weight_layout=name)
                 for name in ("in_out", "out_in")}
-    auto, _, _ = restore_model(model_dir, Layout.create(None, "tp"), quantization="int8")
-    assert auto.weight_layout == "out_in"
     (_, _, a), (config_b, _, b) = restored["in_out"], restored["out_in"]
     qa, qb = a["layers"][0]["attn"]["q_proj"], b["layers"][0]["attn"]["q_proj"]
     assert qa["values"][...].shape == (64, 8, 8) and qb["values"][...].shape == (8, 8, 64)
@@ -151,5 +147,6 @@ def test_the_out_in_int8_engine_on_tp_gives_the_single_device_in_out_int8_logits
     _, model_dir = hf_model_dir("qwen3")
     a = LLM(model_dir, quantization="int8", weight_layout="in_out",
             compilation="on_use").logits(PROMPT)[0]
-    b = LLM(model_dir, quantization="int8", mesh="tp=2", compilation="on_use").logits(PROMPT)[0]
+    b = LLM(model_dir, quantization="int8", weight_layout="out_in", mesh="tp=2",
+            compilation="on_use").logits(PROMPT)[0]
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())

@@ -38,15 +38,16 @@ declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs 
 transposed (the embedding / LM head are `[vocab, embed]` already; the experts, read whole, keep
 their layout).
 
-int8 weights have their own rule, `int8_weight_layout(platform)`: "out_in" on CPU. With one
-token and `[out, in]` rows, `x @ float(w).T` compiles on XLA:CPU to one loop fusion that widens
-each int8 row and reduces it against the activations, reading every weight byte once and writing
-nothing: products of one token ran 1.6-2.4x faster than the int8 dot padded to two rows (a
-[512, 1408] weight 0.053 vs 0.083 ms, the [32000, 512] LM head 1.24 vs 2.98 ms, best of 20, in
-one process), while the int8 dot for 2-32 tokens runs as fast on `[out, in]` as on `[in, out]`.
-Over `[in, out]` the widening does not fuse (0.21 ms for the first). So the CPU int8 product of
-ONE token is the rounded activations times the widened rows (the int8 dot's arithmetic: integer
-products, float32 sums exact below 2^24), and of several tokens the int8 dot.
+int8 weights have their own rule, `int8_weight_layout(platform)`, and may be stored "out_in"
+too (values and scales transposed together). With one token and `[out, in]` rows the CPU int8
+product is the rounded activations times the widened rows (the int8 dot's arithmetic: integer
+products, float32 sums exact below 2^24): `x @ float(w).T` compiles on XLA:CPU to one loop
+fusion that widens each row and reduces it against the activations, reading every weight byte
+once. Alone, those products ran 1.6-2.4x faster than the int8 dot padded to two rows (a
+[512, 1408] weight 0.053 vs 0.083 ms, the [32000, 512] LM head 1.24 vs 2.98 ms, best of 20, one
+process); over `[in, out]` the widening does not fuse. But the 55M model's whole decode step
+was slower stored "out_in" on a quiet machine (batch 1: 9.98 vs 8.79 ms, with the LM head int8
+too 8.55 vs 7.94; batch 8 equal within noise), so every platform keeps the declared layout.
 
 Quantization is symmetric round-to-nearest: scale = max|w| / 127 over each group, q = round(w /
 scale) in [-127, 127], so |w - q * scale| <= scale / 2 elementwise. An all-zero group (the
@@ -128,11 +129,11 @@ def float_weight_layout(platform: str) -> str:
 
 
 def int8_weight_layout(platform: str) -> str:
-    """How int8 linear weights are stored on `platform`: "out_in" on CPU, where a one-token
-    product over `[out, in]` int8 rows compiles to one fused widen-multiply-reduce loop that
-    reads each weight byte once (the fastest product at batch 1; several tokens run the int8 dot
-    at the speed of the declared layout), as declared elsewhere (module docstring)."""
-    return "out_in" if platform == "cpu" else "in_out"
+    """How int8 linear weights are stored on `platform`: as declared everywhere. On CPU the
+    one-token product over `[out, in]` rows is faster alone but the decode step is not (module
+    docstring), so "out_in" is a choice (`weight_layout`), not the default."""
+    del platform
+    return "in_out"
 
 
 def weight_layout_for(platform: str, quantized: bool) -> str:

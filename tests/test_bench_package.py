@@ -13,8 +13,9 @@ import jaxserve.bench
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = sorted(m.name for m in pkgutil.iter_modules(jaxserve.bench.__path__))
-# the training recipe is jax code from its first line; nothing sets devices before it runs
-IMPORTS_JAX = {"training"}
+# the training recipes (the tiny model's, the draft's distillation) are jax code from their
+# first line; nothing sets devices before they run
+IMPORTS_JAX = {"training", "draft_training"}
 
 
 def run(code: str, **env) -> subprocess.CompletedProcess:

@@ -29,21 +29,38 @@ import numpy as np
 from jaxserve.bench.report import write_json
 
 
+PARTS = ("accuracy", "contexts")
+DEFAULTS = {"accuracy": {"tp": "2,4", "contexts": "1024,4096"},
+            "contexts": {"tp": "1,2,4", "contexts": "1024,4096,16384"}}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=PARTS, default="accuracy",
+                   help="accuracy: TPLA against MLA (this module); contexts: the bare decode "
+                        "step and KV bytes per device against context, GQA vs MLA vs TPLA "
+                        "(jaxserve.bench.tpla_contexts)")
     p.add_argument("--tokens", type=int, default=256, help="greedy tokens compared")
-    p.add_argument("--tp", default="2,4", help="tensor-parallel degrees (comma-separated)")
-    p.add_argument("--contexts", default="1024,4096",
-                   help="context lengths the decode step is timed at (comma-separated)")
+    p.add_argument("--tp", default=None, help="tensor-parallel degrees (comma-separated; "
+                   "default " + "; ".join(f"{k}: {v['tp']}" for k, v in DEFAULTS.items()) + ")")
+    p.add_argument("--contexts", default=None,
+                   help="context lengths the decode step is timed at (comma-separated; default "
+                        + "; ".join(f"{k}: {v['contexts']}" for k, v in DEFAULTS.items()) + ")")
+    p.add_argument("--batch", type=int, default=8, help="contexts: sequences per decode step")
+    p.add_argument("--iters", type=int, default=8, help="contexts: steps per timed loop")
     p.add_argument("--quick", action="store_true",
-                   help="16 tokens, tp=2, one context of 256 (a smoke run)")
+                   help="a smoke run: accuracy 16 tokens, tp=2, one context of 256; contexts "
+                        "tp=2, batch 2, contexts 64 and 256, one layer")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     args = p.parse_args(argv)
-    args.tp = [int(t) for t in args.tp.split(",")]
-    args.contexts = [int(c) for c in args.contexts.split(",")]
-    if args.quick:
+    defaults = DEFAULTS[args.part]
+    args.tp = [int(t) for t in (args.tp or defaults["tp"]).split(",")]
+    args.contexts = [int(c) for c in (args.contexts or defaults["contexts"]).split(",")]
+    if args.quick and args.part == "accuracy":
         args.tokens, args.tp, args.contexts = 16, [2], [256]
+    elif args.quick:
+        args.tp, args.batch, args.contexts, args.iters = [2], 2, [64, 256], 2
     return args
 
 

@@ -31,10 +31,11 @@ def attention_projection_flops(config: ModelConfig) -> int:
 
 def mlp_flops(config: ModelConfig, layer: int) -> int:
     """One token through layer `layer`'s MLP: the dense SwiGLU, or the router plus the
-    `num_experts_per_tok` experts the token is sent to."""
+    `num_experts_per_tok` experts the token is sent to and the shared experts (if any)."""
     if not config.moe_layer(layer):
         return 2 * 3 * config.hidden_size * config.intermediate_size
-    return router_flops(config) + config.num_experts_per_tok * expert_flops(config)
+    return (router_flops(config) + config.num_experts_per_tok * expert_flops(config)
+            + shared_experts_flops(config))
 
 
 def router_flops(config: ModelConfig) -> int:
@@ -45,6 +46,12 @@ def router_flops(config: ModelConfig) -> int:
 def expert_flops(config: ModelConfig) -> int:
     """One token through ONE expert (a SwiGLU of width `moe_intermediate_size`)."""
     return 2 * 3 * config.hidden_size * config.moe_intermediate_size
+
+
+def shared_experts_flops(config: ModelConfig) -> int:
+    """One token through one MoE layer's shared experts (DeepSeek): always on, one SwiGLU of
+    `n_shared_experts` experts' width beside the routed ones."""
+    return config.n_shared_experts * expert_flops(config)
 
 
 @functools.lru_cache(maxsize=64)  # the engine asks per sequence and step: one sum per model

@@ -300,6 +300,18 @@ def test_flops_of_latent_attention_match_a_hand_count():
     assert flops.attention_score_flops(c, 0, 2) == 3 * 2 * 4 * (2 * 32 + 8) * 3
 
 
+def test_flops_of_a_moe_layer_count_its_shared_experts():
+    from jaxserve import flops
+
+    c = from_hf_config(_hf_config("deepseek_v3"))  # layer 0 dense, layers 1 and 2 MoE
+    swiglu = lambda width: 2 * 3 * 64 * width  # noqa: E731
+    # the router over 8 experts, the token's 2 experts and the 1 shared expert, each 16 wide
+    assert flops.mlp_flops(c, 1) == 2 * 64 * 8 + 2 * swiglu(16) + swiglu(16)
+    assert flops.mlp_flops(c, 0) == swiglu(128)
+    assert flops.dense_flops_per_token(c) == (3 * flops.attention_projection_flops(c)
+                                              + swiglu(128) + 2 * flops.mlp_flops(c, 1))
+
+
 def test_the_performance_model_sizes_the_latent_cache_and_its_tpla_split():
     from jaxserve.perf.precision import Precision
     from jaxserve.perf.profiles import load_hardware

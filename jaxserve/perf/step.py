@@ -347,9 +347,9 @@ class Deployment:
                         * flops.attention_projection_flops(base) * self.op_share("attention"),
                         self.op_bytes("attention"), tokens)]
         dense = [i for i in range(layers) if not cfg.moe_layer(i)]
-        shared = cfg.n_shared_experts * cfg.num_moe_layers if cfg.is_moe else 0
+        shared = cfg.num_moe_layers * flops.shared_experts_flops(base) if cfg.is_moe else 0
         if dense or shared:  # the dense MLPs, and the shared experts beside routed ones
-            mlp = sum(flops.mlp_flops(base, i) for i in dense) + shared * flops.expert_flops(base)
+            mlp = sum(flops.mlp_flops(base, i) for i in dense) + shared
             ops.append(self._op("mlp", tokens * mlp * self.op_share("mlp"),
                                 self.op_bytes("mlp"), tokens))
         coll = self._contraction_all_reduces(tokens)

@@ -1,7 +1,7 @@
 """DeepSeek-V2/V3 (latent attention, shared experts, grouped routing): HF parity on several
-meshes, greedy generate (again through a prefix cache hit), absorbed == expanded attention and
-the latent cache in int8, and config fields we do not implement refused by
-name."""
+meshes, greedy generate (again through a prefix cache hit, and under preemption), absorbed ==
+expanded attention and the latent cache in int8, and config fields we do not implement refused
+by name."""
 
 import numpy as np
 import pytest
@@ -40,6 +40,25 @@ def test_v3_greedy_generate_matches_hf_and_again_from_the_prefix_cache(v3):
     hits = llm.stats()["prefix_cache_hits"]
     assert llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
     assert llm.stats()["prefix_cache_hits"] > hits  # its first 16 tokens' latents reused
+
+
+def test_v3_preempts_on_its_small_pool_and_gives_the_unpreempted_tokens(v3):
+    """Three sequences of 80-88 tokens need 18 latent blocks of the pool's 15: one is
+    preempted and recomputed (the prompts' first blocks from the prefix cache the runs alone
+    left), and every token is the one each sequence got alone. (Prompts of 40-48 tokens: the
+    runs alone and the recompute share one prefill shape, each shape a program to compile.)"""
+    _, llm = v3
+    rng = np.random.default_rng(7)
+    batch = [rng.integers(3, 128, size=n).tolist() for n in (40, 44, 48)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in batch]
+    before = llm.stats()
+    outs = llm.generate(batch, params, use_tqdm=False)
+    after = llm.stats()
+    assert after["preemptions"] > before["preemptions"]
+    assert after["prefix_cache_hits"] > before["prefix_cache_hits"]
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert after["kv_blocks_used"] == 0
 
 
 @pytest.mark.parametrize("family,mesh,rules", [("deepseek_v2", "tp=2,ep=2", "tp_ep"),

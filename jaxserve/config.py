@@ -258,6 +258,7 @@ class ModelConfig:
         if self.is_mla:
             del sizes["o_proj (num_heads * head_dim)"]
             sizes["o_proj (num_heads * v_head_dim)"] = self.num_heads * self.v_head_dim
+            sizes["k_b_proj, v_b_proj (kv_lora_rank)"] = self.kv_lora_rank
             if self.q_lora_rank:
                 sizes["q_b_proj (q_lora_rank)"] = self.q_lora_rank
             if self.n_shared_experts:

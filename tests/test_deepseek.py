@@ -134,6 +134,22 @@ def test_absorbed_attention_equals_expanded():
     assert 1e-5 < err < 2e-2, err  # per-token int8: ~0.4% of a vector's max (kv_cache.py)
 
 
+def test_int8_weights_quantize_w_uk_and_w_uv_too(v3):
+    """Under quantization="int8" the up-projections W_UK / W_UV [latent, heads, 16] are int8 in
+    the step like every other projection (two per layer), and the logits stay within int8's
+    rounding of the float model's."""
+    import jax.numpy as jnp
+
+    _, mla = v3
+    int8 = LLM(mla.model_dir, quantization="int8", kv_blocks=16, **SMALL)
+    up_projections = [a for a in int8.runner.param_leaves
+                      if a.dtype == jnp.int8 and a.shape == (32, 4, 16)]
+    assert len(up_projections) == 2 * int8.config.num_layers
+    for a, b in zip(int8.logits(PROMPTS), mla.logits(PROMPTS)):
+        err = np.abs(a - b).max() / np.abs(b).max()
+        assert 1e-5 < err < 3e-2, err
+
+
 def test_the_decode_step_absorbs_and_long_tiles_expand():
     from jaxserve.ops.latent_attention import absorbs
 

@@ -14,8 +14,9 @@ is in the rope tables and its mscale in the softmax scale (`config.softmax_scale
 
 The small projections into the latents (q_a_proj, kv_a_proj, k_pe_proj) are replicated over
 `tp` like the router: every tensor-parallel device needs the whole latent of every token, and
-the latent is what the cache keeps. W_UK and W_UV are read whole by the attention op (`param`,
-float, in their declared layout, whatever the weight format of the other projections).
+the latent is what the cache keeps. W_UK and W_UV are read whole by the attention op, in their
+declared layout on every platform (never stored transposed), in the weight format of the other
+projections: int8 ones (the latent their input, as in kv_b_proj) are dequantized in the step.
 
 Feed-forward: the first `first_k_dense_replace` layers (`mlp_only_layers`) keep the dense MLP;
 the others are `DeepseekMoE`: routed experts (`ops.moe.route_grouped`) plus `n_shared_experts`
@@ -35,7 +36,7 @@ from jaxserve.models.moe import MoE, MoEForCausalLM
 from jaxserve.ops import moe
 from jaxserve.ops.attention import AttentionMetadata
 from jaxserve.ops.latent_attention import latent_attention
-from jaxserve.ops.quant import project
+from jaxserve.ops.quant import declare_weight, project, read
 from jaxserve.sharding import constrain
 
 LATENT_NORM_EPS = 1e-6  # the reference's q_a / kv_a RMSNorms keep their default eps
@@ -65,10 +66,12 @@ class LatentAttention(nnx.Module):
         self.kv_a_proj = weight(rngs, (e, lat), ("embed", "latent"), dtype, config, (0, 1))
         self.k_pe_proj = weight(rngs, (e, rope), ("embed", None), dtype, config, (0, 1))
         self.kv_a_norm = RMSNorm(lat, LATENT_NORM_EPS, "latent", dtype, rngs)
-        self.k_b_proj = param(rngs, (lat, h, config.qk_nope_head_dim),
-                              ("latent", "q_heads", "head_dim"), dtype)  # W_UK
-        self.v_b_proj = param(rngs, (lat, h, config.v_head_dim),
-                              ("latent", "q_heads", "head_dim"), dtype)  # W_UV
+        self.k_b_proj = declare_weight(rngs, (lat, h, config.qk_nope_head_dim),
+                                       ("latent", "q_heads", "head_dim"), dtype,
+                                       config.quantization, (0, 1))  # W_UK
+        self.v_b_proj = declare_weight(rngs, (lat, h, config.v_head_dim),
+                                       ("latent", "q_heads", "head_dim"), dtype,
+                                       config.quantization, (0, 1))  # W_UV
         self.o_proj = weight(rngs, (h, config.v_head_dim, e), ("q_heads", "head_dim", "embed"),
                              dtype, config, (0, 2))
         self.q_lora = bool(q_lora)
@@ -89,7 +92,7 @@ class LatentAttention(nnx.Module):
                 q_pe = apply_rope(q[..., self.nope:], cos, sin)
                 k_pe = apply_rope(project(x, self.k_pe_proj)[:, None], cos, sin)[:, 0]
             out, cache = latent_attention(q[..., :self.nope], q_pe, c_kv, k_pe,
-                                          self.k_b_proj[...], self.v_b_proj[...], cache,
+                                          read(self.k_b_proj), read(self.v_b_proj), cache,
                                           metadata, self.scale, split=self.latent_split)
             out = constrain(out, ("batch", "q_heads", "head_dim"))  # [tokens, q_heads, v]
             return project(out.reshape(out.shape[0], -1), self.o_proj), cache

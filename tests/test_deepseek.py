@@ -72,6 +72,19 @@ def test_logits_match_hf_on_a_mesh(hf_model_dir, family, mesh, rules):
         assert_close_to_reference(logits, hf_logits(hf_dir, prompt))
 
 
+@pytest.mark.parametrize("family,mesh,rules", [("deepseek_v2", "tp=2", "tp"),
+                                               ("deepseek_v3", "ep=4", "ep"),
+                                               ("deepseek_v2", "dp=2", "dp"),
+                                               ("deepseek_v3", "dp=2,ep=2", "dp_ep")])
+def test_every_other_rules_file_meets_hf(hf_model_dir, family, mesh, rules):
+    """The rules files the test above leaves out, on the prompt that spans three blocks (one
+    prompt: one program per mesh). HF is the oracle the single-device model meets too."""
+    hf_dir, model_dir = hf_model_dir(family)
+    llm = LLM(model_dir, mesh=mesh, rules=rules, kv_blocks=16, **SMALL)
+    (logits,) = llm.logits(PROMPTS[1:])
+    assert_close_to_reference(logits, hf_logits(hf_dir, PROMPTS[1]))
+
+
 def _random_step(seed=0, heads=4, latent=32, nope=16, rope=8, v=16, block_size=4):
     """A prefill chunk of 11 tokens and two decode rows, over scattered blocks."""
     import jax.numpy as jnp

@@ -285,7 +285,7 @@ class LLM:
         for this model and mesh on the devices in use (jaxserve/perf/moe_auto.py)."""
         threshold = parallel.moe_auto_threshold
         self.moe_threshold_source = "moe_auto_threshold" if threshold is not None else None
-        if threshold is None and self.config.is_moe:
+        if threshold is None and self.config.num_moe_layers:
             device = jax.devices()[0]
             threshold, self.moe_threshold_source = moe_auto.auto_threshold(
                 self.config, self.layout.mesh_rules, np.dtype(dtype).name, device.platform,

@@ -507,6 +507,13 @@ def test_moe_auto_switches_where_the_strategies_cross_as_the_engine_does(hw, mes
         "alltoall", "allgather"]
     with pytest.raises(ValueError, match="no MoE layers"):
         Deployment(TINY, None, "tp", d.hardware).moe_crossover_tokens()
+    # a MoE family whose layers are all dense (DeepSeek's first_k_dense_replace >= layers):
+    # no experts in its step, and no crossover
+    dense = dataclasses.replace(d.base, mlp_only_layers=tuple(range(d.base.num_layers)))
+    step = Deployment(dense, mesh, rules, d.hardware).step([Chunk(0, 1, 8)])
+    assert step.moe_strategy is None and not any("experts" in op.name for op in step.ops)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        Deployment(dense, mesh, rules, d.hardware).moe_crossover_tokens()
 
 
 def test_the_fixed_capacity_exchange_moves_and_computes_senders_times_the_pairs():

@@ -296,7 +296,7 @@ class Deployment:
         (allgather); `limit` when allgather never wins up to it. Found by doubling, then
         bisection: one crossover is assumed (allgather's cost is fixed per layer, alltoall's
         grows with the tokens)."""
-        if not self.config.is_moe:
+        if not self.config.num_moe_layers:
             raise ValueError("the model has no MoE layers: no MoE crossover")
         if limit not in self._crossover:
             self._crossover[limit] = self._find_crossover(limit)
@@ -354,7 +354,7 @@ class Deployment:
                                 self.op_bytes("mlp"), tokens))
         coll = self._contraction_all_reduces(tokens)
         strategy = None
-        if cfg.is_moe:
+        if cfg.num_moe_layers:  # a MoE family whose layers are all dense has no experts
             moe_layers = cfg.num_moe_layers
             ops.append(self._op("router", tokens * moe_layers * flops.router_flops(base)
                                 * self.op_share("router"), self.op_bytes("router"), tokens))

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -99,24 +100,25 @@ def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_on
     instead of its first proposes other tokens."""
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     proposer = other_draft.engine.proposer
-    rounds, propose_all = [], proposer.propose_all
+    rounds, fill_step = [], proposer.fill_step
 
-    def recording(seqs):
-        out = propose_all(seqs)
-        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.tokens.items()
-                      if p)
+    def recording(rows, verify):  # the proposals stay on the device: read them afterwards
+        out = fill_step(rows, verify)
+        rounds.extend((s.request.prompt_ids + s.output_ids, out.draft, r)
+                      for s, r in rows.items())
         return out
 
-    proposer.propose_all = recording
+    proposer.fill_step = recording
     before = other_draft.stats()
     try:
         assert _tokens(other_draft, PROMPTS, params) == _tokens(plain, PROMPTS, params)
     finally:
-        del proposer.propose_all
+        del proposer.fill_step
     proposed, accepted, after = _spec_counts(other_draft, before)
     assert proposed > 0 and accepted < proposed  # it is not the target: some are rejected
     assert after["spec_acceptance_rate"] is not None
-    checked = rounds
+    checked = [(tokens, np.asarray(draft)[rows].tolist()) for tokens, draft, rows in rounds]
+    assert len(checked) >= 4 and all(len(p) for _, p in checked)
     alone = LLM(dirs["other"], **ENGINE).generate(
         [tokens for tokens, _ in checked],
         [SamplingParams(temperature=0, max_tokens=len(p), ignore_eos=True) for _, p in checked],

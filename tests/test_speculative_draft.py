@@ -288,3 +288,54 @@ def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plai
     assert after["spec_break_even_tokens_per_step"] > 1 and after["spec_plain_step_s"] > 0
     # each sequence verified proposals in MIN_RUNS steps, and none after it fell back
     assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS
+
+
+def test_a_round_reads_back_only_the_verify_step_and_never_the_drafts_proposals(self_draft,
+                                                                               monkeypatch):
+    """The draft's round writes its proposals and q into the verify step's inputs on the
+    device: per round one draft program and one target step are dispatched, and the only
+    arrays the host reads are the target steps' outputs (tokens and which rows emitted), once
+    each. Fails when the host reads the draft's proposals or q back before planning the verify
+    step (as rounds did before: two readbacks each)."""
+    import jax
+    from jax._src.array import ArrayImpl
+
+    engine = self_draft.engine
+    made = {"propose": [], "step": []}  # each program's outputs, in dispatch order
+
+    def recording(runner, kind):
+        program = getattr(runner, kind)
+
+        def call(inputs):
+            made[kind].append(program(inputs))
+            return made[kind][-1]
+        monkeypatch.setattr(runner, kind, call)
+
+    recording(engine.runner, "step")
+    recording(engine.proposer.runner, "propose")
+    fetched = []  # every device array whose value the host read (np.asarray, np.array, tolist)
+    value, asarray, array = ArrayImpl._value, np.asarray, np.array
+
+    def reading(convert):
+        def read(a, *args, **kwargs):
+            if isinstance(a, jax.Array):
+                fetched.append(a)
+            return convert(a, *args, **kwargs)
+        return read
+
+    before = self_draft.stats()
+    with monkeypatch.context() as patched:
+        patched.setattr(ArrayImpl, "_value", property(reading(value.fget)))
+        patched.setattr(np, "asarray", reading(asarray))
+        patched.setattr(np, "array", reading(array))
+        _tokens(self_draft, [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=21,
+                                                         ignore_eos=True))
+    rounds = self_draft.stats()["spec_verify_runs"] - before["spec_verify_runs"]
+    assert rounds == 5  # every proposal kept: 1 + 5 x (3 + 1) tokens
+    assert len(made["propose"]) == rounds and len(made["step"]) == rounds + 1  # + the prefill
+    read = {id(a) for a in fetched}
+    drafts = {id(a) for out in made["propose"] for a in jax.tree.leaves(out)}
+    assert not read & drafts
+    steps = [{id(out.tokens), id(out.emitted)} for out in made["step"]]
+    assert all(step <= read for step in steps)  # each step's tokens and emitted rows, read once
+    assert read == set().union(*steps)  # and nothing else

@@ -206,7 +206,9 @@ class StepBuilder:
                        for seq, d in plan.drafts.items()
                        if isinstance(d, DeviceDrafts) and d and seq in firsts}
         sampling, suppressed, want = self.sampling_columns(row_seqs, offsets)
-        verify = VerifyRows(draft, run_start, self._draft_probs(runs, plan, s_loc),
+        # q of proposals on the device comes with them (`fill_step`), for every row
+        probs = None if device_rows else self._draft_probs(runs, plan, s_loc)
+        verify = VerifyRows(draft, run_start, probs,
                             group_start if self.trees else None) if self.speculative else None
         inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
                             sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
@@ -234,11 +236,11 @@ class StepBuilder:
         slots, KV move). Without speculation one row whose token stays on the device; with it,
         the last token (read back: a speculative engine reads every step back before planning
         the next) and then one row per proposal, whose input the step feeds from the row
-        before (the host's 0 is not read); proposals on the device verify -1 here, replaced by
-        the draft's round (StepLayout.device_draft_rows). A token tree is one run per branch, each starting
-        from the last token (the same draw: same seed and token index): the first branch
-        written at its positions, the others at tree slots after it, each node seeing the
-        context and its own branch (jaxserve/ops/attention.py)."""
+        before (the host's 0 is not read); proposals on the device verify -1 here, replaced
+        by the draft's round (StepLayout.device_draft_rows). A token tree is one run per
+        branch, each starting from the last token (the same draw: same seed and token
+        index): the first branch written at its positions, the others at tree slots after it,
+        each node seeing the context and its own branch (jaxserve/ops/attention.py)."""
         if not self.speculative:
             return [(0, None, -1, None, None)]
         last = seq.total_len - 1  # the last token's position

@@ -63,7 +63,7 @@ class StepLayout:
     # where its KV moves when its branch is kept
     tree_moves: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
     # proposals on the device (DeviceDrafts): per sequence, the rows that verify them, in order
-    # (the draft's round scatters its proposals there: `VerifyRows.draft`, `draft_probs`)
+    # (the draft's round lays its proposals out there: `VerifyRows.draft`, `draft_probs`)
     device_draft_rows: dict[Sequence, list[int]] = dataclasses.field(default_factory=dict)
 
 

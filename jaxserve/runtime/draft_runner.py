@@ -13,8 +13,8 @@ is written past the blocks the host allocated.
 
 Where the proposals go: either back to the host, [rows, k] (a draft on devices of its own,
 whose round runs beside the target's step), or straight into the target's next step
-(`ProposeInputs.verify_row`): the program scatters each proposal, and its q, to the sample row of
-the verify step that verifies it (`StepRows`: the step's `VerifyRows.draft` and `draft_probs`),
+(`ProposeInputs.step_source`): each sample row of the verify step gathers the proposal it
+verifies, and its q (`StepRows`: the step's `VerifyRows.draft` and `draft_probs`),
 so the verify step is dispatched right after the round and nothing is read back in between;
 the verify step feeds each proposal as the input of the row after the one verifying it
 (jaxserve/runtime/verify.py). The host plans with the number of proposals only.
@@ -60,10 +60,9 @@ class ProposeInputs:
     sampling: SamplingInputs  # per row; counter: the index of the row's first proposal
     num_speculative_tokens: int = dataclasses.field(metadata=dict(static=True))  # k
     chunk_blocks: int = dataclasses.field(metadata=dict(static=True))
-    # i32[rows, k]: the target step's sample row that verifies each proposal (its number of
-    # sample rows: none); None: the proposals go back to the host
-    verify_row: jax.Array | None = None
-    step_draft: jax.Array | None = None  # i32[step rows]: the step's drafts the host knows (-1)
+    # i32[step rows]: per sample row of the target's step, the proposal it verifies (row * k +
+    # index; -1: none); None: the proposals go back to the host
+    step_source: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -128,13 +127,13 @@ def _propose(graphdef, param_treedef, setting, param_leaves, kv, state: SlotStat
              jnp.zeros((rows, k, vocab), jnp.float32), jnp.zeros((rows, vocab), jnp.int32))
     with jax.named_scope("draft_propose"):
         kv, _, proposals, probs, _ = jax.lax.fori_loop(0, iterations, iteration, carry)
-    if inputs.verify_row is None:
+    if inputs.step_source is None:
         return proposals, probs, kv
-    at = inputs.verify_row.reshape(-1)  # out of range: a proposal the step does not verify
-    step_rows = inputs.step_draft.shape[0]
-    draft = inputs.step_draft.at[at].set(proposals.reshape(-1), mode="drop")
-    step_probs = jnp.zeros((step_rows, vocab), jnp.float32).at[at].set(
-        probs.reshape(-1, vocab), mode="drop")
+    source = inputs.step_source
+    at = jnp.maximum(source, 0)
+    verifies = source >= 0
+    draft = jnp.where(verifies, proposals.reshape(-1)[at], -1)
+    step_probs = jnp.where(verifies[:, None], probs.reshape(-1, vocab)[at], 0.0)
     return StepRows(draft, step_probs), kv
 
 
@@ -152,10 +151,10 @@ class DraftRunner(ModelRunner):
             out_shardings=(StepRows(*host), kv) if to_step else host + (kv,)))
 
     def _propose_executable(self, inputs: ProposeInputs):
-        to_step = inputs.verify_row is not None
+        to_step = inputs.step_source is not None
         key = ("propose", inputs.tokens.shape, inputs.block_tables.shape,
                inputs.num_speculative_tokens,
-               inputs.step_draft.shape if to_step else None)
+               inputs.step_source.shape if to_step else None)
         executable = self._compiled.get(key)
         if executable is not None:
             return executable
@@ -165,7 +164,7 @@ class DraftRunner(ModelRunner):
 
     def propose(self, inputs: ProposeInputs):
         """Dispatch one round of proposals; returns without waiting: (i32[rows, k] (-1: none),
-        q f32[rows, k, vocab_rows] (zeros: a greedy row)), or with `inputs.verify_row` the
+        q f32[rows, k, vocab_rows] (zeros: a greedy row)), or with `inputs.step_source` the
         StepRows of the target's step."""
         *outputs, self.kv = self._propose_executable(inputs)(
             self.param_leaves, self.kv, self.slot_state, inputs)

@@ -6,7 +6,7 @@ KV the earlier rows of the step wrote). Row j's logits give the target distribut
 token after row j's input; row j < m verifies d_{j+1}, the run's last row has no proposal and
 draws the bonus token. A prefill chunk's sample row is a run of one row without a proposal.
 The input of row j >= 1 is the proposal row j - 1 verifies, taken from the step's `draft` on
-the device (`feed_proposals`): proposals a draft model left on the device (scattered into
+the device (`feed_proposals`): proposals a draft model left on the device (laid out as
 `draft` by its round) are never read by the host before they are verified.
 
 Per row, with the sequence's SamplingParams applied to the target logits exactly as a plain

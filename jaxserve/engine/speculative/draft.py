@@ -22,8 +22,8 @@ Design (this file owns it):
   draft's step program, batched and chunked to the step budget.
 - On the target's devices the proposals stay there: `propose_all` plans the round and hands
   the scheduler only how many proposals each sequence gets (`DeviceDrafts`); once the step's
-  rows are laid out, `fill_step` dispatches the round, which writes the proposals and q into
-  the verify step's inputs on the device, and the verify step follows at once: a round is
+  rows are laid out, `fill_step` dispatches the round, whose output is the proposals and q
+  laid out as the verify step's inputs, on the device, and the verify step follows at once: a round is
   two dispatches and one readback, the verify's, where the kept proposals come back as the
   target's tokens. A draft on devices of its own reads its proposals back (`propose_all`
   returns their values), since the round ahead (below) starts from them.
@@ -209,19 +209,18 @@ class DraftProposer:
             state.num_proposed, state.kept = m, 0
 
     def fill_step(self, rows: dict[Sequence, list[int]], verify: VerifyRows) -> VerifyRows:
-        """Dispatch the round `propose_all` planned, its proposals written on the device into
-        the verify step's rows that verify them (`rows`: per sequence, in order; `verify`: the
-        step's host arrays, whose `draft` has -1 there): returns the step's VerifyRows with
+        """Dispatch the round `propose_all` planned, its proposals gathered on the device into
+        the verify step's rows that verify them (`rows`: per sequence, in order; every
+        proposal of the step is the round's): returns the step's VerifyRows `verify` with
         `draft` and `draft_probs` the round's output. Nothing waits."""
         inputs, wanted = self.round
         self.round = None
-        step_rows = verify.draft.shape[0]
-        verify_row = np.full((inputs.tokens.shape[0], self.k), step_rows, np.int32)
+        source = np.full(verify.draft.shape, -1, np.int32)
         for i, (seq, _, _) in enumerate(wanted):
-            verify_row[i, :len(rows.get(seq, ()))] = rows.get(seq, ())
+            for j, row in enumerate(rows.get(seq, ())):
+                source[row] = i * self.k + j
         self._start(wanted)
-        out = self.runner.propose(dataclasses.replace(inputs, verify_row=verify_row,
-                                                      step_draft=verify.draft))
+        out = self.runner.propose(dataclasses.replace(inputs, step_source=source))
         return dataclasses.replace(verify, draft=out.draft, draft_probs=out.draft_probs)
 
     def _set_penalties(self, pairs: list[tuple[Sequence, int]]) -> None:

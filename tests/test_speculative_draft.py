@@ -259,6 +259,19 @@ def test_the_draft_on_devices_of_its_own_gives_the_plain_tokens_at_tp2(dirs, pla
     assert proposer.ahead_rounds >= rounds - 1 and proposer.ahead_hits >= rounds - 2
 
 
+def test_a_draft_sharing_the_targets_tp2_mesh_feeds_its_proposals_on_the_device(dirs, plain):
+    """Target and draft both tp=2 on devices 0-1: the round's proposals go from the draft's
+    program into the target's verify step without the host. The draft is the target, so every
+    proposal is kept (it fails if a proposal reached the wrong row or position)."""
+    llm = LLM(dirs["target"], mesh="tp=2", rules="tp", speculative_config=_draft(dirs["target"]),
+              compilation="on_use", **ENGINE)
+    assert llm.engine.proposer.on_device
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    assert _tokens(llm, PROMPTS[:1], params) == _tokens(plain, PROMPTS[:1], params)
+    stats = llm.stats()
+    assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_verify_runs"] == 3
+
+
 def test_a_draft_mesh_out_of_range_or_on_the_targets_devices_is_refused_naming_it():
     from jaxserve.engine.speculative.draft import draft_layout
     from jaxserve.sharding import Layout

@@ -27,7 +27,7 @@ is the output processor's job (jaxserve/engine/output_processor.py), inline or o
 With speculation (`settings.speculative`, jaxserve/engine/speculative/) every step is read back
 before the next is planned: the proposer reads each sequence's latest tokens, and how many
 tokens a step keeps decides where the next one starts. A draft model's round is dispatched
-right before the verify step it feeds, its proposals and q written into the step's inputs on
+right before the verify step it feeds, its proposals and q laid out as the step's inputs on
 the device (`fill_step`): a round is two dispatches and one readback. The auto fallback
 (jaxserve/engine/speculative/fallback.py) is fed from here: each decode step's time from
 building its arrays to reading it back, and the proposer's time per round (any that includes

@@ -16,7 +16,7 @@ each one's proposals (`propose_all`); it hears when the target's step is dispatc
 what each sequence kept once the step is read back (`verified`); it never calls a model
 directly (the draft proposer dispatches its runner's compiled programs). A draft on the
 target's devices leaves its proposals there: the plan gets their number (`DeviceDrafts`), and
-the proposer's `fill_step` writes them into the verify step's inputs on the device.
+the proposer's `fill_step` lays them out as the verify step's inputs on the device.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ Design (this file owns it):
 - On the target's devices the proposals stay there: `propose_all` plans the round and hands
   the scheduler only how many proposals each sequence gets (`DeviceDrafts`); once the step's
   rows are laid out, `fill_step` dispatches the round, whose output is the proposals and q
-  laid out as the verify step's inputs, on the device, and the verify step follows at once: a round is
-  two dispatches and one readback, the verify's, where the kept proposals come back as the
-  target's tokens. A draft on devices of its own reads its proposals back (`propose_all`
+  laid out as the verify step's inputs, on the device, and the verify step follows at once:
+  a round is two dispatches and one readback, the verify's, where the kept proposals come
+  back as the target's tokens. A draft on devices of its own reads its proposals back (`propose_all`
   returns their values), since the round ahead (below) starts from them.
 - The draft decodes greedily for greedy requests (point masses: the target keeps exactly its
   greedy tokens) and samples for sampling ones, with the request's SamplingParams

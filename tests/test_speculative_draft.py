@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
@@ -99,24 +100,25 @@ def test_a_different_draft_proposes_its_own_greedy_tokens_and_keeps_the_plain_on
     instead of its first proposes other tokens."""
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     proposer = other_draft.engine.proposer
-    rounds, propose_all = [], proposer.propose_all
+    rounds, fill_step = [], proposer.fill_step
 
-    def recording(seqs):
-        out = propose_all(seqs)
-        rounds.extend((s.request.prompt_ids + s.output_ids, p) for s, p in out.tokens.items()
-                      if p)
+    def recording(rows, verify):  # the proposals stay on the device: read them afterwards
+        out = fill_step(rows, verify)
+        rounds.extend((s.request.prompt_ids + s.output_ids, out.draft, r)
+                      for s, r in rows.items())
         return out
 
-    proposer.propose_all = recording
+    proposer.fill_step = recording
     before = other_draft.stats()
     try:
         assert _tokens(other_draft, PROMPTS, params) == _tokens(plain, PROMPTS, params)
     finally:
-        del proposer.propose_all
+        del proposer.fill_step
     proposed, accepted, after = _spec_counts(other_draft, before)
     assert proposed > 0 and accepted < proposed  # it is not the target: some are rejected
     assert after["spec_acceptance_rate"] is not None
-    checked = rounds
+    checked = [(tokens, np.asarray(draft)[rows].tolist()) for tokens, draft, rows in rounds]
+    assert len(checked) >= 4 and all(len(p) for _, p in checked)
     alone = LLM(dirs["other"], **ENGINE).generate(
         [tokens for tokens, _ in checked],
         [SamplingParams(temperature=0, max_tokens=len(p), ignore_eos=True) for _, p in checked],
@@ -257,6 +259,19 @@ def test_the_draft_on_devices_of_its_own_gives_the_plain_tokens_at_tp2(dirs, pla
     assert proposer.ahead_rounds >= rounds - 1 and proposer.ahead_hits >= rounds - 2
 
 
+def test_a_draft_sharing_the_targets_tp2_mesh_feeds_its_proposals_on_the_device(dirs, plain):
+    """Target and draft both tp=2 on devices 0-1: the round's proposals go from the draft's
+    program into the target's verify step without the host. The draft is the target, so every
+    proposal is kept (it fails if a proposal reached the wrong row or position)."""
+    llm = LLM(dirs["target"], mesh="tp=2", rules="tp", speculative_config=_draft(dirs["target"]),
+              compilation="on_use", **ENGINE)
+    assert llm.engine.proposer.on_device
+    params = SamplingParams(temperature=0, max_tokens=13, ignore_eos=True)
+    assert _tokens(llm, PROMPTS[:1], params) == _tokens(plain, PROMPTS[:1], params)
+    stats = llm.stats()
+    assert stats["spec_acceptance_rate"] == 1.0 and stats["spec_verify_runs"] == 3
+
+
 def test_a_draft_mesh_out_of_range_or_on_the_targets_devices_is_refused_naming_it():
     from jaxserve.engine.speculative.draft import draft_layout
     from jaxserve.sharding import Layout
@@ -286,3 +301,54 @@ def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plai
     assert after["spec_break_even_tokens_per_step"] > 1 and after["spec_plain_step_s"] > 0
     # each sequence verified proposals in MIN_RUNS steps, and none after it fell back
     assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS
+
+
+def test_a_round_reads_back_only_the_verify_step_and_never_the_drafts_proposals(self_draft,
+                                                                               monkeypatch):
+    """The draft's round writes its proposals and q into the verify step's inputs on the
+    device: per round one draft program and one target step are dispatched, and the only
+    arrays the host reads are the target steps' outputs (tokens and which rows emitted), once
+    each. Fails when the host reads the draft's proposals or q back before planning the verify
+    step (as rounds did before: two readbacks each)."""
+    import jax
+    from jax._src.array import ArrayImpl
+
+    engine = self_draft.engine
+    made = {"propose": [], "step": []}  # each program's outputs, in dispatch order
+
+    def recording(runner, kind):
+        program = getattr(runner, kind)
+
+        def call(inputs):
+            made[kind].append(program(inputs))
+            return made[kind][-1]
+        monkeypatch.setattr(runner, kind, call)
+
+    recording(engine.runner, "step")
+    recording(engine.proposer.runner, "propose")
+    fetched = []  # every device array whose value the host read (np.asarray, np.array, tolist)
+    value, asarray, array = ArrayImpl._value, np.asarray, np.array
+
+    def reading(convert):
+        def read(a, *args, **kwargs):
+            if isinstance(a, jax.Array):
+                fetched.append(a)
+            return convert(a, *args, **kwargs)
+        return read
+
+    before = self_draft.stats()
+    with monkeypatch.context() as patched:
+        patched.setattr(ArrayImpl, "_value", property(reading(value.fget)))
+        patched.setattr(np, "asarray", reading(asarray))
+        patched.setattr(np, "array", reading(array))
+        _tokens(self_draft, [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=21,
+                                                         ignore_eos=True))
+    rounds = self_draft.stats()["spec_verify_runs"] - before["spec_verify_runs"]
+    assert rounds == 5  # every proposal kept: 1 + 5 x (3 + 1) tokens
+    assert len(made["propose"]) == rounds and len(made["step"]) == rounds + 1  # + the prefill
+    read = {id(a) for a in fetched}
+    drafts = {id(a) for out in made["propose"] for a in jax.tree.leaves(out)}
+    assert not read & drafts
+    steps = [{id(out.tokens), id(out.emitted)} for out in made["step"]]
+    assert all(step <= read for step in steps)  # each step's tokens and emitted rows, read once
+    assert read == set().union(*steps)  # and nothing else

@@ -26,7 +26,9 @@ is the output processor's job (jaxserve/engine/output_processor.py), inline or o
 
 With speculation (`settings.speculative`, jaxserve/engine/speculative/) every step is read back
 before the next is planned: the proposer reads each sequence's latest tokens, and how many
-tokens a step keeps decides where the next one starts. The auto fallback
+tokens a step keeps decides where the next one starts. A draft model's round is dispatched
+right before the verify step it feeds, its proposals and q laid out as the step's inputs on
+the device (`fill_step`): a round is two dispatches and one readback. The auto fallback
 (jaxserve/engine/speculative/fallback.py) is fed from here: each decode step's time from
 building its arrays to reading it back, and the proposer's time per round (any that includes
 a compile left out).
@@ -304,6 +306,11 @@ class Engine:
     def _dispatch(self, plan: StepPlan) -> _InFlight:
         started, compiled = time.perf_counter(), self.runner.compilations
         layout = self.builder.build(plan, self.compiler.shape_for)
+        if layout.device_draft_rows:  # the draft's round, feeding the step on the device
+            t0 = time.perf_counter()
+            layout.inputs = dataclasses.replace(layout.inputs, verify=self.proposer.fill_step(
+                layout.device_draft_rows, layout.inputs.verify))
+            self.timers["propose_s"] += time.perf_counter() - t0
         now = self.timeline.lap("build")
         for seq in [c.seq for c in plan.prefills] + plan.decodes:
             if seq.request.metrics.first_scheduled_time is None:
@@ -351,6 +358,7 @@ class Engine:
             self.counters["spec_verify_runs"] += update.verified_runs
             for seq, kept in update.runs:
                 self.fallback.record_run(seq, kept)
+            self.proposer.verified(update.runs)
         for sampled in update.sampled:
             metrics = sampled.seq.request.metrics
             if metrics.first_token_time is None:

@@ -78,6 +78,21 @@ class PrefillChunk:
     forks: list[Sequence] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceDrafts:
+    """A sequence's proposals whose token ids are still on the device (a draft model's round):
+    the host plans with their number alone, like a list of that many tokens, and the step takes
+    the values from the round's output (jaxserve/runtime/draft_runner.py)."""
+
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, part: slice) -> DeviceDrafts:
+        return DeviceDrafts(len(range(self.count)[part]))
+
+
 @dataclasses.dataclass
 class StepPlan:
     prefills: list[PrefillChunk]
@@ -86,8 +101,9 @@ class StepPlan:
     admitted: list[Sequence] = dataclasses.field(default_factory=list)  # given a slot this step
     # (replica, source block, destination block), local ids: copied right after the step
     copies: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
-    # a speculative step: the tokens each decoding sequence verifies after its last one
-    drafts: dict[Sequence, list[int]] = dataclasses.field(default_factory=dict)
+    # a speculative step: the tokens each decoding sequence verifies after its last one (or
+    # their number, when they are on the device)
+    drafts: dict[Sequence, list[int] | DeviceDrafts] = dataclasses.field(default_factory=dict)
     # sampled proposals: q of each of a sequence's drafts, f32[drafts, vocab_rows] (absent:
     # point masses); set beside `drafts` by the engine
     draft_probs: dict[Sequence, object] = dataclasses.field(default_factory=dict)

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxserve.engine.scheduler import StepPlan
+from jaxserve.engine.scheduler import DeviceDrafts, StepPlan
 from jaxserve.engine.sequence import Sequence
 from jaxserve.ops.attention import ChunkRow, build_metadata, table_width
 from jaxserve.runtime.runner import (MAX_SUPPRESSED, ScoreInputs, StepInputs, VerifyRows,
@@ -62,6 +62,9 @@ class StepLayout:
     # with trees: a branch node's row -> (its tree slot, its position's slot), local slot ids:
     # where its KV moves when its branch is kept
     tree_moves: dict[int, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    # proposals on the device (DeviceDrafts): per sequence, the rows that verify them, in order
+    # (the draft's round lays its proposals out there: `VerifyRows.draft`, `draft_probs`)
+    device_draft_rows: dict[Sequence, list[int]] = dataclasses.field(default_factory=dict)
 
 
 class StepBuilder:
@@ -140,7 +143,8 @@ class StepBuilder:
                              for cs in chunks)
         # Each decode row: (sequence, offset in its run, its input token or None = the slot's
         # last token, the proposal it verifies or -1, its tree slots or None, where its KV
-        # moves or None). Without speculation a run is one row.
+        # moves or None). Without speculation a run is one row. A run's later rows are fed,
+        # on the device, the proposal the row before verifies (verify.feed_proposals).
         runs = [[(s,) + row for s in decodes[r] for row in self._run(s, plan)]
                 for r in range(n)]
         d_rows, p_tokens = (shape_for or self.shape_for)(max(len(d) for d in runs),
@@ -173,8 +177,8 @@ class StepBuilder:
             row_seqs[r * s_loc + row] = seq
             sample_rows.append((r * s_loc + row, seq))
 
+        firsts: dict[Sequence, int] = {}  # a decoding sequence's first flat row
         for r in range(n):
-            firsts: dict[Sequence, int] = {}
             for i, (seq, j, token, proposal, _, move) in enumerate(runs[r]):
                 if token is None:
                     token_slot[r, i] = seq.slot
@@ -198,8 +202,13 @@ class StepBuilder:
                 for sampler in ([seq] if c.samples else []) + c.forks:
                     add_row(r, row, f + c.length - 1, sampler)
                     row += 1
+        device_rows = {seq: [firsts[seq] + j for j in range(len(d))]
+                       for seq, d in plan.drafts.items()
+                       if isinstance(d, DeviceDrafts) and d and seq in firsts}
         sampling, suppressed, want = self.sampling_columns(row_seqs, offsets)
-        verify = VerifyRows(draft, run_start, self._draft_probs(runs, plan, s_loc),
+        # q of proposals on the device comes with them (`fill_step`), for every row
+        probs = None if device_rows else self._draft_probs(runs, plan, s_loc)
+        verify = VerifyRows(draft, run_start, probs,
                             group_start if self.trees else None) if self.speculative else None
         inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
                             sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
@@ -208,7 +217,7 @@ class StepBuilder:
         return StepLayout(inputs, sample_rows, bool(want.any()),
                           decode_rows if self.speculative else frozenset(),
                           frozenset(int(x) for x in set(run_start[list(decode_rows)]))
-                          if self.trees else frozenset(), moves)
+                          if self.trees else frozenset(), moves, device_rows)
 
     def _draft_probs(self, runs, plan: StepPlan, s_loc: int) -> np.ndarray | None:
         """q of every row's proposal, f32[rows, vocab_rows] (zeros: a point mass or none)."""
@@ -226,18 +235,21 @@ class StepBuilder:
         """A decoding sequence's rows: (offset in its run, input token, proposal verified, tree
         slots, KV move). Without speculation one row whose token stays on the device; with it,
         the last token (read back: a speculative engine reads every step back before planning
-        the next) and then the proposals. A token tree is one run per branch, each starting
-        from the last token (the same draw: same seed and token index): the first branch
-        written at its positions, the others at tree slots after it, each node seeing the
-        context and its own branch (jaxserve/ops/attention.py)."""
+        the next) and then one row per proposal, whose input the step feeds from the row
+        before (the host's 0 is not read); proposals on the device verify -1 here, replaced
+        by the draft's round (StepLayout.device_draft_rows). A token tree is one run per
+        branch, each starting from the last token (the same draw: same seed and token
+        index): the first branch written at its positions, the others at tree slots after it,
+        each node seeing the context and its own branch (jaxserve/ops/attention.py)."""
         if not self.speculative:
             return [(0, None, -1, None, None)]
         last = seq.total_len - 1  # the last token's position
         chains = [plan.drafts.get(seq) or []] + plan.branches.get(seq, [])
         out, used = [], 0  # used: tree slots the earlier branches took
         for c, chain in enumerate(chains):
-            inputs = [seq.prefill_token(last)] + chain
-            for j, (token, proposal) in enumerate(zip(inputs, chain + [-1])):
+            proposals = [-1] * len(chain) if isinstance(chain, DeviceDrafts) else list(chain)
+            for j, proposal in enumerate(proposals + [-1]):
+                token = seq.prefill_token(last) if j == 0 else 0
                 tree = move = None
                 if self.trees and j:
                     slot = last + used + j

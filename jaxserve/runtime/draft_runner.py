@@ -9,7 +9,15 @@ sequence one row; the last few tokens the draft has not seen yet (its catch-up, 
 iteration feeds the previous iteration's proposal. Iteration i writes the KV of its input token
 at position `start + i` and reads the KV the earlier iterations wrote; a row past what its
 sequence wants (`num_proposals`) is padding (position -1: it writes the null block), so no KV
-is written past the blocks the host allocated. Proposals are read back once, [rows, k].
+is written past the blocks the host allocated.
+
+Where the proposals go: either back to the host, [rows, k] (a draft on devices of its own,
+whose round runs beside the target's step), or straight into the target's next step
+(`ProposeInputs.step_source`): each sample row of the verify step gathers the proposal it
+verifies, and its q (`StepRows`: the step's `VerifyRows.draft` and `draft_probs`),
+so the verify step is dispatched right after the round and nothing is read back in between;
+the verify step feeds each proposal as the input of the row after the one verifying it
+(jaxserve/runtime/verify.py). The host plans with the number of proposals only.
 
 Each proposal is drawn the way the target's step draws a token (jaxserve/runtime/sampling.py,
 the same functions): the row's SamplingParams applied to the draft's logits, penalties counting
@@ -52,6 +60,18 @@ class ProposeInputs:
     sampling: SamplingInputs  # per row; counter: the index of the row's first proposal
     num_speculative_tokens: int = dataclasses.field(metadata=dict(static=True))  # k
     chunk_blocks: int = dataclasses.field(metadata=dict(static=True))
+    # i32[step rows]: per sample row of the target's step, the proposal it verifies (row * k +
+    # index; -1: none); None: the proposals go back to the host
+    step_source: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepRows:
+    """A round's proposals laid out as the verify step's sample rows (see VerifyRows)."""
+
+    draft: jax.Array  # i32[step rows]: the proposal each row verifies; -1 = none
+    draft_probs: jax.Array  # f32[step rows, vocab_rows]: its q (zeros: a point mass or none)
 
 
 def _propose(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
@@ -107,38 +127,48 @@ def _propose(graphdef, param_treedef, setting, param_leaves, kv, state: SlotStat
              jnp.zeros((rows, k, vocab), jnp.float32), jnp.zeros((rows, vocab), jnp.int32))
     with jax.named_scope("draft_propose"):
         kv, _, proposals, probs, _ = jax.lax.fori_loop(0, iterations, iteration, carry)
-    return proposals, probs, kv
+    if inputs.step_source is None:
+        return proposals, probs, kv
+    source = inputs.step_source
+    at = jnp.maximum(source, 0)
+    verifies = source >= 0
+    draft = jnp.where(verifies, proposals.reshape(-1)[at], -1)
+    step_probs = jnp.where(verifies[:, None], probs.reshape(-1, vocab)[at], 0.0)
+    return StepRows(draft, step_probs), kv
 
 
 class DraftRunner(ModelRunner):
     """A ModelRunner that can also run a round of proposals in one program (`propose`)."""
 
-    def _propose_program(self):
-        return self._jitted("propose", lambda: jax.jit(
+    def _propose_program(self, to_step: bool):
+        host, kv = (self.layout.replicated(),) * 2, self.kv.shardings()
+        return self._jitted("propose_to_step" if to_step else "propose", lambda: jax.jit(
             functools.partial(_propose, self.graphdef, self._param_treedef,
                               (self.layout, self.moe)),
             donate_argnums=(1,),
-            in_shardings=(_shardings(self.param_leaves), self.kv.shardings(),
-                          _shardings(self.slot_state), self._input_sharding()),
-            out_shardings=(self.layout.replicated(), self.layout.replicated(),
-                           self.kv.shardings())))
+            in_shardings=(_shardings(self.param_leaves), kv, _shardings(self.slot_state),
+                          self._input_sharding()),
+            out_shardings=(StepRows(*host), kv) if to_step else host + (kv,)))
 
     def _propose_executable(self, inputs: ProposeInputs):
+        to_step = inputs.step_source is not None
         key = ("propose", inputs.tokens.shape, inputs.block_tables.shape,
-               inputs.num_speculative_tokens)
+               inputs.num_speculative_tokens,
+               inputs.step_source.shape if to_step else None)
         executable = self._compiled.get(key)
         if executable is not None:
             return executable
-        return self._compile_once(key, lambda: self._propose_program().lower(
+        return self._compile_once(key, lambda: self._propose_program(to_step).lower(
             self._abstract_params, self._abstract_kv, self._abstract_slots,
             self._abstract_inputs("propose", inputs)).compile())
 
-    def propose(self, inputs: ProposeInputs) -> tuple[jax.Array, jax.Array]:
-        """Dispatch one round of proposals; returns (i32[rows, k] (-1: none), q f32[rows, k,
-        vocab_rows] (zeros: a greedy row)) without waiting."""
-        proposals, probs, self.kv = self._propose_executable(inputs)(
+    def propose(self, inputs: ProposeInputs):
+        """Dispatch one round of proposals; returns without waiting: (i32[rows, k] (-1: none),
+        q f32[rows, k, vocab_rows] (zeros: a greedy row)), or with `inputs.step_source` the
+        StepRows of the target's step."""
+        *outputs, self.kv = self._propose_executable(inputs)(
             self.param_leaves, self.kv, self.slot_state, inputs)
-        return proposals, probs
+        return tuple(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def propose_inputs(rows: int, catch_up: int, k: int, width: int, chunk_blocks: int,

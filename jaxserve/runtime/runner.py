@@ -461,7 +461,8 @@ class StepInputs:
 class VerifyRows:
     """How a speculative step's sample rows verify proposals (see jaxserve/runtime/verify.py)."""
 
-    draft: jax.Array  # i32[rows]: the proposed token the row verifies; -1 = none
+    # i32[rows]: the proposed token the row verifies (-1 = none), and the next row's input
+    draft: jax.Array
     run_start: jax.Array  # i32[rows]: flat index of the first row of the row's run
     # f32[rows, vocab_rows]: q of a sampled proposal (zeros: a point mass); None: all are
     draft_probs: jax.Array | None = None
@@ -519,6 +520,9 @@ def _step(graphdef, param_treedef, setting, param_leaves, kv, state: SlotState,
           inputs: StepInputs, *, sampling_mode: str, output_probs: bool = False):
     layout = setting[0]
     tokens = slots.slot_tokens(layout, state.last_token, inputs.token_slot, inputs.tokens)
+    if inputs.verify is not None:
+        tokens = verify.feed_proposals(tokens, inputs.verify.draft, inputs.verify.run_start,
+                                       inputs.metadata.decode_rows)
     model, hidden, kv = _hidden(graphdef, param_treedef, setting, param_leaves, kv, tokens,
                                 inputs.metadata)
     with layout.activate():

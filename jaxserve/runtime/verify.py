@@ -5,6 +5,9 @@ last token, then its proposals d_1..d_m (the attention op makes the rows causal:
 KV the earlier rows of the step wrote). Row j's logits give the target distribution p_j of the
 token after row j's input; row j < m verifies d_{j+1}, the run's last row has no proposal and
 draws the bonus token. A prefill chunk's sample row is a run of one row without a proposal.
+The input of row j >= 1 is the proposal row j - 1 verifies, taken from the step's `draft` on
+the device (`feed_proposals`): proposals a draft model left on the device (laid out as
+`draft` by its round) are never read by the host before they are verified.
 
 Per row, with the sequence's SamplingParams applied to the target logits exactly as a plain
 step applies them (penalties counting the run's earlier proposals as generated, suppressed
@@ -58,6 +61,15 @@ def _within_run(per_row: jax.Array, run_start: jax.Array) -> jax.Array:
 
 
 ACCEPT, RESIDUAL = 1, 2  # streams folded into a row's key (see the module docstring)
+
+
+def feed_proposals(tokens, draft, run_start, decode_rows: int):
+    """The step's input tokens with each run's later rows fed the proposal the row before it
+    verifies. One DP replica: decode row i is token i and sample row i."""
+    row = jnp.arange(decode_rows)
+    later = run_start[:decode_rows] != row
+    fed = jnp.where(later, draft[jnp.maximum(row - 1, 0)], tokens[:decode_rows])
+    return tokens.at[:decode_rows].set(fed)
 
 
 def processed_logits(logits, prompt_mask, output_counts, slot_ids, suppressed,

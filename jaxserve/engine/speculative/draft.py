@@ -13,13 +13,20 @@ Design (this file owns it):
   what a catch-up would write: the same tokens after the same prefix), so after a step that
   kept a proposals only 1 token (2 when all k were kept) is new to the draft. The rest of the
   proposals' KV is overwritten by later rounds (no copy, no rollback), and positions past a
-  sequence's length are never read.
-- One round (`propose_all`) is ONE dispatch of the draft's `propose` program for every
-  sequence (no per-sequence loop, no k dispatches): the up to CATCH_UP new tokens of each
-  sequence, then k - 1 decode iterations, in a loop on the device; the proposals (and q of the
-  sampled ones) are read back once. A sequence with more new tokens than that (one seen for
-  the first time, or after a preemption) first has the excess prefilled by the draft's step
-  program, batched and chunked to the step budget.
+  sequence's length are never read. Which proposals the target kept, the engine says
+  (`verified`): a rejected proposal is never the token the target emits (verify.py).
+- One round is ONE dispatch of the draft's `propose` program for every sequence (no
+  per-sequence loop, no k dispatches): the up to CATCH_UP new tokens of each sequence, then
+  k - 1 decode iterations, in a loop on the device. A sequence with more new tokens than that
+  (one seen for the first time, or after a preemption) first has the excess prefilled by the
+  draft's step program, batched and chunked to the step budget.
+- On the target's devices the proposals stay there: `propose_all` plans the round and hands
+  the scheduler only how many proposals each sequence gets (`DeviceDrafts`); once the step's
+  rows are laid out, `fill_step` dispatches the round, whose output is the proposals and q
+  laid out as the verify step's inputs, on the device, and the verify step follows at once:
+  a round is two dispatches and one readback, the verify's, where the kept proposals come
+  back as the target's tokens. A draft on devices of its own reads its proposals back (`propose_all`
+  returns their values), since the round ahead (below) starts from them.
 - The draft decodes greedily for greedy requests (point masses: the target keeps exactly its
   greedy tokens) and samples for sampling ones, with the request's SamplingParams
   (`draft_params`) and a seed of its own per round (`round_seed`), returning q of each
@@ -46,13 +53,14 @@ import numpy as np
 
 from jaxserve.engine.block_pool import BlockPool
 from jaxserve.engine.id_pool import IdPool
-from jaxserve.engine.scheduler import PrefillChunk, StepPlan
+from jaxserve.engine.scheduler import DeviceDrafts, PrefillChunk, StepPlan
 from jaxserve.engine.sequence import Request, Sequence
 from jaxserve.engine.speculative.proposals import (GREEDY, Proposals, draft_params,
                                                    penalty_rows, round_seed)
 from jaxserve.engine.step_builder import QUERY_TILE, StepBuilder
 from jaxserve.ops.attention import chunk_blocks_for
-from jaxserve.runtime.draft_runner import propose_inputs
+from jaxserve.runtime.draft_runner import ProposeInputs, propose_inputs
+from jaxserve.runtime.runner import VerifyRows
 from jaxserve.settings import SchedulerSettings, parse_draft_mesh
 from jaxserve.sharding import Layout
 
@@ -66,7 +74,9 @@ class _DraftState:
     shadow: Sequence  # the draft's view of a target sequence: prompt_ids = its known tokens
     valid: int = 0  # leading tokens whose KV the draft's pool holds
     proposed_at: int = 0  # the length of the tokens the last round proposed after
-    proposed: list[int] = dataclasses.field(default_factory=list)  # that round's proposals
+    proposed: list[int] = dataclasses.field(default_factory=list)  # its values (read back)
+    num_proposed: int = 0  # how many proposals that round made
+    kept: int = 0  # how many of them the target kept (`verified`)
     # a round dispatched ahead (`dispatched`): (where the target's bonus token lands if it
     # keeps every proposal, the round's proposals on the device, this sequence's row)
     ahead: tuple[int, object, int] | None = None
@@ -80,6 +90,9 @@ class DraftProposer:
         scheduler settings (the draft's steps obey the same budget). ahead: propose step
         t+1's tokens while the target verifies step t's (the draft on devices of its own)."""
         self.runner, self.limits, self.k, self.ahead = runner, limits, k, ahead
+        self.on_device = not ahead  # the proposals stay on the device (see the module docstring)
+        # the round `propose_all` planned, for `fill_step`: its inputs and (seq, state, m) rows
+        self.round: tuple[ProposeInputs, list[tuple[Sequence, _DraftState, int]]] | None = None
         self.ahead_rounds = self.ahead_hits = 0
         seqs = limits.max_num_seqs
         runner.init_slots(seqs)
@@ -120,24 +133,29 @@ class DraftProposer:
         return state
 
     @staticmethod
-    def _count_kept(state: _DraftState, tokens: list[int]) -> None:
+    def _count_kept(state: _DraftState) -> None:
         """Advance `valid` over the last round's proposals whose KV the draft wrote (all but
-        the last) while they are the sequence's actual tokens."""
-        if state.valid != state.proposed_at:
-            return
-        for j, proposal in enumerate(state.proposed[:-1]):
-            at = state.proposed_at + j
-            if at >= len(tokens) - 1 or tokens[at] != proposal:
-                break
-            state.valid = at + 1
+        the last) that the target kept."""
+        if state.valid == state.proposed_at:
+            state.valid += max(0, min(state.kept, state.num_proposed - 1))
+        state.kept = 0
+
+    def verified(self, runs: list[tuple[Sequence, int]]) -> None:
+        """A step's read back: (sequence, proposals it kept) for each that verified some."""
+        for seq, kept in runs:
+            state = self.states.get(seq)
+            if state is not None:
+                state.kept = kept
 
     def propose_all(self, seqs: list[Sequence]) -> Proposals:
-        """Proposals for decoding sequences whose outputs are all read back."""
+        """Proposals for decoding sequences whose outputs are all read back: their values, or
+        on the device their number (the round is dispatched by `fill_step`)."""
+        self.round = None
         proposing = set(seqs)
         for gone in [s for s in self.states if s not in proposing]:
             self._release(gone)
         wanted: list[tuple[Sequence, _DraftState, int]] = []  # (seq, state, proposals to make)
-        proposals: dict[Sequence, list[int]] = {seq: [] for seq in seqs}
+        proposals: dict[Sequence, list[int] | DeviceDrafts] = {seq: [] for seq in seqs}
         for seq in seqs:
             tokens = seq.request.prompt_ids + seq.output_ids
             # proposals past max_tokens could never be kept (see Scheduler.schedule)
@@ -149,7 +167,7 @@ class DraftProposer:
             if early is not None:
                 proposals[seq] = early
                 continue
-            self._count_kept(state, tokens)
+            self._count_kept(state)
             wanted.append((seq, state, m))
         if not wanted:
             return Proposals(proposals)
@@ -163,11 +181,14 @@ class DraftProposer:
             round_rows.append((tokens[state.valid:], state.valid, m, state.shadow.blocks))
             draws.append((draft_params(seq.params), round_seed(seq.seed, len(seq.output_ids)),
                           state.shadow.slot))
-            state.valid = state.proposed_at = len(tokens)
         self._set_penalties([(seq, state.shadow.slot) for seq, state, _ in wanted])
         inputs = propose_inputs(rows, CATCH_UP, self.k, self.builder.width,
                                 chunk_blocks_for(self.runner.block_size), round_rows, draws,
                                 self.trash_slot)
+        if self.on_device:
+            self.round = (inputs, wanted)
+            return Proposals({**proposals, **{seq: DeviceDrafts(m) for seq, _, m in wanted}})
+        self._start(wanted)
         out, q = self.runner.propose(inputs)
         out = np.asarray(out)  # the round's one readback (with q when a row sampled)
         sampled = [i for i, (params, _, _) in enumerate(draws) if params.temperature]
@@ -179,6 +200,28 @@ class DraftProposer:
             seq, _, m = wanted[i]
             result.probs[seq] = q[i, :m]
         return result
+
+    @staticmethod
+    def _start(wanted: list[tuple[Sequence, _DraftState, int]]) -> None:
+        """The round is dispatched: its KV covers each sequence's tokens, and it proposes m."""
+        for _, state, m in wanted:
+            state.valid = state.proposed_at = len(state.shadow.request.prompt_ids)
+            state.num_proposed, state.kept = m, 0
+
+    def fill_step(self, rows: dict[Sequence, list[int]], verify: VerifyRows) -> VerifyRows:
+        """Dispatch the round `propose_all` planned, its proposals gathered on the device into
+        the verify step's rows that verify them (`rows`: per sequence, in order; every
+        proposal of the step is the round's): returns the step's VerifyRows `verify` with
+        `draft` and `draft_probs` the round's output. Nothing waits."""
+        inputs, wanted = self.round
+        self.round = None
+        source = np.full(verify.draft.shape, -1, np.int32)
+        for i, (seq, _, _) in enumerate(wanted):
+            for j, row in enumerate(rows.get(seq, ())):
+                source[row] = i * self.k + j
+        self._start(wanted)
+        out = self.runner.propose(dataclasses.replace(inputs, step_source=source))
+        return dataclasses.replace(verify, draft=out.draft, draft_probs=out.draft_probs)
 
     def _set_penalties(self, pairs: list[tuple[Sequence, int]]) -> None:
         """Sampled proposals with penalties count the target's outputs: their draft slots start
@@ -205,6 +248,7 @@ class DraftProposer:
         self.ahead_hits += 1
         state.valid = state.proposed_at = at + 1  # the round wrote the KV through the bonus
         state.proposed = guesses[1:1 + m]
+        state.num_proposed, state.kept = len(state.proposed), 0
         return state.proposed
 
     def dispatched(self, plan: StepPlan) -> None:

@@ -73,3 +73,6 @@ class NgramProposer:
 
     def dispatched(self, plan) -> None:
         """Nothing runs beside the target's step."""
+
+    def verified(self, runs) -> None:
+        """Lookups start from the tokens alone: nothing to keep from a step."""

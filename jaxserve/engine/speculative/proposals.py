@@ -31,7 +31,8 @@ _MASK64 = (1 << 64) - 1
 
 @dataclasses.dataclass
 class Proposals:
-    tokens: dict  # Sequence -> list[int]: its proposals, in order
+    # Sequence -> list[int]: its proposals, in order (or DeviceDrafts: how many, on the device)
+    tokens: dict
     # Sequence -> f32[len(tokens), vocab_rows]: q of each sampled proposal (absent: point masses)
     probs: dict = dataclasses.field(default_factory=dict)
     # Sequence -> a token tree's other branches, each a list of tokens after the last one

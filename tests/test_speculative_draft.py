@@ -286,3 +286,19 @@ def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plai
     assert after["spec_break_even_tokens_per_step"] > 1 and after["spec_plain_step_s"] > 0
     # each sequence verified proposals in MIN_RUNS steps, and none after it fell back
     assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS
+
+
+def test_after_useless_drafts_new_greedy_requests_start_plain(plain, other_draft):
+    """Once sequences fell back, the engine stops paying each new request's judgement: after
+    three fall-backs at most one new greedy sequence in 8 tries (a trial), the others decode
+    plainly from their first step, with the plain tokens."""
+    from jaxserve.engine.speculative.fallback import MIN_RUNS
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    _tokens(other_draft, PROMPTS[:3], params)  # three fall-backs, whatever ran before
+    before = other_draft.stats()
+    assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
+    after = other_draft.stats()
+    assert after["spec_trial_every"] >= 8
+    assert after["spec_fallback_untried"] - before["spec_fallback_untried"] >= 2
+    assert after["spec_verify_runs"] - before["spec_verify_runs"] <= MIN_RUNS

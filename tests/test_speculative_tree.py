@@ -164,6 +164,11 @@ def test_trees_need_prompt_lookup_and_fit_k():
     args = cli.build_parser().parse_args(["generate", "--prompt", "x",
                                           "--speculative-tree=-1,0,0"])
     assert cli._settings(args).speculative.token_tree == TokenTree((-1, 0, 0))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--speculative-method",
+                                          "draft", "--speculative-tree", "3x3"])
+    with pytest.raises(ValueError, match=r"speculative tree '3x3' needs method 'ngram' \(prompt "
+                                         r"lookup fills its branches\), got 'draft'"):
+        cli._settings(args)
 
 
 def test_a_token_tree_on_a_tp2_mesh_gives_the_single_device_greedy_tokens(llm, model_dir):

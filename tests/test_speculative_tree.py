@@ -147,6 +147,16 @@ def test_a_token_tree_gives_the_greedy_tokens_after_other_branches_win(llm, tree
     assert after["spec_tree_branch_commits"] > before.get("spec_tree_branch_commits", 0)
 
 
+def test_branch_commits_of_several_sequences_in_one_step_all_fit_the_slot_moves(tree_llm):
+    """Each sequence that commits a branch moves up to the tree's depth of slots, so a step
+    may move more slots than the tree has nodes: the moves double in size until all fit."""
+    moves = [(20 + i, i) for i in range(6)]  # three sequences, two kept nodes each
+    pairs = tree_llm.engine.builder.slot_pairs(moves, 4)  # a 2x2 tree: 4 nodes
+    assert pairs.shape == (1, 8, 2) and pairs[0, :6].tolist() == [list(m) for m in moves]
+    assert not pairs[0, 6:].any()  # (0, 0) pads
+    assert tree_llm.engine.builder.slot_pairs(moves[:2], 4).shape == (1, 4, 2)
+
+
 def test_trees_need_prompt_lookup_and_fit_k():
     from jaxserve.settings import SpeculativeSettings
 

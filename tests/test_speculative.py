@@ -390,8 +390,11 @@ def test_after_fall_backs_new_greedy_sequences_start_plain_but_for_fewer_and_few
     assert stats["spec_trial_every"] == MAX_TRIAL_EVERY
     assert stats["spec_fallback_sequences"] == 10 + stats["spec_fallback_untried"]
     assert stats["spec_fallback_untried"] == 2 + 3 + 7 + 15 + 31 + 63 + 63 + 63 + 63
+    marginal = next(s for s in iter(seq, None) if fallback.proposing([s]))
+    assert still_proposing_after_judgement(marginal, 1.5)  # 2.5 tokens: not below 0.9 x 2.5,
+    assert fallback.trial_every == MAX_TRIAL_EVERY  # but not clearly above it (2.5 / 0.9)
     good = next(s for s in iter(seq, None) if fallback.proposing([s]))
-    assert still_proposing_after_judgement(good, 3)  # 4 tokens per step > 0.9 x 2.5
+    assert still_proposing_after_judgement(good, 2)  # 3 tokens per step > 2.5 / 0.9
     assert fallback.trial_every == 1
     everyone = [seq() for _ in range(3)]
     assert fallback.proposing(everyone + [good]) == everyone + [good]

@@ -23,9 +23,12 @@ than the fallback saves. So the engine remembers its verdicts: after a sequence 
 only every `trial_every`-th new greedy sequence speculates (a trial, judged as above), the
 others start without proposals (`spec_fallback_untried`). Each further fall-back doubles
 `trial_every` (up to MAX_TRIAL_EVERY: the trials then cost about MIN_RUNS x (tau* - 1) / 64
-plain steps per request); a trial that passes its first judgement resets it to 1, so a
-proposer that becomes useful again (another workload) is taken up again within a few
-requests. Sampled requests are always judged on their own: whether a step speculates changes
+plain steps per request); a trial that clearly passes a judgement (at least
+max(tau*, 1) / MARGIN tokens per step) resets it to 1, so a proposer that becomes useful
+again (another workload) is taken up again within a few requests. A marginal trial keeps
+speculating but resets nothing: one sequence's proposals among many plain rows barely change
+the batch's step time, so tau* is then near 1 and useless proposals would pass a bare
+comparison. Sampled requests are always judged on their own: whether a step speculates changes
 a sampled draft's tokens, and a seeded request's tokens must not depend on the requests
 before it.
 
@@ -119,7 +122,8 @@ class Fallback:
                 self.passed.discard(seq)
                 self.num_fallen += 1
                 self.trial_every = min(2 * self.trial_every, MAX_TRIAL_EVERY)
-            elif tau_star is not None and seq not in self.passed:
+            elif tau_star is not None and seq not in self.passed \
+                    and (runs + kept) / runs >= max(tau_star, 1.0) / MARGIN:
                 self.passed.add(seq)
                 self.trial_every = 1
         return [s for s in seqs if s not in self.fallen]

@@ -346,3 +346,55 @@ def test_the_break_even_is_draft_plus_verify_over_plain_and_judges_each_sequence
     for _ in range(MIN_RUNS):
         off.record_run(poor, 0)
     assert off.proposing([poor]) == [poor] and not off.wants_probe([poor])
+
+
+
+def test_after_fall_backs_new_greedy_sequences_start_plain_but_for_fewer_and_fewer_trials():
+    """The engine remembers its verdicts: after a fall-back only every trial_every-th new
+    greedy sequence speculates, trial_every doubling per fall-back up to MAX_TRIAL_EVERY; a
+    trial that passes its judgement brings every new sequence back; sampled ones always try."""
+    from jaxserve.engine.speculative.fallback import MAX_TRIAL_EVERY, MIN_PLAIN, MIN_RUNS, \
+        Fallback
+
+    class Seq:  # what the fallback reads of a sequence; hashed by identity, as sequences are
+        def __init__(self, greedy):
+            self.params = SamplingParams(temperature=0 if greedy else 1)
+
+    def seq(greedy=True):
+        return Seq(greedy)
+
+    fallback = Fallback(enabled=True)
+    fallback.record_draft(0.010)
+    fallback.record_step(0.015, verified=True)
+    for _ in range(MIN_PLAIN):
+        fallback.record_step(0.010, verified=False)  # break-even 2.5 tokens per step
+
+    def still_proposing_after_judgement(s, kept_per_run):
+        for _ in range(MIN_RUNS):
+            fallback.record_run(s, kept_per_run)
+        return fallback.proposing([s]) == [s]
+
+    first = seq()
+    assert fallback.proposing([first]) == [first]  # nothing judged yet: it tries
+    assert not still_proposing_after_judgement(first, 0) and fallback.trial_every == 2
+    fresh = [seq() for _ in range(4)]
+    assert fallback.proposing(fresh) == fresh[1::2]  # every 2nd new greedy sequence tries
+    assert not still_proposing_after_judgement(fresh[1], 0) and fallback.trial_every == 4
+    sampled = seq(greedy=False)
+    assert fallback.proposing([sampled]) == [sampled]
+    for _ in range(8):  # the trials keep failing: fewer and fewer of them
+        trial = next(s for s in iter(seq, None) if fallback.proposing([s]))
+        assert not still_proposing_after_judgement(trial, 0)
+    assert fallback.trial_every == MAX_TRIAL_EVERY
+    stats = fallback.stats([])
+    assert stats["spec_trial_every"] == MAX_TRIAL_EVERY
+    assert stats["spec_fallback_sequences"] == 10 + stats["spec_fallback_untried"]
+    assert stats["spec_fallback_untried"] == 2 + 3 + 7 + 15 + 31 + 63 + 63 + 63 + 63
+    marginal = next(s for s in iter(seq, None) if fallback.proposing([s]))
+    assert still_proposing_after_judgement(marginal, 1.5)  # 2.5 tokens: not below 0.9 x 2.5,
+    assert fallback.trial_every == MAX_TRIAL_EVERY  # but not clearly above it (2.5 / 0.9)
+    good = next(s for s in iter(seq, None) if fallback.proposing([s]))
+    assert still_proposing_after_judgement(good, 2)  # 3 tokens per step > 2.5 / 0.9
+    assert fallback.trial_every == 1
+    everyone = [seq() for _ in range(3)]
+    assert fallback.proposing(everyone + [good]) == everyone + [good]

@@ -286,7 +286,8 @@ def test_a_draft_mesh_out_of_range_or_on_the_targets_devices_is_refused_naming_i
     assert [d.id for d in draft_layout("tp=2@4", target, "tp").mesh.devices.flat] == [4, 5]
 
 
-def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plain, other_draft):
+def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plain, other_draft,
+                                                                           monkeypatch):
     """A random draft as costly as the target gains far fewer tokens per step than its
     measured break-even ((draft + verify) / plain step time, about k + 1 here): every sequence
     stops speculating once judged (after MIN_RUNS verifying steps), and the tokens stay the
@@ -294,6 +295,10 @@ def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plai
     from jaxserve.engine.speculative.fallback import MIN_RUNS
 
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    # every new sequence is tried, whatever earlier tests on this engine left the fallback's
+    # memory at (their sequences may have fallen back too, under load)
+    monkeypatch.setattr(other_draft.engine.fallback, "trial_every", 1)
+    monkeypatch.setattr(other_draft.engine.fallback, "since_trial", 0)
     before = other_draft.stats()
     assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
     after = other_draft.stats()
@@ -352,3 +357,19 @@ def test_a_round_reads_back_only_the_verify_step_and_never_the_drafts_proposals(
     steps = [{id(out.tokens), id(out.emitted)} for out in made["step"]]
     assert all(step <= read for step in steps)  # each step's tokens and emitted rows, read once
     assert read == set().union(*steps)  # and nothing else
+
+
+def test_after_useless_drafts_new_greedy_requests_start_plain(plain, other_draft):
+    """Once sequences fell back, the engine stops paying each new request's judgement: after
+    three fall-backs at most one new greedy sequence in 8 tries (a trial), the others decode
+    plainly from their first step, with the plain tokens."""
+    from jaxserve.engine.speculative.fallback import MIN_RUNS
+
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    _tokens(other_draft, PROMPTS[:3], params)  # three fall-backs, whatever ran before
+    before = other_draft.stats()
+    assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
+    after = other_draft.stats()
+    assert after["spec_trial_every"] >= 8
+    assert after["spec_fallback_untried"] - before["spec_fallback_untried"] >= 2
+    assert after["spec_verify_runs"] - before["spec_verify_runs"] <= MIN_RUNS

@@ -110,6 +110,24 @@ def test_bad_trees_are_refused_naming_the_value(spec, error):
 TREE_PROMPTS = [[9, 8, 8, 9, 5, 9, 6, 9], [3, 4, 8, 3, 4, 6, 3, 4]]
 
 
+def _greedy(llm, prompts):
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    return [r.outputs[0] for r in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+def _assert_greedy(llm, prompts, outs):
+    """Each output's tokens are the argmaxes of a fresh prefill of the prompt and the tokens
+    before it, with that prefill's logprobs (within 1e-5): plain greedy decoding's."""
+    for prompt, out in zip(prompts, outs):
+        logits = _fresh(llm, prompt + out.token_ids, [3, 4, 5])[len(prompt) - 1:-1]
+        assert out.token_ids == logits.argmax(axis=-1).tolist()
+        logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                   keepdims=True)) - logits.max(-1, keepdims=True)
+        np.testing.assert_allclose([lp[t] for lp, t in zip(out.logprobs, out.token_ids)],
+                                   logprobs[np.arange(len(out.token_ids)), out.token_ids],
+                                   atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tree_llm(model_dir):
     return LLM(model_dir, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
@@ -122,20 +140,21 @@ def test_a_token_tree_gives_the_greedy_tokens_after_other_branches_win(llm, tree
     of a fresh prefill of the prompt and the tokens before it, with that prefill's logprob
     (within 1e-5). A kept branch other than the first has its KV moved to its positions, and
     the logits of every later token read it (checked to fail without the move)."""
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
     before = tree_llm.stats()
-    got = [r.outputs[0] for r in tree_llm.generate(TREE_PROMPTS, sp, use_tqdm=False)]
+    _assert_greedy(llm, TREE_PROMPTS, _greedy(tree_llm, TREE_PROMPTS))
     after = tree_llm.stats()
-    for prompt, out in zip(TREE_PROMPTS, got):
-        logits = _fresh(llm, prompt + out.token_ids, [3, 4, 5])[len(prompt) - 1:-1]
-        assert out.token_ids == logits.argmax(axis=-1).tolist()
-        logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                   keepdims=True)) - logits.max(-1, keepdims=True)
-        np.testing.assert_allclose([lp[t] for lp, t in zip(out.logprobs, out.token_ids)],
-                                   logprobs[np.arange(len(out.token_ids)), out.token_ids],
-                                   atol=1e-5)
     assert after["spec_accepted_tokens"] > before["spec_accepted_tokens"]
     assert after["spec_tree_branch_commits"] > before.get("spec_tree_branch_commits", 0)
+
+
+def test_branch_commits_of_several_sequences_in_one_step_all_fit_the_slot_moves(tree_llm):
+    """Each sequence that commits a branch moves up to the tree's depth of slots, so a step
+    may move more slots than the tree has nodes: the moves double in size until all fit."""
+    moves = [(20 + i, i) for i in range(6)]  # three sequences, two kept nodes each
+    pairs = tree_llm.engine.builder.slot_pairs(moves, 4)  # a 2x2 tree: 4 nodes
+    assert pairs.shape == (1, 8, 2) and pairs[0, :6].tolist() == [list(m) for m in moves]
+    assert not pairs[0, 6:].any()  # (0, 0) pads
+    assert tree_llm.engine.builder.slot_pairs(moves[:2], 4).shape == (1, 4, 2)
 
 
 def test_trees_need_prompt_lookup_and_fit_k():
@@ -155,3 +174,21 @@ def test_trees_need_prompt_lookup_and_fit_k():
     args = cli.build_parser().parse_args(["generate", "--prompt", "x",
                                           "--speculative-tree=-1,0,0"])
     assert cli._settings(args).speculative.token_tree == TokenTree((-1, 0, 0))
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--speculative-method",
+                                          "draft", "--speculative-tree", "3x3"])
+    with pytest.raises(ValueError, match=r"speculative tree '3x3' needs method 'ngram' \(prompt "
+                                         r"lookup fills its branches\), got 'draft'"):
+        cli._settings(args)
+
+
+def test_a_token_tree_on_a_tp2_mesh_gives_the_single_device_greedy_tokens(llm, model_dir):
+    """Greedy decoding with a 2x2 tree on a tp=2 mesh (heads split over two devices: the tree
+    masks and a kept branch's KV move on both) gives the single-device engine's greedy tokens
+    and logprobs (the fresh-prefill oracle above, within 1e-5); proposals were kept and a
+    branch other than the first was committed, so the tree's rows did run."""
+    tree_tp2 = LLM(model_dir, mesh="tp=2", rules="tp",
+                   speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                       "tree": "2x2", "auto_fallback": False}, **ENGINE)
+    _assert_greedy(llm, TREE_PROMPTS, _greedy(tree_tp2, TREE_PROMPTS))
+    stats = tree_tp2.stats()
+    assert stats["spec_accepted_tokens"] > 0 and stats["spec_tree_branch_commits"] > 0

@@ -265,7 +265,11 @@ class StepBuilder:
             position % self.block_size
 
     def slot_pairs(self, moves: list[tuple[int, int]], size: int) -> np.ndarray:
-        """KV slot moves as the runner's copy_slots [1, size, 2] (one DP replica)."""
+        """KV slot moves as the runner's copy_slots [1, size x 2^n, 2] (one DP replica): size
+        (a tree's nodes) per sequence that commits a branch, doubled until all fit (several
+        sequences may commit in one step; few shapes)."""
+        while size < len(moves):
+            size *= 2
         pairs = np.zeros((1, size, 2), np.int32)
         pairs[0, :len(moves)] = moves
         return pairs

@@ -17,6 +17,21 @@ counts it. Plain steps happen by themselves (no proposal found, a sequence near 
 until MIN_PLAIN were measured, a sequence due for judgement asks for probe steps without
 proposals (`wants_probe`).
 
+Judging each request afresh costs each one MIN_RUNS speculative steps, which a useless
+proposer makes several times dearer than plain ones: on short requests that alone loses more
+than the fallback saves. So the engine remembers its verdicts: after a sequence falls back,
+only every `trial_every`-th new greedy sequence speculates (a trial, judged as above), the
+others start without proposals (`spec_fallback_untried`). Each further fall-back doubles
+`trial_every` (up to MAX_TRIAL_EVERY: the trials then cost about MIN_RUNS x (tau* - 1) / 64
+plain steps per request); a trial that clearly passes a judgement (at least
+max(tau*, 1) / MARGIN tokens per step) resets it to 1, so a proposer that becomes useful
+again (another workload) is taken up again within a few requests. A marginal trial keeps
+speculating but resets nothing: one sequence's proposals among many plain rows barely change
+the batch's step time, so tau* is then near 1 and useless proposals would pass a bare
+comparison. Sampled requests are always judged on their own: whether a step speculates changes
+a sampled draft's tokens, and a seeded request's tokens must not depend on the requests
+before it.
+
 Greedy tokens and point-mass proposals are unaffected (the target keeps its own tokens either
 way); sampled drafts keep the target's distribution exactly, though once a request is judged,
 which of its steps speculate depends on measured time. Host only, no device.
@@ -28,6 +43,7 @@ MIN_RUNS = 16  # verifying steps a sequence has before it is judged
 MIN_PLAIN = 4  # plain steps measured before the break-even is trusted
 SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
 MARGIN = 0.9  # a sequence falls back below MARGIN x the break-even
+MAX_TRIAL_EVERY = 64  # after fall-backs, at least one new greedy sequence in this many tries
 
 
 class _Average:
@@ -47,6 +63,11 @@ class Fallback:
         self.runs: dict[object, list[int]] = {}  # sequence -> [verifying steps, kept proposals]
         self.fallen: set = set()  # sequences judged not worth proposing for
         self.num_fallen = 0
+        self.seen: set = set()  # running sequences already admitted or turned away
+        self.passed: set = set()  # trials whose first judgement kept them speculating
+        self.trial_every = 1  # 1: every new sequence speculates
+        self.since_trial = 0  # new greedy sequences turned away since the last trial
+        self.num_untried = 0
 
     # ---- measurements ----
     def record_draft(self, seconds: float) -> None:
@@ -85,6 +106,12 @@ class Fallback:
         for gone in [s for s in self.runs if s not in running]:
             del self.runs[gone]
         self.fallen &= running
+        self.seen &= running
+        self.passed &= running
+        for seq in seqs:
+            if seq not in self.seen:
+                self.seen.add(seq)
+                self._admit(seq)
         tau_star = self.break_even
         for seq in seqs:
             if not self._due(seq):
@@ -92,12 +119,31 @@ class Fallback:
             runs, kept = self.runs[seq]
             if kept == 0 or (tau_star is not None and (runs + kept) / runs < MARGIN * tau_star):
                 self.fallen.add(seq)
+                self.passed.discard(seq)
                 self.num_fallen += 1
+                self.trial_every = min(2 * self.trial_every, MAX_TRIAL_EVERY)
+            elif tau_star is not None and seq not in self.passed \
+                    and (runs + kept) / runs >= max(tau_star, 1.0) / MARGIN:
+                self.passed.add(seq)
+                self.trial_every = 1
         return [s for s in seqs if s not in self.fallen]
+
+    def _admit(self, seq) -> None:
+        """A new sequence: a trial, or (greedy, after fall-backs) turned away untried."""
+        if not self.enabled or self.trial_every == 1 or not _greedy(seq):
+            return
+        self.since_trial += 1
+        if self.since_trial >= self.trial_every:
+            self.since_trial = 0
+            return
+        self.fallen.add(seq)
+        self.num_fallen += 1
+        self.num_untried += 1
 
     def stats(self, running: list) -> dict:
         """Costs in seconds per step (moving averages), the break-even, sequences fallen back
-        (since the start; `spec_fallback_running`: among those `running` now)."""
+        (since the start, those turned away untried among them; `spec_fallback_running`:
+        among those `running` now), and how many new greedy sequences one trial stands for."""
         tau_star = self.break_even
         return {"spec_auto_fallback": self.enabled,
                 "spec_draft_step_s": self.draft_s.value, "spec_verify_step_s": self.verify_s.value,
@@ -105,4 +151,11 @@ class Fallback:
                 "spec_break_even_tokens_per_step": None if tau_star is None
                 else round(tau_star, 4),
                 "spec_fallback_sequences": self.num_fallen,
+                "spec_fallback_untried": self.num_untried,
+                "spec_trial_every": self.trial_every,
                 "spec_fallback_running": len(self.fallen & set(running))}
+
+
+def _greedy(seq) -> bool:
+    params = getattr(seq, "params", None)
+    return params is not None and params.greedy

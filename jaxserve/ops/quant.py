@@ -64,6 +64,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import WEIGHT_LAYOUTS, quantization_group
+from jaxserve.ops import cpu_kernels
+from jaxserve.sharding import active_num_devices
 
 QMAX = 127
 
@@ -112,13 +114,17 @@ def scale_axes(axes: Sequence[str | None], inputs: tuple[int, int]) -> tuple[str
     return tuple(axes[:inputs[0]]) + (None,) + tuple(axes[inputs[1]:])
 
 
-INT8_PRODUCTS = ("int8_dot", "dequantize")
+INT8_PRODUCTS = ("int8_kernel", "int8_dot", "dequantize")
+KERNEL_MAX_TOKENS = 16  # more tokens (prefill chunks): XLA's int8 dot, a real matrix product
 
 
 def int8_product(platform: str) -> str:
     """How an int8 weight's product runs on `platform` (a `jax.default_backend()` name): the one
-    place this is decided (see the module docstring for the measurements behind it)."""
-    return "int8_dot" if platform == "cpu" else "dequantize"
+    place this is decided (see the module docstring for the measurements behind it). On CPU the
+    kernel when it builds here (`ops.cpu_kernels.available`), else XLA's int8 dot."""
+    if platform != "cpu":
+        return "dequantize"
+    return "int8_kernel" if cpu_kernels.available() else "int8_dot"
 
 
 def float_weight_layout(platform: str) -> str:
@@ -129,11 +135,9 @@ def float_weight_layout(platform: str) -> str:
 
 
 def int8_weight_layout(platform: str) -> str:
-    """How int8 linear weights are stored on `platform`: as declared everywhere. On CPU the
-    one-token product over `[out, in]` rows is faster alone but the decode step is not (module
-    docstring), so "out_in" is a choice (`weight_layout`), not the default."""
-    del platform
-    return "in_out"
+    """How int8 linear weights are stored on `platform`: "out_in" (rows) where the product is
+    the CPU kernel, which reads `[out, in]` rows; as declared elsewhere (module docstring)."""
+    return "out_in" if int8_product(platform) == "int8_kernel" else "in_out"
 
 
 def weight_layout_for(platform: str, quantized: bool) -> str:
@@ -231,9 +235,9 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
         if product not in INT8_PRODUCTS:
             raise ValueError(f"int8 product must be one of {', '.join(INT8_PRODUCTS)}, "
                              f"got {product!r}")
-        if product == "int8_dot":
+        if product in ("int8_kernel", "int8_dot"):
             out = _int8_dot(x.reshape(-1, k), weight.values[...], weight.scale[...], contract,
-                            k, weight.group or k)
+                            k, weight.group or k, kernel=product == "int8_kernel")
             return out.astype(weight.dtype).reshape(x.shape[:-1] + tuple(outputs))
     w = read(weight)
     w2 = w.reshape((k, -1)) if contract == 0 else w.reshape((-1, k))
@@ -250,11 +254,25 @@ def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array
     return jnp.clip(q, -QMAX, QMAX).astype(jnp.int8), scale
 
 
-def _int8_dot(x, values, scale, contract: int, k: int, group: int) -> jax.Array:
+def _kernel_applies(tokens: int, groups: int, contract: int) -> bool:
+    """Whether the CPU kernel computes this product's int32 sums: per-channel rows `[out, in]`
+    of a few tokens, on one device (the SPMD partitioner cannot split a custom call; module
+    docstring), where the kernel is built."""
+    return (contract == 1 and groups == 1 and tokens <= KERNEL_MAX_TOKENS
+            and active_num_devices() == 1 and cpu_kernels.available())
+
+
+def _int8_dot(x, values, scale, contract: int, k: int, group: int,
+              kernel: bool = False) -> jax.Array:
     """x [tokens, K] float, values int8 with K elements of inputs (leading when `contract` is
-    0, trailing when 1), scale [groups, outputs] or [outputs, groups] -> float32 [tokens, N]."""
+    0, trailing when 1), scale [groups, outputs] or [outputs, groups] -> float32 [tokens, N].
+    `kernel`: the int32 sums from the CPU kernel where it applies (the same integers)."""
     tokens = x.shape[0]
     groups = k // group
+    if kernel and _kernel_applies(tokens, groups, contract):
+        xq, xs = quantize_activations(x, group)
+        acc = cpu_kernels.int8_rows_product(xq.reshape(tokens, k), values.reshape(-1, k))
+        return acc.astype(jnp.float32) * xs[:, 0] * scale.reshape(1, -1)
     if tokens == 1 and groups == 1 and contract == 1:
         # One token, [out, in] rows: the rounded activations times the widened rows, one fused
         # multiply-reduce loop over the int8 bytes (XLA:CPU), the int8 dot's numbers (integer

@@ -1,6 +1,6 @@
 """The CPU int8 kernel (`jaxserve.ops.cpu_kernels`): its int32 sums are exactly XLA's int8 x int8
 -> int32 dot's, for row counts around its 16-token pass, K with and without a 64-byte tail and
-the extreme values; the model with it gives bit for bit the logits of XLA's int8 dot, on one
+the extreme values, in its VNNI loop and its portable one; the model with it gives bit for bit the logits of XLA's int8 dot, on one
 device and on a dp x tp mesh (which keeps XLA's dot); without a compiler the product rule says
 "int8_dot", one warning says why, and the products are XLA's."""
 
@@ -42,10 +42,17 @@ def test_the_kernel_sums_are_exactly_the_int8_dots_for_every_shape():
                                    preferred_element_type=jnp.int32) for x, w in pairs]
         return ours, xla
 
-    ours, xla = both(pairs)
-    for shape, a, b, (x, w) in zip(SHAPES, ours, xla, pairs):
+    ours, xla = jax.block_until_ready(both(pairs))
+    cpu_kernels.force_portable_loop(True)  # the loop of CPUs without VNNI, same program
+    try:
+        portable = jax.block_until_ready(both(pairs)[0])  # run before the flag is undone
+    finally:
+        cpu_kernels.force_portable_loop(False)
+    assert cpu_kernels.uses_vnni() == ("avx512_vnni" in open("/proc/cpuinfo").read())
+    for shape, a, b, c in zip(SHAPES, ours, xla, portable):
         assert a.dtype == jnp.int32 and a.shape == (shape[0], shape[2])
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(shape))
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b), err_msg=f"portable {shape}")
     # the extremes reach the int32 sums: 127 * 127 * K for a row of 127s against itself
     t, k, n = SHAPES[-1]
     assert int(np.asarray(ours[-1])[0, 0]) == 127 * 127 * k

@@ -118,6 +118,13 @@ def uses_vnni() -> bool:
     return available() and bool(_state["library"].JaxserveInt8RowsVnni())
 
 
+def force_portable_loop(on: bool) -> None:
+    """Make the loaded kernel run its portable loop even on a VNNI CPU (`on`), or undo it: the
+    two loops must give the same integers, and a VNNI machine can test both."""
+    if available():
+        _state["library"].JaxserveInt8RowsForcePortable(int(on))
+
+
 def int8_rows_product(xq: jax.Array, rows: jax.Array) -> jax.Array:
     """int8 xq [tokens, K] and int8 rows [N, K] -> int32 [tokens, N], sum over k of
     xq[t, k] * rows[n, k] (exact). Only after `available()` is True."""

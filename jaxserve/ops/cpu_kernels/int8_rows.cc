@@ -5,9 +5,10 @@
 //
 // AVX-512 VNNI (vpdpbusd multiplies u8 by s8): the activations are offset by 128 to u8
 // (x ^ 0x80 == x + 128), and 128 * rowsum(w) is taken back out of each row's sum; the row sum is
-// one more vpdpbusd against ones, shared by every token. Every weight row is read once for up to
-// 16 tokens; rows are split into chunks that XLA's own intra-op thread pool runs (so the kernel
-// uses the threads XLA uses and never oversubscribes the cores). Elsewhere: a plain loop.
+// one more vpdpbusd against ones, shared by every token. Rows are split into chunks of ~64 KiB
+// (they stay in L2 while up to 8 tokens at a time pass over them) that XLA's own intra-op
+// thread pool runs, so the kernel uses the threads XLA uses and never oversubscribes the
+// cores. Elsewhere: a plain loop.
 
 #include <algorithm>
 #include <atomic>
@@ -30,7 +31,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxTokens = 16;  // tokens per pass over the rows (accumulators in registers)
+constexpr int64_t kMaxTokens = 8;  // tokens per pass over a chunk's rows (accumulators in registers)
 
 struct Problem {
   const int8_t* x;    // [T, K]
@@ -126,18 +127,57 @@ void RowsVnniBlock(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
   }
 }
 
+// TN tokens against two rows at a time: each activation load feeds two vpdpbusd (with three
+// or more tokens the loop is bound by its instructions, not by the weights' stream).
+template <int TN>
+void RowsVnniPair(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
+  const int64_t blocks = (p.k + 63) / 64, tail = p.k % 64;
+  const __mmask64 last_mask = tail ? (~0ULL >> (64 - tail)) : ~0ULL;
+  const __m512i ones = _mm512_set1_epi8(1);
+  const uint8_t* xs = p.xu + t0 * p.k;
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const int8_t* row0 = p.w + n * p.k;
+    const int8_t* row1 = row0 + p.k;
+    __m512i acc0[TN], acc1[TN];
+    __m512i rowsum0 = _mm512_setzero_si512(), rowsum1 = _mm512_setzero_si512();
+    for (int t = 0; t < TN; ++t) acc0[t] = acc1[t] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __mmask64 m = b == blocks - 1 ? last_mask : ~0ULL;
+      const __m512i w0 = _mm512_maskz_loadu_epi8(m, row0 + 64 * b);
+      const __m512i w1 = _mm512_maskz_loadu_epi8(m, row1 + 64 * b);
+      rowsum0 = _mm512_dpbusd_epi32(rowsum0, ones, w0);
+      rowsum1 = _mm512_dpbusd_epi32(rowsum1, ones, w1);
+      for (int t = 0; t < TN; ++t) {
+        const __m512i xv = _mm512_maskz_loadu_epi8(m, xs + t * p.k + 64 * b);
+        acc0[t] = _mm512_dpbusd_epi32(acc0[t], xv, w0);
+        acc1[t] = _mm512_dpbusd_epi32(acc1[t], xv, w1);
+      }
+    }
+    alignas(64) int32_t sums0[16], sums1[16];
+    _mm512_store_si512(sums0, Sum16(acc0, TN));
+    _mm512_store_si512(sums1, Sum16(acc1, TN));
+    const int32_t offset0 = 128 * _mm512_reduce_add_epi32(rowsum0);
+    const int32_t offset1 = 128 * _mm512_reduce_add_epi32(rowsum1);
+    for (int t = 0; t < TN; ++t) {
+      p.out[(t0 + t) * p.n + n] = sums0[t] - offset0;
+      p.out[(t0 + t) * p.n + n + 1] = sums1[t] - offset1;
+    }
+  }
+  if (n < n1) RowsVnniBlock<TN, 1>(p, t0, n, n1);
+}
+
 template <int TN>
 void RowsVnniTokens(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
-  RowsVnniBlock<TN, TN <= 2 ? 4 : TN <= 4 ? 2 : 1>(p, t0, n0, n1);
+  if constexpr (TN <= 2) RowsVnniBlock<TN, 4>(p, t0, n0, n1);
+  else RowsVnniPair<TN>(p, t0, n0, n1);
 }
 
 using TokensFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 constexpr TokensFn kTokens[kMaxTokens + 1] = {
-    nullptr,             RowsVnniTokens<1>,  RowsVnniTokens<2>,  RowsVnniTokens<3>,
-    RowsVnniTokens<4>,   RowsVnniTokens<5>,  RowsVnniTokens<6>,  RowsVnniTokens<7>,
-    RowsVnniTokens<8>,   RowsVnniTokens<9>,  RowsVnniTokens<10>, RowsVnniTokens<11>,
-    RowsVnniTokens<12>,  RowsVnniTokens<13>, RowsVnniTokens<14>, RowsVnniTokens<15>,
-    RowsVnniTokens<16>};
+    nullptr,           RowsVnniTokens<1>, RowsVnniTokens<2>, RowsVnniTokens<3>,
+    RowsVnniTokens<4>, RowsVnniTokens<5>, RowsVnniTokens<6>, RowsVnniTokens<7>,
+    RowsVnniTokens<8>};
 
 void RowsVnni(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t t0 = 0; t0 < p.tokens; t0 += kMaxTokens) {
@@ -146,13 +186,20 @@ void RowsVnni(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+#endif
+
+std::atomic<bool> force_portable{false};  // JaxserveInt8RowsForcePortable: tests the plain loop
+
 bool CpuHasVnni() {
+#ifdef JAXSERVE_VNNI
   static const bool has = __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vnni");
-  return has;
-}
+  return has && !force_portable.load();
+#else
+  return false;
 #endif
+}
 
 // One call's rows, cut into chunks; any thread (the caller or the pool's) takes the next chunk
 // until none is left, and the caller waits only for chunks already taken, so a busy or
@@ -228,10 +275,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveInt8RowsProduct, Int8RowsProductImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 // Which inner loop this build runs on this CPU: 1 = AVX-512 VNNI, 0 = the portable loop.
-extern "C" int JaxserveInt8RowsVnni() {
-#ifdef JAXSERVE_VNNI
-  return CpuHasVnni() ? 1 : 0;
-#else
-  return 0;
-#endif
-}
+extern "C" int JaxserveInt8RowsVnni() { return CpuHasVnni() ? 1 : 0; }
+
+// 1: run the portable loop even where VNNI is there (so a VNNI machine tests both); 0: undo.
+extern "C" void JaxserveInt8RowsForcePortable(int on) { force_portable.store(on != 0); }

@@ -1,8 +1,9 @@
 """The CPU int8 kernel (`jaxserve.ops.cpu_kernels`): its int32 sums are exactly XLA's int8 x int8
--> int32 dot's, for row counts around its 16-token pass, K with and without a 64-byte tail and
-the extreme values, in its VNNI loop and its portable one; the model with it gives bit for bit the logits of XLA's int8 dot, on one
-device and on a dp x tp mesh (which keeps XLA's dot); without a compiler the product rule says
-"int8_dot", one warning says why, and the products are XLA's."""
+-> int32 dot's, for row counts around its 8-token passes, K with and without a 64-byte tail and
+the extreme values, in its VNNI loop and its portable one; the model with it gives bit for bit
+the logits of XLA's int8 dot, and a dp x tp mesh (which keeps XLA's dot) the single-device ones;
+without a compiler the product rule says "int8_dot", one warning says why, and the products are
+XLA's."""
 
 import logging
 

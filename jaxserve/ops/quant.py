@@ -12,17 +12,32 @@ Models run every linear product through `project(x, weight)` (and read a weight 
 gather or the experts' grouped products, through `read`): they never branch on a format. How an
 int8 weight's product runs is decided in one place, `int8_product(platform)`:
 
-- "int8_dot" (CPU): the activations are quantized too, per token and per weight group
-  (symmetric, max|x| / 127, like llama.cpp's q8_0 for its activations), the product is an
-  int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a
-  float dot fed by an int8 -> float conversion of the weight ran 4-15x slower than the float32
-  dot (the converted weight is written out every step, and the dot after a fusion ran far below
-  Eigen's speed), while the int8 dot reads 1 byte per weight: the 55M model's decode step ran
-  1.07x / 1.6x / 2.3x faster than float32 at batch 1 / 8 / 32 (BENCHMARKS.md, "CPU decode
-  levers"). XLA:CPU emits a slow matrix-vector kernel for an
-  integer dot of ONE row, so a single token is padded to two rows. The numerics change: each
-  activation is off by at most half its scale step, so a product moves by at most
-  (max|x| / 254) * sum|w| beyond the dequantized product (the bound the tests assert).
+- "int8_kernel" (CPU, where `ops.cpu_kernels` builds: g++ on first use): the "int8_dot" below,
+  its int32 sums computed by a C++ XLA FFI custom call (AVX-512 VNNI, each weight row read once
+  for up to 8 tokens, on XLA's own threads) for per-channel weights stored `[out, in]`, up to
+  `KERNEL_MAX_TOKENS` tokens (the decode step; a prefill chunk keeps XLA's matrix product) and
+  one device. The SPMD partitioner cannot split a custom call (it would gather the weight), and
+  wrapping it in shard_map per weight would psum the partial sums of the weights whose inputs
+  are split; CPU meshes of several devices are simulated ones sharing the same cores, so a
+  program over several devices, grouped scales and longer chunks run XLA's int8 dot. The sums
+  are exact integers either way and the scaling after them is the same XLA code, so the logits
+  are bit for bit those of "int8_dot" (tests/test_cpu_kernels.py). Side by side in one process
+  (2026-12-03 19:12, 2 cores shared, load average 6-8; BENCHMARKS.md, "An int8 kernel for
+  XLA:CPU"), the 55M model's decode step at batch 1 ran 13.4 -> 6.9 ms (int8) and 8.9 -> 3.5 ms
+  (int8 + int8 LM head; 34 % of its 1.2 ms byte floor, where XLA's dot reached 13 %), at batch 8
+  24.2 vs 28.1 and 15.2 vs 16.0 ms (best of 7 loops; equal within noise). Where it cannot be
+  built, `int8_product` says "int8_dot" and one warning says why.
+- "int8_dot" (CPU without the kernel): the activations are quantized too, per token and per weight
+  group (symmetric, max|x| / 127, like llama.cpp's q8_0 for its activations), the product is an
+  int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a float
+  dot fed by an int8 -> float conversion of the weight ran 4-15x slower than the float32 dot (the
+  converted weight is written out every step, and the dot after a fusion ran far below Eigen's
+  speed), while the int8 dot reads 1 byte per weight: the 55M model's decode step ran 1.07x / 1.6x
+  / 2.3x faster than float32 at batch 1 / 8 / 32 (BENCHMARKS.md, "CPU decode levers"). XLA:CPU
+  emits a slow matrix-vector kernel for an integer dot of ONE row, so a single token is padded to
+  two rows. The numerics change: each activation is off by at most half its scale step, so a
+  product moves by at most (max|x| / 254) * sum|w| beyond the dequantized product (the bound the
+  tests assert).
 - "dequantize" (elsewhere): the weight is converted to the compute dtype and scaled inside the
   step, then the float dot runs (GPU/TPU compilers fuse the conversion into the dot's operand).
 
@@ -38,16 +53,17 @@ declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs 
 transposed (the embedding / LM head are `[vocab, embed]` already; the experts, read whole, keep
 their layout).
 
-int8 weights have their own rule, `int8_weight_layout(platform)`, and may be stored "out_in"
-too (values and scales transposed together). With one token and `[out, in]` rows the CPU int8
-product is the rounded activations times the widened rows (the int8 dot's arithmetic: integer
-products, float32 sums exact below 2^24): `x @ float(w).T` compiles on XLA:CPU to one loop
-fusion that widens each row and reduces it against the activations, reading every weight byte
-once. Alone, those products ran 1.6-2.4x faster than the int8 dot padded to two rows (a
-[512, 1408] weight 0.053 vs 0.083 ms, the [32000, 512] LM head 1.24 vs 2.98 ms, best of 20, one
-process); over `[in, out]` the widening does not fuse. But the 55M model's whole decode step
-was slower stored "out_in" on a quiet machine (batch 1: 9.98 vs 8.79 ms, with the LM head int8
-too 8.55 vs 7.94; batch 8 equal within noise), so every platform keeps the declared layout.
+int8 weights have their own rule, `int8_weight_layout(platform)`: "out_in" (values and scales
+transposed together) where the product is "int8_kernel", whose rows are `[out, in]`; as declared
+elsewhere. Without the kernel, "out_in" was measured and not kept: with one token and `[out, in]`
+rows the CPU int8 product is the rounded activations times the widened rows (the int8 dot's
+arithmetic: integer products, float32 sums exact below 2^24): `x @ float(w).T` compiles on XLA:CPU
+to one loop fusion that widens each row and reduces it against the activations, reading every
+weight byte once. Alone, those products ran 1.6-2.4x faster than the int8 dot padded to two rows
+(a [512, 1408] weight 0.053 vs 0.083 ms, the [32000, 512] LM head 1.24 vs 2.98 ms, best of 20, one
+process); over `[in, out]` the widening does not fuse. But the 55M model's whole decode step was
+slower stored "out_in" on a quiet machine (batch 1: 9.98 vs 8.79 ms, with the LM head int8 too
+8.55 vs 7.94; batch 8 equal within noise), so XLA's int8 dot keeps the declared layout.
 
 Quantization is symmetric round-to-nearest: scale = max|w| / 127 over each group, q = round(w /
 scale) in [-127, 127], so |w - q * scale| <= scale / 2 elementwise. An all-zero group (the

@@ -31,7 +31,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxTokens = 8;  // tokens per pass over a chunk's rows (accumulators in registers)
+constexpr int64_t kMaxTokens = 8;  // tokens per pass over a chunk's rows (in registers)
 
 struct Problem {
   const int8_t* x;    // [T, K]

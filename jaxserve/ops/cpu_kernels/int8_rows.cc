@@ -54,12 +54,13 @@ void RowsPortable(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 #ifdef JAXSERVE_VNNI
-// Lane i of the result = the sum of the 16 lanes of v[i] (v[i] for i >= count taken as zero).
-inline __m512i Sum16(const __m512i* v, int count) {
-  __m512i in[16];
-  for (int i = 0; i < 16; ++i) in[i] = i < count ? v[i] : _mm512_setzero_si512();
-  __m512i quad[4];  // quad[g], 128-bit lane L: the lane-L partial sums of v[4g .. 4g + 3]
-  for (int g = 0; g < 4; ++g) {
+// Lane i (< 8) of the result = the sum of the 16 lanes of v[i] (v[i] for i >= count: zero);
+// lanes 8-15 repeat lanes 0-7. A third of the instructions of `count` separate reductions.
+inline __m512i Sum8(const __m512i* v, int count) {
+  __m512i in[8];
+  for (int i = 0; i < 8; ++i) in[i] = i < count ? v[i] : _mm512_setzero_si512();
+  __m512i quad[2];  // quad[g], 128-bit lane L: the lane-L partial sums of v[4g .. 4g + 3]
+  for (int g = 0; g < 2; ++g) {
     const __m512i* q = in + 4 * g;
     const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(q[0], q[1]),
                                         _mm512_unpackhi_epi32(q[0], q[1]));
@@ -67,12 +68,27 @@ inline __m512i Sum16(const __m512i* v, int count) {
                                         _mm512_unpackhi_epi32(q[2], q[3]));
     quad[g] = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
   }
-  const __m512i h01 = _mm512_add_epi32(_mm512_shuffle_i32x4(quad[0], quad[1], 0x88),
-                                       _mm512_shuffle_i32x4(quad[0], quad[1], 0xDD));
-  const __m512i h23 = _mm512_add_epi32(_mm512_shuffle_i32x4(quad[2], quad[3], 0x88),
-                                       _mm512_shuffle_i32x4(quad[2], quad[3], 0xDD));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(h01, h23, 0x88),
-                          _mm512_shuffle_i32x4(h01, h23, 0xDD));
+  const __m512i h = _mm512_add_epi32(_mm512_shuffle_i32x4(quad[0], quad[1], 0x88),
+                                     _mm512_shuffle_i32x4(quad[0], quad[1], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(h, h, 0x88), _mm512_shuffle_i32x4(h, h, 0xDD));
+}
+
+// Each of TN <= 8 tokens' sum of one row, the row's offset 128 * rowsum taken out, into out.
+template <int TN>
+inline void StoreRow(const __m512i* acc, __m512i rowsum, int32_t* out, int64_t stride) {
+  __m512i v[8];
+  for (int t = 0; t < TN; ++t) v[t] = acc[t];
+  alignas(64) int32_t sums[16];
+  int32_t offset;
+  if constexpr (TN < 8) {  // the row sum rides in the spare lane
+    v[TN] = rowsum;
+    _mm512_store_si512(sums, Sum8(v, TN + 1));
+    offset = 128 * sums[TN];
+  } else {
+    _mm512_store_si512(sums, Sum8(v, TN));
+    offset = 128 * _mm512_reduce_add_epi32(rowsum);
+  }
+  for (int t = 0; t < TN; ++t) out[t * stride] = sums[t] - offset;
 }
 
 // TN tokens (starting at t0) against rows [n0, n1), one row at a time: each row is read as one
@@ -114,16 +130,7 @@ void RowsVnniBlock(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
       rowsum[0] = _mm512_add_epi32(rowsum[0], rowsum[c]);
       for (int t = 0; t < TN; ++t) acc[0][t] = _mm512_add_epi32(acc[0][t], acc[c][t]);
     }
-    if (TN <= 2) {
-      const int32_t offset = 128 * _mm512_reduce_add_epi32(rowsum[0]);
-      for (int t = 0; t < TN; ++t)
-        p.out[(t0 + t) * p.n + n] = _mm512_reduce_add_epi32(acc[0][t]) - offset;
-    } else {  // every token's sum in one vector (a third of the work of TN reductions)
-      alignas(64) int32_t sums[16];
-      _mm512_store_si512(sums, Sum16(acc[0], TN));
-      const int32_t offset = 128 * _mm512_reduce_add_epi32(rowsum[0]);
-      for (int t = 0; t < TN; ++t) p.out[(t0 + t) * p.n + n] = sums[t] - offset;
-    }
+    StoreRow<TN>(acc[0], rowsum[0], p.out + t0 * p.n + n, p.n);
   }
 }
 
@@ -142,27 +149,27 @@ void RowsVnniPair(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
     __m512i acc0[TN], acc1[TN];
     __m512i rowsum0 = _mm512_setzero_si512(), rowsum1 = _mm512_setzero_si512();
     for (int t = 0; t < TN; ++t) acc0[t] = acc1[t] = _mm512_setzero_si512();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const __mmask64 m = b == blocks - 1 ? last_mask : ~0ULL;
-      const __m512i w0 = _mm512_maskz_loadu_epi8(m, row0 + 64 * b);
-      const __m512i w1 = _mm512_maskz_loadu_epi8(m, row1 + 64 * b);
+    // Masked loads only for a tail: on this kind of CPU (AMD Zen 4) a masked 64-byte load
+    // measured several times slower than a plain one in this loop.
+    const int64_t full = tail ? blocks - 1 : blocks;
+    auto block = [&](int64_t b, __m512i w0, __m512i w1, auto load_x) {
       rowsum0 = _mm512_dpbusd_epi32(rowsum0, ones, w0);
       rowsum1 = _mm512_dpbusd_epi32(rowsum1, ones, w1);
       for (int t = 0; t < TN; ++t) {
-        const __m512i xv = _mm512_maskz_loadu_epi8(m, xs + t * p.k + 64 * b);
+        const __m512i xv = load_x(xs + t * p.k + 64 * b);
         acc0[t] = _mm512_dpbusd_epi32(acc0[t], xv, w0);
         acc1[t] = _mm512_dpbusd_epi32(acc1[t], xv, w1);
       }
-    }
-    alignas(64) int32_t sums0[16], sums1[16];
-    _mm512_store_si512(sums0, Sum16(acc0, TN));
-    _mm512_store_si512(sums1, Sum16(acc1, TN));
-    const int32_t offset0 = 128 * _mm512_reduce_add_epi32(rowsum0);
-    const int32_t offset1 = 128 * _mm512_reduce_add_epi32(rowsum1);
-    for (int t = 0; t < TN; ++t) {
-      p.out[(t0 + t) * p.n + n] = sums0[t] - offset0;
-      p.out[(t0 + t) * p.n + n + 1] = sums1[t] - offset1;
-    }
+    };
+    for (int64_t b = 0; b < full; ++b)
+      block(b, _mm512_loadu_si512(row0 + 64 * b), _mm512_loadu_si512(row1 + 64 * b),
+            [](const uint8_t* at) { return _mm512_loadu_si512(at); });
+    if (tail)
+      block(full, _mm512_maskz_loadu_epi8(last_mask, row0 + 64 * full),
+            _mm512_maskz_loadu_epi8(last_mask, row1 + 64 * full),
+            [&](const uint8_t* at) { return _mm512_maskz_loadu_epi8(last_mask, at); });
+    StoreRow<TN>(acc0, rowsum0, p.out + t0 * p.n + n, p.n);
+    StoreRow<TN>(acc1, rowsum1, p.out + t0 * p.n + n + 1, p.n);
   }
   if (n < n1) RowsVnniBlock<TN, 1>(p, t0, n, n1);
 }

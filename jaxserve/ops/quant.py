@@ -22,11 +22,12 @@ int8 weight's product runs is decided in one place, `int8_product(platform)`:
   program over several devices, grouped scales and longer chunks run XLA's int8 dot. The sums
   are exact integers either way and the scaling after them is the same XLA code, so the logits
   are bit for bit those of "int8_dot" (tests/test_cpu_kernels.py). Side by side in one process
-  (2026-12-03 19:12, 2 cores shared, load average 6-8; BENCHMARKS.md, "An int8 kernel for
-  XLA:CPU"), the 55M model's decode step at batch 1 ran 13.4 -> 6.9 ms (int8) and 8.9 -> 3.5 ms
-  (int8 + int8 LM head; 34 % of its 1.2 ms byte floor, where XLA's dot reached 13 %), at batch 8
-  24.2 vs 28.1 and 15.2 vs 16.0 ms (best of 7 loops; equal within noise). Where it cannot be
-  built, `int8_product` says "int8_dot" and one warning says why.
+  (three runs, 2026-12-03 18:57-19:25, 2 cores shared, load average 3.5-8; BENCHMARKS.md, "An int8
+  kernel for XLA:CPU"), the 55M model's decode step at batch 1 ran 1.5-1.9x faster than with XLA's
+  int8 dot (int8) and 2.0-2.5x (int8 + int8 LM head: 3.5-4.9 ms, 24-33 % of its 1.2 ms byte floor,
+  where XLA's dot reached 12-13 %); at batch 8 0.89-1.23x (best of loops; with 8 tokens both are
+  bound by the multiply-adds). Where it cannot be built, `int8_product` says "int8_dot" and one
+  warning says why.
 - "int8_dot" (CPU without the kernel): the activations are quantized too, per token and per weight
   group (symmetric, max|x| / 127, like llama.cpp's q8_0 for its activations), the product is an
   int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a float

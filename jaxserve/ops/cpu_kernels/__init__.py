@@ -67,6 +67,7 @@ def _build(compiler: str) -> Path:
         return out
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (${COMPILER_ENV} names one)")
+    log.info("building the CPU int8 kernel into %s (once per source and CPU)", out)
     out.parent.mkdir(parents=True, exist_ok=True)
     src = out.with_suffix(f".{os.getpid()}.cc")
     tmp = out.with_suffix(f".{os.getpid()}.tmp")

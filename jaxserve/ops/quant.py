@@ -273,10 +273,11 @@ def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array
 
 def _kernel_applies(tokens: int, groups: int, contract: int) -> bool:
     """Whether the CPU kernel computes this product's int32 sums: per-channel rows `[out, in]`
-    of a few tokens, on one device (the SPMD partitioner cannot split a custom call; module
-    docstring), where the kernel is built."""
+    of a few tokens, on one CPU device (the SPMD partitioner cannot split a custom call;
+    module docstring), where the kernel is built."""
     return (contract == 1 and groups == 1 and tokens <= KERNEL_MAX_TOKENS
-            and active_num_devices() == 1 and cpu_kernels.available())
+            and jax.default_backend() == "cpu" and active_num_devices() == 1
+            and cpu_kernels.available())
 
 
 def _int8_dot(x, values, scale, contract: int, k: int, group: int,

@@ -141,6 +141,12 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, layout.sharding(logical, x.shape, "activation"))
 
 
+def active_num_devices() -> int:
+    """How many devices the program being traced spans (1 outside an active layout)."""
+    layout = _ACTIVE.get()
+    return 1 if layout is None else layout.num_devices
+
+
 def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 

@@ -21,6 +21,7 @@ def data_files() -> list[str]:
     """What the wheel must hold, as paths inside it."""
     files = [*(PACKAGE / "sharding_rules").glob("*.yaml"),
              *(PACKAGE / "perf" / "hardware").glob("*.yaml"),
+             *(PACKAGE / "ops" / "cpu_kernels").glob("*.cc"),
              *(p for name in ("tiny", "tiny-draft")
                for p in (PACKAGE / "checkpoints" / name).rglob("*") if p.is_file())]
     return sorted(str(p.relative_to(ROOT)) for p in files)

@@ -14,8 +14,8 @@ from flax import nnx
 from jaxserve import LLM
 from jaxserve.checkpoint import declared_params, flat_params, restore_model, save_model
 from jaxserve.config import ConfigError, ModelConfig
-from jaxserve.ops.quant import (declare_weight, float_weight_layout, int8_weight_layout, project,
-                                stored_order, weight_layout_for)
+from jaxserve.ops.quant import (declare_weight, float_weight_layout, int8_product,
+                                int8_weight_layout, project, stored_order, weight_layout_for)
 from jaxserve.sharding import Layout
 
 PROMPT = [[1, 5, 9, 2, 7, 3]]
@@ -116,9 +116,11 @@ def test_the_out_in_engine_on_a_dp_tp_mesh_gives_the_single_device_in_out_logits
 
 
 def test_int8_weights_stored_out_in_restore_and_save_as_declared(hf_model_dir, tmp_path):
-    # the CPU decode step measured no faster with int8 rows [out, in] (ops/quant.py)
-    assert {int8_weight_layout(p) for p in ("cpu", "gpu", "tpu")} == {"in_out"}
-    assert weight_layout_for("cpu", True) == weight_layout_for("cpu", False) == "in_out"
+    # int8 rows [out, in] where the CPU kernel reads them (ops/quant.py), as declared elsewhere
+    rows = "out_in" if int8_product("cpu") == "int8_kernel" else "in_out"
+    assert (int8_weight_layout("cpu"), int8_weight_layout("gpu"), int8_weight_layout("tpu")) == (
+        rows, "in_out", "in_out")
+    assert (weight_layout_for("cpu", True), weight_layout_for("cpu", False)) == (rows, "in_out")
     _, model_dir = hf_model_dir("llama")
     layout = Layout.create("tp=2", "tp")
     restored = {name: restore_model(model_dir, layout, quantization="int8", weight_layout=name)

@@ -12,17 +12,33 @@ Models run every linear product through `project(x, weight)` (and read a weight 
 gather or the experts' grouped products, through `read`): they never branch on a format. How an
 int8 weight's product runs is decided in one place, `int8_product(platform)`:
 
-- "int8_dot" (CPU): the activations are quantized too, per token and per weight group
-  (symmetric, max|x| / 127, like llama.cpp's q8_0 for its activations), the product is an
-  int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a
-  float dot fed by an int8 -> float conversion of the weight ran 4-15x slower than the float32
-  dot (the converted weight is written out every step, and the dot after a fusion ran far below
-  Eigen's speed), while the int8 dot reads 1 byte per weight: the 55M model's decode step ran
-  1.07x / 1.6x / 2.3x faster than float32 at batch 1 / 8 / 32 (BENCHMARKS.md, "CPU decode
-  levers"). XLA:CPU emits a slow matrix-vector kernel for an
-  integer dot of ONE row, so a single token is padded to two rows. The numerics change: each
-  activation is off by at most half its scale step, so a product moves by at most
-  (max|x| / 254) * sum|w| beyond the dequantized product (the bound the tests assert).
+- "int8_kernel" (CPU, where `ops.cpu_kernels` builds: g++ on first use): the "int8_dot" below,
+  its int32 sums computed by a C++ XLA FFI custom call (AVX-512 VNNI, each weight row read once
+  for up to 8 tokens, on XLA's own threads) for per-channel weights stored `[out, in]`, up to
+  `KERNEL_MAX_TOKENS` tokens (the decode step; a prefill chunk keeps XLA's matrix product) and
+  one device. The SPMD partitioner cannot split a custom call (it would gather the weight), and
+  wrapping it in shard_map per weight would psum the partial sums of the weights whose inputs
+  are split; CPU meshes of several devices are simulated ones sharing the same cores, so a
+  program over several devices, grouped scales and longer chunks run XLA's int8 dot. The sums
+  are exact integers either way and the scaling after them is the same XLA code, so the logits
+  are bit for bit those of "int8_dot" (tests/test_cpu_kernels.py). Side by side in one process
+  (three runs, 2026-12-03 18:57-19:25, 2 cores shared, load average 3.5-8; BENCHMARKS.md, "An int8
+  kernel for XLA:CPU"), the 55M model's decode step at batch 1 ran 1.5-1.9x faster than with XLA's
+  int8 dot (int8) and 2.0-2.5x (int8 + int8 LM head: 3.5-4.9 ms, 24-33 % of its 1.2 ms byte floor,
+  where XLA's dot reached 12-13 %); at batch 8 0.89-1.23x (best of loops; with 8 tokens both are
+  bound by the multiply-adds). Where it cannot be built, `int8_product` says "int8_dot" and one
+  warning says why.
+- "int8_dot" (CPU without the kernel): the activations are quantized too, per token and per weight
+  group (symmetric, max|x| / 127, like llama.cpp's q8_0 for its activations), the product is an
+  int8 x int8 dot accumulating in int32, and both scales multiply its result. On XLA:CPU a float
+  dot fed by an int8 -> float conversion of the weight ran 4-15x slower than the float32 dot (the
+  converted weight is written out every step, and the dot after a fusion ran far below Eigen's
+  speed), while the int8 dot reads 1 byte per weight: the 55M model's decode step ran 1.07x / 1.6x
+  / 2.3x faster than float32 at batch 1 / 8 / 32 (BENCHMARKS.md, "CPU decode levers"). XLA:CPU
+  emits a slow matrix-vector kernel for an integer dot of ONE row, so a single token is padded to
+  two rows. The numerics change: each activation is off by at most half its scale step, so a
+  product moves by at most (max|x| / 254) * sum|w| beyond the dequantized product (the bound the
+  tests assert).
 - "dequantize" (elsewhere): the weight is converted to the compute dtype and scaled inside the
   step, then the float dot runs (GPU/TPU compilers fuse the conversion into the dot's operand).
 
@@ -38,16 +54,17 @@ declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs 
 transposed (the embedding / LM head are `[vocab, embed]` already; the experts, read whole, keep
 their layout).
 
-int8 weights have their own rule, `int8_weight_layout(platform)`, and may be stored "out_in"
-too (values and scales transposed together). With one token and `[out, in]` rows the CPU int8
-product is the rounded activations times the widened rows (the int8 dot's arithmetic: integer
-products, float32 sums exact below 2^24): `x @ float(w).T` compiles on XLA:CPU to one loop
-fusion that widens each row and reduces it against the activations, reading every weight byte
-once. Alone, those products ran 1.6-2.4x faster than the int8 dot padded to two rows (a
-[512, 1408] weight 0.053 vs 0.083 ms, the [32000, 512] LM head 1.24 vs 2.98 ms, best of 20, one
-process); over `[in, out]` the widening does not fuse. But the 55M model's whole decode step
-was slower stored "out_in" on a quiet machine (batch 1: 9.98 vs 8.79 ms, with the LM head int8
-too 8.55 vs 7.94; batch 8 equal within noise), so every platform keeps the declared layout.
+int8 weights have their own rule, `int8_weight_layout(platform)`: "out_in" (values and scales
+transposed together) where the product is "int8_kernel", whose rows are `[out, in]`; as declared
+elsewhere. Without the kernel, "out_in" was measured and not kept: with one token and `[out, in]`
+rows the CPU int8 product is the rounded activations times the widened rows (the int8 dot's
+arithmetic: integer products, float32 sums exact below 2^24): `x @ float(w).T` compiles on XLA:CPU
+to one loop fusion that widens each row and reduces it against the activations, reading every
+weight byte once. Alone, those products ran 1.6-2.4x faster than the int8 dot padded to two rows
+(a [512, 1408] weight 0.053 vs 0.083 ms, the [32000, 512] LM head 1.24 vs 2.98 ms, best of 20, one
+process); over `[in, out]` the widening does not fuse. But the 55M model's whole decode step was
+slower stored "out_in" on a quiet machine (batch 1: 9.98 vs 8.79 ms, with the LM head int8 too
+8.55 vs 7.94; batch 8 equal within noise), so XLA's int8 dot keeps the declared layout.
 
 Quantization is symmetric round-to-nearest: scale = max|w| / 127 over each group, q = round(w /
 scale) in [-127, 127], so |w - q * scale| <= scale / 2 elementwise. An all-zero group (the
@@ -64,6 +81,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import WEIGHT_LAYOUTS, quantization_group
+from jaxserve.ops import cpu_kernels
+from jaxserve.sharding import active_num_devices
 
 QMAX = 127
 
@@ -112,13 +131,17 @@ def scale_axes(axes: Sequence[str | None], inputs: tuple[int, int]) -> tuple[str
     return tuple(axes[:inputs[0]]) + (None,) + tuple(axes[inputs[1]:])
 
 
-INT8_PRODUCTS = ("int8_dot", "dequantize")
+INT8_PRODUCTS = ("int8_kernel", "int8_dot", "dequantize")
+KERNEL_MAX_TOKENS = 16  # more tokens (prefill chunks): XLA's int8 dot, a real matrix product
 
 
 def int8_product(platform: str) -> str:
     """How an int8 weight's product runs on `platform` (a `jax.default_backend()` name): the one
-    place this is decided (see the module docstring for the measurements behind it)."""
-    return "int8_dot" if platform == "cpu" else "dequantize"
+    place this is decided (see the module docstring for the measurements behind it). On CPU the
+    kernel when it builds here (`ops.cpu_kernels.available`), else XLA's int8 dot."""
+    if platform != "cpu":
+        return "dequantize"
+    return "int8_kernel" if cpu_kernels.available() else "int8_dot"
 
 
 def float_weight_layout(platform: str) -> str:
@@ -129,11 +152,9 @@ def float_weight_layout(platform: str) -> str:
 
 
 def int8_weight_layout(platform: str) -> str:
-    """How int8 linear weights are stored on `platform`: as declared everywhere. On CPU the
-    one-token product over `[out, in]` rows is faster alone but the decode step is not (module
-    docstring), so "out_in" is a choice (`weight_layout`), not the default."""
-    del platform
-    return "in_out"
+    """How int8 linear weights are stored on `platform`: "out_in" (rows) where the product is
+    the CPU kernel, which reads `[out, in]` rows; as declared elsewhere (module docstring)."""
+    return "out_in" if int8_product(platform) == "int8_kernel" else "in_out"
 
 
 def weight_layout_for(platform: str, quantized: bool) -> str:
@@ -231,9 +252,9 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
         if product not in INT8_PRODUCTS:
             raise ValueError(f"int8 product must be one of {', '.join(INT8_PRODUCTS)}, "
                              f"got {product!r}")
-        if product == "int8_dot":
+        if product in ("int8_kernel", "int8_dot"):
             out = _int8_dot(x.reshape(-1, k), weight.values[...], weight.scale[...], contract,
-                            k, weight.group or k)
+                            k, weight.group or k, kernel=product == "int8_kernel")
             return out.astype(weight.dtype).reshape(x.shape[:-1] + tuple(outputs))
     w = read(weight)
     w2 = w.reshape((k, -1)) if contract == 0 else w.reshape((-1, k))
@@ -250,11 +271,26 @@ def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array
     return jnp.clip(q, -QMAX, QMAX).astype(jnp.int8), scale
 
 
-def _int8_dot(x, values, scale, contract: int, k: int, group: int) -> jax.Array:
+def _kernel_applies(tokens: int, groups: int, contract: int) -> bool:
+    """Whether the CPU kernel computes this product's int32 sums: per-channel rows `[out, in]`
+    of a few tokens, on one CPU device (the SPMD partitioner cannot split a custom call;
+    module docstring), where the kernel is built."""
+    return (contract == 1 and groups == 1 and tokens <= KERNEL_MAX_TOKENS
+            and jax.default_backend() == "cpu" and active_num_devices() == 1
+            and cpu_kernels.available())
+
+
+def _int8_dot(x, values, scale, contract: int, k: int, group: int,
+              kernel: bool = False) -> jax.Array:
     """x [tokens, K] float, values int8 with K elements of inputs (leading when `contract` is
-    0, trailing when 1), scale [groups, outputs] or [outputs, groups] -> float32 [tokens, N]."""
+    0, trailing when 1), scale [groups, outputs] or [outputs, groups] -> float32 [tokens, N].
+    `kernel`: the int32 sums from the CPU kernel where it applies (the same integers)."""
     tokens = x.shape[0]
     groups = k // group
+    if kernel and _kernel_applies(tokens, groups, contract):
+        xq, xs = quantize_activations(x, group)
+        acc = cpu_kernels.int8_rows_product(xq.reshape(tokens, k), values.reshape(-1, k))
+        return acc.astype(jnp.float32) * xs[:, 0] * scale.reshape(1, -1)
     if tokens == 1 and groups == 1 and contract == 1:
         # One token, [out, in] rows: the rounded activations times the widened rows, one fused
         # multiply-reduce loop over the int8 bytes (XLA:CPU), the int8 dot's numbers (integer

@@ -1,0 +1,137 @@
+"""CPU kernels XLA:CPU does not emit well, as XLA FFI custom calls: built from C++ on first use.
+
+`int8_rows_product(xq, rows)` is the int32 sum `xq @ rows.T` of int8 activations [tokens, K] and
+int8 weight rows [N, K] (`int8_rows.cc`): the same integers `lax.dot_general(...,
+preferred_element_type=int32)` gives, from a loop that reads each weight row once for up to 16
+tokens with AVX-512 VNNI where the CPU has it (a plain loop elsewhere), on XLA's own threads.
+
+The source ships in the package; the first process that needs it compiles it with `g++ -O3
+-march=native` (`$JAXSERVE_CXX` names another compiler) into a cache directory keyed by the
+source, the FFI headers and this CPU (`$JAXSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/jaxserve/
+cpu_kernels`, else `~/.cache/jaxserve/cpu_kernels`), so later processes only load it. Where it
+cannot be built or loaded (no compiler, a failed build, not x86-64 / aarch64 Linux), `available()`
+is False, one warning says why, and callers keep their XLA path. Nothing here decides when the
+kernel is used: `jaxserve.ops.quant.int8_product` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from importlib import resources
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = "int8_rows.cc"
+TARGET = "jaxserve_int8_rows_product"  # the FFI target name in the compiled programs
+COMPILER_ENV, CACHE_ENV = "JAXSERVE_CXX", "JAXSERVE_KERNEL_CACHE"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "library": the loaded .so, or "error": why there is none
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxserve" / "cpu_kernels"
+
+
+def _cpu_identity() -> bytes:
+    """What -march=native compiles for: the CPU's model and flags (a cache shared by machines
+    of different kinds keeps one build per kind)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    keep = [ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep))).encode()
+
+
+def _build(compiler: str) -> Path:
+    source = resources.files(__name__).joinpath(SOURCE).read_bytes()
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(source + include.encode() + compiler.encode() + _cpu_identity())
+    out = cache_dir() / f"int8_rows-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (${COMPILER_ENV} names one)")
+    log.info("building the CPU int8 kernel into %s (once per source and CPU)", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = out.with_suffix(f".{os.getpid()}.cc")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    src.write_bytes(source)
+    try:
+        done = subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+                               "-w", "-I", include, str(src), "-o", str(tmp)],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed ({done.returncode}): "
+                               f"{done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: another process may be building the same key
+    finally:
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _load() -> None:
+    compiler = os.environ.get(COMPILER_ENV) or "g++"
+    try:
+        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+            raise RuntimeError(f"no build for {platform.system()} {platform.machine()}")
+        library = ctypes.CDLL(str(_build(compiler)))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxserveInt8RowsProduct),
+                                    platform="cpu")
+        _state["library"] = library
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _state["error"] = str(error)
+        log.warning("the CPU int8 kernel is not available (%s); int8 products run as XLA's "
+                    "int8 dot", error)
+
+
+def available() -> bool:
+    """Whether the kernel is built, loaded and registered with XLA:CPU (built on first call)."""
+    with _lock:
+        if not _state:
+            _load()
+        return "library" in _state
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def uses_vnni() -> bool:
+    """Whether the loaded kernel runs its AVX-512 VNNI loop on this CPU."""
+    return available() and bool(_state["library"].JaxserveInt8RowsVnni())
+
+
+def force_portable_loop(on: bool) -> None:
+    """Make the loaded kernel run its portable loop even on a VNNI CPU (`on`), or undo it: the
+    two loops must give the same integers, and a VNNI machine can test both."""
+    if available():
+        _state["library"].JaxserveInt8RowsForcePortable(int(on))
+
+
+def int8_rows_product(xq: jax.Array, rows: jax.Array) -> jax.Array:
+    """int8 xq [tokens, K] and int8 rows [N, K] -> int32 [tokens, N], sum over k of
+    xq[t, k] * rows[n, k] (exact). Only after `available()` is True."""
+    if xq.dtype != jnp.int8 or rows.dtype != jnp.int8 or xq.ndim != 2 or rows.ndim != 2 \
+            or xq.shape[1] != rows.shape[1]:
+        raise ValueError(f"int8_rows_product: int8 [tokens, K] and [N, K] expected, got "
+                         f"{xq.dtype}{list(xq.shape)} and {rows.dtype}{list(rows.shape)}")
+    result = jax.ShapeDtypeStruct((xq.shape[0], rows.shape[0]), jnp.int32)
+    return jax.ffi.ffi_call(TARGET, result)(xq, rows)

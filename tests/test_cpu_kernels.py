@@ -1,0 +1,140 @@
+"""The CPU int8 kernel (`jaxserve.ops.cpu_kernels`): its int32 sums are exactly XLA's int8 x int8
+-> int32 dot's, for row counts around its 8-token passes, K with and without a 64-byte tail and
+the extreme values, in its VNNI loop and its portable one; the model with it gives bit for bit
+the logits of XLA's int8 dot, and a dp x tp mesh (which keeps XLA's dot) the single-device ones;
+without a compiler the product rule says "int8_dot", one warning says why, and the products are
+XLA's."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxserve import LLM
+from jaxserve.ops import cpu_kernels, quant
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason=f"the CPU kernel is not built here: "
+                                       f"{cpu_kernels.unavailable_reason()}")
+
+PROMPT = [[1, 5, 9, 2, 7, 3]]  # a 16-token step: the kernel's rows
+SHAPES = [(t, k, n) for t in (1, 2, 5, 16, 17) for k in (64, 100, 512) for n in (1, 37, 1024)]
+
+
+def int8_data(rng, shape):
+    """Random int8 in [-127, 127] with the extremes planted: a row of 127s, a row of -127s."""
+    a = rng.integers(-127, 128, shape).astype(np.int8)
+    a[0] = 127
+    a[-1] = -127
+    return a
+
+
+def test_the_kernel_sums_are_exactly_the_int8_dots_for_every_shape():
+    rng = np.random.default_rng(0)
+    pairs = [(int8_data(rng, (t, k)), int8_data(rng, (n, k))) for t, k, n in SHAPES]
+
+    @jax.jit  # every shape in one program: one compile
+    def both(pairs):
+        ours = [cpu_kernels.int8_rows_product(x, w) for x, w in pairs]
+        xla = [jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.int32) for x, w in pairs]
+        return ours, xla
+
+    ours, xla = jax.block_until_ready(both(pairs))
+    cpu_kernels.force_portable_loop(True)  # the loop of CPUs without VNNI, same program
+    try:
+        portable = jax.block_until_ready(both(pairs)[0])  # run before the flag is undone
+    finally:
+        cpu_kernels.force_portable_loop(False)
+    assert cpu_kernels.uses_vnni() == ("avx512_vnni" in open("/proc/cpuinfo").read())
+    for shape, a, b, c in zip(SHAPES, ours, xla, portable):
+        assert a.dtype == jnp.int32 and a.shape == (shape[0], shape[2])
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(shape))
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b), err_msg=f"portable {shape}")
+    # the extremes reach the int32 sums: 127 * 127 * K for a row of 127s against itself
+    t, k, n = SHAPES[-1]
+    assert int(np.asarray(ours[-1])[0, 0]) == 127 * 127 * k
+
+
+def test_bad_operands_are_refused_with_their_shapes():
+    with pytest.raises(ValueError, match=r"int8\[2, 64\] and int8\[3, 32\]"):
+        cpu_kernels.int8_rows_product(jnp.zeros((2, 64), jnp.int8), jnp.zeros((3, 32), jnp.int8))
+
+
+def lm_head_rows() -> quant.QuantizedWeight:
+    """An int8 LM head: rows [vocab, embed] = [96, 64]."""
+    with nnx.use_eager_sharding(False):
+        return quant.declare_weight(nnx.Rngs(0), (96, 64), ("vocab", "embed"), jnp.float32,
+                                    "int8", (1, 2))
+
+
+def activations(tokens: int) -> jax.Array:
+    return jax.random.normal(jax.random.key(tokens), (tokens, 64), jnp.float32)
+
+
+@pytest.fixture()
+def kernel_calls(monkeypatch):
+    """How many products the kernel computed in the programs traced since (counted at trace)."""
+    calls = []
+    real = cpu_kernels.int8_rows_product
+    monkeypatch.setattr(cpu_kernels, "int8_rows_product",
+                        lambda xq, rows: calls.append(rows.shape) or real(xq, rows))
+    return calls
+
+
+def test_the_model_with_the_kernel_gives_the_int8_dots_logits_bit_for_bit(hf_model_dir,
+                                                                          monkeypatch,
+                                                                          kernel_calls):
+    _, model_dir = hf_model_dir("llama")
+    settings = dict(quantization="int8", quantize_embeddings=True, compilation="on_use",
+                    kv_blocks=16, max_num_seqs=2, max_model_len=64)
+    assert quant.int8_product("cpu") == "int8_kernel"  # the default here, rows [out, in]
+    kernel = LLM(model_dir, **settings)
+    assert kernel.config.weight_layout == "out_in"
+    with_kernel = kernel.logits(PROMPT)[0]
+    # every projection of every layer and the LM head ran in the kernel
+    layers = kernel.config.num_layers
+    assert len(kernel_calls) == 7 * layers + 1, kernel_calls
+    used = len(kernel_calls)
+    sharded = LLM(model_dir, mesh="dp=2,tp=2", rules="dp_tp", **settings).logits(PROMPT)[0]
+    assert len(kernel_calls) == used  # a multi-device program keeps XLA's dot
+    monkeypatch.setattr(quant, "int8_product", lambda platform: "int8_dot")
+    xla = LLM(model_dir, weight_layout="out_in", **settings).logits(PROMPT)[0]
+    assert len(kernel_calls) == used
+    assert np.array_equal(with_kernel, xla)  # the int32 sums are exact, the scaling the same
+    # the tolerance of every mesh test (tests/test_quantization.py): tp sums in another order
+    np.testing.assert_allclose(sharded, with_kernel, rtol=0,
+                               atol=1e-5 * np.abs(with_kernel).max())
+
+
+def test_one_token_and_several_through_the_kernel_equal_the_int8_dot(kernel_calls):
+    w = lm_head_rows()
+    for tokens in (1, 3, quant.KERNEL_MAX_TOKENS + 1):
+        x = activations(tokens)
+        ours = jax.jit(lambda x: quant.project(x, w, product="int8_kernel"))(x)
+        xla = jax.jit(lambda x: quant.project(x, w, product="int8_dot"))(x)
+        assert np.array_equal(np.asarray(ours), np.asarray(xla)), tokens
+    assert len(kernel_calls) == 2  # beyond KERNEL_MAX_TOKENS tokens: XLA's int8 dot
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])  # missing; a failed build
+def test_without_a_build_the_product_is_xlas_int8_dot_and_one_warning_says_why(
+        compiler, monkeypatch, tmp_path, caplog, kernel_calls):
+    monkeypatch.setenv(cpu_kernels.COMPILER_ENV, compiler)
+    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert quant.int8_product("cpu") == "int8_dot"
+        assert quant.int8_weight_layout("cpu") == "in_out"
+        assert not cpu_kernels.available()
+        w, x = lm_head_rows(), activations(2)
+        asked = jax.jit(lambda x: quant.project(x, w, product="int8_kernel"))(x)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and compiler in warnings[0].getMessage()
+    assert compiler in cpu_kernels.unavailable_reason()
+    assert kernel_calls == []
+    np.testing.assert_array_equal(np.asarray(asked),
+                                  np.asarray(quant.project(x, w, product="int8_dot")))

@@ -235,6 +235,23 @@ def test_seeded_sampling_gives_the_plain_tokens_alone_and_in_a_batch(plain, spec
     assert [o.token_ids for o in batch[1].outputs] == want
 
 
+def test_sequences_without_proposals_decode_plainly_beside_verifying_ones(plain, spec,
+                                                                          monkeypatch):
+    """Two of four sequences are proposed for, the others decode as plain ones in the same
+    steps (one row each, their token from the slot, counted when the step is planned): every
+    request keeps the plain engine's tokens, greedy and seeded-sampled. Fails if a plain row
+    in a verifying step were settled like a run, or fed a stale token."""
+    chosen = {tuple(PROMPTS[0]), tuple(PROMPTS[2])}
+    monkeypatch.setattr(spec.engine.fallback, "proposing", lambda seqs, running=None: [
+        s for s in seqs if tuple(s.request.prompt_ids) in chosen])
+    for params in (SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                   SamplingParams(temperature=0.9, top_p=0.8, max_tokens=16, seed=5,
+                                  ignore_eos=True)):
+        before = spec.stats()
+        assert _tokens(spec, PROMPTS, params) == _tokens(plain, PROMPTS, params)
+        assert spec.stats()["spec_verify_runs"] > before["spec_verify_runs"]
+
+
 # ---- bad input ----
 
 @pytest.mark.parametrize("config, error", [
@@ -354,7 +371,7 @@ def test_after_fall_backs_new_greedy_sequences_start_plain_but_for_fewer_and_few
     greedy sequence speculates, trial_every doubling per fall-back up to MAX_TRIAL_EVERY; a
     trial that passes its judgement brings every new sequence back; sampled ones always try."""
     from jaxserve.engine.speculative.fallback import MAX_TRIAL_EVERY, MIN_PLAIN, MIN_RUNS, \
-        Fallback
+        MIN_TRIAL_RUNS, Fallback
 
     class Seq:  # what the fallback reads of a sequence; hashed by identity, as sequences are
         def __init__(self, greedy):
@@ -379,7 +396,11 @@ def test_after_fall_backs_new_greedy_sequences_start_plain_but_for_fewer_and_few
     assert not still_proposing_after_judgement(first, 0) and fallback.trial_every == 2
     fresh = [seq() for _ in range(4)]
     assert fallback.proposing(fresh) == fresh[1::2]  # every 2nd new greedy sequence tries
-    assert not still_proposing_after_judgement(fresh[1], 0) and fallback.trial_every == 4
+    for _ in range(MIN_TRIAL_RUNS - 1):  # a trial is judged sooner than a first sequence
+        fallback.record_run(fresh[1], 0)
+    assert fallback.proposing([fresh[1]]) == [fresh[1]]
+    fallback.record_run(fresh[1], 0)
+    assert fallback.proposing([fresh[1]]) == [] and fallback.trial_every == 4
     sampled = seq(greedy=False)
     assert fallback.proposing([sampled]) == [sampled]
     for _ in range(8):  # the trials keep failing: fewer and fewer of them

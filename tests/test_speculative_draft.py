@@ -308,6 +308,36 @@ def test_a_useless_draft_falls_back_to_plain_decoding_with_the_plain_tokens(plai
     assert after["spec_verify_runs"] - before["spec_verify_runs"] == 3 * MIN_RUNS
 
 
+def test_sequences_that_fell_back_step_as_the_plain_engine_with_steps_in_flight(plain,
+                                                                                other_draft,
+                                                                                monkeypatch):
+    """New greedy requests turned away untried (the fallback's memory) run no proposer at
+    all: the engine steps as the plain one does, the next step dispatched before the last is
+    read back (max_steps_in_flight = 2), in the plain programs (no verify rows), with the
+    plain tokens. Fails if a speculative engine reads every step back before planning the
+    next, as it did, or runs its verify program for them."""
+    engine = other_draft.engine
+    monkeypatch.setattr(engine.fallback, "trial_every", 64)  # as after six fall-backs
+    monkeypatch.setattr(engine.fallback, "since_trial", 0)
+    in_flight, plain_steps = [], []  # per step: steps in flight at its dispatch; no verify
+    step = engine.runner.step
+
+    def dispatch(inputs):
+        in_flight.append(len(engine.inflight))
+        plain_steps.append(inputs.verify is None)
+        return step(inputs)
+    monkeypatch.setattr(engine.runner, "step", dispatch)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    before = other_draft.stats()
+    assert _tokens(other_draft, PROMPTS[:3], params) == _tokens(plain, PROMPTS[:3], params)
+    after = other_draft.stats()
+    assert after["spec_fallback_untried"] - before["spec_fallback_untried"] == 3
+    assert after["spec_verify_runs"] == before["spec_verify_runs"]
+    assert max(in_flight) == 1 and in_flight.count(1) >= 25  # one ahead, step after step
+    assert all(plain for plain, ahead in zip(plain_steps, in_flight) if ahead)
+    assert sum(plain_steps) >= 29  # every decode-only step (the first one prefills)
+
+
 def test_a_round_reads_back_only_the_verify_step_and_never_the_drafts_proposals(self_draft,
                                                                                monkeypatch):
     """The draft's round writes its proposals and q into the verify step's inputs on the

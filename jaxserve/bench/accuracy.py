@@ -44,7 +44,7 @@ import numpy as np
 
 from jaxserve.bench.formats import FORMATS, REFERENCE, overrides_of, parse_formats, skip_reason
 from jaxserve.bench.peers import common_prefix
-from jaxserve.bench.report import fmt, local_time, settings, write_json
+from jaxserve.bench.report import comma_choices, fmt, local_time, settings, write_json
 
 MODELS = ("embedded", "55m")
 DEFAULT_FORMATS = ("bf16", "int8", "int8-g32", "int8-g128", "kv-bf16", "kv-int8", "kv-fp8",
@@ -227,11 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window-len", type=int, default=256)
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     args = p.parse_args(argv)
-    args.models = [x.strip() for x in args.models.split(",") if x.strip()]
-    bad = [m for m in args.models if m not in MODELS]
-    if bad or not args.models:
-        p.error(f"--models: unknown {bad[0] if bad else args.models!r}; choose from "
-                f"{', '.join(MODELS)}")
+    args.models = comma_choices(p, "--models", args.models, MODELS)
     try:
         args.formats = parse_formats(args.formats)
     except ValueError as e:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxserve.bench.report import fmt, json_default
+from jaxserve.bench.report import comma_choices, fmt, json_default
 
 PARTS = ("environment", "parity_dense", "parity_moe", "ragged_all_to_all", "decode_roofline",
          "prefill_peak", "calibrate", "prediction")
@@ -94,11 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run (of {', '.join(PARTS)})")
     args = p.parse_args(argv)
-    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = [s for s in parts if s not in PARTS]
-    if unknown or not parts:
-        p.error(f"--parts: unknown part {unknown[0] if unknown else args.parts!r}; the parts "
-                f"are {', '.join(PARTS)}")
+    parts = comma_choices(p, "--parts", args.parts, PARTS)
     if args.budget_s <= 0:
         p.error(f"--budget-s must be positive, got {args.budget_s}")
     args.parts = parts

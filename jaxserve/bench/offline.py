@@ -106,7 +106,7 @@ from jaxserve.bench.machine import CpuWatch, cpu_line, load_gate, machine_info
 from jaxserve.bench.models import DEFAULT_MODEL_DIR, ensure_current_checkpoint, model_dirs
 from jaxserve.bench import offline_precision
 from jaxserve.bench.offline_parts import PART_FUNCS as MAIN_PARTS, Context
-from jaxserve.bench.report import json_default, local_time, settings, write_json
+from jaxserve.bench.report import comma_choices, json_default, local_time, settings, write_json
 
 PARTS = ("machine", "decode", "equal", "mixed", "long", "bf16", "precision")
 PART_FUNCS = {**MAIN_PARTS, "precision": offline_precision.part_precision}
@@ -155,10 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     offline_precision.add_arguments(p)
     args = p.parse_args(argv)
     offline_precision.check_arguments(p, args)
-    args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    bad = [x for x in args.parts if x not in PARTS]
-    if bad or not args.parts:
-        p.error(f"--parts: unknown {bad}; choose from {','.join(PARTS)}")
+    args.parts = comma_choices(p, "--parts", args.parts, PARTS)
     args.parts = [x for x in PARTS if x in args.parts]  # run in the documented order
     for name in ("batches", "bf16_batches", "torch_threads"):
         try:

@@ -39,7 +39,7 @@ from jaxserve.bench.floors import step_cost
 from jaxserve.bench.formats import overrides_of, parse_formats, skip_reason
 from jaxserve.bench.peers import (GGUF_TYPES, LLAMA_CPP_KV_ITEMSIZE, LlamaCppPeer,
                                   PeerUnavailable, find_llama_cpp)
-from jaxserve.bench.report import fmt, print_table, verdict
+from jaxserve.bench.report import comma_choices, fmt, print_table, verdict
 from jaxserve.bench.runs import greedy, load_llm, timed_generate
 from jaxserve.bench.timing import best, median
 from jaxserve.bench.workloads import random_prompts
@@ -270,12 +270,5 @@ def check_arguments(p, args) -> None:
         args.precision_formats = parse_formats(args.precision_formats)
     except ValueError as e:
         p.error(f"--precision-formats: {e}")
-    args.peer = [x.strip() for x in args.peer.split(",") if x.strip()]
-    bad = [x for x in args.peer if x not in PEERS]
-    if bad:
-        p.error(f"--peer: unknown peer {bad[0]!r}; choose from {', '.join(PEERS)}")
-    args.gguf_types = [x.strip() for x in args.gguf_types.split(",") if x.strip()]
-    bad = [x for x in args.gguf_types if x not in GGUF_TYPES]
-    if bad or not args.gguf_types:
-        p.error(f"--gguf-types: unknown {bad[0] if bad else args.gguf_types!r}; choose from "
-                f"{', '.join(GGUF_TYPES)}")
+    args.peer = comma_choices(p, "--peer", args.peer, PEERS, empty_ok=True)
+    args.gguf_types = comma_choices(p, "--gguf-types", args.gguf_types, GGUF_TYPES)

@@ -46,6 +46,18 @@ def print_markdown(title: str, head: tuple[str, ...], rows: list[tuple]) -> None
         print("| " + " | ".join(str(x) for x in row) + " |")
 
 
+def comma_choices(parser, flag: str, text: str, allowed, empty_ok: bool = False) -> list[str]:
+    """The names of a comma-separated flag, each one of `allowed`, in the order given;
+    `parser.error` names the first unknown one (or an empty list, unless `empty_ok`)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in allowed]
+    if unknown:
+        parser.error(f"{flag}: unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if not names and not empty_ok:
+        parser.error(f"{flag}: name at least one of {', '.join(allowed)}")
+    return names
+
+
 def json_default(x):
     if isinstance(x, (np.integer,)):
         return int(x)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from jaxserve.bench.devices import simulate_cpu_devices
-from jaxserve.bench.report import fmt, print_markdown
+from jaxserve.bench.report import comma_choices, fmt, local_time, print_markdown, write_json
 
 CODE_PROMPT = '''def add(a, b):
     """Return a + b."""
@@ -47,6 +47,10 @@ PYTHON_PROMPT = "import os\nimport sys\n\n\ndef main("
 WORKLOADS = {"python": PYTHON_PROMPT, "code edit": CODE_PROMPT}
 DEVICES = 8  # simulated CPU devices: tp=4 and a draft of its own fit
 REPEATS = 5  # timed runs; the fastest is kept (other work on a shared host only slows a run)
+# the useless-draft runs: a fallen-back engine's trials come every few requests, and a
+# 64-token run at batch 1 is ~50 ms, where the host's noise is several percent
+USELESS_REPEATS = 4 * REPEATS
+PARTS = ("methods", "useless", "cost")  # the tables, in the order they run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tree", default="2x4",
                    help="the token tree of the tree rows (prompt lookup), 'WxD' or parent indices")
     p.add_argument("--max-tokens", type=int, default=64)
-    return p.parse_args(argv)
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {', '.join(PARTS)}")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    args.parts = comma_choices(p, "--parts", args.parts, PARTS)
+    return args
 
 
 def methods(args, tp: int) -> dict[str, dict | None]:
@@ -91,9 +100,11 @@ def random_draft(out: Path) -> Path:
     return out
 
 
-def timed_generate(llms: list, prompts, params) -> list[tuple[list[list[int]], float, dict]]:
-    """Per engine: tokens, seconds (the fastest of REPEATS identical runs after one that
-    compiles) and the stats' changes over one run. Several engines take turns run by run, so
+def timed_generate(llms: list, prompts, params, repeats: int = REPEATS
+                   ) -> list[tuple[list[list[int]], list[float], dict]]:
+    """Per engine: tokens, the seconds of each of `repeats` identical runs after one that
+    compiles (None for a run that compiled a program all the same: a step shape, or a draft
+    round's, the first run did not use), and the stats' changes over one run. Several engines take turns run by run, so
     whatever else loads the host falls on each alike."""
     for llm in llms:
         llm.generate(prompts, params, use_tqdm=False)  # compiles the shapes the timed runs use
@@ -101,32 +112,41 @@ def timed_generate(llms: list, prompts, params) -> list[tuple[list[list[int]], f
     before = [llm.stats() for llm in llms]
     seconds: list[list[float]] = [[] for _ in llms]
     outs: list = [None] * len(llms)
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         for i, llm in enumerate(llms):
-            t0 = time.perf_counter()
+            compiled, t0 = llm.engine.programs_compiled(), time.perf_counter()
             outs[i] = llm.generate(prompts, params, use_tqdm=False)
-            seconds[i].append(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            seconds[i].append(took if llm.engine.programs_compiled() == compiled else None)
             llm.engine.clear_prefix_cache()
     results = []
     for llm, was, took, out in zip(llms, before, seconds, outs):
         after = llm.stats()
-        delta = {key: (after[key] - was[key]) / REPEATS for key in
+        delta = {key: (after[key] - was[key]) / repeats for key in
                  ("spec_proposed_tokens", "spec_accepted_tokens", "spec_verify_runs",
                   "spec_fallback_sequences", "spec_fallback_untried") if key in after}
-        results.append(([r.outputs[0].token_ids for r in out], min(took), delta))
+        results.append(([r.outputs[0].token_ids for r in out], took, delta))
     return results
 
 
-def measure(llms, prompts, params) -> dict | list[dict]:
+def measure(llms, prompts, params, repeats: int = REPEATS) -> dict | list[dict]:
     """One engine's row, or (a list of engines, measured by turns) one row each."""
     rows = []
     for tokens, seconds, delta in timed_generate(llms if isinstance(llms, list) else [llms],
-                                                 prompts, params):
+                                                 prompts, params, repeats):
         count = sum(len(t) for t in tokens)
+        # seconds: the fastest run (other work on a shared host only slows a run); mean: of all
+        # that compiled nothing (what a stream of such requests sees, a fallback's trials
+        # included)
+        compiled = sum(s is None for s in seconds)
+        seconds = [s for s in seconds if s is not None]
+        if not seconds:
+            raise RuntimeError(f"every one of the {compiled} timed runs compiled a program")
         proposed = delta.get("spec_proposed_tokens", 0)
         accepted = delta.get("spec_accepted_tokens", 0)
         runs = delta.get("spec_verify_runs", 0)
-        rows.append({"tokens": tokens, "count": count, "seconds": seconds,
+        rows.append({"tokens": tokens, "count": count, "seconds": min(seconds),
+                     "mean_seconds": sum(seconds) / len(seconds), "runs_that_compiled": compiled,
                      "acceptance": accepted / proposed if proposed else None,
                      "per_step": (accepted + runs) / runs if runs else None,
                      "fallen": delta.get("spec_fallback_sequences"),
@@ -147,11 +167,33 @@ def main(args: argparse.Namespace) -> None:
     model = args.model or embedded_model()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     engine = dict(max_model_len=512, max_num_seqs=max(args.batch), compilation="on_use")
+    run = dict(LLM=LLM, model=model, params=params, engine=engine)
+    report = {"date": local_time(), "args": {k: str(v) for k, v in vars(args).items()}}
+    results = methods_part(args, **run) if "methods" in args.parts else {}
+    if results:
+        report["methods"] = [{"method": name, "workload": workload, "batch": batch,
+                              **_kept(r)} for (name, workload, batch), r in results.items()]
+    if "useless" in args.parts:
+        report["useless"] = useless_part(args, **run)
+    if "cost" in args.parts:
+        report["cost"] = cost_part(args, results, **run)
+    if args.json is not None:
+        write_json(args.json, report)
 
-    def prompts(workload: str, batch: int) -> list[str]:
-        # distinct first lines: no prompt waits on another's blocks
-        return [f"# module {i}\n" + WORKLOADS[workload] for i in range(batch)]
 
+def _kept(row: dict) -> dict:
+    """A row as the JSON keeps it (no token lists)."""
+    return {k: v for k, v in row.items() if k != "tokens"}
+
+
+def prompts(workload: str, batch: int) -> list[str]:
+    # distinct first lines: no prompt waits on another's blocks
+    return [f"# module {i}\n" + WORKLOADS[workload] for i in range(batch)]
+
+
+def methods_part(args, LLM, model, params, engine) -> dict:
+    """Every method on both workloads at each batch size; returns the rows by (method,
+    workload, batch)."""
     # every method's engine at once, measured by turns (the host's load falls on each alike);
     # plain first
     llms = {name: LLM(model, speculative_config=config, **engine)
@@ -175,11 +217,13 @@ def main(args: argparse.Namespace) -> None:
                   f"{r['count'] / r['seconds']:.0f}", f"{plain['seconds'] / r['seconds']:.2f}x",
                   fmt(r["acceptance"], ".2f"), fmt(r["per_step"], ".2f"), r["identical"])
                  for name in methods(args, 1) for r in [results[(name, workload, batch)]]])
+    return results
 
-    # useless drafts, default settings (the auto fallback on), python prompts, beside plain
-    # engines measured by turns with it (the host's load falls on each alike); "plain, one
-    # step in flight" is what a speculative engine that proposes nothing can reach: it reads
-    # every step back before planning the next
+
+def useless_part(args, LLM, model, params, engine) -> list[dict]:
+    """Useless drafts, default settings (the auto fallback on), python prompts, beside plain
+    engines measured by turns with it (the host's load falls on each alike); "plain, one step
+    in flight" is what an engine that reads every step back before planning the next reaches."""
     with tempfile.TemporaryDirectory() as tmp:
         config = {"method": "draft", "model": str(random_draft(Path(tmp) / "random-draft")),
                   "num_speculative_tokens": args.num_speculative_tokens}
@@ -187,29 +231,39 @@ def main(args: argparse.Namespace) -> None:
                 LLM(model, speculative_config=config, **engine)]
         useless = {}
         for batch in args.batch:
-            rows = measure(llms, prompts("python", batch), params)
+            rows = measure(llms, prompts("python", batch), params, USELESS_REPEATS)
             useless[batch] = [same_tokens(r, rows[0]) for r in rows]
         del llms
     print_markdown(
         "useless drafts: a random-init draft, python prompts, auto fallback on",
         ("batch", "plain tok/s", "plain, one step in flight", "random draft tok/s", "vs plain",
-         "acceptance", "fallen back per run (untried)", "tokens = plain"),
+         "vs plain, mean of the runs (runs left out: compiled)", "acceptance", "fallen back per run (untried)",
+         "tokens = plain"),
         [(batch, f"{plain['count'] / plain['seconds']:.0f}",
           f"{serial['count'] / serial['seconds']:.0f}", f"{r['count'] / r['seconds']:.0f}",
-          f"{plain['seconds'] / r['seconds']:.2f}x", fmt(r["acceptance"], ".2f"),
+          f"{plain['seconds'] / r['seconds']:.2f}x",
+          f"{plain['mean_seconds'] / r['mean_seconds']:.2f}x "
+          f"({plain['runs_that_compiled']} / {r['runs_that_compiled']})",
+          fmt(r["acceptance"], ".2f"),
           f"{fmt(r['fallen'], '.1f')} ({fmt(r['untried'], '.1f')})", r["identical"])
          for batch, (plain, serial, r) in useless.items()])
+    return [{"batch": batch, "plain": _kept(plain), "plain_one_in_flight": _kept(serial),
+             "random_draft": _kept(r), "vs_plain": plain["seconds"] / r["seconds"],
+             "vs_plain_mean": plain["mean_seconds"] / r["mean_seconds"]}
+            for batch, (plain, serial, r) in useless.items()]
 
-    # the cost per token, batch 1, python prompts: device-seconds per output token (a draft's
-    # own device counted)
-    rows = []
+
+def cost_part(args, measured_methods: dict, LLM, model, params, engine) -> list[dict]:
+    """The cost per token, batch 1, python prompts: device-seconds per output token (a
+    draft's own device counted)."""
+    rows, kept = [], []
     for tp in args.tp:
         mesh = dict(mesh=f"tp={tp}", rules="tp") if tp > 1 else {}
         # at tp > 1 plain and the draft beside it (prompt lookup is for edits; tp=1 has all)
         shown = {name: config for name, config in methods(args, tp).items()
                  if tp == 1 or not (name == "draft" or name.startswith(("ngram", "tree")))}
-        if tp == 1:  # measured above
-            measured = {name: results[(name, "python", 1)] for name in shown}
+        if tp == 1 and all((name, "python", 1) in measured_methods for name in shown):
+            measured = {name: measured_methods[(name, "python", 1)] for name in shown}
         else:
             llms = {name: LLM(model, speculative_config=config, **mesh,
                               **{**engine, "max_num_seqs": 1}) for name, config in shown.items()}
@@ -221,6 +275,11 @@ def main(args: argparse.Namespace) -> None:
             rows.append((f"tp={tp}", name, devices, f"{1e3 * r['seconds'] / r['count']:.2f}",
                          f"{1e3 * devices * r['seconds'] / r['count']:.2f}",
                          fmt(r["acceptance"], ".2f")))
+            kept.append({"tp": tp, "method": name, "devices": devices,
+                         "ms_per_token": 1e3 * r["seconds"] / r["count"],
+                         "device_ms_per_token": 1e3 * devices * r["seconds"] / r["count"],
+                         "acceptance": r["acceptance"]})
     print_markdown("cost per token, python prompts, batch 1",
                    ("target", "method", "devices", "ms/token", "device-ms/token", "acceptance"),
                    rows)
+    return kept

@@ -24,14 +24,18 @@ Everything the host does is timed per phase (`stats()`), and step by step in `ti
 non-scalable work that Amdahl's law charges tensor parallelism for. Turning tokens into text
 is the output processor's job (jaxserve/engine/output_processor.py), inline or on a thread.
 
-With speculation (`settings.speculative`, jaxserve/engine/speculative/) every step is read back
+With speculation (`settings.speculative`, jaxserve/engine/speculative/) a step in which
+sequences propose is planned only once every step before it is read back, and is read back
 before the next is planned: the proposer reads each sequence's latest tokens, and how many
-tokens a step keeps decides where the next one starts. A draft model's round is dispatched
-right before the verify step it feeds, its proposals and q laid out as the step's inputs on
-the device (`fill_step`): a round is two dispatches and one readback. The auto fallback
-(jaxserve/engine/speculative/fallback.py) is fed from here: each decode step's time from
-building its arrays to reading it back, and the proposer's time per round (any that includes
-a compile left out).
+tokens a step keeps decides where the next one starts. When no decoding sequence is proposed
+for (all fallen back) the engine steps as the plain engine does, `max_steps_in_flight` ahead:
+a decode without proposals is a plain one (scheduler.py), and a decode-only step in which
+nobody proposes runs the plain engine's program, in its decode buckets (`_layout`). A
+draft model's round is dispatched right before the verify step it feeds, its proposals and q
+laid out as the step's inputs on the device (`fill_step`): a round is two dispatches and one
+readback. The auto fallback (jaxserve/engine/speculative/fallback.py) is fed from here: the
+time of each decode step dispatched alone, from building its arrays to reading it back, and
+the proposer's time per round (any that includes a compile left out).
 
 Two small programs run beside the step, in dispatch order with it: before a step, the slot
 state (penalties) of sequences admitted in it is set from their token ids; after it, blocks that
@@ -74,6 +78,7 @@ class _InFlight:
     dispatched: float = 0.0  # perf_counter when its arrays began to be built
     verifies: bool = False  # some sequence verifies proposals
     decode_only: bool = False
+    alone: bool = False  # dispatched with nothing in flight and read back before the next
     compilations: int = 0  # the runner's, before the step was dispatched
 
 
@@ -107,8 +112,8 @@ class Engine:
             and spec.token_tree is not None else 0
         self.fallback = Fallback(settings.speculative.auto_fallback) \
             if self.proposer is not None else None
-        # proposals come from read-back tokens (see the module docstring)
-        self.max_steps_in_flight = 1 if self.proposer is not None else limits.max_steps_in_flight
+        self.max_steps_in_flight = limits.max_steps_in_flight
+        self.speculating = False  # this step's sequences propose: it is read back at once
         runner.init_slots(replicas * seqs)
         self.trash_slot = replicas * seqs
         self.router = make_policy(limits.routing, config, limits.max_num_batched_tokens)
@@ -134,13 +139,19 @@ class Engine:
         self.counters = collections.Counter()
         self.timers = collections.Counter()
         self.timeline = Timeline()
+        # a speculative engine's decode-only steps in which nobody proposes: the plain layout
+        # and programs (see the module docstring)
+        self.plain_builder = StepBuilder(limits, replicas, block_size=runner.block_size,
+                                         trash_slot=self.trash_slot,
+                                         vocab_rows=config.vocab_rows, eos_ids=self.eos_ids) \
+            if self.proposer is not None else None
         self.output = OutputProcessor(self.timeline, settings.sampling.output_processing)
         self.flops = FlopsAccount(config, runner)
         self.compiler = ShapeCompiler(runner, self.builder,
                                       resolve_compilation(settings.compile.compilation),
                                       limits.max_prefill_chunk,
                                       (self.builder.max_admissions,
-                                       limits.max_prefill_rows))
+                                       limits.max_prefill_rows), plain=self.plain_builder)
         self.compiler.start()
 
     # ---- requests ----
@@ -227,7 +238,8 @@ class Engine:
         """One iteration: plan + dispatch a step, read back the oldest. Returns finished requests."""
         finished = self._apply(self.output.collect())
         t0 = self.timeline.lap("other")
-        proposals = self._proposals()
+        proposals, drained = self._proposals()
+        finished += drained
         drafts = (proposals.tokens, proposals.branches) if proposals is not None else ()
         plan = self.scheduler.schedule(not self.inflight, *drafts)
         if plan.needs_preemption or (plan.empty and self.scheduler.has_work()
@@ -247,8 +259,8 @@ class Engine:
         if not plan.empty:
             self.inflight.append(self._dispatch(plan))
             self.timers["dispatch_s"] += time.perf_counter() - t1
-        if self.inflight and (len(self.inflight) >= self.max_steps_in_flight
-                              or plan.empty):
+        bound = 1 if self.speculating else self.max_steps_in_flight
+        if self.inflight and (len(self.inflight) >= bound or plan.empty):
             finished += self._read_back(self.inflight.popleft())
         elif plan.empty and self.output.busy:  # nothing to run until the text part catches up
             self.output.wait()
@@ -279,24 +291,41 @@ class Engine:
             finished += self._read_back(self.inflight.popleft())
         return finished
 
-    def _proposals(self) -> Proposals | None:
-        """Speculative: each decoding sequence's proposed next tokens (all read back)."""
+    def _proposals(self) -> tuple[Proposals | None, list[Request]]:
+        """Speculative: each decoding sequence's proposed next tokens, and the requests that
+        finished in the steps read back first. Proposals start from read-back tokens, and a
+        probe is timed alone: either reads every step in flight back first."""
+        self.speculating = False
         if self.proposer is None:
-            return None
-        decoding = [seq for seq in self.scheduler.running
-                    if not seq.in_prefill and not seq.done_scheduling]
-        if self.fallback.wants_probe(decoding):  # a plain step, to measure the break-even
-            return Proposals({})
-        t0, compiled = time.perf_counter(), self._compilations()
-        out = self.proposer.propose_all(self.fallback.proposing(decoding,
-                                                                self.scheduler.running))
+            return None, []
+        # a step that verified proposals leaves counters only its read back settles
+        finished = self.drain() if any(s.verifies for s in self.inflight) else []
+        probe, seqs = self._proposing()
+        if (probe or seqs) and self.inflight:
+            finished += self.drain()
+            probe, seqs = self._proposing()
+        self.speculating = probe or bool(seqs)
+        if probe:  # a plain step, to measure the break-even
+            return Proposals({}), finished
+        if not seqs and self.proposer.idle:  # all fallen back: a plain engine's step
+            return None, finished
+        t0, compiled = time.perf_counter(), self.programs_compiled()
+        out = self.proposer.propose_all(seqs)  # [] too: the draft frees what it holds
         elapsed = time.perf_counter() - t0
         self.timers["propose_s"] += elapsed
-        if any(out.tokens.values()) and self._compilations() == compiled:
+        if any(out.tokens.values()) and self.programs_compiled() == compiled:
             self.fallback.record_draft(elapsed)
-        return out
+        return out, finished
 
-    def _compilations(self) -> int:
+    def _proposing(self) -> tuple[bool, list]:
+        """(a probe is wanted, the decoding sequences worth proposing for)."""
+        decoding = [seq for seq in self.scheduler.running
+                    if not seq.in_prefill and not seq.done_scheduling]
+        if self.fallback.wants_probe(decoding):
+            return True, []
+        return False, self.fallback.proposing(decoding, self.scheduler.running)
+
+    def programs_compiled(self) -> int:
         """Programs compiled so far, the draft's included: a time that includes a compile is
         no measure of a step's cost."""
         draft = getattr(self.proposer, "runner", None)
@@ -305,7 +334,7 @@ class Engine:
     # ---- dispatch ----
     def _dispatch(self, plan: StepPlan) -> _InFlight:
         started, compiled = time.perf_counter(), self.runner.compilations
-        layout = self.builder.build(plan, self.compiler.shape_for)
+        layout = self._layout(plan)
         if layout.device_draft_rows:  # the draft's round, feeding the step on the device
             t0 = time.perf_counter()
             layout.inputs = dataclasses.replace(layout.inputs, verify=self.proposer.fill_step(
@@ -333,8 +362,19 @@ class Engine:
         self.counters["steps"] += 1
         self.counters["prefill_steps"] += bool(plan.prefills)
         self.counters["decode_steps"] += bool(plan.decodes)
-        return _InFlight(layout, outputs, started, any(plan.drafts.values()),
-                         bool(plan.decodes) and not plan.prefills, compiled)
+        return _InFlight(layout, outputs, started, plan.verifies,
+                         bool(plan.decodes) and not plan.prefills, self.speculating and
+                         not self.inflight, compiled)
+
+    def _layout(self, plan: StepPlan) -> StepLayout:
+        """The step's arrays: a speculative engine's decode-only step in which nobody proposes
+        is laid out as the plain engine's, for its programs (once compiled)."""
+        plain = None
+        if self.plain_builder is not None and not plan.verifies and not plan.prefills:
+            plain = self.compiler.plain_shape(len(plan.decodes))
+        if plain is not None:
+            return self.plain_builder.build(plan, lambda decodes, prefill_tokens: plain)
+        return self.builder.build(plan, self.compiler.shape_for)
 
     # ---- read back ----
     def _read_back(self, step: _InFlight) -> list[Request]:
@@ -407,11 +447,11 @@ class Engine:
             self.counters["spec_tree_branch_commits"] += 1
 
     def _time_step(self, step: _InFlight, seconds: float) -> None:
-        """Speculative steps are read back before the next one is planned, so building its
-        arrays to reading it back is the step's time."""
+        """A step dispatched alone and read back before the next is planned: building its
+        arrays to reading it back is its time (steps in flight overlap, and are not timed)."""
         if step.verifies:
             self.timers["spec_verify_s"] += seconds
-        if step.decode_only and self.runner.compilations == step.compilations:
+        if step.alone and step.decode_only and self.runner.compilations == step.compilations:
             self.fallback.record_step(seconds, step.verifies)
 
     def _speculative_stats(self) -> dict[str, Any]:

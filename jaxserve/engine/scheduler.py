@@ -33,7 +33,9 @@ it then runs 1 + m tokens (its last token and m proposals, as many as its budget
 max_tokens and its blocks allow: proposals are dropped before anyone is preempted for them).
 How many of them it keeps is known only when the step is read back, so its counters advance in
 `update`, not in `commit`; the KV of rejected proposals lies beyond the sequence's new length,
-in blocks it gives back (or overwrites next step): nothing is copied.
+in blocks it gives back (or overwrites next step): nothing is copied. A decoding sequence
+without proposals is a plain decode, in a speculative step too: one token, counted in
+`commit`, so it may be planned again before its step is read back (see engine.py).
 
 Disaggregated prefill/decode (jaxserve/engine/handoff.py): on the prefill engine a request's
 sequence stops being scheduled after its first token (`Request.handoff_after`); when that token
@@ -113,6 +115,11 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not self.prefills and not self.decodes
+
+    @property
+    def verifies(self) -> bool:
+        """Some decoding sequence verifies proposals (a speculative step)."""
+        return any(self.drafts.values())
 
 
 @dataclasses.dataclass
@@ -538,7 +545,7 @@ class Scheduler:
             self.name_blocks(seq)
         for seq in plan.decodes:
             seq.num_computed = seq.total_len
-            if not self.speculative:  # else: in `update`, once the kept tokens are known
+            if not plan.drafts.get(seq):  # else: in `update`, once the kept tokens are known
                 seq.num_scheduled_outputs += 1
 
     # ---- applying a step's results ----
@@ -550,8 +557,9 @@ class Scheduler:
         sequence it sampled for): append them, name full blocks, finish the sequences a token
         id stops. A sequence that stopped while the step was in flight drops its token.
         Speculative steps: `emitted` bool[rows] says which rows' tokens count; `verify_rows`
-        are rows of decode runs, whose sequences advance here (see `_settle`); `run_starts`,
-        with token trees, the first row of every run (a sequence has one run per branch)."""
+        are rows of decode runs that verify proposals, whose sequences advance here (see
+        `_settle`); `run_starts`, with token trees, the first row of every run (a sequence has
+        one run per branch)."""
         tokens = tokens.tolist()
         emitted = emitted.tolist() if emitted is not None else None
         update = StepUpdate([])

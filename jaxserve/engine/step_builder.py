@@ -8,7 +8,8 @@ each rounded up to a bucket, so a handful of programs serve every mix:
 
 - decode-only steps: decode_rows in 1, 4, 8, 16, ... up to max_num_seqs (with speculation, a
   sequence's last token and each of its proposals is a decode row: those buckets times 1 + k,
-  within the token budget, and 1);
+  within the token budget, and 1; a speculative engine's decode-only steps in which nobody
+  proposes are a plain builder's, in its buckets: jaxserve/engine/engine.py);
 - steps with prefill: prefill_tokens in 2, 4, 8, ... tiles up to max_num_batched_tokens, and
   decode_rows in a coarser set (0, a small bucket, max_num_seqs): a few padded decode rows cost
   little next to a prefill chunk, and each extra bucket is a program to compile.
@@ -56,7 +57,8 @@ class StepLayout:
     inputs: StepInputs
     sample_rows: list[tuple[int, Sequence]]  # (row of the step's outputs, sequence) that sample
     wants_logprobs: bool
-    # rows of a speculative step's decode runs, whose tokens the step's `emitted` selects
+    # rows of a speculative step's decode runs that verify proposals, whose tokens the step's
+    # `emitted` selects
     verify_rows: frozenset[int] = frozenset()
     run_starts: frozenset[int] = frozenset()  # with trees: the first row of every run
     # with trees: a branch node's row -> (its tree slot, its position's slot), local slot ids:
@@ -213,10 +215,11 @@ class StepBuilder:
         inputs = StepInputs(tokens.reshape(-1), token_slot.reshape(-1), md,
                             sample_index.reshape(-1), slot_ids.reshape(-1), sample.reshape(-1),
                             want, suppressed, sampling, verify)
-        decode_rows = frozenset(r * s_loc + i for r in range(n) for i in range(len(runs[r])))
-        return StepLayout(inputs, sample_rows, bool(want.any()),
-                          decode_rows if self.speculative else frozenset(),
-                          frozenset(int(x) for x in set(run_start[list(decode_rows)]))
+        # rows of runs that verify proposals (a decode without any is a plain one)
+        verifying = frozenset(r * s_loc + i for r in range(n)
+                              for i, run in enumerate(runs[r]) if plan.drafts.get(run[0]))
+        return StepLayout(inputs, sample_rows, bool(want.any()), verifying,
+                          frozenset(int(x) for x in set(run_start[list(verifying)]))
                           if self.trees else frozenset(), moves, device_rows)
 
     def _draft_probs(self, runs, plan: StepPlan, s_loc: int) -> np.ndarray | None:
@@ -233,15 +236,16 @@ class StepBuilder:
 
     def _run(self, seq: Sequence, plan: StepPlan) -> list[tuple]:
         """A decoding sequence's rows: (offset in its run, input token, proposal verified, tree
-        slots, KV move). Without speculation one row whose token stays on the device; with it,
-        the last token (read back: a speculative engine reads every step back before planning
-        the next) and then one row per proposal, whose input the step feeds from the row
+        slots, KV move). Without proposals one row whose token stays on the device; with them,
+        the last token (read back: proposals start from read-back tokens) and then one row per
+        proposal, whose input the step feeds from the row
         before (the host's 0 is not read); proposals on the device verify -1 here, replaced
         by the draft's round (StepLayout.device_draft_rows). A token tree is one run per
         branch, each starting from the last token (the same draw: same seed and token
         index): the first branch written at its positions, the others at tree slots after it,
-        each node seeing the context and its own branch (jaxserve/ops/attention.py)."""
-        if not self.speculative:
+        each node seeing the context and its own branch (jaxserve/ops/attention.py). A sequence
+        without proposals is a plain decode in any step: its step need not have been read back."""
+        if not plan.drafts.get(seq):
             return [(0, None, -1, None, None)]
         last = seq.total_len - 1  # the last token's position
         chains = [plan.drafts.get(seq) or []] + plan.branches.get(seq, [])

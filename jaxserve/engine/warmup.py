@@ -20,6 +20,12 @@ compile (seconds each on a CPU). The mode (`LLM(compilation=...)`, `--compilatio
 With the persistent compilation cache (jaxserve/runtime/compile_cache.py) each of these loads
 what an earlier start compiled instead of compiling it.
 
+A speculative engine has a second family: its decode-only steps in which nobody proposes run
+the plain engine's programs (`plain`, a StepBuilder without speculation), compiled last by the
+thread (and with the rest upfront); until a plain program is compiled such a step runs in the
+speculative family, as any step whose bucket is not compiled runs in one that is
+(`plain_shape`).
+
 The thread only compiles; the runner makes sure a shape is compiled once whoever asks first.
 It stops between two compiles when asked (`stop`, and at interpreter exit): a compile in
 progress cannot be interrupted, so stopping waits for it.
@@ -68,11 +74,15 @@ class ShapeCompiler:
     compiled shape it runs in."""
 
     def __init__(self, runner: ModelRunner, builder: StepBuilder, mode: str,
-                 first_prefill_tokens: int, side_programs: tuple[int, int]):
+                 first_prefill_tokens: int, side_programs: tuple[int, int],
+                 plain: StepBuilder | None = None):
         """first_prefill_tokens: the prefill a first request needs in one step (one chunk).
-        side_programs: (slot rows, block copies) of the programs beside the step."""
+        side_programs: (slot rows, block copies) of the programs beside the step. plain: a
+        speculative engine's builder of plain decode-only steps."""
         self.runner = runner
         self.builder = builder
+        self.plain = plain
+        self._plain_inputs: dict[int, StepInputs] = {}
         self.mode = check_mode(mode)
         self.side_programs = side_programs
         self.first = [builder.shape_for(min(SMALL_MIXED_DECODES, builder.decode_buckets[-1]),
@@ -102,6 +112,15 @@ class ShapeCompiler:
     def is_compiled(self, shape: tuple[int, int]) -> bool:
         return self.runner.has_step(self._step_inputs(shape))
 
+    def _plain_step_inputs(self, decode_rows: int) -> StepInputs:
+        if decode_rows not in self._plain_inputs:
+            self._plain_inputs[decode_rows] = self.plain.idle(decode_rows, 0)
+        return self._plain_inputs[decode_rows]
+
+    def _all_plain_inputs(self) -> list[StepInputs]:
+        return [self._plain_step_inputs(d) for d in self.plain.decode_buckets] \
+            if self.plain is not None else []
+
     # ---- running ----
     def start(self) -> None:
         """Compile what the mode compiles before the engine takes requests (and start the
@@ -124,6 +143,8 @@ class ShapeCompiler:
                     for s in order]
             jobs.insert(order.index(self.largest) + 1 if self.largest in order else 0,
                         functools.partial(self.runner.compile_side_programs, *self.side_programs))
+            jobs += [functools.partial(self.runner.compile_steps, [inputs], 1)
+                     for inputs in self._all_plain_inputs()]
             for job in jobs:
                 if self._stop.is_set():
                     return
@@ -151,7 +172,7 @@ class ShapeCompiler:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-        shapes = [self._step_inputs(s) for s in self.builder.shapes()]
+        shapes = [self._step_inputs(s) for s in self.builder.shapes()] + self._all_plain_inputs()
         return (self.runner.compile_steps(shapes, threads)
                 + self.runner.compile_side_programs(*self.side_programs))
 
@@ -170,6 +191,17 @@ class ShapeCompiler:
                     return shape
         self.counters["steps_waiting_for_compile"] += 1
         return bucket
+
+    def plain_shape(self, decodes: int) -> tuple[int, int] | None:
+        """The shape a speculative engine's decode-only step without proposals runs in with the
+        plain programs: its plain bucket, once compiled (on_use: always); None: not yet (the
+        step runs in the speculative family)."""
+        if self.plain is None:
+            return None
+        shape = self.plain.shape_for(decodes, 0)
+        if self.mode == "on_use" or self.runner.has_step(self._plain_step_inputs(shape[0])):
+            return shape
+        return None
 
     def stats(self) -> dict[str, Any]:
         shapes = self.builder.shapes()

@@ -116,8 +116,10 @@ class ModelRunner:
             tokens, metadata = inputs
             return (kind, tokens.shape, metadata.block_tables.shape, metadata.decode_rows)
         rows = inputs.score_index.shape if kind == "score" else ()
+        # a speculative engine runs plain steps too (no `verify`): another program
+        verifies = kind == "step" and inputs.verify is not None
         return (kind, inputs.tokens.shape, inputs.metadata.block_tables.shape,
-                inputs.metadata.decode_rows, rows)
+                inputs.metadata.decode_rows, rows, verifies)
 
     def _jitted(self, kind: str, make: Callable[[], Any]):
         """The jitted function of this kind, made once (threads may ask for it at once)."""

@@ -13,7 +13,9 @@ end at the accepted path (Scheduler.update). Proposers: `ngram` (prompt lookup, 
 A proposer reads only token ids on the host and returns, for a batch of decoding sequences,
 each one's proposals (`propose_all`); it hears when the target's step is dispatched
 (`dispatched`: a draft on devices of its own proposes the next step's tokens beside it) and
-what each sequence kept once the step is read back (`verified`); it never calls a model
+what each sequence kept once the step is read back (`verified`); it says when it holds
+nothing for any sequence (`idle`: an engine whose sequences all fell back then skips it
+altogether and steps as the plain engine does); it never calls a model
 directly (the draft proposer dispatches its runner's compiled programs). A draft on the
 target's devices leaves its proposals there: the plan gets their number (`DeviceDrafts`), and
 the proposer's `fill_step` lays them out as the verify step's inputs on the device.

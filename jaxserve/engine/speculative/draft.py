@@ -107,6 +107,11 @@ class DraftProposer:
     def num_blocks_used(self) -> int:
         return self.blocks.num_used
 
+    @property
+    def idle(self) -> bool:
+        """No sequence holds draft blocks (`propose_all([])` would do nothing)."""
+        return not self.states
+
     def _release(self, seq: Sequence) -> None:
         shadow = self.states.pop(seq).shadow
         self.blocks.release(shadow.blocks)

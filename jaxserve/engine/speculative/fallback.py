@@ -20,12 +20,16 @@ proposals (`wants_probe`).
 Judging each request afresh costs each one MIN_RUNS speculative steps, which a useless
 proposer makes several times dearer than plain ones: on short requests that alone loses more
 than the fallback saves. So the engine remembers its verdicts: after a sequence falls back,
-only every `trial_every`-th new greedy sequence speculates (a trial, judged as above), the
-others start without proposals (`spec_fallback_untried`). Each further fall-back doubles
-`trial_every` (up to MAX_TRIAL_EVERY: the trials then cost about MIN_RUNS x (tau* - 1) / 64
-plain steps per request); a trial that clearly passes a judgement (at least
-max(tau*, 1) / MARGIN tokens per step) resets it to 1, so a proposer that becomes useful
-again (another workload) is taken up again within a few requests. A marginal trial keeps
+only every `trial_every`-th new greedy sequence speculates (a trial), the others start
+without proposals (`spec_fallback_untried`). Each further fall-back doubles `trial_every` (up
+to MAX_TRIAL_EVERY). A trial is judged as above but after MIN_TRIAL_RUNS verifying steps, not
+MIN_RUNS: the break-even is measured by then, and 4 steps of k proposals tell a useless
+proposer from a useful one (with acceptance 0.02 and k = 4, 16 proposals keep one or two, far
+below any break-even above 1; a useful one keeps about half), so the trials then cost about
+MIN_TRIAL_RUNS x (tau* - 1) / 64 plain steps per request. A trial that clearly passes a
+judgement (at least max(tau*, 1) / MARGIN tokens per step) resets `trial_every` to 1, so a
+proposer that becomes useful again (another workload) is taken up again within a few
+requests. A marginal trial keeps
 speculating but resets nothing: one sequence's proposals among many plain rows barely change
 the batch's step time, so tau* is then near 1 and useless proposals would pass a bare
 comparison. Sampled requests are always judged on their own: whether a step speculates changes
@@ -40,6 +44,7 @@ which of its steps speculate depends on measured time. Host only, no device.
 from __future__ import annotations
 
 MIN_RUNS = 16  # verifying steps a sequence has before it is judged
+MIN_TRIAL_RUNS = 4  # the same for a trial, after fall-backs
 MIN_PLAIN = 4  # plain steps measured before the break-even is trusted
 SMOOTHING = 0.2  # weight of the newest measurement in the moving averages
 MARGIN = 0.9  # a sequence falls back below MARGIN x the break-even
@@ -65,6 +70,7 @@ class Fallback:
         self.num_fallen = 0
         self.seen: set = set()  # running sequences already admitted or turned away
         self.passed: set = set()  # trials whose first judgement kept them speculating
+        self.trials: set = set()  # running sequences admitted as trials (after fall-backs)
         self.trial_every = 1  # 1: every new sequence speculates
         self.since_trial = 0  # new greedy sequences turned away since the last trial
         self.num_untried = 0
@@ -92,8 +98,8 @@ class Fallback:
 
     # ---- decisions ----
     def _due(self, seq) -> bool:
-        return self.enabled and seq not in self.fallen and \
-            self.runs.get(seq, (0, 0))[0] >= MIN_RUNS
+        return self.enabled and seq not in self.fallen and self.runs.get(seq, (0, 0))[0] >= (
+            MIN_TRIAL_RUNS if seq in self.trials else MIN_RUNS)
 
     def wants_probe(self, seqs: list) -> bool:
         """A step without proposals would measure t_plain that a judgement needs."""
@@ -101,13 +107,17 @@ class Fallback:
 
     def proposing(self, seqs: list, running: list | None = None) -> list:
         """Of the decoding sequences `seqs`, those still worth proposing for (judging those
-        that are due). Sequences not `running` (default: `seqs`) are forgotten."""
+        that are due). Sequences not `running` (default: `seqs`) are forgotten, at the latest
+        when a sequence that has not fallen back decodes."""
+        if all(seq in self.fallen for seq in seqs):  # at every step of a fallen-back engine
+            return []
         running = set(seqs if running is None else running)
         for gone in [s for s in self.runs if s not in running]:
             del self.runs[gone]
         self.fallen &= running
         self.seen &= running
         self.passed &= running
+        self.trials &= running
         for seq in seqs:
             if seq not in self.seen:
                 self.seen.add(seq)
@@ -135,6 +145,7 @@ class Fallback:
         self.since_trial += 1
         if self.since_trial >= self.trial_every:
             self.since_trial = 0
+            self.trials.add(seq)
             return
         self.fallen.add(seq)
         self.num_fallen += 1

@@ -71,6 +71,8 @@ class NgramProposer:
                 out.branches[seq] = branches[1:]
         return out
 
+    idle = True  # nothing held between steps
+
     def dispatched(self, plan) -> None:
         """Nothing runs beside the target's step."""
 

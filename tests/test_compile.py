@@ -159,6 +159,52 @@ def test_a_step_after_a_prefix_cache_hit_runs_in_a_shape_the_warm_up_compiled_fi
     assert sorted(order + compiler.first) == sorted(b.shapes())
 
 
+def test_a_speculative_engines_plain_steps_run_once_their_plain_program_is_compiled():
+    """A speculative engine's decode-only steps without proposals run the plain programs: in
+    the background mode only once the thread compiled them (until then the speculative family
+    runs them), on use at once; upfront and the thread compile them too."""
+    plain = builder(max_num_seqs=8)
+    spec = StepBuilder(SchedulerSettings(max_num_seqs=8, max_num_batched_tokens=512,
+                                         max_prefill_rows=8, max_model_len=512), 1,
+                       block_size=16, trash_slot=32, vocab_rows=64, eos_ids=(2,),
+                       speculative_tokens=4)
+    assert spec.decode_buckets == [1, 5, 20, 40] and plain.decode_buckets == [1, 4, 8]
+
+    class Runner:  # compiled programs by (decode rows, tokens, verifies)
+        def __init__(self):
+            self.compiled = set()
+
+        @staticmethod
+        def key(inputs):
+            return (inputs.metadata.decode_rows, inputs.tokens.shape[0],
+                    inputs.verify is not None)
+
+        def has_step(self, inputs):
+            return self.key(inputs) in self.compiled
+
+        def compile_steps(self, many, threads):
+            before = len(self.compiled)
+            self.compiled |= {self.key(i) for i in many}
+            return len(self.compiled) - before
+
+        def compile_side_programs(self, *sizes):
+            return 0
+
+    runner = Runner()
+    compiler = ShapeCompiler(runner, spec, "background", 64, (8, 8), plain=plain)
+    assert compiler.plain_shape(3) is None  # not compiled yet
+    runner.compiled.add((4, 4, False))
+    assert compiler.plain_shape(3) == (4, 0)
+    assert compiler.plain_shape(1) is None
+    assert ShapeCompiler(Runner(), spec, "on_use", 64, (8, 8), plain=plain).plain_shape(5) \
+        == (8, 0)
+    assert ShapeCompiler(Runner(), spec, "on_use", 64, (8, 8)).plain_shape(5) is None
+    upfront = Runner()
+    ShapeCompiler(upfront, spec, "on_use", 64, (8, 8), plain=plain).compile_all(1)
+    assert {(d, d, False) for d in plain.decode_buckets} <= upfront.compiled
+    assert {(d, d, True) for d in spec.decode_buckets} <= upfront.compiled
+
+
 def test_background_warm_up_runs_steps_in_compiled_shapes_and_steady_state_compiles_nothing(
         model_dir):
     llm = LLM(model_dir, compilation="background", **ENGINE)

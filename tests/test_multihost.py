@@ -40,8 +40,10 @@ def free_port() -> int:
 
 
 def process_env(devices: int = 4) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return {**os.environ, "XLA_FLAGS": " ".join(
+        [*flags, f"--xla_force_host_platform_device_count={devices}"]),  # the suite's, 4 devices
+        "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def distributed_flags(port: int, num: int, pid: int) -> list[str]:

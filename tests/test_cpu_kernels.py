@@ -1,9 +1,11 @@
-"""The CPU int8 kernel (`jaxserve.ops.cpu_kernels`): its int32 sums are exactly XLA's int8 x int8
--> int32 dot's, for row counts around its 8-token passes, K with and without a 64-byte tail and
-the extreme values, in its VNNI loop and its portable one; the model with it gives bit for bit
-the logits of XLA's int8 dot, and a dp x tp mesh (which keeps XLA's dot) the single-device ones;
-without a compiler the product rule says "int8_dot", one warning says why, and the products are
-XLA's."""
+"""The CPU int8 kernel (`jaxserve.ops.cpu_kernels`): its activation scales are exactly
+`quant.quantize_activations`' and its int32 sums exactly XLA's int8 x int8 -> int32 dot of those
+rounded activations, for row counts around its 8-token passes, K with and without a 64-byte
+tail, the extreme values and several weights in one call, in its VNNI loop and its portable
+one, with its threads waiting for the next call or not; the model with it gives bit for bit the
+logits of XLA's int8 dot, in one call per layer for q/k/v and one for gate/up, and a dp x tp
+mesh (which keeps XLA's dot) the single-device ones; without a compiler the product rule says
+"int8_dot", one warning says why, and the products are XLA's."""
 
 import logging
 
@@ -21,47 +23,88 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                        f"{cpu_kernels.unavailable_reason()}")
 
 PROMPT = [[1, 5, 9, 2, 7, 3]]  # a 16-token step: the kernel's rows
-SHAPES = [(t, k, n) for t in (1, 2, 5, 16, 17) for k in (64, 100, 512) for n in (1, 37, 1024)]
+# (tokens, K, the row counts of the weights of one call)
+CALLS = [(t, k, ns) for t in (1, 2, 5, 16, 17) for k in (64, 100, 512)
+         for ns in ((1,), (37, 1024), (1024, 37, 1))]
 
 
-def int8_data(rng, shape):
-    """Random int8 in [-127, 127] with the extremes planted: a row of 127s, a row of -127s."""
+def int8_rows(rng, shape):
+    """Random int8 rows in [-127, 127] with the extremes planted: a row of 127s, one of -127s."""
     a = rng.integers(-127, 128, shape).astype(np.int8)
     a[0] = 127
     a[-1] = -127
     return a
 
 
-def test_the_kernel_sums_are_exactly_the_int8_dots_for_every_shape():
-    rng = np.random.default_rng(0)
-    pairs = [(int8_data(rng, (t, k)), int8_data(rng, (n, k))) for t, k, n in SHAPES]
+def float_activations(rng, tokens, k):
+    """Random activations; token 0 all ones (it rounds to 127 everywhere), the last token with
+    both signs' extremes, a token of zeros (scale 0) when there are 3 or more."""
+    x = rng.normal(size=(tokens, k)).astype(np.float32)
+    x[0] = 1.0
+    x[-1, :2] = (5.0, -5.0)
+    if tokens >= 3:
+        x[1] = 0.0
+    return x
 
-    @jax.jit  # every shape in one program: one compile
-    def both(pairs):
-        ours = [cpu_kernels.int8_rows_product(x, w) for x, w in pairs]
-        xla = [jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.int32) for x, w in pairs]
+
+def test_the_kernel_gives_xlas_activation_scales_and_int8_dot_sums_for_every_call():
+    rng = np.random.default_rng(0)
+    calls = [(float_activations(rng, t, k), [int8_rows(rng, (n, k)) for n in ns])
+             for t, k, ns in CALLS]
+
+    @jax.jit  # every call in one program: one compile
+    def both(calls):
+        ours = [cpu_kernels.int8_products(x, rows) for x, rows in calls]
+        xla = []
+        for x, rows in calls:
+            xq, xs = quant.quantize_activations(x, x.shape[1])
+            xq = xq.reshape(x.shape)
+            xla.append((xs[:, 0, 0], [jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())),
+                                                         preferred_element_type=jnp.int32)
+                                     for w in rows]))
         return ours, xla
 
-    ours, xla = jax.block_until_ready(both(pairs))
+    ours, xla = jax.block_until_ready(both(calls))
     cpu_kernels.force_portable_loop(True)  # the loop of CPUs without VNNI, same program
+    cpu_kernels.set_spin(0)  # and threads that sleep between calls
     try:
-        portable = jax.block_until_ready(both(pairs)[0])  # run before the flag is undone
+        portable = jax.block_until_ready(both(calls)[0])  # run before the flags are undone
     finally:
         cpu_kernels.force_portable_loop(False)
+        cpu_kernels.set_spin(cpu_kernels.DEFAULT_SPIN_MICROS)
     assert cpu_kernels.uses_vnni() == ("avx512_vnni" in open("/proc/cpuinfo").read())
-    for shape, a, b, c in zip(SHAPES, ours, xla, portable):
-        assert a.dtype == jnp.int32 and a.shape == (shape[0], shape[2])
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(shape))
-        np.testing.assert_array_equal(np.asarray(c), np.asarray(b), err_msg=f"portable {shape}")
-    # the extremes reach the int32 sums: 127 * 127 * K for a row of 127s against itself
-    t, k, n = SHAPES[-1]
-    assert int(np.asarray(ours[-1])[0, 0]) == 127 * 127 * k
+    for (t, k, ns), (xs, sums), (ref_xs, ref_sums), (p_xs, p_sums) in zip(CALLS, ours, xla,
+                                                                           portable):
+        assert xs.dtype == jnp.float32 and xs.shape == (t,)
+        np.testing.assert_array_equal(np.asarray(xs), np.asarray(ref_xs), err_msg=str((t, k)))
+        np.testing.assert_array_equal(np.asarray(p_xs), np.asarray(ref_xs))
+        for n, a, b, c in zip(ns, sums, ref_sums, p_sums):
+            assert a.dtype == jnp.int32 and a.shape == (t, n)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str((t, k, n)))
+            np.testing.assert_array_equal(np.asarray(c), np.asarray(b), err_msg=f"portable {n}")
+    # the extremes reach the int32 sums: a token of ones rounds to 127s, against a row of 127s
+    t, k, ns = CALLS[-1]
+    assert int(np.asarray(ours[-1][1][0])[0, 0]) == 127 * 127 * k
+    assert float(np.asarray(ours[-1][0])[1]) == 0.0  # a token of zeros has scale 0
+
+
+def test_a_nan_activation_makes_its_tokens_products_nan_as_in_xla():
+    x = np.ones((2, 64), np.float32)
+    x[1, 3] = np.nan
+    w = lm_head_rows()
+    ours = np.asarray(jax.jit(lambda x: quant.project(x, w, product="int8_kernel"))(x))
+    xla = np.asarray(jax.jit(lambda x: quant.project(x, w, product="int8_dot"))(x))
+    assert np.isnan(ours[1]).all() and np.isnan(xla[1]).all()
+    np.testing.assert_array_equal(ours[0], xla[0])
 
 
 def test_bad_operands_are_refused_with_their_shapes():
-    with pytest.raises(ValueError, match=r"int8\[2, 64\] and int8\[3, 32\]"):
-        cpu_kernels.int8_rows_product(jnp.zeros((2, 64), jnp.int8), jnp.zeros((3, 32), jnp.int8))
+    with pytest.raises(ValueError, match=r"float32\[2, 64\] and int8\[3, 32\]"):
+        cpu_kernels.int8_products(jnp.zeros((2, 64)), [jnp.zeros((3, 32), jnp.int8)])
+    with pytest.raises(ValueError, match=r"int8\[2, 64\] and int8\[3, 64\]"):
+        cpu_kernels.int8_products(jnp.zeros((2, 64), jnp.int8), [jnp.zeros((3, 64), jnp.int8)])
+    with pytest.raises(ValueError, match=r"and none"):
+        cpu_kernels.int8_products(jnp.zeros((2, 64)), [])
 
 
 def lm_head_rows() -> quant.QuantizedWeight:
@@ -77,11 +120,13 @@ def activations(tokens: int) -> jax.Array:
 
 @pytest.fixture()
 def kernel_calls(monkeypatch):
-    """How many products the kernel computed in the programs traced since (counted at trace)."""
+    """The kernel's calls in the programs traced since (counted at trace): each call's
+    weights' row counts."""
     calls = []
-    real = cpu_kernels.int8_rows_product
-    monkeypatch.setattr(cpu_kernels, "int8_rows_product",
-                        lambda xq, rows: calls.append(rows.shape) or real(xq, rows))
+    real = cpu_kernels.int8_products
+    monkeypatch.setattr(cpu_kernels, "int8_products",
+                        lambda x, rows: calls.append(tuple(w.shape[0] for w in rows))
+                        or real(x, rows))
     return calls
 
 
@@ -95,9 +140,13 @@ def test_the_model_with_the_kernel_gives_the_int8_dots_logits_bit_for_bit(hf_mod
     kernel = LLM(model_dir, **settings)
     assert kernel.config.weight_layout == "out_in"
     with_kernel = kernel.logits(PROMPT)[0]
-    # every projection of every layer and the LM head ran in the kernel
-    layers = kernel.config.num_layers
-    assert len(kernel_calls) == 7 * layers + 1, kernel_calls
+    # every projection of every layer and the LM head ran in the kernel: per layer one call
+    # for q, k and v, one for o, one for gate and up, one for down
+    c = kernel.config
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    mlp, embed = c.intermediate_size, c.hidden_size
+    assert kernel_calls == [(q, kv, kv), (embed,), (mlp, mlp), (embed,)] * c.num_layers + [
+        (c.vocab_size,)], kernel_calls
     used = len(kernel_calls)
     sharded = LLM(model_dir, mesh="dp=2,tp=2", rules="dp_tp", **settings).logits(PROMPT)[0]
     assert len(kernel_calls) == used  # a multi-device program keeps XLA's dot

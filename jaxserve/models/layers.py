@@ -28,7 +28,7 @@ from flax import nnx
 from jaxserve.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from jaxserve.kv_cache import CacheBuffer, CacheSpec
 from jaxserve.ops.attention import AttentionMetadata, paged_attention
-from jaxserve.ops.quant import declare_weight, project, read
+from jaxserve.ops.quant import declare_weight, project, project_all, read
 from jaxserve.sharding import constrain
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -127,9 +127,10 @@ class Attention(nnx.Module):
             return self._attend(x, cos, sin, cache, metadata)
 
     def _attend(self, x, cos, sin, cache: dict, metadata: AttentionMetadata):
-        q = constrain(project(x, self.q_proj), ("batch", "q_heads", "head_dim"))
-        k = constrain(project(x, self.k_proj), ("batch", "kv_heads", "head_dim"))
-        v = constrain(project(x, self.v_proj), ("batch", "kv_heads", "head_dim"))
+        q, k, v = project_all(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = constrain(q, ("batch", "q_heads", "head_dim"))
+        k = constrain(k, ("batch", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "kv_heads", "head_dim"))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -151,6 +152,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp"):
-            gate = constrain(project(x, self.gate_proj), ("batch", "mlp"))
-            up = constrain(project(x, self.up_proj), ("batch", "mlp"))
+            gate, up = project_all(x, (self.gate_proj, self.up_proj))
+            gate, up = constrain(gate, ("batch", "mlp")), constrain(up, ("batch", "mlp"))
             return project(jax.nn.silu(gate) * up, self.down_proj)

@@ -227,14 +227,8 @@ def _inputs_of(weight: nnx.Param | QuantizedWeight) -> tuple[int, int]:
     return tuple(weight.get_metadata()["inputs"])
 
 
-def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
-            product: str | None = None) -> jax.Array:
-    """x [..tokens, K] times a linear weight -> [..tokens, ..its output dims].
-
-    The weight's input dims (K elements together) are its leading dims (`[in.., out..]`) or its
-    trailing ones (`[out.., in..]`: the LM head, and the projections stored "out_in"); weights
-    with outer dims (the experts) are read with `read`. `product`: an int8 weight's
-    implementation, by default `int8_product` of the platform being traced for."""
+def _product_shape(x: jax.Array, weight: nnx.Param | QuantizedWeight):
+    """(the weight's output dims, which of its 2-D views' dims contracts, K) for `project`."""
     start, stop = _inputs_of(weight)
     shape = weight.values.shape if isinstance(weight, QuantizedWeight) else weight.shape
     if start == 0:
@@ -247,19 +241,54 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
     k = math.prod(shape[start:stop])
     if x.shape[-1] != k:
         raise ValueError(f"project: x has {x.shape[-1]} inputs, the weight {k}")
+    return tuple(outputs), contract, k
+
+
+def _int8_product_of(product: str | None) -> str:
+    product = product or int8_product(jax.default_backend())
+    if product not in INT8_PRODUCTS:
+        raise ValueError(f"int8 product must be one of {', '.join(INT8_PRODUCTS)}, "
+                         f"got {product!r}")
+    return product
+
+
+def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
+            product: str | None = None) -> jax.Array:
+    """x [..tokens, K] times a linear weight -> [..tokens, ..its output dims].
+
+    The weight's input dims (K elements together) are its leading dims (`[in.., out..]`) or its
+    trailing ones (`[out.., in..]`: the LM head, and the projections stored "out_in"); weights
+    with outer dims (the experts) are read with `read`. `product`: an int8 weight's
+    implementation, by default `int8_product` of the platform being traced for."""
+    outputs, contract, k = _product_shape(x, weight)
     if isinstance(weight, QuantizedWeight):
-        product = product or int8_product(jax.default_backend())
-        if product not in INT8_PRODUCTS:
-            raise ValueError(f"int8 product must be one of {', '.join(INT8_PRODUCTS)}, "
-                             f"got {product!r}")
+        product = _int8_product_of(product)
         if product in ("int8_kernel", "int8_dot"):
             out = _int8_dot(x.reshape(-1, k), weight.values[...], weight.scale[...], contract,
                             k, weight.group or k, kernel=product == "int8_kernel")
-            return out.astype(weight.dtype).reshape(x.shape[:-1] + tuple(outputs))
+            return out.astype(weight.dtype).reshape(x.shape[:-1] + outputs)
     w = read(weight)
     w2 = w.reshape((k, -1)) if contract == 0 else w.reshape((-1, k))
     out = jax.lax.dot_general(x.reshape(-1, k), w2, (((1,), (contract,)), ((), ())))
-    return out.reshape(x.shape[:-1] + tuple(outputs))
+    return out.reshape(x.shape[:-1] + outputs)
+
+
+def project_all(x: jax.Array, weights: Sequence[nnx.Param | QuantizedWeight],
+                product: str | None = None) -> list[jax.Array]:
+    """x times each of `weights`, linear weights that share the input (q, k and v; gate and
+    up): what `project(x, w)` gives for each, bit for bit. Where the CPU kernel computes their
+    products, it is one call for all of them (the activations quantized once, one fork and join
+    of the kernel's threads instead of one per weight)."""
+    shapes = [_product_shape(x, w) for w in weights]
+    quantized = all(isinstance(w, QuantizedWeight) and w.group is None for w in weights)
+    tokens = math.prod(x.shape[:-1])
+    if (len(weights) > 1 and quantized and _int8_product_of(product) == "int8_kernel"
+            and all(_kernel_applies(tokens, 1, contract) for _, contract, _ in shapes)):
+        k = shapes[0][2]
+        outs = _kernel_products(x.reshape(-1, k), [(w.values[...], w.scale[...]) for w in weights])
+        return [out.astype(w.dtype).reshape(x.shape[:-1] + outputs)
+                for out, w, (outputs, _, _) in zip(outs, weights, shapes)]
+    return [project(x, w, product) for w in weights]
 
 
 def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:
@@ -280,6 +309,17 @@ def _kernel_applies(tokens: int, groups: int, contract: int) -> bool:
             and cpu_kernels.available())
 
 
+def _kernel_products(x, weights) -> list[jax.Array]:
+    """x [tokens, K] float and per-channel int8 rows `[out.., in..]` with their scales, as
+    (values, scale) pairs -> float32 [tokens, N] each: the CPU kernel quantizes x as
+    `quantize_activations` does and sums in int32; the scaling is `_int8_dot`'s."""
+    k = x.shape[-1]
+    xs, sums = cpu_kernels.int8_products(x.astype(jnp.float32),
+                                         [values.reshape(-1, k) for values, _ in weights])
+    return [acc.astype(jnp.float32) * xs[:, None] * scale.reshape(1, -1)
+            for acc, (_, scale) in zip(sums, weights)]
+
+
 def _int8_dot(x, values, scale, contract: int, k: int, group: int,
               kernel: bool = False) -> jax.Array:
     """x [tokens, K] float, values int8 with K elements of inputs (leading when `contract` is
@@ -288,9 +328,7 @@ def _int8_dot(x, values, scale, contract: int, k: int, group: int,
     tokens = x.shape[0]
     groups = k // group
     if kernel and _kernel_applies(tokens, groups, contract):
-        xq, xs = quantize_activations(x, group)
-        acc = cpu_kernels.int8_rows_product(xq.reshape(tokens, k), values.reshape(-1, k))
-        return acc.astype(jnp.float32) * xs[:, 0] * scale.reshape(1, -1)
+        return _kernel_products(x, [(values, scale)])[0]
     if tokens == 1 and groups == 1 and contract == 1:
         # One token, [out, in] rows: the rounded activations times the widened rows, one fused
         # multiply-reduce loop over the int8 bytes (XLA:CPU), the int8 dot's numbers (integer

@@ -1,9 +1,11 @@
 """CPU kernels XLA:CPU does not emit well, as XLA FFI custom calls: built from C++ on first use.
 
-`int8_rows_product(xq, rows)` is the int32 sum `xq @ rows.T` of int8 activations [tokens, K] and
-int8 weight rows [N, K] (`int8_rows.cc`): the same integers `lax.dot_general(...,
-preferred_element_type=int32)` gives, from a loop that reads each weight row once for up to 16
-tokens with AVX-512 VNNI where the CPU has it (a plain loop elsewhere), on XLA's own threads.
+`int8_products(x, rows)` quantizes float32 activations x [tokens, K] per token (the numbers of
+`jaxserve.ops.quant.quantize_activations`) and returns their scales [tokens] and, for each int8
+weight of `rows` ([N_i, K], weights that share the input, e.g. q, k and v), the int32 sums
+`xq @ rows_i.T`: the same integers `lax.dot_general(..., preferred_element_type=int32)` gives,
+in one call that reads each weight row once for up to 8 tokens at a time with AVX-512 VNNI
+where the CPU has it (a plain loop elsewhere), on XLA's own threads (`int8_rows.cc`).
 
 The source ships in the package; the first process that needs it compiles it with `g++ -O3
 -march=native` (`$JAXSERVE_CXX` names another compiler) into a cache directory keyed by the
@@ -33,8 +35,10 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 SOURCE = "int8_rows.cc"
-TARGET = "jaxserve_int8_rows_product"  # the FFI target name in the compiled programs
+TARGET = "jaxserve_int8_products"  # the FFI target name in the compiled programs
 COMPILER_ENV, CACHE_ENV = "JAXSERVE_CXX", "JAXSERVE_KERNEL_CACHE"
+# How long a kernel thread that ran out of work waits, spinning, for the next call (set_spin).
+DEFAULT_SPIN_MICROS = 0
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "library": the loaded .so, or "error": why there is none
@@ -92,9 +96,10 @@ def _load() -> None:
         if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
             raise RuntimeError(f"no build for {platform.system()} {platform.machine()}")
         library = ctypes.CDLL(str(_build(compiler)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxserveInt8RowsProduct),
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxserveInt8Products),
                                     platform="cpu")
         _state["library"] = library
+        library.JaxserveInt8RowsSetSpin(ctypes.c_longlong(DEFAULT_SPIN_MICROS))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _state["error"] = str(error)
         log.warning("the CPU int8 kernel is not available (%s); int8 products run as XLA's "
@@ -126,12 +131,25 @@ def force_portable_loop(on: bool) -> None:
         _state["library"].JaxserveInt8RowsForcePortable(int(on))
 
 
-def int8_rows_product(xq: jax.Array, rows: jax.Array) -> jax.Array:
-    """int8 xq [tokens, K] and int8 rows [N, K] -> int32 [tokens, N], sum over k of
-    xq[t, k] * rows[n, k] (exact). Only after `available()` is True."""
-    if xq.dtype != jnp.int8 or rows.dtype != jnp.int8 or xq.ndim != 2 or rows.ndim != 2 \
-            or xq.shape[1] != rows.shape[1]:
-        raise ValueError(f"int8_rows_product: int8 [tokens, K] and [N, K] expected, got "
-                         f"{xq.dtype}{list(xq.shape)} and {rows.dtype}{list(rows.shape)}")
-    result = jax.ShapeDtypeStruct((xq.shape[0], rows.shape[0]), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, result)(xq, rows)
+def set_spin(micros: int) -> None:
+    """How long a kernel thread that ran out of work waits, spinning, for the next call before
+    it sleeps (microseconds; 0: it sleeps at once). Measured, not tuned per run: for
+    benchmarks that compare the two."""
+    if available():
+        _state["library"].JaxserveInt8RowsSetSpin(ctypes.c_longlong(int(micros)))
+
+
+def int8_products(x: jax.Array, rows) -> tuple[jax.Array, list[jax.Array]]:
+    """float32 x [tokens, K] and int8 weights rows[i] [N_i, K] -> (the activations' scales
+    float32 [tokens], [int32 [tokens, N_i]]): the sums over k of xq[t, k] * rows[i][n, k] of the
+    rounded activations xq (exact). Only after `available()` is True."""
+    rows = list(rows)
+    bad = [w for w in rows if w.dtype != jnp.int8 or w.ndim != 2 or w.shape[1] != x.shape[-1]]
+    if x.dtype != jnp.float32 or x.ndim != 2 or not rows or bad:
+        raise ValueError(f"int8_products: float32 [tokens, K] and int8 [N, K] weights expected, "
+                         f"got {x.dtype}{list(x.shape)} and "
+                         f"{', '.join(f'{w.dtype}{list(w.shape)}' for w in rows) or 'none'}")
+    results = [jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)] + [
+        jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32) for w in rows]
+    scales, *sums = jax.ffi.ffi_call(TARGET, results)(x, *rows)
+    return scales, sums

@@ -1,17 +1,31 @@
-// acc[t, n] = sum_k xq[t, k] * w[n, k] in int32, for int8 activations xq [T, K] and int8 weight
-// rows w [N, K]: an XLA:CPU FFI custom call (jaxserve/ops/cpu_kernels/__init__.py builds and
-// registers it). It computes exactly what an int8 x int8 -> int32 dot computes; it never scales,
-// rounds or converts (the caller does that in XLA, so both paths share those numbers).
+// The int8 products of one decode step's linear layers on XLA:CPU: an XLA FFI custom call
+// (jaxserve/ops/cpu_kernels/__init__.py builds and registers it). For float32 activations
+// x [T, K] and int8 weight rows w_i [N_i, K] (one or more weights sharing the input, e.g. q, k
+// and v), it returns the activations' scale per token, xs [T] = max|x[t]| / 127, and the exact
+// int32 sums acc_i[t, n] = sum_k xq[t, k] * w_i[n, k] of the rounded activations
+// xq = rint(x / xs) (0 where xs is 0): the numbers XLA's own ops give for the same formulas
+// (jaxserve/ops/quant.py `quantize_activations`, then an int8 x int8 -> int32 dot), so the
+// caller scales the sums in XLA and both paths share those numbers.
 //
 // AVX-512 VNNI (vpdpbusd multiplies u8 by s8): the activations are offset by 128 to u8
 // (x ^ 0x80 == x + 128), and 128 * rowsum(w) is taken back out of each row's sum; the row sum is
 // one more vpdpbusd against ones, shared by every token. Rows are split into chunks of ~64 KiB
-// (they stay in L2 while up to 8 tokens at a time pass over them) that XLA's own intra-op
-// thread pool runs, so the kernel uses the threads XLA uses and never oversubscribes the
-// cores. Elsewhere: a plain loop.
+// (they stay in L2 while up to 8 tokens at a time pass over them), the chunks of all of a
+// call's weights in one queue, so a call forks and joins once however many weights it has.
+// Elsewhere: a plain loop.
+//
+// Threads: the chunks run on XLA's own intra-op pool (the kernel never oversubscribes the
+// cores XLA uses). A decode step calls the kernel ~60 times, tens of microseconds apart, and
+// waking a sleeping pool thread costs about what a small product does, so a pool task that ran
+// out of chunks waits, spinning, a bounded time
+// (JaxserveInt8RowsSetSpin; the loader sets it) for the next call and joins it at once.
+// The wait is bounded, so a pool thread is never held for longer than that past its work.
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cmath>
+#include <limits>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -196,6 +210,7 @@ void RowsVnni(const Problem& p, int64_t n0, int64_t n1) {
 #endif
 
 std::atomic<bool> force_portable{false};  // JaxserveInt8RowsForcePortable: tests the plain loop
+std::atomic<int64_t> spin_micros{0};  // JaxserveInt8RowsSetSpin: how long a pool task waits
 
 bool CpuHasVnni() {
 #ifdef JAXSERVE_VNNI
@@ -208,29 +223,40 @@ bool CpuHasVnni() {
 #endif
 }
 
-// One call's rows, cut into chunks; any thread (the caller or the pool's) takes the next chunk
-// until none is left, and the caller waits only for chunks already taken, so a busy or
-// one-thread pool never deadlocks the call. Tasks that start after the call returned find no
-// chunk left (the job is kept alive by the tasks that hold it).
+// One call's rows, cut into chunks (per weight, then queued one weight after another); any
+// thread (the caller or the pool's) takes the next chunk until none is left, and the caller
+// waits only for chunks already taken, so a busy or one-thread pool never deadlocks the call.
+// Tasks that come to a job after the call returned find no chunk left (a job is kept alive by
+// whoever holds it).
 struct Job {
-  Problem problem;
+  std::vector<Problem> parts;
+  std::vector<int64_t> rows_per_chunk, first_chunk;  // per part; first_chunk has one more
+  std::vector<int8_t> xq;
   std::vector<uint8_t> xu;
   bool vnni = false;
-  int64_t rows_per_chunk = 0, chunks = 0;
+  int64_t chunks = 0;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mutex;
   std::condition_variable finished;
+
+  void Run(int64_t c) {
+    const int64_t part = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) -
+                         first_chunk.begin() - 1;
+    const Problem& p = parts[part];
+    const int64_t n0 = (c - first_chunk[part]) * rows_per_chunk[part];
+    const int64_t n1 = std::min(p.n, n0 + rows_per_chunk[part]);
+#ifdef JAXSERVE_VNNI
+    if (vnni) RowsVnni(p, n0, n1); else RowsPortable(p, n0, n1);
+#else
+    RowsPortable(p, n0, n1);
+#endif
+  }
 
   void Work() {
     for (;;) {
       const int64_t c = next.fetch_add(1);
       if (c >= chunks) return;
-      const int64_t n0 = c * rows_per_chunk, n1 = std::min(problem.n, n0 + rows_per_chunk);
-#ifdef JAXSERVE_VNNI
-      if (vnni) RowsVnni(problem, n0, n1); else RowsPortable(problem, n0, n1);
-#else
-      RowsPortable(problem, n0, n1);
-#endif
+      Run(c);
       if (done.fetch_add(1) + 1 == chunks) {
         std::lock_guard<std::mutex> lock(mutex);
         finished.notify_all();
@@ -239,33 +265,124 @@ struct Job {
   }
 };
 
-ffi::Error Int8RowsProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
-                               ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("int8 rows product: x [T, K] and w [N, K] expected");
+// The newest call's job, for pool tasks that wait for one (`posted_epoch` counts the posts).
+std::mutex posted_mutex;
+std::shared_ptr<Job> posted;
+std::atomic<uint64_t> posted_epoch{0};
+std::atomic<int64_t> waiting{0};  // pool tasks spinning for the next job
+
+inline void Pause() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
+std::shared_ptr<Job> TakePosted() {
+  std::lock_guard<std::mutex> lock(posted_mutex);
+  return posted;
+}
+
+// A pool task: the job it was scheduled for, then, while new jobs come within the spin limit,
+// those too.
+void PoolTask(std::shared_ptr<Job> job) {
+  for (;;) {
+    const uint64_t seen = posted_epoch.load();
+    job->Work();
+    job.reset();
+    const int64_t limit = spin_micros.load();
+    if (limit <= 0) return;
+    waiting.fetch_add(1);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(limit);
+    bool fresh = false;
+    for (int i = 0;; ++i) {
+      if (posted_epoch.load() != seen) { fresh = true; break; }
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= deadline) break;
+      Pause();
+    }
+    waiting.fetch_sub(1);
+    // a job posted while this task stopped waiting: the poster may have counted it as waiting
+    if (!fresh && posted_epoch.load() == seen) return;
+    job = TakePosted();
+    if (!job) return;
+  }
+}
+
+// xs[t] = max|x[t]| / 127 and xq[t] = rint(x[t] / xs[t]) clipped to +-127 (0 where xs is 0),
+// as XLA computes `quantize_activations` (its x / 127 is folded into x * (1 / 127.0f)); a NaN
+// in a token makes its scale NaN, so its products come out NaN as in XLA.
+void QuantizeActivations(const float* x, int64_t tokens, int64_t k, float* xs, int8_t* xq) {
+  constexpr float kInv127 = 1.0f / 127.0f;
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* row = x + t * k;
+    float m = 0.0f;
+    bool nan = false;
+    for (int64_t i = 0; i < k; ++i) {
+      const float a = std::fabs(row[i]);
+      nan |= a != a;
+      m = a > m ? a : m;
+    }
+    const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : m * kInv127;
+    xs[t] = scale;
+    const float divisor = scale > 0.0f ? scale : 1.0f;
+    int8_t* q = xq + t * k;
+    for (int64_t i = 0; i < k; ++i) {
+      float r = std::nearbyint(row[i] / divisor);
+      r = std::min(127.0f, std::max(-127.0f, r));
+      q[i] = r == r ? int8_t(r) : int8_t(0);
+    }
+  }
+}
+
+ffi::Error Int8ProductsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> xs,
+                            ffi::RemainingRets sums) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2)
+    return ffi::Error::InvalidArgument("int8 products: x [T, K] expected");
+  const int64_t tokens = xd[0], k = xd[1];
+  if (weights.size() == 0 || weights.size() != sums.size())
+    return ffi::Error::InvalidArgument("int8 products: one int32 result per weight expected");
   auto job = std::make_shared<Job>();
-  job->problem = Problem{x.typed_data(), nullptr, w.typed_data(), out->typed_data(),
-                         xd[0], xd[1], wd[0]};
-  const int64_t tokens = xd[0], k = xd[1], n = wd[0];
-  if (tokens == 0 || n == 0) return ffi::Error::Success();
+  job->xq.resize(tokens * k);
+  QuantizeActivations(x.typed_data(), tokens, k, xs->typed_data(), job->xq.data());
 #ifdef JAXSERVE_VNNI
   job->vnni = CpuHasVnni();
   if (job->vnni) {
     job->xu.resize(tokens * k);
-    const int8_t* xs = x.typed_data();
-    for (int64_t i = 0; i < tokens * k; ++i) job->xu[i] = uint8_t(xs[i]) ^ 0x80;
-    job->problem.xu = job->xu.data();
+    for (int64_t i = 0; i < tokens * k; ++i) job->xu[i] = uint8_t(job->xq[i]) ^ 0x80;
   }
 #endif
-  // A chunk reads at least ~64 KiB of weights (a pool task costs microseconds), in rows of 4.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t rows = std::max<int64_t>(4, (65536 / std::max<int64_t>(k, 1)) & ~int64_t(3));
-  rows = std::min(rows, std::max<int64_t>(4, ((n + threads - 1) / threads + 3) & ~int64_t(3)));
-  job->rows_per_chunk = rows;
-  job->chunks = (n + rows - 1) / rows;
+  job->first_chunk.push_back(0);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    auto w = weights.get<ffi::Buffer<ffi::S8>>(i);
+    auto out = sums.get<ffi::Buffer<ffi::S32>>(i);
+    if (!w.has_value() || !out.has_value())
+      return ffi::Error::InvalidArgument("int8 products: int8 weights, int32 results expected");
+    const auto wd = w->dimensions();
+    if (wd.size() != 2 || wd[1] != k)
+      return ffi::Error::InvalidArgument("int8 products: weights [N, K] of x's K expected");
+    const int64_t n = wd[0];
+    job->parts.push_back(Problem{job->xq.data(), job->xu.data(), w->typed_data(),
+                                 (*out)->typed_data(), tokens, k, n});
+    // A chunk reads at least ~64 KiB of weights (a pool task costs microseconds), in rows of 4.
+    int64_t rows = std::max<int64_t>(4, (65536 / std::max<int64_t>(k, 1)) & ~int64_t(3));
+    rows = std::min(rows, std::max<int64_t>(4, ((n + threads - 1) / threads + 3) & ~int64_t(3)));
+    job->rows_per_chunk.push_back(rows);
+    job->first_chunk.push_back(job->first_chunk.back() + (tokens == 0 ? 0 : (n + rows - 1) / rows));
+  }
+  job->chunks = job->first_chunk.back();
+  if (job->chunks == 0) return ffi::Error::Success();
   const int64_t helpers = std::min(threads, job->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([job] { job->Work(); });
+  if (helpers > 0) {
+    {
+      std::lock_guard<std::mutex> lock(posted_mutex);
+      posted = job;
+    }
+    posted_epoch.fetch_add(1);
+    const int64_t fresh = helpers - std::min(helpers, waiting.load());
+    for (int64_t i = 0; i < fresh; ++i) pool.Schedule([job] { PoolTask(job); });
+  }
   job->Work();
   std::unique_lock<std::mutex> lock(job->mutex);
   job->finished.wait(lock, [&] { return job->done.load() == job->chunks; });
@@ -274,15 +391,19 @@ ffi::Error Int8RowsProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveInt8RowsProduct, Int8RowsProductImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveInt8Products, Int8ProductsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());
 
 // Which inner loop this build runs on this CPU: 1 = AVX-512 VNNI, 0 = the portable loop.
 extern "C" int JaxserveInt8RowsVnni() { return CpuHasVnni() ? 1 : 0; }
 
 // 1: run the portable loop even where VNNI is there (so a VNNI machine tests both); 0: undo.
 extern "C" void JaxserveInt8RowsForcePortable(int on) { force_portable.store(on != 0); }
+
+// How long (microseconds) a pool task that ran out of chunks waits for the next call (0: none).
+extern "C" void JaxserveInt8RowsSetSpin(long long micros) { spin_micros.store(micros); }

@@ -5,7 +5,9 @@ tail, the extreme values and several weights in one call, in its VNNI loop and i
 one, with its threads waiting for the next call or not; the model with it gives bit for bit the
 logits of XLA's int8 dot, in one call per layer for q/k/v and one for gate/up, and a dp x tp
 mesh (which keeps XLA's dot) the single-device ones; without a compiler the product rule says
-"int8_dot", one warning says why, and the products are XLA's."""
+"int8_dot", one warning says why, and the products are XLA's. The block-copy kernel gives the
+bytes and the gradient of XLA's gather, and the model's logits with it are bit for bit those
+with XLA's gather."""
 
 import logging
 
@@ -16,7 +18,7 @@ import pytest
 from flax import nnx
 
 from jaxserve import LLM
-from jaxserve.ops import cpu_kernels, quant
+from jaxserve.ops import attention, cpu_kernels, quant
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
                                 reason=f"the CPU kernel is not built here: "
@@ -187,3 +189,42 @@ def test_without_a_build_the_product_is_xlas_int8_dot_and_one_warning_says_why(
     assert kernel_calls == []
     np.testing.assert_array_equal(np.asarray(asked),
                                   np.asarray(quant.project(x, w, product="int8_dot")))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+def test_block_copies_are_xlas_gather_bytes_and_gradient(dtype):
+    rng = np.random.default_rng(1)
+    pages = jnp.asarray(rng.normal(size=(12, 16, 2, 8)) * 50).astype(dtype)  # [blocks, ...]
+    ids = jnp.asarray([[3, 0, 11, 3], [-1, 12, -13, 7]], jnp.int32)  # repeats; out of range
+    ours = jax.jit(cpu_kernels.gather_blocks)(pages, ids)
+    assert ours.dtype == pages.dtype and ours.shape == (2, 4, 16, 2, 8)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.jit(lambda p, i: p[i])(pages,
+                                                                                       ids)))
+    if dtype == jnp.float32:  # training differentiates through the pool's reads
+        weights = jnp.asarray(rng.normal(size=ours.shape), jnp.float32)
+        in_range = ids % 12
+        grad = jax.grad(lambda p: jnp.sum(attention.gather_blocks(p, in_range) * weights))
+        ref = jax.grad(lambda p: jnp.sum(p[in_range] * weights))
+        np.testing.assert_array_equal(np.asarray(grad(pages)), np.asarray(ref(pages)))
+
+
+def test_the_model_reading_blocks_by_copies_gives_the_logits_of_xlas_gather(hf_model_dir,
+                                                                           monkeypatch):
+    _, model_dir = hf_model_dir("llama")
+    settings = dict(compilation="on_use", kv_blocks=16, max_num_seqs=2, max_model_len=64,
+                    block_size=4)  # a 6-token prompt reads two blocks per chunk
+    prompts = [[1, 5, 9, 2, 7, 3], [4, 4, 8]]
+    copied = []  # block reads traced through the kernel
+    real = cpu_kernels.gather_blocks
+    monkeypatch.setattr(cpu_kernels, "gather_blocks",
+                        lambda pages, ids: copied.append(ids.shape) or real(pages, ids))
+    llm = LLM(model_dir, **settings)
+    copies = [llm.logits([p])[0] for p in prompts]
+    assert copied and len(copied) % 2 == 0  # each layer's k and v
+    traced = len(copied)
+    monkeypatch.setattr(attention, "_copied_blocks", lambda pages, ids: pages[ids])
+    llm = LLM(model_dir, **settings)
+    xla = [llm.logits([p])[0] for p in prompts]
+    assert len(copied) == traced
+    for a, b in zip(copies, xla):
+        assert np.array_equal(a, b)

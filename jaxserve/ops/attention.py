@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import kv_cache
+from jaxserve.ops import cpu_kernels
 from jaxserve.sharding import shard_map_logical
 
 CONTEXT_CHUNK_TOKENS = 128  # context tokens read per loop iteration (rounded to whole blocks)
@@ -167,9 +168,40 @@ def by_row_kind(md: AttentionMetadata, q: jax.Array, attend) -> jax.Array:
 def read_chunk(pages, fmt, name: str, ids: jax.Array, dtype) -> jax.Array:
     """Blocks `ids` [rows, chunk_blocks] of one page buffer, decoded into `dtype`:
     [rows, chunk_blocks * block_size, ...per-token shape]."""
-    chunk_pages = {n: pages[n][ids] for n in (name, name + kv_cache.SCALE_SUFFIX) if n in pages}
+    chunk_pages = {n: gather_blocks(pages[n], ids)
+                   for n in (name, name + kv_cache.SCALE_SUFFIX) if n in pages}
     out = kv_cache.decode_buffer(fmt, chunk_pages, name, dtype)
     return out.reshape((ids.shape[0], -1) + out.shape[3:])
+
+
+def gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
+    """`pages[ids]`: whole blocks of one page buffer, the one place that decides how. On CPU, a
+    copy kernel where it builds (`ops.cpu_kernels`): XLA:CPU's gather computes each element's
+    source in a scalar loop, and half of a decode row's attention went to it (the embedded
+    55M layer's attention at context 192 took 120 us with XLA's gather, 60 us with the kernel,
+    same bytes; BENCHMARKS.md, "Block reads"). Elsewhere XLA's gather."""
+    if jax.default_backend() == "cpu" and cpu_kernels.available():
+        return _copied_blocks(pages, ids)
+    return pages[ids]
+
+
+@jax.custom_vjp
+def _copied_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
+    return cpu_kernels.gather_blocks(pages, ids)
+
+
+def _copied_blocks_fwd(pages, ids):
+    return cpu_kernels.gather_blocks(pages, ids), (ids, pages)
+
+
+def _copied_blocks_bwd(residuals, grad):
+    """What autodiff gives `pages[ids]` (training differentiates through the pool): the
+    gradient added back into each block read."""
+    ids, pages = residuals
+    return jnp.zeros_like(pages).at[ids].add(grad.astype(pages.dtype)), None
+
+
+_copied_blocks.defvjp(_copied_blocks_fwd, _copied_blocks_bwd)
 
 
 def online_softmax(chunk_scores, positions, context_lens, md: AttentionMetadata, chunk: int,

@@ -8,13 +8,15 @@ consecutive input elements (`"int8-g64"`). A quantized weight is a `QuantizedWei
 ..output dims]`, carrying the logical axes of the weight's other dims, so a rules file shards
 scales with their weights; the group dim is replicated).
 
-Models run every linear product through `project(x, weight)` (and read a weight whole, for a
-gather or the experts' grouped products, through `read`): they never branch on a format. How an
+Models run every linear product through `project(x, weight)`, or `project_all(x, weights)` for
+weights that share their input (and read a weight whole, for a gather or the experts' grouped
+products, through `read`): they never branch on a format. How an
 int8 weight's product runs is decided in one place, `int8_product(platform)`:
 
 - "int8_kernel" (CPU, where `ops.cpu_kernels` builds: g++ on first use): the "int8_dot" below,
-  its int32 sums computed by a C++ XLA FFI custom call (AVX-512 VNNI, each weight row read once
-  for up to 8 tokens, on XLA's own threads) for per-channel weights stored `[out, in]`, up to
+  its activation scales and int32 sums computed by a C++ XLA FFI custom call (AVX-512 VNNI, each
+  weight row read once for up to 8 tokens, on XLA's own threads; the weights that share an input,
+  `project_all`'s q/k/v and gate/up, in one call) for per-channel weights stored `[out, in]`, up to
   `KERNEL_MAX_TOKENS` tokens (the decode step; a prefill chunk keeps XLA's matrix product) and
   one device. The SPMD partitioner cannot split a custom call (it would gather the weight), and
   wrapping it in shard_map per weight would psum the partial sums of the weights whose inputs

@@ -7,13 +7,17 @@ weight of `rows` ([N_i, K], weights that share the input, e.g. q, k and v), the 
 in one call that reads each weight row once for up to 8 tokens at a time with AVX-512 VNNI
 where the CPU has it (a plain loop elsewhere), on XLA's own threads (`int8_rows.cc`).
 
-The source ships in the package; the first process that needs it compiles it with `g++ -O3
+`gather_blocks(pages, ids)` is `pages[ids]` for whole blocks of a paged KV buffer, each block one
+memcpy (`gather_blocks.cc`): the same bytes as XLA's gather, whose CPU loop computes every
+element's source index.
+
+The sources ship in the package; the first process that needs it compiles it with `g++ -O3
 -march=native` (`$JAXSERVE_CXX` names another compiler) into a cache directory keyed by the
 source, the FFI headers and this CPU (`$JAXSERVE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/jaxserve/
 cpu_kernels`, else `~/.cache/jaxserve/cpu_kernels`), so later processes only load it. Where it
 cannot be built or loaded (no compiler, a failed build, not x86-64 / aarch64 Linux), `available()`
-is False, one warning says why, and callers keep their XLA path. Nothing here decides when the
-kernel is used: `jaxserve.ops.quant.int8_product` does.
+is False, one warning says why, and callers keep their XLA path. Nothing here decides when a
+kernel is used: `jaxserve.ops.quant.int8_product` and `jaxserve.ops.attention.gather_blocks` do.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCE = "int8_rows.cc"
-TARGET = "jaxserve_int8_products"  # the FFI target name in the compiled programs
+SOURCES = ("int8_rows.cc", "gather_blocks.cc")  # built together into one library
+TARGET = "jaxserve_int8_products"  # the FFI target names in the compiled programs
+GATHER_TARGET = "jaxserve_gather_blocks"
 COMPILER_ENV, CACHE_ENV = "JAXSERVE_CXX", "JAXSERVE_KERNEL_CACHE"
 # How long a kernel thread that ran out of work waits, spinning, for the next call (set_spin).
 DEFAULT_SPIN_MICROS = 0
@@ -63,29 +68,32 @@ def _cpu_identity() -> bytes:
 
 
 def _build(compiler: str) -> Path:
-    source = resources.files(__name__).joinpath(SOURCE).read_bytes()
+    sources = [resources.files(__name__).joinpath(name).read_bytes() for name in SOURCES]
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(source + include.encode() + compiler.encode() + _cpu_identity())
-    out = cache_dir() / f"int8_rows-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"".join(sources) + include.encode() + compiler.encode()
+                         + _cpu_identity())
+    out = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (${COMPILER_ENV} names one)")
-    log.info("building the CPU int8 kernel into %s (once per source and CPU)", out)
+    log.info("building the CPU kernels into %s (once per source and CPU)", out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    src = out.with_suffix(f".{os.getpid()}.cc")
+    srcs = [out.with_suffix(f".{os.getpid()}.{i}.cc") for i in range(len(sources))]
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    src.write_bytes(source)
+    for src, source in zip(srcs, sources):
+        src.write_bytes(source)
     try:
         done = subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-                               "-w", "-I", include, str(src), "-o", str(tmp)],
+                               "-w", "-I", include, *map(str, srcs), "-o", str(tmp)],
                               capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{compiler} failed ({done.returncode}): "
                                f"{done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)  # atomic: another process may be building the same key
     finally:
-        src.unlink(missing_ok=True)
+        for src in srcs:
+            src.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
     return out
 
@@ -98,12 +106,15 @@ def _load() -> None:
         library = ctypes.CDLL(str(_build(compiler)))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxserveInt8Products),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(GATHER_TARGET,
+                                    jax.ffi.pycapsule(library.JaxserveGatherBlocks),
+                                    platform="cpu")
         _state["library"] = library
         library.JaxserveInt8RowsSetSpin(ctypes.c_longlong(DEFAULT_SPIN_MICROS))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _state["error"] = str(error)
-        log.warning("the CPU int8 kernel is not available (%s); int8 products run as XLA's "
-                    "int8 dot", error)
+        log.warning("the CPU kernels are not available (%s); int8 products run as XLA's "
+                    "int8 dot, block reads as XLA's gather", error)
 
 
 def available() -> bool:
@@ -153,3 +164,13 @@ def int8_products(x: jax.Array, rows) -> tuple[jax.Array, list[jax.Array]]:
         jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32) for w in rows]
     scales, *sums = jax.ffi.ffi_call(TARGET, results)(x, *rows)
     return scales, sums
+
+
+def gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
+    """`pages[ids]` for int32 ids: whole blocks (a block: every dim of `pages` but the first)
+    copied, the same bytes as XLA's gather. Only after `available()` is True."""
+    if ids.dtype != jnp.int32 or pages.ndim < 1:
+        raise ValueError(f"gather_blocks: pages [blocks, ...] and int32 ids expected, got "
+                         f"{pages.dtype}{list(pages.shape)} and {ids.dtype}{list(ids.shape)}")
+    result = jax.ShapeDtypeStruct(ids.shape + pages.shape[1:], pages.dtype)
+    return jax.ffi.ffi_call(GATHER_TARGET, result)(pages, ids)

@@ -33,6 +33,8 @@
 #include <mutex>
 #include <vector>
 
+#include <sched.h>
+
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
     defined(__AVX512VNNI__)
 #define JAXSERVE_VNNI 1
@@ -289,7 +291,9 @@ void PoolTask(std::shared_ptr<Job> job) {
     const uint64_t seen = posted_epoch.load();
     job->Work();
     job.reset();
-    const int64_t limit = spin_micros.load();
+    const int64_t setting = spin_micros.load();
+    const bool yield = setting < 0;  // EXPERIMENT: negative = spin with sched_yield
+    const int64_t limit = yield ? -setting : setting;
     if (limit <= 0) return;
     waiting.fetch_add(1);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(limit);
@@ -297,7 +301,7 @@ void PoolTask(std::shared_ptr<Job> job) {
     for (int i = 0;; ++i) {
       if (posted_epoch.load() != seen) { fresh = true; break; }
       if ((i & 63) == 63 && std::chrono::steady_clock::now() >= deadline) break;
-      Pause();
+      if (yield && (i & 15) == 15) sched_yield(); else Pause();
     }
     waiting.fetch_sub(1);
     // a job posted while this task stopped waiting: the poster may have counted it as waiting

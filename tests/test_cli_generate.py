@@ -23,9 +23,17 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_generate_prompt_uses_the_embedded_model_by_default():
-    out = jaxserve("generate", "--prompt", "def ", "--max-tokens", "24", "--temperature", "0")
-    assert out.stdout.startswith("def ") and len(out.stdout) > len("def ") + 10
+GREEDY_DEF = ["--prompt", "def ", "--max-tokens", "12", "--temperature", "0"]
+
+
+@pytest.fixture(scope="module")
+def default_run():
+    """`jaxserve generate` of GREEDY_DEF with every setting at its default."""
+    return jaxserve("generate", *GREEDY_DEF)
+
+
+def test_generate_prompt_uses_the_embedded_model_by_default(default_run):
+    assert default_run.stdout.startswith("def ") and len(default_run.stdout) > len("def ") + 10
 
 
 def test_batch_generation_resumes_after_a_partial_output_file(tmp_path):
@@ -76,13 +84,11 @@ def test_bad_flags_are_reported_by_name(args, named):
     assert result.returncode == 2 and named in result.stderr
 
 
-def test_engine_flags_reach_the_engine_and_bad_ones_are_named():
-    default = jaxserve("generate", "--prompt", "def ", "--max-tokens", "12", "--temperature", "0")
-    tuned = jaxserve("generate", "--prompt", "def ", "--max-tokens", "12", "--temperature", "0",
-                     "--max-num-batched-tokens", "32", "--block-size", "8", "--kv-blocks", "70",
-                     "--max-num-seqs", "2", "--max-model-len", "256", "--no-prefix-caching",
-                     "--routing", "round_robin")
-    assert tuned.stdout == default.stdout  # settings change the schedule, never the tokens
+def test_engine_flags_reach_the_engine_and_bad_ones_are_named(default_run):
+    tuned = jaxserve("generate", *GREEDY_DEF, "--max-num-batched-tokens", "32", "--block-size",
+                     "8", "--kv-blocks", "70", "--max-num-seqs", "2", "--max-model-len", "256",
+                     "--no-prefix-caching", "--routing", "round_robin")
+    assert tuned.stdout == default_run.stdout  # settings change the schedule, never the tokens
     bad = jaxserve("generate", "--prompt", "def ", "--max-num-batched-tokens", "8", check=False)
     assert bad.returncode != 0 and "max_num_batched_tokens must be at least 16" in bad.stderr
     bad = jaxserve("generate", "--prompt", "def ", "--routing", "nearest", check=False)

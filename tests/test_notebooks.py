@@ -1,5 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom without an error, on 8 simulated devices,
-in a kernel of this interpreter's own environment; and is committed with its outputs stripped."""
+in a kernel of this interpreter's own environment, at its smoke sizes (JAXSERVE_NOTEBOOK_SMOKE);
+and is committed with its outputs stripped."""
 
 import json
 import os
@@ -25,6 +26,8 @@ def kernel_env(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("PYTHONPATH", os.pathsep.join(
         [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     monkeypatch_module.setenv("MPLBACKEND", "Agg")
+    # each notebook's smoke sizes: every cell runs, on the smallest workload that shows it
+    monkeypatch_module.setenv("JAXSERVE_NOTEBOOK_SMOKE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,22 @@ def logit_scale(logits):
     return max(float(np.abs(x).max()) for x in logits)
 
 
+@pytest.fixture(scope="module")
+def single_device_logits(hf_model_dir):
+    """(family, quantization or None for the checkpoint's float weights) -> the logits of
+    PROMPTS on one device (SMALL engine), computed once for the tests that compare to them."""
+    done = {}
+
+    def get(family, quantization=None):
+        if (family, quantization) not in done:
+            _, model_dir = hf_model_dir(family)
+            formats = {} if quantization is None else {"quantization": quantization}
+            done[family, quantization] = LLM(model_dir, **formats, **SMALL).logits(PROMPTS)
+        return done[family, quantization]
+
+    return get
+
+
 # int8 logits vs float32 on the random HF configs. Each weight is off by at most half its
 # group's scale step (1/254 of its group's max), so logits move by a small fraction of their
 # scale: measured 0.87% / 0.73% (llama, per channel / groups of 32) and 1.2% / 1.3% (qwen3_moe)
@@ -67,10 +83,10 @@ TOLERANCE = 0.03
 
 @pytest.mark.parametrize("quantization", ["int8", "int8-g32"])
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_int8_logits_are_within_tolerance_of_float32(hf_model_dir, family, quantization):
-    _, model_dir = hf_model_dir(family)
-    reference = LLM(model_dir, **SMALL).logits(PROMPTS)
-    quantized = LLM(model_dir, quantization=quantization, **SMALL).logits(PROMPTS)
+def test_int8_logits_are_within_tolerance_of_float32(single_device_logits, family,
+                                                    quantization):
+    reference = single_device_logits(family)
+    quantized = single_device_logits(family, quantization)
     error = max_error(quantized, reference)
     print(f"{family} {quantization}: max |logit error| {error:.4g} = "
           f"{error / logit_scale(reference):.4f} of max |logit|")
@@ -80,10 +96,11 @@ def test_int8_logits_are_within_tolerance_of_float32(hf_model_dir, family, quant
 @pytest.mark.parametrize("family,mesh,rules", [
     ("llama", "tp=2", "tp"), ("llama", "dp=2,tp=2", "dp_tp"), ("qwen3_moe", "ep=2", "ep"),
     ("qwen3_moe", "tp=2,ep=2", "tp_ep")], ids=lambda v: v if isinstance(v, str) else "")
-def test_every_mesh_reproduces_the_single_device_quantized_logits(hf_model_dir, family, mesh,
-                                                                   rules):
+def test_every_mesh_reproduces_the_single_device_quantized_logits(hf_model_dir,
+                                                                   single_device_logits, family,
+                                                                   mesh, rules):
     _, model_dir = hf_model_dir(family)
-    single = LLM(model_dir, quantization="int8-g32", **SMALL).logits(PROMPTS)
+    single = single_device_logits(family, "int8-g32")
     sharded = LLM(model_dir, mesh=mesh, rules=rules, quantization="int8-g32", **SMALL)
     assert max_error(sharded.logits(PROMPTS), single) <= 1e-5 * logit_scale(single)
     # scales carry their weight's output axes: a sharded weight's scales are sharded with it
@@ -105,7 +122,8 @@ def quantized_llama(hf_model_dir, tmp_path_factory):
     return model_dir, out
 
 
-def test_quantize_writes_int8_and_scales_that_load_as_on_the_fly_quantization(quantized_llama):
+def test_quantize_writes_int8_and_scales_that_load_as_on_the_fly_quantization(
+        quantized_llama, single_device_logits):
     model_dir, out = quantized_llama
     config = json.loads((out / "config.json").read_text())
     assert (config["quantization"], config["quantize_embeddings"]) == ("int8", False)
@@ -115,7 +133,7 @@ def test_quantize_writes_int8_and_scales_that_load_as_on_the_fly_quantization(qu
     assert stored["lm_head"].dtype == np.float32  # embeddings stay float by default
     loaded = LLM(out, **SMALL)
     assert loaded.config.quantization == "int8"
-    on_the_fly = LLM(model_dir, quantization="int8", **SMALL).logits(PROMPTS)
+    on_the_fly = single_device_logits("llama", "int8")
     assert max_error(loaded.logits(PROMPTS), on_the_fly) == 0.0
     # and on a mesh that repeats KV heads (2 KV heads at tp=4): scales repeated with them
     sharded = LLM(out, mesh="tp=4", rules="tp", **SMALL).logits(PROMPTS)

@@ -43,10 +43,22 @@ def outputs(llm):
              for c in out.outputs] for out in llm.generate(prompts(), PARAMS, use_tqdm=False)]
 
 
+@pytest.fixture(scope="module")
+def tp2(hf_model_dir):
+    """The tp=2 engine; each test sets the sampling mode it starts from."""
+    return LLM(hf_model_dir("llama")[1], mesh="tp=2", rules="tp", sampling="replicated",
+               **ENGINE)
+
+
 @pytest.mark.parametrize("mesh,rules", MESHES, ids=[m for m, _ in MESHES])
 def test_sequence_parallel_sampling_gives_the_tokens_and_logprobs_of_replicated(
-        hf_model_dir, mesh, rules):
-    llm = LLM(hf_model_dir("llama")[1], mesh=mesh, rules=rules, sampling="replicated", **ENGINE)
+        hf_model_dir, request, mesh, rules):
+    if (mesh, rules) == ("tp=2", "tp"):
+        llm = request.getfixturevalue("tp2")
+        llm.runner.set_sampling("replicated")
+    else:
+        llm = LLM(hf_model_dir("llama")[1], mesh=mesh, rules=rules, sampling="replicated",
+                  **ENGINE)
     replicated = outputs(llm)
     llm.runner.set_sampling("sequence_parallel")
     sequence_parallel = outputs(llm)
@@ -63,9 +75,9 @@ def _collectives(llm) -> dict[str, list[str]]:
     return found
 
 
-def test_the_compiled_step_gathers_results_not_the_vocabulary(hf_model_dir):
-    llm = LLM(hf_model_dir("llama")[1], mesh="tp=2", rules="tp", sampling="replicated",
-              **ENGINE)
+def test_the_compiled_step_gathers_results_not_the_vocabulary(tp2):
+    llm = tp2
+    llm.runner.set_sampling("replicated")
     vocab = llm.config.vocab_rows
     whole_rows = re.compile(rf"\[\d+,{vocab}\]")  # [rows, vocab]: the whole vocabulary
 

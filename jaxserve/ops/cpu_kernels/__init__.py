@@ -5,7 +5,7 @@
 weight of `rows` ([N_i, K], weights that share the input, e.g. q, k and v), the int32 sums
 `xq @ rows_i.T`: the same integers `lax.dot_general(..., preferred_element_type=int32)` gives,
 in one call that reads each weight row once for up to 8 tokens at a time with AVX-512 VNNI
-where the CPU has it (a plain loop elsewhere), on XLA's own threads (`int8_rows.cc`).
+or AVX2 where the CPU has them (a plain loop elsewhere), on XLA's own threads (`int8_rows.cc`).
 
 `gather_blocks(pages, ids)` is `pages[ids]` for whole blocks of a paged KV buffer, each block one
 memcpy (`gather_blocks.cc`): the same bytes as XLA's gather, whose CPU loop computes every
@@ -130,16 +130,19 @@ def unavailable_reason() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
-def uses_vnni() -> bool:
-    """Whether the loaded kernel runs its AVX-512 VNNI loop on this CPU."""
-    return available() and bool(_state["library"].JaxserveInt8RowsVnni())
+LOOPS = ("portable", "avx2", "avx512_vnni")  # the kernel's inner loops, slowest first
 
 
-def force_portable_loop(on: bool) -> None:
-    """Make the loaded kernel run its portable loop even on a VNNI CPU (`on`), or undo it: the
-    two loops must give the same integers, and a VNNI machine can test both."""
+def inner_loop() -> str:
+    """Which inner loop the loaded kernel runs on this CPU (one of LOOPS)."""
+    return LOOPS[_state["library"].JaxserveInt8RowsLoop()] if available() else "portable"
+
+
+def limit_loop(name: str) -> None:
+    """Run at most loop `name` of LOOPS even where a faster one is there ("avx512_vnni": any):
+    every loop must give the same integers, and one machine can test the ones below its own."""
     if available():
-        _state["library"].JaxserveInt8RowsForcePortable(int(on))
+        _state["library"].JaxserveInt8RowsLimitLoop(LOOPS.index(name))
 
 
 def set_spin(micros: int) -> None:

@@ -12,12 +12,13 @@
 // one more vpdpbusd against ones, shared by every token. Rows are split into chunks of ~64 KiB
 // (they stay in L2 while up to 8 tokens at a time pass over them), the chunks of all of a
 // call's weights in one queue, so a call forks and joins once however many weights it has.
-// Elsewhere: a plain loop.
+// With AVX2 only: vpmaddubsw on |w| and x * sign(w), exact because the activations are within
+// +-127 (below). Elsewhere: a plain loop.
 //
 // Threads: the chunks run on XLA's own intra-op pool (the kernel never oversubscribes the
 // cores XLA uses). A decode step calls the kernel ~60 times, tens of microseconds apart, and
 // waking a sleeping pool thread costs about what a small product does, so a pool task that ran
-// out of chunks waits, spinning, a bounded time
+// out of chunks waits, spinning (and yielding the core now and then), a bounded time
 // (JaxserveInt8RowsSetSpin; the loader sets it) for the next call and joins it at once.
 // The wait is bounded, so a pool thread is never held for longer than that past its work.
 
@@ -38,6 +39,11 @@
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
     defined(__AVX512VNNI__)
 #define JAXSERVE_VNNI 1
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) && defined(__AVX2__)
+#define JAXSERVE_AVX2 1
 #include <immintrin.h>
 #endif
 
@@ -211,19 +217,99 @@ void RowsVnni(const Problem& p, int64_t n0, int64_t n1) {
 
 #endif
 
-std::atomic<bool> force_portable{false};  // JaxserveInt8RowsForcePortable: tests the plain loop
-std::atomic<int64_t> spin_micros{0};  // JaxserveInt8RowsSetSpin: how long a pool task waits
+using TokensFnAny = void (*)(const Problem&, int64_t, int64_t, int64_t);
 
-bool CpuHasVnni() {
-#ifdef JAXSERVE_VNNI
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has && !force_portable.load();
-#else
-  return false;
-#endif
+#ifdef JAXSERVE_AVX2
+// AVX2 (no VNNI): vpmaddubsw multiplies u8 by s8 into pairs of saturating int16 sums. With the
+// unsigned operand |w| (vpsignb(w, w); 128 for -128) and the signed one x * sign(w) (vpsignb(x,
+// w)), each product is w * x exactly, and a pair is at most 2 * 128 * 127 = 32512 < 2^15: no
+// saturation, because the activations, rounded here, are within +-127. vpmaddwd against ones
+// then widens the pairs to int32 sums of 4, accumulated in int32: the int8 dot's integers.
+inline int32_t Sum8x32(__m256i v) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  const __m128i q = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1)));
 }
+
+// TN tokens against rows [n0, n1), one row at a time (one sequential stream per row), with C
+// independent accumulation chains along k.
+template <int TN, int C>
+void RowsAvx2Block(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
+  const int64_t blocks = p.k / 32, tail = p.k % 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* xs = p.x + t0 * p.k;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = p.w + n * p.k;
+    __m256i acc[C][TN];
+    for (int c = 0; c < C; ++c)
+      for (int t = 0; t < TN; ++t) acc[c][t] = _mm256_setzero_si256();
+    auto block = [&](int c, int64_t b) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+      const __m256i aw = _mm256_sign_epi8(w, w);
+      for (int t = 0; t < TN; ++t) {
+        const __m256i x =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + t * p.k + 32 * b));
+        const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+        acc[c][t] = _mm256_add_epi32(acc[c][t], _mm256_madd_epi16(pairs, ones));
+      }
+    };
+    int64_t b = 0;
+    for (; b + C <= blocks; b += C)
+      for (int c = 0; c < C; ++c) block(c, b + c);
+    for (; b < blocks; ++b) block(0, b);
+    for (int t = 0; t < TN; ++t) {
+      __m256i total = acc[0][t];
+      for (int c = 1; c < C; ++c) total = _mm256_add_epi32(total, acc[c][t]);
+      int32_t sum = Sum8x32(total);
+      const int8_t* xt = xs + t * p.k;
+      for (int64_t i = p.k - tail; i < p.k; ++i) sum += int32_t(xt[i]) * int32_t(row[i]);
+      p.out[(t0 + t) * p.n + n] = sum;
+    }
+  }
+}
+
+template <int TN>
+void RowsAvx2Tokens(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
+  if constexpr (TN <= 2) RowsAvx2Block<TN, 4>(p, t0, n0, n1);
+  else RowsAvx2Block<TN, 1>(p, t0, n0, n1);
+}
+
+constexpr TokensFnAny kTokensAvx2[kMaxTokens + 1] = {
+    nullptr,           RowsAvx2Tokens<1>, RowsAvx2Tokens<2>, RowsAvx2Tokens<3>,
+    RowsAvx2Tokens<4>, RowsAvx2Tokens<5>, RowsAvx2Tokens<6>, RowsAvx2Tokens<7>,
+    RowsAvx2Tokens<8>};
+
+void RowsAvx2(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t t0 = 0; t0 < p.tokens; t0 += kMaxTokens) {
+    const int64_t tn = std::min(kMaxTokens, p.tokens - t0);
+    kTokensAvx2[tn](p, t0, n0, n1);
+  }
+}
+#endif
+
+// The inner loops, fastest last: which one a call runs is the best this build and CPU have,
+// at most `loop_limit` (JaxserveInt8RowsLimitLoop: a machine with VNNI tests the others too).
+enum Loop { kPortable = 0, kAvx2 = 1, kVnni = 2 };
+std::atomic<int> loop_limit{kVnni};
+
+int BestLoop() {
+  static const int best = [] {
+#ifdef JAXSERVE_VNNI
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vnni"))
+      return int(kVnni);
+#endif
+#ifdef JAXSERVE_AVX2
+    if (__builtin_cpu_supports("avx2")) return int(kAvx2);
+#endif
+    return int(kPortable);
+  }();
+  return best;
+}
+
+int ActiveLoop() { return std::min(BestLoop(), loop_limit.load()); }
+
+std::atomic<int64_t> spin_micros{0};  // JaxserveInt8RowsSetSpin: how long a pool task waits
 
 // One call's rows, cut into chunks (per weight, then queued one weight after another); any
 // thread (the caller or the pool's) takes the next chunk until none is left, and the caller
@@ -235,7 +321,7 @@ struct Job {
   std::vector<int64_t> rows_per_chunk, first_chunk;  // per part; first_chunk has one more
   std::vector<int8_t> xq;
   std::vector<uint8_t> xu;
-  bool vnni = false;
+  int loop = kPortable;
   int64_t chunks = 0;
   std::atomic<int64_t> next{0}, done{0};
   std::mutex mutex;
@@ -248,10 +334,12 @@ struct Job {
     const int64_t n0 = (c - first_chunk[part]) * rows_per_chunk[part];
     const int64_t n1 = std::min(p.n, n0 + rows_per_chunk[part]);
 #ifdef JAXSERVE_VNNI
-    if (vnni) RowsVnni(p, n0, n1); else RowsPortable(p, n0, n1);
-#else
-    RowsPortable(p, n0, n1);
+    if (loop == kVnni) return RowsVnni(p, n0, n1);
 #endif
+#ifdef JAXSERVE_AVX2
+    if (loop == kAvx2) return RowsAvx2(p, n0, n1);
+#endif
+    RowsPortable(p, n0, n1);
   }
 
   void Work() {
@@ -291,9 +379,7 @@ void PoolTask(std::shared_ptr<Job> job) {
     const uint64_t seen = posted_epoch.load();
     job->Work();
     job.reset();
-    const int64_t setting = spin_micros.load();
-    const bool yield = setting < 0;  // EXPERIMENT: negative = spin with sched_yield
-    const int64_t limit = yield ? -setting : setting;
+    const int64_t limit = spin_micros.load();
     if (limit <= 0) return;
     waiting.fetch_add(1);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(limit);
@@ -301,7 +387,9 @@ void PoolTask(std::shared_ptr<Job> job) {
     for (int i = 0;; ++i) {
       if (posted_epoch.load() != seen) { fresh = true; break; }
       if ((i & 63) == 63 && std::chrono::steady_clock::now() >= deadline) break;
-      if (yield && (i & 15) == 15) sched_yield(); else Pause();
+      // yield now and then: on a loaded machine another process gets the core (spinning
+      // without it made the step 1.2-1.4x slower there), on an idle one it returns at once
+      if ((i & 15) == 15) sched_yield(); else Pause();
     }
     waiting.fetch_sub(1);
     // a job posted while this task stopped waiting: the poster may have counted it as waiting
@@ -349,9 +437,9 @@ ffi::Error Int8ProductsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto job = std::make_shared<Job>();
   job->xq.resize(tokens * k);
   QuantizeActivations(x.typed_data(), tokens, k, xs->typed_data(), job->xq.data());
+  job->loop = ActiveLoop();
 #ifdef JAXSERVE_VNNI
-  job->vnni = CpuHasVnni();
-  if (job->vnni) {
+  if (job->loop == kVnni) {
     job->xu.resize(tokens * k);
     for (int64_t i = 0; i < tokens * k; ++i) job->xu[i] = uint8_t(job->xq[i]) ^ 0x80;
   }
@@ -403,11 +491,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveInt8Products, Int8ProductsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .RemainingRets());
 
-// Which inner loop this build runs on this CPU: 1 = AVX-512 VNNI, 0 = the portable loop.
-extern "C" int JaxserveInt8RowsVnni() { return CpuHasVnni() ? 1 : 0; }
+// Which inner loop this build runs on this CPU: 2 = AVX-512 VNNI, 1 = AVX2, 0 = the portable one.
+extern "C" int JaxserveInt8RowsLoop() { return ActiveLoop(); }
 
-// 1: run the portable loop even where VNNI is there (so a VNNI machine tests both); 0: undo.
-extern "C" void JaxserveInt8RowsForcePortable(int on) { force_portable.store(on != 0); }
+// Run at most loop `limit` (2 = any) even where a faster one is there, so one machine tests all.
+extern "C" void JaxserveInt8RowsLimitLoop(int limit) { loop_limit.store(limit); }
 
 // How long (microseconds) a pool task that ran out of chunks waits for the next call (0: none).
 extern "C" void JaxserveInt8RowsSetSpin(long long micros) { spin_micros.store(micros); }

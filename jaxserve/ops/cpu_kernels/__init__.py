@@ -43,7 +43,7 @@ TARGET = "jaxserve_int8_products"  # the FFI target names in the compiled progra
 GATHER_TARGET = "jaxserve_gather_blocks"
 COMPILER_ENV, CACHE_ENV = "JAXSERVE_CXX", "JAXSERVE_KERNEL_CACHE"
 # How long a kernel thread that ran out of work waits, spinning, for the next call (set_spin).
-DEFAULT_SPIN_MICROS = 0
+DEFAULT_SPIN_MICROS = 500
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "library": the loaded .so, or "error": why there is none
@@ -177,3 +177,4 @@ def gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
                          f"{pages.dtype}{list(pages.shape)} and {ids.dtype}{list(ids.shape)}")
     result = jax.ShapeDtypeStruct(ids.shape + pages.shape[1:], pages.dtype)
     return jax.ffi.ffi_call(GATHER_TARGET, result)(pages, ids)
+

@@ -177,4 +177,3 @@ def gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
                          f"{pages.dtype}{list(pages.shape)} and {ids.dtype}{list(ids.shape)}")
     result = jax.ShapeDtypeStruct(ids.shape + pages.shape[1:], pages.dtype)
     return jax.ffi.ffi_call(GATHER_TARGET, result)(pages, ids)
-

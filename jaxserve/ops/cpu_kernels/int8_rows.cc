@@ -63,6 +63,18 @@ struct Problem {
   int64_t tokens, k, n;
 };
 
+// A SIMD loop's entry: rows [n0, n1) for the tokens t0 .. t0 + TN - 1 of one pass.
+using TokensFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+
+// Rows [n0, n1) for every token, kMaxTokens at a time: `passes[tn]` runs a pass of tn tokens.
+template <const TokensFn* passes>
+void RowsInPasses(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t t0 = 0; t0 < p.tokens; t0 += kMaxTokens) {
+    const int64_t tn = std::min(kMaxTokens, p.tokens - t0);
+    passes[tn](p, t0, n0, n1);
+  }
+}
+
 void RowsPortable(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = p.w + n * p.k;
@@ -202,22 +214,13 @@ void RowsVnniTokens(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
   else RowsVnniPair<TN>(p, t0, n0, n1);
 }
 
-using TokensFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
-constexpr TokensFn kTokens[kMaxTokens + 1] = {
+constexpr TokensFn kVnniPasses[kMaxTokens + 1] = {
     nullptr,           RowsVnniTokens<1>, RowsVnniTokens<2>, RowsVnniTokens<3>,
     RowsVnniTokens<4>, RowsVnniTokens<5>, RowsVnniTokens<6>, RowsVnniTokens<7>,
     RowsVnniTokens<8>};
-
-void RowsVnni(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t t0 = 0; t0 < p.tokens; t0 += kMaxTokens) {
-    const int64_t tn = std::min(kMaxTokens, p.tokens - t0);
-    kTokens[tn](p, t0, n0, n1);
-  }
-}
+constexpr auto RowsVnni = RowsInPasses<kVnniPasses>;
 
 #endif
-
-using TokensFnAny = void (*)(const Problem&, int64_t, int64_t, int64_t);
 
 #ifdef JAXSERVE_AVX2
 // AVX2 (no VNNI): vpmaddubsw multiplies u8 by s8 into pairs of saturating int16 sums. With the
@@ -274,17 +277,11 @@ void RowsAvx2Tokens(const Problem& p, int64_t t0, int64_t n0, int64_t n1) {
   else RowsAvx2Block<TN, 1>(p, t0, n0, n1);
 }
 
-constexpr TokensFnAny kTokensAvx2[kMaxTokens + 1] = {
+constexpr TokensFn kAvx2Passes[kMaxTokens + 1] = {
     nullptr,           RowsAvx2Tokens<1>, RowsAvx2Tokens<2>, RowsAvx2Tokens<3>,
     RowsAvx2Tokens<4>, RowsAvx2Tokens<5>, RowsAvx2Tokens<6>, RowsAvx2Tokens<7>,
     RowsAvx2Tokens<8>};
-
-void RowsAvx2(const Problem& p, int64_t n0, int64_t n1) {
-  for (int64_t t0 = 0; t0 < p.tokens; t0 += kMaxTokens) {
-    const int64_t tn = std::min(kMaxTokens, p.tokens - t0);
-    kTokensAvx2[tn](p, t0, n0, n1);
-  }
-}
+constexpr auto RowsAvx2 = RowsInPasses<kAvx2Passes>;
 #endif
 
 // The inner loops, fastest last: which one a call runs is the best this build and CPU have,

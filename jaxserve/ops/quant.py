@@ -14,8 +14,8 @@ products, through `read`): they never branch on a format. How an
 int8 weight's product runs is decided in one place, `int8_product(platform)`:
 
 - "int8_kernel" (CPU, where `ops.cpu_kernels` builds: g++ on first use): the "int8_dot" below,
-  its activation scales and int32 sums computed by a C++ XLA FFI custom call (AVX-512 VNNI, each
-  weight row read once for up to 8 tokens, on XLA's own threads; the weights that share an input,
+  its activation scales and int32 sums computed by a C++ XLA FFI custom call (AVX-512 VNNI or
+  AVX2, each weight row read once for up to 8 tokens, on XLA's own threads; the weights that share an input,
   `project_all`'s q/k/v and gate/up, in one call) for per-channel weights stored `[out, in]`, up to
   `KERNEL_MAX_TOKENS` tokens (the decode step; a prefill chunk keeps XLA's matrix product) and
   one device. The SPMD partitioner cannot split a custom call (it would gather the weight), and

@@ -116,6 +116,8 @@ def test_bad_operands_are_refused_with_their_shapes():
         cpu_kernels.int8_products(jnp.zeros((2, 64), jnp.int8), [jnp.zeros((3, 64), jnp.int8)])
     with pytest.raises(ValueError, match=r"and none"):
         cpu_kernels.int8_products(jnp.zeros((2, 64)), [])
+    with pytest.raises(ValueError, match=r"float32\[4, 2\] and float32\[3\]"):
+        cpu_kernels.gather_blocks(jnp.zeros((4, 2)), jnp.zeros((3,)))
 
 
 def lm_head_rows() -> quant.QuantizedWeight:

@@ -22,6 +22,7 @@ def data_files() -> list[str]:
     files = [*(PACKAGE / "sharding_rules").glob("*.yaml"),
              *(PACKAGE / "perf" / "hardware").glob("*.yaml"),
              *(PACKAGE / "ops" / "cpu_kernels").glob("*.cc"),
+             *(PACKAGE / "ops" / "cpu_kernels").glob("*.h"),
              *(p for name in ("tiny", "tiny-draft")
                for p in (PACKAGE / "checkpoints" / name).rglob("*") if p.is_file())]
     return sorted(str(p.relative_to(ROOT)) for p in files)

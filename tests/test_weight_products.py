@@ -1,5 +1,6 @@
-"""A linear weight's product (`jaxserve.ops.quant.project`): the float product is bit-for-bit
-the expression the layers wrote before; the int8 x int8 dot (the CPU choice) stays within the
+"""A linear weight's product (`jaxserve.ops.quant.project`): the float product, where XLA's dot
+computes it, is bit-for-bit the expression the layers wrote before (the CPU's float32 kernel,
+which sums in its own order, is tested in tests/test_cpu_kernels.py); the int8 x int8 dot (the CPU choice) stays within the
 exact bound its activation rounding allows of the dequantize-then-dot product, for every weight
 shape the models use, per channel and per group, for one token (padded) and several."""
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.ops import cpu_kernels
+from jaxserve.ops import cpu_kernels, quant
 from jaxserve.ops.quant import (INT8_PRODUCTS, declare_weight, dequantize, int8_product, project,
                                 quantize_activations)
 
@@ -31,7 +32,8 @@ def activations(tokens, k, seed=1):
 
 
 @pytest.mark.parametrize("name", WEIGHTS)
-def test_the_float_product_is_bit_for_bit_the_layers_former_expression(name):
+def test_the_float_product_is_bit_for_bit_the_layers_former_expression(name, monkeypatch):
+    monkeypatch.setattr(quant, "float_product", lambda platform: "xla_dot")
     shape, inputs = WEIGHTS[name]
     w = declared(shape, inputs, None)
     x = activations(5, int(np.prod(shape[inputs[0]:inputs[1]])))

@@ -9,7 +9,9 @@ shared: only ratios measured together compare):
 - the engine step: `LLM(model, dtype=..., quantization=...)`'s compiled decode step
   (`offline_parts.time_decode`, context 192).
 "float32 in_out" / "float32 out_in" store the float weights as declared or transposed
-(`ops.quant.float_weight_layout`; "float32" is the platform's choice). Bytes are the parameters
+(`ops.quant.float_weight_layout`; "float32" is the platform's choice, with its float32 product,
+`ops.quant.float_product`); "float32 xla-dot" is XLA's dot over the declared layout whatever the
+platform's choice (on a CPU whose choice is the float32 kernel: the kernel against XLA). Bytes are the parameters
 the products read (int8 values + float32 scales; the LM head stays
 float32 unless `quantize_embeddings`); the floor is bytes / the read bandwidth measured here.
 
@@ -20,17 +22,19 @@ float32 unless `quantize_embeddings`); the floor is bytes / the read bandwidth m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 from pathlib import Path
 
 from jaxserve.bench.report import fmt, json_default, print_table
 
-# lever -> (dtype, quantization, quantize_embeddings, int8 product or None, float weight
-# layout); "+head": the LM head quantized too; "auto": the platform's layout
-# (`ops.quant.float_weight_layout`)
+# lever -> (dtype, quantization, quantize_embeddings, int8 product or None (the platform's),
+# float weight layout); "+head": the LM head quantized too; "auto": the platform's layout
+# (`ops.quant.float_weight_layout`); "xla_dot": float products by XLA's dot
 LEVERS = {
     "float32": ("float32", None, False, None, "auto"),
+    "float32 xla-dot": ("float32", None, False, "xla_dot", "in_out"),
     "float32 in_out": ("float32", None, False, None, "in_out"),
     "float32 out_in": ("float32", None, False, None, "out_in"),
     "bfloat16": ("bfloat16", None, False, None, "auto"),
@@ -40,7 +44,7 @@ LEVERS = {
     "int8+head int8-dot": ("float32", "int8", True, "int8_dot", "auto"),
 }
 # Engine levers: the platform's own choice of product (`ops.quant.int8_product`).
-ENGINE_LEVERS = ("float32", "float32 in_out", "float32 out_in", "bfloat16",
+ENGINE_LEVERS = ("float32", "float32 xla-dot", "float32 in_out", "float32 out_in", "bfloat16",
                  "int8 int8-dot", "int8-g32 int8-dot", "int8+head int8-dot")
 SHAPE_55M = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                  num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
@@ -70,6 +74,21 @@ def parse_args(argv=None):
     return args
 
 
+@contextlib.contextmanager
+def float_products_of(lever: str):
+    """While tracing `lever`'s programs: float32 products by XLA's dot where it asks for it."""
+    from jaxserve.ops import quant
+    if LEVERS[lever][3] != "xla_dot":
+        yield
+        return
+    chosen = quant.float_product
+    quant.float_product = lambda platform: "xla_dot"
+    try:
+        yield
+    finally:
+        quant.float_product = chosen
+
+
 def lever_config(shape: dict, lever: str):
     import jax
 
@@ -97,8 +116,14 @@ def product_stack(lever: str, shape: dict):
     graphdef, state = nnx.split(model)
     kv, group = config.num_kv_heads, config.num_heads // config.num_kv_heads
 
+    product = None if product == "xla_dot" else product  # an int8 product's name, or None
+
     @jax.jit
     def step(state, x):
+        with float_products_of(lever):
+            return stack(state, x)
+
+    def stack(state, x):
         m = nnx.merge(graphdef, state)
         for layer in m.layers:
             a, f = layer.attn, layer.mlp
@@ -174,13 +199,14 @@ def run_engine(args, shape: dict, bandwidth: float) -> dict:
                               quantize_embeddings=embeddings, weight_layout=layout,
                               max_num_seqs=max(args.batches),
                               max_model_len=512,
-                              compilation="on_use")
+                              compilation="on_use")  # traced in `time_decode`
         times = {lever: {b: [] for b in args.batches} for lever in levers}
         for _ in range(args.repeats):
             for b in args.batches:
                 for lever, llm in llms.items():
-                    times[lever][b] += [r["ms_per_step"]
-                                        for r in time_decode(llm, b, args.iters)]
+                    with float_products_of(lever):
+                        times[lever][b] += [r["ms_per_step"]
+                                            for r in time_decode(llm, b, args.iters)]
     return summarize({lever: (weight_bytes(lever, shape), {b: median(ts) for b, ts in per.items()})
                       for lever, per in times.items()}, bandwidth, "engine decode step")
 

@@ -44,17 +44,37 @@ int8 weight's product runs is decided in one place, `int8_product(platform)`:
 - "dequantize" (elsewhere): the weight is converted to the compute dtype and scaled inside the
   step, then the float dot runs (GPU/TPU compilers fuse the conversion into the dot's operand).
 
-How a float weight is stored is decided in one place too, `float_weight_layout(platform)`, at
+How a float32 weight's product runs is decided in one place too, `float_product(platform)`:
+
+- "f32_kernel" (a CPU with AVX2 and FMA but not AVX-512, where `ops.cpu_kernels` builds): every
+  product of a float32 weight stored `[out, in]` by a C++ custom call, the weights that share an
+  input in one call (`project_all`), on one device (as for the int8 kernel). It sums each element
+  in one fixed order, so a token's result does not depend on the tokens beside it: decode,
+  prefill chunks of any length, prefix-cached and uncached prompts and verify steps compute the
+  same numbers. XLA's dot sums in another order, so the logits differ from it by float32
+  rounding (tests/test_f32_kernel.py). Mixing the two by token count (the kernel for the
+  decode step only) made a prefix-cached prompt's scores differ from the uncached ones by more
+  than float32 rounding once int8 KV quantized the two paths' keys (tests/test_kv_dtype.py), so
+  prefill runs in the kernel too: on long chunks XLA's dot, which packs its operands, is faster
+  (a 128 / 512-token product stack 0.83-0.94x / 0.75-0.83x as fast in the kernel). On a
+  2-core AMD EPYC with AVX2 (2026-12-04, BENCHMARKS.md "A float32 kernel"), the 55M model's
+  engine decode step, interleaved in one process with XLA's dot: 1.03x / 1.40x / 1.12-1.24x
+  faster at batch 1 / 8 / 32. Inside the step XLA's dots ran well below their speed alone
+  (the batch-32 step's dot fusions ~70 ms of thread time against a ~28 ms bare stack).
+  On AVX-512 CPUs XLA's dots use twice the kernel's vector width, and the kernel was not
+  measured there: they keep XLA's dot.
+- "xla_dot": everywhere else.
+
+How a float weight is stored is decided in one place, `float_weight_layout(platform)`, at
 load (`ModelConfig.weight_layout`; checkpoints always hold the declared layout and the loader
 transposes): "in_out" stores a projection as declared, `[in.., out..]`; "out_in" stores it
 `[out.., in..]`, the logical axes moving with the dims (so the rules shard it as before), and
-the product contracts the activations with the weight's minor dims. Every platform stores
-"in_out" today: on a shared 2-core CPU the 55M model's engine decode step with "out_in" ran
-0.85-0.99x as fast at batch 8 and 0.92-1.05x at batch 32 in three side-by-side runs (an earlier
-product-stack measurement had it 1.27x faster there; it did not reproduce), so CPU keeps the
-declared layout (BENCHMARKS.md, "CPU decode levers"). Only weights whose inputs lead are stored
-transposed (the embedding / LM head are `[vocab, embed]` already; the experts, read whole, keep
-their layout).
+the product contracts the activations with the weight's minor dims. "out_in" where the product
+is "f32_kernel", whose rows are `[out, in]`; "in_out" elsewhere: for XLA's dot on a shared
+2-core CPU the 55M model's engine decode step with "out_in" ran 0.85-0.99x as fast at batch 8
+and 0.92-1.05x at batch 32 in three side-by-side runs (BENCHMARKS.md, "CPU decode levers").
+Only weights whose inputs lead are stored transposed (the embedding / LM head are `[vocab,
+embed]` already; the experts, read whole, keep their layout).
 
 int8 weights have their own rule, `int8_weight_layout(platform)`: "out_in" (values and scales
 transposed together) where the product is "int8_kernel", whose rows are `[out, in]`; as declared
@@ -146,11 +166,24 @@ def int8_product(platform: str) -> str:
     return "int8_kernel" if cpu_kernels.available() else "int8_dot"
 
 
+FLOAT_PRODUCTS = ("f32_kernel", "xla_dot")
+
+
+def float_product(platform: str) -> str:
+    """How a float32 weight's product runs on `platform`: the one place this is decided (module
+    docstring). On a CPU with AVX2 and FMA but not AVX-512 the float32 kernel, where it builds;
+    else XLA's dot (whose AVX-512 kernels are twice the kernel's width)."""
+    if (platform == "cpu" and "avx512f" not in cpu_kernels.cpu_flags()
+            and cpu_kernels.available() and cpu_kernels.f32_loop() == "avx2_fma"):
+        return "f32_kernel"
+    return "xla_dot"
+
+
 def float_weight_layout(platform: str) -> str:
     """How float linear weights are stored on `platform` (a `jax.default_backend()` name): the
-    one place this is decided (see the module docstring)."""
-    del platform  # every platform measured keeps the declared layout (module docstring)
-    return "in_out"
+    one place this is decided (see the module docstring): `[out, in]` rows where the float32
+    kernel computes the products, as declared elsewhere."""
+    return "out_in" if float_product(platform) == "f32_kernel" else "in_out"
 
 
 def int8_weight_layout(platform: str) -> str:
@@ -270,6 +303,9 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
                             k, weight.group or k, kernel=product == "int8_kernel")
             return out.astype(weight.dtype).reshape(x.shape[:-1] + outputs)
     w = read(weight)
+    if _f32_kernel_applies(x, [w], [contract]):
+        return cpu_kernels.f32_products(x.reshape(-1, k), [w.reshape(-1, k)])[0].reshape(
+            x.shape[:-1] + outputs)
     w2 = w.reshape((k, -1)) if contract == 0 else w.reshape((-1, k))
     out = jax.lax.dot_general(x.reshape(-1, k), w2, (((1,), (contract,)), ((), ())))
     return out.reshape(x.shape[:-1] + outputs)
@@ -290,7 +326,25 @@ def project_all(x: jax.Array, weights: Sequence[nnx.Param | QuantizedWeight],
         outs = _kernel_products(x.reshape(-1, k), [(w.values[...], w.scale[...]) for w in weights])
         return [out.astype(w.dtype).reshape(x.shape[:-1] + outputs)
                 for out, w, (outputs, _, _) in zip(outs, weights, shapes)]
+    floats = [w[...] for w in weights if not isinstance(w, QuantizedWeight)]
+    if (len(weights) > 1 and len(floats) == len(weights)
+            and _f32_kernel_applies(x, floats, [contract for _, contract, _ in shapes])):
+        k = shapes[0][2]
+        outs = cpu_kernels.f32_products(x.reshape(-1, k), [w.reshape(-1, k) for w in floats])
+        return [out.reshape(x.shape[:-1] + outputs) for out, (outputs, _, _) in zip(outs, shapes)]
     return [project(x, w, product) for w in weights]
+
+
+def _f32_kernel_applies(x: jax.Array, weights: Sequence[jax.Array],
+                        contracts: Sequence[int]) -> bool:
+    """Whether the float32 kernel computes these products: float32 activations (any number of
+    tokens: one order of sums for decode, prefill and scoring alike) and float32 rows `[out,
+    in]`, on one CPU device (as for the int8 kernel), where `float_product` chooses it."""
+    tokens = math.prod(x.shape[:-1])
+    return (x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in weights)
+            and all(c == 1 for c in contracts) and tokens > 0
+            and jax.default_backend() == "cpu" and active_num_devices() == 1
+            and float_product("cpu") == "f32_kernel")
 
 
 def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:

@@ -7,6 +7,11 @@ weight of `rows` ([N_i, K], weights that share the input, e.g. q, k and v), the 
 in one call that reads each weight row once for up to 8 tokens at a time with AVX-512 VNNI
 or AVX2 where the CPU has them (a plain loop elsewhere), on XLA's own threads (`int8_rows.cc`).
 
+`f32_products(x, rows)` is `x @ rows_i.T` for float32 activations and float32 weight rows, each
+element summed in one fixed order whatever the call's tokens (an AVX2 + FMA loop, or a plain
+loop in the same order; `f32_rows.cc`). Both product kernels share one way of running a call's
+row chunks on XLA's threads (`row_jobs.cc`).
+
 `gather_blocks(pages, ids)` is `pages[ids]` for whole blocks of a paged KV buffer, each block one
 memcpy (`gather_blocks.cc`): the same bytes as XLA's gather, whose CPU loop computes every
 element's source index.
@@ -17,7 +22,8 @@ source, the FFI headers and this CPU (`$JAXSERVE_KERNEL_CACHE`, else `$XDG_CACHE
 cpu_kernels`, else `~/.cache/jaxserve/cpu_kernels`), so later processes only load it. Where it
 cannot be built or loaded (no compiler, a failed build, not x86-64 / aarch64 Linux), `available()`
 is False, one warning says why, and callers keep their XLA path. Nothing here decides when a
-kernel is used: `jaxserve.ops.quant.int8_product` and `jaxserve.ops.attention.gather_blocks` do.
+kernel is used: `jaxserve.ops.quant.int8_product`, `quant.float_product` and
+`jaxserve.ops.attention.gather_blocks` do.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
@@ -38,8 +45,10 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("int8_rows.cc", "gather_blocks.cc")  # built together into one library
+SOURCES = ("row_jobs.cc", "int8_rows.cc", "f32_rows.cc", "gather_blocks.cc")  # one library
+HEADERS = ("row_jobs.h",)
 TARGET = "jaxserve_int8_products"  # the FFI target names in the compiled programs
+F32_TARGET = "jaxserve_f32_products"
 GATHER_TARGET = "jaxserve_gather_blocks"
 COMPILER_ENV, CACHE_ENV = "JAXSERVE_CXX", "JAXSERVE_KERNEL_CACHE"
 # How long a kernel thread that ran out of work waits, spinning, for the next call (set_spin).
@@ -67,11 +76,22 @@ def _cpu_identity() -> bytes:
     return "\n".join(sorted(set(keep))).encode()
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return frozenset()
+    return frozenset(word for ln in lines if ln.split(":")[0].strip() in ("flags", "Features")
+                     for word in ln.split(":", 1)[1].split())
+
+
 def _build(compiler: str) -> Path:
-    sources = [resources.files(__name__).joinpath(name).read_bytes() for name in SOURCES]
+    files = {name: resources.files(__name__).joinpath(name).read_bytes()
+             for name in SOURCES + HEADERS}
     include = jax.ffi.include_dir()
-    key = hashlib.sha256(b"".join(sources) + include.encode() + compiler.encode()
-                         + _cpu_identity())
+    key = hashlib.sha256(b"".join(files[name] for name in SOURCES + HEADERS) + include.encode()
+                         + compiler.encode() + _cpu_identity())
     out = cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
@@ -79,22 +99,21 @@ def _build(compiler: str) -> Path:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (${COMPILER_ENV} names one)")
     log.info("building the CPU kernels into %s (once per source and CPU)", out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    srcs = [out.with_suffix(f".{os.getpid()}.{i}.cc") for i in range(len(sources))]
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    for src, source in zip(srcs, sources):
-        src.write_bytes(source)
-    try:
-        done = subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-                               "-w", "-I", include, *map(str, srcs), "-o", str(tmp)],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"{compiler} failed ({done.returncode}): "
-                               f"{done.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)  # atomic: another process may be building the same key
-    finally:
-        for src in srcs:
-            src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as src:
+        for name, text in files.items():
+            (Path(src) / name).write_bytes(text)
+        try:
+            done = subprocess.run([compiler, "-O3", "-march=native", "-std=c++17", "-shared",
+                                   "-fPIC", "-w", "-I", include, "-I", src,
+                                   *(str(Path(src) / name) for name in SOURCES), "-o", str(tmp)],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode:
+                raise RuntimeError(f"{compiler} failed ({done.returncode}): "
+                                   f"{done.stderr.strip()[-2000:]}")
+            os.replace(tmp, out)  # atomic: another process may be building the same key
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
 
 
@@ -106,15 +125,17 @@ def _load() -> None:
         library = ctypes.CDLL(str(_build(compiler)))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxserveInt8Products),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(F32_TARGET, jax.ffi.pycapsule(library.JaxserveF32Products),
+                                    platform="cpu")
         jax.ffi.register_ffi_target(GATHER_TARGET,
                                     jax.ffi.pycapsule(library.JaxserveGatherBlocks),
                                     platform="cpu")
         _state["library"] = library
-        library.JaxserveInt8RowsSetSpin(ctypes.c_longlong(DEFAULT_SPIN_MICROS))
+        library.JaxserveRowsSetSpin(ctypes.c_longlong(DEFAULT_SPIN_MICROS))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _state["error"] = str(error)
-        log.warning("the CPU kernels are not available (%s); int8 products run as XLA's "
-                    "int8 dot, block reads as XLA's gather", error)
+        log.warning("the CPU kernels are not available (%s); int8 and float32 products run as "
+                    "XLA's dots, block reads as XLA's gather", error)
 
 
 def available() -> bool:
@@ -130,11 +151,12 @@ def unavailable_reason() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
-LOOPS = ("portable", "avx2", "avx512_vnni")  # the kernel's inner loops, slowest first
+LOOPS = ("portable", "avx2", "avx512_vnni")  # the int8 kernel's inner loops, slowest first
+F32_LOOPS = ("portable", "avx2_fma")  # the float32 kernel's
 
 
 def inner_loop() -> str:
-    """Which inner loop the loaded kernel runs on this CPU (one of LOOPS)."""
+    """Which inner loop the loaded int8 kernel runs on this CPU (one of LOOPS)."""
     return LOOPS[_state["library"].JaxserveInt8RowsLoop()] if available() else "portable"
 
 
@@ -145,12 +167,24 @@ def limit_loop(name: str) -> None:
         _state["library"].JaxserveInt8RowsLimitLoop(LOOPS.index(name))
 
 
+def f32_loop() -> str:
+    """Which inner loop the loaded float32 kernel runs on this CPU (one of F32_LOOPS)."""
+    return F32_LOOPS[_state["library"].JaxserveF32RowsLoop()] if available() else "portable"
+
+
+def limit_f32_loop(name: str) -> None:
+    """Run at most float32 loop `name` of F32_LOOPS ("avx2_fma": any): the loops sum in one
+    order, so they give the same bits, and one machine tests both."""
+    if available():
+        _state["library"].JaxserveF32RowsLimitLoop(F32_LOOPS.index(name))
+
+
 def set_spin(micros: int) -> None:
     """How long a kernel thread that ran out of work waits, spinning, for the next call before
     it sleeps (microseconds; 0: it sleeps at once). Measured, not tuned per run: for
     benchmarks that compare the two."""
     if available():
-        _state["library"].JaxserveInt8RowsSetSpin(ctypes.c_longlong(int(micros)))
+        _state["library"].JaxserveRowsSetSpin(ctypes.c_longlong(int(micros)))
 
 
 def int8_products(x: jax.Array, rows) -> tuple[jax.Array, list[jax.Array]]:
@@ -167,6 +201,20 @@ def int8_products(x: jax.Array, rows) -> tuple[jax.Array, list[jax.Array]]:
         jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32) for w in rows]
     scales, *sums = jax.ffi.ffi_call(TARGET, results)(x, *rows)
     return scales, sums
+
+
+def f32_products(x: jax.Array, rows) -> list[jax.Array]:
+    """float32 x [tokens, K] and float32 weights rows[i] [N_i, K] -> [float32 [tokens, N_i]]:
+    x @ rows[i].T, each element summed in one fixed order (`f32_rows.cc`), so a token's result
+    does not depend on the other tokens of the call. Only after `available()` is True."""
+    rows = list(rows)
+    bad = [w for w in rows if w.dtype != jnp.float32 or w.ndim != 2 or w.shape[1] != x.shape[-1]]
+    if x.dtype != jnp.float32 or x.ndim != 2 or not rows or bad:
+        raise ValueError(f"f32_products: float32 [tokens, K] and float32 [N, K] weights "
+                         f"expected, got {x.dtype}{list(x.shape)} and "
+                         f"{', '.join(f'{w.dtype}{list(w.shape)}' for w in rows) or 'none'}")
+    results = [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w in rows]
+    return list(jax.ffi.ffi_call(F32_TARGET, results)(x, *rows))
 
 
 def gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:

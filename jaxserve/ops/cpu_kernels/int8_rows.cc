@@ -15,26 +15,16 @@
 // With AVX2 only: vpmaddubsw on |w| and x * sign(w), exact because the activations are within
 // +-127 (below). Elsewhere: a plain loop.
 //
-// Threads: the chunks run on XLA's own intra-op pool (the kernel never oversubscribes the
-// cores XLA uses). A decode step calls the kernel ~60 times, tens of microseconds apart, and
-// waking a sleeping pool thread costs about what a small product does, so a pool task that ran
-// out of chunks waits, spinning (and yielding the core now and then), a bounded time
-// (JaxserveInt8RowsSetSpin; the loader sets it) for the next call and joins it at once.
-// The wait is bounded, so a pool thread is never held for longer than that past its work.
+// Threads: the chunks run on XLA's own intra-op pool (row_jobs.h).
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cmath>
-#include <limits>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
+#include <limits>
 #include <vector>
 
-#include <sched.h>
+#include "row_jobs.h"
 
 #if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && \
     defined(__AVX512VNNI__)
@@ -61,6 +51,7 @@ struct Problem {
   const int8_t* w;    // [N, K]
   int32_t* out;       // [T, N]
   int64_t tokens, k, n;
+  int loop;           // which inner loop (Loop below)
 };
 
 // A SIMD loop's entry: rows [n0, n1) for the tokens t0 .. t0 + TN - 1 of one pass.
@@ -306,94 +297,16 @@ int BestLoop() {
 
 int ActiveLoop() { return std::min(BestLoop(), loop_limit.load()); }
 
-std::atomic<int64_t> spin_micros{0};  // JaxserveInt8RowsSetSpin: how long a pool task waits
-
-// One call's rows, cut into chunks (per weight, then queued one weight after another); any
-// thread (the caller or the pool's) takes the next chunk until none is left, and the caller
-// waits only for chunks already taken, so a busy or one-thread pool never deadlocks the call.
-// Tasks that come to a job after the call returned find no chunk left (a job is kept alive by
-// whoever holds it).
-struct Job {
-  std::vector<Problem> parts;
-  std::vector<int64_t> rows_per_chunk, first_chunk;  // per part; first_chunk has one more
-  std::vector<int8_t> xq;
-  std::vector<uint8_t> xu;
-  int loop = kPortable;
-  int64_t chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  void Run(int64_t c) {
-    const int64_t part = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) -
-                         first_chunk.begin() - 1;
-    const Problem& p = parts[part];
-    const int64_t n0 = (c - first_chunk[part]) * rows_per_chunk[part];
-    const int64_t n1 = std::min(p.n, n0 + rows_per_chunk[part]);
+// Rows [n0, n1) of one weight, in the call's inner loop.
+void Int8Rows(const void* problem, int64_t n0, int64_t n1) {
+  const Problem& p = *static_cast<const Problem*>(problem);
 #ifdef JAXSERVE_VNNI
-    if (loop == kVnni) return RowsVnni(p, n0, n1);
+  if (p.loop == kVnni) return RowsVnni(p, n0, n1);
 #endif
 #ifdef JAXSERVE_AVX2
-    if (loop == kAvx2) return RowsAvx2(p, n0, n1);
+  if (p.loop == kAvx2) return RowsAvx2(p, n0, n1);
 #endif
-    RowsPortable(p, n0, n1);
-  }
-
-  void Work() {
-    for (;;) {
-      const int64_t c = next.fetch_add(1);
-      if (c >= chunks) return;
-      Run(c);
-      if (done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
-// The newest call's job, for pool tasks that wait for one (`posted_epoch` counts the posts).
-std::mutex posted_mutex;
-std::shared_ptr<Job> posted;
-std::atomic<uint64_t> posted_epoch{0};
-std::atomic<int64_t> waiting{0};  // pool tasks spinning for the next job
-
-inline void Pause() {
-#if defined(__x86_64__)
-  __builtin_ia32_pause();
-#endif
-}
-
-std::shared_ptr<Job> TakePosted() {
-  std::lock_guard<std::mutex> lock(posted_mutex);
-  return posted;
-}
-
-// A pool task: the job it was scheduled for, then, while new jobs come within the spin limit,
-// those too.
-void PoolTask(std::shared_ptr<Job> job) {
-  for (;;) {
-    const uint64_t seen = posted_epoch.load();
-    job->Work();
-    job.reset();
-    const int64_t limit = spin_micros.load();
-    if (limit <= 0) return;
-    waiting.fetch_add(1);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(limit);
-    bool fresh = false;
-    for (int i = 0;; ++i) {
-      if (posted_epoch.load() != seen) { fresh = true; break; }
-      if ((i & 63) == 63 && std::chrono::steady_clock::now() >= deadline) break;
-      // yield now and then: on a loaded machine another process gets the core (spinning
-      // without it made the step 1.2-1.4x slower there), on an idle one it returns at once
-      if ((i & 15) == 15) sched_yield(); else Pause();
-    }
-    waiting.fetch_sub(1);
-    // a job posted while this task stopped waiting: the poster may have counted it as waiting
-    if (!fresh && posted_epoch.load() == seen) return;
-    job = TakePosted();
-    if (!job) return;
-  }
+  RowsPortable(p, n0, n1);
 }
 
 // xs[t] = max|x[t]| / 127 and xq[t] = rint(x[t] / xs[t]) clipped to +-127 (0 where xs is 0),
@@ -431,18 +344,18 @@ ffi::Error Int8ProductsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t tokens = xd[0], k = xd[1];
   if (weights.size() == 0 || weights.size() != sums.size())
     return ffi::Error::InvalidArgument("int8 products: one int32 result per weight expected");
-  auto job = std::make_shared<Job>();
-  job->xq.resize(tokens * k);
-  QuantizeActivations(x.typed_data(), tokens, k, xs->typed_data(), job->xq.data());
-  job->loop = ActiveLoop();
+  std::vector<int8_t> xq(tokens * k);
+  std::vector<uint8_t> xu;
+  QuantizeActivations(x.typed_data(), tokens, k, xs->typed_data(), xq.data());
+  const int loop = ActiveLoop();
 #ifdef JAXSERVE_VNNI
-  if (job->loop == kVnni) {
-    job->xu.resize(tokens * k);
-    for (int64_t i = 0; i < tokens * k; ++i) job->xu[i] = uint8_t(job->xq[i]) ^ 0x80;
+  if (loop == kVnni) {
+    xu.resize(tokens * k);
+    for (int64_t i = 0; i < tokens * k; ++i) xu[i] = uint8_t(xq[i]) ^ 0x80;
   }
 #endif
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->first_chunk.push_back(0);
+  std::vector<Problem> problems;
+  problems.reserve(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     auto w = weights.get<ffi::Buffer<ffi::S8>>(i);
     auto out = sums.get<ffi::Buffer<ffi::S32>>(i);
@@ -451,30 +364,13 @@ ffi::Error Int8ProductsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const auto wd = w->dimensions();
     if (wd.size() != 2 || wd[1] != k)
       return ffi::Error::InvalidArgument("int8 products: weights [N, K] of x's K expected");
-    const int64_t n = wd[0];
-    job->parts.push_back(Problem{job->xq.data(), job->xu.data(), w->typed_data(),
-                                 (*out)->typed_data(), tokens, k, n});
-    // A chunk reads at least ~64 KiB of weights (a pool task costs microseconds), in rows of 4.
-    int64_t rows = std::max<int64_t>(4, (65536 / std::max<int64_t>(k, 1)) & ~int64_t(3));
-    rows = std::min(rows, std::max<int64_t>(4, ((n + threads - 1) / threads + 3) & ~int64_t(3)));
-    job->rows_per_chunk.push_back(rows);
-    job->first_chunk.push_back(job->first_chunk.back() + (tokens == 0 ? 0 : (n + rows - 1) / rows));
+    problems.push_back(Problem{xq.data(), xu.data(), w->typed_data(), (*out)->typed_data(),
+                               tokens, k, wd[0], loop});
   }
-  job->chunks = job->first_chunk.back();
-  if (job->chunks == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min(threads, job->chunks) - 1;
-  if (helpers > 0) {
-    {
-      std::lock_guard<std::mutex> lock(posted_mutex);
-      posted = job;
-    }
-    posted_epoch.fetch_add(1);
-    const int64_t fresh = helpers - std::min(helpers, waiting.load());
-    for (int64_t i = 0; i < fresh; ++i) pool.Schedule([job] { PoolTask(job); });
-  }
-  job->Work();
-  std::unique_lock<std::mutex> lock(job->mutex);
-  job->finished.wait(lock, [&] { return job->done.load() == job->chunks; });
+  if (tokens == 0) return ffi::Error::Success();
+  std::vector<jaxserve::RowPart> parts;
+  for (const Problem& p : problems) parts.push_back({Int8Rows, &p, p.n, k, 4});
+  jaxserve::RunRows(pool, parts);
   return ffi::Error::Success();
 }
 
@@ -493,6 +389,3 @@ extern "C" int JaxserveInt8RowsLoop() { return ActiveLoop(); }
 
 // Run at most loop `limit` (2 = any) even where a faster one is there, so one machine tests all.
 extern "C" void JaxserveInt8RowsLimitLoop(int limit) { loop_limit.store(limit); }
-
-// How long (microseconds) a pool task that ran out of chunks waits for the next call (0: none).
-extern "C" void JaxserveInt8RowsSetSpin(long long micros) { spin_micros.store(micros); }

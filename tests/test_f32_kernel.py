@@ -127,3 +127,24 @@ def test_any_number_of_tokens_runs_in_the_kernel_and_a_tokens_result_is_its_own(
         if kernel:  # token 0's logits whatever the chunk
             np.testing.assert_array_equal(ours[0], first)
     assert len(kernel_calls) == (3 if kernel else 0)
+
+
+@pytest.mark.skipif(quant.float_product("cpu") != "f32_kernel",
+                    reason="XLA's dot computes float32 products on this CPU")
+def test_training_differentiates_through_the_kernels_products(monkeypatch, kernel_calls):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(5, 64)), jnp.float32)
+    values = [jnp.asarray(rng.normal(size=(n, 64)), jnp.float32) for n in (48, 96)]
+    cotangents = [jnp.asarray(rng.normal(size=(5, n)), jnp.float32) for n in (48, 96)]
+
+    def loss(x, values):  # two rows [out, in] sharing their input, as gate and up
+        ws = [nnx.Param(v, inputs=(1, 2)) for v in values]
+        return sum(jnp.sum(out * c) for out, c in zip(quant.project_all(x, ws), cotangents))
+
+    ours = jax.grad(loss, argnums=(0, 1))(x, values)
+    assert kernel_calls == [(48, 96)]
+    monkeypatch.setattr(quant, "float_product", lambda platform: "xla_dot")
+    xla = jax.grad(loss, argnums=(0, 1))(x, values)
+    assert kernel_calls == [(48, 96)]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

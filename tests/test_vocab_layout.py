@@ -184,7 +184,8 @@ def test_generate_never_returns_a_padding_id(model, vocab, mesh, rules):
 @pytest.mark.parametrize("mesh", ["tp=4", "tp=8"])
 def test_two_kv_heads_on_many_devices_hold_one_each_and_match_hf(model, mesh):
     hf_dir, model_dir = model(517)
-    fitted, _, params = restore_model(model_dir, Layout.create(mesh, "tp"))
+    # as declared (the float32 kernel's CPUs store rows [out, in] by default)
+    fitted, _, params = restore_model(model_dir, Layout.create(mesh, "tp"), weight_layout="in_out")
     t = int(mesh.split("=")[1])
     assert fitted.num_kv_heads == 2 and fitted.stored_kv_heads == t
     flat = flat_params(params)
@@ -221,7 +222,8 @@ def test_saving_a_fitted_model_writes_the_checkpoint_shapes(model, tmp_path):
     hf_dir, model_dir = model(517)
     fitted, _, params = restore_model(model_dir, Layout.create("tp=4", "tp"))
     save_model(tmp_path / "again", fitted, params)
-    base, _, again = restore_model(tmp_path / "again", Layout.create(None, "tp"))
+    base, _, again = restore_model(tmp_path / "again", Layout.create(None, "tp"),
+                                   weight_layout="in_out")  # as declared, as in the checkpoint
     assert base.vocab_rows == 517 and base.stored_kv_heads == 2
     assert flat_params(again)["layers/0/attn/k_proj"].shape == (64, 2, 8)
     logits = LLM(tmp_path / "again").logits(PROMPTS[:1])[0]

@@ -304,7 +304,7 @@ def project(x: jax.Array, weight: nnx.Param | QuantizedWeight,
             return out.astype(weight.dtype).reshape(x.shape[:-1] + outputs)
     w = read(weight)
     if _f32_kernel_applies(x, [w], [contract]):
-        return cpu_kernels.f32_products(x.reshape(-1, k), [w.reshape(-1, k)])[0].reshape(
+        return _f32_kernel_products(x.reshape(-1, k), (w.reshape(-1, k),))[0].reshape(
             x.shape[:-1] + outputs)
     w2 = w.reshape((k, -1)) if contract == 0 else w.reshape((-1, k))
     out = jax.lax.dot_general(x.reshape(-1, k), w2, (((1,), (contract,)), ((), ())))
@@ -330,7 +330,7 @@ def project_all(x: jax.Array, weights: Sequence[nnx.Param | QuantizedWeight],
     if (len(weights) > 1 and len(floats) == len(weights)
             and _f32_kernel_applies(x, floats, [contract for _, contract, _ in shapes])):
         k = shapes[0][2]
-        outs = cpu_kernels.f32_products(x.reshape(-1, k), [w.reshape(-1, k) for w in floats])
+        outs = _f32_kernel_products(x.reshape(-1, k), tuple(w.reshape(-1, k) for w in floats))
         return [out.reshape(x.shape[:-1] + outputs) for out, (outputs, _, _) in zip(outs, shapes)]
     return [project(x, w, product) for w in weights]
 
@@ -345,6 +345,26 @@ def _f32_kernel_applies(x: jax.Array, weights: Sequence[jax.Array],
             and all(c == 1 for c in contracts) and tokens > 0
             and jax.default_backend() == "cpu" and active_num_devices() == 1
             and float_product("cpu") == "f32_kernel")
+
+
+@jax.custom_vjp
+def _f32_kernel_products(x: jax.Array, rows: tuple[jax.Array, ...]) -> list[jax.Array]:
+    """x [tokens, K] times each of `rows` ([N_i, K]) transposed, by the float32 kernel."""
+    return cpu_kernels.f32_products(x, rows)
+
+
+def _f32_kernel_products_fwd(x, rows):
+    return cpu_kernels.f32_products(x, rows), (x, rows)
+
+
+def _f32_kernel_products_bwd(residuals, grads):
+    """The products' gradients (training differentiates through the layers), by XLA's dots."""
+    x, rows = residuals
+    dx = sum(g @ w for g, w in zip(grads, rows))
+    return dx, tuple(g.T @ x for g in grads)
+
+
+_f32_kernel_products.defvjp(_f32_kernel_products_fwd, _f32_kernel_products_bwd)
 
 
 def quantize_activations(x: jax.Array, group: int) -> tuple[jax.Array, jax.Array]:

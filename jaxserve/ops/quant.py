@@ -56,13 +56,12 @@ How a float32 weight's product runs is decided in one place too, `float_product(
   decode step only) made a prefix-cached prompt's scores differ from the uncached ones by more
   than float32 rounding once int8 KV quantized the two paths' keys (tests/test_kv_dtype.py), so
   prefill runs in the kernel too: on long chunks XLA's dot, which packs its operands, is faster
-  (a 128 / 512-token product stack 0.83-0.94x / 0.75-0.83x as fast in the kernel). On a
-  2-core AMD EPYC with AVX2 (2026-12-04, BENCHMARKS.md "A float32 kernel"), the 55M model's
-  engine decode step, interleaved in one process with XLA's dot: 1.03x / 1.40x / 1.12-1.24x
-  faster at batch 1 / 8 / 32. Inside the step XLA's dots ran well below their speed alone
-  (the batch-32 step's dot fusions ~70 ms of thread time against a ~28 ms bare stack).
-  On AVX-512 CPUs XLA's dots use twice the kernel's vector width, and the kernel was not
-  measured there: they keep XLA's dot.
+  (a 128 / 512-token product stack 0.83-0.94x / 0.75-0.83x as fast in the kernel). On a 2-core
+  AMD EPYC with AVX2 (2026-12-04, BENCHMARKS.md "A float32 kernel"), the 55M model's engine
+  decode step against XLA's dot in one run: 1.01x / 1.33x / 1.18x faster at batch 1 / 8 / 32;
+  float32 generation at batch 32 went from 1.18x to 1.53x HF transformers' tokens/s. On AVX-512
+  CPUs XLA's dots use twice the kernel's vector width, and the kernel was not measured there:
+  they keep XLA's dot.
 - "xla_dot": everywhere else.
 
 How a float weight is stored is decided in one place, `float_weight_layout(platform)`, at

@@ -187,16 +187,23 @@ def set_spin(micros: int) -> None:
         _state["library"].JaxserveRowsSetSpin(ctypes.c_longlong(int(micros)))
 
 
+def _checked_rows(kernel: str, x: jax.Array, rows, dtype) -> list[jax.Array]:
+    """`rows` as a list, after checking the operands a product kernel takes: float32 x [tokens,
+    K] and one or more weights [N_i, K] of `dtype` (an error names every operand's shape)."""
+    rows = list(rows)
+    bad = [w for w in rows if w.dtype != dtype or w.ndim != 2 or w.shape[1] != x.shape[-1]]
+    if x.dtype != jnp.float32 or x.ndim != 2 or not rows or bad:
+        raise ValueError(f"{kernel}: float32 [tokens, K] and {jnp.dtype(dtype).name} [N, K] "
+                         f"weights expected, got {x.dtype}{list(x.shape)} and "
+                         f"{', '.join(f'{w.dtype}{list(w.shape)}' for w in rows) or 'none'}")
+    return rows
+
+
 def int8_products(x: jax.Array, rows) -> tuple[jax.Array, list[jax.Array]]:
     """float32 x [tokens, K] and int8 weights rows[i] [N_i, K] -> (the activations' scales
     float32 [tokens], [int32 [tokens, N_i]]): the sums over k of xq[t, k] * rows[i][n, k] of the
     rounded activations xq (exact). Only after `available()` is True."""
-    rows = list(rows)
-    bad = [w for w in rows if w.dtype != jnp.int8 or w.ndim != 2 or w.shape[1] != x.shape[-1]]
-    if x.dtype != jnp.float32 or x.ndim != 2 or not rows or bad:
-        raise ValueError(f"int8_products: float32 [tokens, K] and int8 [N, K] weights expected, "
-                         f"got {x.dtype}{list(x.shape)} and "
-                         f"{', '.join(f'{w.dtype}{list(w.shape)}' for w in rows) or 'none'}")
+    rows = _checked_rows("int8_products", x, rows, jnp.int8)
     results = [jax.ShapeDtypeStruct((x.shape[0],), jnp.float32)] + [
         jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32) for w in rows]
     scales, *sums = jax.ffi.ffi_call(TARGET, results)(x, *rows)
@@ -207,12 +214,7 @@ def f32_products(x: jax.Array, rows) -> list[jax.Array]:
     """float32 x [tokens, K] and float32 weights rows[i] [N_i, K] -> [float32 [tokens, N_i]]:
     x @ rows[i].T, each element summed in one fixed order (`f32_rows.cc`), so a token's result
     does not depend on the other tokens of the call. Only after `available()` is True."""
-    rows = list(rows)
-    bad = [w for w in rows if w.dtype != jnp.float32 or w.ndim != 2 or w.shape[1] != x.shape[-1]]
-    if x.dtype != jnp.float32 or x.ndim != 2 or not rows or bad:
-        raise ValueError(f"f32_products: float32 [tokens, K] and float32 [N, K] weights "
-                         f"expected, got {x.dtype}{list(x.shape)} and "
-                         f"{', '.join(f'{w.dtype}{list(w.shape)}' for w in rows) or 'none'}")
+    rows = _checked_rows("f32_products", x, rows, jnp.float32)
     results = [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32) for w in rows]
     return list(jax.ffi.ffi_call(F32_TARGET, results)(x, *rows))
 

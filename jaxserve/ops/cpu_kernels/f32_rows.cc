@@ -11,8 +11,9 @@
 // another order, so the results differ from it by rounding only.
 //
 // The AVX2 loop: a tile of 3 rows x 4 tokens keeps 12 lane-sum registers, each row load feeding
-// 4 FMAs and each activation load 3. A chunk of rows (~64 KiB, row_jobs.h) is read from memory
-// once and stays in L2 while up to 32 tokens (a token block) pass over it.
+// 4 FMAs and each activation load 3. The tokens are cut into blocks of 64, each block's rows
+// chunks of their own (row_jobs.h: ~64 KiB, in L2 while the block's tokens pass over them), so
+// long prefill chunks spread over the threads too.
 
 #include <algorithm>
 #include <atomic>
@@ -31,7 +32,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTokenBlock = 64;  // tokens passing over a chunk's rows while they are in L2
+constexpr int64_t kTokenBlock = 64;  // tokens per part (per pass over a chunk's rows)
 constexpr int kRows = 3, kTokens = 4;  // the AVX2 tile
 
 struct Problem {

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxserve.runtime.sampling import SamplingInputs, apply_penalties, logprobs, sample
+from jaxserve.runtime.sampling import (SamplingInputs, apply_penalties, first_max, logprobs,
+                                       sample)
 from jaxserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 sample_jit = jax.jit(sample)
@@ -519,3 +520,17 @@ def test_logprobs_worked_example():
     chosen, _, _ = logprobs_jit(logits, np.array([2], np.int32), 0)
     assert math.isclose(float(chosen[0]), 3.0 - math.log(math.e + math.e**2 + math.e**3),
                         rel_tol=1e-6)
+
+
+def test_first_max_is_argmax_on_ties_nans_infinities_and_random_rows():
+    """Greedy sampling's two-reduction argmax picks what jnp.argmax picks: the lowest id of a
+    tied maximum, the first NaN, index 0 of an all -inf row, and on random rows of odd widths."""
+    nan, inf = np.nan, np.inf
+    rows = np.array([[1, 3, 3, 2, 0], [nan, 1, nan, 5, 0], [-inf] * 5, [2, nan, 9, 9, inf],
+                     [0, inf, inf, 1, 2], [nan] * 5, [-1, -1, -1, -1, -1]], np.float32)
+    rng = np.random.default_rng(0)
+    for logits in (rows, rng.standard_normal((9, 2053)).astype(np.float32),
+                   rng.integers(0, 3, (16, 37)).astype(np.float32)):
+        got = np.asarray(jax.jit(first_max)(jnp.asarray(logits)))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)))
+        assert got.dtype == np.int32

@@ -31,10 +31,12 @@ from jaxserve.bench.report import fmt, json_default, print_table
 
 # lever -> (dtype, quantization, quantize_embeddings, int8 product or None (the platform's),
 # float weight layout); "+head": the LM head quantized too; "auto": the platform's layout
-# (`ops.quant.float_weight_layout`); "xla_dot": float products by XLA's dot
+# (`ops.quant.float_weight_layout`); "xla_dot": float products by XLA's dot; "xla_attention":
+# decode rows attend in XLA's loop, not the CPU kernel (`ops.attention._decode_kernel_applies`)
 LEVERS = {
     "float32": ("float32", None, False, None, "auto"),
     "float32 xla-dot": ("float32", None, False, "xla_dot", "in_out"),
+    "float32 xla-attention": ("float32", None, False, "xla_attention", "auto"),
     "float32 in_out": ("float32", None, False, None, "in_out"),
     "float32 out_in": ("float32", None, False, None, "out_in"),
     "bfloat16": ("bfloat16", None, False, None, "auto"),
@@ -44,7 +46,7 @@ LEVERS = {
     "int8+head int8-dot": ("float32", "int8", True, "int8_dot", "auto"),
 }
 # Engine levers: the platform's own choice of product (`ops.quant.int8_product`).
-ENGINE_LEVERS = ("float32", "float32 xla-dot", "float32 in_out", "float32 out_in", "bfloat16",
+ENGINE_LEVERS = ("float32", "float32 xla-dot", "float32 xla-attention", "float32 in_out", "float32 out_in", "bfloat16",
                  "int8 int8-dot", "int8-g32 int8-dot", "int8+head int8-dot")
 SHAPE_55M = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                  num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
@@ -76,17 +78,22 @@ def parse_args(argv=None):
 
 @contextlib.contextmanager
 def float_products_of(lever: str):
-    """While tracing `lever`'s programs: float32 products by XLA's dot where it asks for it."""
-    from jaxserve.ops import quant
-    if LEVERS[lever][3] != "xla_dot":
+    """While tracing `lever`'s programs: float32 products by XLA's dot, or decode attention in
+    XLA's loop, where it asks for it."""
+    from jaxserve.ops import attention, quant
+    owner, name, value = {"xla_dot": (quant, "float_product", lambda platform: "xla_dot"),
+                          "xla_attention": (attention, "_decode_kernel_applies",
+                                            lambda *args: False)}.get(LEVERS[lever][3],
+                                                                       (None, None, None))
+    if owner is None:
         yield
         return
-    chosen = quant.float_product
-    quant.float_product = lambda platform: "xla_dot"
+    chosen = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        quant.float_product = chosen
+        setattr(owner, name, chosen)
 
 
 def lever_config(shape: dict, lever: str):
@@ -116,7 +123,7 @@ def product_stack(lever: str, shape: dict):
     graphdef, state = nnx.split(model)
     kv, group = config.num_kv_heads, config.num_heads // config.num_kv_heads
 
-    product = None if product == "xla_dot" else product  # an int8 product's name, or None
+    product = None if product in ("xla_dot", "xla_attention") else product  # int8 only
 
     @jax.jit
     def step(state, x):

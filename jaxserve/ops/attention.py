@@ -3,7 +3,8 @@
 Layers call `paged_attention(q, k, v, cache_layer, metadata)`; only this module knows the cache
 layout (pages, block tables, slots). A platform kernel (Pallas paged attention on GPU, ragged
 paged attention on TPU) can replace `_reference_attention` behind the same call without
-touching a model.
+touching a model; on CPU, decode rows over float32 pages attend in a C++ kernel
+(`_decode_kernel_applies`), the rest in the XLA loop below.
 
 The step is one flat, token-major batch. Per DP replica (the replicas' segments are
 concatenated, so splitting the token axis over `dp` hands each device its own replica's part):
@@ -50,7 +51,7 @@ import numpy as np
 
 from jaxserve import kv_cache
 from jaxserve.ops import cpu_kernels
-from jaxserve.sharding import shard_map_logical
+from jaxserve.sharding import active_num_devices, shard_map_logical
 
 CONTEXT_CHUNK_TOKENS = 128  # context tokens read per loop iteration (rounded to whole blocks)
 
@@ -255,6 +256,22 @@ def _visible(key_pos, positions, tree):
     return seen
 
 
+def _decode_kernel_applies(q, pages, fmt, md: AttentionMetadata, tree) -> bool:
+    """Whether decode rows attend in the CPU kernel (`cpu_kernels.decode_attention`), the one
+    place this is decided: one float32 query per row, float32 pages, no token tree, a dynamic
+    chunk loop (not training's static one), on CPU where the kernels build. XLA's loop gathers
+    every chunk of blocks into a copy and transposes it for its dots: at batch 32 of the 55M
+    model that was ~14 of the float32 decode step's ~73 thread-ms (BENCHMARKS.md, "A decode
+    attention kernel"). Elsewhere (GPU, quantized KV, trees, prefill tiles) XLA's loop below."""
+    _, nq, heads, head_dim = q.shape
+    kv_heads = pages["k"].shape[2]
+    return (nq == 1 and tree is None and md.static_chunks is None and not fmt.scaled
+            and q.dtype == jnp.float32 and pages["k"].dtype == jnp.float32
+            and heads // kv_heads <= cpu_kernels.ATTENTION_MAX_GROUP
+            and head_dim <= cpu_kernels.ATTENTION_MAX_HEAD_DIM
+            and jax.default_backend() == "cpu" and cpu_kernels.available())
+
+
 def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md, tree=None):
     """Each row's queries [rows, queries, q_heads, head_dim] attend to the row's context, causally
     by position (or by its tree mask: `tree` = (tree_start, tree_mask) per row), with an online
@@ -262,6 +279,11 @@ def _attend_rows(q, positions, tables, context_lens, pages, fmt, scale, md, tree
     rows, nq, heads, head_dim = q.shape
     _, bs, kv_heads, _ = pages["k"].shape
     group = heads // kv_heads
+    if _decode_kernel_applies(q, pages, fmt, md, tree):
+        out = cpu_kernels.decode_attention(q[:, 0], pages["k"], pages["v"], tables,
+                                           positions[:, 0], context_lens, scale,
+                                           threads=active_num_devices() == 1)
+        return out[:, None]
     q = q.reshape(rows, nq, kv_heads, group, head_dim)
 
     def chunk_scores(j):

@@ -9,7 +9,8 @@ sequence one row; the last few tokens the draft has not seen yet (its catch-up, 
 iteration feeds the previous iteration's proposal. Iteration i writes the KV of its input token
 at position `start + i` and reads the KV the earlier iterations wrote; a row past what its
 sequence wants (`num_proposals`) is padding (position -1: it writes the null block), so no KV
-is written past the blocks the host allocated.
+is written past the blocks the host allocated; the loop stops after the iterations the
+neediest row runs (a round after a rejection catches up on one token per row, not two).
 
 Where the proposals go: either back to the host, [rows, k] (a draft on devices of its own,
 whose round runs beside the target's step), or straight into the target's next step
@@ -122,7 +123,9 @@ def _propose(graphdef, param_treedef, setting, param_leaves, kv, state: SlotStat
         counts = counts.at[row_ids, guess].add(keep.astype(jnp.int32))
         return kv, guess, proposals, probs, counts
 
-    iterations = catch_up + k - 1
+    # as many iterations as the row that needs the most: after a rejection every row has one
+    # token to catch up on, so the last of the catch_up + k - 1 would be padding for all
+    iterations = jnp.clip(jnp.max(last_needed), 0, catch_up + k - 1)
     carry = (kv, jnp.zeros((rows,), jnp.int32), jnp.full((rows, k), -1, jnp.int32),
              jnp.zeros((rows, k, vocab), jnp.float32), jnp.zeros((rows, vocab), jnp.int32))
     with jax.named_scope("draft_propose"):

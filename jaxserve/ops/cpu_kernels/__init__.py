@@ -12,6 +12,10 @@ element summed in one fixed order whatever the call's tokens (an AVX2 + FMA loop
 loop in the same order; `f32_rows.cc`). Both product kernels share one way of running a call's
 row chunks on XLA's threads (`row_jobs.cc`).
 
+`decode_attention(q, k, v, tables, positions, context_lens, scale)` is one query per row
+attending to its context straight from float32 KV pages, an online softmax in one order per row
+(`decode_attention.cc`).
+
 `gather_blocks(pages, ids)` is `pages[ids]` for whole blocks of a paged KV buffer, each block one
 memcpy (`gather_blocks.cc`): the same bytes as XLA's gather, whose CPU loop computes every
 element's source index.
@@ -42,14 +46,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("row_jobs.cc", "int8_rows.cc", "f32_rows.cc", "gather_blocks.cc")  # one library
+SOURCES = ("row_jobs.cc", "int8_rows.cc", "f32_rows.cc", "gather_blocks.cc",
+           "decode_attention.cc")  # one library
 HEADERS = ("row_jobs.h",)
 TARGET = "jaxserve_int8_products"  # the FFI target names in the compiled programs
 F32_TARGET = "jaxserve_f32_products"
 GATHER_TARGET = "jaxserve_gather_blocks"
+ATTENTION_TARGET = "jaxserve_decode_attention"
 COMPILER_ENV, CACHE_ENV = "JAXSERVE_CXX", "JAXSERVE_KERNEL_CACHE"
 # How long a kernel thread that ran out of work waits, spinning, for the next call (set_spin).
 DEFAULT_SPIN_MICROS = 500
@@ -129,6 +136,9 @@ def _load() -> None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(GATHER_TARGET,
                                     jax.ffi.pycapsule(library.JaxserveGatherBlocks),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET,
+                                    jax.ffi.pycapsule(library.JaxserveDecodeAttention),
                                     platform="cpu")
         _state["library"] = library
         library.JaxserveRowsSetSpin(ctypes.c_longlong(DEFAULT_SPIN_MICROS))
@@ -227,3 +237,39 @@ def gather_blocks(pages: jax.Array, ids: jax.Array) -> jax.Array:
                          f"{pages.dtype}{list(pages.shape)} and {ids.dtype}{list(ids.shape)}")
     result = jax.ShapeDtypeStruct(ids.shape + pages.shape[1:], pages.dtype)
     return jax.ffi.ffi_call(GATHER_TARGET, result)(pages, ids)
+
+
+# query heads per KV head, and head_dim, the attention kernel takes (decode_attention.cc)
+ATTENTION_MAX_GROUP, ATTENTION_MAX_HEAD_DIM = 16, 256
+
+
+def decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, tables: jax.Array,
+                     positions: jax.Array, context_lens: jax.Array, scale: float,
+                     threads: bool = True) -> jax.Array:
+    """float32 q [rows, heads, head_dim], one query per row, attending to keys 0 .. n - 1 of its
+    context, n = min(position + 1, context_len), read through its block table from float32
+    pages k, v [blocks, block_size, kv_heads, head_dim]: f32 [rows, heads, head_dim] (0 for a
+    row with no keys). threads: run on XLA's pool too (else on the calling thread). Only after
+    `available()` is True."""
+    rows, heads, dim = q.shape if q.ndim == 3 else (None,) * 3
+    ok = (q.ndim == 3 and k_pages.ndim == 4 and k_pages.shape == v_pages.shape
+          and all(a.dtype == jnp.float32 for a in (q, k_pages, v_pages))
+          and k_pages.shape[3] == dim and heads % k_pages.shape[2] == 0
+          and heads // k_pages.shape[2] <= ATTENTION_MAX_GROUP and dim <= ATTENTION_MAX_HEAD_DIM
+          and tables.dtype == positions.dtype == context_lens.dtype == jnp.int32
+          and tables.ndim == 2 and tables.shape[0] == rows
+          and positions.shape == context_lens.shape == (rows,))
+    if not ok:
+        raise ValueError(
+            "decode_attention: float32 q [rows, heads, head_dim] and pages [blocks, block_size, "
+            f"kv_heads, head_dim] (heads a multiple of kv_heads, at most {ATTENTION_MAX_GROUP} "
+            f"per KV head, head_dim <= {ATTENTION_MAX_HEAD_DIM}), int32 tables [rows, width], "
+            f"positions and context_lens [rows] expected, got q {q.dtype}{list(q.shape)}, "
+            f"k {k_pages.dtype}{list(k_pages.shape)}, v {v_pages.dtype}{list(v_pages.shape)}, "
+            f"tables {tables.dtype}{list(tables.shape)}, positions "
+            f"{positions.dtype}{list(positions.shape)}, context_lens "
+            f"{context_lens.dtype}{list(context_lens.shape)}")
+    result = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION_TARGET, result)(
+        q, k_pages, v_pages, tables, positions, context_lens, scale=np.float32(scale),
+        threads=bool(threads))

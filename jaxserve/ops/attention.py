@@ -261,7 +261,7 @@ def _decode_kernel_applies(q, pages, fmt, md: AttentionMetadata, tree) -> bool:
     place this is decided: one float32 query per row, float32 pages, no token tree, a dynamic
     chunk loop (not training's static one), on CPU where the kernels build. XLA's loop gathers
     every chunk of blocks into a copy and transposes it for its dots: at batch 32 of the 55M
-    model that was ~14 of the float32 decode step's ~73 thread-ms (BENCHMARKS.md, "A decode
+    model that was ~16 of the float32 decode step's ~73 thread-ms (BENCHMARKS.md, "A decode
     attention kernel"). Elsewhere (GPU, quantized KV, trees, prefill tiles) XLA's loop below."""
     _, nq, heads, head_dim = q.shape
     kv_heads = pages["k"].shape[2]

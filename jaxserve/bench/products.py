@@ -11,7 +11,9 @@ shared: only ratios measured together compare):
 "float32 in_out" / "float32 out_in" store the float weights as declared or transposed
 (`ops.quant.float_weight_layout`; "float32" is the platform's choice, with its float32 product,
 `ops.quant.float_product`); "float32 xla-dot" is XLA's dot over the declared layout whatever the
-platform's choice (on a CPU whose choice is the float32 kernel: the kernel against XLA). Bytes are the parameters
+platform's choice (on a CPU whose choice is the float32 kernel: the kernel against XLA), and
+"float32 f32-kernel" the float32 kernel whatever the platform's choice (on a CPU whose choice is
+XLA's dot: the kernel against XLA). Bytes are the parameters
 the products read (int8 values + float32 scales; the LM head stays
 float32 unless `quantize_embeddings`); the floor is bytes / the read bandwidth measured here.
 
@@ -31,11 +33,13 @@ from jaxserve.bench.report import fmt, json_default, print_table
 
 # lever -> (dtype, quantization, quantize_embeddings, int8 product or None (the platform's),
 # float weight layout); "+head": the LM head quantized too; "auto": the platform's layout
-# (`ops.quant.float_weight_layout`); "xla_dot": float products by XLA's dot; "xla_attention":
+# (`ops.quant.float_weight_layout`); "xla_dot" / "f32_kernel": float products by XLA's dot / by
+# the float32 kernel, whatever the platform's choice; "xla_attention":
 # decode rows attend in XLA's loop, not the CPU kernel (`ops.attention._decode_kernel_applies`)
 LEVERS = {
     "float32": ("float32", None, False, None, "auto"),
     "float32 xla-dot": ("float32", None, False, "xla_dot", "in_out"),
+    "float32 f32-kernel": ("float32", None, False, "f32_kernel", "out_in"),
     "float32 xla-attention": ("float32", None, False, "xla_attention", "auto"),
     "float32 in_out": ("float32", None, False, None, "in_out"),
     "float32 out_in": ("float32", None, False, None, "out_in"),
@@ -46,8 +50,9 @@ LEVERS = {
     "int8+head int8-dot": ("float32", "int8", True, "int8_dot", "auto"),
 }
 # Engine levers: the platform's own choice of product (`ops.quant.int8_product`).
-ENGINE_LEVERS = ("float32", "float32 xla-dot", "float32 xla-attention", "float32 in_out", "float32 out_in", "bfloat16",
-                 "int8 int8-dot", "int8-g32 int8-dot", "int8+head int8-dot")
+ENGINE_LEVERS = ("float32", "float32 xla-dot", "float32 f32-kernel", "float32 xla-attention",
+                 "float32 in_out", "float32 out_in", "bfloat16", "int8 int8-dot",
+                 "int8-g32 int8-dot", "int8+head int8-dot")
 SHAPE_55M = dict(family="llama", vocab_size=32000, hidden_size=512, intermediate_size=1408,
                  num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
                  max_position_embeddings=2048)
@@ -80,8 +85,10 @@ def parse_args(argv=None):
 def float_products_of(lever: str):
     """While tracing `lever`'s programs: float32 products by XLA's dot, or decode attention in
     XLA's loop, where it asks for it."""
-    from jaxserve.ops import attention, quant
+    from jaxserve.ops import attention, cpu_kernels, quant
     owner, name, value = {"xla_dot": (quant, "float_product", lambda platform: "xla_dot"),
+                          "f32_kernel": (quant, "float_product", lambda platform: "f32_kernel"
+                                         if cpu_kernels.available() else "xla_dot"),
                           "xla_attention": (attention, "_decode_kernel_applies",
                                             lambda *args: False)}.get(LEVERS[lever][3],
                                                                        (None, None, None))
@@ -123,7 +130,7 @@ def product_stack(lever: str, shape: dict):
     graphdef, state = nnx.split(model)
     kv, group = config.num_kv_heads, config.num_heads // config.num_kv_heads
 
-    product = None if product in ("xla_dot", "xla_attention") else product  # int8 only
+    product = None if product in ("xla_dot", "f32_kernel", "xla_attention") else product  # int8 only
 
     @jax.jit
     def step(state, x):

@@ -83,12 +83,17 @@ def parse_args(argv=None):
 
 @contextlib.contextmanager
 def float_products_of(lever: str):
-    """While tracing `lever`'s programs: float32 products by XLA's dot, or decode attention in
-    XLA's loop, where it asks for it."""
+    """While tracing `lever`'s programs: float32 products by XLA's dot or by the float32 kernel,
+    or decode attention in XLA's loop, where it asks for it."""
     from jaxserve.ops import attention, cpu_kernels, quant
+
+    def kernel(platform: str) -> str:
+        if not cpu_kernels.available():
+            raise RuntimeError(f"lever {lever!r} needs the CPU kernels, which did not build here")
+        return "f32_kernel"
+
     owner, name, value = {"xla_dot": (quant, "float_product", lambda platform: "xla_dot"),
-                          "f32_kernel": (quant, "float_product", lambda platform: "f32_kernel"
-                                         if cpu_kernels.available() else "xla_dot"),
+                          "f32_kernel": (quant, "float_product", kernel),
                           "xla_attention": (attention, "_decode_kernel_applies",
                                             lambda *args: False)}.get(LEVERS[lever][3],
                                                                        (None, None, None))
@@ -130,7 +135,8 @@ def product_stack(lever: str, shape: dict):
     graphdef, state = nnx.split(model)
     kv, group = config.num_kv_heads, config.num_heads // config.num_kv_heads
 
-    product = None if product in ("xla_dot", "f32_kernel", "xla_attention") else product  # int8 only
+    # the int8 product, for the int8 levers only
+    product = None if product in ("xla_dot", "f32_kernel", "xla_attention") else product
 
     @jax.jit
     def step(state, x):
